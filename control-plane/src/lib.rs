@@ -1,1 +1,74 @@
+//! weftd, the weft control plane: reads Istio and Kubernetes config (universal mode: a folder of
+//! YAML), derives the mesh model, and serves every proxy its Envoy xDS over ADS. Also the home of
+//! the config types, validation and generation that `weftctl` reuses.
+//!
+//! Layout follows the data flow: `config` (source, typed objects, validation) -> `model`
+//! (services, endpoints, workloads) -> `generate` (per-proxy xDS) -> `xds` (ADS server).
 
+pub mod config;
+pub mod debug;
+pub mod generate;
+pub mod model;
+pub mod xds;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use config::source::{ConfigSnapshot, watch_dir};
+use xds::{MeshSnapshot, StatusRegistry, XdsServer};
+
+/// What `weftd` runs with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    pub xds_address: SocketAddr,
+    pub debug_address: SocketAddr,
+    pub poll_interval: Duration,
+}
+
+/// Runs weftd until the process is stopped.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        opts.config_dir.is_dir(),
+        "config folder {} does not exist or is not a folder",
+        opts.config_dir.display()
+    );
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
+    let status = Arc::new(StatusRegistry::default());
+
+    tokio::spawn(watch_dir(opts.config_dir.clone(), config_tx, opts.poll_interval, Duration::from_millis(100)));
+    // Derive the mesh model once per config change, off the xDS connections' path.
+    tokio::spawn(async move {
+        while config_rx.changed().await.is_ok() {
+            let snapshot = config_rx.borrow_and_update().clone();
+            let mesh = model::Mesh::build(&snapshot.config);
+            mesh_tx.send_replace(Arc::new(MeshSnapshot { mesh, generation: snapshot.generation, errors: snapshot.errors.clone() }));
+        }
+    });
+
+    let debug_state = debug::DebugState { status: status.clone(), mesh: mesh_rx.clone() };
+    let debug_listener = tokio::net::TcpListener::bind(opts.debug_address)
+        .await
+        .with_context(|| format!("binding the debug/monitoring port {}", opts.debug_address))?;
+    tracing::info!(address = %opts.debug_address, "debug endpoints listening (/ready, /debug/syncz, /debug/configz)");
+    tokio::spawn(debug::serve(debug_listener, debug_state));
+
+    let xds_listener = tokio::net::TcpListener::bind(opts.xds_address)
+        .await
+        .with_context(|| format!("binding the xDS port {}", opts.xds_address))?;
+    tracing::info!(address = %opts.xds_address, dir = %opts.config_dir.display(), "ADS server listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(XdsServer::new(mesh_rx, status).into_service())
+        .serve_with_incoming(incoming)
+        .await
+        .context("serving ADS")?;
+    Ok(())
+}

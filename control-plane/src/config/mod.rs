@@ -1,0 +1,243 @@
+//! Config objects: parsing YAML documents into typed, validated Kubernetes/Istio objects.
+//!
+//! One bad object never blocks the others: parsing a file yields the good objects plus a list of
+//! [`ConfigError`]s, each naming the file, the object (`Kind/namespace/name`), the field path and
+//! the reason. This module knows nothing about xDS; see `generate` for that.
+
+pub mod kinds;
+pub mod source;
+mod validate;
+
+pub use validate::parse_default_endpoint;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+pub use kinds::*;
+
+/// The kinds this weftd version serves. Others (Deployment, ServiceAccount, ...) are skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    WorkloadEntry,
+    VirtualService,
+    DestinationRule,
+    Sidecar,
+}
+
+impl Kind {
+    fn from_type_meta(api_version: &str, kind: &str) -> Option<Kind> {
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        match (group, kind) {
+            ("", "Service") => Some(Kind::Service),
+            ("networking.istio.io", "WorkloadEntry") => Some(Kind::WorkloadEntry),
+            ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
+            ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
+            ("networking.istio.io", "Sidecar") => Some(Kind::Sidecar),
+            _ => None,
+        }
+    }
+
+    fn istio_versions_ok(api_version: &str) -> bool {
+        match api_version.split_once('/') {
+            Some(("networking.istio.io", v)) => matches!(v, "v1" | "v1beta1" | "v1alpha3"),
+            _ => api_version == "v1",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Where an object came from, for error messages and debug output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// Zero-based index of the YAML document in the file.
+    pub document: usize,
+}
+
+/// A typed, validated object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object<T> {
+    pub meta: ObjectMeta,
+    pub namespace: String,
+    pub spec: T,
+    pub origin: Origin,
+}
+
+impl<T> Object<T> {
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+}
+
+/// Every object weftd serves, grouped by kind and sorted by (namespace, name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigSet {
+    pub services: Vec<Object<ServiceSpec>>,
+    pub workload_entries: Vec<Object<WorkloadEntrySpec>>,
+    pub virtual_services: Vec<Object<VirtualServiceSpec>>,
+    pub destination_rules: Vec<Object<DestinationRuleSpec>>,
+    pub sidecars: Vec<Object<SidecarSpec>>,
+}
+
+/// A rejected object or document: file, object, field path and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub document: usize,
+    /// `Kind/namespace/name`, or empty when the document could not be identified.
+    pub object: String,
+    /// Dotted field path, such as `spec.http[0].route[1].weight`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {})", self.file.display(), self.document + 1)?;
+        if !self.object.is_empty() {
+            write!(f, ": {}", self.object)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": field {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigSet {
+    /// Parses one file's text (any number of YAML documents) into this set, returning the
+    /// errors of the documents that were rejected.
+    pub fn add_file(&mut self, file: &Path, text: &str) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let err = |object: String, field: &str, reason: String| ConfigError {
+                file: file.to_path_buf(),
+                document,
+                object,
+                field: field.to_string(),
+                reason,
+            };
+            let value: serde_json::Value = match serde::Deserialize::deserialize(de) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(err(String::new(), "", format!("invalid YAML: {e}")));
+                    // A syntax error ends the stream: serde_yaml cannot resynchronise.
+                    break;
+                }
+            };
+            if value.is_null() {
+                continue; // empty document, e.g. a trailing `---`
+            }
+            if let Err(e) = self.add_value(file, document, value) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    fn add_value(&mut self, file: &Path, document: usize, value: serde_json::Value) -> Result<(), ConfigError> {
+        let mk = |object: String, field: &str, reason: String| ConfigError {
+            file: file.to_path_buf(),
+            document,
+            object,
+            field: field.to_string(),
+            reason,
+        };
+        let serde_json::Value::Object(mut map) = value else {
+            return Err(mk(String::new(), "", "a document must be a mapping with apiVersion and kind".into()));
+        };
+        let api_version = map.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let kind_name = map.get("kind").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        if api_version.is_empty() || kind_name.is_empty() {
+            return Err(mk(String::new(), "", "missing apiVersion or kind".into()));
+        }
+        if kind_name == "List" {
+            let items = map.remove("items").unwrap_or_default();
+            let items = items.as_array().cloned().unwrap_or_default();
+            for item in items {
+                self.add_value(file, document, item)?;
+            }
+            return Ok(());
+        }
+        let Some(kind) = Kind::from_type_meta(&api_version, &kind_name) else {
+            tracing::debug!(file = %file.display(), kind = %kind_name, "skipping a kind weftd does not serve");
+            return Ok(());
+        };
+        let meta_value = map.remove("metadata").unwrap_or_default();
+        let meta: ObjectMeta = parse_at(meta_value, "metadata")
+            .map_err(|(field, reason)| mk(format!("{kind}/?"), &field, reason))?;
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_string());
+        let object = format!("{kind}/{namespace}/{}", meta.name);
+        if !Kind::istio_versions_ok(&api_version) {
+            return Err(mk(object, "apiVersion", format!("unsupported apiVersion {api_version:?}")));
+        }
+        validate::name(&meta.name).map_err(|r| mk(object.clone(), "metadata.name", r))?;
+        validate::name(&namespace).map_err(|r| mk(object.clone(), "metadata.namespace", r))?;
+        let spec = map.remove("spec").unwrap_or(serde_json::Value::Object(Default::default()));
+        let origin = Origin { file: file.to_path_buf(), document };
+        let fail = |(field, reason): (String, String)| mk(object.clone(), &field, reason);
+        macro_rules! push {
+            ($vec:ident, $check:path) => {{
+                let spec = parse_at(spec, "spec").map_err(fail)?;
+                $check(&spec).map_err(fail)?;
+                let obj = Object { meta, namespace, spec, origin };
+                self.$vec.retain(|o| !(o.namespace == obj.namespace && o.meta.name == obj.meta.name));
+                self.$vec.push(obj);
+            }};
+        }
+        match kind {
+            Kind::Service => push!(services, validate::service),
+            Kind::WorkloadEntry => push!(workload_entries, validate::workload_entry),
+            Kind::VirtualService => push!(virtual_services, validate::virtual_service),
+            Kind::DestinationRule => push!(destination_rules, validate::destination_rule),
+            Kind::Sidecar => push!(sidecars, validate::sidecar),
+        }
+        Ok(())
+    }
+
+    /// Sorts every kind by (namespace, name) so generation is deterministic.
+    pub fn sort(&mut self) {
+        fn by_key<T>(v: &mut [Object<T>]) {
+            v.sort_by(|a, b| (&a.namespace, &a.meta.name).cmp(&(&b.namespace, &b.meta.name)));
+        }
+        by_key(&mut self.services);
+        by_key(&mut self.workload_entries);
+        by_key(&mut self.virtual_services);
+        by_key(&mut self.destination_rules);
+        by_key(&mut self.sidecars);
+    }
+
+    /// Object counts per kind, for logs and debug output.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            ("Service", self.services.len()),
+            ("WorkloadEntry", self.workload_entries.len()),
+            ("VirtualService", self.virtual_services.len()),
+            ("DestinationRule", self.destination_rules.len()),
+            ("Sidecar", self.sidecars.len()),
+        ])
+    }
+}
+
+/// Deserializes `value` as `T`, reporting failures with the field path under `root`.
+fn parse_at<T: DeserializeOwned>(value: serde_json::Value, root: &str) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { root.to_string() } else { format!("{root}.{path}") };
+        (field, e.into_inner().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> (ConfigSet, Vec<ConfigError>) {
+    let mut set = ConfigSet::default();
+    let errors = set.add_file(Path::new("t.yaml"), text);
+    (set, errors)
+}
+
+#[test]
+fn bookinfo_services_load_and_other_kinds_are_skipped() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/bookinfo/bookinfo.yaml"))
+        .expect("the shared Istio test data is present");
+    let (set, errors) = parse(&text);
+    assert!(errors.is_empty(), "{errors:?}");
+    let names: Vec<&str> = set.services.iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["details", "ratings", "reviews", "productpage"]);
+}
+
+#[test]
+fn bookinfo_subset_rules_and_simple_virtual_services_load() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/bookinfo/networking/");
+    for f in ["destination-rule-all.yaml", "virtual-service-all-v1.yaml", "virtual-service-reviews-80-20.yaml", "virtual-service-reviews-test-v2.yaml"] {
+        let text = std::fs::read_to_string(format!("{dir}{f}")).unwrap();
+        let (_, errors) = parse(&text);
+        assert!(errors.is_empty(), "{f}: {errors:?}");
+    }
+}
+
+#[test]
+fn a_bad_object_is_named_with_its_field_and_the_rest_still_loads() {
+    let (set, errors) = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: bad, namespace: shop }
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: { host: reviews, subset: v1 }
+      weight: "eighty"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: good }
+spec: { ports: [{ name: http, port: 80 }] }
+"#,
+    );
+    assert_eq!(set.services.len(), 1);
+    assert_eq!(errors.len(), 1);
+    let e = &errors[0];
+    assert_eq!(e.object, "VirtualService/shop/bad");
+    assert_eq!(e.field, "spec.http[0].route[0].weight");
+    assert!(e.to_string().contains("t.yaml (document 1): VirtualService/shop/bad: field spec.http[0].route[0].weight"), "{e}");
+}
+
+#[test]
+fn weights_must_sum_to_100() {
+    let (_, errors) = parse(
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: { name: split }
+spec:
+  hosts: [hello]
+  http:
+  - route:
+    - { destination: { host: hello, subset: v1 }, weight: 80 }
+    - { destination: { host: hello, subset: v2 }, weight: 30 }
+"#,
+    );
+    assert_eq!(errors[0].field, "spec.http[0].route");
+    assert!(errors[0].reason.contains("110"), "{}", errors[0].reason);
+}
+
+#[test]
+fn unsupported_fields_are_rejected_not_ignored() {
+    let (set, errors) = parse(
+        r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: { name: retries }
+spec:
+  hosts: [hello]
+  http:
+  - route: [{ destination: { host: hello } }]
+    retriez: { attempts: 3 }
+"#,
+    );
+    assert!(set.virtual_services.is_empty());
+    assert_eq!(errors[0].field, "spec.http[0].retriez");
+    assert!(errors[0].reason.contains("retriez"), "{}", errors[0].reason);
+}
+
+#[test]
+fn bad_regex_bad_sidecar_and_bad_yaml_are_precise() {
+    let (_, errors) = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: re }
+spec:
+  hosts: [hello]
+  http:
+  - match: [{ uri: { regex: "/(unclosed" } }]
+    route: [{ destination: { host: hello } }]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: sc }
+spec:
+  ingress: [{ port: { number: 9080 }, defaultEndpoint: "10.0.0.1:80" }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: Bad_Name }
+spec: { address: 127.0.0.1 }
+---
+: not yaml: [
+"#,
+    );
+    assert_eq!(errors[0].field, "spec.http[0].match[0].uri.regex");
+    assert_eq!(errors[1].field, "spec.ingress[0].defaultEndpoint");
+    assert_eq!(errors[2].field, "metadata.name");
+    assert!(errors[3].reason.starts_with("invalid YAML"), "{}", errors[3].reason);
+}
+
+#[test]
+fn every_analyzer_input_loads_or_is_rejected_without_panicking() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/analyze");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut set = ConfigSet::default();
+        for e in set.add_file(&path, &text) {
+            assert!(!e.reason.is_empty() && !e.object.is_empty() || e.reason.starts_with("invalid YAML") || e.object.is_empty(), "{e}");
+        }
+    }
+}

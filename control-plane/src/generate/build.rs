@@ -1,0 +1,446 @@
+//! Envoy resource builders: clusters (EDS and static), load assignments, listeners with the HTTP
+//! connection manager or the TCP proxy, and route configurations from VirtualServices.
+
+
+use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
+use weft_xds_proto::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, SocketAddress, address,
+    config_source, socket_address,
+};
+use weft_xds_proto::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use weft_xds_proto::envoy::config::route::v3::{
+    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    route, route_action, route_match, weighted_cluster,
+};
+use weft_xds_proto::envoy::extensions::filters::http::router::v3::Router;
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use weft_xds_proto::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
+use weft_xds_proto::{pack, type_url};
+
+use super::Generated;
+use super::scope::{Scope, host_matches};
+use crate::config::{HttpRoute, StringMatch, VirtualServiceSpec, Object, parse_default_endpoint};
+use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
+
+/// Istio's default connect timeout for clusters.
+const CONNECT_TIMEOUT_SECS: i64 = 10;
+
+pub fn outbound_cluster_name(port: u32, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+pub fn inbound_cluster_name(port: u32) -> String {
+    format!("inbound|{port}||")
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn socket(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn lb_endpoint(ip: &str, port: u32, weight: u32) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+            address: Some(socket(ip, port)),
+            ..Default::default()
+        })),
+        load_balancing_weight: Some(UInt32Value { value: weight }),
+        ..Default::default()
+    }
+}
+
+fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(Duration { seconds: CONNECT_TIMEOUT_SECS, nanos: 0 }),
+        lb_policy: cluster::LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    };
+    if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
+        // The upstream speaks HTTP/2 (gRPC, h2c): say so as Envoy expects it, per cluster.
+        let opts = HttpProtocolOptions {
+            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        Http2ProtocolOptions::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options
+            .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), pack(&opts));
+    }
+    c
+}
+
+fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
+    Cluster {
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
+        ..base_cluster(name, protocol)
+    }
+}
+
+/// Outbound: a cluster (and its load assignment) per visible service port and subset, then the
+/// Sidecar's egress listeners with their route configurations.
+pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
+    for svc in &scope.services {
+        let subsets: Vec<(&str, &crate::config::Labels)> = destination_rule_for(mesh, svc)
+            .map(|dr| dr.spec.subsets.iter().map(|s| (s.name.as_str(), &s.labels)).collect())
+            .unwrap_or_default();
+        for port in &svc.ports {
+            let mut add = |subset: &str, selector: Option<&crate::config::Labels>| {
+                let name = outbound_cluster_name(port.port, subset, &svc.hostname);
+                out.add(type_url::CLUSTER, name.clone(), &eds_cluster(&name, port.protocol));
+                let lb_endpoints = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
+                    .filter_map(|e| Some(lb_endpoint(&e.address, *e.ports.get(&port.port)?, e.weight)))
+                    .collect::<Vec<_>>();
+                let cla = ClusterLoadAssignment {
+                    cluster_name: name.clone(),
+                    endpoints: if lb_endpoints.is_empty() {
+                        vec![]
+                    } else {
+                        vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }]
+                    },
+                    ..Default::default()
+                };
+                out.add(type_url::CLUSTER_LOAD_ASSIGNMENT, name, &cla);
+            };
+            add("", None);
+            for (subset, labels) in &subsets {
+                add(subset, Some(labels));
+            }
+        }
+    }
+    let Some(sidecar) = scope.sidecar else { return };
+    for (i, l) in sidecar.spec.egress.iter().enumerate() {
+        let Some(port) = &l.port else {
+            out.warnings.push(format!(
+                "Sidecar/{}/{}: spec.egress[{i}] has no port: a catch-all egress listener needs traffic capture (port 15001), which universal mode does not set up",
+                sidecar.namespace,
+                sidecar.name()
+            ));
+            continue;
+        };
+        let bind = l.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
+        let on_port: Vec<&Service> = scope
+            .services
+            .iter()
+            .copied()
+            .filter(|s| super::scope::egress_admits(l, &scope.proxy.namespace, s) && s.port(port.number).is_some())
+            .collect();
+        let protocol = port
+            .protocol
+            .as_deref()
+            .map(Protocol::from_name)
+            .or_else(|| on_port.iter().filter_map(|s| s.port(port.number)).map(|p| p.protocol).min())
+            .unwrap_or(Protocol::Tcp);
+        let listener_name = format!("{bind}_{}", port.number);
+        let stat_prefix = format!("outbound_{bind}_{}", port.number);
+        let network_filter = if protocol.is_http() {
+            let route_name = port.number.to_string();
+            out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &route_config(mesh, scope, &route_name, port.number, &on_port));
+            http_connection_manager(&stat_prefix, http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: Some(ads()),
+                route_config_name: route_name,
+            }))
+        } else {
+            let Some(svc) = on_port.first() else {
+                out.warnings.push(format!(
+                    "Sidecar/{}/{}: spec.egress[{i}]: no visible service has TCP port {}; the listener is not generated",
+                    sidecar.namespace,
+                    sidecar.name(),
+                    port.number
+                ));
+                continue;
+            };
+            if on_port.len() > 1 {
+                out.warnings.push(format!(
+                    "Sidecar/{}/{}: spec.egress[{i}]: several services share TCP port {}; {} wins",
+                    sidecar.namespace,
+                    sidecar.name(),
+                    port.number,
+                    svc.hostname
+                ));
+            }
+            tcp_proxy_filter(&stat_prefix, &outbound_cluster_name(port.number, "", &svc.hostname))
+        };
+        out.add(type_url::LISTENER, listener_name.clone(), &listener(&listener_name, &bind, port.number, network_filter));
+    }
+}
+
+/// Inbound: each Sidecar ingress listener forwards to its `defaultEndpoint` through the
+/// `inbound|PORT||` cluster.
+pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
+    let Some(sidecar) = scope.sidecar else { return };
+    for l in &sidecar.spec.ingress {
+        let Some(ep) = &l.default_endpoint else { continue };
+        let Ok((ip, target)) = parse_default_endpoint(ep) else { continue };
+        let protocol = l.port.protocol.as_deref().map(Protocol::from_name).unwrap_or(Protocol::Tcp);
+        let cluster_name = inbound_cluster_name(l.port.number);
+        let ip = if ip.is_unspecified() { "127.0.0.1".to_string() } else { ip.to_string() };
+        let cluster = Cluster {
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: cluster_name.clone(),
+                endpoints: vec![LocalityLbEndpoints { lb_endpoints: vec![lb_endpoint(&ip, target, 1)], ..Default::default() }],
+                ..Default::default()
+            }),
+            ..base_cluster(&cluster_name, protocol)
+        };
+        out.add(type_url::CLUSTER, cluster_name.clone(), &cluster);
+        let bind = l.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
+        let listener_name = format!("{bind}_{}", l.port.number);
+        let stat_prefix = format!("inbound_{bind}_{}", l.port.number);
+        let network_filter = if protocol.is_http() {
+            let rc = RouteConfiguration {
+                name: cluster_name.clone(),
+                validate_clusters: Some(BoolValue { value: false }),
+                virtual_hosts: vec![VirtualHost {
+                    name: format!("inbound|http|{}", l.port.number),
+                    domains: vec!["*".into()],
+                    routes: vec![Route {
+                        name: "default".into(),
+                        r#match: Some(prefix_match("/")),
+                        action: Some(route::Action::Route(cluster_action(&cluster_name))),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            http_connection_manager(&stat_prefix, http_connection_manager::RouteSpecifier::RouteConfig(rc))
+        } else {
+            tcp_proxy_filter(&stat_prefix, &cluster_name)
+        };
+        out.add(type_url::LISTENER, listener_name.clone(), &listener(&listener_name, &bind, l.port.number, network_filter));
+    }
+}
+
+fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket(bind, port)),
+        filter_chains: vec![FilterChain { filters: vec![network_filter], ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+fn http_connection_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier) -> Filter {
+    let hcm = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(routes),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+    }
+}
+
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    let tcp = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    Filter { name: "envoy.filters.network.tcp_proxy".into(), config_type: Some(filter::ConfigType::TypedConfig(pack(&tcp))) }
+}
+
+fn destination_rule_for<'a>(mesh: &'a Mesh, svc: &Service) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
+    // Istio looks in the service's namespace (and the client's) for a rule; the service's wins.
+    mesh.config
+        .destination_rules
+        .iter()
+        .filter(|dr| host_matches(&resolve_host(&dr.spec.host, &dr.namespace), &svc.hostname))
+        .min_by_key(|dr| dr.namespace != svc.namespace)
+}
+
+fn virtual_service_for<'a>(mesh: &'a Mesh, scope: &Scope<'_>, svc: &Service) -> Option<&'a Object<VirtualServiceSpec>> {
+    mesh.config
+        .virtual_services
+        .iter()
+        .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+        .filter(|vs| vs.spec.export_to.is_empty() || vs.spec.export_to.iter().any(|e| e == "*" || (e == "." && vs.namespace == scope.proxy.namespace) || e == &scope.proxy.namespace))
+        .find(|vs| vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.namespace), &svc.hostname)))
+}
+
+/// The route configuration for one outbound port: a virtual host per service on that port.
+fn route_config(mesh: &Mesh, scope: &Scope<'_>, name: &str, port: u32, services: &[&Service]) -> RouteConfiguration {
+    let mut virtual_hosts = Vec::new();
+    for svc in services {
+        let routes = match virtual_service_for(mesh, scope, svc) {
+            Some(vs) => vs.spec.http.iter().enumerate().flat_map(|(i, r)| http_routes(vs, i, r, port)).collect(),
+            None => vec![Route {
+                name: "default".into(),
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::Route(cluster_action(&outbound_cluster_name(port, "", &svc.hostname)))),
+                ..Default::default()
+            }],
+        };
+        virtual_hosts.push(VirtualHost {
+            name: format!("{}:{port}", svc.hostname),
+            domains: domains(svc, port, &scope.proxy.namespace),
+            routes,
+            ..Default::default()
+        });
+    }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts,
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+/// The names a client may use for a service, with and without the port, as Istio generates them.
+fn domains(svc: &Service, port: u32, client_ns: &str) -> Vec<String> {
+    let mut names = vec![svc.hostname.clone()];
+    if svc.namespace == client_ns {
+        names.push(svc.name.clone());
+    }
+    names.push(format!("{}.{}", svc.name, svc.namespace));
+    names.push(format!("{}.{}.svc", svc.name, svc.namespace));
+    if let Some(ip) = svc.cluster_ip {
+        names.push(ip.to_string());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        out.push(format!("{n}:{port}"));
+        out.push(n);
+    }
+    out
+}
+
+fn prefix_match(prefix: &str) -> RouteMatch {
+    RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())), ..Default::default() }
+}
+
+fn cluster_action(cluster: &str) -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+        // Istio disables Envoy's 15 s default route timeout unless a VirtualService sets one.
+        timeout: Some(Duration { seconds: 0, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> StringMatcher {
+    let pattern = match m {
+        StringMatch::Exact(s) => string_matcher::MatchPattern::Exact(s.clone()),
+        StringMatch::Prefix(s) => string_matcher::MatchPattern::Prefix(s.clone()),
+        StringMatch::Regex(r) => string_matcher::MatchPattern::SafeRegex(RegexMatcher { regex: r.clone(), ..Default::default() }),
+    };
+    StringMatcher { match_pattern: Some(pattern), ignore_case: false }
+}
+
+/// One Istio HTTPRoute becomes one Envoy route per `match` entry (or one catch-all route).
+fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, port: u32) -> Vec<Route> {
+    let cluster_of = |d: &crate::config::Destination| {
+        let host = resolve_host(&d.host, &vs.namespace);
+        let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
+        outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &host)
+    };
+    let mut action = if r.route.len() == 1 {
+        cluster_action(&cluster_of(&r.route[0].destination))
+    } else {
+        RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: r
+                    .route
+                    .iter()
+                    .filter(|d| d.weight.unwrap_or(0) > 0)
+                    .map(|d| weighted_cluster::ClusterWeight {
+                        name: cluster_of(&d.destination),
+                        weight: Some(UInt32Value { value: d.weight.unwrap_or(0) as u32 }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+            ..cluster_action("")
+        }
+    };
+    if let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier {
+        if wc.clusters.len() == 1 {
+            // Envoy rejects a weighted_clusters whose weights are all zero; a single remaining
+            // destination is a plain cluster route.
+            let only = wc.clusters[0].name.clone();
+            action = cluster_action(&only);
+        }
+    }
+    let name = r.name.clone().unwrap_or_else(|| format!("{}.{}.{index}", vs.name(), vs.namespace));
+    let matches: Vec<RouteMatch> = if r.matches.is_empty() {
+        vec![prefix_match("/")]
+    } else {
+        r.matches
+            .iter()
+            .map(|m| {
+                let path_specifier = Some(match &m.uri {
+                    None => route_match::PathSpecifier::Prefix("/".into()),
+                    Some(StringMatch::Exact(p)) => route_match::PathSpecifier::Path(p.clone()),
+                    Some(StringMatch::Prefix(p)) => route_match::PathSpecifier::Prefix(p.clone()),
+                    Some(StringMatch::Regex(re)) => {
+                        route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: re.clone(), ..Default::default() })
+                    }
+                });
+                let headers = m
+                    .headers
+                    .iter()
+                    .map(|(h, sm)| HeaderMatcher {
+                        name: h.clone(),
+                        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(sm))),
+                        ..Default::default()
+                    })
+                    .collect();
+                RouteMatch {
+                    path_specifier,
+                    headers,
+                    case_sensitive: m.ignore_uri_case.then_some(BoolValue { value: false }),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    };
+    matches
+        .into_iter()
+        .map(|m| Route {
+            name: name.clone(),
+            r#match: Some(m),
+            action: Some(route::Action::Route(action.clone())),
+            ..Default::default()
+        })
+        .collect()
+}
+

@@ -1,0 +1,116 @@
+//! Who is asking: an Envoy/weft-proxy node identified the way Istio's sidecars identify
+//! themselves, `sidecar~<ip>~<workload-name>.<namespace>~<namespace>.svc.cluster.local`, plus the
+//! Istio node metadata (NAMESPACE, LABELS, SERVICE_ACCOUNT, WORKLOAD_NAME).
+
+use std::net::IpAddr;
+
+use weft_xds_proto::envoy::config::core::v3::Node;
+use weft_xds_proto::wkt::{Struct, value::Kind as ValueKind};
+
+use crate::config::Labels;
+use crate::model::{Mesh, Workload};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyNode {
+    pub id: String,
+    pub ip: Option<IpAddr>,
+    pub workload_name: String,
+    pub namespace: String,
+    pub labels: Labels,
+    pub service_account: Option<String>,
+    /// The WorkloadEntry this proxy was matched to, if any.
+    pub workload: Option<Workload>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(
+        "node id {0:?} is not of the form sidecar~<ip>~<workload>.<namespace>~<namespace>.svc.cluster.local (Istio's sidecar node id)"
+    )]
+    BadId(String),
+    #[error("node id {id:?}: {ip:?} is not an IP address")]
+    BadIp { id: String, ip: String },
+}
+
+fn metadata_str(md: Option<&Struct>, key: &str) -> Option<String> {
+    match md?.fields.get(key)?.kind.as_ref()? {
+        ValueKind::StringValue(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn metadata_labels(md: Option<&Struct>) -> Labels {
+    let mut labels = Labels::new();
+    if let Some(ValueKind::StructValue(s)) = md.and_then(|m| m.fields.get("LABELS")).and_then(|v| v.kind.as_ref()) {
+        for (k, v) in &s.fields {
+            if let Some(ValueKind::StringValue(v)) = &v.kind {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    labels
+}
+
+impl ProxyNode {
+    /// Parses the node and matches it to its workload in `mesh` (by name, then by address).
+    pub fn identify(node: &Node, mesh: &Mesh) -> Result<ProxyNode, NodeError> {
+        let parts: Vec<&str> = node.id.split('~').collect();
+        let [_kind, ip, workload, domain] = parts.as_slice() else {
+            return Err(NodeError::BadId(node.id.clone()));
+        };
+        let ip: Option<IpAddr> = if ip.is_empty() {
+            None
+        } else {
+            Some(ip.parse().map_err(|_| NodeError::BadIp { id: node.id.clone(), ip: ip.to_string() })?)
+        };
+        let md = node.metadata.as_ref();
+        let (id_name, id_ns) = match workload.split_once('.') {
+            Some((n, ns)) => (n.to_string(), ns.to_string()),
+            None => (workload.to_string(), domain.split('.').next().unwrap_or("default").to_string()),
+        };
+        let namespace = metadata_str(md, "NAMESPACE").unwrap_or(id_ns);
+        let workload_name = metadata_str(md, "WORKLOAD_NAME").unwrap_or(id_name.clone());
+        let matched = mesh
+            .workloads
+            .iter()
+            .find(|w| w.namespace == namespace && (w.name == id_name || w.name == workload_name))
+            .or_else(|| {
+                let ip = ip?;
+                mesh.workloads
+                    .iter()
+                    .find(|w| w.namespace == namespace && w.address.parse::<IpAddr>().ok() == Some(ip))
+            })
+            .cloned();
+        let mut labels = metadata_labels(md);
+        if let Some(w) = &matched {
+            for (k, v) in &w.labels {
+                labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let service_account = metadata_str(md, "SERVICE_ACCOUNT").or_else(|| matched.as_ref().map(|w| w.service_account.clone()));
+        Ok(ProxyNode { id: node.id.clone(), ip, workload_name, namespace, labels, service_account, workload: matched })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_istio_node_ids() {
+        let node = Node { id: "sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local".into(), ..Default::default() };
+        let p = ProxyNode::identify(&node, &Mesh::default()).unwrap();
+        assert_eq!(p.namespace, "default");
+        assert_eq!(p.workload_name, "hello-v1");
+        assert_eq!(p.ip, Some("127.0.0.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn rejects_other_ids_with_the_expected_form() {
+        let node = Node { id: "my-envoy".into(), ..Default::default() };
+        let err = ProxyNode::identify(&node, &Mesh::default()).unwrap_err().to_string();
+        assert!(err.contains("sidecar~<ip>~"), "{err}");
+        let node = Node { id: "sidecar~not-ip~a.b~b.svc.cluster.local".into(), ..Default::default() };
+        assert!(ProxyNode::identify(&node, &Mesh::default()).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+use super::*;
+use crate::config::ConfigSet;
+use weft_xds_proto::envoy::config::core::v3::Node;
+use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+use weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_xds_proto::unpack;
+
+const QUICKSTART: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: hello, namespace: default }
+spec:
+  selector: { app: hello }
+  ports: [{ name: http, port: 8080 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: hello-v1 }
+spec: { address: 127.0.0.11, labels: { app: hello, version: v1 }, ports: { http: 9080 } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: hello-v2 }
+spec: { address: 127.0.0.12, labels: { app: hello, version: v2 }, ports: { http: 9080 } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: client }
+spec: { address: 127.0.0.10, labels: { app: client } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: hello }
+spec:
+  host: hello
+  subsets: [{ name: v1, labels: { version: v1 } }, { name: v2, labels: { version: v2 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: hello }
+spec:
+  hosts: [hello]
+  http:
+  - route:
+    - { destination: { host: hello, subset: v1 }, weight: 80 }
+    - { destination: { host: hello, subset: v2 }, weight: 20 }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: client }
+spec:
+  workloadSelector: { labels: { app: client } }
+  egress:
+  - port: { number: 8080, protocol: HTTP, name: egress-http }
+    bind: 127.0.0.1
+    captureMode: NONE
+    hosts: ["./*"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: hello-v1 }
+spec:
+  workloadSelector: { labels: { app: hello, version: v1 } }
+  ingress:
+  - port: { number: 9080, protocol: HTTP, name: http }
+    bind: 127.0.0.11
+    defaultEndpoint: 127.0.0.1:8081
+  egress: [{ hosts: ["./*"] }]
+"#;
+
+fn mesh() -> Mesh {
+    let mut set = ConfigSet::default();
+    let errors = set.add_file(std::path::Path::new("quickstart.yaml"), QUICKSTART);
+    assert!(errors.is_empty(), "{errors:?}");
+    set.sort();
+    Mesh::build(&set)
+}
+
+fn node(id: &str) -> Node {
+    Node { id: id.into(), ..Default::default() }
+}
+
+#[test]
+fn client_gets_weighted_routes_and_subset_clusters() {
+    let mesh = mesh();
+    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"), &mesh).unwrap();
+    assert_eq!(proxy.workload.as_ref().unwrap().name, "client");
+    let g = generate(&mesh, &proxy);
+    let clusters: Vec<&String> = g.of_type(type_url::CLUSTER).unwrap().keys().collect();
+    assert_eq!(
+        clusters,
+        [
+            "outbound|8080|v1|hello.default.svc.cluster.local",
+            "outbound|8080|v2|hello.default.svc.cluster.local",
+            "outbound|8080||hello.default.svc.cluster.local",
+        ]
+    );
+    let listeners: Vec<&String> = g.of_type(type_url::LISTENER).unwrap().keys().collect();
+    assert_eq!(listeners, ["127.0.0.1_8080"]);
+    let rc: RouteConfiguration = unpack(&g.of_type(type_url::ROUTE_CONFIGURATION).unwrap()["8080"].any).unwrap();
+    let vh = &rc.virtual_hosts[0];
+    assert!(vh.domains.contains(&"hello".to_string()) && vh.domains.contains(&"hello:8080".to_string()));
+    let Some(route::Action::Route(action)) = &vh.routes[0].action else { panic!("no route action") };
+    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else { panic!("not weighted") };
+    let weights: Vec<(String, u32)> = wc.clusters.iter().map(|c| (c.name.clone(), c.weight.unwrap().value)).collect();
+    assert_eq!(
+        weights,
+        [("outbound|8080|v1|hello.default.svc.cluster.local".to_string(), 80), ("outbound|8080|v2|hello.default.svc.cluster.local".to_string(), 20)]
+    );
+    let cla: ClusterLoadAssignment =
+        unpack(&g.of_type(type_url::CLUSTER_LOAD_ASSIGNMENT).unwrap()["outbound|8080|v2|hello.default.svc.cluster.local"].any).unwrap();
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1, "the v2 subset has exactly the v2 workload");
+}
+
+#[test]
+fn server_gets_its_inbound_listener_and_cluster() {
+    let mesh = mesh();
+    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"), &mesh).unwrap();
+    let g = generate(&mesh, &proxy);
+    assert!(g.of_type(type_url::LISTENER).unwrap().contains_key("127.0.0.11_9080"));
+    assert!(g.of_type(type_url::CLUSTER).unwrap().contains_key("inbound|9080||"));
+}
+
+#[test]
+fn versions_change_only_with_content() {
+    let mesh = mesh();
+    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"), &mesh).unwrap();
+    let a = generate(&mesh, &proxy);
+    let b = generate(&mesh, &proxy);
+    assert_eq!(a.type_version(type_url::CLUSTER, None), b.type_version(type_url::CLUSTER, None));
+    let other = ProxyNode::identify(&node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"), &mesh).unwrap();
+    let c = generate(&mesh, &other);
+    assert_ne!(a.type_version(type_url::LISTENER, None), c.type_version(type_url::LISTENER, None));
+}

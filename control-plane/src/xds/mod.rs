@@ -1,0 +1,110 @@
+//! The ADS server (`envoy.service.discovery.v3.AggregatedDiscoveryService`), state of the world
+//! and delta. Each stream identifies its proxy from the first request's node, generates that
+//! proxy's resources from the current mesh, answers subscriptions, records ACKs/NACKs, and
+//! pushes again whenever the mesh changes.
+
+mod delta;
+mod sotw;
+pub mod status;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use weft_xds_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+
+use crate::model::Mesh;
+pub use status::StatusRegistry;
+
+/// The mesh as the xDS server sees it: rebuilt on each config change.
+#[derive(Debug, Default)]
+pub struct MeshSnapshot {
+    pub mesh: Mesh,
+    pub generation: u64,
+    /// Objects the config source rejected, with their reasons.
+    pub errors: Vec<crate::config::ConfigError>,
+}
+
+#[derive(Clone)]
+pub struct XdsServer {
+    mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    status: Arc<StatusRegistry>,
+    identifier: String,
+}
+
+impl XdsServer {
+    pub fn new(mesh: watch::Receiver<Arc<MeshSnapshot>>, status: Arc<StatusRegistry>) -> XdsServer {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        XdsServer { mesh, status, identifier: format!("weftd-{}", host.trim()) }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<XdsServer> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn peer_of<T>(req: &Request<T>) -> String {
+    req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = peer_of(&request);
+        let (tx, rx) = mpsc::channel(16);
+        let conn = sotw::Connection::new(self.clone(), peer, tx);
+        tokio::spawn(conn.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = peer_of(&request);
+        let (tx, rx) = mpsc::channel(16);
+        let conn = delta::Connection::new(self.clone(), peer, tx);
+        tokio::spawn(conn.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl XdsServer {
+    /// Identifies the proxy and generates its resources from the current mesh.
+    fn generate_for(
+        &self,
+        node: &weft_xds_proto::envoy::config::core::v3::Node,
+    ) -> Result<(crate::generate::ProxyNode, crate::generate::Generated), Status> {
+        let snapshot = self.mesh.borrow().clone();
+        let proxy = crate::generate::ProxyNode::identify(node, &snapshot.mesh)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let generated = crate::generate::generate(&snapshot.mesh, &proxy);
+        for w in &generated.warnings {
+            tracing::warn!(proxy = %proxy.id, "{w}");
+        }
+        Ok((proxy, generated))
+    }
+}
+
+/// Types whose subscription is a wildcard when no names are given (Envoy's LDS and CDS).
+fn is_wildcard_type(type_url: &str) -> bool {
+    type_url == weft_xds_proto::type_url::LISTENER || type_url == weft_xds_proto::type_url::CLUSTER
+}
