@@ -1,0 +1,337 @@
+//! The admin server (port 15000), Envoy-compatible where tools rely on it: `/ready`,
+//! `/server_info`, `/config_dump` (Envoy's JSON shape), `/clusters` (Envoy's text format),
+//! `/listeners`, `/stats` and `/stats/prometheus`.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use weft_xds_proto::envoy::admin::v3::{
+    BootstrapConfigDump, ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump, RoutesConfigDump,
+    clusters_config_dump, endpoints_config_dump, listeners_config_dump, routes_config_dump,
+};
+use weft_xds_proto::type_url;
+use weft_xds_proto::wkt::Timestamp;
+
+use crate::listener::NetworkFilter;
+use crate::state::{Accepted, Proxy, ServerState};
+use crate::stats::label;
+
+pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(handle(&proxy, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    resp
+}
+
+fn handle<B>(proxy: &Proxy, req: Request<B>) -> Response<Full<Bytes>> {
+    let text = |s: String| reply(StatusCode::OK, "text/plain; charset=UTF-8", s);
+    match (req.method(), req.uri().path()) {
+        (_, "/ready") => match proxy.state() {
+            ServerState::Live => text("LIVE\n".into()),
+            ServerState::Initializing => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into()),
+        },
+        (_, "/server_info") => json(&server_info(proxy)),
+        (_, "/config_dump") => match config_dump(proxy) {
+            Ok(v) => json(&v),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot render config: {e}\n")),
+        },
+        (_, "/clusters") => text(clusters(proxy)),
+        (_, "/listeners") => text(proxy.listeners.list().into_iter().map(|(n, a)| format!("{n}::{a}\n")).collect()),
+        (_, "/stats/prometheus") => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(proxy)),
+        (_, "/stats") => text(plain_stats(proxy)),
+        (&Method::POST, "/quitquitquit") => {
+            tokio::spawn(async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                std::process::exit(0);
+            });
+            text("OK\n".into())
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "admin commands: /ready /server_info /config_dump /clusters /listeners /stats /stats/prometheus /quitquitquit (POST)\n".into(),
+        ),
+    }
+}
+
+fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(v).unwrap_or_default())
+}
+
+fn server_info(proxy: &Proxy) -> serde_json::Value {
+    let uptime = SystemTime::now().duration_since(proxy.started).map(|d| d.as_secs()).unwrap_or(0);
+    let node = proxy.bootstrap.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+    serde_json::json!({
+        "version": format!("weft-proxy/{}", env!("CARGO_PKG_VERSION")),
+        "state": match proxy.state() { ServerState::Live => "LIVE", ServerState::Initializing => "PRE_INITIALIZING" },
+        "uptime_current_epoch": format!("{uptime}s"),
+        "node": { "id": node },
+    })
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonError> {
+    let accepted = proxy.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let of = |t: &str| -> Vec<(String, Accepted)> { accepted.get(t).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default() };
+    let last_version = |t: &str| of(t).iter().map(|(_, a)| (a.last_updated, a.version.clone())).max().map(|(_, v)| v).unwrap_or_default();
+    let bootstrap = BootstrapConfigDump { bootstrap: Some(proxy.bootstrap.clone()), last_updated: Some(timestamp(proxy.started)) };
+    let clusters = ClustersConfigDump {
+        version_info: last_version(type_url::CLUSTER),
+        dynamic_active_clusters: of(type_url::CLUSTER)
+            .into_iter()
+            .map(|(_, a)| clusters_config_dump::DynamicCluster {
+                version_info: a.version,
+                cluster: Some(a.resource),
+                last_updated: Some(timestamp(a.last_updated)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let listeners = ListenersConfigDump {
+        version_info: last_version(type_url::LISTENER),
+        dynamic_listeners: of(type_url::LISTENER)
+            .into_iter()
+            .map(|(name, a)| listeners_config_dump::DynamicListener {
+                name,
+                active_state: Some(listeners_config_dump::DynamicListenerState {
+                    version_info: a.version,
+                    listener: Some(a.resource),
+                    last_updated: Some(timestamp(a.last_updated)),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let routes = RoutesConfigDump {
+        dynamic_route_configs: of(type_url::ROUTE_CONFIGURATION)
+            .into_iter()
+            .map(|(_, a)| routes_config_dump::DynamicRouteConfig {
+                version_info: a.version,
+                route_config: Some(a.resource),
+                last_updated: Some(timestamp(a.last_updated)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let endpoints = EndpointsConfigDump {
+        dynamic_endpoint_configs: of(type_url::CLUSTER_LOAD_ASSIGNMENT)
+            .into_iter()
+            .map(|(_, a)| endpoints_config_dump::DynamicEndpointConfig {
+                version_info: a.version,
+                endpoint_config: Some(a.resource),
+                last_updated: Some(timestamp(a.last_updated)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let dump = ConfigDump {
+        configs: vec![
+            weft_xds_proto::pack(&bootstrap),
+            weft_xds_proto::pack(&clusters),
+            weft_xds_proto::pack(&listeners),
+            weft_xds_proto::pack(&routes),
+            weft_xds_proto::pack(&endpoints),
+        ],
+    };
+    weft_xds_proto::to_json(&dump)
+}
+
+/// Envoy's `/clusters` text: `cluster::host:port::stat::value` lines.
+fn clusters(proxy: &Proxy) -> String {
+    let snapshot = proxy.snapshot();
+    let mut names: Vec<&String> = snapshot.clusters.keys().collect();
+    names.sort();
+    let mut out = String::new();
+    for name in names {
+        let c = &snapshot.clusters[name];
+        let _ = writeln!(out, "{name}::observability_name::{name}");
+        for e in c.endpoints.load().all() {
+            let a = e.address;
+            let s = &e.stats;
+            let p = &e.pool.stats;
+            let _ = writeln!(out, "{name}::{a}::cx_active::{}", p.cx_active.get());
+            let _ = writeln!(out, "{name}::{a}::cx_connect_fail::{}", p.cx_connect_fail.get());
+            let _ = writeln!(out, "{name}::{a}::cx_total::{}", p.cx_total.get());
+            let _ = writeln!(out, "{name}::{a}::rq_active::{}", s.rq_active.get());
+            let _ = writeln!(out, "{name}::{a}::rq_error::{}", s.rq_error.get());
+            let _ = writeln!(out, "{name}::{a}::rq_success::{}", s.rq_success.get());
+            let _ = writeln!(out, "{name}::{a}::rq_total::{}", s.rq_total.get());
+            let _ = writeln!(out, "{name}::{a}::hostname::");
+            let _ = writeln!(out, "{name}::{a}::health_flags::healthy");
+            let _ = writeln!(out, "{name}::{a}::weight::{}", e.weight);
+        }
+    }
+    out
+}
+
+/// All stats as (Envoy stat name with tags, value) for both renderings.
+struct Stat {
+    prom_name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    value: i64,
+    plain: String,
+    counter: bool,
+}
+
+fn collect(proxy: &Proxy) -> Vec<Stat> {
+    let mut v = Vec::new();
+    let snapshot = proxy.snapshot();
+    let mut names: Vec<&String> = snapshot.clusters.keys().collect();
+    names.sort();
+    for name in names {
+        let c = &snapshot.clusters[name];
+        let s = &c.stats;
+        let eps = c.endpoints.load();
+        let cx_total: u64 = eps.all().iter().map(|e| e.pool.stats.cx_total.get()).sum();
+        let cx_active: i64 = eps.all().iter().map(|e| e.pool.stats.cx_active.get()).sum();
+        let lb = || vec![("envoy_cluster_name", name.clone())];
+        for (stat, value, counter) in [
+            ("upstream_rq_total", s.upstream_rq_total.get() as i64, true),
+            ("upstream_rq_active", s.upstream_rq_active.get(), false),
+            ("upstream_rq_timeout", s.upstream_rq_timeout.get() as i64, true),
+            ("upstream_cx_total", cx_total as i64, true),
+            ("upstream_cx_active", cx_active, false),
+            ("upstream_cx_connect_fail", s.upstream_cx_connect_fail.get() as i64, true),
+            ("upstream_cx_none_healthy", s.upstream_cx_none_healthy.get() as i64, true),
+            ("update_success", s.update_success.get() as i64, true),
+            ("membership_total", eps.all().len() as i64, false),
+            ("membership_healthy", eps.all().len() as i64, false),
+        ] {
+            v.push(Stat { prom_name: prom(stat), labels: lb(), value, plain: format!("cluster.{name}.{stat}"), counter });
+        }
+        for class in 1..=5 {
+            let mut labels = lb();
+            labels.insert(0, ("envoy_response_code_class", class.to_string()));
+            v.push(Stat {
+                prom_name: "envoy_cluster_upstream_rq_xx",
+                labels,
+                value: s.upstream_rq_xx.get(class) as i64,
+                plain: format!("cluster.{name}.upstream_rq_{class}xx"),
+                counter: true,
+            });
+        }
+    }
+    for l in proxy.listeners.configs() {
+        match &l.filter {
+            NetworkFilter::Http(h) => {
+                let p = &h.stat_prefix;
+                let s = &h.stats;
+                let lb = || vec![("envoy_http_conn_manager_prefix", p.clone())];
+                for (stat, value, counter) in [
+                    ("downstream_cx_total", s.downstream_cx_total.get() as i64, true),
+                    ("downstream_cx_active", s.downstream_cx_active.get(), false),
+                    ("downstream_rq_total", s.downstream_rq_total.get() as i64, true),
+                    ("downstream_rq_active", s.downstream_rq_active.get(), false),
+                    ("no_route", s.no_route.get() as i64, true),
+                    ("no_cluster", s.no_cluster.get() as i64, true),
+                ] {
+                    v.push(Stat { prom_name: prom_http(stat), labels: lb(), value, plain: format!("http.{p}.{stat}"), counter });
+                }
+                for class in 1..=5 {
+                    let mut labels = lb();
+                    labels.insert(0, ("envoy_response_code_class", class.to_string()));
+                    v.push(Stat {
+                        prom_name: "envoy_http_downstream_rq_xx",
+                        labels,
+                        value: s.downstream_rq_xx.get(class) as i64,
+                        plain: format!("http.{p}.downstream_rq_{class}xx"),
+                        counter: true,
+                    });
+                }
+            }
+            NetworkFilter::Tcp(t) => {
+                let p = &t.stat_prefix;
+                let s = &t.stats;
+                for (stat, value, counter) in [
+                    ("downstream_cx_total", s.downstream_cx_total.get() as i64, true),
+                    ("downstream_cx_active", s.downstream_cx_active.get(), false),
+                    ("downstream_cx_rx_bytes_total", s.downstream_cx_rx_bytes_total.get() as i64, true),
+                    ("downstream_cx_tx_bytes_total", s.downstream_cx_tx_bytes_total.get() as i64, true),
+                ] {
+                    v.push(Stat { prom_name: prom_tcp(stat), labels: vec![("envoy_tcp_prefix", p.clone())], value, plain: format!("tcp.{p}.{stat}"), counter });
+                }
+            }
+        }
+    }
+    let live = i64::from(proxy.state() == ServerState::Live);
+    v.push(Stat { prom_name: "envoy_server_live", labels: vec![], value: live, plain: "server.live".into(), counter: false });
+    let uptime = SystemTime::now().duration_since(proxy.started).map(|d| d.as_secs() as i64).unwrap_or(0);
+    v.push(Stat { prom_name: "envoy_server_uptime", labels: vec![], value: uptime, plain: "server.uptime".into(), counter: false });
+    v
+}
+
+macro_rules! prom_names {
+    ($fn:ident, $prefix:literal, [$($stat:literal),* $(,)?]) => {
+        fn $fn(stat: &str) -> &'static str {
+            match stat {
+                $($stat => concat!($prefix, $stat),)*
+                _ => concat!($prefix, "unknown"),
+            }
+        }
+    };
+}
+prom_names!(prom, "envoy_cluster_", [
+    "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_cx_total", "upstream_cx_active",
+    "upstream_cx_connect_fail", "upstream_cx_none_healthy", "update_success", "membership_total", "membership_healthy",
+]);
+prom_names!(prom_http, "envoy_http_", [
+    "downstream_cx_total", "downstream_cx_active", "downstream_rq_total", "downstream_rq_active", "no_route", "no_cluster",
+]);
+prom_names!(prom_tcp, "envoy_tcp_", [
+    "downstream_cx_total", "downstream_cx_active", "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total",
+]);
+
+fn prometheus(proxy: &Proxy) -> String {
+    let stats = collect(proxy);
+    let mut out = String::new();
+    let mut last_name = "";
+    for s in &stats {
+        if s.prom_name != last_name {
+            let _ = writeln!(out, "# TYPE {} {}", s.prom_name, if s.counter { "counter" } else { "gauge" });
+            last_name = s.prom_name;
+        }
+        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", label(v))).collect();
+        if labels.is_empty() {
+            let _ = writeln!(out, "{} {}", s.prom_name, s.value);
+        } else {
+            let _ = writeln!(out, "{}{{{}}} {}", s.prom_name, labels.join(","), s.value);
+        }
+    }
+    out
+}
+
+fn plain_stats(proxy: &Proxy) -> String {
+    let mut lines: Vec<String> = collect(proxy).into_iter().map(|s| format!("{}: {}", s.plain, s.value)).collect();
+    lines.sort();
+    lines.join("\n") + "\n"
+}

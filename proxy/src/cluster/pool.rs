@@ -1,0 +1,195 @@
+//! Upstream connection pools, one per endpoint: keep-alive HTTP/1.1 connections reused in LIFO
+//! order (the warmest first), or one multiplexed HTTP/2 connection. The request's authority is
+//! kept as the client sent it; the pool only decides which socket carries it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::stats::{Counter, Gauge};
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("connection to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("upstream {addr} reset the request: {source}")]
+    Reset { addr: SocketAddr, source: hyper::Error },
+}
+
+impl UpstreamError {
+    /// True when no byte reached the upstream (Envoy's `UF`, connect-failure).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, UpstreamError::ConnectTimeout(_) | UpstreamError::Connect { .. } | UpstreamError::Handshake { .. })
+    }
+}
+
+/// Connection counters an endpoint shares with its pool.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub cx_total: Counter,
+    pub cx_active: Arc<Gauge>,
+    pub cx_connect_fail: Counter,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    pub stats: PoolStats,
+}
+
+impl Pool {
+    pub fn new(addr: SocketAddr, protocol: UpstreamProtocol, connect_timeout: Duration) -> Pool {
+        Pool {
+            addr,
+            protocol,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            stats: PoolStats::default(),
+        }
+    }
+
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    /// Sends a request (already in the upstream's form: origin-form URI and Host header for
+    /// HTTP/1.1, absolute URI for HTTP/2) and returns the response head.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(req).await,
+            UpstreamProtocol::Http2 => self.send_h2(req).await,
+        }
+    }
+
+    async fn send_h1(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        // A pooled connection the upstream has just closed fails before the request is
+        // written; hyper hands the request back and we try the next connection.
+        loop {
+            let (mut sender, reused) = match self.take_idle() {
+                Some(s) => (s, true),
+                None => (self.connect_h1().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.put_idle(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => req = back,
+                    _ => return Err(UpstreamError::Reset { addr: self.addr, source: e.into_error() }),
+                },
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(s) = idle.pop() {
+            if s.is_closed() {
+                continue;
+            }
+            if s.is_ready() {
+                found = Some(s);
+                break;
+            }
+            // Still streaming a response body: keep it for later.
+            busy.push(s);
+        }
+        idle.extend(busy.into_iter().rev());
+        found
+    }
+
+    fn put_idle(&self, sender: http1::SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                self.stats.cx_connect_fail.inc();
+                return Err(UpstreamError::Connect { addr: self.addr, source });
+            }
+            Err(_) => {
+                self.stats.cx_connect_fail.inc();
+                return Err(UpstreamError::ConnectTimeout(self.addr));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        self.stats.cx_total.inc();
+        Ok(stream)
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+        let active = self.stats.cx_active.clone();
+        active.inc();
+        tokio::spawn(async move {
+            let _ = conn.await;
+            active.dec();
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        let existing = {
+            let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            h2.as_ref().filter(|s| !s.is_closed()).cloned()
+        };
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let stream = self.connect().await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+                let active = self.stats.cx_active.clone();
+                active.inc();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    active.dec();
+                });
+                *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                sender
+            }
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Reset { addr: self.addr, source })
+    }
+}

@@ -1,0 +1,297 @@
+//! The HTTP connection manager: serves HTTP/1.1 and h2c (prior knowledge, detected from the
+//! connection preface) on a listener, and proxies each request along the route its table picks.
+//! `proxy_request` is the whole request path in one function.
+
+pub mod router;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager, http_filter,
+};
+
+use crate::Rejection;
+use crate::cluster::UpstreamProtocol;
+use crate::state::Proxy;
+use crate::stats::{GaugeGuard, HttpStats};
+use router::RouteTable;
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Where a connection manager gets its routes.
+#[derive(Debug)]
+pub enum RouteSource {
+    /// From RDS, by route configuration name.
+    Rds(String),
+    /// Inline in the listener.
+    Static(Arc<RouteTable>),
+}
+
+#[derive(Debug)]
+pub struct ConnectionManager {
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+    pub stats: Arc<HttpStats>,
+}
+
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+
+impl ConnectionManager {
+    pub fn from_xds(listener: &str, hcm: &HttpConnectionManager) -> Result<ConnectionManager, Rejection> {
+        let reject = |field: &str, reason: String| {
+            Rejection::new("Listener", listener, format!("http_connection_manager.{field}"), reason)
+        };
+        use http_connection_manager::CodecType;
+        match CodecType::try_from(hcm.codec_type) {
+            Ok(CodecType::Auto | CodecType::Http1 | CodecType::Http2) => {}
+            _ => return Err(reject("codec_type", "only AUTO, HTTP1 and HTTP2 are supported".into())),
+        }
+        // Exactly the router, last: other HTTP filters are not implemented in this version.
+        for (i, f) in hcm.http_filters.iter().enumerate() {
+            let type_url = match &f.config_type {
+                Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+                _ => "",
+            };
+            let is_router = type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router");
+            if !is_router {
+                if f.is_optional {
+                    continue;
+                }
+                return Err(reject(&format!("http_filters[{i}]"), format!("HTTP filter {:?} ({type_url}) is not supported by this weft-proxy version", f.name)));
+            }
+            if i + 1 != hcm.http_filters.len() {
+                return Err(reject(&format!("http_filters[{i}]"), "the router must be the last HTTP filter".into()));
+            }
+        }
+        if !hcm.http_filters.iter().any(|f| f.name == "envoy.filters.http.router" || matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == ROUTER)) {
+            return Err(reject("http_filters", "the router filter is required".into()));
+        }
+        if !hcm.upgrade_configs.is_empty() {
+            return Err(reject("upgrade_configs", "upgrades (WebSocket) are not supported yet".into()));
+        }
+        let routes = match &hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
+            Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => RouteSource::Static(Arc::new(RouteTable::from_xds(rc)?)),
+            _ => return Err(reject("route_specifier", "rds or route_config is required (scoped routes are not supported)".into())),
+        };
+        Ok(ConnectionManager { stat_prefix: hcm.stat_prefix.clone(), routes, stats: Arc::new(HttpStats::default()) })
+    }
+
+    pub fn route_config_name(&self) -> Option<&str> {
+        match &self.routes {
+            RouteSource::Rds(n) => Some(n),
+            RouteSource::Static(_) => None,
+        }
+    }
+}
+
+/// Serves one downstream connection until it closes.
+pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    hcm.stats.downstream_cx_total.inc();
+    let stats = hcm.stats.clone();
+    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let hcm = hcm.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy_request(&proxy, &hcm, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60))
+        .max_buf_size(96 * 1024);
+    builder.http2().max_concurrent_streams(1024).max_header_list_size(96 * 1024);
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!("downstream connection ended: {e}");
+    }
+}
+
+/// The request path: route, pick a cluster and endpoint, send upstream, count.
+pub async fn proxy_request(proxy: &Proxy, hcm: &ConnectionManager, req: Request<Incoming>) -> Response<ProxyBody> {
+    hcm.stats.downstream_rq_total.inc();
+    let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
+    let resp = route_and_forward(proxy, hcm, req).await;
+    hcm.stats.downstream_rq_xx.record(resp.status().as_u16());
+    resp
+}
+
+async fn route_and_forward(proxy: &Proxy, hcm: &ConnectionManager, req: Request<Incoming>) -> Response<ProxyBody> {
+    let snapshot = proxy.snapshot();
+    // 1. Route: virtual host by authority, then the first matching route.
+    let Some(authority) = authority_of(&req) else {
+        return local_reply(StatusCode::BAD_REQUEST, "missing host header", "DPE");
+    };
+    let table = match &hcm.routes {
+        RouteSource::Static(t) => Some(t.clone()),
+        RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
+    };
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let Some(route) = table.as_deref().and_then(|t| t.route(&authority, path, req.headers())) else {
+        hcm.stats.no_route.inc();
+        return local_reply(StatusCode::NOT_FOUND, "", "NR");
+    };
+    // 2. Cluster: weighted choice, then the load balancer's endpoint.
+    let Some(cluster) = snapshot.clusters.get(route.action.cluster.pick()) else {
+        hcm.stats.no_cluster.inc();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "", "NC");
+    };
+    let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load()) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+    };
+    // 3. Upstream request in the upstream's HTTP version, authority preserved.
+    let upstream_req = match to_upstream(req, &authority, endpoint.pool.protocol()) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    cluster.stats.upstream_rq_total.inc();
+    endpoint.stats.rq_total.inc();
+    let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
+    let send = endpoint.pool.send(upstream_req);
+    let result = match route.action.timeout {
+        Some(t) => match tokio::time::timeout(t, send).await {
+            Ok(r) => r,
+            Err(_) => {
+                cluster.stats.upstream_rq_timeout.inc();
+                endpoint.stats.rq_error.inc();
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+            }
+        },
+        None => send.await,
+    };
+    // 4. Response: count and stream it back.
+    match result {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            cluster.stats.upstream_rq_xx.record(status);
+            if status >= 500 { endpoint.stats.rq_error.inc() } else { endpoint.stats.rq_success.inc() }
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(Either::Left)
+        }
+        Err(e) => {
+            endpoint.stats.rq_error.inc();
+            cluster.stats.upstream_rq_xx.record(503);
+            if e.is_connect_failure() {
+                cluster.stats.upstream_cx_connect_fail.inc();
+                tracing::debug!(cluster = %cluster.name, "upstream connect failure: {e}");
+                local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                    "UF",
+                )
+            } else {
+                tracing::debug!(cluster = %cluster.name, "upstream reset: {e}");
+                local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    "UC",
+                )
+            }
+        }
+    }
+}
+
+fn authority_of<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn to_upstream(req: Request<Incoming>, authority: &str, protocol: UpstreamProtocol) -> Result<Request<Incoming>, Response<ProxyBody>> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
+    parts.headers.remove(header::TE);
+    if parts.headers.get("grpc-timeout").is_some() || is_grpc(&parts.headers) {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !parts.headers.contains_key("x-request-id") {
+        parts.headers.insert(HeaderName::from_static("x-request-id"), request_id());
+    }
+    parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::try_from(path).map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
+            let host = HeaderValue::from_str(authority).map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE"))?;
+            parts.headers.insert(header::HOST, host);
+        }
+        UpstreamProtocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority or path", "DPE"))?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn request_id() -> HeaderValue {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    // A random (version 4) UUID, as Envoy generates.
+    let s = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    );
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// A response generated by the proxy itself, with Envoy's body text and response flag header.
+pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if !body.is_empty() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    h.insert(HeaderName::from_static("x-weft-response-flags"), HeaderValue::from_static(flag));
+    resp
+}

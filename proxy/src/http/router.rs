@@ -1,0 +1,401 @@
+//! Route tables: virtual host selection by `:authority` and route matching on path and headers,
+//! translated from Envoy `RouteConfiguration`s. What a route asks for that this version cannot
+//! do is rejected by field name, never served wrongly.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::HeaderMap;
+use regex::Regex;
+use weft_xds_proto::envoy::config::route::v3::{
+    HeaderMatcher, Route as XdsRoute, RouteAction as XdsRouteAction, RouteConfiguration, VirtualHost as XdsVirtualHost,
+    header_matcher, route, route_action, route_match,
+};
+use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+
+use crate::{Rejection, duration};
+
+/// Envoy's default route timeout when a route does not set one.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: String,
+    virtual_hosts: Vec<VirtualHost>,
+    exact: HashMap<String, usize>,
+    /// `*.example.com` -> ".example.com", longest suffix first.
+    suffixes: Vec<(String, usize)>,
+    /// `example.*` -> "example.", longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    any: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    path: PathMatch,
+    case_sensitive: bool,
+    headers: Vec<HeaderMatch>,
+    pub action: RouteAction,
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+    /// Envoy's `path_separated_prefix`: the prefix followed by `/`, `?` or the end.
+    SeparatedPrefix(String),
+}
+
+#[derive(Debug)]
+struct HeaderMatch {
+    name: http::HeaderName,
+    rule: HeaderRule,
+    invert: bool,
+}
+
+#[derive(Debug)]
+enum HeaderRule {
+    Present(bool),
+    String(StringRule),
+}
+
+#[derive(Debug)]
+enum StringRule {
+    Exact(String, bool),
+    Prefix(String, bool),
+    Suffix(String, bool),
+    Contains(String, bool),
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ClusterChoice {
+    Single(String),
+    Weighted { clusters: Vec<(String, u32)>, total: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteAction {
+    pub cluster: ClusterChoice,
+    /// None: no timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl ClusterChoice {
+    /// Picks the cluster for one request (weighted: proportionally to the weights).
+    pub fn pick(&self) -> &str {
+        match self {
+            ClusterChoice::Single(c) => c,
+            ClusterChoice::Weighted { clusters, total } => {
+                let mut r = fastrand::u64(..*total);
+                for (name, w) in clusters {
+                    if r < u64::from(*w) {
+                        return name;
+                    }
+                    r -= u64::from(*w);
+                }
+                &clusters[clusters.len() - 1].0
+            }
+        }
+    }
+}
+
+fn compile_regex(m: &RegexMatcher) -> Result<Regex, String> {
+    // Envoy's safe_regex matches the whole value (RE2 full match).
+    Regex::new(&format!("^(?:{})$", m.regex)).map_err(|e| format!("invalid regex {:?}: {e}", m.regex))
+}
+
+fn string_rule(m: &StringMatcher) -> Result<StringRule, String> {
+    let ic = m.ignore_case;
+    let lower = |s: &String| if ic { s.to_ascii_lowercase() } else { s.clone() };
+    Ok(match &m.match_pattern {
+        Some(string_matcher::MatchPattern::Exact(s)) => StringRule::Exact(lower(s), ic),
+        Some(string_matcher::MatchPattern::Prefix(s)) => StringRule::Prefix(lower(s), ic),
+        Some(string_matcher::MatchPattern::Suffix(s)) => StringRule::Suffix(lower(s), ic),
+        Some(string_matcher::MatchPattern::Contains(s)) => StringRule::Contains(lower(s), ic),
+        Some(string_matcher::MatchPattern::SafeRegex(r)) => StringRule::Regex(compile_regex(r)?),
+        _ => return Err("only exact, prefix, suffix, contains and safe_regex string matchers are supported".into()),
+    })
+}
+
+impl StringRule {
+    fn matches(&self, v: &str) -> bool {
+        let norm = |ic: bool| if ic { std::borrow::Cow::Owned(v.to_ascii_lowercase()) } else { std::borrow::Cow::Borrowed(v) };
+        match self {
+            StringRule::Exact(s, ic) => norm(*ic) == s.as_str(),
+            StringRule::Prefix(s, ic) => norm(*ic).starts_with(s.as_str()),
+            StringRule::Suffix(s, ic) => norm(*ic).ends_with(s.as_str()),
+            StringRule::Contains(s, ic) => norm(*ic).contains(s.as_str()),
+            StringRule::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[allow(deprecated)]
+fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
+    use header_matcher::HeaderMatchSpecifier as S;
+    let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("invalid header name {:?}", h.name))?;
+    let rule = match &h.header_match_specifier {
+        None => HeaderRule::Present(true),
+        Some(S::PresentMatch(p)) => HeaderRule::Present(*p),
+        Some(S::StringMatch(m)) => HeaderRule::String(string_rule(m)?),
+        Some(S::ExactMatch(s)) => HeaderRule::String(StringRule::Exact(s.clone(), false)),
+        Some(S::PrefixMatch(s)) => HeaderRule::String(StringRule::Prefix(s.clone(), false)),
+        Some(S::SuffixMatch(s)) => HeaderRule::String(StringRule::Suffix(s.clone(), false)),
+        Some(S::ContainsMatch(s)) => HeaderRule::String(StringRule::Contains(s.clone(), false)),
+        Some(S::SafeRegexMatch(r)) => HeaderRule::String(StringRule::Regex(compile_regex(r)?)),
+        Some(S::RangeMatch(_)) => return Err("range_match is not supported yet".into()),
+    };
+    if h.treat_missing_header_as_empty {
+        return Err("treat_missing_header_as_empty is not supported yet".into());
+    }
+    Ok(HeaderMatch { name, rule, invert: h.invert_match })
+}
+
+impl HeaderMatch {
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter();
+        let result = match &self.rule {
+            HeaderRule::Present(want) => values.next().is_some() == *want,
+            HeaderRule::String(rule) => {
+                let first = values.next();
+                match first {
+                    None => false,
+                    Some(v) => {
+                        // Several values of one header are matched joined by ',' (as Envoy).
+                        let rest: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
+                        match v.to_str() {
+                            Ok(s) if rest.is_empty() => rule.matches(s),
+                            Ok(s) => rule.matches(&[s].into_iter().chain(rest).collect::<Vec<_>>().join(",")),
+                            Err(_) => false,
+                        }
+                    }
+                }
+            }
+        };
+        result != self.invert
+    }
+}
+
+#[allow(deprecated)] // `cors` moved to a typed filter config; still reject it when set
+fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
+    let bad = |f: &str, r: &str| Err((format!("route.{f}"), r.to_string()));
+    for (field, set) in [
+        ("prefix_rewrite", !a.prefix_rewrite.is_empty()),
+        ("regex_rewrite", a.regex_rewrite.is_some()),
+        ("host_rewrite_specifier", a.host_rewrite_specifier.is_some()),
+        ("retry_policy", a.retry_policy.is_some()),
+        ("request_mirror_policies", !a.request_mirror_policies.is_empty()),
+        ("hash_policy", !a.hash_policy.is_empty()),
+        ("cors", a.cors.is_some()),
+        ("rate_limits", !a.rate_limits.is_empty()),
+        ("hedge_policy", a.hedge_policy.is_some()),
+        ("metadata_match", a.metadata_match.is_some()),
+    ] {
+        if set {
+            return bad(field, "not supported by this weft-proxy version");
+        }
+    }
+    let cluster = match &a.cluster_specifier {
+        Some(route_action::ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
+        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+            let clusters: Vec<(String, u32)> =
+                w.clusters.iter().map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0))).collect();
+            let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+            if clusters.is_empty() || total == 0 {
+                return bad("weighted_clusters", "the sum of weights must be greater than 0");
+            }
+            if w.clusters.iter().any(|c| !c.cluster_header.is_empty() || !c.request_headers_to_add.is_empty() || !c.response_headers_to_add.is_empty()) {
+                return bad("weighted_clusters.clusters", "cluster_header and per-cluster header edits are not supported yet");
+            }
+            ClusterChoice::Weighted { clusters, total }
+        }
+        _ => return bad("cluster_specifier", "cluster and weighted_clusters are supported"),
+    };
+    let timeout = match &a.timeout {
+        None => Some(DEFAULT_TIMEOUT),
+        Some(d) if d.seconds == 0 && d.nanos == 0 => None,
+        Some(d) => Some(duration(d)),
+    };
+    Ok(RouteAction { cluster, timeout })
+}
+
+fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
+    let m = r.r#match.as_ref().ok_or(("match".to_string(), "a route needs a match".to_string()))?;
+    let path = match &m.path_specifier {
+        Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(route_match::PathSpecifier::SafeRegex(re)) => {
+            PathMatch::Regex(compile_regex(re).map_err(|e| ("match.safe_regex".to_string(), e))?)
+        }
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::SeparatedPrefix(p.clone()),
+        _ => return Err(("match.path_specifier".into(), "prefix, path, safe_regex and path_separated_prefix are supported".into())),
+    };
+    for (field, set) in [
+        ("match.query_parameters", !m.query_parameters.is_empty()),
+        ("match.runtime_fraction", m.runtime_fraction.is_some()),
+        ("match.grpc", m.grpc.is_some()),
+        ("match.tls_context", m.tls_context.is_some()),
+        ("match.dynamic_metadata", !m.dynamic_metadata.is_empty()),
+        ("request_headers_to_add", !r.request_headers_to_add.is_empty()),
+        ("request_headers_to_remove", !r.request_headers_to_remove.is_empty()),
+        ("response_headers_to_add", !r.response_headers_to_add.is_empty()),
+        ("response_headers_to_remove", !r.response_headers_to_remove.is_empty()),
+        ("typed_per_filter_config", !r.typed_per_filter_config.is_empty()),
+    ] {
+        if set {
+            return Err((field.into(), "not supported by this weft-proxy version".into()));
+        }
+    }
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_match(h).map_err(|e| (format!("match.headers[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = match &r.action {
+        Some(route::Action::Route(a)) => route_action(a)?,
+        Some(route::Action::Redirect(_)) => return Err(("redirect".into(), "redirects are not supported yet".into())),
+        Some(route::Action::DirectResponse(_)) => return Err(("direct_response".into(), "direct responses are not supported yet".into())),
+        _ => return Err(("action".into(), "only route actions are supported".into())),
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        path,
+        case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
+        headers,
+        action,
+    })
+}
+
+fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
+    for (field, set) in [
+        ("request_headers_to_add", !vh.request_headers_to_add.is_empty()),
+        ("response_headers_to_add", !vh.response_headers_to_add.is_empty()),
+        ("retry_policy", vh.retry_policy.is_some()),
+        ("rate_limits", !vh.rate_limits.is_empty()),
+        ("typed_per_filter_config", !vh.typed_per_filter_config.is_empty()),
+    ] {
+        if set {
+            return Err((field.into(), "not supported by this weft-proxy version".into()));
+        }
+    }
+    if vh.require_tls != 0 {
+        return Err(("require_tls".into(), "not supported by this weft-proxy version".into()));
+    }
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route(r).map_err(|(f, e)| (format!("routes[{i}].{f}"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VirtualHost { name: vh.name.clone(), routes })
+}
+
+impl RouteTable {
+    pub fn from_xds(rc: &RouteConfiguration) -> Result<RouteTable, Rejection> {
+        let reject = |field: String, reason: String| Rejection::new("RouteConfiguration", &rc.name, field, reason);
+        if !rc.request_headers_to_add.is_empty() || !rc.response_headers_to_add.is_empty() || !rc.response_headers_to_remove.is_empty() || !rc.request_headers_to_remove.is_empty() {
+            return Err(reject("*_headers_to_*".into(), "header edits are not supported by this weft-proxy version".into()));
+        }
+        if !rc.vhds.is_none() {
+            return Err(reject("vhds".into(), "VHDS is not supported".into()));
+        }
+        let mut table = RouteTable {
+            name: rc.name.clone(),
+            virtual_hosts: Vec::new(),
+            exact: HashMap::new(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            any: None,
+        };
+        for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+            let built = virtual_host(vh).map_err(|(f, e)| reject(format!("virtual_hosts[{i}].{f}"), e))?;
+            for d in &vh.domains {
+                let d = d.to_ascii_lowercase();
+                let dup = if d == "*" {
+                    table.any.replace(i).is_some()
+                } else if let Some(s) = d.strip_prefix('*') {
+                    let dup = table.suffixes.iter().any(|(x, _)| x == s);
+                    table.suffixes.push((s.to_string(), i));
+                    dup
+                } else if let Some(p) = d.strip_suffix('*') {
+                    let dup = table.prefixes.iter().any(|(x, _)| x == p);
+                    table.prefixes.push((p.to_string(), i));
+                    dup
+                } else {
+                    table.exact.insert(d.clone(), i).is_some()
+                };
+                if dup {
+                    // Envoy rejects a route configuration that lists a domain twice.
+                    return Err(reject(format!("virtual_hosts[{i}].domains"), format!("domain {d:?} is already used by another virtual host")));
+                }
+            }
+            table.virtual_hosts.push(built);
+        }
+        table.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(table)
+    }
+
+    /// Envoy's order: exact domain, then longest `*suffix`, then longest `prefix*`, then `*`.
+    pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        let lower;
+        let host = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = authority.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            authority
+        };
+        let idx = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| self.suffixes.iter().find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str())).map(|(_, i)| *i))
+            .or_else(|| self.prefixes.iter().find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str())).map(|(_, i)| *i))
+            .or(self.any)?;
+        self.virtual_hosts.get(idx)
+    }
+
+    /// The first route of the matching virtual host whose path and headers match.
+    pub fn route(&self, authority: &str, path_and_query: &str, headers: &HeaderMap) -> Option<&Route> {
+        let vh = self.virtual_host(authority)?;
+        let path = path_and_query.split(['?', '#']).next().unwrap_or("");
+        vh.routes.iter().find(|r| r.matches(path, headers))
+    }
+}
+
+impl Route {
+    fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
+            PathMatch::Exact(p) => {
+                if self.case_sensitive { path == p } else { path.eq_ignore_ascii_case(p) }
+            }
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::SeparatedPrefix(p) => {
+                starts_with(path, p, self.case_sensitive) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+        };
+        path_ok && self.headers.iter().all(|h| h.matches(headers))
+    }
+}
+
+fn starts_with(path: &str, prefix: &str, case_sensitive: bool) -> bool {
+    if case_sensitive {
+        path.starts_with(prefix)
+    } else {
+        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+//! Listeners from LDS: each binds its address once and serves connections with the filter chain
+//! of its current config. An update that keeps the address swaps the config in place (open
+//! connections finish on the old one); a removed listener stops accepting.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use weft_xds_proto::envoy::config::listener::v3::{Listener as XdsListener, filter};
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy as XdsTcpProxy;
+use weft_xds_proto::type_url;
+
+use crate::Rejection;
+use crate::cluster::socket_addr;
+use crate::http::ConnectionManager;
+use crate::state::Proxy;
+use crate::tcp::TcpProxy;
+
+/// What a listener does with a connection: its one network filter.
+#[derive(Debug)]
+pub enum NetworkFilter {
+    Http(Arc<ConnectionManager>),
+    Tcp(Arc<TcpProxy>),
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub filter: NetworkFilter,
+    pub source: XdsListener,
+}
+
+impl ListenerConfig {
+    pub fn from_xds(l: &XdsListener) -> Result<ListenerConfig, Rejection> {
+        let reject = |field: &str, reason: String| Rejection::new("Listener", &l.name, field, reason);
+        let address = socket_addr(l.address.as_ref()).map_err(|r| reject("address", r))?;
+        if !l.listener_filters.is_empty() {
+            return Err(reject("listener_filters", "listener filters (TLS/HTTP inspectors, original_dst) are not supported yet".into()));
+        }
+        if !l.additional_addresses.is_empty() {
+            return Err(reject("additional_addresses", "not supported by this weft-proxy version".into()));
+        }
+        if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
+            return Err(reject("default_filter_chain", "filter chain matching is not supported yet".into()));
+        }
+        let [chain] = l.filter_chains.as_slice() else {
+            return Err(reject("filter_chains", format!("exactly one filter chain is supported, got {}", l.filter_chains.len())));
+        };
+        if chain.filter_chain_match.is_some() {
+            return Err(reject("filter_chains[0].filter_chain_match", "filter chain matching is not supported yet".into()));
+        }
+        if chain.transport_socket.is_some() {
+            return Err(reject("filter_chains[0].transport_socket", "TLS is not supported yet".into()));
+        }
+        let [f] = chain.filters.as_slice() else {
+            return Err(reject("filter_chains[0].filters", format!("exactly one network filter is supported, got {}", chain.filters.len())));
+        };
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            return Err(reject("filter_chains[0].filters[0]", "a typed_config is required".into()));
+        };
+        let filter = match any.type_url.as_str() {
+            type_url::HTTP_CONNECTION_MANAGER => {
+                let hcm: HttpConnectionManager = weft_xds_proto::unpack(any).map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
+                NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
+            }
+            type_url::TCP_PROXY => {
+                let tcp: XdsTcpProxy = weft_xds_proto::unpack(any).map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
+                NetworkFilter::Tcp(Arc::new(TcpProxy::from_xds(&l.name, &tcp)?))
+            }
+            other => return Err(reject("filter_chains[0].filters[0]", format!("network filter {other} is not supported"))),
+        };
+        Ok(ListenerConfig { name: l.name.clone(), address, filter, source: l.clone() })
+    }
+
+    pub fn route_config_name(&self) -> Option<&str> {
+        match &self.filter {
+            NetworkFilter::Http(h) => h.route_config_name(),
+            NetworkFilter::Tcp(_) => None,
+        }
+    }
+}
+
+struct Active {
+    config: Arc<ArcSwap<ListenerConfig>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The set of running listeners.
+#[derive(Default)]
+pub struct Listeners {
+    active: Mutex<HashMap<String, Active>>,
+}
+
+impl Listeners {
+    /// Makes the running set equal to `configs`. Binding happens first for every new address,
+    /// so a bind failure rejects the whole update and leaves the running set untouched.
+    pub async fn apply(&self, proxy: &Arc<Proxy>, configs: Vec<ListenerConfig>) -> Result<(), Rejection> {
+        let mut bound = HashMap::new();
+        {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &configs {
+                let keeps_socket = active.get(&c.name).is_some_and(|a| a.config.load().address == c.address);
+                if !keeps_socket {
+                    bound.insert(c.name.clone(), c.address);
+                }
+            }
+        }
+        let mut sockets = HashMap::new();
+        for (name, addr) in bound {
+            let socket = bind(addr).map_err(|e| Rejection::new("Listener", &name, "address", format!("cannot bind {addr}: {e}")))?;
+            sockets.insert(name, socket);
+        }
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+        active.retain(|name, a| {
+            let keep = wanted.contains(name);
+            if !keep {
+                tracing::info!(listener = %name, "listener removed");
+                a.task.abort();
+            }
+            keep
+        });
+        for c in configs {
+            let name = c.name.clone();
+            match sockets.remove(&name) {
+                Some(socket) => {
+                    if let Some(old) = active.remove(&name) {
+                        old.task.abort();
+                    }
+                    tracing::info!(listener = %name, address = %c.address, "listener added");
+                    let config = Arc::new(ArcSwap::from_pointee(c));
+                    let task = tokio::spawn(accept_loop(proxy.clone(), socket, config.clone()));
+                    active.insert(name, Active { config, task });
+                }
+                None => {
+                    if let Some(a) = active.get(&name) {
+                        let unchanged = a.config.load().source == c.source;
+                        if !unchanged {
+                            tracing::info!(listener = %name, "listener updated in place");
+                            a.config.store(Arc::new(c));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names and addresses of the running listeners.
+    pub fn list(&self) -> Vec<(String, SocketAddr)> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = active.iter().map(|(n, a)| (n.clone(), a.config.load().address)).collect();
+        v.sort();
+        v
+    }
+
+    /// The running listener configs (for stats).
+    pub fn configs(&self) -> Vec<Arc<ListenerConfig>> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.values().map(|a| a.config.load_full()).collect()
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(proxy: Arc<Proxy>, socket: TcpListener, config: Arc<ArcSwap<ListenerConfig>>) {
+    loop {
+        let (stream, _peer) = match socket.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let current = config.load_full();
+        let proxy = proxy.clone();
+        match &current.filter {
+            NetworkFilter::Http(hcm) => {
+                let hcm = hcm.clone();
+                tokio::spawn(crate::http::serve_connection(proxy, hcm, stream));
+            }
+            NetworkFilter::Tcp(tcp) => {
+                let tcp = tcp.clone();
+                tokio::spawn(async move { tcp.serve(&proxy, stream).await });
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The TCP proxy filter: each downstream connection is joined to one upstream endpoint of the
+//! cluster (weighted clusters supported) and bytes are copied both ways until either side closes.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy as XdsTcpProxy, tcp_proxy};
+
+use crate::Rejection;
+use crate::http::router::ClusterChoice;
+use crate::state::Proxy;
+use crate::stats::{GaugeGuard, TcpStats};
+
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub cluster: ClusterChoice,
+    pub stats: Arc<TcpStats>,
+}
+
+impl TcpProxy {
+    pub fn from_xds(listener: &str, t: &XdsTcpProxy) -> Result<TcpProxy, Rejection> {
+        let reject = |field: &str, reason: &str| Rejection::new("Listener", listener, format!("tcp_proxy.{field}"), reason);
+        let cluster = match &t.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
+            Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                let clusters: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+                let total = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+                if total == 0 {
+                    return Err(reject("weighted_clusters", "the sum of weights must be greater than 0"));
+                }
+                ClusterChoice::Weighted { clusters, total }
+            }
+            None => return Err(reject("cluster_specifier", "a cluster is required")),
+        };
+        for (field, set) in [
+            ("idle_timeout", t.idle_timeout.is_some()),
+            ("tunneling_config", t.tunneling_config.is_some()),
+            ("metadata_match", t.metadata_match.is_some()),
+            ("max_connect_attempts", t.max_connect_attempts.is_some()),
+            ("access_log", !t.access_log.is_empty()),
+        ] {
+            if set {
+                return Err(reject(field, "not supported by this weft-proxy version"));
+            }
+        }
+        Ok(TcpProxy { stat_prefix: t.stat_prefix.clone(), cluster, stats: Arc::new(TcpStats::default()) })
+    }
+
+    pub async fn serve(&self, proxy: &Proxy, mut downstream: TcpStream) {
+        self.stats.downstream_cx_total.inc();
+        let _active = GaugeGuard::new(&self.stats.downstream_cx_active);
+        let endpoint = {
+            let snapshot = proxy.snapshot();
+            let Some(cluster) = snapshot.clusters.get(self.cluster.pick()) else {
+                tracing::debug!(stat_prefix = %self.stat_prefix, "tcp proxy: cluster not found");
+                return;
+            };
+            let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load()) else {
+                cluster.stats.upstream_cx_none_healthy.inc();
+                return;
+            };
+            cluster.stats.upstream_cx_total.inc();
+            (endpoint, cluster.connect_timeout, cluster.clone())
+        };
+        let (endpoint, connect_timeout, cluster) = endpoint;
+        let mut upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.address)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                cluster.stats.upstream_cx_connect_fail.inc();
+                endpoint.pool.stats.cx_connect_fail.inc();
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = downstream.set_nodelay(true);
+        endpoint.pool.stats.cx_total.inc();
+        let _cx = GaugeGuard::new(&endpoint.pool.stats.cx_active);
+        if let Ok((rx, tx)) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            self.stats.downstream_cx_rx_bytes_total.add(rx);
+            self.stats.downstream_cx_tx_bytes_total.add(tx);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Turning one validated xDS response into live config. Every resource of a response is
+//! translated before anything is swapped in, so a rejected response changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use prost::{Message, Name};
+use weft_xds_proto::envoy::config::cluster::v3::Cluster as XdsCluster;
+use weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_xds_proto::envoy::config::listener::v3::Listener as XdsListener;
+use weft_xds_proto::envoy::config::route::v3::RouteConfiguration;
+use weft_xds_proto::envoy::service::discovery::v3::DiscoveryResponse;
+use weft_xds_proto::type_url;
+
+use crate::Rejection;
+use crate::cluster::{Cluster, Discovery};
+use crate::http::router::RouteTable;
+use crate::listener::ListenerConfig;
+use crate::state::{Proxy, ServerState};
+
+/// What applying a response implies: a subscription to update.
+pub struct Applied {
+    pub subscribe: Option<(&'static str, BTreeSet<String>)>,
+}
+
+pub struct Applier {
+    proxy: Arc<Proxy>,
+    /// Last load assignment per EDS service name: a cluster created later (or re-created by a
+    /// CDS update) starts with its endpoints instead of empty.
+    eds_cache: HashMap<String, ClusterLoadAssignment>,
+    rds_names: BTreeSet<String>,
+}
+
+fn decode<M: Message + Name + Default>(kind: &'static str, resp: &DiscoveryResponse) -> Result<Vec<M>, Rejection> {
+    let mut out = Vec::with_capacity(resp.resources.len());
+    for (i, any) in resp.resources.iter().enumerate() {
+        let m: M = weft_xds_proto::unpack(any).map_err(|e| Rejection::new(kind, &format!("resources[{i}]"), "type_url", e.to_string()))?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+fn no_duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a str>) -> Result<(), Rejection> {
+    let mut seen = BTreeSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err(Rejection::new(kind, n, "name", "duplicate resource name in one response"));
+        }
+    }
+    Ok(())
+}
+
+impl Applier {
+    pub fn new(proxy: Arc<Proxy>) -> Applier {
+        Applier { proxy, eds_cache: HashMap::new(), rds_names: BTreeSet::new() }
+    }
+
+    pub async fn apply(&mut self, type_url: &'static str, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+        match type_url {
+            type_url::CLUSTER => self.clusters(resp),
+            type_url::CLUSTER_LOAD_ASSIGNMENT => self.endpoints(resp),
+            type_url::LISTENER => self.listeners(resp).await,
+            type_url::ROUTE_CONFIGURATION => self.routes(resp),
+            _ => Ok(Applied { subscribe: None }),
+        }
+    }
+
+    fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+        let xds: Vec<XdsCluster> = decode("Cluster", resp)?;
+        no_duplicates("Cluster", xds.iter().map(|c| c.name.as_str()))?;
+        let current = self.proxy.snapshot();
+        let mut clusters = HashMap::with_capacity(xds.len());
+        for c in &xds {
+            let cluster = match current.clusters.get(&c.name) {
+                Some(existing) if existing.source == *c => existing.clone(),
+                _ => {
+                    let built = Cluster::from_xds(c)?;
+                    if let Discovery::Eds(service) = &built.discovery {
+                        if let Some(cla) = self.eds_cache.get(service) {
+                            built.assign(cla)?;
+                        }
+                    }
+                    Arc::new(built)
+                }
+            };
+            clusters.insert(c.name.clone(), cluster);
+        }
+        let eds_names: BTreeSet<String> = clusters
+            .values()
+            .filter_map(|c| match &c.discovery {
+                Discovery::Eds(s) => Some(s.clone()),
+                Discovery::Static => None,
+            })
+            .collect();
+        drop(current);
+        self.proxy.update(|s| crate::state::Snapshot { clusters, routes: s.routes.clone() });
+        self.eds_cache.retain(|k, _| eds_names.contains(k));
+        self.proxy.record_accepted(type_url::CLUSTER, &resp.version_info, xds.iter().map(|c| (c.name.clone(), weft_xds_proto::pack(c))), true);
+        Ok(Applied { subscribe: Some((type_url::CLUSTER_LOAD_ASSIGNMENT, eds_names)) })
+    }
+
+    fn endpoints(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+        let xds: Vec<ClusterLoadAssignment> = decode("ClusterLoadAssignment", resp)?;
+        no_duplicates("ClusterLoadAssignment", xds.iter().map(|c| c.cluster_name.as_str()))?;
+        let snapshot = self.proxy.snapshot();
+        let by_service: BTreeMap<&str, &ClusterLoadAssignment> = xds.iter().map(|c| (c.cluster_name.as_str(), c)).collect();
+        // Translate everything first; only then swap endpoint sets in.
+        let mut updates = Vec::new();
+        for cluster in snapshot.clusters.values() {
+            if let Discovery::Eds(service) = &cluster.discovery {
+                if let Some(cla) = by_service.get(service.as_str()) {
+                    let existing = cluster.endpoints.load().all().iter().map(|e| (e.address, e.clone())).collect();
+                    updates.push((cluster.clone(), cluster.endpoint_set(cla, &existing)?));
+                }
+            }
+        }
+        for (cluster, set) in updates {
+            cluster.endpoints.store(Arc::new(set));
+            cluster.stats.update_success.inc();
+        }
+        for cla in &xds {
+            self.eds_cache.insert(cla.cluster_name.clone(), cla.clone());
+        }
+        self.proxy.record_accepted(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            &resp.version_info,
+            xds.iter().map(|c| (c.cluster_name.clone(), weft_xds_proto::pack(c))),
+            false,
+        );
+        Ok(Applied { subscribe: None })
+    }
+
+    async fn listeners(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+        let xds: Vec<XdsListener> = decode("Listener", resp)?;
+        no_duplicates("Listener", xds.iter().map(|l| l.name.as_str()))?;
+        let configs = xds.iter().map(ListenerConfig::from_xds).collect::<Result<Vec<_>, _>>()?;
+        let rds: BTreeSet<String> = configs.iter().filter_map(|c| c.route_config_name().map(str::to_string)).collect();
+        self.proxy.listeners.apply(&self.proxy, configs).await?;
+        self.proxy.record_accepted(type_url::LISTENER, &resp.version_info, xds.iter().map(|l| (l.name.clone(), weft_xds_proto::pack(l))), true);
+        self.rds_names = rds.clone();
+        Ok(Applied { subscribe: Some((type_url::ROUTE_CONFIGURATION, rds)) })
+    }
+
+    fn routes(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+        let xds: Vec<RouteConfiguration> = decode("RouteConfiguration", resp)?;
+        no_duplicates("RouteConfiguration", xds.iter().map(|r| r.name.as_str()))?;
+        let tables = xds.iter().map(|rc| RouteTable::from_xds(rc).map(|t| (rc.name.clone(), Arc::new(t)))).collect::<Result<Vec<_>, _>>()?;
+        let wanted = self.rds_names.clone();
+        self.proxy.update(|s| {
+            let mut routes: HashMap<_, _> = s.routes.iter().filter(|(n, _)| wanted.contains(*n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+            routes.extend(tables);
+            crate::state::Snapshot { clusters: s.clusters.clone(), routes }
+        });
+        self.proxy.record_accepted(type_url::ROUTE_CONFIGURATION, &resp.version_info, xds.iter().map(|r| (r.name.clone(), weft_xds_proto::pack(r))), false);
+        Ok(Applied { subscribe: None })
+    }
+
+    /// LIVE once clusters and listeners have been accepted and every referenced route config
+    /// has arrived (Envoy's initialization, simplified to the resources weft serves).
+    pub fn update_readiness(&self, accepted: &BTreeMap<&'static str, bool>) {
+        if self.proxy.state() == ServerState::Live {
+            return;
+        }
+        let has = |t: &str| accepted.get(t).copied().unwrap_or(false);
+        let routes_ready = {
+            let snapshot = self.proxy.snapshot();
+            self.rds_names.iter().all(|n| snapshot.routes.contains_key(n))
+        };
+        if has(type_url::CLUSTER) && has(type_url::LISTENER) && routes_ready {
+            tracing::info!("initial config applied; proxy is LIVE");
+            self.proxy.set_state(ServerState::Live);
+        }
+    }
+}
