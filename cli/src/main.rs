@@ -1,1 +1,90 @@
-fn main() {}
+//! `weftctl`: the weft mesh CLI.
+
+mod echo;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser, Debug)]
+#[command(name = "weftctl", version, about = "weft mesh CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run universal mode on this host: weftd on DIR plus a sidecar (and app) per WorkloadEntry.
+    Up {
+        /// Folder of Kubernetes/Istio YAML.
+        dir: PathBuf,
+        /// weftd's ADS address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_address: SocketAddr,
+        /// weftd's debug address.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        debug_address: SocketAddr,
+        /// Where process logs go (default: a fresh folder under the temp dir).
+        #[arg(long)]
+        log_dir: Option<PathBuf>,
+        /// Worker threads per sidecar.
+        #[arg(long, default_value_t = 1)]
+        proxy_concurrency: usize,
+    },
+    /// A tiny HTTP echo server: replies with its name and the request's method, path, headers.
+    Echo {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+    },
+    /// Print weftctl's version.
+    Version,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Up { dir, xds_address, debug_address, log_dir, proxy_concurrency } => {
+                let log_dir = log_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
+                up::run(up::UpOptions { dir, xds_address, debug_address, log_dir, proxy_concurrency: proxy_concurrency.max(1) }).await
+            }
+            Cmd::Echo { port, name, address } => echo::run(SocketAddr::new(address, port), name).await,
+            Cmd::Version => {
+                println!("weftctl {}", env!("CARGO_PKG_VERSION"));
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path).header("host", addr.to_string()).body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub(crate) async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    Ok(http_get(addr, path).await?.0)
+}
+
+pub(crate) async fn http_get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    Ok(http_get(addr, path).await?.1)
+}

@@ -312,7 +312,9 @@ prom_names!(prom_tcp, "envoy_tcp_", [
 ]);
 
 fn prometheus(proxy: &Proxy) -> String {
-    let stats = collect(proxy);
+    let mut stats = collect(proxy);
+    // The text format wants every sample of a metric family together, under one TYPE line.
+    stats.sort_by_key(|s| s.prom_name);
     let mut out = String::new();
     let mut last_name = "";
     for s in &stats {
