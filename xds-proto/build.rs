@@ -25,8 +25,12 @@ fn main() {
 }
 
 fn locate() -> Result<PathBuf, String> {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
-    let lock_path = manifest_dir.parent().ok_or("no workspace root")?.join("Cargo.lock");
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
+    let lock_path = manifest_dir
+        .parent()
+        .ok_or("no workspace root")?
+        .join("Cargo.lock");
     println!("cargo:rerun-if-changed={}", lock_path.display());
     let lock = std::fs::read_to_string(&lock_path)
         .map_err(|e| format!("reading {}: {e}", lock_path.display()))?;
@@ -36,8 +40,8 @@ fn locate() -> Result<PathBuf, String> {
         .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
         .map_err(|_| "neither CARGO_HOME nor HOME is set")?;
     let registry = cargo_home.join("registry/src");
-    let entries = std::fs::read_dir(&registry)
-        .map_err(|e| format!("reading {}: {e}", registry.display()))?;
+    let entries =
+        std::fs::read_dir(&registry).map_err(|e| format!("reading {}: {e}", registry.display()))?;
     for entry in entries.flatten() {
         let candidate = entry
             .path()
@@ -47,14 +51,21 @@ fn locate() -> Result<PathBuf, String> {
             return Ok(candidate);
         }
     }
-    Err(format!("envoy-types-{version} is not unpacked under {}", registry.display()))
+    Err(format!(
+        "envoy-types-{version} is not unpacked under {}",
+        registry.display()
+    ))
 }
 
 fn envoy_types_version(lock: &str) -> Option<String> {
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
         if line.trim() == "name = \"envoy-types\"" {
-            let v = lines.next()?.trim().strip_prefix("version = \"")?.strip_suffix('"')?;
+            let v = lines
+                .next()?
+                .trim()
+                .strip_prefix("version = \"")?
+                .strip_suffix('"')?;
             return Some(v.to_string());
         }
     }

@@ -52,14 +52,36 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
-            Cmd::Up { dir, xds_address, debug_address, log_dir, proxy_concurrency } => {
-                let log_dir = log_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
-                up::run(up::UpOptions { dir, xds_address, debug_address, log_dir, proxy_concurrency: proxy_concurrency.max(1) }).await
+            Cmd::Up {
+                dir,
+                xds_address,
+                debug_address,
+                log_dir,
+                proxy_concurrency,
+            } => {
+                let log_dir = log_dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("weft-up-{}", std::process::id()))
+                });
+                up::run(up::UpOptions {
+                    dir,
+                    xds_address,
+                    debug_address,
+                    log_dir,
+                    proxy_concurrency: proxy_concurrency.max(1),
+                })
+                .await
             }
-            Cmd::Echo { port, name, address } => echo::run(SocketAddr::new(address, port), name).await,
+            Cmd::Echo {
+                port,
+                name,
+                address,
+            } => echo::run(SocketAddr::new(address, port), name).await,
             Cmd::Version => {
                 println!("weftctl {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
@@ -69,12 +91,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let stream = tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect timed out")??;
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .context("connect timed out")??;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path).header("host", addr.to_string()).body(Empty::<bytes::Bytes>::new())?;
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();

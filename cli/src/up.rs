@@ -40,7 +40,10 @@ impl Managed {
             // Each child leads its own process group: signal the group, so that what a
             // `sh -c` command started stops too.
             let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = self.child.kill().await;
             }
         }
@@ -70,20 +73,32 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Managed> {
     let log = log_file(log_dir, name)?;
     let err = log.try_clone()?;
-    cmd.stdout(Stdio::from(log)).stderr(Stdio::from(err)).stdin(Stdio::null()).kill_on_drop(true).process_group(0);
+    cmd.stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .process_group(0);
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-    Ok(Managed { name: name.to_string(), child })
+    Ok(Managed {
+        name: name.to_string(),
+        child,
+    })
 }
 
 /// Istio's sidecar node id for a workload.
 pub fn node_id(w: &Workload) -> String {
-    format!("sidecar~{}~{}.{}~{}.svc.cluster.local", w.address, w.name, w.namespace, w.namespace)
+    format!(
+        "sidecar~{}~{}.{}~{}.svc.cluster.local",
+        w.address, w.name, w.namespace, w.namespace
+    )
 }
 
 fn admin_address(w: &Workload, index: usize) -> SocketAddr {
     match w.address.parse::<IpAddr>() {
         // Each loopback workload address gets the standard admin port to itself.
-        Ok(ip) if ip.is_loopback() && ip != IpAddr::from([127, 0, 0, 1]) => SocketAddr::new(ip, 15000),
+        Ok(ip) if ip.is_loopback() && ip != IpAddr::from([127, 0, 0, 1]) => {
+            SocketAddr::new(ip, 15000)
+        }
         _ => SocketAddr::from(([127, 0, 0, 1], 15100 + index as u16)),
     }
 }
@@ -103,8 +118,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if !opts.dir.is_dir() {
         bail!("{} is not a folder of YAML config", opts.dir.display());
     }
-    std::fs::create_dir_all(&opts.log_dir).with_context(|| format!("creating {}", opts.log_dir.display()))?;
-    let (config, errors) = load_dir(&opts.dir).with_context(|| format!("reading {}", opts.dir.display()))?;
+    std::fs::create_dir_all(&opts.log_dir)
+        .with_context(|| format!("creating {}", opts.log_dir.display()))?;
+    let (config, errors) =
+        load_dir(&opts.dir).with_context(|| format!("reading {}", opts.dir.display()))?;
     for e in &errors {
         eprintln!("warning: rejected config: {e}");
     }
@@ -119,13 +136,23 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let mut weftd = spawn("weftd", weftd_cmd, &opts.log_dir)?;
     if !wait_ready(opts.debug_address, "/ready", Duration::from_secs(10)).await {
         weftd.stop().await;
-        bail!("weftd did not become ready on {}; see {}/weftd.log", opts.debug_address, opts.log_dir.display());
+        bail!(
+            "weftd did not become ready on {}; see {}/weftd.log",
+            opts.debug_address,
+            opts.log_dir.display()
+        );
     }
-    println!("weftd          xDS {}   debug http://{}/debug/syncz", opts.xds_address, opts.debug_address);
+    println!(
+        "weftd          xDS {}   debug http://{}/debug/syncz",
+        opts.xds_address, opts.debug_address
+    );
 
     let mut running: BTreeMap<String, WorkloadProcs> = BTreeMap::new();
     reconcile(&opts, &Mesh::build(&config).workloads, &mut running).await;
-    println!("logs in {}; Ctrl-C stops everything", opts.log_dir.display());
+    println!(
+        "logs in {}; Ctrl-C stops everything",
+        opts.log_dir.display()
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -155,7 +182,12 @@ fn check_exits(running: &mut BTreeMap<String, WorkloadProcs>, log_dir: &Path) {
     for p in running.values_mut() {
         for m in [Some(&mut p.sidecar), p.app.as_mut()].into_iter().flatten() {
             if let Ok(Some(status)) = m.child.try_wait() {
-                eprintln!("warning: {} exited ({status}); see {}/{}.log", m.name, log_dir.display(), m.name);
+                eprintln!(
+                    "warning: {} exited ({status}); see {}/{}.log",
+                    m.name,
+                    log_dir.display(),
+                    m.name
+                );
             }
         }
     }
@@ -168,7 +200,11 @@ async fn stop_workload(p: WorkloadProcs) {
     p.sidecar.stop().await;
 }
 
-async fn reconcile(opts: &UpOptions, workloads: &[Workload], running: &mut BTreeMap<String, WorkloadProcs>) {
+async fn reconcile(
+    opts: &UpOptions,
+    workloads: &[Workload],
+    running: &mut BTreeMap<String, WorkloadProcs>,
+) {
     let key = |w: &Workload| format!("{}.{}", w.name, w.namespace);
     let wanted: BTreeMap<String, &Workload> = workloads.iter().map(|w| (key(w), w)).collect();
     let gone: Vec<String> = running
@@ -188,8 +224,15 @@ async fn reconcile(opts: &UpOptions, workloads: &[Workload], running: &mut BTree
         }
         match start_workload(opts, w, index).await {
             Ok(p) => {
-                let app = p.app.as_ref().map(|a| format!("   app: {}", a.name)).unwrap_or_default();
-                println!("workload {k:<20} address {:<14} sidecar admin http://{}{app}", w.address, p.admin);
+                let app = p
+                    .app
+                    .as_ref()
+                    .map(|a| format!("   app: {}", a.name))
+                    .unwrap_or_default();
+                println!(
+                    "workload {k:<20} address {:<14} sidecar admin http://{}{app}",
+                    w.address, p.admin
+                );
                 if let Ok(listeners) = crate::http_get_text(p.admin, "/listeners").await {
                     for l in listeners.lines() {
                         println!("    listener {l}");
@@ -202,7 +245,11 @@ async fn reconcile(opts: &UpOptions, workloads: &[Workload], running: &mut BTree
     }
 }
 
-async fn start_workload(opts: &UpOptions, w: &Workload, index: usize) -> anyhow::Result<WorkloadProcs> {
+async fn start_workload(
+    opts: &UpOptions,
+    w: &Workload,
+    index: usize,
+) -> anyhow::Result<WorkloadProcs> {
     let admin = admin_address(w, index);
     let name = format!("{}.{}", w.name, w.namespace);
     let mut cmd = Command::new(sibling_binary("weft-proxy"));
@@ -220,17 +267,30 @@ async fn start_workload(opts: &UpOptions, w: &Workload, index: usize) -> anyhow:
             let mut cmd = Command::new("sh");
             cmd.arg("-c").arg(command);
             // Let commands name weftctl (for `weftctl echo`) without a PATH setup.
-            if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+            if let Some(dir) = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
                 let path = std::env::var("PATH").unwrap_or_default();
                 cmd.env("PATH", format!("{}:{path}", dir.display()));
             }
-            cmd.env("WEFT_WORKLOAD", &w.name).env("WEFT_NAMESPACE", &w.namespace).env("WEFT_ADDRESS", &w.address);
+            cmd.env("WEFT_WORKLOAD", &w.name)
+                .env("WEFT_NAMESPACE", &w.namespace)
+                .env("WEFT_ADDRESS", &w.address);
             Some(spawn(&format!("app-{name}"), cmd, &opts.log_dir)?)
         }
         None => None,
     };
     if !wait_ready(admin, "/ready", Duration::from_secs(10)).await {
-        eprintln!("warning: sidecar of {name} is not LIVE yet; see {}/sidecar-{name}.log", opts.log_dir.display());
+        eprintln!(
+            "warning: sidecar of {name} is not LIVE yet; see {}/sidecar-{name}.log",
+            opts.log_dir.display()
+        );
     }
-    Ok(WorkloadProcs { workload: w.clone(), sidecar, admin, app })
+    Ok(WorkloadProcs {
+        workload: w.clone(),
+        sidecar,
+        admin,
+        app,
+    })
 }

@@ -21,7 +21,9 @@ pub struct DebugState {
 
 pub async fn serve(listener: tokio::net::TcpListener, state: DebugState) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -68,7 +70,17 @@ fn handle<B>(state: &DebugState, req: Request<B>) -> Response<Full<Bytes>> {
             };
             macro_rules! list {
                 ($v:expr) => {
-                    names($v.iter().map(|o| (o.namespace.clone(), o.meta.name.clone(), o.origin.file.display().to_string())).collect())
+                    names(
+                        $v.iter()
+                            .map(|o| {
+                                (
+                                    o.namespace.clone(),
+                                    o.meta.name.clone(),
+                                    o.origin.file.display().to_string(),
+                                )
+                            })
+                            .collect(),
+                    )
                 };
             }
             json(serde_json::json!({
@@ -84,6 +96,9 @@ fn handle<B>(state: &DebugState, req: Request<B>) -> Response<Full<Bytes>> {
                 })).collect::<Vec<_>>(),
             }))
         }
-        _ => text(StatusCode::NOT_FOUND, "unknown path; try /ready, /debug/syncz, /debug/nacks, /debug/configz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "unknown path; try /ready, /debug/syncz, /debug/nacks, /debug/configz\n",
+        ),
     }
 }

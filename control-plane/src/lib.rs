@@ -42,17 +42,29 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
     let status = Arc::new(StatusRegistry::default());
 
-    tokio::spawn(watch_dir(opts.config_dir.clone(), config_tx, opts.poll_interval, Duration::from_millis(100)));
+    tokio::spawn(watch_dir(
+        opts.config_dir.clone(),
+        config_tx,
+        opts.poll_interval,
+        Duration::from_millis(100),
+    ));
     // Derive the mesh model once per config change, off the xDS connections' path.
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let snapshot = config_rx.borrow_and_update().clone();
             let mesh = model::Mesh::build(&snapshot.config);
-            mesh_tx.send_replace(Arc::new(MeshSnapshot { mesh, generation: snapshot.generation, errors: snapshot.errors.clone() }));
+            mesh_tx.send_replace(Arc::new(MeshSnapshot {
+                mesh,
+                generation: snapshot.generation,
+                errors: snapshot.errors.clone(),
+            }));
         }
     });
 
-    let debug_state = debug::DebugState { status: status.clone(), mesh: mesh_rx.clone() };
+    let debug_state = debug::DebugState {
+        status: status.clone(),
+        mesh: mesh_rx.clone(),
+    };
     let debug_listener = tokio::net::TcpListener::bind(opts.debug_address)
         .await
         .with_context(|| format!("binding the debug/monitoring port {}", opts.debug_address))?;

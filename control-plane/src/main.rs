@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "weftd", version, about = "weft control plane: Istio config in, Envoy xDS out")]
+#[command(
+    name = "weftd",
+    version,
+    about = "weft control plane: Istio config in, Envoy xDS out"
+)]
 struct Args {
     /// Folder of Kubernetes/Istio YAML (universal mode); watched and reloaded on change.
     #[arg(long, env = "WEFTD_CONFIG_DIR")]
@@ -29,7 +33,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let opts = weft_control_plane::Options {
             config_dir: args.config_dir,
@@ -45,8 +51,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

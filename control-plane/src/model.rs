@@ -102,7 +102,11 @@ pub fn fqdn(name: &str, namespace: &str) -> String {
 /// Resolves a host as written in an Istio object of namespace `ns`: a short name (no dot) is
 /// expanded to `name.ns.svc.cluster.local`; anything else is taken as written (Istio's rule).
 pub fn resolve_host(host: &str, ns: &str) -> String {
-    if host.contains('.') || host.contains('*') { host.to_string() } else { fqdn(host, ns) }
+    if host.contains('.') || host.contains('*') {
+        host.to_string()
+    } else {
+        fqdn(host, ns)
+    }
 }
 
 pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
@@ -118,13 +122,29 @@ impl Mesh {
                 name: we.meta.name.clone(),
                 namespace: we.namespace.clone(),
                 address: we.spec.address.clone(),
-                labels: if we.spec.labels.is_empty() { we.meta.labels.clone() } else { we.spec.labels.clone() },
-                service_account: we.spec.service_account.clone().unwrap_or_else(|| "default".into()),
+                labels: if we.spec.labels.is_empty() {
+                    we.meta.labels.clone()
+                } else {
+                    we.spec.labels.clone()
+                },
+                service_account: we
+                    .spec
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 annotations: we.meta.annotations.clone(),
             })
             .collect();
-        let services = config.services.iter().map(|s| build_service(s, config)).collect();
-        Mesh { services, workloads, config: config.clone() }
+        let services = config
+            .services
+            .iter()
+            .map(|s| build_service(s, config))
+            .collect();
+        Mesh {
+            services,
+            workloads,
+            config: config.clone(),
+        }
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Service> {
@@ -139,10 +159,21 @@ impl Mesh {
             .iter()
             .find(|s| {
                 s.namespace == namespace
-                    && s.spec.workload_selector.as_ref().is_some_and(|sel| selector_matches(&sel.labels, labels))
+                    && s.spec
+                        .workload_selector
+                        .as_ref()
+                        .is_some_and(|sel| selector_matches(&sel.labels, labels))
             })
-            .or_else(|| sidecars.iter().find(|s| s.namespace == namespace && s.spec.workload_selector.is_none()))
-            .or_else(|| sidecars.iter().find(|s| s.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none()))
+            .or_else(|| {
+                sidecars
+                    .iter()
+                    .find(|s| s.namespace == namespace && s.spec.workload_selector.is_none())
+            })
+            .or_else(|| {
+                sidecars
+                    .iter()
+                    .find(|s| s.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none())
+            })
     }
 }
 
@@ -157,13 +188,26 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
                 Some(a) => Protocol::from_name(a),
                 None => Protocol::from_name(&name),
             };
-            ServicePort { name, port: p.port, target_port: p.target_port.clone(), protocol }
+            ServicePort {
+                name,
+                port: p.port,
+                target_port: p.target_port.clone(),
+                protocol,
+            }
         })
         .collect();
     let mut endpoints = Vec::new();
     if let Some(selector) = &s.spec.selector {
-        for we in config.workload_entries.iter().filter(|w| w.namespace == s.namespace) {
-            let labels = if we.spec.labels.is_empty() { &we.meta.labels } else { &we.spec.labels };
+        for we in config
+            .workload_entries
+            .iter()
+            .filter(|w| w.namespace == s.namespace)
+        {
+            let labels = if we.spec.labels.is_empty() {
+                &we.meta.labels
+            } else {
+                &we.spec.labels
+            };
             if selector.is_empty() || !selector_matches(selector, labels) {
                 continue;
             }
@@ -187,7 +231,11 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
                 workload: we.meta.name.clone(),
                 address: we.spec.address.clone(),
                 labels: labels.clone(),
-                service_account: we.spec.service_account.clone().unwrap_or_else(|| "default".into()),
+                service_account: we
+                    .spec
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 weight: we.spec.weight.unwrap_or(1).max(1),
                 ports: by_port,
             });
@@ -220,8 +268,14 @@ mod tests {
 
     #[test]
     fn short_hosts_resolve_in_the_object_namespace() {
-        assert_eq!(resolve_host("reviews", "bookinfo"), "reviews.bookinfo.svc.cluster.local");
-        assert_eq!(resolve_host("reviews.bookinfo.svc.cluster.local", "x"), "reviews.bookinfo.svc.cluster.local");
+        assert_eq!(
+            resolve_host("reviews", "bookinfo"),
+            "reviews.bookinfo.svc.cluster.local"
+        );
+        assert_eq!(
+            resolve_host("reviews.bookinfo.svc.cluster.local", "x"),
+            "reviews.bookinfo.svc.cluster.local"
+        );
         assert_eq!(resolve_host("*.example.com", "x"), "*.example.com");
     }
 }

@@ -12,8 +12,9 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use weft_xds_proto::envoy::admin::v3::{
-    BootstrapConfigDump, ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump, RoutesConfigDump,
-    clusters_config_dump, endpoints_config_dump, listeners_config_dump, routes_config_dump,
+    BootstrapConfigDump, ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump,
+    RoutesConfigDump, clusters_config_dump, endpoints_config_dump, listeners_config_dump,
+    routes_config_dump,
 };
 use weft_xds_proto::type_url;
 use weft_xds_proto::wkt::Timestamp;
@@ -24,7 +25,9 @@ use crate::stats::label;
 
 pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -41,7 +44,10 @@ pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -77,12 +83,24 @@ fn handle<B>(proxy: &Proxy, req: Request<B>) -> Response<Full<Bytes>> {
 }
 
 fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
-    reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(v).unwrap_or_default())
+    reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(v).unwrap_or_default(),
+    )
 }
 
 fn server_info(proxy: &Proxy) -> serde_json::Value {
-    let uptime = SystemTime::now().duration_since(proxy.started).map(|d| d.as_secs()).unwrap_or(0);
-    let node = proxy.bootstrap.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+    let uptime = SystemTime::now()
+        .duration_since(proxy.started)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let node = proxy
+        .bootstrap
+        .node
+        .as_ref()
+        .map(|n| n.id.clone())
+        .unwrap_or_default();
     serde_json::json!({
         "version": format!("weft-proxy/{}", env!("CARGO_PKG_VERSION")),
         "state": match proxy.state() { ServerState::Live => "LIVE", ServerState::Initializing => "PRE_INITIALIZING" },
@@ -93,14 +111,36 @@ fn server_info(proxy: &Proxy) -> serde_json::Value {
 
 fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonError> {
-    let accepted = proxy.accepted.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let of = |t: &str| -> Vec<(String, Accepted)> { accepted.get(t).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default() };
-    let last_version = |t: &str| of(t).iter().map(|(_, a)| (a.last_updated, a.version.clone())).max().map(|(_, v)| v).unwrap_or_default();
-    let bootstrap = BootstrapConfigDump { bootstrap: Some(proxy.bootstrap.clone()), last_updated: Some(timestamp(proxy.started)) };
+    let accepted = proxy
+        .accepted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let of = |t: &str| -> Vec<(String, Accepted)> {
+        accepted
+            .get(t)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    let last_version = |t: &str| {
+        of(t)
+            .iter()
+            .map(|(_, a)| (a.last_updated, a.version.clone()))
+            .max()
+            .map(|(_, v)| v)
+            .unwrap_or_default()
+    };
+    let bootstrap = BootstrapConfigDump {
+        bootstrap: Some(proxy.bootstrap.clone()),
+        last_updated: Some(timestamp(proxy.started)),
+    };
     let clusters = ClustersConfigDump {
         version_info: last_version(type_url::CLUSTER),
         dynamic_active_clusters: of(type_url::CLUSTER)
@@ -180,7 +220,11 @@ fn clusters(proxy: &Proxy) -> String {
             let s = &e.stats;
             let p = &e.pool.stats;
             let _ = writeln!(out, "{name}::{a}::cx_active::{}", p.cx_active.get());
-            let _ = writeln!(out, "{name}::{a}::cx_connect_fail::{}", p.cx_connect_fail.get());
+            let _ = writeln!(
+                out,
+                "{name}::{a}::cx_connect_fail::{}",
+                p.cx_connect_fail.get()
+            );
             let _ = writeln!(out, "{name}::{a}::cx_total::{}", p.cx_total.get());
             let _ = writeln!(out, "{name}::{a}::rq_active::{}", s.rq_active.get());
             let _ = writeln!(out, "{name}::{a}::rq_error::{}", s.rq_error.get());
@@ -218,16 +262,34 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
         for (stat, value, counter) in [
             ("upstream_rq_total", s.upstream_rq_total.get() as i64, true),
             ("upstream_rq_active", s.upstream_rq_active.get(), false),
-            ("upstream_rq_timeout", s.upstream_rq_timeout.get() as i64, true),
+            (
+                "upstream_rq_timeout",
+                s.upstream_rq_timeout.get() as i64,
+                true,
+            ),
             ("upstream_cx_total", cx_total as i64, true),
             ("upstream_cx_active", cx_active, false),
-            ("upstream_cx_connect_fail", s.upstream_cx_connect_fail.get() as i64, true),
-            ("upstream_cx_none_healthy", s.upstream_cx_none_healthy.get() as i64, true),
+            (
+                "upstream_cx_connect_fail",
+                s.upstream_cx_connect_fail.get() as i64,
+                true,
+            ),
+            (
+                "upstream_cx_none_healthy",
+                s.upstream_cx_none_healthy.get() as i64,
+                true,
+            ),
             ("update_success", s.update_success.get() as i64, true),
             ("membership_total", eps.all().len() as i64, false),
             ("membership_healthy", eps.all().len() as i64, false),
         ] {
-            v.push(Stat { prom_name: prom(stat), labels: lb(), value, plain: format!("cluster.{name}.{stat}"), counter });
+            v.push(Stat {
+                prom_name: prom(stat),
+                labels: lb(),
+                value,
+                plain: format!("cluster.{name}.{stat}"),
+                counter,
+            });
         }
         for class in 1..=5 {
             let mut labels = lb();
@@ -248,14 +310,28 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 let s = &h.stats;
                 let lb = || vec![("envoy_http_conn_manager_prefix", p.clone())];
                 for (stat, value, counter) in [
-                    ("downstream_cx_total", s.downstream_cx_total.get() as i64, true),
+                    (
+                        "downstream_cx_total",
+                        s.downstream_cx_total.get() as i64,
+                        true,
+                    ),
                     ("downstream_cx_active", s.downstream_cx_active.get(), false),
-                    ("downstream_rq_total", s.downstream_rq_total.get() as i64, true),
+                    (
+                        "downstream_rq_total",
+                        s.downstream_rq_total.get() as i64,
+                        true,
+                    ),
                     ("downstream_rq_active", s.downstream_rq_active.get(), false),
                     ("no_route", s.no_route.get() as i64, true),
                     ("no_cluster", s.no_cluster.get() as i64, true),
                 ] {
-                    v.push(Stat { prom_name: prom_http(stat), labels: lb(), value, plain: format!("http.{p}.{stat}"), counter });
+                    v.push(Stat {
+                        prom_name: prom_http(stat),
+                        labels: lb(),
+                        value,
+                        plain: format!("http.{p}.{stat}"),
+                        counter,
+                    });
                 }
                 for class in 1..=5 {
                     let mut labels = lb();
@@ -273,20 +349,53 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 let p = &t.stat_prefix;
                 let s = &t.stats;
                 for (stat, value, counter) in [
-                    ("downstream_cx_total", s.downstream_cx_total.get() as i64, true),
+                    (
+                        "downstream_cx_total",
+                        s.downstream_cx_total.get() as i64,
+                        true,
+                    ),
                     ("downstream_cx_active", s.downstream_cx_active.get(), false),
-                    ("downstream_cx_rx_bytes_total", s.downstream_cx_rx_bytes_total.get() as i64, true),
-                    ("downstream_cx_tx_bytes_total", s.downstream_cx_tx_bytes_total.get() as i64, true),
+                    (
+                        "downstream_cx_rx_bytes_total",
+                        s.downstream_cx_rx_bytes_total.get() as i64,
+                        true,
+                    ),
+                    (
+                        "downstream_cx_tx_bytes_total",
+                        s.downstream_cx_tx_bytes_total.get() as i64,
+                        true,
+                    ),
                 ] {
-                    v.push(Stat { prom_name: prom_tcp(stat), labels: vec![("envoy_tcp_prefix", p.clone())], value, plain: format!("tcp.{p}.{stat}"), counter });
+                    v.push(Stat {
+                        prom_name: prom_tcp(stat),
+                        labels: vec![("envoy_tcp_prefix", p.clone())],
+                        value,
+                        plain: format!("tcp.{p}.{stat}"),
+                        counter,
+                    });
                 }
             }
         }
     }
     let live = i64::from(proxy.state() == ServerState::Live);
-    v.push(Stat { prom_name: "envoy_server_live", labels: vec![], value: live, plain: "server.live".into(), counter: false });
-    let uptime = SystemTime::now().duration_since(proxy.started).map(|d| d.as_secs() as i64).unwrap_or(0);
-    v.push(Stat { prom_name: "envoy_server_uptime", labels: vec![], value: uptime, plain: "server.uptime".into(), counter: false });
+    v.push(Stat {
+        prom_name: "envoy_server_live",
+        labels: vec![],
+        value: live,
+        plain: "server.live".into(),
+        counter: false,
+    });
+    let uptime = SystemTime::now()
+        .duration_since(proxy.started)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    v.push(Stat {
+        prom_name: "envoy_server_uptime",
+        labels: vec![],
+        value: uptime,
+        plain: "server.uptime".into(),
+        counter: false,
+    });
     v
 }
 
@@ -300,16 +409,44 @@ macro_rules! prom_names {
         }
     };
 }
-prom_names!(prom, "envoy_cluster_", [
-    "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_cx_total", "upstream_cx_active",
-    "upstream_cx_connect_fail", "upstream_cx_none_healthy", "update_success", "membership_total", "membership_healthy",
-]);
-prom_names!(prom_http, "envoy_http_", [
-    "downstream_cx_total", "downstream_cx_active", "downstream_rq_total", "downstream_rq_active", "no_route", "no_cluster",
-]);
-prom_names!(prom_tcp, "envoy_tcp_", [
-    "downstream_cx_total", "downstream_cx_active", "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total",
-]);
+prom_names!(
+    prom,
+    "envoy_cluster_",
+    [
+        "upstream_rq_total",
+        "upstream_rq_active",
+        "upstream_rq_timeout",
+        "upstream_cx_total",
+        "upstream_cx_active",
+        "upstream_cx_connect_fail",
+        "upstream_cx_none_healthy",
+        "update_success",
+        "membership_total",
+        "membership_healthy",
+    ]
+);
+prom_names!(
+    prom_http,
+    "envoy_http_",
+    [
+        "downstream_cx_total",
+        "downstream_cx_active",
+        "downstream_rq_total",
+        "downstream_rq_active",
+        "no_route",
+        "no_cluster",
+    ]
+);
+prom_names!(
+    prom_tcp,
+    "envoy_tcp_",
+    [
+        "downstream_cx_total",
+        "downstream_cx_active",
+        "downstream_cx_rx_bytes_total",
+        "downstream_cx_tx_bytes_total",
+    ]
+);
 
 fn prometheus(proxy: &Proxy) -> String {
     let mut stats = collect(proxy);
@@ -319,10 +456,19 @@ fn prometheus(proxy: &Proxy) -> String {
     let mut last_name = "";
     for s in &stats {
         if s.prom_name != last_name {
-            let _ = writeln!(out, "# TYPE {} {}", s.prom_name, if s.counter { "counter" } else { "gauge" });
+            let _ = writeln!(
+                out,
+                "# TYPE {} {}",
+                s.prom_name,
+                if s.counter { "counter" } else { "gauge" }
+            );
             last_name = s.prom_name;
         }
-        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", label(v))).collect();
+        let labels: Vec<String> = s
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+            .collect();
         if labels.is_empty() {
             let _ = writeln!(out, "{} {}", s.prom_name, s.value);
         } else {
@@ -333,7 +479,10 @@ fn prometheus(proxy: &Proxy) -> String {
 }
 
 fn plain_stats(proxy: &Proxy) -> String {
-    let mut lines: Vec<String> = collect(proxy).into_iter().map(|s| format!("{}: {}", s.plain, s.value)).collect();
+    let mut lines: Vec<String> = collect(proxy)
+        .into_iter()
+        .map(|s| format!("{}: {}", s.plain, s.value))
+        .collect();
     lines.sort();
     lines.join("\n") + "\n"
 }

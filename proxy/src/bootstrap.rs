@@ -21,20 +21,27 @@ pub struct Startup {
 
 /// Reads an Envoy bootstrap file and finds the ADS server in it.
 pub fn from_file(path: &std::path::Path) -> anyhow::Result<Startup> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading bootstrap {}", path.display()))?;
-    let bootstrap: Bootstrap =
-        weft_xds_proto::from_yaml(&text).with_context(|| format!("parsing bootstrap {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading bootstrap {}", path.display()))?;
+    let bootstrap: Bootstrap = weft_xds_proto::from_yaml(&text)
+        .with_context(|| format!("parsing bootstrap {}", path.display()))?;
     from_bootstrap(bootstrap).with_context(|| format!("bootstrap {}", path.display()))
 }
 
 pub fn from_bootstrap(bootstrap: Bootstrap) -> anyhow::Result<Startup> {
-    let node = bootstrap.node.clone().context("node: the bootstrap must identify the proxy (node.id)")?;
+    let node = bootstrap
+        .node
+        .clone()
+        .context("node: the bootstrap must identify the proxy (node.id)")?;
     let ads = bootstrap
         .dynamic_resources
         .as_ref()
         .and_then(|d| d.ads_config.as_ref())
         .context("dynamic_resources.ads_config: weft-proxy is configured over ADS only")?;
-    let grpc = ads.grpc_services.first().context("dynamic_resources.ads_config.grpc_services is empty")?;
+    let grpc = ads
+        .grpc_services
+        .first()
+        .context("dynamic_resources.ads_config.grpc_services is empty")?;
     let xds_address = match &grpc.target_specifier {
         Some(grpc_service::TargetSpecifier::EnvoyGrpc(e)) => {
             let cluster = bootstrap
@@ -52,7 +59,9 @@ pub fn from_bootstrap(bootstrap: Bootstrap) -> anyhow::Result<Startup> {
                     _ => None,
                 })
                 .with_context(|| format!("static cluster {:?} has no endpoint address", e.cluster_name))?;
-            socket_addr(Some(endpoint)).map_err(|r| anyhow::anyhow!("static cluster {:?}: {r}", e.cluster_name))?.to_string()
+            socket_addr(Some(endpoint))
+                .map_err(|r| anyhow::anyhow!("static cluster {:?}: {r}", e.cluster_name))?
+                .to_string()
         }
         Some(grpc_service::TargetSpecifier::GoogleGrpc(g)) => g.target_uri.clone(),
         None => bail!("dynamic_resources.ads_config.grpc_services[0] has no target"),
@@ -63,14 +72,26 @@ pub fn from_bootstrap(bootstrap: Bootstrap) -> anyhow::Result<Startup> {
         .and_then(|a: &Admin| a.address.as_ref())
         .map(|a| socket_addr(Some(a)).map_err(|r| anyhow::anyhow!("admin.address: {r}")))
         .transpose()?;
-    Ok(Startup { bootstrap, node, xds_address, admin_address })
+    Ok(Startup {
+        bootstrap,
+        node,
+        xds_address,
+        admin_address,
+    })
 }
 
 /// The bootstrap equivalent to command-line flags (shown in `/config_dump`).
 pub fn from_flags(node_id: &str, cluster: &str, xds_address: &str) -> Startup {
-    let node = Node { id: node_id.to_string(), cluster: cluster.to_string(), ..Default::default() };
+    let node = Node {
+        id: node_id.to_string(),
+        cluster: cluster.to_string(),
+        ..Default::default()
+    };
     Startup {
-        bootstrap: Bootstrap { node: Some(node.clone()), ..Default::default() },
+        bootstrap: Bootstrap {
+            node: Some(node.clone()),
+            ..Default::default()
+        },
         node,
         xds_address: xds_address.to_string(),
         admin_address: None,

@@ -37,7 +37,17 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub fn new(kind: &'static str, name: &str, field: impl Into<String>, reason: impl Into<String>) -> Rejection {
-        Rejection { kind, name: name.to_string(), field: field.into(), reason: reason.into() }
+    pub fn new(
+        kind: &'static str,
+        name: &str,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Rejection {
+        Rejection {
+            kind,
+            name: name.to_string(),
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }

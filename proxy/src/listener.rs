@@ -36,44 +36,87 @@ pub struct ListenerConfig {
 
 impl ListenerConfig {
     pub fn from_xds(l: &XdsListener) -> Result<ListenerConfig, Rejection> {
-        let reject = |field: &str, reason: String| Rejection::new("Listener", &l.name, field, reason);
+        let reject =
+            |field: &str, reason: String| Rejection::new("Listener", &l.name, field, reason);
         let address = socket_addr(l.address.as_ref()).map_err(|r| reject("address", r))?;
         if !l.listener_filters.is_empty() {
-            return Err(reject("listener_filters", "listener filters (TLS/HTTP inspectors, original_dst) are not supported yet".into()));
+            return Err(reject(
+                "listener_filters",
+                "listener filters (TLS/HTTP inspectors, original_dst) are not supported yet".into(),
+            ));
         }
         if !l.additional_addresses.is_empty() {
-            return Err(reject("additional_addresses", "not supported by this weft-proxy version".into()));
+            return Err(reject(
+                "additional_addresses",
+                "not supported by this weft-proxy version".into(),
+            ));
         }
         if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
-            return Err(reject("default_filter_chain", "filter chain matching is not supported yet".into()));
+            return Err(reject(
+                "default_filter_chain",
+                "filter chain matching is not supported yet".into(),
+            ));
         }
         let [chain] = l.filter_chains.as_slice() else {
-            return Err(reject("filter_chains", format!("exactly one filter chain is supported, got {}", l.filter_chains.len())));
+            return Err(reject(
+                "filter_chains",
+                format!(
+                    "exactly one filter chain is supported, got {}",
+                    l.filter_chains.len()
+                ),
+            ));
         };
         if chain.filter_chain_match.is_some() {
-            return Err(reject("filter_chains[0].filter_chain_match", "filter chain matching is not supported yet".into()));
+            return Err(reject(
+                "filter_chains[0].filter_chain_match",
+                "filter chain matching is not supported yet".into(),
+            ));
         }
         if chain.transport_socket.is_some() {
-            return Err(reject("filter_chains[0].transport_socket", "TLS is not supported yet".into()));
+            return Err(reject(
+                "filter_chains[0].transport_socket",
+                "TLS is not supported yet".into(),
+            ));
         }
         let [f] = chain.filters.as_slice() else {
-            return Err(reject("filter_chains[0].filters", format!("exactly one network filter is supported, got {}", chain.filters.len())));
+            return Err(reject(
+                "filter_chains[0].filters",
+                format!(
+                    "exactly one network filter is supported, got {}",
+                    chain.filters.len()
+                ),
+            ));
         };
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-            return Err(reject("filter_chains[0].filters[0]", "a typed_config is required".into()));
+            return Err(reject(
+                "filter_chains[0].filters[0]",
+                "a typed_config is required".into(),
+            ));
         };
         let filter = match any.type_url.as_str() {
             type_url::HTTP_CONNECTION_MANAGER => {
-                let hcm: HttpConnectionManager = weft_xds_proto::unpack(any).map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
+                let hcm: HttpConnectionManager = weft_xds_proto::unpack(any)
+                    .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
                 NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
             }
             type_url::TCP_PROXY => {
-                let tcp: XdsTcpProxy = weft_xds_proto::unpack(any).map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
+                let tcp: XdsTcpProxy = weft_xds_proto::unpack(any)
+                    .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
                 NetworkFilter::Tcp(Arc::new(TcpProxy::from_xds(&l.name, &tcp)?))
             }
-            other => return Err(reject("filter_chains[0].filters[0]", format!("network filter {other} is not supported"))),
+            other => {
+                return Err(reject(
+                    "filter_chains[0].filters[0]",
+                    format!("network filter {other} is not supported"),
+                ));
+            }
         };
-        Ok(ListenerConfig { name: l.name.clone(), address, filter, source: l.clone() })
+        Ok(ListenerConfig {
+            name: l.name.clone(),
+            address,
+            filter,
+            source: l.clone(),
+        })
     }
 
     pub fn route_config_name(&self) -> Option<&str> {
@@ -98,12 +141,18 @@ pub struct Listeners {
 impl Listeners {
     /// Makes the running set equal to `configs`. Binding happens first for every new address,
     /// so a bind failure rejects the whole update and leaves the running set untouched.
-    pub async fn apply(&self, proxy: &Arc<Proxy>, configs: Vec<ListenerConfig>) -> Result<(), Rejection> {
+    pub async fn apply(
+        &self,
+        proxy: &Arc<Proxy>,
+        configs: Vec<ListenerConfig>,
+    ) -> Result<(), Rejection> {
         let mut bound = HashMap::new();
         {
             let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             for c in &configs {
-                let keeps_socket = active.get(&c.name).is_some_and(|a| a.config.load().address == c.address);
+                let keeps_socket = active
+                    .get(&c.name)
+                    .is_some_and(|a| a.config.load().address == c.address);
                 if !keeps_socket {
                     bound.insert(c.name.clone(), c.address);
                 }
@@ -111,11 +160,19 @@ impl Listeners {
         }
         let mut sockets = HashMap::new();
         for (name, addr) in bound {
-            let socket = bind(addr).map_err(|e| Rejection::new("Listener", &name, "address", format!("cannot bind {addr}: {e}")))?;
+            let socket = bind(addr).map_err(|e| {
+                Rejection::new(
+                    "Listener",
+                    &name,
+                    "address",
+                    format!("cannot bind {addr}: {e}"),
+                )
+            })?;
             sockets.insert(name, socket);
         }
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let wanted: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+        let wanted: std::collections::HashSet<String> =
+            configs.iter().map(|c| c.name.clone()).collect();
         active.retain(|name, a| {
             let keep = wanted.contains(name);
             if !keep {
@@ -153,7 +210,10 @@ impl Listeners {
     /// Names and addresses of the running listeners.
     pub fn list(&self) -> Vec<(String, SocketAddr)> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = active.iter().map(|(n, a)| (n.clone(), a.config.load().address)).collect();
+        let mut v: Vec<_> = active
+            .iter()
+            .map(|(n, a)| (n.clone(), a.config.load().address))
+            .collect();
         v.sort();
         v
     }
@@ -166,7 +226,11 @@ impl Listeners {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

@@ -7,7 +7,11 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "weft-proxy", version, about = "weft sidecar proxy, configured over Envoy xDS (ADS)")]
+#[command(
+    name = "weft-proxy",
+    version,
+    about = "weft sidecar proxy, configured over Envoy xDS (ADS)"
+)]
 struct Args {
     /// Envoy-style bootstrap file (YAML or JSON) naming the node, admin address and ADS server.
     #[arg(short = 'c', long)]
@@ -37,8 +41,12 @@ fn main() -> anyhow::Result<()> {
     init_tracing(&args.log_format);
     let mut startup = match (&args.config_path, &args.xds_address, &args.node_id) {
         (Some(path), _, _) => weft_proxy::bootstrap::from_file(path)?,
-        (None, Some(xds), Some(id)) => weft_proxy::bootstrap::from_flags(id, &args.service_cluster, xds),
-        _ => anyhow::bail!("give either --config-path FILE, or both --xds-address HOST:PORT and --node-id ID"),
+        (None, Some(xds), Some(id)) => {
+            weft_proxy::bootstrap::from_flags(id, &args.service_cluster, xds)
+        }
+        _ => anyhow::bail!(
+            "give either --config-path FILE, or both --xds-address HOST:PORT and --node-id ID"
+        ),
     };
     if let Some(id) = &args.node_id {
         startup.node.id = id.clone();
@@ -46,8 +54,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(xds) = &args.xds_address {
         startup.xds_address = xds.clone();
     }
-    let admin_address = args.admin_address.or(startup.admin_address).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000)));
-    let workers = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let admin_address = args
+        .admin_address
+        .or(startup.admin_address)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000)));
+    let workers = args
+        .concurrency
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("weft-worker")
@@ -81,8 +99,11 @@ async fn shutdown_signal() {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -80,15 +80,31 @@ impl Proxy {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
-    pub fn record_accepted(&self, type_url: &'static str, version: &str, resources: impl IntoIterator<Item = (String, Any)>, replace_all: bool) {
+    pub fn record_accepted(
+        &self,
+        type_url: &'static str,
+        version: &str,
+        resources: impl IntoIterator<Item = (String, Any)>,
+        replace_all: bool,
+    ) {
         let now = SystemTime::now();
         let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
         let of_type = accepted.entry(type_url).or_default();
         let fresh: BTreeMap<String, Accepted> = resources
             .into_iter()
             .map(|(name, resource)| {
-                let unchanged = of_type.get(&name).filter(|a| a.resource == resource).map(|a| a.last_updated);
-                (name, Accepted { version: version.to_string(), resource, last_updated: unchanged.unwrap_or(now) })
+                let unchanged = of_type
+                    .get(&name)
+                    .filter(|a| a.resource == resource)
+                    .map(|a| a.last_updated);
+                (
+                    name,
+                    Accepted {
+                        version: version.to_string(),
+                        resource,
+                        last_updated: unchanged.unwrap_or(now),
+                    },
+                )
             })
             .collect();
         if replace_all {

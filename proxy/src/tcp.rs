@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy as XdsTcpProxy, tcp_proxy};
+use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy as XdsTcpProxy, tcp_proxy,
+};
 
 use crate::Rejection;
 use crate::http::router::ClusterChoice;
@@ -20,14 +22,23 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     pub fn from_xds(listener: &str, t: &XdsTcpProxy) -> Result<TcpProxy, Rejection> {
-        let reject = |field: &str, reason: &str| Rejection::new("Listener", listener, format!("tcp_proxy.{field}"), reason);
+        let reject = |field: &str, reason: &str| {
+            Rejection::new("Listener", listener, format!("tcp_proxy.{field}"), reason)
+        };
         let cluster = match &t.cluster_specifier {
             Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
             Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-                let clusters: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+                let clusters: Vec<(String, u32)> = w
+                    .clusters
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weight))
+                    .collect();
                 let total = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
                 if total == 0 {
-                    return Err(reject("weighted_clusters", "the sum of weights must be greater than 0"));
+                    return Err(reject(
+                        "weighted_clusters",
+                        "the sum of weights must be greater than 0",
+                    ));
                 }
                 ClusterChoice::Weighted { clusters, total }
             }
@@ -44,7 +55,11 @@ impl TcpProxy {
                 return Err(reject(field, "not supported by this weft-proxy version"));
             }
         }
-        Ok(TcpProxy { stat_prefix: t.stat_prefix.clone(), cluster, stats: Arc::new(TcpStats::default()) })
+        Ok(TcpProxy {
+            stat_prefix: t.stat_prefix.clone(),
+            cluster,
+            stats: Arc::new(TcpStats::default()),
+        })
     }
 
     pub async fn serve(&self, proxy: &Proxy, mut downstream: TcpStream) {
@@ -64,14 +79,16 @@ impl TcpProxy {
             (endpoint, cluster.connect_timeout, cluster.clone())
         };
         let (endpoint, connect_timeout, cluster) = endpoint;
-        let mut upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.address)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                cluster.stats.upstream_cx_connect_fail.inc();
-                endpoint.pool.stats.cx_connect_fail.inc();
-                return;
-            }
-        };
+        let mut upstream =
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.address)).await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    cluster.stats.upstream_cx_connect_fail.inc();
+                    endpoint.pool.stats.cx_connect_fail.inc();
+                    return;
+                }
+            };
         let _ = upstream.set_nodelay(true);
         let _ = downstream.set_nodelay(true);
         endpoint.pool.stats.cx_total.inc();

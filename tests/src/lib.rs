@@ -1,1 +1,12 @@
+//! Test support for weft's end-to-end tests: start the real binaries (weftd, weft-proxy,
+//! weftctl echo) and a real Envoy on loopback, talk HTTP/1.1 to them, and read their debug
+//! endpoints. Every process is killed when its handle drops, so a failing test leaves nothing
+//! behind.
 
+pub mod http;
+pub mod mesh;
+pub mod procs;
+
+pub use http::{Client, Response, get};
+pub use mesh::{Quickstart, binomial_bounds};
+pub use procs::{Proc, bin, envoy_bin, free_port, wait_until};

@@ -36,12 +36,18 @@ pub fn to_json<M: Message + Name>(msg: &M) -> Result<serde_json::Value, JsonErro
         .get_message_by_name(&M::full_name())
         .ok_or_else(|| JsonError::UnknownType(M::full_name()))?;
     let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).map_err(|e| {
-        JsonError::Invalid { type_name: M::full_name(), reason: e.to_string() }
+        JsonError::Invalid {
+            type_name: M::full_name(),
+            reason: e.to_string(),
+        }
     })?;
     let opts = SerializeOptions::new().stringify_64_bit_integers(true);
     dynamic
         .serialize_with_options(serde_json::value::Serializer, &opts)
-        .map_err(|e| JsonError::Invalid { type_name: M::full_name(), reason: e.to_string() })
+        .map_err(|e| JsonError::Invalid {
+            type_name: M::full_name(),
+            reason: e.to_string(),
+        })
 }
 
 /// Parses proto3 JSON (either camelCase or the original snake_case field names, as Envoy
@@ -51,10 +57,16 @@ pub fn from_json<M: Message + Name + Default>(value: &serde_json::Value) -> Resu
         .get_message_by_name(&M::full_name())
         .ok_or_else(|| JsonError::UnknownType(M::full_name()))?;
     let opts = DeserializeOptions::new().deny_unknown_fields(true);
-    let dynamic = DynamicMessage::deserialize_with_options(desc, value, &opts)
-        .map_err(|e| JsonError::Invalid { type_name: M::full_name(), reason: e.to_string() })?;
-    M::decode(dynamic.encode_to_vec().as_slice())
-        .map_err(|e| JsonError::Invalid { type_name: M::full_name(), reason: e.to_string() })
+    let dynamic = DynamicMessage::deserialize_with_options(desc, value, &opts).map_err(|e| {
+        JsonError::Invalid {
+            type_name: M::full_name(),
+            reason: e.to_string(),
+        }
+    })?;
+    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| JsonError::Invalid {
+        type_name: M::full_name(),
+        reason: e.to_string(),
+    })
 }
 
 /// Parses an Envoy-style YAML document (for example a bootstrap file) into a message.
@@ -128,14 +140,19 @@ static_resources:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } }
 "#;
         let b: Bootstrap = from_yaml(yaml).unwrap();
-        assert_eq!(b.node.unwrap().id, "sidecar~127.0.0.2~hello-v1.default~default.svc.cluster.local");
+        assert_eq!(
+            b.node.unwrap().id,
+            "sidecar~127.0.0.2~hello-v1.default~default.svc.cluster.local"
+        );
         let c: &Cluster = &b.static_resources.unwrap().clusters[0];
         assert_eq!(c.connect_timeout.unwrap().seconds, 1);
     }
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = from_yaml::<Bootstrap>("node: { idd: x }").unwrap_err().to_string();
+        let err = from_yaml::<Bootstrap>("node: { idd: x }")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("idd"), "{err}");
     }
 }

@@ -11,8 +11,8 @@ pub mod type_url;
 
 pub use envoy_types::pb;
 pub use envoy_types::pb::envoy;
-pub use prost;
 pub use envoy_types::pb::google::protobuf as wkt;
+pub use prost;
 
-pub use any::{pack, unpack, AnyError};
-pub use json::{from_json, from_yaml, to_json, JsonError};
+pub use any::{AnyError, pack, unpack};
+pub use json::{JsonError, from_json, from_yaml, to_json};

@@ -102,7 +102,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (document {})", self.file.display(), self.document + 1)?;
+        write!(
+            f,
+            "{} (document {})",
+            self.file.display(),
+            self.document + 1
+        )?;
         if !self.object.is_empty() {
             write!(f, ": {}", self.object)?;
         }
@@ -146,7 +151,12 @@ impl ConfigSet {
         errors
     }
 
-    fn add_value(&mut self, file: &Path, document: usize, value: serde_json::Value) -> Result<(), ConfigError> {
+    fn add_value(
+        &mut self,
+        file: &Path,
+        document: usize,
+        value: serde_json::Value,
+    ) -> Result<(), ConfigError> {
         let mk = |object: String, field: &str, reason: String| ConfigError {
             file: file.to_path_buf(),
             document,
@@ -155,10 +165,22 @@ impl ConfigSet {
             reason,
         };
         let serde_json::Value::Object(mut map) = value else {
-            return Err(mk(String::new(), "", "a document must be a mapping with apiVersion and kind".into()));
+            return Err(mk(
+                String::new(),
+                "",
+                "a document must be a mapping with apiVersion and kind".into(),
+            ));
         };
-        let api_version = map.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let kind_name = map.get("kind").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let api_version = map
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let kind_name = map
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
         if api_version.is_empty() || kind_name.is_empty() {
             return Err(mk(String::new(), "", "missing apiVersion or kind".into()));
         }
@@ -177,22 +199,40 @@ impl ConfigSet {
         let meta_value = map.remove("metadata").unwrap_or_default();
         let meta: ObjectMeta = parse_at(meta_value, "metadata")
             .map_err(|(field, reason)| mk(format!("{kind}/?"), &field, reason))?;
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_string());
+        let namespace = meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
         let object = format!("{kind}/{namespace}/{}", meta.name);
         if !Kind::istio_versions_ok(&api_version) {
-            return Err(mk(object, "apiVersion", format!("unsupported apiVersion {api_version:?}")));
+            return Err(mk(
+                object,
+                "apiVersion",
+                format!("unsupported apiVersion {api_version:?}"),
+            ));
         }
         validate::name(&meta.name).map_err(|r| mk(object.clone(), "metadata.name", r))?;
         validate::name(&namespace).map_err(|r| mk(object.clone(), "metadata.namespace", r))?;
-        let spec = map.remove("spec").unwrap_or(serde_json::Value::Object(Default::default()));
-        let origin = Origin { file: file.to_path_buf(), document };
+        let spec = map
+            .remove("spec")
+            .unwrap_or(serde_json::Value::Object(Default::default()));
+        let origin = Origin {
+            file: file.to_path_buf(),
+            document,
+        };
         let fail = |(field, reason): (String, String)| mk(object.clone(), &field, reason);
         macro_rules! push {
             ($vec:ident, $check:path) => {{
                 let spec = parse_at(spec, "spec").map_err(fail)?;
                 $check(&spec).map_err(fail)?;
-                let obj = Object { meta, namespace, spec, origin };
-                self.$vec.retain(|o| !(o.namespace == obj.namespace && o.meta.name == obj.meta.name));
+                let obj = Object {
+                    meta,
+                    namespace,
+                    spec,
+                    origin,
+                };
+                self.$vec
+                    .retain(|o| !(o.namespace == obj.namespace && o.meta.name == obj.meta.name));
                 self.$vec.push(obj);
             }};
         }
@@ -231,10 +271,17 @@ impl ConfigSet {
 }
 
 /// Deserializes `value` as `T`, reporting failures with the field path under `root`.
-fn parse_at<T: DeserializeOwned>(value: serde_json::Value, root: &str) -> Result<T, (String, String)> {
+fn parse_at<T: DeserializeOwned>(
+    value: serde_json::Value,
+    root: &str,
+) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { root.to_string() } else { format!("{root}.{path}") };
+        let field = if path == "." {
+            root.to_string()
+        } else {
+            format!("{root}.{path}")
+        };
         (field, e.into_inner().to_string())
     })
 }

@@ -68,7 +68,12 @@ fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
 
 /// Loads `dir` once, publishes it, then keeps publishing a new snapshot whenever the folder's
 /// content changes. Changes are debounced: a burst of writes within `debounce` is one reload.
-pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Arc<ConfigSnapshot>>, poll: Duration, debounce: Duration) {
+pub async fn watch_dir(
+    dir: PathBuf,
+    tx: watch::Sender<Arc<ConfigSnapshot>>,
+    poll: Duration,
+    debounce: Duration,
+) {
     let mut last_print: Option<Fingerprint> = None;
     let mut generation = 0u64;
     loop {
@@ -88,10 +93,17 @@ pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Arc<ConfigSnapshot>>, pol
                         if !current.synced || current.config != config || current.errors != errors {
                             generation += 1;
                             tracing::info!(dir = %dir.display(), generation, counts = ?config.counts(), rejected = errors.len(), "config loaded");
-                            tx.send_replace(Arc::new(ConfigSnapshot { config, errors, generation, synced: true }));
+                            tx.send_replace(Arc::new(ConfigSnapshot {
+                                config,
+                                errors,
+                                generation,
+                                synced: true,
+                            }));
                         }
                     }
-                    Err(e) => tracing::error!(dir = %dir.display(), "cannot read config folder: {e}"),
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), "cannot read config folder: {e}")
+                    }
                 }
             }
             Ok(_) => {}

@@ -10,8 +10,11 @@ fn parse(text: &str) -> (ConfigSet, Vec<ConfigError>) {
 
 #[test]
 fn bookinfo_services_load_and_other_kinds_are_skipped() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/bookinfo/bookinfo.yaml"))
-        .expect("the shared Istio test data is present");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/istio/bookinfo/bookinfo.yaml"
+    ))
+    .expect("the shared Istio test data is present");
     let (set, errors) = parse(&text);
     assert!(errors.is_empty(), "{errors:?}");
     let names: Vec<&str> = set.services.iter().map(|s| s.name()).collect();
@@ -20,8 +23,16 @@ fn bookinfo_services_load_and_other_kinds_are_skipped() {
 
 #[test]
 fn bookinfo_subset_rules_and_simple_virtual_services_load() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/bookinfo/networking/");
-    for f in ["destination-rule-all.yaml", "virtual-service-all-v1.yaml", "virtual-service-reviews-80-20.yaml", "virtual-service-reviews-test-v2.yaml"] {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/istio/bookinfo/networking/"
+    );
+    for f in [
+        "destination-rule-all.yaml",
+        "virtual-service-all-v1.yaml",
+        "virtual-service-reviews-80-20.yaml",
+        "virtual-service-reviews-test-v2.yaml",
+    ] {
         let text = std::fs::read_to_string(format!("{dir}{f}")).unwrap();
         let (_, errors) = parse(&text);
         assert!(errors.is_empty(), "{f}: {errors:?}");
@@ -53,7 +64,12 @@ spec: { ports: [{ name: http, port: 80 }] }
     let e = &errors[0];
     assert_eq!(e.object, "VirtualService/shop/bad");
     assert_eq!(e.field, "spec.http[0].route[0].weight");
-    assert!(e.to_string().contains("t.yaml (document 1): VirtualService/shop/bad: field spec.http[0].route[0].weight"), "{e}");
+    assert!(
+        e.to_string().contains(
+            "t.yaml (document 1): VirtualService/shop/bad: field spec.http[0].route[0].weight"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -124,18 +140,30 @@ spec: { address: 127.0.0.1 }
     assert_eq!(errors[0].field, "spec.http[0].match[0].uri.regex");
     assert_eq!(errors[1].field, "spec.ingress[0].defaultEndpoint");
     assert_eq!(errors[2].field, "metadata.name");
-    assert!(errors[3].reason.starts_with("invalid YAML"), "{}", errors[3].reason);
+    assert!(
+        errors[3].reason.starts_with("invalid YAML"),
+        "{}",
+        errors[3].reason
+    );
 }
 
 #[test]
 fn every_analyzer_input_loads_or_is_rejected_without_panicking() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/istio/analyze");
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/istio/analyze"
+    );
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
         let mut set = ConfigSet::default();
         for e in set.add_file(&path, &text) {
-            assert!(!e.reason.is_empty() && !e.object.is_empty() || e.reason.starts_with("invalid YAML") || e.object.is_empty(), "{e}");
+            assert!(
+                !e.reason.is_empty() && !e.object.is_empty()
+                    || e.reason.starts_with("invalid YAML")
+                    || e.object.is_empty(),
+                "{e}"
+            );
         }
     }
 }

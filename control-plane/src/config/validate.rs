@@ -18,19 +18,27 @@ pub fn name(n: &str) -> Result<(), String> {
         && n.len() <= 253
         && n.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
     if ok {
         Ok(())
     } else {
-        Err(format!("{n:?} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.')"))
+        Err(format!(
+            "{n:?} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.')"
+        ))
     }
 }
 
 fn port(field: &str, p: u32) -> Check {
-    if (1..=65535).contains(&p) { Ok(()) } else { bad(field, format!("port {p} is outside 1-65535")) }
+    if (1..=65535).contains(&p) {
+        Ok(())
+    } else {
+        bad(field, format!("port {p} is outside 1-65535"))
+    }
 }
 
 pub fn service(s: &ServiceSpec) -> Check {
@@ -42,10 +50,16 @@ pub fn service(s: &ServiceSpec) -> Check {
         }
         if let Some(n) = &p.name {
             if !names.insert(n.clone()) {
-                return bad(format!("spec.ports[{i}].name"), format!("duplicate port name {n:?}"));
+                return bad(
+                    format!("spec.ports[{i}].name"),
+                    format!("duplicate port name {n:?}"),
+                );
             }
         } else if s.ports.len() > 1 {
-            return bad(format!("spec.ports[{i}].name"), "a Service with several ports must name each port");
+            return bad(
+                format!("spec.ports[{i}].name"),
+                "a Service with several ports must name each port",
+            );
         }
     }
     Ok(())
@@ -53,10 +67,16 @@ pub fn service(s: &ServiceSpec) -> Check {
 
 pub fn workload_entry(w: &WorkloadEntrySpec) -> Check {
     if w.address.is_empty() {
-        return bad("spec.address", "address is required in universal mode (this is where the sidecar runs)");
+        return bad(
+            "spec.address",
+            "address is required in universal mode (this is where the sidecar runs)",
+        );
     }
     if w.address.parse::<IpAddr>().is_err() && name(&w.address).is_err() {
-        return bad("spec.address", format!("{:?} is neither an IP address nor a DNS name", w.address));
+        return bad(
+            "spec.address",
+            format!("{:?} is neither an IP address nor a DNS name", w.address),
+        );
     }
     for (n, p) in &w.ports {
         port(&format!("spec.ports.{n}"), *p)?;
@@ -68,10 +88,13 @@ pub fn workload_entry(w: &WorkloadEntrySpec) -> Check {
 }
 
 fn string_match(field: &str, m: &StringMatch) -> Check {
-    if let StringMatch::Regex(r) = m {
-        if let Err(e) = regex::Regex::new(r) {
-            return bad(format!("{field}.regex"), format!("invalid regex {r:?}: {e}"));
-        }
+    if let StringMatch::Regex(r) = m
+        && let Err(e) = regex::Regex::new(r)
+    {
+        return bad(
+            format!("{field}.regex"),
+            format!("invalid regex {r:?}: {e}"),
+        );
     }
     Ok(())
 }
@@ -82,13 +105,19 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
     }
     for (i, h) in vs.hosts.iter().enumerate() {
         if h.is_empty() || h.contains('/') || (h.contains('*') && !h.starts_with('*')) {
-            return bad(format!("spec.hosts[{i}]"), format!("{h:?} is not a valid host (a DNS name or a leading-wildcard name)"));
+            return bad(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a valid host (a DNS name or a leading-wildcard name)"),
+            );
         }
     }
     for (i, r) in vs.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         if r.route.is_empty() {
-            return bad(format!("{at}.route"), "an HTTP route needs at least one destination");
+            return bad(
+                format!("{at}.route"),
+                "an HTTP route needs at least one destination",
+            );
         }
         for (j, m) in r.matches.iter().enumerate() {
             if let Some(u) = &m.uri {
@@ -96,7 +125,10 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             }
             for (h, sm) in &m.headers {
                 if h.is_empty() || h.chars().any(|c| c.is_ascii_uppercase()) {
-                    return bad(format!("{at}.match[{j}].headers"), format!("header name {h:?} must be lowercase and non-empty"));
+                    return bad(
+                        format!("{at}.match[{j}].headers"),
+                        format!("header name {h:?} must be lowercase and non-empty"),
+                    );
                 }
                 string_match(&format!("{at}.match[{j}].headers.{h}"), sm)?;
             }
@@ -105,7 +137,10 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
         for (j, d) in r.route.iter().enumerate() {
             let dat = format!("{at}.route[{j}]");
             if d.destination.host.is_empty() {
-                return bad(format!("{dat}.destination.host"), "destination host is required");
+                return bad(
+                    format!("{dat}.destination.host"),
+                    "destination host is required",
+                );
             }
             if let Some(p) = &d.destination.port {
                 port(&format!("{dat}.destination.port.number"), p.number)?;
@@ -115,12 +150,18 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             }
             let w = d.weight.unwrap_or(0);
             if !(0..=100).contains(&w) {
-                return bad(format!("{dat}.weight"), format!("weight {w} is outside 0-100"));
+                return bad(
+                    format!("{dat}.weight"),
+                    format!("weight {w} is outside 0-100"),
+                );
             }
             sum += w;
         }
         if r.route.len() > 1 && sum != 100 {
-            return bad(format!("{at}.route"), format!("total destination weight is {sum}, it must be 100"));
+            return bad(
+                format!("{at}.route"),
+                format!("total destination weight is {sum}, it must be 100"),
+            );
         }
     }
     Ok(())
@@ -134,7 +175,10 @@ pub fn destination_rule(dr: &DestinationRuleSpec) -> Check {
     for (i, s) in dr.subsets.iter().enumerate() {
         name(&s.name).map_err(|r| (format!("spec.subsets[{i}].name"), r))?;
         if !names.insert(&s.name) {
-            return bad(format!("spec.subsets[{i}].name"), format!("duplicate subset {:?}", s.name));
+            return bad(
+                format!("spec.subsets[{i}].name"),
+                format!("duplicate subset {:?}", s.name),
+            );
         }
     }
     Ok(())
@@ -142,7 +186,9 @@ pub fn destination_rule(dr: &DestinationRuleSpec) -> Check {
 
 fn bind(field: &str, b: &Option<String>) -> Check {
     match b {
-        Some(b) if b.parse::<IpAddr>().is_err() => bad(field, format!("bind {b:?} is not an IP address")),
+        Some(b) if b.parse::<IpAddr>().is_err() => {
+            bad(field, format!("bind {b:?} is not an IP address"))
+        }
         _ => Ok(()),
     }
 }
@@ -163,12 +209,22 @@ pub fn sidecar(s: &SidecarSpec) -> Check {
         }
         bind(&format!("{at}.bind"), &l.bind)?;
         if l.hosts.is_empty() {
-            return bad(format!("{at}.hosts"), "at least one host (namespace/dnsName) is required");
+            return bad(
+                format!("{at}.hosts"),
+                "at least one host (namespace/dnsName) is required",
+            );
         }
         for (j, h) in l.hosts.iter().enumerate() {
             match h.split_once('/') {
                 Some((ns, host)) if !ns.is_empty() && !host.is_empty() => {}
-                _ => return bad(format!("{at}.hosts[{j}]"), format!("{h:?} must be of the form namespace/dnsName (e.g. \"./*\" or \"istio-system/*\")")),
+                _ => {
+                    return bad(
+                        format!("{at}.hosts[{j}]"),
+                        format!(
+                            "{h:?} must be of the form namespace/dnsName (e.g. \"./*\" or \"istio-system/*\")"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -177,12 +233,18 @@ pub fn sidecar(s: &SidecarSpec) -> Check {
 
 /// Parses a Sidecar ingress `defaultEndpoint` (`127.0.0.1:PORT` or `0.0.0.0:PORT`).
 pub fn parse_default_endpoint(ep: &str) -> Result<(IpAddr, u32), String> {
-    let (host, p) = ep.rsplit_once(':').ok_or_else(|| format!("{ep:?} must be 127.0.0.1:PORT or 0.0.0.0:PORT"))?;
-    let ip: IpAddr = host.parse().map_err(|_| format!("{ep:?}: {host:?} is not an IP address"))?;
+    let (host, p) = ep
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{ep:?} must be 127.0.0.1:PORT or 0.0.0.0:PORT"))?;
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| format!("{ep:?}: {host:?} is not an IP address"))?;
     if !(ip.is_loopback() || ip.is_unspecified()) {
         return Err(format!("{ep:?}: the host must be 127.0.0.1 or 0.0.0.0"));
     }
-    let p: u32 = p.parse().map_err(|_| format!("{ep:?}: {p:?} is not a port number"))?;
+    let p: u32 = p
+        .parse()
+        .map_err(|_| format!("{ep:?}: {p:?} is not a port number"))?;
     if !(1..=65535).contains(&p) {
         return Err(format!("{ep:?}: port {p} is outside 1-65535"));
     }

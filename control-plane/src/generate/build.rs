@@ -1,33 +1,34 @@
 //! Envoy resource builders: clusters (EDS and static), load assignments, listeners with the HTTP
 //! connection manager or the TCP proxy, and route configurations from VirtualServices.
 
-
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, SocketAddress, address,
-    config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, SocketAddress,
+    address, config_source, socket_address,
 };
 use weft_xds_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use weft_xds_proto::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
 use weft_xds_proto::envoy::extensions::filters::http::router::v3::Router;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use weft_xds_proto::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
 use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
 use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
 use super::scope::{Scope, host_matches};
-use crate::config::{HttpRoute, StringMatch, VirtualServiceSpec, Object, parse_default_endpoint};
+use crate::config::{HttpRoute, Object, StringMatch, VirtualServiceSpec, parse_default_endpoint};
 use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
 
 /// Istio's default connect timeout for clusters.
@@ -44,7 +45,9 @@ pub fn inbound_cluster_name(port: u32) -> String {
 fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
         ..Default::default()
     }
 }
@@ -73,7 +76,10 @@ fn lb_endpoint(ip: &str, port: u32, weight: u32) -> LbEndpoint {
 fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
-        connect_timeout: Some(Duration { seconds: CONNECT_TIMEOUT_SECS, nanos: 0 }),
+        connect_timeout: Some(Duration {
+            seconds: CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        }),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
         ..Default::default()
     };
@@ -89,16 +95,23 @@ fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
             )),
             ..Default::default()
         };
-        c.typed_extension_protocol_options
-            .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), pack(&opts));
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            pack(&opts),
+        );
     }
     c
 }
 
 fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     Cluster {
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_string() }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.to_string(),
+        }),
         ..base_cluster(name, protocol)
     }
 }
@@ -108,24 +121,39 @@ fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for svc in &scope.services {
         let subsets: Vec<(&str, &crate::config::Labels)> = destination_rule_for(mesh, svc)
-            .map(|dr| dr.spec.subsets.iter().map(|s| (s.name.as_str(), &s.labels)).collect())
+            .map(|dr| {
+                dr.spec
+                    .subsets
+                    .iter()
+                    .map(|s| (s.name.as_str(), &s.labels))
+                    .collect()
+            })
             .unwrap_or_default();
         for port in &svc.ports {
             let mut add = |subset: &str, selector: Option<&crate::config::Labels>| {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                out.add(type_url::CLUSTER, name.clone(), &eds_cluster(&name, port.protocol));
+                out.add(
+                    type_url::CLUSTER,
+                    name.clone(),
+                    &eds_cluster(&name, port.protocol),
+                );
                 let lb_endpoints = svc
                     .endpoints
                     .iter()
                     .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
-                    .filter_map(|e| Some(lb_endpoint(&e.address, *e.ports.get(&port.port)?, e.weight)))
+                    .filter_map(|e| {
+                        Some(lb_endpoint(&e.address, *e.ports.get(&port.port)?, e.weight))
+                    })
                     .collect::<Vec<_>>();
                 let cla = ClusterLoadAssignment {
                     cluster_name: name.clone(),
                     endpoints: if lb_endpoints.is_empty() {
                         vec![]
                     } else {
-                        vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }]
+                        vec![LocalityLbEndpoints {
+                            lb_endpoints,
+                            ..Default::default()
+                        }]
                     },
                     ..Default::default()
                 };
@@ -152,23 +180,39 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             .services
             .iter()
             .copied()
-            .filter(|s| super::scope::egress_admits(l, &scope.proxy.namespace, s) && s.port(port.number).is_some())
+            .filter(|s| {
+                super::scope::egress_admits(l, &scope.proxy.namespace, s)
+                    && s.port(port.number).is_some()
+            })
             .collect();
         let protocol = port
             .protocol
             .as_deref()
             .map(Protocol::from_name)
-            .or_else(|| on_port.iter().filter_map(|s| s.port(port.number)).map(|p| p.protocol).min())
+            .or_else(|| {
+                on_port
+                    .iter()
+                    .filter_map(|s| s.port(port.number))
+                    .map(|p| p.protocol)
+                    .min()
+            })
             .unwrap_or(Protocol::Tcp);
         let listener_name = format!("{bind}_{}", port.number);
         let stat_prefix = format!("outbound_{bind}_{}", port.number);
         let network_filter = if protocol.is_http() {
             let route_name = port.number.to_string();
-            out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &route_config(mesh, scope, &route_name, port.number, &on_port));
-            http_connection_manager(&stat_prefix, http_connection_manager::RouteSpecifier::Rds(Rds {
-                config_source: Some(ads()),
-                route_config_name: route_name,
-            }))
+            out.add(
+                type_url::ROUTE_CONFIGURATION,
+                route_name.clone(),
+                &route_config(mesh, scope, &route_name, port.number, &on_port),
+            );
+            http_connection_manager(
+                &stat_prefix,
+                http_connection_manager::RouteSpecifier::Rds(Rds {
+                    config_source: Some(ads()),
+                    route_config_name: route_name,
+                }),
+            )
         } else {
             let Some(svc) = on_port.first() else {
                 out.warnings.push(format!(
@@ -188,9 +232,16 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     svc.hostname
                 ));
             }
-            tcp_proxy_filter(&stat_prefix, &outbound_cluster_name(port.number, "", &svc.hostname))
+            tcp_proxy_filter(
+                &stat_prefix,
+                &outbound_cluster_name(port.number, "", &svc.hostname),
+            )
         };
-        out.add(type_url::LISTENER, listener_name.clone(), &listener(&listener_name, &bind, port.number, network_filter));
+        out.add(
+            type_url::LISTENER,
+            listener_name.clone(),
+            &listener(&listener_name, &bind, port.number, network_filter),
+        );
     }
 }
 
@@ -199,16 +250,34 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
 pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
     let Some(sidecar) = scope.sidecar else { return };
     for l in &sidecar.spec.ingress {
-        let Some(ep) = &l.default_endpoint else { continue };
-        let Ok((ip, target)) = parse_default_endpoint(ep) else { continue };
-        let protocol = l.port.protocol.as_deref().map(Protocol::from_name).unwrap_or(Protocol::Tcp);
+        let Some(ep) = &l.default_endpoint else {
+            continue;
+        };
+        let Ok((ip, target)) = parse_default_endpoint(ep) else {
+            continue;
+        };
+        let protocol = l
+            .port
+            .protocol
+            .as_deref()
+            .map(Protocol::from_name)
+            .unwrap_or(Protocol::Tcp);
         let cluster_name = inbound_cluster_name(l.port.number);
-        let ip = if ip.is_unspecified() { "127.0.0.1".to_string() } else { ip.to_string() };
+        let ip = if ip.is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            ip.to_string()
+        };
         let cluster = Cluster {
-            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32,
+            )),
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: cluster_name.clone(),
-                endpoints: vec![LocalityLbEndpoints { lb_endpoints: vec![lb_endpoint(&ip, target, 1)], ..Default::default() }],
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![lb_endpoint(&ip, target, 1)],
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             ..base_cluster(&cluster_name, protocol)
@@ -234,11 +303,18 @@ pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
                 }],
                 ..Default::default()
             };
-            http_connection_manager(&stat_prefix, http_connection_manager::RouteSpecifier::RouteConfig(rc))
+            http_connection_manager(
+                &stat_prefix,
+                http_connection_manager::RouteSpecifier::RouteConfig(rc),
+            )
         } else {
             tcp_proxy_filter(&stat_prefix, &cluster_name)
         };
-        out.add(type_url::LISTENER, listener_name.clone(), &listener(&listener_name, &bind, l.port.number, network_filter));
+        out.add(
+            type_url::LISTENER,
+            listener_name.clone(),
+            &listener(&listener_name, &bind, l.port.number, network_filter),
+        );
     }
 }
 
@@ -246,19 +322,27 @@ fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listen
     Listener {
         name: name.to_string(),
         address: Some(socket(bind, port)),
-        filter_chains: vec![FilterChain { filters: vec![network_filter], ..Default::default() }],
+        filter_chains: vec![FilterChain {
+            filters: vec![network_filter],
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
 
-fn http_connection_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier) -> Filter {
+fn http_connection_manager(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router::default()))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                &Router::default(),
+            ))),
             ..Default::default()
         }],
         ..Default::default()
@@ -275,10 +359,16 @@ fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
         ..Default::default()
     };
-    Filter { name: "envoy.filters.network.tcp_proxy".into(), config_type: Some(filter::ConfigType::TypedConfig(pack(&tcp))) }
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(&tcp))),
+    }
 }
 
-fn destination_rule_for<'a>(mesh: &'a Mesh, svc: &Service) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
+fn destination_rule_for<'a>(
+    mesh: &'a Mesh,
+    svc: &Service,
+) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
     // Istio looks in the service's namespace (and the client's) for a rule; the service's wins.
     mesh.config
         .destination_rules
@@ -287,25 +377,55 @@ fn destination_rule_for<'a>(mesh: &'a Mesh, svc: &Service) -> Option<&'a Object<
         .min_by_key(|dr| dr.namespace != svc.namespace)
 }
 
-fn virtual_service_for<'a>(mesh: &'a Mesh, scope: &Scope<'_>, svc: &Service) -> Option<&'a Object<VirtualServiceSpec>> {
+fn virtual_service_for<'a>(
+    mesh: &'a Mesh,
+    scope: &Scope<'_>,
+    svc: &Service,
+) -> Option<&'a Object<VirtualServiceSpec>> {
     mesh.config
         .virtual_services
         .iter()
         .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-        .filter(|vs| vs.spec.export_to.is_empty() || vs.spec.export_to.iter().any(|e| e == "*" || (e == "." && vs.namespace == scope.proxy.namespace) || e == &scope.proxy.namespace))
-        .find(|vs| vs.spec.hosts.iter().any(|h| host_matches(&resolve_host(h, &vs.namespace), &svc.hostname)))
+        .filter(|vs| {
+            vs.spec.export_to.is_empty()
+                || vs.spec.export_to.iter().any(|e| {
+                    e == "*"
+                        || (e == "." && vs.namespace == scope.proxy.namespace)
+                        || e == &scope.proxy.namespace
+                })
+        })
+        .find(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .any(|h| host_matches(&resolve_host(h, &vs.namespace), &svc.hostname))
+        })
 }
 
 /// The route configuration for one outbound port: a virtual host per service on that port.
-fn route_config(mesh: &Mesh, scope: &Scope<'_>, name: &str, port: u32, services: &[&Service]) -> RouteConfiguration {
+fn route_config(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    name: &str,
+    port: u32,
+    services: &[&Service],
+) -> RouteConfiguration {
     let mut virtual_hosts = Vec::new();
     for svc in services {
         let routes = match virtual_service_for(mesh, scope, svc) {
-            Some(vs) => vs.spec.http.iter().enumerate().flat_map(|(i, r)| http_routes(vs, i, r, port)).collect(),
+            Some(vs) => vs
+                .spec
+                .http
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| http_routes(vs, i, r, port))
+                .collect(),
             None => vec![Route {
                 name: "default".into(),
                 r#match: Some(prefix_match("/")),
-                action: Some(route::Action::Route(cluster_action(&outbound_cluster_name(port, "", &svc.hostname)))),
+                action: Some(route::Action::Route(cluster_action(
+                    &outbound_cluster_name(port, "", &svc.hostname),
+                ))),
                 ..Default::default()
             }],
         };
@@ -344,14 +464,20 @@ fn domains(svc: &Service, port: u32, client_ns: &str) -> Vec<String> {
 }
 
 fn prefix_match(prefix: &str) -> RouteMatch {
-    RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())), ..Default::default() }
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())),
+        ..Default::default()
+    }
 }
 
 fn cluster_action(cluster: &str) -> RouteAction {
     RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
         // Istio disables Envoy's 15 s default route timeout unless a VirtualService sets one.
-        timeout: Some(Duration { seconds: 0, nanos: 0 }),
+        timeout: Some(Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
         ..Default::default()
     }
 }
@@ -360,13 +486,24 @@ fn string_matcher(m: &StringMatch) -> StringMatcher {
     let pattern = match m {
         StringMatch::Exact(s) => string_matcher::MatchPattern::Exact(s.clone()),
         StringMatch::Prefix(s) => string_matcher::MatchPattern::Prefix(s.clone()),
-        StringMatch::Regex(r) => string_matcher::MatchPattern::SafeRegex(RegexMatcher { regex: r.clone(), ..Default::default() }),
+        StringMatch::Regex(r) => string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: r.clone(),
+            ..Default::default()
+        }),
     };
-    StringMatcher { match_pattern: Some(pattern), ignore_case: false }
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: false,
+    }
 }
 
 /// One Istio HTTPRoute becomes one Envoy route per `match` entry (or one catch-all route).
-fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, port: u32) -> Vec<Route> {
+fn http_routes(
+    vs: &Object<VirtualServiceSpec>,
+    index: usize,
+    r: &HttpRoute,
+    port: u32,
+) -> Vec<Route> {
     let cluster_of = |d: &crate::config::Destination| {
         let host = resolve_host(&d.host, &vs.namespace);
         let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
@@ -376,31 +513,38 @@ fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, por
         cluster_action(&cluster_of(&r.route[0].destination))
     } else {
         RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
-                clusters: r
-                    .route
-                    .iter()
-                    .filter(|d| d.weight.unwrap_or(0) > 0)
-                    .map(|d| weighted_cluster::ClusterWeight {
-                        name: cluster_of(&d.destination),
-                        weight: Some(UInt32Value { value: d.weight.unwrap_or(0) as u32 }),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })),
+            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+                WeightedCluster {
+                    clusters: r
+                        .route
+                        .iter()
+                        .filter(|d| d.weight.unwrap_or(0) > 0)
+                        .map(|d| weighted_cluster::ClusterWeight {
+                            name: cluster_of(&d.destination),
+                            weight: Some(UInt32Value {
+                                value: d.weight.unwrap_or(0) as u32,
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
             ..cluster_action("")
         }
     };
-    if let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier {
-        if wc.clusters.len() == 1 {
-            // Envoy rejects a weighted_clusters whose weights are all zero; a single remaining
-            // destination is a plain cluster route.
-            let only = wc.clusters[0].name.clone();
-            action = cluster_action(&only);
-        }
+    if let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier
+        && wc.clusters.len() == 1
+    {
+        // Envoy rejects a weighted_clusters whose weights are all zero; a single remaining
+        // destination is a plain cluster route.
+        let only = wc.clusters[0].name.clone();
+        action = cluster_action(&only);
     }
-    let name = r.name.clone().unwrap_or_else(|| format!("{}.{}.{index}", vs.name(), vs.namespace));
+    let name = r
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}.{index}", vs.name(), vs.namespace));
     let matches: Vec<RouteMatch> = if r.matches.is_empty() {
         vec![prefix_match("/")]
     } else {
@@ -412,7 +556,10 @@ fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, por
                     Some(StringMatch::Exact(p)) => route_match::PathSpecifier::Path(p.clone()),
                     Some(StringMatch::Prefix(p)) => route_match::PathSpecifier::Prefix(p.clone()),
                     Some(StringMatch::Regex(re)) => {
-                        route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: re.clone(), ..Default::default() })
+                        route_match::PathSpecifier::SafeRegex(RegexMatcher {
+                            regex: re.clone(),
+                            ..Default::default()
+                        })
                     }
                 });
                 let headers = m
@@ -420,7 +567,9 @@ fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, por
                     .iter()
                     .map(|(h, sm)| HeaderMatcher {
                         name: h.clone(),
-                        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(sm))),
+                        header_match_specifier: Some(
+                            header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(sm)),
+                        ),
                         ..Default::default()
                     })
                     .collect();
@@ -443,4 +592,3 @@ fn http_routes(vs: &Object<VirtualServiceSpec>, index: usize, r: &HttpRoute, por
         })
         .collect()
 }
-

@@ -44,7 +44,10 @@ pub struct Generated {
 
 impl Generated {
     fn add<M: Message + Name>(&mut self, type_url: &'static str, name: String, msg: &M) {
-        self.resources.entry(type_url).or_default().insert(name, Resource::new(msg));
+        self.resources
+            .entry(type_url)
+            .or_default()
+            .insert(name, Resource::new(msg));
     }
 
     pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Resource>> {
@@ -52,7 +55,11 @@ impl Generated {
     }
 
     /// A version for a whole set of resources of one type (state-of-the-world responses).
-    pub fn type_version(&self, type_url: &str, names: Option<&std::collections::BTreeSet<String>>) -> String {
+    pub fn type_version(
+        &self,
+        type_url: &str,
+        names: Option<&std::collections::BTreeSet<String>>,
+    ) -> String {
         let mut h = FNV_OFFSET;
         if let Some(all) = self.of_type(type_url) {
             for (name, r) in all {
@@ -69,7 +76,12 @@ impl Generated {
 /// Generates the full xDS state for one proxy.
 pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
     let mut out = Generated::default();
-    for kind in [type_url::CLUSTER, type_url::CLUSTER_LOAD_ASSIGNMENT, type_url::LISTENER, type_url::ROUTE_CONFIGURATION] {
+    for kind in [
+        type_url::CLUSTER,
+        type_url::CLUSTER_LOAD_ASSIGNMENT,
+        type_url::LISTENER,
+        type_url::ROUTE_CONFIGURATION,
+    ] {
         out.resources.insert(kind, BTreeMap::new());
     }
     let scope = scope::Scope::new(mesh, proxy);

@@ -41,7 +41,10 @@ fn metadata_str(md: Option<&Struct>, key: &str) -> Option<String> {
 
 fn metadata_labels(md: Option<&Struct>) -> Labels {
     let mut labels = Labels::new();
-    if let Some(ValueKind::StructValue(s)) = md.and_then(|m| m.fields.get("LABELS")).and_then(|v| v.kind.as_ref()) {
+    if let Some(ValueKind::StructValue(s)) = md
+        .and_then(|m| m.fields.get("LABELS"))
+        .and_then(|v| v.kind.as_ref())
+    {
         for (k, v) in &s.fields {
             if let Some(ValueKind::StringValue(v)) = &v.kind {
                 labels.insert(k.clone(), v.clone());
@@ -61,12 +64,18 @@ impl ProxyNode {
         let ip: Option<IpAddr> = if ip.is_empty() {
             None
         } else {
-            Some(ip.parse().map_err(|_| NodeError::BadIp { id: node.id.clone(), ip: ip.to_string() })?)
+            Some(ip.parse().map_err(|_| NodeError::BadIp {
+                id: node.id.clone(),
+                ip: ip.to_string(),
+            })?)
         };
         let md = node.metadata.as_ref();
         let (id_name, id_ns) = match workload.split_once('.') {
             Some((n, ns)) => (n.to_string(), ns.to_string()),
-            None => (workload.to_string(), domain.split('.').next().unwrap_or("default").to_string()),
+            None => (
+                workload.to_string(),
+                domain.split('.').next().unwrap_or("default").to_string(),
+            ),
         };
         let namespace = metadata_str(md, "NAMESPACE").unwrap_or(id_ns);
         let workload_name = metadata_str(md, "WORKLOAD_NAME").unwrap_or(id_name.clone());
@@ -76,9 +85,9 @@ impl ProxyNode {
             .find(|w| w.namespace == namespace && (w.name == id_name || w.name == workload_name))
             .or_else(|| {
                 let ip = ip?;
-                mesh.workloads
-                    .iter()
-                    .find(|w| w.namespace == namespace && w.address.parse::<IpAddr>().ok() == Some(ip))
+                mesh.workloads.iter().find(|w| {
+                    w.namespace == namespace && w.address.parse::<IpAddr>().ok() == Some(ip)
+                })
             })
             .cloned();
         let mut labels = metadata_labels(md);
@@ -87,8 +96,17 @@ impl ProxyNode {
                 labels.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        let service_account = metadata_str(md, "SERVICE_ACCOUNT").or_else(|| matched.as_ref().map(|w| w.service_account.clone()));
-        Ok(ProxyNode { id: node.id.clone(), ip, workload_name, namespace, labels, service_account, workload: matched })
+        let service_account = metadata_str(md, "SERVICE_ACCOUNT")
+            .or_else(|| matched.as_ref().map(|w| w.service_account.clone()));
+        Ok(ProxyNode {
+            id: node.id.clone(),
+            ip,
+            workload_name,
+            namespace,
+            labels,
+            service_account,
+            workload: matched,
+        })
     }
 }
 
@@ -98,7 +116,10 @@ mod tests {
 
     #[test]
     fn parses_istio_node_ids() {
-        let node = Node { id: "sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local".into(), ..Default::default() };
+        let node = Node {
+            id: "sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        };
         let p = ProxyNode::identify(&node, &Mesh::default()).unwrap();
         assert_eq!(p.namespace, "default");
         assert_eq!(p.workload_name, "hello-v1");
@@ -107,10 +128,18 @@ mod tests {
 
     #[test]
     fn rejects_other_ids_with_the_expected_form() {
-        let node = Node { id: "my-envoy".into(), ..Default::default() };
-        let err = ProxyNode::identify(&node, &Mesh::default()).unwrap_err().to_string();
+        let node = Node {
+            id: "my-envoy".into(),
+            ..Default::default()
+        };
+        let err = ProxyNode::identify(&node, &Mesh::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sidecar~<ip>~"), "{err}");
-        let node = Node { id: "sidecar~not-ip~a.b~b.svc.cluster.local".into(), ..Default::default() };
+        let node = Node {
+            id: "sidecar~not-ip~a.b~b.svc.cluster.local".into(),
+            ..Default::default()
+        };
         assert!(ProxyNode::identify(&node, &Mesh::default()).is_err());
     }
 }

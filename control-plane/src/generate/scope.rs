@@ -19,18 +19,29 @@ impl<'a> Scope<'a> {
             Some(sc) => mesh
                 .services
                 .iter()
-                .filter(|s| sc.spec.egress.iter().any(|l| egress_admits(l, &proxy.namespace, s)))
+                .filter(|s| {
+                    sc.spec
+                        .egress
+                        .iter()
+                        .any(|l| egress_admits(l, &proxy.namespace, s))
+                })
                 .collect(),
             None => mesh.services.iter().collect(),
         };
-        Scope { proxy, sidecar, services }
+        Scope {
+            proxy,
+            sidecar,
+            services,
+        }
     }
 }
 
 /// Does this egress listener's `hosts` list admit the service?
 pub fn egress_admits(l: &IstioEgressListener, proxy_ns: &str, s: &Service) -> bool {
     l.hosts.iter().any(|h| {
-        let Some((ns, host)) = h.split_once('/') else { return false };
+        let Some((ns, host)) = h.split_once('/') else {
+            return false;
+        };
         let ns_ok = match ns {
             "*" => true,
             "." => s.namespace == proxy_ns,

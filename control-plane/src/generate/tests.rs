@@ -1,8 +1,8 @@
 use super::*;
 use crate::config::ConfigSet;
 use weft_xds_proto::envoy::config::core::v3::Node;
-use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use weft_xds_proto::unpack;
 
 const QUICKSTART: &str = r#"
@@ -77,13 +77,20 @@ fn mesh() -> Mesh {
 }
 
 fn node(id: &str) -> Node {
-    Node { id: id.into(), ..Default::default() }
+    Node {
+        id: id.into(),
+        ..Default::default()
+    }
 }
 
 #[test]
 fn client_gets_weighted_routes_and_subset_clusters() {
     let mesh = mesh();
-    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"), &mesh).unwrap();
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
     assert_eq!(proxy.workload.as_ref().unwrap().name, "client");
     let g = generate(&mesh, &proxy);
     let clusters: Vec<&String> = g.of_type(type_url::CLUSTER).unwrap().keys().collect();
@@ -97,38 +104,89 @@ fn client_gets_weighted_routes_and_subset_clusters() {
     );
     let listeners: Vec<&String> = g.of_type(type_url::LISTENER).unwrap().keys().collect();
     assert_eq!(listeners, ["127.0.0.1_8080"]);
-    let rc: RouteConfiguration = unpack(&g.of_type(type_url::ROUTE_CONFIGURATION).unwrap()["8080"].any).unwrap();
+    let rc: RouteConfiguration =
+        unpack(&g.of_type(type_url::ROUTE_CONFIGURATION).unwrap()["8080"].any).unwrap();
     let vh = &rc.virtual_hosts[0];
-    assert!(vh.domains.contains(&"hello".to_string()) && vh.domains.contains(&"hello:8080".to_string()));
-    let Some(route::Action::Route(action)) = &vh.routes[0].action else { panic!("no route action") };
-    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else { panic!("not weighted") };
-    let weights: Vec<(String, u32)> = wc.clusters.iter().map(|c| (c.name.clone(), c.weight.unwrap().value)).collect();
+    assert!(
+        vh.domains.contains(&"hello".to_string()) && vh.domains.contains(&"hello:8080".to_string())
+    );
+    let Some(route::Action::Route(action)) = &vh.routes[0].action else {
+        panic!("no route action")
+    };
+    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier
+    else {
+        panic!("not weighted")
+    };
+    let weights: Vec<(String, u32)> = wc
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.weight.unwrap().value))
+        .collect();
     assert_eq!(
         weights,
-        [("outbound|8080|v1|hello.default.svc.cluster.local".to_string(), 80), ("outbound|8080|v2|hello.default.svc.cluster.local".to_string(), 20)]
+        [
+            (
+                "outbound|8080|v1|hello.default.svc.cluster.local".to_string(),
+                80
+            ),
+            (
+                "outbound|8080|v2|hello.default.svc.cluster.local".to_string(),
+                20
+            )
+        ]
     );
     let cla: ClusterLoadAssignment =
         unpack(&g.of_type(type_url::CLUSTER_LOAD_ASSIGNMENT).unwrap()["outbound|8080|v2|hello.default.svc.cluster.local"].any).unwrap();
-    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1, "the v2 subset has exactly the v2 workload");
+    assert_eq!(
+        cla.endpoints[0].lb_endpoints.len(),
+        1,
+        "the v2 subset has exactly the v2 workload"
+    );
 }
 
 #[test]
 fn server_gets_its_inbound_listener_and_cluster() {
     let mesh = mesh();
-    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"), &mesh).unwrap();
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
     let g = generate(&mesh, &proxy);
-    assert!(g.of_type(type_url::LISTENER).unwrap().contains_key("127.0.0.11_9080"));
-    assert!(g.of_type(type_url::CLUSTER).unwrap().contains_key("inbound|9080||"));
+    assert!(
+        g.of_type(type_url::LISTENER)
+            .unwrap()
+            .contains_key("127.0.0.11_9080")
+    );
+    assert!(
+        g.of_type(type_url::CLUSTER)
+            .unwrap()
+            .contains_key("inbound|9080||")
+    );
 }
 
 #[test]
 fn versions_change_only_with_content() {
     let mesh = mesh();
-    let proxy = ProxyNode::identify(&node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"), &mesh).unwrap();
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
     let a = generate(&mesh, &proxy);
     let b = generate(&mesh, &proxy);
-    assert_eq!(a.type_version(type_url::CLUSTER, None), b.type_version(type_url::CLUSTER, None));
-    let other = ProxyNode::identify(&node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"), &mesh).unwrap();
+    assert_eq!(
+        a.type_version(type_url::CLUSTER, None),
+        b.type_version(type_url::CLUSTER, None)
+    );
+    let other = ProxyNode::identify(
+        &node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
     let c = generate(&mesh, &other);
-    assert_ne!(a.type_version(type_url::LISTENER, None), c.type_version(type_url::LISTENER, None));
+    assert_ne!(
+        a.type_version(type_url::LISTENER, None),
+        c.type_version(type_url::LISTENER, None)
+    );
 }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 use weft_xds_proto::envoy::config::core::v3::ControlPlane;
-use weft_xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use weft_xds_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
 use weft_xds_proto::type_url;
 
 use super::status::{Nack, now_ms};
@@ -39,9 +41,21 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(server: XdsServer, peer: String, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) -> Connection {
+    pub fn new(
+        server: XdsServer,
+        peer: String,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Connection {
         let id = server.status.open("delta", peer);
-        Connection { server, id, tx, node: None, generated: Generated::default(), subs: BTreeMap::new(), nonce: 0 }
+        Connection {
+            server,
+            id,
+            tx,
+            node: None,
+            generated: Generated::default(),
+            subs: BTreeMap::new(),
+            nonce: 0,
+        }
     }
 
     pub async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
@@ -73,7 +87,9 @@ impl Connection {
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req.node.clone().ok_or_else(|| Status::invalid_argument("the first DeltaDiscoveryRequest must carry the node"))?;
+            let node = req.node.clone().ok_or_else(|| {
+                Status::invalid_argument("the first DeltaDiscoveryRequest must carry the node")
+            })?;
             let (proxy, generated) = self.server.generate_for(&node)?;
             tracing::info!(connection = self.id, proxy = %proxy.id, "proxy connected (delta ADS)");
             self.server.status.set_proxy(self.id, &node.id);
@@ -88,7 +104,12 @@ impl Connection {
             self.server.status.record_nack(
                 self.id,
                 short,
-                Nack { nonce: req.response_nonce.clone(), version: String::new(), message: err.message.clone(), at_unix_ms: now_ms() },
+                Nack {
+                    nonce: req.response_nonce.clone(),
+                    version: String::new(),
+                    message: err.message.clone(),
+                    at_unix_ms: now_ms(),
+                },
             );
             return Ok(());
         }
@@ -124,7 +145,9 @@ impl Connection {
     }
 
     async fn on_mesh_change(&mut self) -> Result<(), Status> {
-        let Some(node) = &self.node else { return Ok(()) };
+        let Some(node) = &self.node else {
+            return Ok(());
+        };
         let (_, generated) = self.server.generate_for(node)?;
         self.generated = generated;
         for t in type_url::PUSH_ORDER {
@@ -138,16 +161,28 @@ impl Connection {
     /// Sends what changed for `type_url`; with `always`, sends even an empty response (a proxy
     /// waits for one answer to each new subscription before it finishes initializing).
     async fn send_diff(&mut self, type_url: &str, always: bool) -> Result<(), Status> {
-        let Some(sub) = self.subs.get_mut(type_url) else { return Ok(()) };
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
         let empty = BTreeMap::new();
         let current = self.generated.of_type(type_url).unwrap_or(&empty);
         let mut resources = Vec::new();
         for (name, r) in current.iter().filter(|(n, _)| sub.wants(n)) {
             if sub.sent.get(name) != Some(&r.version) {
-                resources.push(Resource { name: name.clone(), version: r.version.clone(), resource: Some(r.any.clone()), ..Default::default() });
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.any.clone()),
+                    ..Default::default()
+                });
             }
         }
-        let removed: Vec<String> = sub.sent.keys().filter(|n| !current.contains_key(*n) || !sub.wants(n)).cloned().collect();
+        let removed: Vec<String> = sub
+            .sent
+            .keys()
+            .filter(|n| !current.contains_key(*n) || !sub.wants(n))
+            .cloned()
+            .collect();
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
@@ -168,14 +203,21 @@ impl Connection {
             type_url: type_url.to_string(),
             removed_resources: removed,
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.server.identifier.clone() }),
+            control_plane: Some(ControlPlane {
+                identifier: self.server.identifier.clone(),
+            }),
             ..Default::default()
         };
-        self.server.status.update(self.id, type_url::short_name(type_url), |t| {
-            t.sent_version = version;
-            t.sent_nonce = nonce;
-            t.sent_resources = count;
-        });
-        self.tx.send(Ok(resp)).await.map_err(|_| Status::cancelled("proxy went away"))
+        self.server
+            .status
+            .update(self.id, type_url::short_name(type_url), |t| {
+                t.sent_version = version;
+                t.sent_nonce = nonce;
+                t.sent_resources = count;
+            });
+        self.tx
+            .send(Ok(resp))
+            .await
+            .map_err(|_| Status::cancelled("proxy went away"))
     }
 }

@@ -43,7 +43,11 @@ pub struct XdsServer {
 impl XdsServer {
     pub fn new(mesh: watch::Receiver<Arc<MeshSnapshot>>, status: Arc<StatusRegistry>) -> XdsServer {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        XdsServer { mesh, status, identifier: format!("weftd-{}", host.trim()) }
+        XdsServer {
+            mesh,
+            status,
+            identifier: format!("weftd-{}", host.trim()),
+        }
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<XdsServer> {
@@ -56,7 +60,9 @@ impl XdsServer {
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn peer_of<T>(req: &Request<T>) -> String {
-    req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
+    req.remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 #[tonic::async_trait]

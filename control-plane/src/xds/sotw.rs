@@ -33,9 +33,21 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(server: XdsServer, peer: String, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Connection {
+    pub fn new(
+        server: XdsServer,
+        peer: String,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Connection {
         let id = server.status.open("sotw", peer);
-        Connection { server, id, tx, node: None, generated: Generated::default(), subs: BTreeMap::new(), nonce: 0 }
+        Connection {
+            server,
+            id,
+            tx,
+            node: None,
+            generated: Generated::default(),
+            subs: BTreeMap::new(),
+            nonce: 0,
+        }
     }
 
     pub async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
@@ -67,7 +79,9 @@ impl Connection {
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         if self.node.is_none() {
-            let node = req.node.clone().ok_or_else(|| Status::invalid_argument("the first DiscoveryRequest must carry the node"))?;
+            let node = req.node.clone().ok_or_else(|| {
+                Status::invalid_argument("the first DiscoveryRequest must carry the node")
+            })?;
             let (proxy, generated) = self.server.generate_for(&node)?;
             tracing::info!(connection = self.id, proxy = %proxy.id, workload = ?proxy.workload.as_ref().map(|w| &w.name), "proxy connected (SotW ADS)");
             self.server.status.set_proxy(self.id, &node.id);
@@ -81,7 +95,12 @@ impl Connection {
             self.server.status.record_nack(
                 self.id,
                 short,
-                Nack { nonce: req.response_nonce.clone(), version: req.version_info.clone(), message: err.message.clone(), at_unix_ms: now_ms() },
+                Nack {
+                    nonce: req.response_nonce.clone(),
+                    version: req.version_info.clone(),
+                    message: err.message.clone(),
+                    at_unix_ms: now_ms(),
+                },
             );
             return Ok(());
         }
@@ -96,11 +115,18 @@ impl Connection {
                 t.acks += 1;
             });
         }
-        let names: Option<BTreeSet<String>> = if req.resource_names.is_empty() && is_wildcard_type(&type_url) {
-            None
-        } else {
-            Some(req.resource_names.iter().filter(|n| n.as_str() != "*").cloned().collect())
-        };
+        let names: Option<BTreeSet<String>> =
+            if req.resource_names.is_empty() && is_wildcard_type(&type_url) {
+                None
+            } else {
+                Some(
+                    req.resource_names
+                        .iter()
+                        .filter(|n| n.as_str() != "*")
+                        .cloned()
+                        .collect(),
+                )
+            };
         let initial = req.response_nonce.is_empty();
         let changed = sub.names != names;
         sub.names = names;
@@ -111,16 +137,21 @@ impl Connection {
     }
 
     async fn on_mesh_change(&mut self) -> Result<(), Status> {
-        let Some(node) = &self.node else { return Ok(()) };
+        let Some(node) = &self.node else {
+            return Ok(());
+        };
         let (_, generated) = self.server.generate_for(node)?;
         self.generated = generated;
         // Push in Envoy's warming order. A pushed CDS makes clusters re-warm and wait for EDS,
         // and a pushed LDS waits for RDS, so the dependent type follows even if unchanged.
         let mut force_next = false;
         for t in type_url::PUSH_ORDER {
-            let Some(sub) = self.subs.get(t) else { continue };
+            let Some(sub) = self.subs.get(t) else {
+                continue;
+            };
             let current = self.generated.type_version(t, sub.names.as_ref());
-            let dependent = force_next && (t == type_url::CLUSTER_LOAD_ASSIGNMENT || t == type_url::ROUTE_CONFIGURATION);
+            let dependent = force_next
+                && (t == type_url::CLUSTER_LOAD_ASSIGNMENT || t == type_url::ROUTE_CONFIGURATION);
             let pushed = current != sub.sent_version || dependent;
             if pushed {
                 self.send(t).await?;
@@ -131,7 +162,9 @@ impl Connection {
     }
 
     async fn send(&mut self, type_url: &str) -> Result<(), Status> {
-        let Some(sub) = self.subs.get_mut(type_url) else { return Ok(()) };
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
         let resources: Vec<_> = self
             .generated
             .of_type(type_url)
@@ -151,14 +184,21 @@ impl Connection {
             resources,
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.server.identifier.clone() }),
+            control_plane: Some(ControlPlane {
+                identifier: self.server.identifier.clone(),
+            }),
             ..Default::default()
         };
-        self.server.status.update(self.id, type_url::short_name(type_url), |t| {
-            t.sent_version = version;
-            t.sent_nonce = nonce;
-            t.sent_resources = count;
-        });
-        self.tx.send(Ok(resp)).await.map_err(|_| Status::cancelled("proxy went away"))
+        self.server
+            .status
+            .update(self.id, type_url::short_name(type_url), |t| {
+                t.sent_version = version;
+                t.sent_nonce = nonce;
+                t.sent_resources = count;
+            });
+        self.tx
+            .send(Ok(resp))
+            .await
+            .map_err(|_| Status::cancelled("proxy went away"))
     }
 }

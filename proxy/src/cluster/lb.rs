@@ -19,7 +19,10 @@ impl LbPolicy {
         match XdsLbPolicy::try_from(policy) {
             Ok(XdsLbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
             Ok(XdsLbPolicy::Random) => Ok(LbPolicy::Random),
-            Ok(other) => Err(format!("{} is not supported yet (ROUND_ROBIN and RANDOM are)", other.as_str_name())),
+            Ok(other) => Err(format!(
+                "{} is not supported yet (ROUND_ROBIN and RANDOM are)",
+                other.as_str_name()
+            )),
             Err(_) => Err(format!("unknown load balancing policy {policy}")),
         }
     }
@@ -45,8 +48,15 @@ impl EndpointSet {
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> EndpointSet {
         let g = endpoints.iter().map(|e| e.weight).fold(0, gcd).max(1);
         let total: u64 = endpoints.iter().map(|e| u64::from(e.weight / g)).sum();
-        let scale = if total > MAX_SCHEDULE { total as f64 / MAX_SCHEDULE as f64 } else { 1.0 };
-        let weights: Vec<u32> = endpoints.iter().map(|e| (((e.weight / g) as f64 / scale).round() as u32).max(1)).collect();
+        let scale = if total > MAX_SCHEDULE {
+            total as f64 / MAX_SCHEDULE as f64
+        } else {
+            1.0
+        };
+        let weights: Vec<u32> = endpoints
+            .iter()
+            .map(|e| (((e.weight / g) as f64 / scale).round() as u32).max(1))
+            .collect();
         // Smooth weighted round robin (as nginx does) gives an interleaved schedule.
         let mut current = vec![0i64; endpoints.len()];
         let sum: i64 = weights.iter().map(|w| i64::from(*w)).sum();
@@ -62,7 +72,10 @@ impl EndpointSet {
             current[best] -= sum;
             schedule.push(best as u32);
         }
-        EndpointSet { endpoints, schedule }
+        EndpointSet {
+            endpoints,
+            schedule,
+        }
     }
 
     pub fn all(&self) -> &[Arc<Endpoint>] {
@@ -83,7 +96,10 @@ pub struct Balancer {
 impl Balancer {
     pub fn new(policy: LbPolicy) -> Balancer {
         // Start at a random point so that many proxies do not all hit the first host together.
-        Balancer { policy, next: AtomicUsize::new(fastrand::usize(..1024)) }
+        Balancer {
+            policy,
+            next: AtomicUsize::new(fastrand::usize(..1024)),
+        }
     }
 
     /// Picks an endpoint; None when the cluster has none.
@@ -119,13 +135,22 @@ mod tests {
     fn round_robin_honours_weights_and_interleaves() {
         let set = EndpointSet::new(vec![ep(1, 3), ep(2, 1)]);
         let b = Balancer::new(LbPolicy::RoundRobin);
-        let picks: Vec<u16> = (0..8).map(|_| b.pick(&set).unwrap().address.port()).collect();
+        let picks: Vec<u16> = (0..8)
+            .map(|_| b.pick(&set).unwrap().address.port())
+            .collect();
         assert_eq!(picks.iter().filter(|p| **p == 1).count(), 6);
-        assert!(picks.windows(4).all(|w| w.contains(&2)), "weight-1 host appears in every window of 4: {picks:?}");
+        assert!(
+            picks.windows(4).all(|w| w.contains(&2)),
+            "weight-1 host appears in every window of 4: {picks:?}"
+        );
     }
 
     #[test]
     fn empty_set_picks_nothing() {
-        assert!(Balancer::new(LbPolicy::Random).pick(&EndpointSet::default()).is_none());
+        assert!(
+            Balancer::new(LbPolicy::Random)
+                .pick(&EndpointSet::default())
+                .is_none()
+        );
     }
 }

@@ -14,7 +14,9 @@ use arc_swap::ArcSwap;
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster as XdsCluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{address, socket_address};
 use weft_xds_proto::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use weft_xds_proto::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
 
 use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
@@ -79,52 +81,82 @@ pub struct Cluster {
 impl Cluster {
     /// Validates and translates a CDS resource.
     pub fn from_xds(c: &XdsCluster) -> Result<Cluster, Rejection> {
-        let reject = |field: &str, reason: String| Rejection::new("Cluster", &c.name, field, reason);
+        let reject =
+            |field: &str, reason: String| Rejection::new("Cluster", &c.name, field, reason);
         if c.name.is_empty() {
             return Err(reject("name", "a cluster needs a name".into()));
         }
         let discovery = match &c.cluster_discovery_type {
             None => Discovery::Static,
-            Some(cluster::ClusterDiscoveryType::Type(t)) => match cluster::DiscoveryType::try_from(*t) {
-                Ok(cluster::DiscoveryType::Static) => Discovery::Static,
-                Ok(cluster::DiscoveryType::Eds) => {
-                    let service = c
-                        .eds_cluster_config
-                        .as_ref()
-                        .map(|e| e.service_name.clone())
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| c.name.clone());
-                    Discovery::Eds(service)
+            Some(cluster::ClusterDiscoveryType::Type(t)) => {
+                match cluster::DiscoveryType::try_from(*t) {
+                    Ok(cluster::DiscoveryType::Static) => Discovery::Static,
+                    Ok(cluster::DiscoveryType::Eds) => {
+                        let service = c
+                            .eds_cluster_config
+                            .as_ref()
+                            .map(|e| e.service_name.clone())
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or_else(|| c.name.clone());
+                        Discovery::Eds(service)
+                    }
+                    Ok(other) => {
+                        return Err(reject(
+                            "type",
+                            format!(
+                                "discovery type {} is not supported (STATIC and EDS are)",
+                                other.as_str_name()
+                            ),
+                        ));
+                    }
+                    Err(_) => return Err(reject("type", format!("unknown discovery type {t}"))),
                 }
-                Ok(other) => return Err(reject("type", format!("discovery type {} is not supported (STATIC and EDS are)", other.as_str_name()))),
-                Err(_) => return Err(reject("type", format!("unknown discovery type {t}"))),
-            },
+            }
             Some(cluster::ClusterDiscoveryType::ClusterType(t)) => {
-                return Err(reject("cluster_type", format!("custom cluster type {:?} is not supported", t.name)));
+                return Err(reject(
+                    "cluster_type",
+                    format!("custom cluster type {:?} is not supported", t.name),
+                ));
             }
         };
         let lb = LbPolicy::from_xds(c.lb_policy).map_err(|r| reject("lb_policy", r))?;
         for (field, set) in [
             ("transport_socket", c.transport_socket.is_some()),
-            ("transport_socket_matches", !c.transport_socket_matches.is_empty()),
+            (
+                "transport_socket_matches",
+                !c.transport_socket_matches.is_empty(),
+            ),
             ("circuit_breakers", c.circuit_breakers.is_some()),
             ("outlier_detection", c.outlier_detection.is_some()),
             ("health_checks", !c.health_checks.is_empty()),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
-            ("upstream_connection_options", c.upstream_connection_options.is_some()),
+            (
+                "upstream_connection_options",
+                c.upstream_connection_options.is_some(),
+            ),
         ] {
             if set {
-                return Err(reject(field, "not supported by this weft-proxy version".into()));
+                return Err(reject(
+                    field,
+                    "not supported by this weft-proxy version".into(),
+                ));
             }
         }
         let mut protocol = UpstreamProtocol::Http1;
         for (name, any) in &c.typed_extension_protocol_options {
             if name != HTTP_PROTOCOL_OPTIONS {
-                return Err(reject(&format!("typed_extension_protocol_options[{name}]"), "unknown extension".into()));
+                return Err(reject(
+                    &format!("typed_extension_protocol_options[{name}]"),
+                    "unknown extension".into(),
+                ));
             }
-            let opts: HttpProtocolOptions = weft_xds_proto::unpack(any)
-                .map_err(|e| reject(&format!("typed_extension_protocol_options[{name}]"), e.to_string()))?;
+            let opts: HttpProtocolOptions = weft_xds_proto::unpack(any).map_err(|e| {
+                reject(
+                    &format!("typed_extension_protocol_options[{name}]"),
+                    e.to_string(),
+                )
+            })?;
             protocol = match opts.upstream_protocol_options {
                 None => UpstreamProtocol::Http1,
                 Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
@@ -140,7 +172,11 @@ impl Cluster {
                 }
             };
         }
-        let connect_timeout = c.connect_timeout.as_ref().map(duration).unwrap_or(Duration::from_secs(5));
+        let connect_timeout = c
+            .connect_timeout
+            .as_ref()
+            .map(duration)
+            .unwrap_or(Duration::from_secs(5));
         let cluster = Cluster {
             name: c.name.clone(),
             discovery,
@@ -151,11 +187,11 @@ impl Cluster {
             stats: ClusterStats::default(),
             source: c.clone(),
         };
-        if cluster.discovery == Discovery::Static {
-            if let Some(cla) = &c.load_assignment {
-                let set = cluster.endpoint_set(cla, &HashMap::new())?;
-                cluster.endpoints.store(Arc::new(set));
-            }
+        if cluster.discovery == Discovery::Static
+            && let Some(cla) = &c.load_assignment
+        {
+            let set = cluster.endpoint_set(cla, &HashMap::new())?;
+            cluster.endpoints.store(Arc::new(set));
         }
         Ok(cluster)
     }
@@ -167,22 +203,42 @@ impl Cluster {
         cla: &ClusterLoadAssignment,
         existing: &HashMap<SocketAddr, Arc<Endpoint>>,
     ) -> Result<lb::EndpointSet, Rejection> {
-        let reject = |field: String, reason: String| Rejection::new("ClusterLoadAssignment", &cla.cluster_name, field, reason);
-        if cla.policy.as_ref().is_some_and(|p| !p.drop_overloads.is_empty()) {
-            return Err(reject("policy.drop_overloads".into(), "not supported by this weft-proxy version".into()));
+        let reject = |field: String, reason: String| {
+            Rejection::new("ClusterLoadAssignment", &cla.cluster_name, field, reason)
+        };
+        if cla
+            .policy
+            .as_ref()
+            .is_some_and(|p| !p.drop_overloads.is_empty())
+        {
+            return Err(reject(
+                "policy.drop_overloads".into(),
+                "not supported by this weft-proxy version".into(),
+            ));
         }
         let mut endpoints = Vec::new();
         for (i, group) in cla.endpoints.iter().enumerate() {
             if group.priority != 0 {
-                return Err(reject(format!("endpoints[{i}].priority"), "priorities other than 0 are not supported yet".into()));
+                return Err(reject(
+                    format!("endpoints[{i}].priority"),
+                    "priorities other than 0 are not supported yet".into(),
+                ));
             }
             for (j, lbe) in group.lb_endpoints.iter().enumerate() {
                 let field = format!("endpoints[{i}].lb_endpoints[{j}]");
                 let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lbe.host_identifier else {
-                    return Err(reject(field, "only endpoint addresses are supported (no named endpoints)".into()));
+                    return Err(reject(
+                        field,
+                        "only endpoint addresses are supported (no named endpoints)".into(),
+                    ));
                 };
-                let addr = socket_addr(ep.address.as_ref()).map_err(|r| reject(format!("{field}.endpoint.address"), r))?;
-                let weight = lbe.load_balancing_weight.map(|w| w.value).unwrap_or(1).max(1);
+                let addr = socket_addr(ep.address.as_ref())
+                    .map_err(|r| reject(format!("{field}.endpoint.address"), r))?;
+                let weight = lbe
+                    .load_balancing_weight
+                    .map(|w| w.value)
+                    .unwrap_or(1)
+                    .max(1);
                 let endpoint = match existing.get(&addr) {
                     Some(e) if e.weight == weight => e.clone(),
                     _ => Arc::new(Endpoint {
@@ -201,7 +257,11 @@ impl Cluster {
     /// Replaces the endpoints from an EDS update.
     pub fn assign(&self, cla: &ClusterLoadAssignment) -> Result<(), Rejection> {
         let current = self.endpoints.load();
-        let existing: HashMap<SocketAddr, Arc<Endpoint>> = current.all().iter().map(|e| (e.address, e.clone())).collect();
+        let existing: HashMap<SocketAddr, Arc<Endpoint>> = current
+            .all()
+            .iter()
+            .map(|e| (e.address, e.clone()))
+            .collect();
         let set = self.endpoint_set(cla, &existing)?;
         self.endpoints.store(Arc::new(set));
         self.stats.update_success.inc();
@@ -210,18 +270,25 @@ impl Cluster {
 }
 
 /// A socket address from an Envoy `Address` (IP literals only: weft does not resolve here).
-pub fn socket_addr(a: Option<&weft_xds_proto::envoy::config::core::v3::Address>) -> Result<SocketAddr, String> {
+pub fn socket_addr(
+    a: Option<&weft_xds_proto::envoy::config::core::v3::Address>,
+) -> Result<SocketAddr, String> {
     let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
         return Err("a socket address is required".into());
     };
     let port = match sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) if p <= 65535 => p as u16,
-        Some(socket_address::PortSpecifier::PortValue(p)) => return Err(format!("port {p} is out of range")),
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            return Err(format!("port {p} is out of range"));
+        }
         _ => return Err("a numeric port_value is required".into()),
     };
     if sa.protocol != 0 {
         return Err("only TCP socket addresses are supported".into());
     }
-    let ip: std::net::IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let ip: std::net::IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
     Ok(SocketAddr::new(ip, port))
 }

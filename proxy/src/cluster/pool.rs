@@ -28,17 +28,31 @@ pub enum UpstreamError {
     #[error("connection to {0} timed out")]
     ConnectTimeout(SocketAddr),
     #[error("connection to {addr} failed: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     #[error("upstream {addr} reset the request: {source}")]
-    Reset { addr: SocketAddr, source: hyper::Error },
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
 }
 
 impl UpstreamError {
     /// True when no byte reached the upstream (Envoy's `UF`, connect-failure).
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, UpstreamError::ConnectTimeout(_) | UpstreamError::Connect { .. } | UpstreamError::Handshake { .. })
+        matches!(
+            self,
+            UpstreamError::ConnectTimeout(_)
+                | UpstreamError::Connect { .. }
+                | UpstreamError::Handshake { .. }
+        )
     }
 }
 
@@ -85,7 +99,10 @@ impl Pool {
         }
     }
 
-    async fn send_h1(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_h1(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         // A pooled connection the upstream has just closed fails before the request is
         // written; hyper hands the request back and we try the next connection.
         loop {
@@ -100,7 +117,12 @@ impl Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => req = back,
-                    _ => return Err(UpstreamError::Reset { addr: self.addr, source: e.into_error() }),
+                    _ => {
+                        return Err(UpstreamError::Reset {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
                 },
             }
         }
@@ -133,17 +155,21 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<TcpStream, UpstreamError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                self.stats.cx_connect_fail.inc();
-                return Err(UpstreamError::Connect { addr: self.addr, source });
-            }
-            Err(_) => {
-                self.stats.cx_connect_fail.inc();
-                return Err(UpstreamError::ConnectTimeout(self.addr));
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
+                    self.stats.cx_connect_fail.inc();
+                    return Err(UpstreamError::Connect {
+                        addr: self.addr,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    self.stats.cx_connect_fail.inc();
+                    return Err(UpstreamError::ConnectTimeout(self.addr));
+                }
+            };
         let _ = stream.set_nodelay(true);
         self.stats.cx_total.inc();
         Ok(stream)
@@ -154,7 +180,10 @@ impl Pool {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
         let active = self.stats.cx_active.clone();
         active.inc();
         tokio::spawn(async move {
@@ -176,7 +205,10 @@ impl Pool {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(TokioIo::new(stream))
                     .await
-                    .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+                    .map_err(|source| UpstreamError::Handshake {
+                        addr: self.addr,
+                        source,
+                    })?;
                 let active = self.stats.cx_active.clone();
                 active.inc();
                 tokio::spawn(async move {
@@ -190,6 +222,9 @@ impl Pool {
         sender
             .send_request(req)
             .await
-            .map_err(|source| UpstreamError::Reset { addr: self.addr, source })
+            .map_err(|source| UpstreamError::Reset {
+                addr: self.addr,
+                source,
+            })
     }
 }

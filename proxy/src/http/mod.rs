@@ -45,14 +45,27 @@ pub struct ConnectionManager {
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 impl ConnectionManager {
-    pub fn from_xds(listener: &str, hcm: &HttpConnectionManager) -> Result<ConnectionManager, Rejection> {
+    pub fn from_xds(
+        listener: &str,
+        hcm: &HttpConnectionManager,
+    ) -> Result<ConnectionManager, Rejection> {
         let reject = |field: &str, reason: String| {
-            Rejection::new("Listener", listener, format!("http_connection_manager.{field}"), reason)
+            Rejection::new(
+                "Listener",
+                listener,
+                format!("http_connection_manager.{field}"),
+                reason,
+            )
         };
         use http_connection_manager::CodecType;
         match CodecType::try_from(hcm.codec_type) {
             Ok(CodecType::Auto | CodecType::Http1 | CodecType::Http2) => {}
-            _ => return Err(reject("codec_type", "only AUTO, HTTP1 and HTTP2 are supported".into())),
+            _ => {
+                return Err(reject(
+                    "codec_type",
+                    "only AUTO, HTTP1 and HTTP2 are supported".into(),
+                ));
+            }
         }
         // Exactly the router, last: other HTTP filters are not implemented in this version.
         for (i, f) in hcm.http_filters.iter().enumerate() {
@@ -60,29 +73,55 @@ impl ConnectionManager {
                 Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
                 _ => "",
             };
-            let is_router = type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router");
+            let is_router = type_url == ROUTER
+                || (type_url.is_empty() && f.name == "envoy.filters.http.router");
             if !is_router {
                 if f.is_optional {
                     continue;
                 }
-                return Err(reject(&format!("http_filters[{i}]"), format!("HTTP filter {:?} ({type_url}) is not supported by this weft-proxy version", f.name)));
+                return Err(reject(
+                    &format!("http_filters[{i}]"),
+                    format!(
+                        "HTTP filter {:?} ({type_url}) is not supported by this weft-proxy version",
+                        f.name
+                    ),
+                ));
             }
             if i + 1 != hcm.http_filters.len() {
-                return Err(reject(&format!("http_filters[{i}]"), "the router must be the last HTTP filter".into()));
+                return Err(reject(
+                    &format!("http_filters[{i}]"),
+                    "the router must be the last HTTP filter".into(),
+                ));
             }
         }
         if !hcm.http_filters.iter().any(|f| f.name == "envoy.filters.http.router" || matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == ROUTER)) {
             return Err(reject("http_filters", "the router filter is required".into()));
         }
         if !hcm.upgrade_configs.is_empty() {
-            return Err(reject("upgrade_configs", "upgrades (WebSocket) are not supported yet".into()));
+            return Err(reject(
+                "upgrade_configs",
+                "upgrades (WebSocket) are not supported yet".into(),
+            ));
         }
         let routes = match &hcm.route_specifier {
-            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name.clone()),
-            Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => RouteSource::Static(Arc::new(RouteTable::from_xds(rc)?)),
-            _ => return Err(reject("route_specifier", "rds or route_config is required (scoped routes are not supported)".into())),
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                RouteSource::Rds(rds.route_config_name.clone())
+            }
+            Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                RouteSource::Static(Arc::new(RouteTable::from_xds(rc)?))
+            }
+            _ => {
+                return Err(reject(
+                    "route_specifier",
+                    "rds or route_config is required (scoped routes are not supported)".into(),
+                ));
+            }
         };
-        Ok(ConnectionManager { stat_prefix: hcm.stat_prefix.clone(), routes, stats: Arc::new(HttpStats::default()) })
+        Ok(ConnectionManager {
+            stat_prefix: hcm.stat_prefix.clone(),
+            routes,
+            stats: Arc::new(HttpStats::default()),
+        })
     }
 
     pub fn route_config_name(&self) -> Option<&str> {
@@ -110,14 +149,24 @@ pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, st
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60))
         .max_buf_size(96 * 1024);
-    builder.http2().max_concurrent_streams(1024).max_header_list_size(96 * 1024);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    builder
+        .http2()
+        .max_concurrent_streams(1024)
+        .max_header_list_size(96 * 1024);
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
         tracing::debug!("downstream connection ended: {e}");
     }
 }
 
 /// The request path: route, pick a cluster and endpoint, send upstream, count.
-pub async fn proxy_request(proxy: &Proxy, hcm: &ConnectionManager, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn proxy_request(
+    proxy: &Proxy,
+    hcm: &ConnectionManager,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
     let resp = route_and_forward(proxy, hcm, req).await;
@@ -125,7 +174,11 @@ pub async fn proxy_request(proxy: &Proxy, hcm: &ConnectionManager, req: Request<
     resp
 }
 
-async fn route_and_forward(proxy: &Proxy, hcm: &ConnectionManager, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn route_and_forward(
+    proxy: &Proxy,
+    hcm: &ConnectionManager,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 1. Route: virtual host by authority, then the first matching route.
     let Some(authority) = authority_of(&req) else {
@@ -135,8 +188,15 @@ async fn route_and_forward(proxy: &Proxy, hcm: &ConnectionManager, req: Request<
         RouteSource::Static(t) => Some(t.clone()),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let Some(route) = table.as_deref().and_then(|t| t.route(&authority, path, req.headers())) else {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Some(route) = table
+        .as_deref()
+        .and_then(|t| t.route(&authority, path, req.headers()))
+    else {
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
@@ -164,7 +224,11 @@ async fn route_and_forward(proxy: &Proxy, hcm: &ConnectionManager, req: Request<
             Err(_) => {
                 cluster.stats.upstream_rq_timeout.inc();
                 endpoint.stats.rq_error.inc();
-                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", "UT");
+                return local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                );
             }
         },
         None => send.await,
@@ -174,7 +238,11 @@ async fn route_and_forward(proxy: &Proxy, hcm: &ConnectionManager, req: Request<
         Ok(mut resp) => {
             let status = resp.status().as_u16();
             cluster.stats.upstream_rq_xx.record(status);
-            if status >= 500 { endpoint.stats.rq_error.inc() } else { endpoint.stats.rq_success.inc() }
+            if status >= 500 {
+                endpoint.stats.rq_error.inc()
+            } else {
+                endpoint.stats.rq_success.inc()
+            }
             strip_hop_by_hop(resp.headers_mut());
             resp.map(Either::Left)
         }
@@ -205,7 +273,10 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str().to_string());
     }
-    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
 }
 
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -232,24 +303,42 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 #[allow(clippy::result_large_err)]
-fn to_upstream(req: Request<Incoming>, authority: &str, protocol: UpstreamProtocol) -> Result<Request<Incoming>, Response<ProxyBody>> {
+fn to_upstream(
+    req: Request<Incoming>,
+    authority: &str,
+    protocol: UpstreamProtocol,
+) -> Result<Request<Incoming>, Response<ProxyBody>> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
     parts.headers.remove(header::TE);
     if parts.headers.get("grpc-timeout").is_some() || is_grpc(&parts.headers) {
-        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if !parts.headers.contains_key("x-request-id") {
-        parts.headers.insert(HeaderName::from_static("x-request-id"), request_id());
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-request-id"), request_id());
     }
-    parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    parts.headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     match protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path).map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
-            let host = HeaderValue::from_str(authority).map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE"))?;
+            parts.uri = Uri::try_from(path)
+                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
+            let host = HeaderValue::from_str(authority)
+                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE"))?;
             parts.headers.insert(header::HOST, host);
         }
         UpstreamProtocol::Http2 => {
@@ -259,7 +348,9 @@ fn to_upstream(req: Request<Incoming>, authority: &str, protocol: UpstreamProtoc
                 .authority(authority)
                 .path_and_query(path)
                 .build()
-                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority or path", "DPE"))?;
+                .map_err(|_| {
+                    local_reply(StatusCode::BAD_REQUEST, "invalid authority or path", "DPE")
+                })?;
             parts.headers.remove(header::HOST);
         }
     }
@@ -267,7 +358,9 @@ fn to_upstream(req: Request<Incoming>, authority: &str, protocol: UpstreamProtoc
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 fn request_id() -> HeaderValue {
@@ -286,12 +379,17 @@ fn request_id() -> HeaderValue {
 
 /// A response generated by the proxy itself, with Envoy's body text and response flag header.
 pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(body.as_bytes()))));
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
+        body.as_bytes(),
+    ))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     if !body.is_empty() {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
-    h.insert(HeaderName::from_static("x-weft-response-flags"), HeaderValue::from_static(flag));
+    h.insert(
+        HeaderName::from_static("x-weft-response-flags"),
+        HeaderValue::from_static(flag),
+    );
     resp
 }

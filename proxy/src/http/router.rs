@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::HeaderMap;
 use regex::Regex;
 use weft_xds_proto::envoy::config::route::v3::{
-    HeaderMatcher, Route as XdsRoute, RouteAction as XdsRouteAction, RouteConfiguration, VirtualHost as XdsVirtualHost,
-    header_matcher, route, route_action, route_match,
+    HeaderMatcher, Route as XdsRoute, RouteAction as XdsRouteAction, RouteConfiguration,
+    VirtualHost as XdsVirtualHost, header_matcher, route, route_action, route_match,
 };
 use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 
@@ -79,7 +79,10 @@ enum StringRule {
 #[derive(Debug, Clone)]
 pub enum ClusterChoice {
     Single(String),
-    Weighted { clusters: Vec<(String, u32)>, total: u64 },
+    Weighted {
+        clusters: Vec<(String, u32)>,
+        total: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -110,25 +113,43 @@ impl ClusterChoice {
 
 fn compile_regex(m: &RegexMatcher) -> Result<Regex, String> {
     // Envoy's safe_regex matches the whole value (RE2 full match).
-    Regex::new(&format!("^(?:{})$", m.regex)).map_err(|e| format!("invalid regex {:?}: {e}", m.regex))
+    Regex::new(&format!("^(?:{})$", m.regex))
+        .map_err(|e| format!("invalid regex {:?}: {e}", m.regex))
 }
 
 fn string_rule(m: &StringMatcher) -> Result<StringRule, String> {
     let ic = m.ignore_case;
-    let lower = |s: &String| if ic { s.to_ascii_lowercase() } else { s.clone() };
+    let lower = |s: &String| {
+        if ic {
+            s.to_ascii_lowercase()
+        } else {
+            s.clone()
+        }
+    };
     Ok(match &m.match_pattern {
         Some(string_matcher::MatchPattern::Exact(s)) => StringRule::Exact(lower(s), ic),
         Some(string_matcher::MatchPattern::Prefix(s)) => StringRule::Prefix(lower(s), ic),
         Some(string_matcher::MatchPattern::Suffix(s)) => StringRule::Suffix(lower(s), ic),
         Some(string_matcher::MatchPattern::Contains(s)) => StringRule::Contains(lower(s), ic),
         Some(string_matcher::MatchPattern::SafeRegex(r)) => StringRule::Regex(compile_regex(r)?),
-        _ => return Err("only exact, prefix, suffix, contains and safe_regex string matchers are supported".into()),
+        _ => {
+            return Err(
+                "only exact, prefix, suffix, contains and safe_regex string matchers are supported"
+                    .into(),
+            );
+        }
     })
 }
 
 impl StringRule {
     fn matches(&self, v: &str) -> bool {
-        let norm = |ic: bool| if ic { std::borrow::Cow::Owned(v.to_ascii_lowercase()) } else { std::borrow::Cow::Borrowed(v) };
+        let norm = |ic: bool| {
+            if ic {
+                std::borrow::Cow::Owned(v.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(v)
+            }
+        };
         match self {
             StringRule::Exact(s, ic) => norm(*ic) == s.as_str(),
             StringRule::Prefix(s, ic) => norm(*ic).starts_with(s.as_str()),
@@ -142,7 +163,8 @@ impl StringRule {
 #[allow(deprecated)]
 fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     use header_matcher::HeaderMatchSpecifier as S;
-    let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("invalid header name {:?}", h.name))?;
+    let name = http::HeaderName::from_bytes(h.name.as_bytes())
+        .map_err(|_| format!("invalid header name {:?}", h.name))?;
     let rule = match &h.header_match_specifier {
         None => HeaderRule::Present(true),
         Some(S::PresentMatch(p)) => HeaderRule::Present(*p),
@@ -157,7 +179,11 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     if h.treat_missing_header_as_empty {
         return Err("treat_missing_header_as_empty is not supported yet".into());
     }
-    Ok(HeaderMatch { name, rule, invert: h.invert_match })
+    Ok(HeaderMatch {
+        name,
+        rule,
+        invert: h.invert_match,
+    })
 }
 
 impl HeaderMatch {
@@ -174,7 +200,9 @@ impl HeaderMatch {
                         let rest: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
                         match v.to_str() {
                             Ok(s) if rest.is_empty() => rule.matches(s),
-                            Ok(s) => rule.matches(&[s].into_iter().chain(rest).collect::<Vec<_>>().join(",")),
+                            Ok(s) => rule.matches(
+                                &[s].into_iter().chain(rest).collect::<Vec<_>>().join(","),
+                            ),
                             Err(_) => false,
                         }
                     }
@@ -193,7 +221,10 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
         ("regex_rewrite", a.regex_rewrite.is_some()),
         ("host_rewrite_specifier", a.host_rewrite_specifier.is_some()),
         ("retry_policy", a.retry_policy.is_some()),
-        ("request_mirror_policies", !a.request_mirror_policies.is_empty()),
+        (
+            "request_mirror_policies",
+            !a.request_mirror_policies.is_empty(),
+        ),
         ("hash_policy", !a.hash_policy.is_empty()),
         ("cors", a.cors.is_some()),
         ("rate_limits", !a.rate_limits.is_empty()),
@@ -207,18 +238,36 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
     let cluster = match &a.cluster_specifier {
         Some(route_action::ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
         Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-            let clusters: Vec<(String, u32)> =
-                w.clusters.iter().map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0))).collect();
+            let clusters: Vec<(String, u32)> = w
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0)))
+                .collect();
             let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
             if clusters.is_empty() || total == 0 {
-                return bad("weighted_clusters", "the sum of weights must be greater than 0");
+                return bad(
+                    "weighted_clusters",
+                    "the sum of weights must be greater than 0",
+                );
             }
-            if w.clusters.iter().any(|c| !c.cluster_header.is_empty() || !c.request_headers_to_add.is_empty() || !c.response_headers_to_add.is_empty()) {
-                return bad("weighted_clusters.clusters", "cluster_header and per-cluster header edits are not supported yet");
+            if w.clusters.iter().any(|c| {
+                !c.cluster_header.is_empty()
+                    || !c.request_headers_to_add.is_empty()
+                    || !c.response_headers_to_add.is_empty()
+            }) {
+                return bad(
+                    "weighted_clusters.clusters",
+                    "cluster_header and per-cluster header edits are not supported yet",
+                );
             }
             ClusterChoice::Weighted { clusters, total }
         }
-        _ => return bad("cluster_specifier", "cluster and weighted_clusters are supported"),
+        _ => {
+            return bad(
+                "cluster_specifier",
+                "cluster and weighted_clusters are supported",
+            );
+        }
     };
     let timeout = match &a.timeout {
         None => Some(DEFAULT_TIMEOUT),
@@ -229,15 +278,25 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
 }
 
 fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
-    let m = r.r#match.as_ref().ok_or(("match".to_string(), "a route needs a match".to_string()))?;
+    let m = r
+        .r#match
+        .as_ref()
+        .ok_or(("match".to_string(), "a route needs a match".to_string()))?;
     let path = match &m.path_specifier {
         Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
         Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
         Some(route_match::PathSpecifier::SafeRegex(re)) => {
             PathMatch::Regex(compile_regex(re).map_err(|e| ("match.safe_regex".to_string(), e))?)
         }
-        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::SeparatedPrefix(p.clone()),
-        _ => return Err(("match.path_specifier".into(), "prefix, path, safe_regex and path_separated_prefix are supported".into())),
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => {
+            PathMatch::SeparatedPrefix(p.clone())
+        }
+        _ => {
+            return Err((
+                "match.path_specifier".into(),
+                "prefix, path, safe_regex and path_separated_prefix are supported".into(),
+            ));
+        }
     };
     for (field, set) in [
         ("match.query_parameters", !m.query_parameters.is_empty()),
@@ -245,14 +304,32 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         ("match.grpc", m.grpc.is_some()),
         ("match.tls_context", m.tls_context.is_some()),
         ("match.dynamic_metadata", !m.dynamic_metadata.is_empty()),
-        ("request_headers_to_add", !r.request_headers_to_add.is_empty()),
-        ("request_headers_to_remove", !r.request_headers_to_remove.is_empty()),
-        ("response_headers_to_add", !r.response_headers_to_add.is_empty()),
-        ("response_headers_to_remove", !r.response_headers_to_remove.is_empty()),
-        ("typed_per_filter_config", !r.typed_per_filter_config.is_empty()),
+        (
+            "request_headers_to_add",
+            !r.request_headers_to_add.is_empty(),
+        ),
+        (
+            "request_headers_to_remove",
+            !r.request_headers_to_remove.is_empty(),
+        ),
+        (
+            "response_headers_to_add",
+            !r.response_headers_to_add.is_empty(),
+        ),
+        (
+            "response_headers_to_remove",
+            !r.response_headers_to_remove.is_empty(),
+        ),
+        (
+            "typed_per_filter_config",
+            !r.typed_per_filter_config.is_empty(),
+        ),
     ] {
         if set {
-            return Err((field.into(), "not supported by this weft-proxy version".into()));
+            return Err((
+                field.into(),
+                "not supported by this weft-proxy version".into(),
+            ));
         }
     }
     let headers = m
@@ -263,8 +340,15 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         .collect::<Result<Vec<_>, _>>()?;
     let action = match &r.action {
         Some(route::Action::Route(a)) => route_action(a)?,
-        Some(route::Action::Redirect(_)) => return Err(("redirect".into(), "redirects are not supported yet".into())),
-        Some(route::Action::DirectResponse(_)) => return Err(("direct_response".into(), "direct responses are not supported yet".into())),
+        Some(route::Action::Redirect(_)) => {
+            return Err(("redirect".into(), "redirects are not supported yet".into()));
+        }
+        Some(route::Action::DirectResponse(_)) => {
+            return Err((
+                "direct_response".into(),
+                "direct responses are not supported yet".into(),
+            ));
+        }
         _ => return Err(("action".into(), "only route actions are supported".into())),
     };
     Ok(Route {
@@ -278,18 +362,33 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
 
 fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
     for (field, set) in [
-        ("request_headers_to_add", !vh.request_headers_to_add.is_empty()),
-        ("response_headers_to_add", !vh.response_headers_to_add.is_empty()),
+        (
+            "request_headers_to_add",
+            !vh.request_headers_to_add.is_empty(),
+        ),
+        (
+            "response_headers_to_add",
+            !vh.response_headers_to_add.is_empty(),
+        ),
         ("retry_policy", vh.retry_policy.is_some()),
         ("rate_limits", !vh.rate_limits.is_empty()),
-        ("typed_per_filter_config", !vh.typed_per_filter_config.is_empty()),
+        (
+            "typed_per_filter_config",
+            !vh.typed_per_filter_config.is_empty(),
+        ),
     ] {
         if set {
-            return Err((field.into(), "not supported by this weft-proxy version".into()));
+            return Err((
+                field.into(),
+                "not supported by this weft-proxy version".into(),
+            ));
         }
     }
     if vh.require_tls != 0 {
-        return Err(("require_tls".into(), "not supported by this weft-proxy version".into()));
+        return Err((
+            "require_tls".into(),
+            "not supported by this weft-proxy version".into(),
+        ));
     }
     let routes = vh
         .routes
@@ -297,16 +396,28 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
         .enumerate()
         .map(|(i, r)| route(r).map_err(|(f, e)| (format!("routes[{i}].{f}"), e)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(VirtualHost { name: vh.name.clone(), routes })
+    Ok(VirtualHost {
+        name: vh.name.clone(),
+        routes,
+    })
 }
 
 impl RouteTable {
     pub fn from_xds(rc: &RouteConfiguration) -> Result<RouteTable, Rejection> {
-        let reject = |field: String, reason: String| Rejection::new("RouteConfiguration", &rc.name, field, reason);
-        if !rc.request_headers_to_add.is_empty() || !rc.response_headers_to_add.is_empty() || !rc.response_headers_to_remove.is_empty() || !rc.request_headers_to_remove.is_empty() {
-            return Err(reject("*_headers_to_*".into(), "header edits are not supported by this weft-proxy version".into()));
+        let reject = |field: String, reason: String| {
+            Rejection::new("RouteConfiguration", &rc.name, field, reason)
+        };
+        if !rc.request_headers_to_add.is_empty()
+            || !rc.response_headers_to_add.is_empty()
+            || !rc.response_headers_to_remove.is_empty()
+            || !rc.request_headers_to_remove.is_empty()
+        {
+            return Err(reject(
+                "*_headers_to_*".into(),
+                "header edits are not supported by this weft-proxy version".into(),
+            ));
         }
-        if !rc.vhds.is_none() {
+        if rc.vhds.is_some() {
             return Err(reject("vhds".into(), "VHDS is not supported".into()));
         }
         let mut table = RouteTable {
@@ -318,7 +429,8 @@ impl RouteTable {
             any: None,
         };
         for (i, vh) in rc.virtual_hosts.iter().enumerate() {
-            let built = virtual_host(vh).map_err(|(f, e)| reject(format!("virtual_hosts[{i}].{f}"), e))?;
+            let built =
+                virtual_host(vh).map_err(|(f, e)| reject(format!("virtual_hosts[{i}].{f}"), e))?;
             for d in &vh.domains {
                 let d = d.to_ascii_lowercase();
                 let dup = if d == "*" {
@@ -336,13 +448,20 @@ impl RouteTable {
                 };
                 if dup {
                     // Envoy rejects a route configuration that lists a domain twice.
-                    return Err(reject(format!("virtual_hosts[{i}].domains"), format!("domain {d:?} is already used by another virtual host")));
+                    return Err(reject(
+                        format!("virtual_hosts[{i}].domains"),
+                        format!("domain {d:?} is already used by another virtual host"),
+                    ));
                 }
             }
             table.virtual_hosts.push(built);
         }
-        table.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        table.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        table
+            .suffixes
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table
+            .prefixes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Ok(table)
     }
 
@@ -359,14 +478,29 @@ impl RouteTable {
             .exact
             .get(host)
             .copied()
-            .or_else(|| self.suffixes.iter().find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str())).map(|(_, i)| *i))
-            .or_else(|| self.prefixes.iter().find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str())).map(|(_, i)| *i))
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
             .or(self.any)?;
         self.virtual_hosts.get(idx)
     }
 
     /// The first route of the matching virtual host whose path and headers match.
-    pub fn route(&self, authority: &str, path_and_query: &str, headers: &HeaderMap) -> Option<&Route> {
+    pub fn route(
+        &self,
+        authority: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
         let vh = self.virtual_host(authority)?;
         let path = path_and_query.split(['?', '#']).next().unwrap_or("");
         vh.routes.iter().find(|r| r.matches(path, headers))
@@ -378,11 +512,16 @@ impl Route {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
-                if self.case_sensitive { path == p } else { path.eq_ignore_ascii_case(p) }
+                if self.case_sensitive {
+                    path == p
+                } else {
+                    path.eq_ignore_ascii_case(p)
+                }
             }
             PathMatch::Regex(r) => r.is_match(path),
             PathMatch::SeparatedPrefix(p) => {
-                starts_with(path, p, self.case_sensitive) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+                starts_with(path, p, self.case_sensitive)
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
         };
         path_ok && self.headers.iter().all(|h| h.matches(headers))
@@ -393,7 +532,8 @@ fn starts_with(path: &str, prefix: &str, case_sensitive: bool) -> bool {
     if case_sensitive {
         path.starts_with(prefix)
     } else {
-        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        path.len() >= prefix.len()
+            && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
     }
 }
 

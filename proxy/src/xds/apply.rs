@@ -31,20 +31,33 @@ pub struct Applier {
     rds_names: BTreeSet<String>,
 }
 
-fn decode<M: Message + Name + Default>(kind: &'static str, resp: &DiscoveryResponse) -> Result<Vec<M>, Rejection> {
+fn decode<M: Message + Name + Default>(
+    kind: &'static str,
+    resp: &DiscoveryResponse,
+) -> Result<Vec<M>, Rejection> {
     let mut out = Vec::with_capacity(resp.resources.len());
     for (i, any) in resp.resources.iter().enumerate() {
-        let m: M = weft_xds_proto::unpack(any).map_err(|e| Rejection::new(kind, &format!("resources[{i}]"), "type_url", e.to_string()))?;
+        let m: M = weft_xds_proto::unpack(any).map_err(|e| {
+            Rejection::new(kind, &format!("resources[{i}]"), "type_url", e.to_string())
+        })?;
         out.push(m);
     }
     Ok(out)
 }
 
-fn no_duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a str>) -> Result<(), Rejection> {
+fn no_duplicates<'a>(
+    kind: &'static str,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<(), Rejection> {
     let mut seen = BTreeSet::new();
     for n in names {
         if !seen.insert(n) {
-            return Err(Rejection::new(kind, n, "name", "duplicate resource name in one response"));
+            return Err(Rejection::new(
+                kind,
+                n,
+                "name",
+                "duplicate resource name in one response",
+            ));
         }
     }
     Ok(())
@@ -52,10 +65,18 @@ fn no_duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a str>) -
 
 impl Applier {
     pub fn new(proxy: Arc<Proxy>) -> Applier {
-        Applier { proxy, eds_cache: HashMap::new(), rds_names: BTreeSet::new() }
+        Applier {
+            proxy,
+            eds_cache: HashMap::new(),
+            rds_names: BTreeSet::new(),
+        }
     }
 
-    pub async fn apply(&mut self, type_url: &'static str, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+    pub async fn apply(
+        &mut self,
+        type_url: &'static str,
+        resp: &DiscoveryResponse,
+    ) -> Result<Applied, Rejection> {
         match type_url {
             type_url::CLUSTER => self.clusters(resp),
             type_url::CLUSTER_LOAD_ASSIGNMENT => self.endpoints(resp),
@@ -75,10 +96,10 @@ impl Applier {
                 Some(existing) if existing.source == *c => existing.clone(),
                 _ => {
                     let built = Cluster::from_xds(c)?;
-                    if let Discovery::Eds(service) = &built.discovery {
-                        if let Some(cla) = self.eds_cache.get(service) {
-                            built.assign(cla)?;
-                        }
+                    if let Discovery::Eds(service) = &built.discovery
+                        && let Some(cla) = self.eds_cache.get(service)
+                    {
+                        built.assign(cla)?;
                     }
                     Arc::new(built)
                 }
@@ -93,25 +114,46 @@ impl Applier {
             })
             .collect();
         drop(current);
-        self.proxy.update(|s| crate::state::Snapshot { clusters, routes: s.routes.clone() });
+        self.proxy.update(|s| crate::state::Snapshot {
+            clusters,
+            routes: s.routes.clone(),
+        });
         self.eds_cache.retain(|k, _| eds_names.contains(k));
-        self.proxy.record_accepted(type_url::CLUSTER, &resp.version_info, xds.iter().map(|c| (c.name.clone(), weft_xds_proto::pack(c))), true);
-        Ok(Applied { subscribe: Some((type_url::CLUSTER_LOAD_ASSIGNMENT, eds_names)) })
+        self.proxy.record_accepted(
+            type_url::CLUSTER,
+            &resp.version_info,
+            xds.iter()
+                .map(|c| (c.name.clone(), weft_xds_proto::pack(c))),
+            true,
+        );
+        Ok(Applied {
+            subscribe: Some((type_url::CLUSTER_LOAD_ASSIGNMENT, eds_names)),
+        })
     }
 
     fn endpoints(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<ClusterLoadAssignment> = decode("ClusterLoadAssignment", resp)?;
-        no_duplicates("ClusterLoadAssignment", xds.iter().map(|c| c.cluster_name.as_str()))?;
+        no_duplicates(
+            "ClusterLoadAssignment",
+            xds.iter().map(|c| c.cluster_name.as_str()),
+        )?;
         let snapshot = self.proxy.snapshot();
-        let by_service: BTreeMap<&str, &ClusterLoadAssignment> = xds.iter().map(|c| (c.cluster_name.as_str(), c)).collect();
+        let by_service: BTreeMap<&str, &ClusterLoadAssignment> =
+            xds.iter().map(|c| (c.cluster_name.as_str(), c)).collect();
         // Translate everything first; only then swap endpoint sets in.
         let mut updates = Vec::new();
         for cluster in snapshot.clusters.values() {
-            if let Discovery::Eds(service) = &cluster.discovery {
-                if let Some(cla) = by_service.get(service.as_str()) {
-                    let existing = cluster.endpoints.load().all().iter().map(|e| (e.address, e.clone())).collect();
-                    updates.push((cluster.clone(), cluster.endpoint_set(cla, &existing)?));
-                }
+            if let Discovery::Eds(service) = &cluster.discovery
+                && let Some(cla) = by_service.get(service.as_str())
+            {
+                let existing = cluster
+                    .endpoints
+                    .load()
+                    .all()
+                    .iter()
+                    .map(|e| (e.address, e.clone()))
+                    .collect();
+                updates.push((cluster.clone(), cluster.endpoint_set(cla, &existing)?));
             }
         }
         for (cluster, set) in updates {
@@ -124,7 +166,8 @@ impl Applier {
         self.proxy.record_accepted(
             type_url::CLUSTER_LOAD_ASSIGNMENT,
             &resp.version_info,
-            xds.iter().map(|c| (c.cluster_name.clone(), weft_xds_proto::pack(c))),
+            xds.iter()
+                .map(|c| (c.cluster_name.clone(), weft_xds_proto::pack(c))),
             false,
         );
         Ok(Applied { subscribe: None })
@@ -133,25 +176,56 @@ impl Applier {
     async fn listeners(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<XdsListener> = decode("Listener", resp)?;
         no_duplicates("Listener", xds.iter().map(|l| l.name.as_str()))?;
-        let configs = xds.iter().map(ListenerConfig::from_xds).collect::<Result<Vec<_>, _>>()?;
-        let rds: BTreeSet<String> = configs.iter().filter_map(|c| c.route_config_name().map(str::to_string)).collect();
+        let configs = xds
+            .iter()
+            .map(ListenerConfig::from_xds)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rds: BTreeSet<String> = configs
+            .iter()
+            .filter_map(|c| c.route_config_name().map(str::to_string))
+            .collect();
         self.proxy.listeners.apply(&self.proxy, configs).await?;
-        self.proxy.record_accepted(type_url::LISTENER, &resp.version_info, xds.iter().map(|l| (l.name.clone(), weft_xds_proto::pack(l))), true);
+        self.proxy.record_accepted(
+            type_url::LISTENER,
+            &resp.version_info,
+            xds.iter()
+                .map(|l| (l.name.clone(), weft_xds_proto::pack(l))),
+            true,
+        );
         self.rds_names = rds.clone();
-        Ok(Applied { subscribe: Some((type_url::ROUTE_CONFIGURATION, rds)) })
+        Ok(Applied {
+            subscribe: Some((type_url::ROUTE_CONFIGURATION, rds)),
+        })
     }
 
     fn routes(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<RouteConfiguration> = decode("RouteConfiguration", resp)?;
         no_duplicates("RouteConfiguration", xds.iter().map(|r| r.name.as_str()))?;
-        let tables = xds.iter().map(|rc| RouteTable::from_xds(rc).map(|t| (rc.name.clone(), Arc::new(t)))).collect::<Result<Vec<_>, _>>()?;
+        let tables = xds
+            .iter()
+            .map(|rc| RouteTable::from_xds(rc).map(|t| (rc.name.clone(), Arc::new(t))))
+            .collect::<Result<Vec<_>, _>>()?;
         let wanted = self.rds_names.clone();
         self.proxy.update(|s| {
-            let mut routes: HashMap<_, _> = s.routes.iter().filter(|(n, _)| wanted.contains(*n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+            let mut routes: HashMap<_, _> = s
+                .routes
+                .iter()
+                .filter(|(n, _)| wanted.contains(*n))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
             routes.extend(tables);
-            crate::state::Snapshot { clusters: s.clusters.clone(), routes }
+            crate::state::Snapshot {
+                clusters: s.clusters.clone(),
+                routes,
+            }
         });
-        self.proxy.record_accepted(type_url::ROUTE_CONFIGURATION, &resp.version_info, xds.iter().map(|r| (r.name.clone(), weft_xds_proto::pack(r))), false);
+        self.proxy.record_accepted(
+            type_url::ROUTE_CONFIGURATION,
+            &resp.version_info,
+            xds.iter()
+                .map(|r| (r.name.clone(), weft_xds_proto::pack(r))),
+            false,
+        );
         Ok(Applied { subscribe: None })
     }
 
@@ -164,7 +238,9 @@ impl Applier {
         let has = |t: &str| accepted.get(t).copied().unwrap_or(false);
         let routes_ready = {
             let snapshot = self.proxy.snapshot();
-            self.rds_names.iter().all(|n| snapshot.routes.contains_key(n))
+            self.rds_names
+                .iter()
+                .all(|n| snapshot.routes.contains_key(n))
         };
         if has(type_url::CLUSTER) && has(type_url::LISTENER) && routes_ready {
             tracing::info!("initial config applied; proxy is LIVE");

@@ -44,8 +44,17 @@ pub struct XdsClient {
 
 impl XdsClient {
     pub fn new(proxy: Arc<Proxy>, node: Node, xds_address: &str) -> XdsClient {
-        let uri = if xds_address.contains("://") { xds_address.to_string() } else { format!("http://{xds_address}") };
-        XdsClient { apply: apply::Applier::new(proxy), node, uri, types: BTreeMap::new() }
+        let uri = if xds_address.contains("://") {
+            xds_address.to_string()
+        } else {
+            format!("http://{xds_address}")
+        };
+        XdsClient {
+            apply: apply::Applier::new(proxy),
+            node,
+            uri,
+            types: BTreeMap::new(),
+        }
     }
 
     /// Runs forever: connect, stream, and on failure back off and reconnect.
@@ -53,13 +62,19 @@ impl XdsClient {
         let mut attempt = 0u32;
         loop {
             match self.stream_once().await {
-                Ok(()) => tracing::warn!(xds = %self.uri, "control plane closed the ADS stream; reconnecting"),
-                Err(e) => tracing::warn!(xds = %self.uri, "ADS stream failed: {e:#}; keeping the last good config and reconnecting"),
+                Ok(()) => {
+                    tracing::warn!(xds = %self.uri, "control plane closed the ADS stream; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(xds = %self.uri, "ADS stream failed: {e:#}; keeping the last good config and reconnecting")
+                }
             }
             if self.types.values().any(|t| !t.version.is_empty()) {
                 attempt = attempt.min(2);
             }
-            let exp = BACKOFF_BASE.saturating_mul(1 << attempt.min(6)).min(BACKOFF_MAX);
+            let exp = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(6))
+                .min(BACKOFF_MAX);
             // Full jitter keeps a fleet of proxies from reconnecting in lockstep.
             let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
             attempt += 1;
@@ -74,7 +89,8 @@ impl XdsClient {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect()
             .await?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024);
         let (tx, rx) = mpsc::channel(64);
         for t in self.types.values_mut() {
             t.nonce.clear();
@@ -88,13 +104,19 @@ impl XdsClient {
             tx.send(req).await?;
         }
         // Resubscribe to what the last config referenced, so it refreshes on reconnect.
-        for t in [type_url::CLUSTER_LOAD_ASSIGNMENT, type_url::ROUTE_CONFIGURATION] {
+        for t in [
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            type_url::ROUTE_CONFIGURATION,
+        ] {
             if self.types.get(t).is_some_and(|s| !s.names.is_empty()) {
                 let req = self.request(t, false);
                 tx.send(req).await?;
             }
         }
-        let mut inbound = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        let mut inbound = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         tracing::info!(xds = %self.uri, node = %self.node.id, "ADS stream established");
         while let Some(resp) = inbound.message().await? {
             for req in self.on_response(resp).await {
@@ -154,12 +176,22 @@ impl XdsClient {
                     resource_names: state.names.iter().cloned().collect(),
                     type_url: type_url.to_string(),
                     response_nonce: resp.nonce.clone(),
-                    error_detail: Some(RpcStatus { code: 3, message: rejection.to_string(), details: vec![] }),
+                    error_detail: Some(RpcStatus {
+                        code: 3,
+                        message: rejection.to_string(),
+                        details: vec![],
+                    }),
                     ..Default::default()
                 });
             }
         }
-        self.apply.update_readiness(&self.types.iter().map(|(k, v)| (*k, !v.version.is_empty())).collect());
+        self.apply.update_readiness(
+            &self
+                .types
+                .iter()
+                .map(|(k, v)| (*k, !v.version.is_empty()))
+                .collect(),
+        );
         out
     }
 }

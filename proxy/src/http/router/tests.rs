@@ -10,20 +10,29 @@ fn action(cluster: &str) -> Option<route::Action> {
 }
 
 fn rt(m: RouteMatch, cluster: &str) -> XdsRoute {
-    XdsRoute { r#match: Some(m), action: action(cluster), ..Default::default() }
+    XdsRoute {
+        r#match: Some(m),
+        action: action(cluster),
+        ..Default::default()
+    }
 }
 
 fn prefix(p: &str) -> RouteMatch {
-    RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())), ..Default::default() }
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())),
+        ..Default::default()
+    }
 }
 
 fn table() -> RouteTable {
     let header = HeaderMatcher {
         name: "end-user".into(),
-        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
-            match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
-            ignore_case: false,
-        })),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
+                ignore_case: false,
+            },
+        )),
         ..Default::default()
     };
     let rc = RouteConfiguration {
@@ -33,22 +42,55 @@ fn table() -> RouteTable {
                 name: "reviews".into(),
                 domains: vec!["reviews".into(), "reviews:8080".into()],
                 routes: vec![
-                    rt(RouteMatch { headers: vec![header], ..prefix("/") }, "v2"),
-                    rt(RouteMatch { path_specifier: Some(route_match::PathSpecifier::Path("/exact".into())), ..Default::default() }, "exact"),
                     rt(
                         RouteMatch {
-                            path_specifier: Some(route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: "/r/[0-9]+".into(), ..Default::default() })),
+                            headers: vec![header],
+                            ..prefix("/")
+                        },
+                        "v2",
+                    ),
+                    rt(
+                        RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Path("/exact".into())),
+                            ..Default::default()
+                        },
+                        "exact",
+                    ),
+                    rt(
+                        RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::SafeRegex(
+                                RegexMatcher {
+                                    regex: "/r/[0-9]+".into(),
+                                    ..Default::default()
+                                },
+                            )),
                             ..Default::default()
                         },
                         "regex",
                     ),
-                    rt(RouteMatch { case_sensitive: Some(BoolValue { value: false }), ..prefix("/API") }, "api"),
+                    rt(
+                        RouteMatch {
+                            case_sensitive: Some(BoolValue { value: false }),
+                            ..prefix("/API")
+                        },
+                        "api",
+                    ),
                     rt(prefix("/"), "v1"),
                 ],
                 ..Default::default()
             },
-            XdsVirtualHost { name: "wild".into(), domains: vec!["*.example.com".into()], routes: vec![rt(prefix("/"), "wild")], ..Default::default() },
-            XdsVirtualHost { name: "any".into(), domains: vec!["*".into()], routes: vec![rt(prefix("/"), "any")], ..Default::default() },
+            XdsVirtualHost {
+                name: "wild".into(),
+                domains: vec!["*.example.com".into()],
+                routes: vec![rt(prefix("/"), "wild")],
+                ..Default::default()
+            },
+            XdsVirtualHost {
+                name: "any".into(),
+                domains: vec!["*".into()],
+                routes: vec![rt(prefix("/"), "any")],
+                ..Default::default()
+            },
         ],
         ..Default::default()
     };
@@ -58,29 +100,65 @@ fn table() -> RouteTable {
 fn cluster_for(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
     let mut h = HeaderMap::new();
     for (k, v) in headers {
-        h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
-    t.route(host, path, &h).map(|r| r.action.cluster.pick().to_string())
+    t.route(host, path, &h)
+        .map(|r| r.action.cluster.pick().to_string())
 }
 
 #[test]
 fn matches_in_envoy_order() {
     let t = table();
-    assert_eq!(cluster_for(&t, "reviews", "/x", &[("end-user", "jason")]).as_deref(), Some("v2"));
-    assert_eq!(cluster_for(&t, "reviews:8080", "/x", &[("end-user", "mary")]).as_deref(), Some("v1"));
-    assert_eq!(cluster_for(&t, "reviews", "/exact?q=1", &[]).as_deref(), Some("exact"));
-    assert_eq!(cluster_for(&t, "reviews", "/exact/more", &[]).as_deref(), Some("v1"));
-    assert_eq!(cluster_for(&t, "reviews", "/r/123", &[]).as_deref(), Some("regex"));
-    assert_eq!(cluster_for(&t, "reviews", "/r/123x", &[]).as_deref(), Some("v1"), "safe_regex is a full match");
-    assert_eq!(cluster_for(&t, "reviews", "/api/v1", &[]).as_deref(), Some("api"));
-    assert_eq!(cluster_for(&t, "REVIEWS", "/", &[]).as_deref(), Some("v1"), "domains are case-insensitive");
-    assert_eq!(cluster_for(&t, "a.example.com", "/", &[]).as_deref(), Some("wild"));
+    assert_eq!(
+        cluster_for(&t, "reviews", "/x", &[("end-user", "jason")]).as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews:8080", "/x", &[("end-user", "mary")]).as_deref(),
+        Some("v1")
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews", "/exact?q=1", &[]).as_deref(),
+        Some("exact")
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews", "/exact/more", &[]).as_deref(),
+        Some("v1")
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews", "/r/123", &[]).as_deref(),
+        Some("regex")
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews", "/r/123x", &[]).as_deref(),
+        Some("v1"),
+        "safe_regex is a full match"
+    );
+    assert_eq!(
+        cluster_for(&t, "reviews", "/api/v1", &[]).as_deref(),
+        Some("api")
+    );
+    assert_eq!(
+        cluster_for(&t, "REVIEWS", "/", &[]).as_deref(),
+        Some("v1"),
+        "domains are case-insensitive"
+    );
+    assert_eq!(
+        cluster_for(&t, "a.example.com", "/", &[]).as_deref(),
+        Some("wild")
+    );
     assert_eq!(cluster_for(&t, "other", "/", &[]).as_deref(), Some("any"));
 }
 
 #[test]
 fn weighted_clusters_split_proportionally() {
-    let choice = ClusterChoice::Weighted { clusters: vec![("a".into(), 80), ("b".into(), 20)], total: 100 };
+    let choice = ClusterChoice::Weighted {
+        clusters: vec![("a".into(), 80), ("b".into(), 20)],
+        total: 100,
+    };
     let a = (0..10_000).filter(|_| choice.pick() == "a").count();
     assert!((7_600..8_400).contains(&a), "{a}");
 }
@@ -93,11 +171,19 @@ fn unsupported_route_features_are_rejected_by_field() {
     }
     let rc = RouteConfiguration {
         name: "80".into(),
-        virtual_hosts: vec![XdsVirtualHost { name: "vh".into(), domains: vec!["*".into()], routes: vec![r], ..Default::default() }],
+        virtual_hosts: vec![XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![r],
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let err = RouteTable::from_xds(&rc).unwrap_err().to_string();
-    assert!(err.contains("virtual_hosts[0].routes[0].route.prefix_rewrite"), "{err}");
+    assert!(
+        err.contains("virtual_hosts[0].routes[0].route.prefix_rewrite"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -105,27 +191,56 @@ fn zero_total_weight_and_duplicate_domains_are_rejected() {
     let wc = XdsRoute {
         r#match: Some(prefix("/")),
         action: Some(route::Action::Route(XdsRouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
-                clusters: vec![weighted_cluster::ClusterWeight { name: "a".into(), weight: Some(UInt32Value { value: 0 }), ..Default::default() }],
-                ..Default::default()
-            })),
+            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+                WeightedCluster {
+                    clusters: vec![weighted_cluster::ClusterWeight {
+                        name: "a".into(),
+                        weight: Some(UInt32Value { value: 0 }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
             ..Default::default()
         })),
         ..Default::default()
     };
     let rc = RouteConfiguration {
         name: "80".into(),
-        virtual_hosts: vec![XdsVirtualHost { name: "vh".into(), domains: vec!["*".into()], routes: vec![wc], ..Default::default() }],
+        virtual_hosts: vec![XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![wc],
+            ..Default::default()
+        }],
         ..Default::default()
     };
-    assert!(RouteTable::from_xds(&rc).unwrap_err().to_string().contains("weighted_clusters"));
+    assert!(
+        RouteTable::from_xds(&rc)
+            .unwrap_err()
+            .to_string()
+            .contains("weighted_clusters")
+    );
     let dup = RouteConfiguration {
         name: "80".into(),
         virtual_hosts: vec![
-            XdsVirtualHost { name: "a".into(), domains: vec!["x".into()], ..Default::default() },
-            XdsVirtualHost { name: "b".into(), domains: vec!["x".into()], ..Default::default() },
+            XdsVirtualHost {
+                name: "a".into(),
+                domains: vec!["x".into()],
+                ..Default::default()
+            },
+            XdsVirtualHost {
+                name: "b".into(),
+                domains: vec!["x".into()],
+                ..Default::default()
+            },
         ],
         ..Default::default()
     };
-    assert!(RouteTable::from_xds(&dup).unwrap_err().to_string().contains("already used"));
+    assert!(
+        RouteTable::from_xds(&dup)
+            .unwrap_err()
+            .to_string()
+            .contains("already used")
+    );
 }

@@ -1,0 +1,351 @@
+//! The quickstart mesh as a test fixture: a client and `hello` v1/v2 on their own loopback block
+//! `127.<net>.0.0/24`, so tests can run in parallel without sharing addresses or ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::http::{Client, get_json};
+use crate::procs::{Proc, bin, envoy_bin, free_port, wait_until};
+
+pub struct Quickstart {
+    pub name: String,
+    pub net: u8,
+    pub dir: PathBuf,
+    pub log_dir: PathBuf,
+    echo_ports: [u16; 2],
+    pub weftd: Option<Proc>,
+    pub procs: Vec<Proc>,
+}
+
+/// The service port, which is also the client's egress listener port.
+pub const SERVICE_PORT: u16 = 8080;
+/// The sidecars' inbound port.
+pub const INBOUND_PORT: u16 = 9080;
+
+impl Quickstart {
+    /// Writes the config (80/20 split) for a test; `net` must be unique among tests.
+    pub fn new(name: &str, net: u8) -> Quickstart {
+        let root = std::env::temp_dir().join(format!("weft-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("config");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let echo_ports = [free_port("127.0.0.1"), free_port("127.0.0.1")];
+        let q = Quickstart {
+            name: name.into(),
+            net,
+            dir,
+            log_dir: root.join("logs"),
+            echo_ports,
+            weftd: None,
+            procs: Vec::new(),
+        };
+        std::fs::write(q.dir.join("mesh.yaml"), q.mesh_yaml()).expect("write mesh.yaml");
+        q.set_split(80, 20);
+        q
+    }
+
+    pub fn ip(&self, host: u8) -> String {
+        format!("127.{}.0.{host}", self.net)
+    }
+
+    pub fn xds(&self) -> SocketAddr {
+        format!("{}:15010", self.ip(1)).parse().expect("addr")
+    }
+
+    pub fn debug(&self) -> SocketAddr {
+        format!("{}:15014", self.ip(1)).parse().expect("addr")
+    }
+
+    /// The client's outbound listener (the Sidecar egress bind).
+    pub fn egress(&self) -> SocketAddr {
+        format!("{}:{SERVICE_PORT}", self.ip(10))
+            .parse()
+            .expect("addr")
+    }
+
+    pub fn admin(&self, host: u8) -> SocketAddr {
+        format!("{}:15000", self.ip(host)).parse().expect("addr")
+    }
+
+    pub fn node_id(&self, host: u8, workload: &str) -> String {
+        format!(
+            "sidecar~{}~{workload}.default~default.svc.cluster.local",
+            self.ip(host)
+        )
+    }
+
+    fn mesh_yaml(&self) -> String {
+        let mut y = format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{ name: hello, namespace: default }}
+spec:
+  selector: {{ app: hello }}
+  ports: [{{ name: http, port: {SERVICE_PORT} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: client, namespace: default }}
+spec: {{ address: {client}, labels: {{ app: client }}, serviceAccount: client }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: hello, namespace: default }}
+spec:
+  host: hello
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: client, namespace: default }}
+spec:
+  workloadSelector: {{ labels: {{ app: client }} }}
+  egress:
+  - port: {{ number: {SERVICE_PORT}, protocol: HTTP, name: egress-http }}
+    bind: {client}
+    captureMode: NONE
+    hosts: ["./*"]
+"#,
+            client = self.ip(10)
+        );
+        for (i, v) in ["v1", "v2"].iter().enumerate() {
+            let ip = self.ip(11 + i as u8);
+            y.push_str(&format!(
+                r#"---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: hello-{v}, namespace: default }}
+spec: {{ address: {ip}, labels: {{ app: hello, version: {v} }}, ports: {{ http: {INBOUND_PORT} }}, serviceAccount: hello }}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: hello-{v}, namespace: default }}
+spec:
+  workloadSelector: {{ labels: {{ app: hello, version: {v} }} }}
+  ingress:
+  - port: {{ number: {INBOUND_PORT}, protocol: HTTP, name: http }}
+    bind: {ip}
+    defaultEndpoint: 127.0.0.1:{port}
+  egress: [{{ hosts: ["./*"] }}]
+"#,
+                port = self.echo_ports[i]
+            ));
+        }
+        y
+    }
+
+    /// Rewrites the VirtualService with the given weights (atomically: write, then rename).
+    pub fn set_split(&self, v1: u32, v2: u32) {
+        let yaml = format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: hello, namespace: default }}
+spec:
+  hosts: [hello]
+  http:
+  - route:
+    - {{ destination: {{ host: hello, subset: v1 }}, weight: {v1} }}
+    - {{ destination: {{ host: hello, subset: v2 }}, weight: {v2} }}
+"#
+        );
+        self.write_file("virtual-service.yaml", &yaml);
+    }
+
+    /// Writes a config file atomically (the watcher never sees half a file).
+    pub fn write_file(&self, name: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename config");
+    }
+
+    pub fn start_weftd(&mut self) {
+        let dir = self.dir.display().to_string();
+        let (xds, debug) = (self.xds().to_string(), self.debug().to_string());
+        let p = Proc::start(
+            "weftd",
+            &bin("weftd"),
+            &[
+                "--config-dir",
+                &dir,
+                "--xds-address",
+                &xds,
+                "--debug-address",
+                &debug,
+                "--poll-ms",
+                "50",
+            ],
+            &self.log_dir,
+        );
+        self.weftd = Some(p);
+        let debug = self.debug();
+        wait_until(Duration::from_secs(10), || {
+            crate::http::get(debug, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("weftd becomes ready");
+    }
+
+    pub fn stop_weftd(&mut self) {
+        if let Some(mut p) = self.weftd.take() {
+            p.kill();
+        }
+    }
+
+    /// The two echo backends and their weft-proxy sidecars.
+    pub fn start_hello(&mut self) {
+        for (i, v) in ["v1", "v2"].iter().enumerate() {
+            let port = self.echo_ports[i].to_string();
+            let name = format!("hello-{v}");
+            self.procs.push(Proc::start(
+                &format!("echo-{v}"),
+                &bin("weftctl"),
+                &["echo", "--port", &port, "--name", &name],
+                &self.log_dir,
+            ));
+            self.start_weft_proxy(11 + i as u8, &name);
+        }
+    }
+
+    pub fn start_weft_proxy(&mut self, host: u8, workload: &str) {
+        let (xds, node, admin) = (
+            self.xds().to_string(),
+            self.node_id(host, workload),
+            self.admin(host),
+        );
+        let admin_s = admin.to_string();
+        self.procs.push(Proc::start(
+            &format!("weft-proxy-{workload}"),
+            &bin("weft-proxy"),
+            &[
+                "--xds-address",
+                &xds,
+                "--node-id",
+                &node,
+                "--admin-address",
+                &admin_s,
+                "--concurrency",
+                "1",
+            ],
+            &self.log_dir,
+        ));
+        wait_until(Duration::from_secs(10), || {
+            crate::http::get(admin, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .unwrap_or_else(|| panic!("{workload}'s weft-proxy becomes LIVE"));
+    }
+
+    /// A stock Envoy as the client's sidecar, over SotW (`GRPC`) or delta (`DELTA_GRPC`) ADS.
+    pub fn start_envoy_client(&mut self, delta: bool) {
+        let xds = self.xds();
+        let bootstrap = format!(
+            r#"node:
+  id: "{id}"
+  cluster: client
+  metadata: {{ NAMESPACE: default, WORKLOAD_NAME: client, LABELS: {{ app: client }} }}
+admin:
+  address: {{ socket_address: {{ address: {admin_ip}, port_value: 15000 }} }}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds-grpc }} }}]
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {xds_ip}, port_value: {xds_port} }} }} }} }}] }}]
+"#,
+            id = self.node_id(10, "client"),
+            admin_ip = self.ip(10),
+            api = if delta { "DELTA_GRPC" } else { "GRPC" },
+            xds_ip = xds.ip(),
+            xds_port = xds.port(),
+        );
+        std::fs::create_dir_all(&self.log_dir).expect("log dir");
+        let path = self.log_dir.join("envoy-bootstrap.yaml");
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let path_s = path.display().to_string();
+        let base_id = (u32::from(self.net) * 10 + u32::from(delta)).to_string();
+        self.procs.push(Proc::start(
+            "envoy",
+            &envoy_bin(),
+            &[
+                "-c",
+                &path_s,
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--base-id",
+                &base_id,
+                "-l",
+                "info",
+            ],
+            &self.log_dir,
+        ));
+        let admin = self.admin(10);
+        wait_until(Duration::from_secs(20), || {
+            crate::http::get(admin, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("Envoy becomes LIVE on weftd's config");
+    }
+
+    /// Sends `n` requests through the client sidecar; returns (v1, v2, failures).
+    pub fn split(&self, n: usize) -> (usize, usize, Vec<String>) {
+        let mut c = Client::new(self.egress());
+        let (mut v1, mut v2, mut failures) = (0, 0, Vec::new());
+        for _ in 0..n {
+            match c.get("hello", "/") {
+                Ok(r) if r.status == 200 => match r.header("x-echo-name") {
+                    Some("hello-v1") => v1 += 1,
+                    Some("hello-v2") => v2 += 1,
+                    other => failures.push(format!("unexpected backend {other:?}")),
+                },
+                Ok(r) => failures.push(format!("status {} body {:?}", r.status, r.body)),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        (v1, v2, failures)
+    }
+
+    /// weftd's per-proxy xDS state.
+    pub fn syncz(&self) -> serde_json::Value {
+        get_json(self.debug(), "/debug/syncz").unwrap_or_default()
+    }
+
+    /// The syncz entry of one proxy.
+    pub fn sync_of(&self, node_id: &str) -> Option<serde_json::Value> {
+        self.syncz()
+            .as_array()?
+            .iter()
+            .find(|c| c["proxy"] == node_id)
+            .cloned()
+    }
+}
+
+/// For a binomial(n, p) count, the interval mean ± 5 standard deviations: a correct split
+/// falls outside it about once in 3.5 million runs, a wrong one (say 70/30 for 80/20) is caught.
+pub fn binomial_bounds(n: usize, p: f64) -> (usize, usize) {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (
+        ((mean - 5.0 * sd).floor().max(0.0)) as usize,
+        (mean + 5.0 * sd).ceil() as usize,
+    )
+}
