@@ -129,7 +129,16 @@ impl ListenerConfig {
 
 struct Active {
     config: Arc<ArcSwap<ListenerConfig>>,
-    task: tokio::task::JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Active {
+    fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// The set of running listeners.
@@ -158,17 +167,23 @@ impl Listeners {
                 }
             }
         }
+        let per_listener = proxy.workers.len().max(1);
         let mut sockets = HashMap::new();
         for (name, addr) in bound {
-            let socket = bind(addr).map_err(|e| {
-                Rejection::new(
-                    "Listener",
-                    &name,
-                    "address",
-                    format!("cannot bind {addr}: {e}"),
-                )
-            })?;
-            sockets.insert(name, socket);
+            // One SO_REUSEPORT socket per worker: the kernel spreads connections across them.
+            let mut group = Vec::with_capacity(per_listener);
+            for _ in 0..per_listener {
+                let socket = bind(addr).map_err(|e| {
+                    Rejection::new(
+                        "Listener",
+                        &name,
+                        "address",
+                        format!("cannot bind {addr}: {e}"),
+                    )
+                })?;
+                group.push(socket);
+            }
+            sockets.insert(name, group);
         }
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: std::collections::HashSet<String> =
@@ -177,21 +192,28 @@ impl Listeners {
             let keep = wanted.contains(name);
             if !keep {
                 tracing::info!(listener = %name, "listener removed");
-                a.task.abort();
+                a.stop();
             }
             keep
         });
         for c in configs {
             let name = c.name.clone();
             match sockets.remove(&name) {
-                Some(socket) => {
+                Some(group) => {
                     if let Some(old) = active.remove(&name) {
-                        old.task.abort();
+                        old.stop();
                     }
                     tracing::info!(listener = %name, address = %c.address, "listener added");
                     let config = Arc::new(ArcSwap::from_pointee(c));
-                    let task = tokio::spawn(accept_loop(proxy.clone(), socket, config.clone()));
-                    active.insert(name, Active { config, task });
+                    let mut tasks = Vec::with_capacity(group.len());
+                    for (i, socket) in group.into_iter().enumerate() {
+                        let run = accept_loop(proxy.clone(), socket, config.clone());
+                        tasks.push(match proxy.workers.get(i) {
+                            Some(worker) => worker.spawn(run),
+                            None => tokio::spawn(run),
+                        });
+                    }
+                    active.insert(name, Active { config, tasks });
                 }
                 None => {
                     if let Some(a) = active.get(&name) {
@@ -225,20 +247,33 @@ impl Listeners {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket, not yet registered with a runtime (the worker that accepts on it does).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn accept_loop(proxy: Arc<Proxy>, socket: TcpListener, config: Arc<ArcSwap<ListenerConfig>>) {
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    socket: std::net::TcpListener,
+    config: Arc<ArcSwap<ListenerConfig>>,
+) {
+    let socket = match TcpListener::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot register a listening socket: {e}");
+            return;
+        }
+    };
     loop {
         let (stream, _peer) = match socket.accept().await {
             Ok(s) => s,

@@ -66,13 +66,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(1)
         })
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("weft-worker")
+    // The main thread runs xDS and admin; listeners run on `workers` threads of their own.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let handles = weft_proxy::worker::start(workers).context("starting worker threads")?;
     rt.block_on(async move {
-        let proxy = weft_proxy::state::Proxy::new(startup.bootstrap.clone());
+        let proxy = weft_proxy::state::Proxy::new(startup.bootstrap.clone(), handles);
         let admin = tokio::net::TcpListener::bind(admin_address)
             .await
             .with_context(|| format!("binding the admin address {admin_address}"))?;

@@ -47,10 +47,13 @@ pub struct Proxy {
     pub bootstrap: Bootstrap,
     pub started: SystemTime,
     state: Mutex<ServerState>,
+    /// Runtimes of the worker threads; listeners accept on each.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 impl Proxy {
-    pub fn new(bootstrap: Bootstrap) -> Arc<Proxy> {
+    /// A proxy whose listeners run on `workers` (empty: on the caller's runtime, for tests).
+    pub fn new(bootstrap: Bootstrap, workers: Vec<tokio::runtime::Handle>) -> Arc<Proxy> {
         Arc::new(Proxy {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             listeners: Listeners::default(),
@@ -58,6 +61,7 @@ impl Proxy {
             bootstrap,
             started: SystemTime::now(),
             state: Mutex::new(ServerState::Initializing),
+            workers,
         })
     }
 

@@ -2,6 +2,7 @@
 //! order (the warmest first), or one multiplexed HTTP/2 connection. The request's authority is
 //! kept as the client sent it; the pool only decides which socket carries it.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +15,8 @@ use tokio::net::TcpStream;
 
 use crate::stats::{Counter, Gauge};
 
-/// Most idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE: usize = 256;
+/// Most HTTP/1.1 connections kept per endpoint and worker (Envoy's default max_connections).
+const MAX_IDLE: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -64,13 +65,21 @@ pub struct PoolStats {
     pub cx_connect_fail: Counter,
 }
 
+/// One worker's connections to the endpoint.
+#[derive(Debug, Default)]
+struct WorkerConnections {
+    idle: Mutex<VecDeque<http1::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// Connections are kept per worker (see `worker`): a worker only uses connections its own
+/// runtime drives, so a request never wakes another thread. The mutexes are uncontended.
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
-    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    workers: Box<[WorkerConnections]>,
     pub stats: PoolStats,
 }
 
@@ -80,8 +89,9 @@ impl Pool {
             addr,
             protocol,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            workers: (0..=crate::worker::count())
+                .map(|_| WorkerConnections::default())
+                .collect(),
             stats: PoolStats::default(),
         }
     }
@@ -128,29 +138,34 @@ impl Pool {
         }
     }
 
+    fn mine(&self) -> &WorkerConnections {
+        let i = crate::worker::current();
+        &self.workers[i.min(self.workers.len() - 1)]
+    }
+
+    /// The connection returned longest ago that is ready for a request. Connections go back
+    /// in the pool as soon as their response head arrives, while the body may still be
+    /// streaming; taking from the oldest end finds a finished one almost always at once, where
+    /// a stack would first walk past every still-busy connection.
     fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some(s) = idle.pop() {
+        let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..idle.len() {
+            let s = idle.pop_front()?;
             if s.is_closed() {
                 continue;
             }
             if s.is_ready() {
-                found = Some(s);
-                break;
+                return Some(s);
             }
-            // Still streaming a response body: keep it for later.
-            busy.push(s);
+            idle.push_back(s);
         }
-        idle.extend(busy.into_iter().rev());
-        found
+        None
     }
 
     fn put_idle(&self, sender: http1::SendRequest<Incoming>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push_back(sender);
         }
     }
 
@@ -195,7 +210,7 @@ impl Pool {
 
     async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
         let existing = {
-            let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            let h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
             h2.as_ref().filter(|s| !s.is_closed()).cloned()
         };
         let mut sender = match existing {
@@ -215,7 +230,7 @@ impl Pool {
                     let _ = conn.await;
                     active.dec();
                 });
-                *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
                 sender
             }
         };
