@@ -22,6 +22,10 @@ pub struct Quickstart {
 pub const SERVICE_PORT: u16 = 8080;
 /// The sidecars' inbound port.
 pub const INBOUND_PORT: u16 = 9080;
+/// A TCP service (`hello-tcp`, port name `tcp-echo`) in front of the same backends, proxied
+/// with the TCP proxy filter on both sidecars.
+pub const TCP_SERVICE_PORT: u16 = 7070;
+pub const TCP_INBOUND_PORT: u16 = 9070;
 
 impl Quickstart {
     /// Writes the config (80/20 split) for a test; `net` must be unique among tests.
@@ -84,6 +88,13 @@ spec:
   selector: {{ app: hello }}
   ports: [{{ name: http, port: {SERVICE_PORT} }}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {{ name: hello-tcp, namespace: default }}
+spec:
+  selector: {{ app: hello }}
+  ports: [{{ name: tcp-echo, port: {TCP_SERVICE_PORT} }}]
+---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {{ name: client, namespace: default }}
@@ -108,6 +119,10 @@ spec:
     bind: {client}
     captureMode: NONE
     hosts: ["./*"]
+  - port: {{ number: {TCP_SERVICE_PORT}, protocol: TCP, name: egress-tcp }}
+    bind: {client}
+    captureMode: NONE
+    hosts: ["./*"]
 "#,
             client = self.ip(10)
         );
@@ -118,7 +133,7 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {{ name: hello-{v}, namespace: default }}
-spec: {{ address: {ip}, labels: {{ app: hello, version: {v} }}, ports: {{ http: {INBOUND_PORT} }}, serviceAccount: hello }}
+spec: {{ address: {ip}, labels: {{ app: hello, version: {v} }}, ports: {{ http: {INBOUND_PORT}, tcp-echo: {TCP_INBOUND_PORT} }}, serviceAccount: hello }}
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -127,6 +142,9 @@ spec:
   workloadSelector: {{ labels: {{ app: hello, version: {v} }} }}
   ingress:
   - port: {{ number: {INBOUND_PORT}, protocol: HTTP, name: http }}
+    bind: {ip}
+    defaultEndpoint: 127.0.0.1:{port}
+  - port: {{ number: {TCP_INBOUND_PORT}, protocol: TCP, name: tcp }}
     bind: {ip}
     defaultEndpoint: 127.0.0.1:{port}
   egress: [{{ hosts: ["./*"] }}]
@@ -240,8 +258,9 @@ spec:
         .unwrap_or_else(|| panic!("{workload}'s weft-proxy becomes LIVE"));
     }
 
-    /// A stock Envoy as the client's sidecar, over SotW (`GRPC`) or delta (`DELTA_GRPC`) ADS.
-    pub fn start_envoy_client(&mut self, delta: bool) {
+    /// Writes an Envoy bootstrap for the client's sidecar, over SotW (`GRPC`) or delta
+    /// (`DELTA_GRPC`) ADS, and returns its path.
+    pub fn client_bootstrap(&self, delta: bool) -> PathBuf {
         let xds = self.xds();
         let bootstrap = format!(
             r#"node:
@@ -277,9 +296,17 @@ static_resources:
             xds_port = xds.port(),
         );
         std::fs::create_dir_all(&self.log_dir).expect("log dir");
-        let path = self.log_dir.join("envoy-bootstrap.yaml");
+        let path = self.log_dir.join(format!(
+            "client-bootstrap-{}.yaml",
+            if delta { "delta" } else { "sotw" }
+        ));
         std::fs::write(&path, bootstrap).expect("write bootstrap");
-        let path_s = path.display().to_string();
+        path
+    }
+
+    /// A stock Envoy as the client's sidecar.
+    pub fn start_envoy_client(&mut self, delta: bool) {
+        let path_s = self.client_bootstrap(delta).display().to_string();
         let base_id = (u32::from(self.net) * 10 + u32::from(delta)).to_string();
         self.procs.push(Proc::start(
             "envoy",
@@ -304,6 +331,50 @@ static_resources:
                 .filter(|r| r.status == 200)
         })
         .expect("Envoy becomes LIVE on weftd's config");
+    }
+
+    /// weft-proxy as the client's sidecar, started from the same Envoy bootstrap file.
+    pub fn start_weft_client_from_bootstrap(&mut self, concurrency: usize) {
+        let path_s = self.client_bootstrap(false).display().to_string();
+        let c = concurrency.to_string();
+        self.procs.push(Proc::start(
+            "weft-proxy-client",
+            &bin("weft-proxy"),
+            &["--config-path", &path_s, "--concurrency", &c],
+            &self.log_dir,
+        ));
+        let admin = self.admin(10);
+        wait_until(Duration::from_secs(10), || {
+            crate::http::get(admin, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .expect("weft-proxy becomes LIVE from the Envoy bootstrap");
+    }
+
+    /// A raw TCP round trip through the client's TCP egress listener (an HTTP/1.1 request
+    /// inside, opaque to the TCP proxies); returns what the backend sent before closing.
+    pub fn tcp_round_trip(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.tcp_egress())
+            .expect("connect the TCP egress listener");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: raw\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .expect("read until the backend closes");
+        out
+    }
+
+    /// The client's TCP egress listener.
+    pub fn tcp_egress(&self) -> SocketAddr {
+        format!("{}:{TCP_SERVICE_PORT}", self.ip(10))
+            .parse()
+            .expect("addr")
     }
 
     /// Sends `n` requests through the client sidecar; returns (v1, v2, failures).

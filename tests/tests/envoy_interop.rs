@@ -36,6 +36,12 @@ fn envoy_runs_the_quickstart(name: &str, net: u8, delta: bool) {
         "through Envoy v2 served {v2} of {n} (v1 {v1}), expected [{lo}, {hi}]"
     );
 
+    let tcp = q.tcp_round_trip("/through-envoy-tcp-proxy");
+    assert!(
+        tcp.starts_with("HTTP/1.1 200") && tcp.contains("path: /through-envoy-tcp-proxy"),
+        "{tcp}"
+    );
+
     q.set_split(0, 100);
     let moved = wait_until(Duration::from_secs(2), || {
         let (v1, v2, f) = q.split(20);
