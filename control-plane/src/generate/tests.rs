@@ -5,7 +5,7 @@ use weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use weft_xds_proto::unpack;
 
-const QUICKSTART: &str = r#"
+pub(crate) const QUICKSTART: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: { name: hello, namespace: default }

@@ -114,3 +114,6 @@ impl XdsServer {
 fn is_wildcard_type(type_url: &str) -> bool {
     type_url == weft_xds_proto::type_url::LISTENER || type_url == weft_xds_proto::type_url::CLUSTER
 }
+
+#[cfg(test)]
+mod tests;
