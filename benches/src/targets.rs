@@ -104,30 +104,6 @@ spec:
     y
 }
 
-fn envoy_bootstrap(ip: &str) -> String {
-    format!(
-        r#"node: {{ id: "sidecar~{ip}~bench-envoy.default~default.svc.cluster.local", cluster: bench }}
-admin: {{ address: {{ socket_address: {{ address: {ip}, port_value: 15000 }} }} }}
-dynamic_resources:
-  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 25010 }} }} }} }}] }}]
-"#
-    )
-}
-
 impl Environment {
     pub fn start(
         dir: &Path,
@@ -156,7 +132,13 @@ impl Environment {
         std::fs::create_dir_all(&config_dir)?;
         std::fs::write(config_dir.join("mesh.yaml"), mesh_yaml(BACKEND_H1))?;
         let bootstrap = dir.join("envoy.yaml");
-        std::fs::write(&bootstrap, envoy_bootstrap(ENVOY_IP))?;
+        let envoy_node =
+            format!("sidecar~{ENVOY_IP}~bench-envoy.default~default.svc.cluster.local");
+        let admin = format!("{ENVOY_IP}:15000").parse()?;
+        std::fs::write(
+            &bootstrap,
+            weft_e2e::envoy::bootstrap(&envoy_node, "bench", "{}", admin, XDS.parse()?, false),
+        )?;
 
         env.procs.push(spawn(
             "backend",

@@ -261,39 +261,14 @@ spec:
     /// Writes an Envoy bootstrap for the client's sidecar, over SotW (`GRPC`) or delta
     /// (`DELTA_GRPC`) ADS, and returns its path.
     pub fn client_bootstrap(&self, delta: bool) -> PathBuf {
-        let xds = self.xds();
-        let bootstrap = format!(
-            r#"node:
-  id: "{id}"
-  cluster: client
-  metadata: {{ NAMESPACE: default, WORKLOAD_NAME: client, LABELS: {{ app: client }} }}
-admin:
-  address: {{ socket_address: {{ address: {admin_ip}, port_value: 15000 }} }}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds-grpc }} }}]
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {xds_ip}, port_value: {xds_port} }} }} }} }}] }}]
-"#,
-            id = self.node_id(10, "client"),
-            admin_ip = self.ip(10),
-            api = if delta { "DELTA_GRPC" } else { "GRPC" },
-            xds_ip = xds.ip(),
-            xds_port = xds.port(),
+        let metadata = "{ NAMESPACE: default, WORKLOAD_NAME: client, LABELS: { app: client } }";
+        let bootstrap = crate::envoy::bootstrap(
+            &self.node_id(10, "client"),
+            "client",
+            metadata,
+            self.admin(10),
+            self.xds(),
+            delta,
         );
         std::fs::create_dir_all(&self.log_dir).expect("log dir");
         let path = self.log_dir.join(format!(

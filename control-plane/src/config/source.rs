@@ -76,8 +76,13 @@ pub async fn watch_dir(
 ) {
     let mut last_print: Option<Fingerprint> = None;
     let mut generation = 0u64;
+    let mut unreadable = false;
     loop {
-        match fingerprint(&dir) {
+        let print = fingerprint(&dir);
+        if print.is_ok() {
+            unreadable = false;
+        }
+        match print {
             Ok(print) if Some(&print) != last_print.as_ref() => {
                 if last_print.is_some() {
                     // Let a burst of writes (an editor's save, `cp` of several files) settle.
@@ -108,8 +113,10 @@ pub async fn watch_dir(
             }
             Ok(_) => {}
             Err(e) => {
-                if last_print.take().is_some() || generation == 0 {
-                    tracing::error!(dir = %dir.display(), "cannot read config folder: {e}");
+                // Report once per outage, not on every poll; the last config keeps serving.
+                if !unreadable {
+                    tracing::error!(dir = %dir.display(), "cannot read config folder (serving the last config): {e}");
+                    unreadable = true;
                 }
             }
         }

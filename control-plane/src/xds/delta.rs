@@ -3,17 +3,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
-use weft_xds_proto::envoy::config::core::v3::ControlPlane;
+use tonic::Status;
 use weft_xds_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use weft_xds_proto::type_url;
 
-use super::status::{Nack, now_ms};
-use super::{XdsServer, is_wildcard_type};
-use crate::generate::Generated;
+use super::is_wildcard_type;
+use super::session::{Session, Stream};
 
 #[derive(Default)]
 struct Subscription {
@@ -22,6 +19,7 @@ struct Subscription {
     /// What the proxy holds: name -> version.
     sent: BTreeMap<String, String>,
     pending_nonce: String,
+    pending_version: String,
 }
 
 impl Subscription {
@@ -30,95 +28,93 @@ impl Subscription {
     }
 }
 
-pub struct Connection {
-    server: XdsServer,
-    id: u64,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    node: Option<weft_xds_proto::envoy::config::core::v3::Node>,
-    generated: Generated,
+pub struct Delta {
+    session: Session<DeltaDiscoveryResponse>,
     subs: BTreeMap<String, Subscription>,
-    nonce: u64,
 }
 
-impl Connection {
-    pub fn new(
-        server: XdsServer,
-        peer: String,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) -> Connection {
-        let id = server.status.open("delta", peer);
-        Connection {
-            server,
-            id,
-            tx,
-            node: None,
-            generated: Generated::default(),
+impl Delta {
+    pub fn new(session: Session<DeltaDiscoveryResponse>) -> Delta {
+        Delta {
+            session,
             subs: BTreeMap::new(),
-            nonce: 0,
         }
     }
 
-    pub async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
-        let mut mesh = self.server.mesh.clone();
-        mesh.mark_unchanged();
-        loop {
-            tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.on_request(req).await {
-                            let _ = self.tx.send(Err(status)).await;
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(connection = self.id, "delta ADS stream ended: {e}");
-                        break;
-                    }
-                },
-                changed = mesh.changed() => {
-                    if changed.is_err() { break; }
-                    if self.on_mesh_change().await.is_err() { break; }
-                }
-            }
+    /// Sends what changed for `type_url`; with `always`, sends even an empty response (a proxy
+    /// waits for one answer to each new subscription before it finishes initializing).
+    async fn send_diff(&mut self, type_url: &str, always: bool) -> Result<(), Status> {
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
+        let empty = BTreeMap::new();
+        let current = self.session.generated.of_type(type_url).unwrap_or(&empty);
+        let resources: Vec<Resource> = current
+            .iter()
+            .filter(|(n, r)| sub.wants(n) && sub.sent.get(*n) != Some(&r.version))
+            .map(|(name, r)| Resource {
+                name: name.clone(),
+                version: r.version.clone(),
+                resource: Some(r.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = sub
+            .sent
+            .keys()
+            .filter(|n| !current.contains_key(*n) || !sub.wants(n))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
         }
-        self.server.status.close(self.id);
+        for r in &resources {
+            sub.sent.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            sub.sent.remove(n);
+        }
+        let nonce = self.session.next_nonce();
+        let version = self.session.generated.type_version(type_url, None);
+        sub.pending_nonce = nonce.clone();
+        sub.pending_version = version.clone();
+        let count = sub.sent.len();
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: version.clone(),
+            resources,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: nonce.clone(),
+            control_plane: self.session.control_plane(),
+            ..Default::default()
+        };
+        self.session
+            .send(type_url, version, nonce, count, resp)
+            .await
+    }
+}
+
+impl Stream for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn session(&self) -> &Session<DeltaDiscoveryResponse> {
+        &self.session
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if self.node.is_none() {
-            let node = req.node.clone().ok_or_else(|| {
-                Status::invalid_argument("the first DeltaDiscoveryRequest must carry the node")
-            })?;
-            let (proxy, generated) = self.server.generate_for(&node)?;
-            tracing::info!(connection = self.id, proxy = %proxy.id, "proxy connected (delta ADS)");
-            self.server.status.set_proxy(self.id, &node.id);
-            self.node = Some(node);
-            self.generated = generated;
-        }
+        self.session.identify(req.node.as_ref())?;
         let type_url = req.type_url.clone();
-        let short = type_url::short_name(&type_url);
         let first = !self.subs.contains_key(&type_url);
         let sub = self.subs.entry(type_url.clone()).or_default();
         if let Some(err) = &req.error_detail {
-            self.server.status.record_nack(
-                self.id,
-                short,
-                Nack {
-                    nonce: req.response_nonce.clone(),
-                    version: String::new(),
-                    message: err.message.clone(),
-                    at_unix_ms: now_ms(),
-                },
-            );
+            self.session
+                .record_nack(&type_url, &req.response_nonce, "", &err.message);
             return Ok(());
         }
         if !req.response_nonce.is_empty() && req.response_nonce == sub.pending_nonce {
-            self.server.status.update(self.id, short, |t| {
-                t.acked_nonce = req.response_nonce.clone();
-                t.acked_version = t.sent_version.clone();
-                t.acks += 1;
-            });
+            self.session
+                .record_ack(&type_url, &req.response_nonce, &sub.pending_version);
         }
         if first {
             sub.wildcard = is_wildcard_type(&type_url) && req.resource_names_subscribe.is_empty();
@@ -145,79 +141,14 @@ impl Connection {
     }
 
     async fn on_mesh_change(&mut self) -> Result<(), Status> {
-        let Some(node) = &self.node else {
+        if !self.session.regenerate()? {
             return Ok(());
-        };
-        let (_, generated) = self.server.generate_for(node)?;
-        self.generated = generated;
+        }
         for t in type_url::PUSH_ORDER {
             if self.subs.contains_key(t) {
                 self.send_diff(t, false).await?;
             }
         }
         Ok(())
-    }
-
-    /// Sends what changed for `type_url`; with `always`, sends even an empty response (a proxy
-    /// waits for one answer to each new subscription before it finishes initializing).
-    async fn send_diff(&mut self, type_url: &str, always: bool) -> Result<(), Status> {
-        let Some(sub) = self.subs.get_mut(type_url) else {
-            return Ok(());
-        };
-        let empty = BTreeMap::new();
-        let current = self.generated.of_type(type_url).unwrap_or(&empty);
-        let mut resources = Vec::new();
-        for (name, r) in current.iter().filter(|(n, _)| sub.wants(n)) {
-            if sub.sent.get(name) != Some(&r.version) {
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                });
-            }
-        }
-        let removed: Vec<String> = sub
-            .sent
-            .keys()
-            .filter(|n| !current.contains_key(*n) || !sub.wants(n))
-            .cloned()
-            .collect();
-        if resources.is_empty() && removed.is_empty() && !always {
-            return Ok(());
-        }
-        for r in &resources {
-            sub.sent.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &removed {
-            sub.sent.remove(n);
-        }
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        sub.pending_nonce = nonce.clone();
-        let version = self.generated.type_version(type_url, None);
-        let count = sub.sent.len();
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: version.clone(),
-            resources,
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce: nonce.clone(),
-            control_plane: Some(ControlPlane {
-                identifier: self.server.identifier.clone(),
-            }),
-            ..Default::default()
-        };
-        self.server
-            .status
-            .update(self.id, type_url::short_name(type_url), |t| {
-                t.sent_version = version;
-                t.sent_nonce = nonce;
-                t.sent_resources = count;
-            });
-        self.tx
-            .send(Ok(resp))
-            .await
-            .map_err(|_| Status::cancelled("proxy went away"))
     }
 }

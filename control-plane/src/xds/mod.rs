@@ -4,6 +4,7 @@
 //! pushes again whenever the mesh changes.
 
 mod delta;
+mod session;
 mod sotw;
 pub mod status;
 
@@ -76,8 +77,11 @@ impl AggregatedDiscoveryService for XdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = peer_of(&request);
         let (tx, rx) = mpsc::channel(16);
-        let conn = sotw::Connection::new(self.clone(), peer, tx);
-        tokio::spawn(conn.run(request.into_inner()));
+        let session = session::Session::open(self.clone(), "sotw", peer, tx);
+        tokio::spawn(session::drive(
+            sotw::Sotw::new(session),
+            request.into_inner(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -87,8 +91,11 @@ impl AggregatedDiscoveryService for XdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = peer_of(&request);
         let (tx, rx) = mpsc::channel(16);
-        let conn = delta::Connection::new(self.clone(), peer, tx);
-        tokio::spawn(conn.run(request.into_inner()));
+        let session = session::Session::open(self.clone(), "delta", peer, tx);
+        tokio::spawn(session::drive(
+            delta::Delta::new(session),
+            request.into_inner(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

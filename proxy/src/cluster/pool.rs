@@ -199,13 +199,18 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
+        self.drive(conn);
+        Ok(sender)
+    }
+
+    /// Runs a connection's I/O on this worker, counted as active until it closes.
+    fn drive<F: std::future::Future + Send + 'static>(&self, conn: F) {
         let active = self.stats.cx_active.clone();
         active.inc();
         tokio::spawn(async move {
             let _ = conn.await;
             active.dec();
         });
-        Ok(sender)
     }
 
     async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
@@ -224,12 +229,7 @@ impl Pool {
                         addr: self.addr,
                         source,
                     })?;
-                let active = self.stats.cx_active.clone();
-                active.inc();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    active.dec();
-                });
+                self.drive(conn);
                 *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
                 sender
             }
