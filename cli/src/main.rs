@@ -36,6 +36,9 @@ enum Cmd {
         /// Worker threads per sidecar.
         #[arg(long, default_value_t = 1)]
         proxy_concurrency: usize,
+        /// Run weftd's DNS server with this Corefile.
+        #[arg(long)]
+        corefile: Option<PathBuf>,
     },
     /// A tiny HTTP echo server: replies with its name and the request's method, path, headers.
     Echo {
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
                 debug_address,
                 log_dir,
                 proxy_concurrency,
+                corefile,
             } => {
                 let log_dir = log_dir.unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("weft-up-{}", std::process::id()))
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
                     debug_address,
                     log_dir,
                     proxy_concurrency: proxy_concurrency.max(1),
+                    corefile,
                 })
                 .await
             }

@@ -26,6 +26,8 @@ pub struct UpOptions {
     pub debug_address: SocketAddr,
     pub log_dir: PathBuf,
     pub proxy_concurrency: usize,
+    /// A Corefile for weftd's DNS server (None: no DNS).
+    pub corefile: Option<PathBuf>,
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped or stopped.
@@ -133,6 +135,12 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         .arg(opts.xds_address.to_string())
         .arg("--debug-address")
         .arg(opts.debug_address.to_string());
+    match &opts.corefile {
+        Some(c) => weftd_cmd.arg("--corefile").arg(c),
+        // The built-in Corefile's ports (53, 8080, 8181, 9153) would collide with a
+        // quickstart's listeners: DNS is opt-in here.
+        None => weftd_cmd.arg("--no-dns"),
+    };
     let mut weftd = spawn("weftd", weftd_cmd, &opts.log_dir)?;
     if !wait_ready(opts.debug_address, "/ready", Duration::from_secs(10)).await {
         weftd.stop().await;

@@ -2,15 +2,12 @@
 //! `/debug/syncz` (per-proxy sent/ACKed/NACKed state), `/debug/nacks`, `/debug/configz`
 //! (objects served and objects rejected, with reasons).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::StatusCode;
 use tokio::sync::watch;
 
+use crate::httpd::Reply;
 use crate::xds::{MeshSnapshot, StatusRegistry};
 
 #[derive(Clone)]
@@ -20,67 +17,35 @@ pub struct DebugState {
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, state: DebugState) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    crate::httpd::serve(listener, move |_, path| handle(&state, path)).await
 }
 
-fn json(value: serde_json::Value) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
+fn json(value: serde_json::Value) -> Reply {
+    (
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&value).unwrap_or_default(),
+    )
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp
-}
-
-fn handle<B>(state: &DebugState, req: Request<B>) -> Response<Full<Bytes>> {
+fn handle(state: &DebugState, path: &str) -> Reply {
     let mesh = state.mesh.borrow().clone();
-    match req.uri().path() {
-        "/ready" => {
-            if mesh.generation > 0 {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "config not loaded yet\n")
-            }
-        }
+    match path {
+        "/ready" if mesh.generation > 0 => (StatusCode::OK, "text/plain", "ready\n".into()),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "config not loaded yet\n".into(),
+        ),
         "/debug/syncz" => json(serde_json::to_value(state.status.snapshot()).unwrap_or_default()),
         "/debug/nacks" => json(serde_json::Value::Array(state.status.nack_log())),
         "/debug/configz" => {
             let c = &mesh.mesh.config;
-            let names = |v: Vec<(String, String, String)>| {
-                v.into_iter().map(|(ns, n, file)| serde_json::json!({"namespace": ns, "name": n, "file": file})).collect::<Vec<_>>()
-            };
             macro_rules! list {
                 ($v:expr) => {
-                    names(
-                        $v.iter()
-                            .map(|o| {
-                                (
-                                    o.namespace.clone(),
-                                    o.meta.name.clone(),
-                                    o.origin.file.display().to_string(),
-                                )
-                            })
-                            .collect(),
-                    )
+                    $v.iter()
+                        .map(|o| serde_json::json!({"namespace": o.namespace, "name": o.meta.name, "file": o.origin.file.display().to_string()}))
+                        .collect::<Vec<_>>()
                 };
             }
             json(serde_json::json!({
@@ -90,15 +55,21 @@ fn handle<B>(state: &DebugState, req: Request<B>) -> Response<Full<Bytes>> {
                 "VirtualService": list!(c.virtual_services),
                 "DestinationRule": list!(c.destination_rules),
                 "Sidecar": list!(c.sidecars),
+                "ServiceEntry": list!(c.service_entries),
+                "Pod": list!(c.pods),
+                "Endpoints": list!(c.endpoints),
+                "EndpointSlice": list!(c.endpoint_slices),
+                "Namespace": list!(c.namespaces),
                 "rejected": mesh.errors.iter().map(|e| serde_json::json!({
                     "file": e.file.display().to_string(), "document": e.document + 1,
                     "object": e.object, "field": e.field, "reason": e.reason,
                 })).collect::<Vec<_>>(),
             }))
         }
-        _ => text(
+        _ => (
             StatusCode::NOT_FOUND,
-            "unknown path; try /ready, /debug/syncz, /debug/nacks, /debug/configz\n",
+            "text/plain",
+            "unknown path; try /ready, /debug/syncz, /debug/nacks, /debug/configz\n".into(),
         ),
     }
 }

@@ -7,7 +7,9 @@
 
 pub mod config;
 pub mod debug;
+pub mod dns;
 pub mod generate;
+pub mod httpd;
 pub mod model;
 pub mod xds;
 
@@ -29,6 +31,8 @@ pub struct Options {
     pub xds_address: SocketAddr,
     pub debug_address: SocketAddr,
     pub poll_interval: Duration,
+    /// The DNS server (None: off).
+    pub dns: Option<dns::DnsOptions>,
 }
 
 /// Runs weftd until the process is stopped.

@@ -25,6 +25,16 @@ struct Args {
     /// How often the config folder is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// Corefile for the DNS server (default: the Corefile Kubernetes ships for CoreDNS).
+    #[arg(long, conflicts_with = "no_dns")]
+    corefile: Option<PathBuf>,
+    /// Serve every DNS server block on this port instead of the Corefile's (default: the
+    /// Corefile's; 15053 for the built-in one when not running as root).
+    #[arg(long)]
+    dns_port: Option<u16>,
+    /// Do not run the DNS server.
+    #[arg(long)]
+    no_dns: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -36,18 +46,50 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let dns = (!args.no_dns).then(|| {
+        let unprivileged = args.corefile.is_none() && !running_as_root();
+        weft_control_plane::dns::DnsOptions {
+            corefile: args.corefile.clone(),
+            port_override: args.dns_port.or(unprivileged.then_some(15053)),
+        }
+    });
     rt.block_on(async {
         let opts = weft_control_plane::Options {
             config_dir: args.config_dir,
             xds_address: args.xds_address,
             debug_address: args.debug_address,
             poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+            dns: dns.clone(),
         };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = weft_control_plane::run(opts) => r,
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted, shutting down"); Ok(()) }
+            r = weft_control_plane::run(opts) => return r,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
+        // health { lameduck }: report unhealthy, keep answering for a while, then exit.
+        if let Some(d) = &dns {
+            let wait = weft_control_plane::dns::begin_lameduck(d);
+            if !wait.is_zero() {
+                tracing::info!("shutting down after lameduck {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        tracing::info!("shutting down");
+        Ok(())
     })
+}
+
+fn running_as_root() -> bool {
+    // /proc/self/status: "Uid: real effective saved fs".
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
 
 fn init_tracing(format: &str) {

@@ -194,6 +194,7 @@ spec:
                 &debug,
                 "--poll-ms",
                 "50",
+                "--no-dns",
             ],
             &self.log_dir,
         );

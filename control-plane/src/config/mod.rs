@@ -26,6 +26,11 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     Sidecar,
+    ServiceEntry,
+    Pod,
+    Endpoints,
+    EndpointSlice,
+    Namespace,
 }
 
 impl Kind {
@@ -37,6 +42,11 @@ impl Kind {
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
             ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
             ("networking.istio.io", "Sidecar") => Some(Kind::Sidecar),
+            ("networking.istio.io", "ServiceEntry") => Some(Kind::ServiceEntry),
+            ("", "Pod") => Some(Kind::Pod),
+            ("", "Endpoints") => Some(Kind::Endpoints),
+            ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("", "Namespace") => Some(Kind::Namespace),
             _ => None,
         }
     }
@@ -44,8 +54,18 @@ impl Kind {
     fn istio_versions_ok(api_version: &str) -> bool {
         match api_version.split_once('/') {
             Some(("networking.istio.io", v)) => matches!(v, "v1" | "v1beta1" | "v1alpha3"),
+            Some(("discovery.k8s.io", v)) => v == "v1",
             _ => api_version == "v1",
         }
+    }
+
+    /// Kinds whose payload is the whole object body (Pod's spec and status, Endpoints'
+    /// subsets, ...) rather than `spec`.
+    fn body_is_top_level(self) -> bool {
+        matches!(
+            self,
+            Kind::Pod | Kind::Endpoints | Kind::EndpointSlice | Kind::Namespace
+        )
     }
 }
 
@@ -86,6 +106,11 @@ pub struct ConfigSet {
     pub virtual_services: Vec<Object<VirtualServiceSpec>>,
     pub destination_rules: Vec<Object<DestinationRuleSpec>>,
     pub sidecars: Vec<Object<SidecarSpec>>,
+    pub service_entries: Vec<Object<ServiceEntrySpec>>,
+    pub pods: Vec<Object<PodBody>>,
+    pub endpoints: Vec<Object<EndpointsBody>>,
+    pub endpoint_slices: Vec<Object<EndpointSliceBody>>,
+    pub namespaces: Vec<Object<NamespaceBody>>,
 }
 
 /// A rejected object or document: file, object, field path and reason.
@@ -213,9 +238,23 @@ impl ConfigSet {
         }
         validate::name(&meta.name).map_err(|r| mk(object.clone(), "metadata.name", r))?;
         validate::name(&namespace).map_err(|r| mk(object.clone(), "metadata.namespace", r))?;
-        let spec = map
-            .remove("spec")
-            .unwrap_or(serde_json::Value::Object(Default::default()));
+        let (spec, root) = if kind.body_is_top_level() {
+            map.remove("apiVersion");
+            map.remove("kind");
+            (serde_json::Value::Object(map), "")
+        } else {
+            let spec = map.remove("spec");
+            (
+                spec.unwrap_or(serde_json::Value::Object(Default::default())),
+                "spec",
+            )
+        };
+        // A Namespace is cluster-scoped: it is its own namespace.
+        let namespace = if kind == Kind::Namespace {
+            meta.name.clone()
+        } else {
+            namespace
+        };
         let origin = Origin {
             file: file.to_path_buf(),
             document,
@@ -223,7 +262,7 @@ impl ConfigSet {
         let fail = |(field, reason): (String, String)| mk(object.clone(), &field, reason);
         macro_rules! push {
             ($vec:ident, $check:path) => {{
-                let spec = parse_at(spec, "spec").map_err(fail)?;
+                let spec = parse_at(spec, root).map_err(fail)?;
                 $check(&spec).map_err(fail)?;
                 let obj = Object {
                     meta,
@@ -242,6 +281,11 @@ impl ConfigSet {
             Kind::VirtualService => push!(virtual_services, validate::virtual_service),
             Kind::DestinationRule => push!(destination_rules, validate::destination_rule),
             Kind::Sidecar => push!(sidecars, validate::sidecar),
+            Kind::ServiceEntry => push!(service_entries, validate::service_entry),
+            Kind::Pod => push!(pods, validate::pod),
+            Kind::Endpoints => push!(endpoints, validate::endpoints),
+            Kind::EndpointSlice => push!(endpoint_slices, validate::endpoint_slice),
+            Kind::Namespace => push!(namespaces, validate::accept),
         }
         Ok(())
     }
@@ -256,6 +300,11 @@ impl ConfigSet {
         by_key(&mut self.virtual_services);
         by_key(&mut self.destination_rules);
         by_key(&mut self.sidecars);
+        by_key(&mut self.service_entries);
+        by_key(&mut self.pods);
+        by_key(&mut self.endpoints);
+        by_key(&mut self.endpoint_slices);
+        by_key(&mut self.namespaces);
     }
 
     /// Object counts per kind, for logs and debug output.
@@ -266,6 +315,11 @@ impl ConfigSet {
             ("VirtualService", self.virtual_services.len()),
             ("DestinationRule", self.destination_rules.len()),
             ("Sidecar", self.sidecars.len()),
+            ("ServiceEntry", self.service_entries.len()),
+            ("Pod", self.pods.len()),
+            ("Endpoints", self.endpoints.len()),
+            ("EndpointSlice", self.endpoint_slices.len()),
+            ("Namespace", self.namespaces.len()),
         ])
     }
 }
@@ -277,10 +331,10 @@ fn parse_at<T: DeserializeOwned>(
 ) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." {
-            root.to_string()
-        } else {
-            format!("{root}.{path}")
+        let field = match (path.as_str(), root) {
+            (".", _) => root.to_string(),
+            (_, "") => path,
+            _ => format!("{root}.{path}"),
         };
         (field, e.into_inner().to_string())
     })

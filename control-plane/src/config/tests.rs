@@ -43,10 +43,8 @@ fn bookinfo_services_load_and_other_kinds_are_skipped() {
 
 #[test]
 fn bookinfo_subset_rules_and_simple_virtual_services_load() {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/istio/bookinfo/networking/"
-    );
+    let Some(data) = istio_testdata() else { return };
+    let dir = data.join("bookinfo/networking");
     for f in [
         "destination-rule-all.yaml",
         "virtual-service-all-v1.yaml",

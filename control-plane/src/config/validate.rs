@@ -250,3 +250,118 @@ pub fn parse_default_endpoint(ep: &str) -> Result<(IpAddr, u32), String> {
     }
     Ok((ip, p))
 }
+
+fn ip(field: String, v: &str) -> Check {
+    if v.parse::<IpAddr>().is_ok() {
+        Ok(())
+    } else {
+        bad(field, format!("{v:?} is not an IP address"))
+    }
+}
+
+/// Kinds with nothing to check beyond their types.
+pub fn accept<T>(_: &T) -> Check {
+    Ok(())
+}
+
+pub fn pod(p: &PodBody) -> Check {
+    if let Some(v) = &p.status.pod_ip {
+        ip("status.podIP".into(), v)?;
+    }
+    for (i, a) in p.status.pod_ips.iter().enumerate() {
+        ip(format!("status.podIPs[{i}].ip"), &a.ip)?;
+    }
+    Ok(())
+}
+
+pub fn endpoints(e: &EndpointsBody) -> Check {
+    for (i, s) in e.subsets.iter().enumerate() {
+        for (field, list) in [
+            ("addresses", &s.addresses),
+            ("notReadyAddresses", &s.not_ready_addresses),
+        ] {
+            for (j, a) in list.iter().enumerate() {
+                ip(format!("subsets[{i}].{field}[{j}].ip"), &a.ip)?;
+            }
+        }
+        for (j, p) in s.ports.iter().enumerate() {
+            port(&format!("subsets[{i}].ports[{j}].port"), p.port)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint_slice(e: &EndpointSliceBody) -> Check {
+    for (i, ep) in e.endpoints.iter().enumerate() {
+        if e.address_type.as_deref() != Some("FQDN") {
+            for (j, a) in ep.addresses.iter().enumerate() {
+                ip(format!("endpoints[{i}].addresses[{j}]"), a)?;
+            }
+        }
+    }
+    for (j, p) in e.ports.iter().enumerate() {
+        port(&format!("ports[{j}].port"), p.port)?;
+    }
+    Ok(())
+}
+
+pub fn service_entry(se: &ServiceEntrySpec) -> Check {
+    if se.hosts.is_empty() {
+        return bad("spec.hosts", "at least one host is required");
+    }
+    for (i, h) in se.hosts.iter().enumerate() {
+        let plain = h.strip_prefix("*.").unwrap_or(h);
+        if h == "*"
+            || plain.is_empty()
+            || plain.contains('*')
+            || name(&plain.to_ascii_lowercase()).is_err()
+        {
+            return bad(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a valid host (a DNS name, optionally with a leading \"*.\")"),
+            );
+        }
+        if h.chars().any(|c| c.is_ascii_uppercase()) {
+            return bad(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} must be lowercase"),
+            );
+        }
+    }
+    for (i, a) in se.addresses.iter().enumerate() {
+        let addr = a.split_once('/').map(|(a, _)| a).unwrap_or(a);
+        ip(format!("spec.addresses[{i}]"), addr)?;
+    }
+    for (i, p) in se.ports.iter().enumerate() {
+        port(&format!("spec.ports[{i}].number"), p.number)?;
+    }
+    for (i, e) in se.endpoints.iter().enumerate() {
+        workload_entry(e).map_err(|(f, r)| {
+            (
+                format!("spec.endpoints[{i}].{}", f.trim_start_matches("spec.")),
+                r,
+            )
+        })?;
+    }
+    if se.resolution == Some(Resolution::Static)
+        && se.endpoints.is_empty()
+        && se.workload_selector.is_none()
+    {
+        return bad(
+            "spec.endpoints",
+            "resolution STATIC needs endpoints or a workloadSelector",
+        );
+    }
+    if matches!(
+        se.resolution,
+        Some(Resolution::Dns | Resolution::DnsRoundRobin)
+    ) && se.hosts.iter().any(|h| h.starts_with('*'))
+        && se.endpoints.is_empty()
+    {
+        return bad(
+            "spec.resolution",
+            "DNS resolution of a wildcard host needs endpoints",
+        );
+    }
+    Ok(())
+}
