@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 
 ENVOY_VERSION=1.40.0
 
-# Debian packages the tests and the quickstart use.
+# Debian packages the tests and the quickstart use (curl, dig).
 missing=()
 command -v curl >/dev/null || missing+=(curl)
+command -v dig >/dev/null || missing+=(bind9-dnsutils)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"

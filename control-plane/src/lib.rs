@@ -52,6 +52,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.poll_interval,
         Duration::from_millis(100),
     ));
+    if let Some(dns_opts) = opts.dns.clone() {
+        // A Corefile that does not parse is a startup error. Failing to bind is fatal for a
+        // Corefile the operator gave; for the built-in default (ports 53, 8080, 8181, 9153,
+        // which may well be taken) it is logged and xDS keeps being served.
+        dns::corefile_check(&dns_opts)?;
+        let explicit = dns_opts.corefile.is_some();
+        let config = config_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = dns::run(dns_opts, config).await {
+                if explicit {
+                    tracing::error!("DNS server failed: {e:#}");
+                    std::process::exit(1);
+                }
+                tracing::error!(
+                    "DNS server (built-in Corefile) not running: {e:#}; pass --corefile or --no-dns"
+                );
+            }
+        });
+    }
     // Derive the mesh model once per config change, off the xDS connections' path.
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {

@@ -444,7 +444,7 @@ pub async fn handle(
             ("server", block.server_label.clone()),
             ("zone", zone.clone()),
             ("view", String::new()),
-            ("rcode", rcode.to_str().to_string()),
+            ("rcode", rcode_name(rcode).to_string()),
             ("plugin", out.plugin.into()),
         ],
     );
@@ -464,11 +464,12 @@ pub async fn handle(
             qtype,
             bytes.len(),
             req.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
-            rcode.to_str(),
+            rcode_name(rcode),
             started.elapsed().as_secs_f64()
         );
     }
-    if block.cfg.plugins.errors && rcode == ResponseCode::ServFail {
+    let is_probe = block.loop_probe.as_ref().is_some_and(|(p, _)| *p == qname);
+    if block.cfg.plugins.errors && rcode == ResponseCode::ServFail && !is_probe {
         tracing::error!(
             "{qname} {qtype}: SERVFAIL ({})",
             if out.plugin.is_empty() {
@@ -479,6 +480,19 @@ pub async fn handle(
         );
     }
     finish(out.msg)
+}
+
+/// Rcode names as DNS tools and CoreDNS's metrics spell them.
+pub fn rcode_name(r: ResponseCode) -> &'static str {
+    match r {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        _ => "OTHER",
+    }
 }
 
 fn type_label(t: RecordType) -> String {

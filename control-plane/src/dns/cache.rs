@@ -116,6 +116,13 @@ impl Cache {
         );
     }
 
+    /// Forgets everything: the mesh changed, so cached answers (and denials) may be wrong.
+    pub fn clear(&self) {
+        for t in [&self.success, &self.denial] {
+            t.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
     pub fn sizes(&self) -> (usize, usize) {
         let s = self.success.lock().map(|t| t.len()).unwrap_or(0);
         let d = self.denial.lock().map(|t| t.len()).unwrap_or(0);

@@ -267,8 +267,14 @@ async fn keep_records(
                 block.cfg.plugins.kubernetes.clone(),
                 serial,
             );
+            tracing::debug!(generation = snapshot.generation, "DNS records rebuilt");
             block.records.store(Arc::new(records));
             block.synced.store(true, Ordering::Relaxed);
+            // Unlike CoreDNS, a config change is visible at once: no cached denial of a name
+            // that now exists outlives it.
+            if let Some(c) = &block.cache {
+                c.clear();
+            }
         }
         if config.changed().await.is_err() {
             return Ok(());
