@@ -57,7 +57,7 @@ fn wait_port(addr: &str, timeout: Duration) -> anyhow::Result<()> {
 
 fn nginx_conf(dir: &Path, name: &str, servers: &str) -> anyhow::Result<PathBuf> {
     let conf = format!(
-        "worker_processes 1;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/{name}-body;\n  proxy_temp_path {dir}/{name}-proxy;\n  fastcgi_temp_path {dir}/{name}-fcgi;\n  uwsgi_temp_path {dir}/{name}-uwsgi;\n  scgi_temp_path {dir}/{name}-scgi;\n{servers}\n}}\n",
+        "worker_processes 1;\nmaster_process off;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/{name}-body;\n  proxy_temp_path {dir}/{name}-proxy;\n  fastcgi_temp_path {dir}/{name}-fcgi;\n  uwsgi_temp_path {dir}/{name}-uwsgi;\n  scgi_temp_path {dir}/{name}-scgi;\n{servers}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join(format!("{name}.conf"));
