@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -17,6 +17,7 @@ use super::corefile::{ServerBlock, fqdn, in_zone};
 use super::forward::{ForwardError, Forwarder};
 use super::metrics::Metrics;
 use super::records::{Data, Lookup, RecordKind, Records};
+use crate::config::ConfigSet;
 
 /// The payload size weftd advertises in EDNS0 (the DNS flag day 2020 value).
 const EDNS_PAYLOAD: u16 = 1232;
@@ -107,6 +108,39 @@ pub fn reply_to(req: &Message, rcode: ResponseCode) -> Message {
 }
 
 impl Block {
+    /// A block ready to serve, with no records until `update` (kubernetes names answer
+    /// SERVFAIL until then).
+    pub fn new(cfg: ServerBlock, metrics: Arc<Metrics>) -> Block {
+        let loop_probe = cfg.plugins.loop_detect.then(|| {
+            let zone = cfg.zones[0].trim_start_matches('.');
+            let r = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let probe = format!("{}.{}.{zone}", r % 1_000_000_007, (r / 7) % 1_000_000_009).replace("..", ".");
+            (probe, AtomicU32::new(0))
+        });
+        let synced = cfg.plugins.kubernetes.is_none();
+        Block {
+            records: ArcSwap::from_pointee(Records::build(&ConfigSet::default(), cfg.plugins.kubernetes.clone(), 0)),
+            synced: AtomicBool::new(synced),
+            forward: cfg.plugins.forward.clone().map(Forwarder::new),
+            cache: cfg.plugins.cache.clone().map(Cache::new),
+            metrics,
+            loop_probe,
+            server_label: format!("dns://:{}", cfg.port),
+            cfg,
+        }
+    }
+
+    /// Rebuilds the records from the config and forgets cached answers: unlike CoreDNS, a
+    /// change is visible at once, no cached denial of a name that now exists outlives it.
+    pub fn update(&self, config: &ConfigSet) {
+        let serial = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
+        self.records.store(Arc::new(Records::build(config, self.cfg.plugins.kubernetes.clone(), serial)));
+        self.synced.store(true, Ordering::Relaxed);
+        if let Some(c) = &self.cache {
+            c.clear();
+        }
+    }
+
     pub fn handles(&self, qname: &str) -> usize {
         self.cfg
             .zones

@@ -7,6 +7,7 @@ pub mod answer;
 pub mod cache;
 pub mod corefile;
 pub mod forward;
+pub mod fuzzing;
 pub mod metrics;
 pub mod records;
 mod server;

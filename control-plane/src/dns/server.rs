@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use hyper::StatusCode;
@@ -19,11 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::answer::{Block, handle};
-use super::cache::Cache;
 use super::corefile::{self, Corefile};
-use super::forward::Forwarder;
 use super::metrics::Metrics;
-use super::records::Records;
 use crate::config::source::ConfigSnapshot;
 
 #[derive(Debug, Clone)]
@@ -130,39 +126,13 @@ async fn start(
     let mut tasks = JoinSet::new();
     let mut by_port: BTreeMap<u16, Vec<Arc<Block>>> = BTreeMap::new();
     for b in &cf.blocks {
-        let forward = b.plugins.forward.clone().map(Forwarder::new);
-        if let Some(f) = forward.clone() {
+        let block = Arc::new(Block::new(b.clone(), metrics.clone()));
+        if let Some(f) = block.forward.clone() {
             tasks.spawn(async move {
                 f.health_checks().await;
                 Ok(())
             });
         }
-        let loop_probe = b.plugins.loop_detect.then(|| {
-            let zone = b.zones[0].trim_start_matches('.');
-            let r = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            (
-                format!("{}.{}.{zone}", r % 1_000_000_007, (r / 7) % 1_000_000_009)
-                    .replace("..", "."),
-                AtomicU32::new(0),
-            )
-        });
-        let block = Arc::new(Block {
-            cfg: b.clone(),
-            records: ArcSwap::from_pointee(Records::build(
-                &Default::default(),
-                b.plugins.kubernetes.clone(),
-                0,
-            )),
-            synced: AtomicBool::new(false),
-            forward,
-            cache: b.plugins.cache.clone().map(Cache::new),
-            metrics: metrics.clone(),
-            loop_probe,
-            server_label: format!("dns://:{}", b.port),
-        });
         if b.plugins.kubernetes.is_some() {
             tasks.spawn(keep_records(block.clone(), config.clone()));
         } else {
@@ -258,23 +228,8 @@ async fn keep_records(
     loop {
         let snapshot = config.borrow_and_update().clone();
         if snapshot.synced {
-            let serial = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as u32)
-                .unwrap_or(0);
-            let records = Records::build(
-                &snapshot.config,
-                block.cfg.plugins.kubernetes.clone(),
-                serial,
-            );
             tracing::debug!(generation = snapshot.generation, "DNS records rebuilt");
-            block.records.store(Arc::new(records));
-            block.synced.store(true, Ordering::Relaxed);
-            // Unlike CoreDNS, a config change is visible at once: no cached denial of a name
-            // that now exists outlives it.
-            if let Some(c) = &block.cache {
-                c.clear();
-            }
+            block.update(&snapshot.config);
         }
         if config.changed().await.is_err() {
             return Ok(());

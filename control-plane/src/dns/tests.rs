@@ -653,3 +653,38 @@ async fn servfail_until_synced_refused_outside_zones_formerr_for_garbage() {
         ResponseCode::Refused
     );
 }
+
+/// Inputs the fuzzer found (fuzz/regressions/dns_query) and hand-made hostile packets: each
+/// gets a parseable reply or is dropped, never a panic.
+#[test]
+fn hostile_packets_and_fuzz_regressions() {
+    let blocks = fuzzing::fixture();
+    let mut inputs: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0; 11],
+        vec![0; 12],
+        // A compression pointer to itself.
+        vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1],
+        // A label longer than the packet.
+        vec![0, 2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 63, b'a', 0, 1, 0, 1],
+        // 65535 questions announced, none present.
+        vec![0, 3, 1, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0],
+        // A response (QR set): dropped.
+        vec![0, 4, 0x81, 0x80, 0, 0, 0, 0, 0, 0, 0, 0],
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/dns_query");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            inputs.push(std::fs::read(e.path()).unwrap());
+        }
+    }
+    for input in &inputs {
+        for tcp in [false, true] {
+            fuzzing::query(&blocks, input, tcp);
+        }
+    }
+    let qr = fuzzing::query(&blocks, &inputs[6], false);
+    assert!(qr.is_none(), "responses are never answered");
+    let formerr = fuzzing::query(&blocks, &inputs[3], false).expect("a FORMERR reply");
+    assert_eq!(Message::from_vec(&formerr).unwrap().metadata.response_code, ResponseCode::FormErr);
+}
