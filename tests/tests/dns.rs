@@ -272,3 +272,77 @@ fn a_bad_corefile_is_a_startup_error_naming_the_line() {
         "{err}"
     );
 }
+
+#[test]
+fn reload_picks_up_a_changed_corefile_and_lameduck_delays_shutdown() {
+    let root = std::env::temp_dir().join(format!("weft-e2e-dns-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (config, logs) = (root.join("config"), root.join("logs"));
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("mesh.yaml"), MESH).unwrap();
+    let (port, health) = (dns_port(), free_port("127.0.0.1"));
+    let corefile = |ttl: u32| {
+        format!(
+            ".:{port} {{\n  health 127.0.0.1:{health} {{\n    lameduck 1s\n  }}\n  kubernetes cluster.local {{\n    ttl {ttl}\n  }}\n  reload 2s 0s\n}}\n"
+        )
+    };
+    let mut weftd = weftd("weftd", &root, &config, &corefile(5), &logs);
+    let ttl = || {
+        let out = dig(
+            port,
+            &["+noall", "+answer", "web.default.svc.cluster.local", "A"],
+        );
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse::<u32>().ok())
+    };
+    wait_until(Duration::from_secs(10), || (ttl() == Some(5)).then_some(()))
+        .expect("serving with ttl 5");
+    std::fs::write(root.join("weftd.Corefile"), corefile(7)).unwrap();
+    wait_until(Duration::from_secs(10), || (ttl() == Some(7)).then_some(()))
+        .expect("the reloaded Corefile's ttl 7");
+
+    // SIGTERM: /health turns 503 while weftd keeps answering for the lameduck second, then exits.
+    let health_addr = format!("127.0.0.1:{health}").parse().unwrap();
+    assert_eq!(weft_e2e::get(health_addr, "/health").unwrap().status, 200);
+    Command::new("kill")
+        .args(["-TERM", &weftd.pid().to_string()])
+        .status()
+        .unwrap();
+    let lameduck = wait_until(Duration::from_secs(2), || {
+        weft_e2e::get(health_addr, "/health")
+            .ok()
+            .filter(|r| r.status == 503)
+    });
+    assert!(lameduck.is_some(), "health reports 503 during lameduck");
+    assert_eq!(ttl(), Some(7), "still answering during lameduck");
+    let exited = wait_until(Duration::from_secs(5), || {
+        (!weftd.is_running()).then_some(())
+    });
+    assert!(exited.is_some(), "weftd exits after lameduck");
+}
+
+#[test]
+fn a_forwarding_loop_is_detected_and_stops_the_server() {
+    let root = std::env::temp_dir().join(format!("weft-e2e-dns-loop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (config, logs) = (root.join("config"), root.join("logs"));
+    std::fs::create_dir_all(&config).unwrap();
+    let port = dns_port();
+    let mut weftd = weftd(
+        "weftd",
+        &root,
+        &config,
+        &format!(".:{port} {{\n  forward . 127.0.0.1:{port}\n  loop\n}}\n"),
+        &logs,
+    );
+    let exited = wait_until(Duration::from_secs(15), || {
+        (!weftd.is_running()).then_some(())
+    });
+    assert!(
+        exited.is_some(),
+        "weftd stops when its forward plugin loops back to itself"
+    );
+    let log = weftd.logs();
+    assert!(log.contains("Loop") && log.contains("detected"), "{log}");
+}

@@ -113,13 +113,21 @@ impl Block {
     pub fn new(cfg: ServerBlock, metrics: Arc<Metrics>) -> Block {
         let loop_probe = cfg.plugins.loop_detect.then(|| {
             let zone = cfg.zones[0].trim_start_matches('.');
-            let r = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-            let probe = format!("{}.{}.{zone}", r % 1_000_000_007, (r / 7) % 1_000_000_009).replace("..", ".");
+            let r = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let probe = format!("{}.{}.{zone}", r % 1_000_000_007, (r / 7) % 1_000_000_009)
+                .replace("..", ".");
             (probe, AtomicU32::new(0))
         });
         let synced = cfg.plugins.kubernetes.is_none();
         Block {
-            records: ArcSwap::from_pointee(Records::build(&ConfigSet::default(), cfg.plugins.kubernetes.clone(), 0)),
+            records: ArcSwap::from_pointee(Records::build(
+                &ConfigSet::default(),
+                cfg.plugins.kubernetes.clone(),
+                0,
+            )),
             synced: AtomicBool::new(synced),
             forward: cfg.plugins.forward.clone().map(Forwarder::new),
             cache: cfg.plugins.cache.clone().map(Cache::new),
@@ -133,8 +141,15 @@ impl Block {
     /// Rebuilds the records from the config and forgets cached answers: unlike CoreDNS, a
     /// change is visible at once, no cached denial of a name that now exists outlives it.
     pub fn update(&self, config: &ConfigSet) {
-        let serial = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
-        self.records.store(Arc::new(Records::build(config, self.cfg.plugins.kubernetes.clone(), serial)));
+        let serial = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(0);
+        self.records.store(Arc::new(Records::build(
+            config,
+            self.cfg.plugins.kubernetes.clone(),
+            serial,
+        )));
         self.synced.store(true, Ordering::Relaxed);
         if let Some(c) = &self.cache {
             c.clear();

@@ -672,7 +672,8 @@ fn hostile_packets_and_fuzz_regressions() {
         // A response (QR set): dropped.
         vec![0, 4, 0x81, 0x80, 0, 0, 0, 0, 0, 0, 0, 0],
     ];
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/dns_query");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/dns_query");
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             inputs.push(std::fs::read(e.path()).unwrap());
@@ -686,5 +687,8 @@ fn hostile_packets_and_fuzz_regressions() {
     let qr = fuzzing::query(&blocks, &inputs[6], false);
     assert!(qr.is_none(), "responses are never answered");
     let formerr = fuzzing::query(&blocks, &inputs[3], false).expect("a FORMERR reply");
-    assert_eq!(Message::from_vec(&formerr).unwrap().metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(
+        Message::from_vec(&formerr).unwrap().metadata.response_code,
+        ResponseCode::FormErr
+    );
 }
