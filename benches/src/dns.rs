@@ -91,15 +91,7 @@ fn wait_answering(port: u16, dir: &Path) -> anyhow::Result<()> {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    weft_benches::rss_kib(pid) as f64 / 1024.0
 }
 
 fn dnsperf(dir: &Path, port: u16, extra: &[&str]) -> anyhow::Result<String> {

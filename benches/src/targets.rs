@@ -252,9 +252,9 @@ impl Environment {
         ] {
             if let Some(pid) = self.pid_of(proc_name) {
                 // taskset execs the program, so the pid is the proxy's own.
-                let mut kib = rss_kib(pid);
+                let mut kib = weft_benches::rss_kib(pid);
                 for child in children(pid) {
-                    kib += rss_kib(child);
+                    kib += weft_benches::rss_kib(child);
                 }
                 m.insert(target, kib as f64 / 1024.0);
             }
@@ -275,17 +275,6 @@ impl Drop for Environment {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn children(pid: u32) -> Vec<u32> {

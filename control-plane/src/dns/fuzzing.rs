@@ -69,10 +69,8 @@ pub fn query(blocks: &Blocks, data: &[u8], tcp: bool) -> Option<Vec<u8>> {
         Poll::Ready(r) => r,
         Poll::Pending => panic!("the query path waited without a forward plugin"),
     };
-    if let Some(bytes) = &reply {
-        if let Err(e) = Message::from_vec(bytes) {
-            panic!("reply does not parse: {e}");
-        }
+    if let Some(Err(e)) = reply.as_deref().map(Message::from_vec) {
+        panic!("reply does not parse: {e}");
     }
     reply
 }
