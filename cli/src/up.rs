@@ -120,6 +120,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if !opts.dir.is_dir() {
         bail!("{} is not a folder of YAML config", opts.dir.display());
     }
+    // Handle SIGTERM before starting anything, so no signal can leave children behind.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     std::fs::create_dir_all(&opts.log_dir)
         .with_context(|| format!("creating {}", opts.log_dir.display()))?;
     let (config, errors) =
@@ -162,11 +166,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         opts.log_dir.display()
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
             _ = term.recv() => break Ok(()),
             status = weftd.child.wait() => break Err(anyhow::anyhow!("weftd exited ({status:?}); see {}/weftd.log", opts.log_dir.display())),
             _ = tick.tick() => {
