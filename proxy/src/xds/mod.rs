@@ -40,6 +40,8 @@ pub struct XdsClient {
     uri: String,
     types: BTreeMap<&'static str, TypeState>,
     apply: apply::Applier,
+    /// Responses received on the current stream.
+    responses: u64,
 }
 
 impl XdsClient {
@@ -54,13 +56,15 @@ impl XdsClient {
             node,
             uri,
             types: BTreeMap::new(),
+            responses: 0,
         }
     }
 
     /// Runs forever: connect, stream, and on failure back off and reconnect.
     pub async fn run(mut self) {
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::default();
         loop {
+            self.responses = 0;
             match self.stream_once().await {
                 Ok(()) => {
                     tracing::warn!(xds = %self.uri, "control plane closed the ADS stream; reconnecting")
@@ -69,16 +73,11 @@ impl XdsClient {
                     tracing::warn!(xds = %self.uri, "ADS stream failed: {e:#}; keeping the last good config and reconnecting")
                 }
             }
-            if self.types.values().any(|t| !t.version.is_empty()) {
-                attempt = attempt.min(2);
+            // A stream that carried config was healthy: start the backoff over.
+            if self.responses > 0 {
+                backoff = Backoff::default();
             }
-            let exp = BACKOFF_BASE
-                .saturating_mul(1 << attempt.min(6))
-                .min(BACKOFF_MAX);
-            // Full jitter keeps a fleet of proxies from reconnecting in lockstep.
-            let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
-            attempt += 1;
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(backoff.next(fastrand::f64())).await;
         }
     }
 
@@ -119,6 +118,7 @@ impl XdsClient {
             .into_inner();
         tracing::info!(xds = %self.uri, node = %self.node.id, "ADS stream established");
         while let Some(resp) = inbound.message().await? {
+            self.responses += 1;
             for req in self.on_response(resp).await {
                 tx.send(req).await?;
             }
@@ -196,6 +196,46 @@ impl XdsClient {
     }
 }
 
+/// Exponential backoff between reconnects, 250 ms doubling to 15 s, with jitter: each wait is
+/// drawn from [half, all] of the current step so a fleet of proxies does not reconnect in
+/// lockstep when the control plane comes back.
+#[derive(Debug, Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The next wait; `unit` is a random number in [0, 1).
+    fn next(&mut self, unit: f64) -> Duration {
+        let step = BACKOFF_BASE
+            .saturating_mul(1 << self.attempt.min(6))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        step.mul_f64(0.5 + unit.clamp(0.0, 1.0) * 0.5)
+    }
+}
+
 fn known_type(t: &str) -> Option<&'static str> {
     type_url::PUSH_ORDER.into_iter().find(|k| *k == t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::default();
+        let steps: Vec<Duration> = (0..10).map(|_| b.next(1.0)).collect();
+        assert_eq!(steps[0], Duration::from_millis(250));
+        assert_eq!(steps[1], Duration::from_millis(500));
+        assert_eq!(steps[5], Duration::from_secs(8));
+        assert!(steps[6..].iter().all(|d| *d == BACKOFF_MAX), "{steps:?}");
+        let mut b = Backoff::default();
+        assert_eq!(
+            b.next(0.0),
+            Duration::from_millis(125),
+            "jitter never goes below half a step"
+        );
+    }
 }
