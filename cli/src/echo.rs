@@ -1,9 +1,19 @@
 //! `weftctl echo`: a tiny HTTP/1.1 and h2c echo server for demos and tests. It answers every
 //! request with its name, the request's method, path and headers (text, or JSON when the
 //! client sends `accept: application/json`), and the header `x-echo-name`.
+//!
+//! Scripted behaviour for resilience tests, by query parameter:
+//! - `status=NNN`: answer with that status;
+//! - `delay_ms=N`: wait before answering;
+//! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
+//!   across retries), then succeed; the reply's `x-echo-attempt` says which attempt it was.
+//!
+//! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,6 +26,7 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding {address}: {e}"))?;
     eprintln!("echo server {name:?} listening on {address}");
     let name: &'static str = Box::leak(name.into_boxed_str());
+    let attempts: &'static Attempts = Box::leak(Box::default());
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -28,13 +39,87 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| async move {
-                Ok::<_, Infallible>(echo(name, req))
+                Ok::<_, Infallible>(scripted(name, attempts, req).await)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// Attempts seen per x-request-id (bounded: the oldest ids are forgotten).
+#[derive(Default)]
+struct Attempts(Mutex<(HashMap<String, u32>, VecDeque<String>)>);
+
+impl Attempts {
+    fn record(&self, id: &str) -> u32 {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *g;
+        let n = map.entry(id.to_string()).or_insert_with(|| {
+            order.push_back(id.to_string());
+            0
+        });
+        *n += 1;
+        let n = *n;
+        while order.len() > 100_000 {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+        n
+    }
+
+    fn get(&self, id: &str) -> u32 {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(id).copied().unwrap_or(0)
+    }
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn scripted<B>(name: &str, attempts: &Attempts, req: Request<B>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    if req.uri().path() == "/echo/attempts" {
+        let n = query_param(&query, "id")
+            .map(|id| attempts.get(id))
+            .unwrap_or(0);
+        return Response::new(Full::new(Bytes::from(n.to_string())));
+    }
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let attempt = if id.is_empty() {
+        1
+    } else {
+        attempts.record(&id)
+    };
+    if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+    }
+    let fail = query_param(&query, "fail")
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    let status = if attempt <= fail {
+        Some(503)
+    } else {
+        query_param(&query, "status").and_then(|v| v.parse::<u16>().ok())
+    };
+    let mut resp = echo(name, req);
+    if let Some(code) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
+        *resp.status_mut() = code;
+    }
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&attempt.to_string()) {
+        resp.headers_mut().insert("x-echo-attempt", v);
+    }
+    resp
 }
 
 fn echo<B>(name: &str, req: Request<B>) -> Response<Full<Bytes>> {

@@ -267,6 +267,12 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 s.upstream_rq_timeout.get() as i64,
                 true,
             ),
+            (
+                "upstream_rq_per_try_timeout",
+                s.upstream_rq_per_try_timeout.get() as i64,
+                true,
+            ),
+            ("upstream_rq_retry", s.upstream_rq_retry.get() as i64, true),
             ("upstream_cx_total", cx_total as i64, true),
             ("upstream_cx_active", cx_active, false),
             (
@@ -416,6 +422,8 @@ prom_names!(
         "upstream_rq_total",
         "upstream_rq_active",
         "upstream_rq_timeout",
+        "upstream_rq_per_try_timeout",
+        "upstream_rq_retry",
         "upstream_cx_total",
         "upstream_cx_active",
         "upstream_cx_connect_fail",

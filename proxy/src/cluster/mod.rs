@@ -21,7 +21,7 @@ use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
 use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
-pub use pool::{Pool, UpstreamError, UpstreamProtocol};
+pub use pool::{Pool, UpstreamBody, UpstreamError, UpstreamProtocol};
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
@@ -60,6 +60,8 @@ pub struct ClusterStats {
     pub upstream_cx_total: Counter,
     pub upstream_cx_connect_fail: Counter,
     pub upstream_rq_timeout: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_rq_retry: Counter,
     pub upstream_cx_none_healthy: Counter,
     pub update_success: Counter,
 }

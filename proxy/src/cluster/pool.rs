@@ -15,6 +15,10 @@ use tokio::net::TcpStream;
 
 use crate::stats::{Counter, Gauge};
 
+/// What goes upstream: the client's body streamed through, or a buffered copy that a retry
+/// can send again.
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
 /// Most HTTP/1.1 connections kept per endpoint and worker (Envoy's default max_connections).
 const MAX_IDLE: usize = 1024;
 
@@ -68,8 +72,8 @@ pub struct PoolStats {
 /// One worker's connections to the endpoint.
 #[derive(Debug, Default)]
 struct WorkerConnections {
-    idle: Mutex<VecDeque<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    idle: Mutex<VecDeque<http1::SendRequest<UpstreamBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
 /// Connections are kept per worker (see `worker`): a worker only uses connections its own
@@ -102,7 +106,10 @@ impl Pool {
 
     /// Sends a request (already in the upstream's form: origin-form URI and Host header for
     /// HTTP/1.1, absolute URI for HTTP/2) and returns the response head.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
             UpstreamProtocol::Http2 => self.send_h2(req).await,
@@ -111,7 +118,7 @@ impl Pool {
 
     async fn send_h1(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A pooled connection the upstream has just closed fails before the request is
         // written; hyper hands the request back and we try the next connection.
@@ -147,7 +154,7 @@ impl Pool {
     /// in the pool as soon as their response head arrives, while the body may still be
     /// streaming; taking from the oldest end finds a finished one almost always at once, where
     /// a stack would first walk past every still-busy connection.
-    fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..idle.len() {
             let s = idle.pop_front()?;
@@ -162,7 +169,7 @@ impl Pool {
         None
     }
 
-    fn put_idle(&self, sender: http1::SendRequest<Incoming>) {
+    fn put_idle(&self, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push_back(sender);
@@ -190,7 +197,7 @@ impl Pool {
         Ok(stream)
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -213,7 +220,10 @@ impl Pool {
         });
     }
 
-    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_h2(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let existing = {
             let h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
             h2.as_ref().filter(|s| !s.is_closed()).cloned()

@@ -2,6 +2,8 @@
 //! connection preface) on a listener, and proxies each request along the route its table picks.
 //! `proxy_request` is the whole request path in one function.
 
+pub mod fault;
+pub mod retry;
 pub mod router;
 
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager
 };
 
 use crate::Rejection;
-use crate::cluster::UpstreamProtocol;
+use crate::cluster::{UpstreamBody, UpstreamProtocol};
 use crate::state::Proxy;
 use crate::stats::{GaugeGuard, HttpStats};
 use router::RouteTable;
@@ -38,6 +40,8 @@ pub enum RouteSource {
 #[derive(Debug)]
 pub struct ConnectionManager {
     pub stat_prefix: String,
+    /// Present when the chain has the fault filter: its own config (routes may override it).
+    pub fault_filter: Option<fault::Fault>,
     pub routes: RouteSource,
     pub stats: Arc<HttpStats>,
 }
@@ -67,35 +71,51 @@ impl ConnectionManager {
                 ));
             }
         }
-        // Exactly the router, last: other HTTP filters are not implemented in this version.
+        // The fault filter (optional) then the router, last: other HTTP filters are not
+        // implemented in this version.
+        let mut fault_filter = None;
+        let mut router = false;
         for (i, f) in hcm.http_filters.iter().enumerate() {
-            let type_url = match &f.config_type {
-                Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
-                _ => "",
+            let field = format!("http_filters[{i}]");
+            let any = match &f.config_type {
+                Some(http_filter::ConfigType::TypedConfig(any)) => Some(any),
+                _ => None,
             };
-            let is_router = type_url == ROUTER
-                || (type_url.is_empty() && f.name == "envoy.filters.http.router");
-            if !is_router {
-                if f.is_optional {
-                    continue;
-                }
+            let type_url = any.map(|a| a.type_url.as_str()).unwrap_or("");
+            if router {
                 return Err(reject(
-                    &format!("http_filters[{i}]"),
+                    &field,
+                    "the router must be the last HTTP filter".into(),
+                ));
+            }
+            if type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router")
+            {
+                router = true;
+            } else if type_url == fault::TYPE_URL {
+                let cfg = any
+                    .map(weft_xds_proto::unpack)
+                    .transpose()
+                    .map_err(|e| reject(&field, e.to_string()))?
+                    .unwrap_or_default();
+                fault_filter = Some(
+                    fault::Fault::from_xds(&cfg)
+                        .map_err(|(f2, r)| reject(&format!("{field}.{f2}"), r))?,
+                );
+            } else if !f.is_optional {
+                return Err(reject(
+                    &field,
                     format!(
                         "HTTP filter {:?} ({type_url}) is not supported by this weft-proxy version",
                         f.name
                     ),
                 ));
             }
-            if i + 1 != hcm.http_filters.len() {
-                return Err(reject(
-                    &format!("http_filters[{i}]"),
-                    "the router must be the last HTTP filter".into(),
-                ));
-            }
         }
-        if !hcm.http_filters.iter().any(|f| f.name == "envoy.filters.http.router" || matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url == ROUTER)) {
-            return Err(reject("http_filters", "the router filter is required".into()));
+        if !router {
+            return Err(reject(
+                "http_filters",
+                "the router filter is required".into(),
+            ));
         }
         if !hcm.upgrade_configs.is_empty() {
             return Err(reject(
@@ -119,6 +139,7 @@ impl ConnectionManager {
         };
         Ok(ConnectionManager {
             stat_prefix: hcm.stat_prefix.clone(),
+            fault_filter,
             routes,
             stats: Arc::new(HttpStats::default()),
         })
@@ -200,71 +221,192 @@ async fn route_and_forward(
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
-    // 2. Cluster: weighted choice, then the load balancer's endpoint.
-    let Some(cluster) = snapshot.clusters.get(route.action.cluster.pick()) else {
+    // 2. Faults, when the chain has the fault filter: the route's config, else the filter's.
+    if let Some(filter) = &hcm.fault_filter {
+        let fault = route.fault.as_ref().unwrap_or(filter);
+        if let Some((delay, share)) = fault.delay
+            && share.hit()
+        {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((abort, share)) = fault.abort
+            && share.hit()
+        {
+            return fault_abort(abort);
+        }
+    }
+    // 3. Cluster: weighted choice.
+    let Some(cluster) = snapshot.clusters.get(route.action.cluster.pick()).cloned() else {
         hcm.stats.no_cluster.inc();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "", "NC");
     };
-    let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load()) else {
-        cluster.stats.upstream_cx_none_healthy.inc();
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+    drop(snapshot);
+    // 4. Upstream request in the upstream's HTTP version, authority preserved; the body kept
+    //    for retries when the route retries and it is small.
+    let (parts, body) = req.into_parts();
+    let head = match upstream_head(parts, &authority, cluster.protocol) {
+        Ok(h) => h,
+        Err(resp) => return resp,
     };
-    // 3. Upstream request in the upstream's HTTP version, authority preserved.
-    let upstream_req = match to_upstream(req, &authority, endpoint.pool.protocol()) {
-        Ok(r) => r,
+    let retry = route.action.retry.as_ref();
+    let mut body = match AttemptBody::new(
+        body,
+        &head.headers,
+        retry.is_some_and(|r| r.num_retries > 0),
+    )
+    .await
+    {
+        Ok(b) => b,
         Err(resp) => return resp,
     };
     cluster.stats.upstream_rq_total.inc();
-    endpoint.stats.rq_total.inc();
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    let send = endpoint.pool.send(upstream_req);
-    let result = match route.action.timeout {
-        Some(t) => match tokio::time::timeout(t, send).await {
-            Ok(r) => r,
+    // 5. Attempts (first try and retries), all within the route's timeout.
+    let attempts = attempt_until_done(&cluster, retry, &head, &mut body);
+    match route.action.timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(resp) => resp,
             Err(_) => {
                 cluster.stats.upstream_rq_timeout.inc();
-                endpoint.stats.rq_error.inc();
-                return local_reply(
+                cluster.stats.upstream_rq_xx.record(504);
+                local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream request timeout",
                     "UT",
-                );
+                )
             }
         },
-        None => send.await,
+        None => attempts.await,
+    }
+}
+
+/// Sends the request, retrying per the route's policy: each attempt on an endpoint the load
+/// balancer picks (another one than before, with `previous_hosts`), bounded by the per-try
+/// timeout, with jittered exponential backoff between attempts.
+async fn attempt_until_done(
+    cluster: &crate::cluster::Cluster,
+    retry: Option<&retry::RetryPolicy>,
+    head: &UpstreamHead,
+    body: &mut AttemptBody,
+) -> Response<ProxyBody> {
+    let max_retries = if body.can_retry() {
+        retry.map(|r| r.num_retries).unwrap_or(0)
+    } else {
+        0
     };
-    // 4. Response: count and stream it back.
-    match result {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            cluster.stats.upstream_rq_xx.record(status);
-            if status >= 500 {
-                endpoint.stats.rq_error.inc()
-            } else {
-                endpoint.stats.rq_success.inc()
+    let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        let may_retry = attempt < max_retries;
+        let avoid = retry.is_some_and(|r| r.other_host) && attempt > 0;
+        let endpoints = cluster.endpoints.load();
+        let mut endpoint = cluster.lb.pick(&endpoints);
+        if avoid {
+            for _ in 0..retry.map(|r| r.host_selection_attempts).unwrap_or(1) {
+                match &endpoint {
+                    Some(e) if tried.contains(&e.address) => endpoint = cluster.lb.pick(&endpoints),
+                    _ => break,
+                }
             }
-            strip_hop_by_hop(resp.headers_mut());
-            resp.map(Either::Left)
         }
-        Err(e) => {
-            endpoint.stats.rq_error.inc();
-            cluster.stats.upstream_rq_xx.record(503);
-            if e.is_connect_failure() {
-                cluster.stats.upstream_cx_connect_fail.inc();
-                tracing::debug!(cluster = %cluster.name, "upstream connect failure: {e}");
-                local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                    "UF",
-                )
-            } else {
-                tracing::debug!(cluster = %cluster.name, "upstream reset: {e}");
-                local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                    "UC",
-                )
+        drop(endpoints);
+        let Some(endpoint) = endpoint else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+        };
+        tried.push(endpoint.address);
+        endpoint.stats.rq_total.inc();
+        let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+        let send = endpoint.pool.send(head.request(body.next()));
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let outcome = match per_try {
+            Some(t) => tokio::time::timeout(t, send).await.ok(),
+            None => Some(send.await),
+        };
+        let again = |why: &str| {
+            tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
+        };
+        match outcome {
+            Some(Ok(mut resp)) => {
+                let status = resp.status().as_u16();
+                cluster.stats.upstream_rq_xx.record(status);
+                if status >= 500 {
+                    endpoint.stats.rq_error.inc()
+                } else {
+                    endpoint.stats.rq_success.inc()
+                }
+                if may_retry && retry.is_some_and(|r| r.retries_response(status, resp.headers())) {
+                    again(&format!("status {status}"));
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                    return resp.map(Either::Left);
+                }
             }
+            Some(Err(e)) => {
+                endpoint.stats.rq_error.inc();
+                cluster.stats.upstream_rq_xx.record(503);
+                if e.is_connect_failure() {
+                    cluster.stats.upstream_cx_connect_fail.inc();
+                }
+                if !(may_retry && retry.is_some_and(|r| r.retries_error(&e))) {
+                    tracing::debug!(cluster = %cluster.name, "upstream failure: {e}");
+                    let (reason, flag) = if e.is_connect_failure() {
+                        ("connection failure", "UF")
+                    } else {
+                        ("connection termination", "UC")
+                    };
+                    let body = format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                    );
+                    return local_reply(StatusCode::SERVICE_UNAVAILABLE, &body, flag);
+                }
+                again(&e.to_string());
+            }
+            None => {
+                endpoint.stats.rq_error.inc();
+                cluster.stats.upstream_rq_per_try_timeout.inc();
+                if !(may_retry && retry.is_some_and(|r| r.retries_timeout())) {
+                    cluster.stats.upstream_rq_xx.record(504);
+                    return local_reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                        "UT",
+                    );
+                }
+                again("per-try timeout");
+            }
+        }
+        cluster.stats.upstream_rq_retry.inc();
+        attempt += 1;
+        if let Some(r) = retry {
+            tokio::time::sleep(r.backoff(attempt, fastrand::f64())).await;
+        }
+    }
+}
+
+/// The fault filter's abort: an HTTP status, or a gRPC status in a trailers-only response.
+fn fault_abort(abort: fault::Abort) -> Response<ProxyBody> {
+    match abort {
+        fault::Abort::Http(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            local_reply(status, "fault filter abort", "FI")
+        }
+        fault::Abort::Grpc(code) => {
+            let mut resp = local_reply(StatusCode::OK, "", "FI");
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(
+                HeaderName::from_static("grpc-status"),
+                HeaderValue::from(code),
+            );
+            h.insert(
+                HeaderName::from_static("grpc-message"),
+                HeaderValue::from_static("fault filter abort"),
+            );
+            resp
         }
     }
 }
@@ -302,13 +444,32 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The upstream request's head, in the upstream's HTTP version with the client's authority;
+/// built once and stamped out for each attempt.
+struct UpstreamHead {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl UpstreamHead {
+    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
 #[allow(clippy::result_large_err)]
-fn to_upstream(
-    req: Request<Incoming>,
+fn upstream_head(
+    mut parts: http::request::Parts,
     authority: &str,
     protocol: UpstreamProtocol,
-) -> Result<Request<Incoming>, Response<ProxyBody>> {
-    let (mut parts, body) = req.into_parts();
+) -> Result<UpstreamHead, Response<ProxyBody>> {
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
     parts.headers.remove(header::TE);
@@ -332,18 +493,18 @@ fn to_upstream(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
-    match protocol {
+    let (uri, version) = match protocol {
         UpstreamProtocol::Http1 => {
-            parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path)
-                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
             let host = HeaderValue::from_str(authority)
                 .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE"))?;
             parts.headers.insert(header::HOST, host);
+            let uri = Uri::try_from(path)
+                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
+            (uri, Version::HTTP_11)
         }
         UpstreamProtocol::Http2 => {
-            parts.version = Version::HTTP_2;
-            parts.uri = Uri::builder()
+            parts.headers.remove(header::HOST);
+            let uri = Uri::builder()
                 .scheme("http")
                 .authority(authority)
                 .path_and_query(path)
@@ -351,10 +512,67 @@ fn to_upstream(
                 .map_err(|_| {
                     local_reply(StatusCode::BAD_REQUEST, "invalid authority or path", "DPE")
                 })?;
-            parts.headers.remove(header::HOST);
+            (uri, Version::HTTP_2)
+        }
+    };
+    Ok(UpstreamHead {
+        method: parts.method,
+        uri,
+        version,
+        headers: parts.headers,
+    })
+}
+
+/// Largest request body kept in memory so that a retry can resend it (Envoy buffers for
+/// retries too). Larger or unsized bodies stream through once, without retries.
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// The body of every attempt: replayable bytes, or the client's stream for a single attempt.
+enum AttemptBody {
+    Replay(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl AttemptBody {
+    async fn new(
+        body: Incoming,
+        headers: &HeaderMap,
+        retries: bool,
+    ) -> Result<AttemptBody, Response<ProxyBody>> {
+        use http_body::Body as _;
+        use http_body_util::BodyExt as _;
+        let small = body.is_end_stream()
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+        if !(retries && small) {
+            return Ok(AttemptBody::Once(Some(body)));
+        }
+        match body.collect().await {
+            Ok(b) => Ok(AttemptBody::Replay(b.to_bytes())),
+            Err(_) => Err(local_reply(
+                StatusCode::BAD_REQUEST,
+                "downstream request body reset",
+                "DR",
+            )),
         }
     }
-    Ok(Request::from_parts(parts, body))
+
+    fn can_retry(&self) -> bool {
+        matches!(self, AttemptBody::Replay(_))
+    }
+
+    fn next(&mut self) -> UpstreamBody {
+        match self {
+            AttemptBody::Replay(b) => Either::Right(Full::new(b.clone())),
+            AttemptBody::Once(b) => match b.take() {
+                Some(incoming) => Either::Left(incoming),
+                None => Either::Right(Full::new(Bytes::new())),
+            },
+        }
+    }
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {

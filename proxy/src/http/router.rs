@@ -13,6 +13,8 @@ use weft_xds_proto::envoy::config::route::v3::{
 };
 use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 
+use super::fault::{self, Fault};
+use super::retry::RetryPolicy;
 use crate::{Rejection, duration};
 
 /// Envoy's default route timeout when a route does not set one.
@@ -43,6 +45,8 @@ pub struct Route {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     pub action: RouteAction,
+    /// The fault filter's per-route config (overrides the connection manager's).
+    pub fault: Option<Fault>,
 }
 
 #[derive(Debug)]
@@ -90,6 +94,7 @@ pub struct RouteAction {
     pub cluster: ClusterChoice,
     /// None: no timeout.
     pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
 }
 
 impl ClusterChoice {
@@ -220,7 +225,6 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
         ("prefix_rewrite", !a.prefix_rewrite.is_empty()),
         ("regex_rewrite", a.regex_rewrite.is_some()),
         ("host_rewrite_specifier", a.host_rewrite_specifier.is_some()),
-        ("retry_policy", a.retry_policy.is_some()),
         (
             "request_mirror_policies",
             !a.request_mirror_policies.is_empty(),
@@ -274,7 +278,36 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
         Some(d) if d.seconds == 0 && d.nanos == 0 => None,
         Some(d) => Some(duration(d)),
     };
-    Ok(RouteAction { cluster, timeout })
+    let retry = a
+        .retry_policy
+        .as_ref()
+        .map(RetryPolicy::from_xds)
+        .transpose()?;
+    Ok(RouteAction {
+        cluster,
+        timeout,
+        retry,
+    })
+}
+
+/// Per-route filter configs: only the fault filter's is understood.
+fn route_fault(r: &XdsRoute) -> Result<Option<Fault>, (String, String)> {
+    let mut fault = None;
+    for (name, any) in &r.typed_per_filter_config {
+        let field = format!("typed_per_filter_config[{name}]");
+        if name != fault::FILTER_NAME || any.type_url != fault::TYPE_URL {
+            return Err((
+                field,
+                format!(
+                    "per-route config for {name:?} ({}) is not supported",
+                    any.type_url
+                ),
+            ));
+        }
+        let f = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
+        fault = Some(Fault::from_xds(&f).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
+    }
+    Ok(fault)
 }
 
 fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
@@ -320,10 +353,6 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
             "response_headers_to_remove",
             !r.response_headers_to_remove.is_empty(),
         ),
-        (
-            "typed_per_filter_config",
-            !r.typed_per_filter_config.is_empty(),
-        ),
     ] {
         if set {
             return Err((
@@ -357,6 +386,7 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
         headers,
         action,
+        fault: route_fault(r)?,
     })
 }
 

@@ -1,0 +1,275 @@
+//! Route retry policies (Envoy's `RetryPolicy`): which outcomes are retried (`retry_on`), how
+//! often, with which per-try timeout and backoff, and whether a retry must pick another host.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use weft_xds_proto::envoy::config::route::v3::RetryPolicy as XdsRetryPolicy;
+
+use crate::cluster::UpstreamError;
+use crate::duration;
+
+const PREVIOUS_HOSTS: &str =
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+
+/// Conditions from `retry_on`, as bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn(u32);
+
+impl RetryOn {
+    pub const FIVE_XX: u32 = 1;
+    pub const GATEWAY_ERROR: u32 = 1 << 1;
+    pub const CONNECT_FAILURE: u32 = 1 << 2;
+    pub const REFUSED_STREAM: u32 = 1 << 3;
+    pub const RESET: u32 = 1 << 4;
+    pub const RETRIABLE_4XX: u32 = 1 << 5;
+    pub const RETRIABLE_STATUS_CODES: u32 = 1 << 6;
+    pub const GRPC_CANCELLED: u32 = 1 << 7;
+    pub const GRPC_DEADLINE_EXCEEDED: u32 = 1 << 8;
+    pub const GRPC_INTERNAL: u32 = 1 << 9;
+    pub const GRPC_RESOURCE_EXHAUSTED: u32 = 1 << 10;
+    pub const GRPC_UNAVAILABLE: u32 = 1 << 11;
+
+    pub fn parse(s: &str) -> Result<RetryOn, String> {
+        let mut bits = 0;
+        for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            bits |= match token {
+                "5xx" => Self::FIVE_XX,
+                "gateway-error" => Self::GATEWAY_ERROR,
+                "connect-failure" => Self::CONNECT_FAILURE,
+                "refused-stream" => Self::REFUSED_STREAM,
+                "reset" => Self::RESET,
+                "retriable-4xx" => Self::RETRIABLE_4XX,
+                "retriable-status-codes" => Self::RETRIABLE_STATUS_CODES,
+                "cancelled" => Self::GRPC_CANCELLED,
+                "deadline-exceeded" => Self::GRPC_DEADLINE_EXCEEDED,
+                "internal" => Self::GRPC_INTERNAL,
+                "resource-exhausted" => Self::GRPC_RESOURCE_EXHAUSTED,
+                "unavailable" => Self::GRPC_UNAVAILABLE,
+                other => return Err(format!("retry_on condition {other:?} is not supported")),
+            };
+        }
+        Ok(RetryOn(bits))
+    }
+
+    pub fn has(self, bit: u32) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub on: RetryOn,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retriable_status_codes: Vec<u16>,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+    /// `previous_hosts`: a retry goes to a host not tried yet, when there is one.
+    pub other_host: bool,
+    pub host_selection_attempts: u32,
+}
+
+impl RetryPolicy {
+    pub fn from_xds(p: &XdsRetryPolicy) -> Result<RetryPolicy, (String, String)> {
+        let bad = |f: &str, r: String| Err((format!("retry_policy.{f}"), r));
+        let on = match RetryOn::parse(&p.retry_on) {
+            Ok(on) => on,
+            Err(e) => return bad("retry_on", e),
+        };
+        for (field, set) in [
+            ("retry_priority", p.retry_priority.is_some()),
+            (
+                "retry_options_predicates",
+                !p.retry_options_predicates.is_empty(),
+            ),
+            (
+                "rate_limited_retry_back_off",
+                p.rate_limited_retry_back_off.is_some(),
+            ),
+            ("retriable_headers", !p.retriable_headers.is_empty()),
+            (
+                "retriable_request_headers",
+                !p.retriable_request_headers.is_empty(),
+            ),
+            ("per_try_idle_timeout", p.per_try_idle_timeout.is_some()),
+        ] {
+            if set {
+                return bad(field, "not supported by this weft-proxy version".into());
+            }
+        }
+        let mut other_host = false;
+        for (i, pred) in p.retry_host_predicate.iter().enumerate() {
+            use weft_xds_proto::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType;
+            let type_url = match &pred.config_type {
+                Some(ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+                None => "",
+            };
+            if type_url == PREVIOUS_HOSTS
+                || pred.name == "envoy.retry_host_predicates.previous_hosts"
+            {
+                other_host = true;
+            } else {
+                return bad(
+                    &format!("retry_host_predicate[{i}]"),
+                    format!(
+                        "predicate {:?} is not supported (previous_hosts is)",
+                        pred.name
+                    ),
+                );
+            }
+        }
+        let mut retriable_status_codes = Vec::new();
+        for c in &p.retriable_status_codes {
+            match u16::try_from(*c).ok().filter(|c| (100..=599).contains(c)) {
+                Some(c) => retriable_status_codes.push(c),
+                None => {
+                    return bad(
+                        "retriable_status_codes",
+                        format!("{c} is not an HTTP status"),
+                    );
+                }
+            }
+        }
+        let base_interval = p
+            .retry_back_off
+            .as_ref()
+            .and_then(|b| b.base_interval.as_ref())
+            .map(duration)
+            .unwrap_or(Duration::from_millis(25));
+        let max_interval = p
+            .retry_back_off
+            .as_ref()
+            .and_then(|b| b.max_interval.as_ref())
+            .map(duration)
+            .unwrap_or(base_interval * 10);
+        if base_interval.is_zero() || max_interval < base_interval {
+            return bad(
+                "retry_back_off",
+                "base_interval must be > 0 and max_interval >= base_interval".into(),
+            );
+        }
+        Ok(RetryPolicy {
+            on,
+            num_retries: p.num_retries.map(|n| n.value).unwrap_or(1),
+            per_try_timeout: p
+                .per_try_timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero()),
+            retriable_status_codes,
+            base_interval,
+            max_interval,
+            other_host,
+            host_selection_attempts: u32::try_from(p.host_selection_retry_max_attempts.max(1))
+                .unwrap_or(1),
+        })
+    }
+
+    /// Should a response with this status (and headers, for gRPC) be retried?
+    pub fn retries_response(&self, status: u16, headers: &HeaderMap) -> bool {
+        let on = self.on;
+        if on.has(RetryOn::FIVE_XX) && status >= 500 {
+            return true;
+        }
+        if on.has(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504) {
+            return true;
+        }
+        if on.has(RetryOn::RETRIABLE_4XX) && status == 409 {
+            return true;
+        }
+        if on.has(RetryOn::RETRIABLE_STATUS_CODES) && self.retriable_status_codes.contains(&status)
+        {
+            return true;
+        }
+        // gRPC conditions look at a trailers-only response's grpc-status.
+        if let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            let bit = match code {
+                1 => RetryOn::GRPC_CANCELLED,
+                4 => RetryOn::GRPC_DEADLINE_EXCEEDED,
+                8 => RetryOn::GRPC_RESOURCE_EXHAUSTED,
+                13 => RetryOn::GRPC_INTERNAL,
+                14 => RetryOn::GRPC_UNAVAILABLE,
+                _ => 0,
+            };
+            return bit != 0 && on.has(bit);
+        }
+        false
+    }
+
+    /// Should a failure to get a response be retried?
+    pub fn retries_error(&self, e: &UpstreamError) -> bool {
+        let on = self.on;
+        if on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR) {
+            return true;
+        }
+        if e.is_connect_failure() {
+            on.has(RetryOn::CONNECT_FAILURE)
+        } else {
+            on.has(RetryOn::RESET) || on.has(RetryOn::REFUSED_STREAM)
+        }
+    }
+
+    /// Per-try timeouts are retried by 5xx and gateway-error (as Envoy).
+    pub fn retries_timeout(&self) -> bool {
+        self.on.has(RetryOn::FIVE_XX) || self.on.has(RetryOn::GATEWAY_ERROR)
+    }
+
+    /// The wait before retry `n` (1-based): exponential from base_interval, capped, full jitter.
+    pub fn backoff(&self, n: u32, unit: f64) -> Duration {
+        let step = self
+            .base_interval
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(self.max_interval);
+        step.mul_f64(unit.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_default_retry_on_parses_and_unknown_is_named() {
+        let on = RetryOn::parse(
+            "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        )
+        .unwrap();
+        assert!(
+            on.has(RetryOn::CONNECT_FAILURE)
+                && on.has(RetryOn::GRPC_UNAVAILABLE)
+                && !on.has(RetryOn::FIVE_XX)
+        );
+        assert!(RetryOn::parse("5xx,teapot").unwrap_err().contains("teapot"));
+    }
+
+    #[test]
+    fn which_responses_are_retried() {
+        let p = RetryPolicy {
+            on: RetryOn::parse("gateway-error,retriable-status-codes,unavailable").unwrap(),
+            num_retries: 2,
+            per_try_timeout: None,
+            retriable_status_codes: vec![409],
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+            other_host: false,
+            host_selection_attempts: 1,
+        };
+        let h = HeaderMap::new();
+        assert!(p.retries_response(503, &h));
+        assert!(!p.retries_response(500, &h), "500 is not a gateway error");
+        assert!(p.retries_response(409, &h));
+        let mut grpc = HeaderMap::new();
+        grpc.insert("grpc-status", "14".parse().unwrap());
+        assert!(p.retries_response(200, &grpc));
+        grpc.insert("grpc-status", "13".parse().unwrap());
+        assert!(!p.retries_response(200, &grpc));
+        assert_eq!(p.backoff(1, 1.0), Duration::from_millis(25));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(100));
+        assert_eq!(p.backoff(10, 1.0), Duration::from_millis(250));
+    }
+}
