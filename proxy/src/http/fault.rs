@@ -128,7 +128,6 @@ mod tests {
                         nanos: 300_000_000,
                     },
                 )),
-                ..Default::default()
             }),
             abort: Some(FaultAbort {
                 percentage: Some(FractionalPercent {
