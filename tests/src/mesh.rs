@@ -49,6 +49,11 @@ impl Quickstart {
         q
     }
 
+    /// The echo backend of hello-v1 (0) or hello-v2 (1), bypassing the mesh.
+    pub fn echo_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.echo_ports[i]))
+    }
+
     pub fn ip(&self, host: u8) -> String {
         format!("127.{}.0.{host}", self.net)
     }

@@ -37,13 +37,19 @@ pub fn envoy_bin() -> PathBuf {
     PathBuf::from("envoy")
 }
 
-/// A port that was free a moment ago.
+/// A port that was free (TCP and UDP) a moment ago, outside the kernel's ephemeral range
+/// (32768-60999), so the many outgoing connections of parallel tests never take it meanwhile.
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 10_000) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start + n.wrapping_mul(7)) % 12_000;
+        if TcpListener::bind((ip, port)).is_ok() && std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

@@ -112,6 +112,68 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatchRequest>,
     #[serde(default)]
     pub route: Vec<HttpRouteDestination>,
+    /// Duration (`10s`, `500ms`); unset: no timeout.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<HttpRetry>,
+    #[serde(default)]
+    pub fault: Option<HttpFaultInjection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFaultInjection {
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage, still accepted by Istio.
+    #[serde(default)]
+    pub percent: Option<i64>,
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub exponential_delay: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    #[serde(default)]
+    pub http_status: Option<i64>,
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub http2_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

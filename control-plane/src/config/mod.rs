@@ -6,7 +6,7 @@
 
 pub mod kinds;
 pub mod source;
-mod validate;
+pub mod validate;
 
 pub use validate::parse_default_endpoint;
 

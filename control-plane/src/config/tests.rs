@@ -180,3 +180,60 @@ fn every_analyzer_input_loads_or_is_rejected_without_panicking() {
         }
     }
 }
+
+#[test]
+fn resilience_fields_are_validated_by_path() {
+    let vs = |route_extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: r }}\nspec:\n  hosts: [hello]\n  http:\n  - route: [{{ destination: {{ host: hello }} }}]\n    {route_extra}\n"
+        )
+    };
+    let cases = [
+        ("timeout: soon", "spec.http[0].timeout", "not a duration"),
+        ("timeout: 0s", "spec.http[0].timeout", "at least 1ms"),
+        (
+            "retries: { attempts: -1 }",
+            "spec.http[0].retries.attempts",
+            "negative",
+        ),
+        (
+            "retries: { attempts: 2, retryOn: \"5xx,teapot\" }",
+            "spec.http[0].retries.retryOn",
+            "\"teapot\"",
+        ),
+        (
+            "retries: { attempts: 2, perTryTimeout: 2 }",
+            "spec.http[0].retries.perTryTimeout",
+            "",
+        ),
+        (
+            "fault: { abort: { httpStatus: 700 } }",
+            "spec.http[0].fault.abort.httpStatus",
+            "200-599",
+        ),
+        (
+            "fault: { abort: { grpcStatus: NOPE } }",
+            "spec.http[0].fault.abort.grpcStatus",
+            "gRPC status",
+        ),
+        (
+            "fault: { delay: { fixedDelay: 1s, percentage: { value: 120 } } }",
+            "spec.http[0].fault.delay.percentage.value",
+            "0-100",
+        ),
+        ("fault: {}", "spec.http[0].fault", "delay or an abort"),
+    ];
+    for (extra, field, reason) in cases {
+        let (set, errors) = parse(&vs(extra));
+        assert!(set.virtual_services.is_empty(), "{extra}");
+        assert_eq!(errors[0].field, field, "{extra}: {}", errors[0]);
+        assert!(errors[0].reason.contains(reason), "{extra}: {}", errors[0]);
+    }
+    let (set, errors) = parse(&vs(
+        "timeout: 1.5s\n    retries: { attempts: 3, perTryTimeout: 500ms, retryOn: \"gateway-error,503\" }\n    fault: { delay: { fixedDelay: 7s, percent: 10 } }",
+    ));
+    assert!(
+        errors.is_empty() && set.virtual_services.len() == 1,
+        "{errors:?}"
+    );
+}

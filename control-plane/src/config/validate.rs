@@ -133,6 +133,7 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
                 string_match(&format!("{at}.match[{j}].headers.{h}"), sm)?;
             }
         }
+        route_resilience(&at, r)?;
         let mut sum = 0i64;
         for (j, d) in r.route.iter().enumerate() {
             let dat = format!("{at}.route[{j}]");
@@ -362,6 +363,180 @@ pub fn service_entry(se: &ServiceEntrySpec) -> Check {
             "spec.resolution",
             "DNS resolution of a wildcard host needs endpoints",
         );
+    }
+    Ok(())
+}
+
+/// A duration as Istio's API writes it (`10s`, `1.5s`, `500ms`, `1m`, `1h`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("{s:?} has no unit (e.g. 10s, 500ms)"))?;
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
+    let secs = match unit {
+        "ns" => v / 1e9,
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn duration_at_least_1ms(field: &str, s: &str) -> Check {
+    match parse_duration(s) {
+        Ok(d) if d >= std::time::Duration::from_millis(1) => Ok(()),
+        Ok(_) => bad(field, format!("{s:?} must be at least 1ms")),
+        Err(e) => bad(field, e),
+    }
+}
+
+/// Istio's retryOn: Envoy's HTTP and gRPC retry conditions, or HTTP status codes.
+const RETRY_ON: [&str; 12] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// gRPC status names Istio accepts for `fault.abort.grpcStatus`, with their codes.
+pub fn grpc_code(name: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u32)
+}
+
+fn percent(field: &str, p: &Option<Percent>) -> Check {
+    match p {
+        Some(p) if !(0.0..=100.0).contains(&p.value) => bad(
+            format!("{field}.value"),
+            format!("{} is outside 0-100", p.value),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The resilience fields of one HTTPRoute: timeout, retries, fault.
+pub fn route_resilience(at: &str, r: &HttpRoute) -> Check {
+    if let Some(t) = &r.timeout {
+        duration_at_least_1ms(&format!("{at}.timeout"), t)?;
+    }
+    if let Some(retries) = &r.retries {
+        if retries.attempts.is_some_and(|a| a < 0) {
+            return bad(
+                format!("{at}.retries.attempts"),
+                "attempts cannot be negative",
+            );
+        }
+        if let Some(t) = &retries.per_try_timeout {
+            duration_at_least_1ms(&format!("{at}.retries.perTryTimeout"), t)?;
+        }
+        if let Some(on) = &retries.retry_on {
+            for token in on.split(',').map(str::trim) {
+                let code_ok = token.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+                if !code_ok && !RETRY_ON.contains(&token) {
+                    return bad(
+                        format!("{at}.retries.retryOn"),
+                        format!(
+                            "{token:?} is not a retry condition ({}) or an HTTP status",
+                            RETRY_ON.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(f) = &r.fault {
+        if f.delay.is_none() && f.abort.is_none() {
+            return bad(format!("{at}.fault"), "a fault needs a delay or an abort");
+        }
+        if let Some(d) = &f.delay {
+            percent(&format!("{at}.fault.delay.percentage"), &d.percentage)?;
+            if d.exponential_delay.is_some() {
+                return bad(
+                    format!("{at}.fault.delay.exponentialDelay"),
+                    "exponentialDelay is not supported (Istio does not support it either)",
+                );
+            }
+            match &d.fixed_delay {
+                Some(t) => duration_at_least_1ms(&format!("{at}.fault.delay.fixedDelay"), t)?,
+                None => {
+                    return bad(
+                        format!("{at}.fault.delay.fixedDelay"),
+                        "fixedDelay is required",
+                    );
+                }
+            }
+        }
+        if let Some(a) = &f.abort {
+            percent(&format!("{at}.fault.abort.percentage"), &a.percentage)?;
+            match (a.http_status, &a.grpc_status, &a.http2_error) {
+                (Some(s), None, None) if (200..=599).contains(&s) => {}
+                (Some(s), None, None) => {
+                    return bad(
+                        format!("{at}.fault.abort.httpStatus"),
+                        format!("{s} is outside 200-599"),
+                    );
+                }
+                (None, Some(g), None) if grpc_code(g).is_some() => {}
+                (None, Some(g), None) => {
+                    return bad(
+                        format!("{at}.fault.abort.grpcStatus"),
+                        format!("{g:?} is not a gRPC status name (e.g. UNAVAILABLE)"),
+                    );
+                }
+                (None, None, Some(_)) => {
+                    return bad(
+                        format!("{at}.fault.abort.http2Error"),
+                        "http2Error aborts are not supported",
+                    );
+                }
+                _ => {
+                    return bad(
+                        format!("{at}.fault.abort"),
+                        "exactly one of httpStatus or grpcStatus is required",
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -113,11 +113,18 @@ fn snapshot(synced: bool) -> Arc<ConfigSnapshot> {
 }
 
 async fn server(corefile: &str, synced: bool) -> (SocketAddr, watch::Sender<Arc<ConfigSnapshot>>) {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Outside the ephemeral range, free for both TCP and UDP: parallel tests' outgoing
+    // connections cannot take it between this check and the server's bind.
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let port = loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = 12_000 + (std::process::id() % 4_000) as u16 + n.wrapping_mul(13) % 4_000;
+        if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()
+            && std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok()
+        {
+            break p;
+        }
+    };
     let dir = std::env::temp_dir().join(format!("weft-dns-test-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("Corefile");

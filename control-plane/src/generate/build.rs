@@ -11,24 +11,37 @@ use weft_xds_proto::envoy::config::endpoint::v3::{
 };
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use weft_xds_proto::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost, WeightedCluster, header_matcher, retry_policy as envoy_retry, route,
+    route_action, route_match, weighted_cluster,
+};
+use weft_xds_proto::envoy::extensions::filters::common::fault::v3::{
+    FaultDelay as EnvoyFaultDelay, fault_delay,
+};
+use weft_xds_proto::envoy::extensions::filters::http::fault::v3::{
+    FaultAbort, HttpFault, fault_abort,
 };
 use weft_xds_proto::envoy::extensions::filters::http::router::v3::Router;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use weft_xds_proto::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use weft_xds_proto::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
 use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
 use super::scope::{Scope, host_matches};
-use crate::config::{HttpRoute, Object, StringMatch, VirtualServiceSpec, parse_default_endpoint};
+use crate::config::validate::{grpc_code, parse_duration};
+use crate::config::{
+    HttpFaultInjection, HttpRetry, HttpRoute, Object, Percent, StringMatch, VirtualServiceSpec,
+    parse_default_endpoint,
+};
 use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
 
 /// Istio's default connect timeout for clusters.
@@ -208,6 +221,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             );
             http_connection_manager(
                 &stat_prefix,
+                true,
                 http_connection_manager::RouteSpecifier::Rds(Rds {
                     config_source: Some(ads()),
                     route_config_name: route_name,
@@ -305,6 +319,7 @@ pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
             };
             http_connection_manager(
                 &stat_prefix,
+                false,
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
             )
         } else {
@@ -330,21 +345,35 @@ fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listen
     }
 }
 
+/// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
+/// on with their per-route config), as Istio's sidecar outbound listeners do.
 fn http_connection_manager(
     stat_prefix: &str,
+    with_fault: bool,
     routes: http_connection_manager::RouteSpecifier,
 ) -> Filter {
+    let mut http_filters = Vec::new();
+    if with_fault {
+        http_filters.push(HttpFilter {
+            name: FAULT_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                &HttpFault::default(),
+            ))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+            &Router::default(),
+        ))),
+        ..Default::default()
+    });
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters,
         ..Default::default()
     };
     Filter {
@@ -423,9 +452,10 @@ fn route_config(
             None => vec![Route {
                 name: "default".into(),
                 r#match: Some(prefix_match("/")),
-                action: Some(route::Action::Route(cluster_action(
-                    &outbound_cluster_name(port, "", &svc.hostname),
-                ))),
+                action: Some(route::Action::Route(RouteAction {
+                    retry_policy: Some(retry_policy(None)),
+                    ..cluster_action(&outbound_cluster_name(port, "", &svc.hostname))
+                })),
                 ..Default::default()
             }],
         };
@@ -582,13 +612,124 @@ fn http_routes(
             })
             .collect()
     };
+    if let Some(t) = r.timeout.as_deref().and_then(|t| parse_duration(t).ok()) {
+        action.timeout = Some(pb_duration(t));
+    }
+    action.retry_policy = match &r.retries {
+        Some(HttpRetry {
+            attempts: Some(0), ..
+        }) => None,
+        retries => Some(retry_policy(retries.as_ref())),
+    };
+    let typed_per_filter_config: std::collections::HashMap<String, weft_xds_proto::wkt::Any> =
+        match &r.fault {
+            Some(f) => [(FAULT_FILTER.to_string(), pack(&http_fault(f)))]
+                .into_iter()
+                .collect(),
+            None => Default::default(),
+        };
     matches
         .into_iter()
         .map(|m| Route {
             name: name.clone(),
             r#match: Some(m),
             action: Some(route::Action::Route(action.clone())),
+            typed_per_filter_config: typed_per_filter_config.clone(),
             ..Default::default()
         })
         .collect()
+}
+
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+/// What Istio retries when a VirtualService says nothing (or no retryOn).
+const ISTIO_DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+fn pb_duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Istio's translation of HTTPRetry (None: its default policy, 2 attempts): status codes in
+/// retryOn become retriable_status_codes, and retries go to another host when there is one.
+fn retry_policy(r: Option<&HttpRetry>) -> EnvoyRetryPolicy {
+    let retry_on = r
+        .and_then(|r| r.retry_on.clone())
+        .unwrap_or_else(|| ISTIO_DEFAULT_RETRY_ON.to_string());
+    let mut conditions = Vec::new();
+    let mut codes: Vec<u32> = Vec::new();
+    for token in retry_on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match token.parse::<u32>() {
+            Ok(code) => codes.push(code),
+            Err(_) => conditions.push(token.to_string()),
+        }
+    }
+    if r.and_then(|r| r.retry_on.as_ref()).is_none() {
+        codes.push(503);
+    }
+    if !codes.is_empty() && !conditions.iter().any(|c| c == "retriable-status-codes") {
+        conditions.push("retriable-status-codes".into());
+    }
+    EnvoyRetryPolicy {
+        retry_on: conditions.join(","),
+        num_retries: Some(UInt32Value {
+            value: r.and_then(|r| r.attempts).unwrap_or(2).max(0) as u32,
+        }),
+        per_try_timeout: r
+            .and_then(|r| r.per_try_timeout.as_deref())
+            .and_then(|t| parse_duration(t).ok())
+            .map(pb_duration),
+        retriable_status_codes: codes,
+        retry_host_predicate: vec![envoy_retry::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(envoy_retry::retry_host_predicate::ConfigType::TypedConfig(
+                pack(&PreviousHostsPredicate::default()),
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        ..Default::default()
+    }
+}
+
+/// Istio's percentage (0-100, a double) as Envoy's per-million fraction; unset means 100%.
+fn fraction(p: Option<&Percent>, legacy: Option<i64>) -> FractionalPercent {
+    let value = p
+        .map(|p| p.value)
+        .or(legacy.map(|v| v as f64))
+        .unwrap_or(100.0);
+    FractionalPercent {
+        numerator: (value * 10_000.0).round() as u32,
+        denominator: fractional_percent::DenominatorType::Million as i32,
+    }
+}
+
+fn http_fault(f: &HttpFaultInjection) -> HttpFault {
+    let delay = f.delay.as_ref().and_then(|d| {
+        let fixed = parse_duration(d.fixed_delay.as_deref()?).ok()?;
+        Some(EnvoyFaultDelay {
+            percentage: Some(fraction(d.percentage.as_ref(), d.percent)),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(pb_duration(
+                fixed,
+            ))),
+        })
+    });
+    let abort = f.abort.as_ref().and_then(|a| {
+        let error_type = match (a.http_status, a.grpc_status.as_deref()) {
+            (Some(s), _) => fault_abort::ErrorType::HttpStatus(s as u32),
+            (None, Some(g)) => fault_abort::ErrorType::GrpcStatus(grpc_code(g)?),
+            _ => return None,
+        };
+        Some(FaultAbort {
+            percentage: Some(fraction(a.percentage.as_ref(), None)),
+            error_type: Some(error_type),
+            ..Default::default()
+        })
+    });
+    HttpFault {
+        delay,
+        abort,
+        ..Default::default()
+    }
 }

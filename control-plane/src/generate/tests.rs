@@ -190,3 +190,75 @@ fn versions_change_only_with_content() {
         c.type_version(type_url::LISTENER, None)
     );
 }
+
+#[test]
+fn timeouts_retries_and_faults_translate_as_istio_does() {
+    let mut set = ConfigSet::default();
+    let yaml = QUICKSTART.replace(
+        "  - route:\n    - { destination: { host: hello, subset: v1 }, weight: 80 }",
+        "  - match: [{ uri: { prefix: /f } }]\n    timeout: 1.5s\n    retries: { attempts: 3, perTryTimeout: 500ms, retryOn: \"gateway-error,409\" }\n    fault: { delay: { fixedDelay: 2s, percentage: { value: 12.5 } }, abort: { grpcStatus: UNAVAILABLE } }\n    route: [{ destination: { host: hello, subset: v1 } }]\n  - route:\n    - { destination: { host: hello, subset: v1 }, weight: 80 }",
+    );
+    assert!(
+        set.add_file(std::path::Path::new("q.yaml"), &yaml)
+            .is_empty()
+    );
+    set.sort();
+    let mesh = Mesh::build(&set);
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    let g = generate(&mesh, &proxy);
+    let rc: RouteConfiguration =
+        unpack(&g.of_type(type_url::ROUTE_CONFIGURATION).unwrap()["8080"].any).unwrap();
+    let routes = &rc.virtual_hosts[0].routes;
+    let Some(route::Action::Route(a)) = &routes[0].action else {
+        panic!()
+    };
+    assert_eq!(a.timeout.unwrap().seconds, 1);
+    assert_eq!(a.timeout.unwrap().nanos, 500_000_000);
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(rp.retry_on, "gateway-error,retriable-status-codes");
+    assert_eq!(rp.retriable_status_codes, [409]);
+    assert_eq!(rp.num_retries.unwrap().value, 3);
+    assert_eq!(rp.per_try_timeout.unwrap().nanos, 500_000_000);
+    assert_eq!(
+        rp.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+    let fault: weft_xds_proto::envoy::extensions::filters::http::fault::v3::HttpFault =
+        unpack(&routes[0].typed_per_filter_config["envoy.filters.http.fault"]).unwrap();
+    assert_eq!(
+        fault.delay.unwrap().percentage.unwrap().numerator,
+        125_000,
+        "12.5% in millionths"
+    );
+    let abort = fault.abort.unwrap();
+    assert_eq!(
+        abort.percentage.unwrap().numerator,
+        1_000_000,
+        "unset percentage: 100%"
+    );
+    assert!(matches!(
+        abort.error_type,
+        Some(weft_xds_proto::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType::GrpcStatus(14))
+    ));
+    // A route without retries gets Istio's default policy; its timeout stays disabled.
+    let Some(route::Action::Route(d)) = &routes[1].action else {
+        panic!()
+    };
+    let dp = d.retry_policy.as_ref().unwrap();
+    assert_eq!(
+        dp.retry_on,
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    );
+    assert_eq!(
+        (
+            dp.num_retries.unwrap().value,
+            dp.retriable_status_codes.as_slice()
+        ),
+        (2, &[503][..])
+    );
+    assert_eq!(d.timeout.unwrap().seconds, 0);
+}

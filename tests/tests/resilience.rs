@@ -1,0 +1,161 @@
+//! VirtualService timeouts, retries and fault injection, run twice against the same backends:
+//! once with weft-proxy as the client sidecar, once with a stock Envoy, both fed by weftd. The
+//! outcomes (status codes, attempts each backend saw) must be the same.
+
+use std::time::{Duration, Instant};
+
+use weft_e2e::{Client, Quickstart};
+
+const VS: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: hello, namespace: default }
+spec:
+  hosts: [hello]
+  http:
+  - match: [{ uri: { prefix: /abort } }]
+    fault: { abort: { httpStatus: 418, percentage: { value: 100 } } }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /half-abort } }]
+    fault: { abort: { httpStatus: 503, percentage: { value: 50 } } }
+    retries: { attempts: 0 }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /delay } }]
+    fault: { delay: { fixedDelay: 300ms, percentage: { value: 100 } } }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /slow } }]
+    timeout: 300ms
+    retries: { attempts: 0 }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /flaky } }]
+    retries: { attempts: 3, perTryTimeout: 2s, retryOn: 5xx }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - route: [{ destination: { host: hello, subset: v1 } }]
+"#;
+
+/// What a client sidecar did with each scripted request.
+#[derive(Debug, PartialEq)]
+struct Outcomes {
+    abort: u16,
+    half_abort_503s_in_200: usize,
+    delay: (u16, bool),
+    slow: (u16, String),
+    flaky_recovers: (u16, String, String),
+    flaky_gives_up: (u16, String),
+    default_policy: (u16, String),
+}
+
+fn attempts_seen(q: &Quickstart, id: &str) -> String {
+    weft_e2e::get(q.echo_addr(0), &format!("/echo/attempts?id={id}"))
+        .unwrap()
+        .body
+}
+
+fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
+    let mut c = Client::new(q.egress());
+    let abort = c.get("hello", "/abort").unwrap().status;
+    let half_abort_503s_in_200 = (0..200)
+        .filter(|_| c.get("hello", "/half-abort").unwrap().status == 503)
+        .count();
+    let started = Instant::now();
+    let delayed = c.get("hello", "/delay").unwrap().status;
+    let delay = (delayed, started.elapsed() >= Duration::from_millis(280));
+    let slow = c.get("hello", "/slow?delay_ms=3000").unwrap();
+    let slow = (slow.status, slow.body);
+    let id = format!("{tag}-flaky-ok");
+    let ok = c
+        .request("GET", "hello", "/flaky?fail=2", &[("x-request-id", &id)])
+        .unwrap();
+    let flaky_recovers = (
+        ok.status,
+        ok.header("x-echo-attempt").unwrap_or("").to_string(),
+        attempts_seen(q, &id),
+    );
+    let id = format!("{tag}-flaky-bad");
+    let bad = c
+        .request("GET", "hello", "/flaky?fail=9", &[("x-request-id", &id)])
+        .unwrap();
+    let flaky_gives_up = (bad.status, attempts_seen(q, &id));
+    let id = format!("{tag}-default");
+    let d = c
+        .request("GET", "hello", "/other?fail=1", &[("x-request-id", &id)])
+        .unwrap();
+    let default_policy = (d.status, attempts_seen(q, &id));
+    Outcomes {
+        abort,
+        half_abort_503s_in_200,
+        delay,
+        slow,
+        flaky_recovers,
+        flaky_gives_up,
+        default_policy,
+    }
+}
+
+fn run(name: &str, net: u8, envoy: bool) -> Outcomes {
+    let mut q = Quickstart::new(name, net);
+    q.write_file("virtual-service.yaml", VS);
+    q.start_weftd();
+    q.start_hello();
+    if envoy {
+        q.start_envoy_client(false);
+    } else {
+        q.start_weft_proxy(10, "client");
+    }
+    let out = scenario(&q, name);
+    let id = q.node_id(10, "client");
+    let s = q.sync_of(&id).expect("client connected");
+    for (t, st) in s["types"].as_object().unwrap() {
+        assert_eq!(st["nacks"], 0, "{name}: {t} NACKed: {}", st["last_nack"]);
+    }
+    out
+}
+
+fn check(o: &Outcomes, who: &str) {
+    assert_eq!(o.abort, 418, "{who}: fault abort");
+    assert!(
+        (60..=140).contains(&o.half_abort_503s_in_200),
+        "{who}: a 50% abort hit {} of 200",
+        o.half_abort_503s_in_200
+    );
+    assert_eq!(o.delay, (200, true), "{who}: fault delay of 300ms");
+    assert_eq!(
+        o.slow,
+        (504, "upstream request timeout".to_string()),
+        "{who}: route timeout"
+    );
+    assert_eq!(
+        o.flaky_recovers,
+        (200, "3".into(), "3".into()),
+        "{who}: 2 failures then success on the 3rd attempt"
+    );
+    assert_eq!(
+        o.flaky_gives_up,
+        (503, "4".into()),
+        "{who}: 1 attempt + 3 retries, then the last 503"
+    );
+    assert_eq!(
+        o.default_policy,
+        (200, "2".into()),
+        "{who}: Istio's default policy retries a 503 once more"
+    );
+}
+
+#[test]
+fn weft_proxy_and_envoy_agree_on_timeouts_retries_and_faults() {
+    let weft = run("resilience-weft", 41, false);
+    check(&weft, "weft-proxy");
+    let envoy = run("resilience-envoy", 42, true);
+    check(&envoy, "Envoy");
+    // Beyond the bounds each must meet, the deterministic outcomes are identical.
+    let strip = |o: &Outcomes| {
+        (
+            o.abort,
+            o.delay,
+            o.slow.clone(),
+            o.flaky_recovers.clone(),
+            o.flaky_gives_up.clone(),
+            o.default_policy.clone(),
+        )
+    };
+    assert_eq!(strip(&weft), strip(&envoy));
+}
