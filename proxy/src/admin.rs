@@ -273,6 +273,21 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 true,
             ),
             ("upstream_rq_retry", s.upstream_rq_retry.get() as i64, true),
+            (
+                "upstream_rq_pending_overflow",
+                s.upstream_rq_pending_overflow.get() as i64,
+                true,
+            ),
+            (
+                "upstream_rq_retry_overflow",
+                s.upstream_rq_retry_overflow.get() as i64,
+                true,
+            ),
+            (
+                "outlier_detection_ejections_total",
+                s.outlier_ejections.get() as i64,
+                true,
+            ),
             ("upstream_cx_total", cx_total as i64, true),
             ("upstream_cx_active", cx_active, false),
             (
@@ -424,6 +439,9 @@ prom_names!(
         "upstream_rq_timeout",
         "upstream_rq_per_try_timeout",
         "upstream_rq_retry",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_retry_overflow",
+        "outlier_detection_ejections_total",
         "upstream_cx_total",
         "upstream_cx_active",
         "upstream_cx_connect_fail",

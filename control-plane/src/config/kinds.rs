@@ -232,6 +232,8 @@ pub struct DestinationRuleSpec {
     pub subsets: Vec<Subset>,
     #[serde(default)]
     pub export_to: Vec<String>,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -240,6 +242,106 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: Labels,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// Istio's TrafficPolicy, the parts this weft version implements (others are rejected by name).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSettings {
+    #[serde(default)]
+    pub simple: Option<SimpleLb>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SimpleLb {
+    Unspecified,
+    RoundRobin,
+    LeastConn,
+    LeastRequest,
+    Random,
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    #[serde(default)]
+    pub tcp: Option<TcpSettings>,
+    #[serde(default)]
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSettings {
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSettings {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Deprecated alias of consecutive5xxErrors.
+    #[serde(default)]
+    pub consecutive_errors: Option<i64>,
+    #[serde(default)]
+    pub consecutive_5xx_errors: Option<i64>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<i64>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<i64>,
+    #[serde(default)]
+    pub min_health_percent: Option<i64>,
 }
 
 // ---------------------------------------------------------------- networking.istio.io Sidecar

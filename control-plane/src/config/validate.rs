@@ -168,9 +168,126 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
     Ok(())
 }
 
+fn non_negative(field: String, v: Option<i64>) -> Check {
+    match v {
+        Some(n) if !(0..=i64::from(u32::MAX)).contains(&n) => {
+            bad(field, format!("{n} is outside 0-{}", u32::MAX))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn policy_parts(
+    at: &str,
+    lb: &Option<LoadBalancerSettings>,
+    pool: &Option<ConnectionPoolSettings>,
+    od: &Option<OutlierDetection>,
+) -> Check {
+    if let Some(SimpleLb::Passthrough) = lb.as_ref().and_then(|l| l.simple) {
+        return bad(
+            format!("{at}.loadBalancer.simple"),
+            "PASSTHROUGH needs traffic capture to the original destination, which universal mode does not set up",
+        );
+    }
+    if let Some(p) = pool {
+        if let Some(t) = &p.tcp {
+            non_negative(
+                format!("{at}.connectionPool.tcp.maxConnections"),
+                t.max_connections,
+            )?;
+            if let Some(d) = &t.connect_timeout {
+                duration_at_least_1ms(&format!("{at}.connectionPool.tcp.connectTimeout"), d)?;
+            }
+        }
+        if let Some(h) = &p.http {
+            non_negative(
+                format!("{at}.connectionPool.http.http1MaxPendingRequests"),
+                h.http1_max_pending_requests,
+            )?;
+            non_negative(
+                format!("{at}.connectionPool.http.http2MaxRequests"),
+                h.http2_max_requests,
+            )?;
+            non_negative(
+                format!("{at}.connectionPool.http.maxRequestsPerConnection"),
+                h.max_requests_per_connection,
+            )?;
+            non_negative(
+                format!("{at}.connectionPool.http.maxRetries"),
+                h.max_retries,
+            )?;
+            if let Some(d) = &h.idle_timeout {
+                duration_at_least_1ms(&format!("{at}.connectionPool.http.idleTimeout"), d)?;
+            }
+        }
+    }
+    if let Some(o) = od {
+        non_negative(
+            format!("{at}.outlierDetection.consecutiveErrors"),
+            o.consecutive_errors,
+        )?;
+        non_negative(
+            format!("{at}.outlierDetection.consecutive5xxErrors"),
+            o.consecutive_5xx_errors,
+        )?;
+        non_negative(
+            format!("{at}.outlierDetection.consecutiveGatewayErrors"),
+            o.consecutive_gateway_errors,
+        )?;
+        for (f, v) in [
+            ("interval", &o.interval),
+            ("baseEjectionTime", &o.base_ejection_time),
+        ] {
+            if let Some(d) = v {
+                duration_at_least_1ms(&format!("{at}.outlierDetection.{f}"), d)?;
+            }
+        }
+        for (f, v) in [
+            ("maxEjectionPercent", o.max_ejection_percent),
+            ("minHealthPercent", o.min_health_percent),
+        ] {
+            if v.is_some_and(|p| !(0..=100).contains(&p)) {
+                return bad(format!("{at}.outlierDetection.{f}"), "must be within 0-100");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn traffic_policy(at: &str, p: &TrafficPolicy) -> Check {
+    policy_parts(
+        at,
+        &p.load_balancer,
+        &p.connection_pool,
+        &p.outlier_detection,
+    )?;
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let pat = format!("{at}.portLevelSettings[{i}]");
+        match &pl.port {
+            Some(port_sel) => port(&format!("{pat}.port.number"), port_sel.number)?,
+            None => return bad(format!("{pat}.port"), "port is required"),
+        }
+        policy_parts(
+            &pat,
+            &pl.load_balancer,
+            &pl.connection_pool,
+            &pl.outlier_detection,
+        )?;
+    }
+    Ok(())
+}
+
 pub fn destination_rule(dr: &DestinationRuleSpec) -> Check {
     if dr.host.is_empty() {
         return bad("spec.host", "host is required");
+    }
+    if let Some(p) = &dr.traffic_policy {
+        traffic_policy("spec.trafficPolicy", p)?;
+    }
+    for (i, s) in dr.subsets.iter().enumerate() {
+        if let Some(p) = &s.traffic_policy {
+            traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), p)?;
+        }
     }
     let mut names = BTreeSet::new();
     for (i, s) in dr.subsets.iter().enumerate() {

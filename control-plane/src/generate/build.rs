@@ -133,6 +133,7 @@ fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
 /// Sidecar's egress listeners with their route configurations.
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for svc in &scope.services {
+        let rule = destination_rule_for(mesh, svc).map(|dr| &dr.spec);
         let subsets: Vec<(&str, &crate::config::Labels)> = destination_rule_for(mesh, svc)
             .map(|dr| {
                 dr.spec
@@ -145,11 +146,12 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         for port in &svc.ports {
             let mut add = |subset: &str, selector: Option<&crate::config::Labels>| {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                out.add(
-                    type_url::CLUSTER,
-                    name.clone(),
-                    &eds_cluster(&name, port.protocol),
+                let mut cluster = eds_cluster(&name, port.protocol);
+                super::policy::apply(
+                    &mut cluster,
+                    &super::policy::Effective::of(rule, subset, port.port),
                 );
+                out.add(type_url::CLUSTER, name.clone(), &cluster);
                 let lb_endpoints = svc
                     .endpoints
                     .iter()

@@ -11,6 +11,8 @@ use super::Endpoint;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LbPolicy {
     RoundRobin,
+    /// Power of two choices on in-flight requests, as Envoy's default least-request.
+    LeastRequest,
     Random,
 }
 
@@ -110,6 +112,12 @@ impl Balancer {
         let slot = match self.policy {
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % set.schedule.len(),
             LbPolicy::Random => fastrand::usize(..set.schedule.len()),
+            LbPolicy::LeastRequest => {
+                let n = set.endpoints.len();
+                let (a, b) = (fastrand::usize(..n), fastrand::usize(..n));
+                let load = |i: usize| set.endpoints[i].stats.rq_active.get();
+                return Some(set.endpoints[if load(b) < load(a) { b } else { a }].clone());
+            }
         };
         Some(set.endpoints[set.schedule[slot] as usize].clone())
     }
@@ -126,8 +134,14 @@ mod tests {
         Arc::new(Endpoint {
             address,
             weight,
-            pool: Pool::new(address, UpstreamProtocol::Http1, Duration::from_secs(1)),
+            pool: Pool::new(
+                address,
+                UpstreamProtocol::Http1,
+                Duration::from_secs(1),
+                Default::default(),
+            ),
             stats: EndpointStats::default(),
+            health: Default::default(),
         })
     }
 

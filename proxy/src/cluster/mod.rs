@@ -3,6 +3,7 @@
 //! anything this version cannot honour rejected (NACKed) by field name.
 
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
 use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
-pub use pool::{Pool, UpstreamBody, UpstreamError, UpstreamProtocol};
+pub use pool::{ConnectionLimits, Pool, UpstreamBody, UpstreamError, UpstreamProtocol};
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
@@ -50,6 +51,7 @@ pub struct Endpoint {
     pub weight: u32,
     pub pool: Pool,
     pub stats: EndpointStats,
+    pub health: outlier::HostHealth,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +66,9 @@ pub struct ClusterStats {
     pub upstream_rq_retry: Counter,
     pub upstream_cx_none_healthy: Counter,
     pub update_success: Counter,
+    pub upstream_rq_pending_overflow: Counter,
+    pub upstream_rq_retry_overflow: Counter,
+    pub outlier_ejections: Counter,
 }
 
 /// A cluster, ready for the request path.
@@ -76,8 +81,107 @@ pub struct Cluster {
     pub lb: lb::Balancer,
     pub endpoints: ArcSwap<lb::EndpointSet>,
     pub stats: ClusterStats,
+    pub breakers: Breakers,
+    pub outlier: Option<outlier::OutlierConfig>,
+    pub limits: ConnectionLimits,
+    /// Below this percentage of healthy hosts the load balancer ignores health (Envoy: 50).
+    pub panic_threshold: f64,
     /// The xDS resource this was built from, to tell whether an update changes anything.
     pub source: XdsCluster,
+}
+
+/// Circuit breakers (the DEFAULT priority thresholds): Envoy's defaults are 1024 connections,
+/// pending requests and requests, and 3 concurrent retries.
+#[derive(Debug)]
+pub struct Breakers {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// HTTP/1.1 carries one request per connection at a time: a permit is a connection.
+    connections: tokio::sync::Semaphore,
+    pending: std::sync::atomic::AtomicU32,
+    retries: std::sync::atomic::AtomicU32,
+}
+
+/// Holds one in-flight retry against `max_retries`.
+pub struct RetryGuard<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for RetryGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Breakers {
+    fn new(
+        max_connections: u32,
+        max_pending: u32,
+        max_requests: u32,
+        max_retries: u32,
+    ) -> Breakers {
+        Breakers {
+            max_connections,
+            max_pending,
+            max_requests,
+            max_retries,
+            connections: tokio::sync::Semaphore::new(
+                max_connections.min(tokio::sync::Semaphore::MAX_PERMITS as u32) as usize,
+            ),
+            pending: Default::default(),
+            retries: Default::default(),
+        }
+    }
+
+    fn from_xds(c: &XdsCluster) -> Result<Breakers, String> {
+        let mut b = (1024, 1024, 1024, 3);
+        if let Some(cb) = &c.circuit_breakers {
+            for t in &cb.thresholds {
+                if t.priority != 0 {
+                    return Err("only DEFAULT priority thresholds are supported".into());
+                }
+                if t.retry_budget.is_some() {
+                    return Err("retry_budget is not supported yet".into());
+                }
+                let v = |x: Option<weft_xds_proto::wkt::UInt32Value>, d: u32| {
+                    x.map(|v| v.value).unwrap_or(d)
+                };
+                b = (
+                    v(t.max_connections, b.0),
+                    v(t.max_pending_requests, b.1),
+                    v(t.max_requests, b.2),
+                    v(t.max_retries, b.3),
+                );
+            }
+        }
+        Ok(Breakers::new(b.0, b.1, b.2, b.3))
+    }
+
+    /// A connection slot for an HTTP/1.1 request, waiting as a pending request when every
+    /// connection is busy; None when the pending queue is full too (overflow).
+    pub async fn connection(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.connections.try_acquire() {
+            return Some(p);
+        }
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let permit = self.connections.acquire().await.ok();
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        permit
+    }
+
+    /// Room for one more concurrent retry?
+    pub fn retry(&self) -> Option<RetryGuard<'_>> {
+        use std::sync::atomic::Ordering;
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= self.max_retries {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RetryGuard(&self.retries))
+    }
 }
 
 impl Cluster {
@@ -128,8 +232,6 @@ impl Cluster {
                 "transport_socket_matches",
                 !c.transport_socket_matches.is_empty(),
             ),
-            ("circuit_breakers", c.circuit_breakers.is_some()),
-            ("outlier_detection", c.outlier_detection.is_some()),
             ("health_checks", !c.health_checks.is_empty()),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
@@ -146,6 +248,7 @@ impl Cluster {
             }
         }
         let mut protocol = UpstreamProtocol::Http1;
+        let mut limits = ConnectionLimits::default();
         for (name, any) in &c.typed_extension_protocol_options {
             if name != HTTP_PROTOCOL_OPTIONS {
                 return Err(reject(
@@ -159,6 +262,51 @@ impl Cluster {
                     e.to_string(),
                 )
             })?;
+            let field = |f: &str| format!("typed_extension_protocol_options[{name}].{f}");
+            if opts.upstream_http_protocol_options.is_some()
+                || !opts.http_filters.is_empty()
+                || opts.header_validation_config.is_some()
+            {
+                return Err(reject(
+                    &field("upstream_http_protocol_options"),
+                    "upstream HTTP options, filters and header validation are not supported yet"
+                        .into(),
+                ));
+            }
+            if let Some(common) = &opts.common_http_protocol_options {
+                for (f, set) in [
+                    (
+                        "max_connection_duration",
+                        common.max_connection_duration.is_some(),
+                    ),
+                    ("max_headers_count", common.max_headers_count.is_some()),
+                    (
+                        "max_response_headers_kb",
+                        common.max_response_headers_kb.is_some(),
+                    ),
+                    ("max_stream_duration", common.max_stream_duration.is_some()),
+                    (
+                        "headers_with_underscores_action",
+                        common.headers_with_underscores_action != 0,
+                    ),
+                ] {
+                    if set {
+                        return Err(reject(
+                            &field(&format!("common_http_protocol_options.{f}")),
+                            "not supported by this weft-proxy version".into(),
+                        ));
+                    }
+                }
+                limits.max_requests = common
+                    .max_requests_per_connection
+                    .map(|v| v.value)
+                    .filter(|v| *v > 0);
+                limits.idle_timeout = common
+                    .idle_timeout
+                    .as_ref()
+                    .map(duration)
+                    .filter(|d| !d.is_zero());
+            }
             protocol = match opts.upstream_protocol_options {
                 None => UpstreamProtocol::Http1,
                 Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
@@ -174,6 +322,29 @@ impl Cluster {
                 }
             };
         }
+        let breakers = Breakers::from_xds(c).map_err(|r| reject("circuit_breakers", r))?;
+        let mut panic_threshold = outlier::PANIC_THRESHOLD_PERCENT as f64;
+        if let Some(lbc) = &c.common_lb_config {
+            if lbc.consistent_hashing_lb_config.is_some()
+                || lbc.override_host_status.is_some()
+                || lbc.locality_config_specifier.is_some()
+                || lbc.close_connections_on_host_set_change
+            {
+                return Err(reject(
+                    "common_lb_config",
+                    "only healthy_panic_threshold is supported".into(),
+                ));
+            }
+            if let Some(p) = &lbc.healthy_panic_threshold {
+                panic_threshold = p.value.clamp(0.0, 100.0);
+            }
+        }
+        let outlier = c
+            .outlier_detection
+            .as_ref()
+            .map(outlier::OutlierConfig::from_xds)
+            .transpose()
+            .map_err(|(f, r)| reject(&f, r))?;
         let connect_timeout = c
             .connect_timeout
             .as_ref()
@@ -187,6 +358,10 @@ impl Cluster {
             lb: lb::Balancer::new(lb),
             endpoints: ArcSwap::from_pointee(lb::EndpointSet::default()),
             stats: ClusterStats::default(),
+            breakers,
+            outlier,
+            limits,
+            panic_threshold,
             source: c.clone(),
         };
         if cluster.discovery == Discovery::Static
@@ -246,14 +421,54 @@ impl Cluster {
                     _ => Arc::new(Endpoint {
                         address: addr,
                         weight,
-                        pool: Pool::new(addr, self.protocol, self.connect_timeout),
+                        pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits),
                         stats: EndpointStats::default(),
+                        health: Default::default(),
                     }),
                 };
                 endpoints.push(endpoint);
             }
         }
         Ok(lb::EndpointSet::new(endpoints))
+    }
+
+    /// Picks an endpoint: the load balancer's choice among hosts outlier detection has not
+    /// ejected (all hosts when fewer than the panic threshold are left), avoiding `tried` when
+    /// another host can be had within `attempts` picks.
+    pub fn pick(&self, tried: &[SocketAddr], attempts: u32) -> Option<Arc<Endpoint>> {
+        let set = self.endpoints.load();
+        let all = set.all();
+        let healthy = all.iter().filter(|e| !e.health.is_ejected()).count();
+        let panic = (healthy as f64) * 100.0 < (all.len() as f64) * self.panic_threshold;
+        let usable = |e: &Endpoint| panic || !e.health.is_ejected();
+        let mut fallback = None;
+        for _ in 0..(attempts.max(1) + all.len() as u32) {
+            let e = self.lb.pick(&set)?;
+            if !usable(&e) {
+                continue;
+            }
+            if !tried.contains(&e.address) {
+                return Some(e);
+            }
+            fallback.get_or_insert(e);
+        }
+        fallback.or_else(|| all.iter().find(|e| usable(e)).cloned())
+    }
+
+    /// Feeds a request's outcome to outlier detection; ejects the host when it crosses a
+    /// threshold and the cluster's max_ejection_percent allows it.
+    pub fn observe(&self, endpoint: &Endpoint, outcome: outlier::Outcome) {
+        let Some(cfg) = &self.outlier else { return };
+        if endpoint.health.record(cfg, outcome) {
+            let set = self.endpoints.load();
+            let total = set.all().len().max(1);
+            let ejected = set.all().iter().filter(|e| e.health.is_ejected()).count();
+            if ejected * 100 / total < cfg.max_ejection_percent as usize {
+                tracing::info!(cluster = %self.name, host = %endpoint.address, "outlier detection: host ejected");
+                endpoint.health.eject(cfg);
+                self.stats.outlier_ejections.inc();
+            }
+        }
     }
 
     /// Replaces the endpoints from an EDS update.

@@ -69,11 +69,29 @@ pub struct PoolStats {
     pub cx_connect_fail: Counter,
 }
 
+/// A pooled HTTP/1.1 connection: how many requests it carried and since when it waits.
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    uses: u32,
+    since: std::time::Instant,
+}
+
 /// One worker's connections to the endpoint.
 #[derive(Debug, Default)]
 struct WorkerConnections {
-    idle: Mutex<VecDeque<http1::SendRequest<UpstreamBody>>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    idle: Mutex<VecDeque<Idle>>,
+    /// The shared HTTP/2 connection and how many streams it has carried.
+    h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, u32)>>,
+}
+
+/// Per-connection limits (the cluster's `common_http_protocol_options`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Close a connection after this many requests.
+    pub max_requests: Option<u32>,
+    /// Close a pooled connection idle this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Connections are kept per worker (see `worker`): a worker only uses connections its own
@@ -83,16 +101,23 @@ pub struct Pool {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
+    limits: ConnectionLimits,
     workers: Box<[WorkerConnections]>,
     pub stats: PoolStats,
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, protocol: UpstreamProtocol, connect_timeout: Duration) -> Pool {
+    pub fn new(
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        limits: ConnectionLimits,
+    ) -> Pool {
         Pool {
             addr,
             protocol,
             connect_timeout,
+            limits,
             workers: (0..=crate::worker::count())
                 .map(|_| WorkerConnections::default())
                 .collect(),
@@ -123,13 +148,13 @@ impl Pool {
         // A pooled connection the upstream has just closed fails before the request is
         // written; hyper hands the request back and we try the next connection.
         loop {
-            let (mut sender, reused) = match self.take_idle() {
-                Some(s) => (s, true),
-                None => (self.connect_h1().await?, false),
+            let (mut sender, uses, reused) = match self.take_idle() {
+                Some((s, uses)) => (s, uses, true),
+                None => (self.connect_h1().await?, 0, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.put_idle(sender);
+                    self.put_idle(sender, uses + 1);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -154,25 +179,38 @@ impl Pool {
     /// in the pool as soon as their response head arrives, while the body may still be
     /// streaming; taking from the oldest end finds a finished one almost always at once, where
     /// a stack would first walk past every still-busy connection.
-    fn take_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
         let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..idle.len() {
-            let s = idle.pop_front()?;
-            if s.is_closed() {
+            let entry = idle.pop_front()?;
+            // Closed, or idle past idle_timeout: dropping the sender closes the connection.
+            let expired = self
+                .limits
+                .idle_timeout
+                .is_some_and(|t| entry.since.elapsed() >= t);
+            if entry.sender.is_closed() || expired {
                 continue;
             }
-            if s.is_ready() {
-                return Some(s);
+            if entry.sender.is_ready() {
+                return Some((entry.sender, entry.uses));
             }
-            idle.push_back(s);
+            idle.push_back(entry);
         }
         None
     }
 
-    fn put_idle(&self, sender: http1::SendRequest<UpstreamBody>) {
+    /// Returns a connection to the pool unless it has carried max_requests_per_connection.
+    fn put_idle(&self, sender: http1::SendRequest<UpstreamBody>, uses: u32) {
+        if self.limits.max_requests.is_some_and(|m| uses >= m) {
+            return;
+        }
         let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push_back(sender);
+            idle.push_back(Idle {
+                sender,
+                uses,
+                since: std::time::Instant::now(),
+            });
         }
     }
 
@@ -224,9 +262,22 @@ impl Pool {
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // Take the shared connection and count this stream on it; after
+        // max_requests_per_connection streams the next request opens a fresh connection.
         let existing = {
-            let h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
-            h2.as_ref().filter(|s| !s.is_closed()).cloned()
+            let mut h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
+            let usable = h2.as_ref().is_some_and(|(s, uses)| {
+                !s.is_closed() && self.limits.max_requests.is_none_or(|m| *uses < m)
+            });
+            if usable {
+                h2.as_mut().map(|(s, uses)| {
+                    *uses += 1;
+                    s.clone()
+                })
+            } else {
+                *h2 = None;
+                None
+            }
         };
         let mut sender = match existing {
             Some(s) => s,
@@ -240,7 +291,8 @@ impl Pool {
                         source,
                     })?;
                 self.drive(conn);
-                *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((sender.clone(), 1));
                 sender
             }
         };

@@ -260,6 +260,10 @@ async fn route_and_forward(
         Err(resp) => return resp,
     };
     cluster.stats.upstream_rq_total.inc();
+    if cluster.stats.upstream_rq_active.get() >= i64::from(cluster.breakers.max_requests) {
+        cluster.stats.upstream_rq_pending_overflow.inc();
+        return overflow();
+    }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
     // 5. Attempts (first try and retries), all within the route's timeout.
     let attempts = attempt_until_done(&cluster, retry, &head, &mut body);
@@ -281,14 +285,17 @@ async fn route_and_forward(
 }
 
 /// Sends the request, retrying per the route's policy: each attempt on an endpoint the load
-/// balancer picks (another one than before, with `previous_hosts`), bounded by the per-try
-/// timeout, with jittered exponential backoff between attempts.
+/// balancer picks among hosts outlier detection has not ejected (another one than before, with
+/// `previous_hosts`), within the circuit breakers (a connection slot per HTTP/1.1 request,
+/// at most `max_retries` retries in flight), bounded by the per-try timeout, with jittered
+/// exponential backoff between attempts. Every outcome feeds outlier detection.
 async fn attempt_until_done(
     cluster: &crate::cluster::Cluster,
     retry: Option<&retry::RetryPolicy>,
     head: &UpstreamHead,
     body: &mut AttemptBody,
 ) -> Response<ProxyBody> {
+    use crate::cluster::outlier::Outcome;
     let max_retries = if body.can_retry() {
         retry.map(|r| r.num_retries).unwrap_or(0)
     } else {
@@ -296,25 +303,35 @@ async fn attempt_until_done(
     };
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let mut attempt = 0u32;
+    let mut _retry_slot = None;
     loop {
         let may_retry = attempt < max_retries;
-        let avoid = retry.is_some_and(|r| r.other_host) && attempt > 0;
-        let endpoints = cluster.endpoints.load();
-        let mut endpoint = cluster.lb.pick(&endpoints);
-        if avoid {
-            for _ in 0..retry.map(|r| r.host_selection_attempts).unwrap_or(1) {
-                match &endpoint {
-                    Some(e) if tried.contains(&e.address) => endpoint = cluster.lb.pick(&endpoints),
-                    _ => break,
-                }
-            }
-        }
-        drop(endpoints);
-        let Some(endpoint) = endpoint else {
+        let other_host = retry.filter(|r| r.other_host && attempt > 0);
+        let avoid = if other_host.is_some() {
+            tried.as_slice()
+        } else {
+            &[]
+        };
+        let Some(endpoint) = cluster.pick(
+            avoid,
+            other_host.map(|r| r.host_selection_attempts).unwrap_or(1),
+        ) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
         };
         tried.push(endpoint.address);
+        // HTTP/1.1 carries one request per connection: wait for a connection slot as a pending
+        // request, or overflow when the pending queue is full too.
+        let _connection = match endpoint.pool.protocol() {
+            UpstreamProtocol::Http1 => match cluster.breakers.connection().await {
+                Some(p) => Some(p),
+                None => {
+                    cluster.stats.upstream_rq_pending_overflow.inc();
+                    return overflow();
+                }
+            },
+            UpstreamProtocol::Http2 => None,
+        };
         endpoint.stats.rq_total.inc();
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         let send = endpoint.pool.send(head.request(body.next()));
@@ -326,16 +343,35 @@ async fn attempt_until_done(
         let again = |why: &str| {
             tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
         };
+        // A retry needs room under max_retries; without it the last outcome stands.
+        let mut retry_allowed = |wanted: bool| {
+            if !(may_retry && wanted) {
+                return false;
+            }
+            match cluster.breakers.retry() {
+                Some(slot) => {
+                    _retry_slot = Some(slot);
+                    true
+                }
+                None => {
+                    cluster.stats.upstream_rq_retry_overflow.inc();
+                    false
+                }
+            }
+        };
         match outcome {
             Some(Ok(mut resp)) => {
                 let status = resp.status().as_u16();
                 cluster.stats.upstream_rq_xx.record(status);
                 if status >= 500 {
-                    endpoint.stats.rq_error.inc()
+                    endpoint.stats.rq_error.inc();
+                    cluster.observe(&endpoint, Outcome::Status(status));
                 } else {
-                    endpoint.stats.rq_success.inc()
+                    endpoint.stats.rq_success.inc();
+                    cluster.observe(&endpoint, Outcome::Success);
                 }
-                if may_retry && retry.is_some_and(|r| r.retries_response(status, resp.headers())) {
+                if retry_allowed(retry.is_some_and(|r| r.retries_response(status, resp.headers())))
+                {
                     again(&format!("status {status}"));
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
@@ -345,10 +381,11 @@ async fn attempt_until_done(
             Some(Err(e)) => {
                 endpoint.stats.rq_error.inc();
                 cluster.stats.upstream_rq_xx.record(503);
+                cluster.observe(&endpoint, Outcome::LocalFailure);
                 if e.is_connect_failure() {
                     cluster.stats.upstream_cx_connect_fail.inc();
                 }
-                if !(may_retry && retry.is_some_and(|r| r.retries_error(&e))) {
+                if !retry_allowed(retry.is_some_and(|r| r.retries_error(&e))) {
                     tracing::debug!(cluster = %cluster.name, "upstream failure: {e}");
                     let (reason, flag) = if e.is_connect_failure() {
                         ("connection failure", "UF")
@@ -365,7 +402,8 @@ async fn attempt_until_done(
             None => {
                 endpoint.stats.rq_error.inc();
                 cluster.stats.upstream_rq_per_try_timeout.inc();
-                if !(may_retry && retry.is_some_and(|r| r.retries_timeout())) {
+                cluster.observe(&endpoint, Outcome::LocalFailure);
+                if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
                     cluster.stats.upstream_rq_xx.record(504);
                     return local_reply(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -382,6 +420,20 @@ async fn attempt_until_done(
             tokio::time::sleep(r.backoff(attempt, fastrand::f64())).await;
         }
     }
+}
+
+/// A circuit breaker's refusal, as Envoy answers it (`UO`, `x-envoy-overloaded`).
+fn overflow() -> Response<ProxyBody> {
+    let mut resp = local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        "UO",
+    );
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-envoy-overloaded"),
+        HeaderValue::from_static("true"),
+    );
+    resp
 }
 
 /// The fault filter's abort: an HTTP status, or a gRPC status in a trailers-only response.

@@ -1,0 +1,188 @@
+//! DestinationRule traffic policies applied to an outbound cluster as Istio applies them: the
+//! rule's policy, overridden by the subset's, each overridden per port by `portLevelSettings`;
+//! load balancer, connection pool (circuit breakers, connect timeout, per-connection limits) and
+//! outlier detection. Every outbound cluster starts from Istio's defaults: circuit breakers wide
+//! open, so that only what a rule says limits traffic.
+
+use weft_xds_proto::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlier, circuit_breakers, cluster,
+};
+use weft_xds_proto::envoy::config::core::v3::{
+    Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
+};
+use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use weft_xds_proto::envoy::r#type::v3::Percent;
+use weft_xds_proto::wkt::{Duration, UInt32Value};
+use weft_xds_proto::{pack, unpack};
+
+use crate::config::validate::parse_duration;
+use crate::config::{
+    ConnectionPoolSettings, DestinationRuleSpec, LoadBalancerSettings, OutlierDetection, SimpleLb,
+    TrafficPolicy,
+};
+
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The policy parts in force for one cluster.
+#[derive(Default)]
+pub struct Effective<'a> {
+    lb: Option<&'a LoadBalancerSettings>,
+    pool: Option<&'a ConnectionPoolSettings>,
+    outlier: Option<&'a OutlierDetection>,
+}
+
+impl<'a> Effective<'a> {
+    fn overlay(&mut self, p: &'a TrafficPolicy, port: u32) {
+        self.lb = p.load_balancer.as_ref().or(self.lb);
+        self.pool = p.connection_pool.as_ref().or(self.pool);
+        self.outlier = p.outlier_detection.as_ref().or(self.outlier);
+        if let Some(pl) = p
+            .port_level_settings
+            .iter()
+            .find(|pl| pl.port.as_ref().is_some_and(|s| s.number == port))
+        {
+            self.lb = pl.load_balancer.as_ref().or(self.lb);
+            self.pool = pl.connection_pool.as_ref().or(self.pool);
+            self.outlier = pl.outlier_detection.as_ref().or(self.outlier);
+        }
+    }
+
+    /// The rule's policy, then the subset's, for `port`.
+    pub fn of(dr: Option<&'a DestinationRuleSpec>, subset: &str, port: u32) -> Effective<'a> {
+        let mut e = Effective::default();
+        let Some(dr) = dr else { return e };
+        if let Some(p) = &dr.traffic_policy {
+            e.overlay(p, port);
+        }
+        if let Some(p) = dr
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .and_then(|s| s.traffic_policy.as_ref())
+        {
+            e.overlay(p, port);
+        }
+        e
+    }
+}
+
+fn uint(v: Option<i64>) -> Option<UInt32Value> {
+    // Istio treats 0 as "not set".
+    v.filter(|n| *n > 0).map(|n| UInt32Value {
+        value: n.min(i64::from(u32::MAX)) as u32,
+    })
+}
+
+fn dur(s: Option<&String>) -> Option<Duration> {
+    let d = parse_duration(s?).ok()?;
+    Some(Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// Applies the policy (and Istio's defaults) to an outbound cluster.
+pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
+    let open = Some(UInt32Value { value: u32::MAX });
+    let mut thresholds = circuit_breakers::Thresholds {
+        max_connections: open,
+        max_pending_requests: open,
+        max_requests: open,
+        max_retries: open,
+        track_remaining: true,
+        ..Default::default()
+    };
+    match e.lb.and_then(|l| l.simple) {
+        Some(SimpleLb::RoundRobin) => c.lb_policy = cluster::LbPolicy::RoundRobin as i32,
+        Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => {
+            c.lb_policy = cluster::LbPolicy::LeastRequest as i32
+        }
+        Some(SimpleLb::Random) => c.lb_policy = cluster::LbPolicy::Random as i32,
+        // PASSTHROUGH is rejected by validation; unspecified keeps the default.
+        Some(SimpleLb::Passthrough | SimpleLb::Unspecified) | None => {}
+    }
+    if let Some(pool) = e.pool {
+        if let Some(tcp) = &pool.tcp {
+            thresholds.max_connections = uint(tcp.max_connections).or(thresholds.max_connections);
+            if let Some(t) = dur(tcp.connect_timeout.as_ref()) {
+                c.connect_timeout = Some(t);
+            }
+        }
+        if let Some(http) = &pool.http {
+            thresholds.max_pending_requests =
+                uint(http.http1_max_pending_requests).or(thresholds.max_pending_requests);
+            thresholds.max_requests = uint(http.http2_max_requests).or(thresholds.max_requests);
+            thresholds.max_retries = uint(http.max_retries).or(thresholds.max_retries);
+            let per_connection = uint(http.max_requests_per_connection);
+            let idle = dur(http.idle_timeout.as_ref());
+            if per_connection.is_some() || idle.is_some() {
+                set_connection_limits(c, per_connection, idle);
+            }
+        }
+    }
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![thresholds],
+        ..Default::default()
+    });
+    if let Some(o) = e.outlier {
+        let enforce = |v: Option<i64>| {
+            Some(UInt32Value {
+                value: if v.unwrap_or(0) > 0 { 100 } else { 0 },
+            })
+        };
+        let five_xx = o.consecutive_5xx_errors.or(o.consecutive_errors);
+        let mut od = EnvoyOutlier {
+            interval: dur(o.interval.as_ref()),
+            base_ejection_time: dur(o.base_ejection_time.as_ref()),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .map(|p| UInt32Value { value: p as u32 }),
+            // Istio never enforces success-rate ejection.
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        };
+        if five_xx.is_some() {
+            od.consecutive_5xx = five_xx.map(|v| UInt32Value { value: v as u32 });
+            od.enforcing_consecutive_5xx = enforce(five_xx);
+        }
+        if let Some(gw) = o.consecutive_gateway_errors {
+            od.consecutive_gateway_failure = Some(UInt32Value { value: gw as u32 });
+            od.enforcing_consecutive_gateway_failure = enforce(Some(gw));
+        }
+        c.outlier_detection = Some(od);
+        if let Some(min) = o.min_health_percent {
+            c.common_lb_config = Some(cluster::CommonLbConfig {
+                healthy_panic_threshold: Some(Percent { value: min as f64 }),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Per-connection limits live in the cluster's HttpProtocolOptions, next to its upstream
+/// protocol (HTTP/1.1 unless the port already asked for HTTP/2).
+fn set_connection_limits(
+    c: &mut Cluster,
+    max_requests: Option<UInt32Value>,
+    idle: Option<Duration>,
+) {
+    let mut opts: HttpProtocolOptions = c
+        .typed_extension_protocol_options
+        .get(HTTP_OPTIONS)
+        .and_then(|a| unpack(a).ok())
+        .unwrap_or_default();
+    if opts.upstream_protocol_options.is_none() {
+        opts.upstream_protocol_options = Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(http_protocol_options::ExplicitHttpConfig {
+            protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())),
+        }));
+    }
+    opts.common_http_protocol_options = Some(CommonHttpOptions {
+        max_requests_per_connection: max_requests,
+        idle_timeout: idle,
+        ..Default::default()
+    });
+    c.typed_extension_protocol_options
+        .insert(HTTP_OPTIONS.into(), pack(&opts));
+}
