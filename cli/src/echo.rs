@@ -6,7 +6,8 @@
 //! - `status=NNN`: answer with that status;
 //! - `delay_ms=N`: wait before answering;
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
-//!   across retries), then succeed; the reply's `x-echo-attempt` says which attempt it was.
+//!   across retries), then succeed; the reply's `x-echo-attempt` says which attempt it was;
+//! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several).
 //!
 //! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
 
@@ -109,6 +110,8 @@ async fn scripted<B>(name: &str, attempts: &Attempts, req: Request<B>) -> Respon
         .unwrap_or(0);
     let status = if attempt <= fail {
         Some(503)
+    } else if query_param(&query, "fail_on") == Some(name) {
+        Some(500)
     } else {
         query_param(&query, "status").and_then(|v| v.parse::<u16>().ok())
     };
