@@ -358,6 +358,29 @@ spec:
             .expect("addr")
     }
 
+    /// The client's sidecar: a stock Envoy (SotW) or weft-proxy.
+    pub fn start_client(&mut self, envoy: bool) {
+        if envoy {
+            self.start_envoy_client(false);
+        } else {
+            self.start_weft_proxy(10, "client");
+        }
+    }
+
+    /// Asserts that weftd recorded no NACK from the client's sidecar.
+    pub fn assert_client_nacked_nothing(&self) {
+        let s = self
+            .sync_of(&self.node_id(10, "client"))
+            .expect("client connected");
+        for (t, st) in s["types"].as_object().into_iter().flatten() {
+            assert_eq!(
+                st["nacks"], 0,
+                "{}: {t} NACKed: {}",
+                self.name, st["last_nack"]
+            );
+        }
+    }
+
     /// Sends `n` requests through the client sidecar; returns (v1, v2, failures).
     pub fn split(&self, n: usize) -> (usize, usize, Vec<String>) {
         let mut c = Client::new(self.egress());

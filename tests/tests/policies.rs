@@ -93,19 +93,10 @@ fn run(name: &str, net: u8, envoy: bool) -> Outcomes {
     q.write_file("virtual-service.yaml", RULES);
     q.start_weftd();
     q.start_hello();
-    if envoy {
-        q.start_envoy_client(false);
-    } else {
-        q.start_weft_proxy(10, "client");
-    }
+    q.start_client(envoy);
     let out = scenario(&q);
     eprintln!("{name}: {out:?}");
-    let s = q
-        .sync_of(&q.node_id(10, "client"))
-        .expect("client connected");
-    for (t, st) in s["types"].as_object().unwrap() {
-        assert_eq!(st["nacks"], 0, "{name}: {t} NACKed: {}", st["last_nack"]);
-    }
+    q.assert_client_nacked_nothing();
     out
 }
 

@@ -96,17 +96,10 @@ fn run(name: &str, net: u8, envoy: bool) -> Outcomes {
     q.write_file("virtual-service.yaml", VS);
     q.start_weftd();
     q.start_hello();
-    if envoy {
-        q.start_envoy_client(false);
-    } else {
-        q.start_weft_proxy(10, "client");
-    }
+    q.start_client(envoy);
     let out = scenario(&q, name);
-    let id = q.node_id(10, "client");
-    let s = q.sync_of(&id).expect("client connected");
-    for (t, st) in s["types"].as_object().unwrap() {
-        assert_eq!(st["nacks"], 0, "{name}: {t} NACKed: {}", st["last_nack"]);
-    }
+    eprintln!("{name}: {out:?}");
+    q.assert_client_nacked_nothing();
     out
 }
 
