@@ -4,6 +4,7 @@
 
 pub mod fault;
 pub mod retry;
+pub mod rewrite;
 pub mod router;
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::Rejection;
 use crate::cluster::{UpstreamBody, UpstreamProtocol};
 use crate::state::Proxy;
 use crate::stats::{GaugeGuard, HttpStats};
-use router::RouteTable;
+use router::{Action, RouteTable};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -235,20 +236,74 @@ async fn route_and_forward(
             return fault_abort(abort);
         }
     }
-    // 3. Cluster: weighted choice.
-    let Some(cluster) = snapshot.clusters.get(route.action.cluster.pick()).cloned() else {
+    // 3. Redirects answer here; forwarding routes go upstream. Route header edits apply on the
+    //    way in and on the way out.
+    let action = match &route.action {
+        Action::Redirect(r) => {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let mut resp = local_reply(
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                "",
+                "-",
+            );
+            resp.headers_mut()
+                .remove(HeaderName::from_static("x-weft-response-flags"));
+            if let Ok(v) = HeaderValue::from_str(&r.location(&authority, path)) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            route.response_headers.apply(resp.headers_mut());
+            return resp;
+        }
+        Action::Forward(a) => a,
+    };
+    let Some(cluster) = snapshot.clusters.get(action.cluster.pick()).cloned() else {
         hcm.stats.no_cluster.inc();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "", "NC");
     };
     drop(snapshot);
-    // 4. Upstream request in the upstream's HTTP version, authority preserved; the body kept
-    //    for retries when the route retries and it is small.
-    let (parts, body) = req.into_parts();
-    let head = match upstream_head(parts, &authority, cluster.protocol) {
+    let (mut parts, body) = req.into_parts();
+    route.request_headers.apply(&mut parts.headers);
+    if let Some(rewrite) = &action.path_rewrite {
+        let original = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        if let Ok(uri) = Uri::try_from(rewrite.apply(&original)) {
+            parts.uri = uri;
+            if let Ok(v) = HeaderValue::from_str(original.split('?').next().unwrap_or("/")) {
+                parts
+                    .headers
+                    .insert(HeaderName::from_static("x-envoy-original-path"), v);
+            }
+        }
+    }
+    let authority = action.host_rewrite.as_deref().unwrap_or(&authority);
+    let mut resp = forward(&cluster, action, parts, body, authority).await;
+    route.response_headers.apply(resp.headers_mut());
+    resp
+}
+
+/// Upstream request in the upstream's HTTP version with the (possibly rewritten) authority;
+/// the body kept for retries when the route retries and it is small; every attempt within the
+/// route's timeout.
+async fn forward(
+    cluster: &crate::cluster::Cluster,
+    action: &router::RouteAction,
+    parts: http::request::Parts,
+    body: Incoming,
+    authority: &str,
+) -> Response<ProxyBody> {
+    let head = match upstream_head(parts, authority, cluster.protocol) {
         Ok(h) => h,
         Err(resp) => return resp,
     };
-    let retry = route.action.retry.as_ref();
+    let retry = action.retry.as_ref();
     let mut body = match AttemptBody::new(
         body,
         &head.headers,
@@ -265,9 +320,8 @@ async fn route_and_forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    // 5. Attempts (first try and retries), all within the route's timeout.
-    let attempts = attempt_until_done(&cluster, retry, &head, &mut body);
-    match route.action.timeout {
+    let attempts = attempt_until_done(cluster, retry, &head, &mut body);
+    match action.timeout {
         Some(t) => match tokio::time::timeout(t, attempts).await {
             Ok(resp) => resp,
             Err(_) => {

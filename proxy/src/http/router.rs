@@ -15,6 +15,7 @@ use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, st
 
 use super::fault::{self, Fault};
 use super::retry::RetryPolicy;
+use super::rewrite::{HeaderEdits, PathRewrite, Redirect, regex_rewrite};
 use crate::{Rejection, duration};
 
 /// Envoy's default route timeout when a route does not set one.
@@ -44,9 +45,18 @@ pub struct Route {
     path: PathMatch,
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
-    pub action: RouteAction,
+    pub action: Action,
     /// The fault filter's per-route config (overrides the connection manager's).
     pub fault: Option<Fault>,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+}
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum Action {
+    Forward(RouteAction),
+    Redirect(Redirect),
 }
 
 #[derive(Debug)]
@@ -95,6 +105,8 @@ pub struct RouteAction {
     /// None: no timeout.
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    pub path_rewrite: Option<PathRewrite>,
+    pub host_rewrite: Option<String>,
 }
 
 impl ClusterChoice {
@@ -219,12 +231,12 @@ impl HeaderMatch {
 }
 
 #[allow(deprecated)] // `cors` moved to a typed filter config; still reject it when set
-fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
+fn route_action(
+    a: &XdsRouteAction,
+    matched_prefix: Option<usize>,
+) -> Result<RouteAction, (String, String)> {
     let bad = |f: &str, r: &str| Err((format!("route.{f}"), r.to_string()));
     for (field, set) in [
-        ("prefix_rewrite", !a.prefix_rewrite.is_empty()),
-        ("regex_rewrite", a.regex_rewrite.is_some()),
-        ("host_rewrite_specifier", a.host_rewrite_specifier.is_some()),
         (
             "request_mirror_policies",
             !a.request_mirror_policies.is_empty(),
@@ -283,10 +295,44 @@ fn route_action(a: &XdsRouteAction) -> Result<RouteAction, (String, String)> {
         .as_ref()
         .map(RetryPolicy::from_xds)
         .transpose()?;
+    let path_rewrite = match (&a.prefix_rewrite, &a.regex_rewrite) {
+        (p, Some(_)) if !p.is_empty() => {
+            return bad(
+                "prefix_rewrite",
+                "only one of prefix_rewrite and regex_rewrite",
+            );
+        }
+        (_, Some(r)) => Some(regex_rewrite(r).map_err(|e| ("route.regex_rewrite".to_string(), e))?),
+        (p, None) if !p.is_empty() => match matched_prefix {
+            Some(matched) => Some(PathRewrite::Prefix {
+                matched,
+                with: p.clone(),
+            }),
+            None => {
+                return bad(
+                    "prefix_rewrite",
+                    "prefix_rewrite needs a prefix or exact path match",
+                );
+            }
+        },
+        _ => None,
+    };
+    let host_rewrite = match &a.host_rewrite_specifier {
+        None => None,
+        Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+        Some(_) => {
+            return bad(
+                "host_rewrite_specifier",
+                "only host_rewrite_literal is supported",
+            );
+        }
+    };
     Ok(RouteAction {
         cluster,
         timeout,
         retry,
+        path_rewrite,
+        host_rewrite,
     })
 }
 
@@ -337,22 +383,6 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         ("match.grpc", m.grpc.is_some()),
         ("match.tls_context", m.tls_context.is_some()),
         ("match.dynamic_metadata", !m.dynamic_metadata.is_empty()),
-        (
-            "request_headers_to_add",
-            !r.request_headers_to_add.is_empty(),
-        ),
-        (
-            "request_headers_to_remove",
-            !r.request_headers_to_remove.is_empty(),
-        ),
-        (
-            "response_headers_to_add",
-            !r.response_headers_to_add.is_empty(),
-        ),
-        (
-            "response_headers_to_remove",
-            !r.response_headers_to_remove.is_empty(),
-        ),
     ] {
         if set {
             return Err((
@@ -367,10 +397,15 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         .enumerate()
         .map(|(i, h)| header_match(h).map_err(|e| (format!("match.headers[{i}]"), e)))
         .collect::<Result<Vec<_>, _>>()?;
+    // How much of the path the match covered, for prefix rewrites.
+    let matched_prefix = match &path {
+        PathMatch::Prefix(p) | PathMatch::Exact(p) | PathMatch::SeparatedPrefix(p) => Some(p.len()),
+        PathMatch::Regex(_) => None,
+    };
     let action = match &r.action {
-        Some(route::Action::Route(a)) => route_action(a)?,
-        Some(route::Action::Redirect(_)) => {
-            return Err(("redirect".into(), "redirects are not supported yet".into()));
+        Some(route::Action::Route(a)) => Action::Forward(route_action(a, matched_prefix)?),
+        Some(route::Action::Redirect(rd)) => {
+            Action::Redirect(Redirect::from_xds(rd, matched_prefix)?)
         }
         Some(route::Action::DirectResponse(_)) => {
             return Err((
@@ -387,6 +422,26 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         headers,
         action,
         fault: route_fault(r)?,
+        request_headers: HeaderEdits::from_xds(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+        )
+        .map_err(|e| {
+            (
+                format!("request_headers_to_add{e}"),
+                "invalid header edit".to_string(),
+            )
+        })?,
+        response_headers: HeaderEdits::from_xds(
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+        )
+        .map_err(|e| {
+            (
+                format!("response_headers_to_add{e}"),
+                "invalid header edit".to_string(),
+            )
+        })?,
     })
 }
 

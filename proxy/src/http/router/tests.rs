@@ -105,8 +105,10 @@ fn cluster_for(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)])
             v.parse().unwrap(),
         );
     }
-    t.route(host, path, &h)
-        .map(|r| r.action.cluster.pick().to_string())
+    t.route(host, path, &h).map(|r| match &r.action {
+        Action::Forward(a) => a.cluster.pick().to_string(),
+        Action::Redirect(_) => "redirect".to_string(),
+    })
 }
 
 #[test]
@@ -167,7 +169,8 @@ fn weighted_clusters_split_proportionally() {
 fn unsupported_route_features_are_rejected_by_field() {
     let mut r = rt(prefix("/"), "c");
     if let Some(route::Action::Route(a)) = &mut r.action {
-        a.prefix_rewrite = "/new".into();
+        a.cluster_not_found_response_code = 1;
+        a.hash_policy = vec![Default::default()];
     }
     let rc = RouteConfiguration {
         name: "80".into(),
@@ -181,7 +184,7 @@ fn unsupported_route_features_are_rejected_by_field() {
     };
     let err = RouteTable::from_xds(&rc).unwrap_err().to_string();
     assert!(
-        err.contains("virtual_hosts[0].routes[0].route.prefix_rewrite"),
+        err.contains("virtual_hosts[0].routes[0].route.hash_policy"),
         "{err}"
     );
 }
