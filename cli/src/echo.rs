@@ -147,10 +147,19 @@ fn echo<B>(name: &str, req: Request<B>) -> Response<Full<Bytes>> {
         })
         .collect();
     let (body, content_type) = if wants_json {
-        let h: serde_json::Map<String, serde_json::Value> = headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into()))
-            .collect();
+        // Repeated headers are joined with ", " (as HTTP allows), so none is lost.
+        let mut h = serde_json::Map::new();
+        for (k, v) in &headers {
+            match h.get_mut(k) {
+                Some(serde_json::Value::String(prev)) => {
+                    prev.push_str(", ");
+                    prev.push_str(v);
+                }
+                _ => {
+                    h.insert(k.clone(), v.clone().into());
+                }
+            }
+        }
         let v = serde_json::json!({"name": name, "method": req.method().as_str(), "path": path, "version": format!("{:?}", req.version()), "headers": h});
         (v.to_string() + "\n", "application/json")
     } else {

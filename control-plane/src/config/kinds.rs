@@ -119,6 +119,66 @@ pub struct HttpRoute {
     pub retries: Option<HttpRetry>,
     #[serde(default)]
     pub fault: Option<HttpFaultInjection>,
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+    #[serde(default)]
+    pub rewrite: Option<HttpRewrite>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Headers {
+    #[serde(default)]
+    pub request: Option<HeaderOperations>,
+    #[serde(default)]
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -113,12 +113,22 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
     }
     for (i, r) in vs.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
-        if r.route.is_empty() {
-            return bad(
-                format!("{at}.route"),
-                "an HTTP route needs at least one destination",
-            );
+        match (&r.redirect, r.route.is_empty()) {
+            (Some(_), false) => {
+                return bad(
+                    format!("{at}.redirect"),
+                    "a route has either a redirect or destinations, not both",
+                );
+            }
+            (None, true) => {
+                return bad(
+                    format!("{at}.route"),
+                    "an HTTP route needs at least one destination (or a redirect)",
+                );
+            }
+            _ => {}
         }
+        route_rewrites(&at, r)?;
         for (j, m) in r.matches.iter().enumerate() {
             if let Some(u) = &m.uri {
                 string_match(&format!("{at}.match[{j}].uri"), u)?;
@@ -654,6 +664,89 @@ pub fn route_resilience(at: &str, r: &HttpRoute) -> Check {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn header_ops(field: &str, ops: &Option<HeaderOperations>) -> Check {
+    let Some(ops) = ops else { return Ok(()) };
+    for (k, v) in ops.set.iter().chain(ops.add.iter()) {
+        if k.is_empty()
+            || k.bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            return bad(
+                format!("{field}.{k}"),
+                format!("{k:?} is not a valid header name"),
+            );
+        }
+        if v.bytes().any(|b| b == b'\r' || b == b'\n') || v.contains('%') {
+            return bad(
+                format!("{field}.{k}"),
+                "header values cannot hold line breaks or %-substitutions (not supported yet)",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Redirect, rewrite and header edits of one HTTPRoute.
+fn route_rewrites(at: &str, r: &HttpRoute) -> Check {
+    if let Some(rd) = &r.redirect {
+        if r.rewrite.is_some() {
+            return bad(format!("{at}.rewrite"), "a redirect route cannot rewrite");
+        }
+        if let Some(code) = rd.redirect_code
+            && !matches!(code, 301 | 302 | 303 | 307 | 308)
+        {
+            return bad(
+                format!("{at}.redirect.redirectCode"),
+                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
+            );
+        }
+        if let Some(p) = rd.port {
+            port(&format!("{at}.redirect.port"), p)?;
+        }
+        if rd
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s != "http" && s != "https")
+        {
+            return bad(
+                format!("{at}.redirect.scheme"),
+                "scheme must be http or https",
+            );
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if rw.uri.is_some() && rw.uri_regex_rewrite.is_some() {
+            return bad(
+                format!("{at}.rewrite"),
+                "uri and uriRegexRewrite cannot both be set",
+            );
+        }
+        if rw.uri.is_some()
+            && r.matches
+                .iter()
+                .any(|m| matches!(m.uri, Some(StringMatch::Regex(_))))
+        {
+            return bad(
+                format!("{at}.rewrite.uri"),
+                "a uri rewrite needs prefix or exact matches; use uriRegexRewrite with regex matches",
+            );
+        }
+        if let Some(rr) = &rw.uri_regex_rewrite
+            && let Err(e) = regex::Regex::new(&rr.pattern)
+        {
+            return bad(
+                format!("{at}.rewrite.uriRegexRewrite.match"),
+                format!("invalid regex {:?}: {e}", rr.pattern),
+            );
+        }
+    }
+    if let Some(h) = &r.headers {
+        header_ops(&format!("{at}.headers.request"), &h.request)?;
+        header_ops(&format!("{at}.headers.response"), &h.response)?;
     }
     Ok(())
 }

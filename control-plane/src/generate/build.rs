@@ -3,17 +3,19 @@
 
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, SocketAddress,
-    address, config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
+    Http2ProtocolOptions, SocketAddress, address, config_source, header_value_option,
+    socket_address,
 };
 use weft_xds_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use weft_xds_proto::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteMatch, VirtualHost, WeightedCluster, header_matcher, retry_policy as envoy_retry, route,
-    route_action, route_match, weighted_cluster,
+    HeaderMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    redirect_action as envoy_redirect, retry_policy as envoy_retry, route, route_action,
+    route_match, weighted_cluster,
 };
 use weft_xds_proto::envoy::extensions::filters::common::fault::v3::{
     FaultDelay as EnvoyFaultDelay, fault_delay,
@@ -30,7 +32,9 @@ use weft_xds_proto::envoy::extensions::retry::host::previous_hosts::v3::Previous
 use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use weft_xds_proto::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
 use weft_xds_proto::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
 use weft_xds_proto::{pack, type_url};
@@ -39,8 +43,8 @@ use super::Generated;
 use super::scope::{Scope, host_matches};
 use crate::config::validate::{grpc_code, parse_duration};
 use crate::config::{
-    HttpFaultInjection, HttpRetry, HttpRoute, Object, Percent, StringMatch, VirtualServiceSpec,
-    parse_default_endpoint,
+    HeaderOperations, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute, Object, Percent,
+    StringMatch, VirtualServiceSpec, parse_default_endpoint,
 };
 use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
 
@@ -630,16 +634,110 @@ fn http_routes(
                 .collect(),
             None => Default::default(),
         };
+    if let Some(rw) = &r.rewrite {
+        if let Some(uri) = &rw.uri {
+            action.prefix_rewrite = uri.clone();
+        }
+        if let Some(rr) = &rw.uri_regex_rewrite {
+            action.regex_rewrite = Some(RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher {
+                    regex: rr.pattern.clone(),
+                    ..Default::default()
+                }),
+                substitution: rr.rewrite.clone(),
+            });
+        }
+        if let Some(a) = &rw.authority {
+            action.host_rewrite_specifier = Some(
+                route_action::HostRewriteSpecifier::HostRewriteLiteral(a.clone()),
+            );
+        }
+    }
+    // A redirect answers instead of forwarding.
+    let route_action = match &r.redirect {
+        Some(rd) => route::Action::Redirect(redirect_action(rd)),
+        None => route::Action::Route(action),
+    };
+    let (request_add, request_remove) =
+        header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref()));
+    let (response_add, response_remove) =
+        header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref()));
     matches
         .into_iter()
         .map(|m| Route {
             name: name.clone(),
             r#match: Some(m),
-            action: Some(route::Action::Route(action.clone())),
+            action: Some(route_action.clone()),
             typed_per_filter_config: typed_per_filter_config.clone(),
+            request_headers_to_add: request_add.clone(),
+            request_headers_to_remove: request_remove.clone(),
+            response_headers_to_add: response_add.clone(),
+            response_headers_to_remove: response_remove.clone(),
             ..Default::default()
         })
         .collect()
+}
+
+fn redirect_action(rd: &HttpRedirect) -> RedirectAction {
+    use envoy_redirect::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
+    let code = match rd.redirect_code.unwrap_or(301) {
+        302 => RedirectResponseCode::Found,
+        303 => RedirectResponseCode::SeeOther,
+        307 => RedirectResponseCode::TemporaryRedirect,
+        308 => RedirectResponseCode::PermanentRedirect,
+        _ => RedirectResponseCode::MovedPermanently,
+    };
+    RedirectAction {
+        host_redirect: rd.authority.clone().unwrap_or_default(),
+        port_redirect: rd.port.unwrap_or(0),
+        response_code: code as i32,
+        scheme_rewrite_specifier: rd
+            .scheme
+            .clone()
+            .map(SchemeRewriteSpecifier::SchemeRedirect),
+        path_rewrite_specifier: rd.uri.clone().map(PathRewriteSpecifier::PathRedirect),
+        ..Default::default()
+    }
+}
+
+/// Istio's header operations: `set` overwrites, `add` appends, `remove` removes.
+fn header_ops(ops: Option<&HeaderOperations>) -> (Vec<HeaderValueOption>, Vec<String>) {
+    let Some(ops) = ops else {
+        return (Vec::new(), Vec::new());
+    };
+    let opt = |k: &String, v: &String, action: header_value_option::HeaderAppendAction| {
+        HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.to_ascii_lowercase(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: action as i32,
+            ..Default::default()
+        }
+    };
+    let mut add: Vec<HeaderValueOption> = ops
+        .set
+        .iter()
+        .map(|(k, v)| {
+            opt(
+                k,
+                v,
+                header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd,
+            )
+        })
+        .collect();
+    add.extend(ops.add.iter().map(|(k, v)| {
+        opt(
+            k,
+            v,
+            header_value_option::HeaderAppendAction::AppendIfExistsOrAdd,
+        )
+    }));
+    (
+        add,
+        ops.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+    )
 }
 
 const FAULT_FILTER: &str = "envoy.filters.http.fault";

@@ -276,7 +276,8 @@ async fn route_and_forward(
             .to_string();
         if let Ok(uri) = Uri::try_from(rewrite.apply(&original)) {
             parts.uri = uri;
-            if let Ok(v) = HeaderValue::from_str(original.split('?').next().unwrap_or("/")) {
+            // As Envoy: the whole original path, query included.
+            if let Ok(v) = HeaderValue::from_str(&original) {
                 parts
                     .headers
                     .insert(HeaderName::from_static("x-envoy-original-path"), v);
