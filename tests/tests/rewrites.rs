@@ -12,6 +12,10 @@ spec:
   http:
   - match: [{ uri: { prefix: /old } }]
     redirect: { uri: /new, redirectCode: 302 }
+  - match: [{ uri: { prefix: /teapot } }]
+    directResponse: { status: 418, body: { string: "short and stout" } }
+  - match: [{ uri: { prefix: /bytes } }]
+    directResponse: { status: 200, body: { bytes: "aGVsbG8=" } }
   - match: [{ uri: { prefix: /moved } }]
     redirect: { authority: example.com, scheme: https }
   - match: [{ uri: { prefix: /api/ } }]
@@ -34,6 +38,7 @@ struct Seen {
     api_headers: Vec<(String, String)>,
     api_response: (Option<String>, bool),
     svc: (String, String),
+    direct: (u16, String, String),
 }
 
 fn echo(
@@ -78,6 +83,9 @@ fn scenario(q: &Quickstart) -> Seen {
         v["path"].as_str().unwrap_or("").to_string(),
         v["headers"]["host"].as_str().unwrap_or("").to_string(),
     );
+    let teapot = c.get("hello", "/teapot").unwrap();
+    let bytes = c.get("hello", "/bytes").unwrap();
+    let direct = (teapot.status, teapot.body, bytes.body);
     Seen {
         old,
         moved,
@@ -85,6 +93,7 @@ fn scenario(q: &Quickstart) -> Seen {
         api_headers,
         api_response,
         svc,
+        direct,
     }
 }
 
@@ -128,6 +137,10 @@ fn weft_proxy_and_envoy_agree_on_redirects_rewrites_and_headers() {
     assert_eq!(
         weft.svc,
         ("/bar/of/foo".to_string(), "rewritten.example".to_string())
+    );
+    assert_eq!(
+        weft.direct,
+        (418, "short and stout".to_string(), "hello".to_string())
     );
     let envoy = run("rewrites-envoy", 46, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");

@@ -122,9 +122,29 @@ pub struct HttpRoute {
     #[serde(default)]
     pub redirect: Option<HttpRedirect>,
     #[serde(default)]
+    pub direct_response: Option<HttpDirectResponse>,
+    #[serde(default)]
     pub rewrite: Option<HttpRewrite>,
     #[serde(default)]
     pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    #[serde(default)]
+    pub body: Option<HttpBody>,
+}
+
+/// Istio's HTTPBody: a string, or base64 bytes.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpBody {
+    #[serde(default)]
+    pub string: Option<String>,
+    #[serde(default)]
+    pub bytes: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -113,20 +113,31 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
     }
     for (i, r) in vs.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
-        match (&r.redirect, r.route.is_empty()) {
-            (Some(_), false) => {
+        let answers = usize::from(r.redirect.is_some())
+            + usize::from(r.direct_response.is_some())
+            + usize::from(!r.route.is_empty());
+        if answers != 1 {
+            return bad(
+                format!("{at}.route"),
+                "an HTTP route needs exactly one of destinations (route), a redirect or a directResponse",
+            );
+        }
+        if let Some(d) = &r.direct_response {
+            if !(200..=599).contains(&d.status) {
                 return bad(
-                    format!("{at}.redirect"),
-                    "a route has either a redirect or destinations, not both",
+                    format!("{at}.directResponse.status"),
+                    format!("{} is outside 200-599", d.status),
                 );
             }
-            (None, true) => {
+            if d.body
+                .as_ref()
+                .is_some_and(|b| b.string.is_some() == b.bytes.is_some())
+            {
                 return bad(
-                    format!("{at}.route"),
-                    "an HTTP route needs at least one destination (or a redirect)",
+                    format!("{at}.directResponse.body"),
+                    "exactly one of string or bytes",
                 );
             }
-            _ => {}
         }
         route_rewrites(&at, r)?;
         for (j, m) in r.matches.iter().enumerate() {

@@ -12,8 +12,8 @@ use weft_xds_proto::envoy::config::endpoint::v3::{
 };
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use weft_xds_proto::envoy::config::route::v3::{
-    HeaderMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
-    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    DirectResponseAction, HeaderMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
     redirect_action as envoy_redirect, retry_policy as envoy_retry, route, route_action,
     route_match, weighted_cluster,
 };
@@ -43,8 +43,8 @@ use super::Generated;
 use super::scope::{Scope, host_matches};
 use crate::config::validate::{grpc_code, parse_duration};
 use crate::config::{
-    HeaderOperations, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute, Object, Percent,
-    StringMatch, VirtualServiceSpec, parse_default_endpoint,
+    HeaderOperations, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute,
+    Object, Percent, StringMatch, VirtualServiceSpec, parse_default_endpoint,
 };
 use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
 
@@ -654,9 +654,10 @@ fn http_routes(
         }
     }
     // A redirect answers instead of forwarding.
-    let route_action = match &r.redirect {
-        Some(rd) => route::Action::Redirect(redirect_action(rd)),
-        None => route::Action::Route(action),
+    let route_action = match (&r.redirect, &r.direct_response) {
+        (Some(rd), _) => route::Action::Redirect(redirect_action(rd)),
+        (None, Some(d)) => route::Action::DirectResponse(direct_response(d)),
+        (None, None) => route::Action::Route(action),
     };
     let (request_add, request_remove) =
         header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref()));
@@ -676,6 +677,47 @@ fn http_routes(
             ..Default::default()
         })
         .collect()
+}
+
+fn direct_response(d: &HttpDirectResponse) -> DirectResponseAction {
+    use weft_xds_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    let body = d.body.as_ref().and_then(|b| match (&b.string, &b.bytes) {
+        (Some(s), _) => Some(Specifier::InlineString(s.clone())),
+        (None, Some(b64)) => decode_base64(b64).map(Specifier::InlineBytes),
+        _ => None,
+    });
+    DirectResponseAction {
+        status: d.status,
+        body: body.map(|s| DataSource {
+            specifier: Some(s),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Standard base64 (Istio's `bytes` body), or None if it is not valid.
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let v: Vec<u8> = chunk.iter().map(|c| val(*c)).collect::<Option<_>>()?;
+        let n = v.iter().fold(0u32, |acc, x| acc << 6 | u32::from(*x)) << (6 * (4 - v.len()));
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..v.len()]);
+    }
+    Some(out)
 }
 
 fn redirect_action(rd: &HttpRedirect) -> RedirectAction {

@@ -258,6 +258,16 @@ async fn route_and_forward(
             route.response_headers.apply(resp.headers_mut());
             return resp;
         }
+        Action::Direct { status, body } => {
+            let mut resp = Response::new(Either::Right(Full::new(body.clone())));
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            if !body.is_empty() {
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            route.response_headers.apply(resp.headers_mut());
+            return resp;
+        }
         Action::Forward(a) => a,
     };
     let Some(cluster) = snapshot.clusters.get(action.cluster.pick()).cloned() else {

@@ -57,6 +57,11 @@ pub struct Route {
 pub enum Action {
     Forward(RouteAction),
     Redirect(Redirect),
+    /// A fixed status and body answered by the proxy.
+    Direct {
+        status: u16,
+        body: bytes::Bytes,
+    },
 }
 
 #[derive(Debug)]
@@ -407,11 +412,35 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         Some(route::Action::Redirect(rd)) => {
             Action::Redirect(Redirect::from_xds(rd, matched_prefix)?)
         }
-        Some(route::Action::DirectResponse(_)) => {
-            return Err((
-                "direct_response".into(),
-                "direct responses are not supported yet".into(),
-            ));
+        Some(route::Action::DirectResponse(d)) => {
+            use weft_xds_proto::envoy::config::core::v3::data_source::Specifier;
+            if d.body_format.is_some() {
+                return Err((
+                    "direct_response.body_format".into(),
+                    "not supported by this weft-proxy version".into(),
+                ));
+            }
+            let status = u16::try_from(d.status)
+                .ok()
+                .filter(|s| (200..600).contains(s));
+            let Some(status) = status else {
+                return Err((
+                    "direct_response.status".into(),
+                    format!("{} is not an HTTP status (200-599)", d.status),
+                ));
+            };
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => bytes::Bytes::new(),
+                Some(Specifier::InlineString(s)) => bytes::Bytes::from(s.clone()),
+                Some(Specifier::InlineBytes(b)) => bytes::Bytes::from(b.clone()),
+                Some(_) => {
+                    return Err((
+                        "direct_response.body".into(),
+                        "only inline bodies are supported".into(),
+                    ));
+                }
+            };
+            Action::Direct { status, body }
         }
         _ => return Err(("action".into(), "only route actions are supported".into())),
     };
