@@ -108,6 +108,7 @@ fn cluster_for(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)])
     t.route(host, path, &h).map(|r| match &r.action {
         Action::Forward(a) => a.cluster.pick().to_string(),
         Action::Redirect(_) => "redirect".to_string(),
+        Action::Direct { .. } => "direct".to_string(),
     })
 }
 
