@@ -12,6 +12,9 @@ spec:
   http:
   - match: [{ uri: { prefix: /old } }]
     redirect: { uri: /new, redirectCode: 302 }
+  - match: [{ uri: { prefix: /mirror } }]
+    mirror: { host: hello, subset: v2 }
+    route: [{ destination: { host: hello, subset: v1 } }]
   - match: [{ uri: { prefix: /teapot } }]
     directResponse: { status: 418, body: { string: "short and stout" } }
   - match: [{ uri: { prefix: /bytes } }]
@@ -39,6 +42,8 @@ struct Seen {
     api_response: (Option<String>, bool),
     svc: (String, String),
     direct: (u16, String, String),
+    /// (who answered, how many copies the v2 mirror saw).
+    mirrored: (String, String),
 }
 
 fn echo(
@@ -86,6 +91,17 @@ fn scenario(q: &Quickstart) -> Seen {
     let teapot = c.get("hello", "/teapot").unwrap();
     let bytes = c.get("hello", "/bytes").unwrap();
     let direct = (teapot.status, teapot.body, bytes.body);
+    let id = format!("mirror-{}", q.name);
+    let m = c
+        .request("GET", "hello", "/mirror", &[("x-request-id", &id)])
+        .unwrap();
+    let path = format!("/echo/attempts?id={id}");
+    let copies = weft_e2e::wait_until(std::time::Duration::from_secs(3), || {
+        let n = weft_e2e::get(q.echo_addr(1), &path).ok()?.body;
+        (n != "0").then_some(n)
+    })
+    .unwrap_or_else(|| "0".into());
+    let mirrored = (m.header("x-echo-name").unwrap_or("").to_string(), copies);
     Seen {
         old,
         moved,
@@ -94,6 +110,7 @@ fn scenario(q: &Quickstart) -> Seen {
         api_response,
         svc,
         direct,
+        mirrored,
     }
 }
 
@@ -141,6 +158,11 @@ fn weft_proxy_and_envoy_agree_on_redirects_rewrites_and_headers() {
     assert_eq!(
         weft.direct,
         (418, "short and stout".to_string(), "hello".to_string())
+    );
+    assert_eq!(
+        weft.mirrored,
+        ("hello-v1".to_string(), "1".to_string()),
+        "v1 answers, v2 gets one shadow copy"
     );
     let envoy = run("rewrites-envoy", 46, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");

@@ -755,6 +755,24 @@ fn route_rewrites(at: &str, r: &HttpRoute) -> Check {
             );
         }
     }
+    if r.mirror.is_some() && !r.mirrors.is_empty() {
+        return bad(format!("{at}.mirrors"), "use mirror or mirrors, not both");
+    }
+    if let Some(m) = &r.mirror
+        && m.host.is_empty()
+    {
+        return bad(format!("{at}.mirror.host"), "host is required");
+    }
+    percent(&format!("{at}.mirrorPercentage"), &r.mirror_percentage)?;
+    for (i, m) in r.mirrors.iter().enumerate() {
+        if m.destination.host.is_empty() {
+            return bad(
+                format!("{at}.mirrors[{i}].destination.host"),
+                "host is required",
+            );
+        }
+        percent(&format!("{at}.mirrors[{i}].percentage"), &m.percentage)?;
+    }
     if let Some(h) = &r.headers {
         header_ops(&format!("{at}.headers.request"), &h.request)?;
         header_ops(&format!("{at}.headers.response"), &h.response)?;

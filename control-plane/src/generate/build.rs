@@ -4,8 +4,8 @@
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
-    Http2ProtocolOptions, SocketAddress, address, config_source, header_value_option,
-    socket_address,
+    Http2ProtocolOptions, RuntimeFractionalPercent, SocketAddress, address, config_source,
+    header_value_option, socket_address,
 };
 use weft_xds_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -634,6 +634,32 @@ fn http_routes(
                 .collect(),
             None => Default::default(),
         };
+    // Mirrors: Istio's mirror + mirrorPercentage (default 100%), or the mirrors list.
+    let mirror_targets: Vec<(&crate::config::Destination, Option<f64>)> = match &r.mirror {
+        Some(d) => vec![(
+            d,
+            r.mirror_percentage
+                .as_ref()
+                .map(|p| p.value)
+                .or(r.mirror_percent.map(|p| p as f64)),
+        )],
+        None => r
+            .mirrors
+            .iter()
+            .map(|m| (&m.destination, m.percentage.as_ref().map(|p| p.value)))
+            .collect(),
+    };
+    action.request_mirror_policies = mirror_targets
+        .into_iter()
+        .map(|(d, pct)| route_action::RequestMirrorPolicy {
+            cluster: cluster_of(d),
+            runtime_fraction: Some(RuntimeFractionalPercent {
+                default_value: Some(fraction(pct.map(|value| Percent { value }).as_ref(), None)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
     if let Some(rw) = &r.rewrite {
         if let Some(uri) = &rw.uri {
             action.prefix_rewrite = uri.clone();

@@ -29,10 +29,10 @@ pub struct Fault {
 
 /// A share of requests, in millionths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fraction(u32);
+pub struct Fraction(pub u32);
 
 impl Fraction {
-    fn from_xds(p: Option<&FractionalPercent>) -> Fraction {
+    pub fn from_xds(p: Option<&FractionalPercent>) -> Fraction {
         // No percentage is Envoy's default FractionalPercent: numerator 0, no request.
         let Some(p) = p else { return Fraction(0) };
         let scale = match DenominatorType::try_from(p.denominator) {

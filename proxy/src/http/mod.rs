@@ -274,6 +274,17 @@ async fn route_and_forward(
         hcm.stats.no_cluster.inc();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "", "NC");
     };
+    let mirrors: Vec<Mirror> = action
+        .mirrors
+        .iter()
+        .filter(|m| m.share.hit())
+        .filter_map(|m| {
+            Some(Mirror {
+                cluster: snapshot.clusters.get(&m.cluster)?.clone(),
+                shadow_suffix: m.shadow_suffix,
+            })
+        })
+        .collect();
     drop(snapshot);
     let (mut parts, body) = req.into_parts();
     route.request_headers.apply(&mut parts.headers);
@@ -295,7 +306,7 @@ async fn route_and_forward(
         }
     }
     let authority = action.host_rewrite.as_deref().unwrap_or(&authority);
-    let mut resp = forward(&cluster, action, parts, body, authority).await;
+    let mut resp = forward(&cluster, action, parts, body, authority, mirrors).await;
     route.response_headers.apply(resp.headers_mut());
     resp
 }
@@ -309,22 +320,39 @@ async fn forward(
     parts: http::request::Parts,
     body: Incoming,
     authority: &str,
+    mirrors: Vec<Mirror>,
 ) -> Response<ProxyBody> {
+    let shadow_parts = (!mirrors.is_empty()).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
     let head = match upstream_head(parts, authority, cluster.protocol) {
         Ok(h) => h,
         Err(resp) => return resp,
     };
     let retry = action.retry.as_ref();
-    let mut body = match AttemptBody::new(
-        body,
-        &head.headers,
-        retry.is_some_and(|r| r.num_retries > 0),
-    )
-    .await
-    {
+    let replay = retry.is_some_and(|r| r.num_retries > 0) || !mirrors.is_empty();
+    let mut body = match AttemptBody::new(body, &head.headers, replay).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    // Shadows need the body again: only requests whose body was kept are mirrored.
+    if let (Some((method, uri, headers)), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
+        for m in mirrors {
+            shadow(
+                m,
+                &method,
+                &uri,
+                &headers,
+                authority,
+                bytes.clone(),
+                action.timeout,
+            );
+        }
+    }
     cluster.stats.upstream_rq_total.inc();
     if cluster.stats.upstream_rq_active.get() >= i64::from(cluster.breakers.max_requests) {
         cluster.stats.upstream_rq_pending_overflow.inc();
@@ -485,6 +513,75 @@ async fn attempt_until_done(
             tokio::time::sleep(r.backoff(attempt, fastrand::f64())).await;
         }
     }
+}
+
+/// A mirror target resolved for one request.
+struct Mirror {
+    cluster: Arc<crate::cluster::Cluster>,
+    shadow_suffix: bool,
+}
+
+/// `host:port` -> `host-shadow:port`, as Envoy names shadow traffic.
+fn shadow_authority(authority: &str) -> String {
+    let port_at = if authority.starts_with('[') {
+        authority.find("]:").map(|i| i + 1)
+    } else {
+        authority.rfind(':')
+    };
+    match port_at {
+        Some(i) if authority[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{}-shadow{}", &authority[..i], &authority[i..])
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+/// Sends a copy of the request to a mirror cluster and forgets it: the answer is read and
+/// dropped, failures only show in the mirror cluster's stats.
+fn shadow(
+    m: Mirror,
+    method: &http::Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    authority: &str,
+    body: Bytes,
+    timeout: Option<Duration>,
+) {
+    let authority = if m.shadow_suffix {
+        shadow_authority(authority)
+    } else {
+        authority.to_string()
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    let (parts, ()) = req.into_parts();
+    let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol) else {
+        return;
+    };
+    tokio::spawn(async move {
+        use http_body_util::BodyExt as _;
+        let Some(endpoint) = m.cluster.pick(&[], 1) else {
+            return;
+        };
+        m.cluster.stats.upstream_rq_total.inc();
+        endpoint.stats.rq_total.inc();
+        let send = async {
+            if let Ok(resp) = endpoint
+                .pool
+                .send(head.request(Either::Right(Full::new(body))))
+                .await
+            {
+                m.cluster
+                    .stats
+                    .upstream_rq_xx
+                    .record(resp.status().as_u16());
+                let _ = resp.into_body().collect().await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout.unwrap_or(Duration::from_secs(60)), send).await;
+    });
 }
 
 /// A circuit breaker's refusal, as Envoy answers it (`UO`, `x-envoy-overloaded`).

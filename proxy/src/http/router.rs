@@ -112,6 +112,16 @@ pub struct RouteAction {
     pub retry: Option<RetryPolicy>,
     pub path_rewrite: Option<PathRewrite>,
     pub host_rewrite: Option<String>,
+    /// Shadow copies of the request (fire and forget).
+    pub mirrors: Vec<Mirror>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub cluster: String,
+    pub share: fault::Fraction,
+    /// Whether the shadow's authority gets Envoy's `-shadow` suffix.
+    pub shadow_suffix: bool,
 }
 
 impl ClusterChoice {
@@ -242,10 +252,6 @@ fn route_action(
 ) -> Result<RouteAction, (String, String)> {
     let bad = |f: &str, r: &str| Err((format!("route.{f}"), r.to_string()));
     for (field, set) in [
-        (
-            "request_mirror_policies",
-            !a.request_mirror_policies.is_empty(),
-        ),
         ("hash_policy", !a.hash_policy.is_empty()),
         ("cors", a.cors.is_some()),
         ("rate_limits", !a.rate_limits.is_empty()),
@@ -332,12 +338,36 @@ fn route_action(
             );
         }
     };
+    let mut mirrors = Vec::new();
+    for (i, m) in a.request_mirror_policies.iter().enumerate() {
+        let field = format!("request_mirror_policies[{i}]");
+        if m.cluster.is_empty()
+            || !m.cluster_header.is_empty()
+            || !m.host_rewrite_literal.is_empty()
+            || !m.request_headers_mutations.is_empty()
+        {
+            return bad(
+                &field,
+                "a mirror needs a cluster; cluster_header, host_rewrite_literal and header mutations are not supported yet",
+            );
+        }
+        let share = match &m.runtime_fraction {
+            None => fault::Fraction(1_000_000),
+            Some(rf) => fault::Fraction::from_xds(rf.default_value.as_ref()),
+        };
+        mirrors.push(Mirror {
+            cluster: m.cluster.clone(),
+            share,
+            shadow_suffix: !m.disable_shadow_host_suffix_append,
+        });
+    }
     Ok(RouteAction {
         cluster,
         timeout,
         retry,
         path_rewrite,
         host_rewrite,
+        mirrors,
     })
 }
 
