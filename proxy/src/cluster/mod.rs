@@ -438,8 +438,14 @@ impl Cluster {
     pub fn pick(&self, tried: &[SocketAddr], attempts: u32) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
         let all = set.all();
-        let healthy = all.iter().filter(|e| !e.health.is_ejected()).count();
-        let panic = (healthy as f64) * 100.0 < (all.len() as f64) * self.panic_threshold;
+        // Without outlier detection no host is ever ejected: skip the health scan.
+        let panic = self.outlier.is_none() || {
+            let healthy = all.iter().filter(|e| !e.health.is_ejected()).count();
+            (healthy as f64) * 100.0 < (all.len() as f64) * self.panic_threshold
+        };
+        if panic && tried.is_empty() {
+            return self.lb.pick(&set);
+        }
         let usable = |e: &Endpoint| panic || !e.health.is_ejected();
         let mut fallback = None;
         for _ in 0..(attempts.max(1) + all.len() as u32) {

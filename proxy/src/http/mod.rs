@@ -359,7 +359,7 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    let attempts = attempt_until_done(cluster, retry, &head, &mut body);
+    let attempts = attempt_until_done(cluster, retry, head, &mut body);
     match action.timeout {
         Some(t) => match tokio::time::timeout(t, attempts).await {
             Ok(resp) => resp,
@@ -385,7 +385,7 @@ async fn forward(
 async fn attempt_until_done(
     cluster: &crate::cluster::Cluster,
     retry: Option<&retry::RetryPolicy>,
-    head: &UpstreamHead,
+    head: UpstreamHead,
     body: &mut AttemptBody,
 ) -> Response<ProxyBody> {
     use crate::cluster::outlier::Outcome;
@@ -397,6 +397,7 @@ async fn attempt_until_done(
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let mut attempt = 0u32;
     let mut _retry_slot = None;
+    let mut head = Some(head);
     loop {
         let may_retry = attempt < max_retries;
         let other_host = retry.filter(|r| r.other_host && attempt > 0);
@@ -412,7 +413,9 @@ async fn attempt_until_done(
             cluster.stats.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
         };
-        tried.push(endpoint.address);
+        if max_retries > 0 {
+            tried.push(endpoint.address);
+        }
         // HTTP/1.1 carries one request per connection: wait for a connection slot as a pending
         // request, or overflow when the pending queue is full too.
         let _connection = match endpoint.pool.protocol() {
@@ -427,7 +430,16 @@ async fn attempt_until_done(
         };
         endpoint.stats.rq_total.inc();
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
-        let send = endpoint.pool.send(head.request(body.next()));
+        let req = if may_retry {
+            head.as_ref().map(|h| h.request(body.next()))
+        } else {
+            head.take().map(|h| h.into_request(body.next()))
+        };
+        let Some(req) = req else {
+            // Unreachable: the head is taken only by the last attempt, after which we return.
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "", "-");
+        };
+        let send = endpoint.pool.send(req);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let outcome = match per_try {
             Some(t) => tokio::time::timeout(t, send).await.ok(),
@@ -676,6 +688,16 @@ impl UpstreamHead {
         *req.headers_mut() = self.headers.clone();
         req
     }
+
+    /// The last attempt takes the head instead of copying it.
+    fn into_request(self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
 }
 
 #[allow(clippy::result_large_err)]
@@ -751,17 +773,24 @@ impl AttemptBody {
     async fn new(
         body: Incoming,
         headers: &HeaderMap,
-        retries: bool,
+        replay: bool,
     ) -> Result<AttemptBody, Response<ProxyBody>> {
         use http_body::Body as _;
         use http_body_util::BodyExt as _;
-        let small = body.is_end_stream()
-            || headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
-        if !(retries && small) {
+        if body.is_end_stream() {
+            // No body at all (GET and friends): nothing to read, always replayable.
+            return Ok(if replay {
+                AttemptBody::Replay(Bytes::new())
+            } else {
+                AttemptBody::Once(Some(body))
+            });
+        }
+        let small = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+        if !(replay && small) {
             return Ok(AttemptBody::Once(Some(body)));
         }
         match body.collect().await {
