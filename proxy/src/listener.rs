@@ -19,6 +19,9 @@ use crate::http::ConnectionManager;
 use crate::state::Proxy;
 use crate::tcp::TcpProxy;
 
+/// How long a new listener waits for its route configuration before accepting anyway.
+const WARMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// What a listener does with a connection: its one network filter.
 #[derive(Debug)]
 pub enum NetworkFilter {
@@ -274,6 +277,18 @@ async fn accept_loop(
             return;
         }
     };
+    // Warming, as Envoy: an HTTP listener whose routes come from RDS accepts only once its
+    // route configuration has arrived (at most Envoy's 15 s initial fetch timeout), so no early
+    // request is answered 404. The socket is already listening: connections made meanwhile
+    // wait in the backlog.
+    let rds = config.load().route_config_name().map(str::to_string);
+    if let Some(name) = rds {
+        let deadline = tokio::time::Instant::now() + WARMING_TIMEOUT;
+        while !proxy.snapshot().routes.contains_key(&name) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
     loop {
         let (stream, _peer) = match socket.accept().await {
             Ok(s) => s,
