@@ -15,6 +15,15 @@ spec:
   - match: [{ uri: { prefix: /mirror } }]
     mirror: { host: hello, subset: v2 }
     route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /cors } }]
+    corsPolicy:
+      allowOrigins: [{ exact: "https://app.example" }]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-echo-name]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{ destination: { host: hello, subset: v1 } }]
   - match: [{ uri: { prefix: /teapot } }]
     directResponse: { status: 418, body: { string: "short and stout" } }
   - match: [{ uri: { prefix: /bytes } }]
@@ -44,6 +53,9 @@ struct Seen {
     direct: (u16, String, String),
     /// (who answered, how many copies the v2 mirror saw).
     mirrored: (String, String),
+    /// Preflight, actual, foreign-origin actual, foreign-origin preflight: status and the CORS
+    /// headers of each answer (and whether the backend answered).
+    cors: Vec<(u16, Vec<(String, String)>, bool)>,
 }
 
 fn echo(
@@ -102,6 +114,28 @@ fn scenario(q: &Quickstart) -> Seen {
     })
     .unwrap_or_else(|| "0".into());
     let mirrored = (m.header("x-echo-name").unwrap_or("").to_string(), copies);
+    let cors_view = |r: weft_e2e::Response| {
+        let mut h: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("access-control-"))
+            .cloned()
+            .collect();
+        h.sort();
+        (r.status, h, r.header("x-echo-name").is_some())
+    };
+    let app = ("origin", "https://app.example");
+    let evil = ("origin", "https://evil.example");
+    let ask = ("access-control-request-method", "POST");
+    let cors = vec![
+        cors_view(c.request("OPTIONS", "hello", "/cors", &[app, ask]).unwrap()),
+        cors_view(c.request("GET", "hello", "/cors", &[app]).unwrap()),
+        cors_view(c.request("GET", "hello", "/cors", &[evil]).unwrap()),
+        cors_view(
+            c.request("OPTIONS", "hello", "/cors", &[evil, ask])
+                .unwrap(),
+        ),
+    ];
     Seen {
         old,
         moved,
@@ -111,6 +145,7 @@ fn scenario(q: &Quickstart) -> Seen {
         svc,
         direct,
         mirrored,
+        cors,
     }
 }
 

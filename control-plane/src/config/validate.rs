@@ -755,6 +755,38 @@ fn route_rewrites(at: &str, r: &HttpRoute) -> Check {
             );
         }
     }
+    if let Some(c) = &r.cors_policy {
+        for (i, m) in c.allow_origins.iter().enumerate() {
+            string_match(&format!("{at}.corsPolicy.allowOrigins[{i}]"), m)?;
+        }
+        if let Some(d) = &c.max_age {
+            parse_duration(d).map_err(|e| (format!("{at}.corsPolicy.maxAge"), e))?;
+        }
+        match c.unmatched_preflights.as_deref() {
+            None | Some("FORWARD") | Some("UNSPECIFIED") => {}
+            Some(other) => {
+                return bad(
+                    format!("{at}.corsPolicy.unmatchedPreflights"),
+                    format!("{other:?} is not supported (FORWARD is)"),
+                );
+            }
+        }
+        for (f, list) in [
+            ("allowMethods", &c.allow_methods),
+            ("allowHeaders", &c.allow_headers),
+            ("exposeHeaders", &c.expose_headers),
+        ] {
+            if list
+                .iter()
+                .any(|v| v.is_empty() || v.contains(['\r', '\n', ',']))
+            {
+                return bad(
+                    format!("{at}.corsPolicy.{f}"),
+                    "entries must be non-empty single tokens",
+                );
+            }
+        }
+    }
     if r.mirror.is_some() && !r.mirrors.is_empty() {
         return bad(format!("{at}.mirrors"), "use mirror or mirrors, not both");
     }

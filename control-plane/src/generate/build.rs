@@ -20,6 +20,9 @@ use weft_xds_proto::envoy::config::route::v3::{
 use weft_xds_proto::envoy::extensions::filters::common::fault::v3::{
     FaultDelay as EnvoyFaultDelay, fault_delay,
 };
+use weft_xds_proto::envoy::extensions::filters::http::cors::v3::{
+    Cors, CorsPolicy as EnvoyCorsPolicy,
+};
 use weft_xds_proto::envoy::extensions::filters::http::fault::v3::{
     FaultAbort, HttpFault, fault_abort,
 };
@@ -361,6 +364,11 @@ fn http_connection_manager(
     let mut http_filters = Vec::new();
     if with_fault {
         http_filters.push(HttpFilter {
+            name: "envoy.filters.http.cors".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Cors::default()))),
+            ..Default::default()
+        });
+        http_filters.push(HttpFilter {
             name: FAULT_FILTER.into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack(
                 &HttpFault::default(),
@@ -627,13 +635,15 @@ fn http_routes(
         }) => None,
         retries => Some(retry_policy(retries.as_ref())),
     };
-    let typed_per_filter_config: std::collections::HashMap<String, weft_xds_proto::wkt::Any> =
-        match &r.fault {
-            Some(f) => [(FAULT_FILTER.to_string(), pack(&http_fault(f)))]
-                .into_iter()
-                .collect(),
-            None => Default::default(),
-        };
+    let mut typed_per_filter_config: std::collections::HashMap<String, weft_xds_proto::wkt::Any> =
+        Default::default();
+    if let Some(f) = &r.fault {
+        typed_per_filter_config.insert(FAULT_FILTER.to_string(), pack(&http_fault(f)));
+    }
+    if let Some(c) = &r.cors_policy {
+        typed_per_filter_config
+            .insert("envoy.filters.http.cors".to_string(), pack(&cors_policy(c)));
+    }
     // Mirrors: Istio's mirror + mirrorPercentage (default 100%), or the mirrors list.
     let mirror_targets: Vec<(&crate::config::Destination, Option<f64>)> = match &r.mirror {
         Some(d) => vec![(
@@ -744,6 +754,31 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&bytes[1..v.len()]);
     }
     Some(out)
+}
+
+/// Istio's CorsPolicy as Envoy's per-route CORS policy.
+fn cors_policy(c: &crate::config::CorsPolicy) -> EnvoyCorsPolicy {
+    let mut origins: Vec<StringMatcher> = c.allow_origins.iter().map(string_matcher).collect();
+    origins.extend(
+        c.allow_origin
+            .iter()
+            .map(|o| string_matcher(&StringMatch::Exact(o.clone()))),
+    );
+    EnvoyCorsPolicy {
+        allow_origin_string_match: origins,
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age: c
+            .max_age
+            .as_deref()
+            .and_then(|d| parse_duration(d).ok())
+            .map(|d| d.as_secs().to_string())
+            .unwrap_or_default(),
+        allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+        forward_not_matching_preflights: Some(BoolValue { value: true }),
+        ..Default::default()
+    }
 }
 
 fn redirect_action(rd: &HttpRedirect) -> RedirectAction {

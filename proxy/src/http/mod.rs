@@ -2,6 +2,7 @@
 //! connection preface) on a listener, and proxies each request along the route its table picks.
 //! `proxy_request` is the whole request path in one function.
 
+pub mod cors;
 pub mod fault;
 pub mod retry;
 pub mod rewrite;
@@ -43,6 +44,8 @@ pub struct ConnectionManager {
     pub stat_prefix: String,
     /// Present when the chain has the fault filter: its own config (routes may override it).
     pub fault_filter: Option<fault::Fault>,
+    /// Whether the chain has the CORS filter (policies come with the routes).
+    pub cors_filter: bool,
     pub routes: RouteSource,
     pub stats: Arc<HttpStats>,
 }
@@ -75,6 +78,7 @@ impl ConnectionManager {
         // The fault filter (optional) then the router, last: other HTTP filters are not
         // implemented in this version.
         let mut fault_filter = None;
+        let mut cors_filter = false;
         let mut router = false;
         for (i, f) in hcm.http_filters.iter().enumerate() {
             let field = format!("http_filters[{i}]");
@@ -92,6 +96,8 @@ impl ConnectionManager {
             if type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router")
             {
                 router = true;
+            } else if type_url == cors::FILTER_TYPE_URL {
+                cors_filter = true;
             } else if type_url == fault::TYPE_URL {
                 let cfg = any
                     .map(weft_xds_proto::unpack)
@@ -141,6 +147,7 @@ impl ConnectionManager {
         Ok(ConnectionManager {
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
+            cors_filter,
             routes,
             stats: Arc::new(HttpStats::default()),
         })
@@ -222,7 +229,36 @@ async fn route_and_forward(
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
-    // 2. Faults, when the chain has the fault filter: the route's config, else the filter's.
+    // 2. CORS, when the chain has the filter and the route a policy: an allowed preflight is
+    //    answered here; an allowed actual request gets the access-control headers on its answer.
+    let cors = route.cors.as_ref().filter(|_| hcm.cors_filter);
+    let cors_origin = cors.and_then(|p| p.allowed_origin(req.headers()));
+    if let (Some(policy), Some(origin)) = (cors, &cors_origin)
+        && cors::is_preflight(req.method(), req.headers())
+    {
+        let mut resp = local_reply(StatusCode::OK, "", "-");
+        resp.headers_mut()
+            .remove(HeaderName::from_static("x-weft-response-flags"));
+        policy.preflight_headers(origin.clone(), resp.headers_mut());
+        return resp;
+    }
+    let mut resp = route_rest(hcm, route, req, &authority, snapshot).await;
+    if let (Some(policy), Some(origin)) = (cors, cors_origin) {
+        policy.response_headers(origin, resp.headers_mut());
+    }
+    resp
+}
+
+/// The rest of the request path once the route is known: faults, redirects and direct
+/// responses, then forwarding.
+async fn route_rest(
+    hcm: &ConnectionManager,
+    route: &router::Route,
+    req: Request<Incoming>,
+    authority: &str,
+    snapshot: arc_swap::Guard<Arc<crate::state::Snapshot>>,
+) -> Response<ProxyBody> {
+    // 3. Faults, when the chain has the fault filter: the route's config, else the filter's.
     if let Some(filter) = &hcm.fault_filter {
         let fault = route.fault.as_ref().unwrap_or(filter);
         if let Some((delay, share)) = fault.delay
@@ -252,7 +288,7 @@ async fn route_and_forward(
             );
             resp.headers_mut()
                 .remove(HeaderName::from_static("x-weft-response-flags"));
-            if let Ok(v) = HeaderValue::from_str(&r.location(&authority, path)) {
+            if let Ok(v) = HeaderValue::from_str(&r.location(authority, path)) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
             route.response_headers.apply(resp.headers_mut());
@@ -305,7 +341,7 @@ async fn route_and_forward(
             }
         }
     }
-    let authority = action.host_rewrite.as_deref().unwrap_or(&authority);
+    let authority = action.host_rewrite.as_deref().unwrap_or(authority);
     let mut resp = forward(&cluster, action, parts, body, authority, mirrors).await;
     route.response_headers.apply(resp.headers_mut());
     resp

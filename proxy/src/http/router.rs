@@ -13,6 +13,7 @@ use weft_xds_proto::envoy::config::route::v3::{
 };
 use weft_xds_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 
+use super::cors::{self, CorsPolicy};
 use super::fault::{self, Fault};
 use super::retry::RetryPolicy;
 use super::rewrite::{HeaderEdits, PathRewrite, Redirect, regex_rewrite};
@@ -48,6 +49,8 @@ pub struct Route {
     pub action: Action,
     /// The fault filter's per-route config (overrides the connection manager's).
     pub fault: Option<Fault>,
+    /// The CORS filter's per-route policy.
+    pub cors: Option<CorsPolicy>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
 }
@@ -87,7 +90,7 @@ enum HeaderRule {
 }
 
 #[derive(Debug)]
-enum StringRule {
+pub(crate) enum StringRule {
     Exact(String, bool),
     Prefix(String, bool),
     Suffix(String, bool),
@@ -149,7 +152,7 @@ fn compile_regex(m: &RegexMatcher) -> Result<Regex, String> {
         .map_err(|e| format!("invalid regex {:?}: {e}", m.regex))
 }
 
-fn string_rule(m: &StringMatcher) -> Result<StringRule, String> {
+pub(crate) fn string_rule(m: &StringMatcher) -> Result<StringRule, String> {
     let ic = m.ignore_case;
     let lower = |s: &String| {
         if ic {
@@ -174,7 +177,7 @@ fn string_rule(m: &StringMatcher) -> Result<StringRule, String> {
 }
 
 impl StringRule {
-    fn matches(&self, v: &str) -> bool {
+    pub(crate) fn matches(&self, v: &str) -> bool {
         let norm = |ic: bool| {
             if ic {
                 std::borrow::Cow::Owned(v.to_ascii_lowercase())
@@ -371,12 +374,18 @@ fn route_action(
     })
 }
 
-/// Per-route filter configs: only the fault filter's is understood.
-fn route_fault(r: &XdsRoute) -> Result<Option<Fault>, (String, String)> {
-    let mut fault = None;
+/// Per-route filter configs: the fault filter's and the CORS filter's are understood.
+fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (String, String)> {
+    let (mut fault, mut cors) = (None, None);
     for (name, any) in &r.typed_per_filter_config {
         let field = format!("typed_per_filter_config[{name}]");
-        if name != fault::FILTER_NAME || any.type_url != fault::TYPE_URL {
+        if name == fault::FILTER_NAME && any.type_url == fault::TYPE_URL {
+            let f = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
+            fault = Some(Fault::from_xds(&f).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
+        } else if name == cors::FILTER_NAME && any.type_url == cors::POLICY_TYPE_URL {
+            let p = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
+            cors = Some(CorsPolicy::from_xds(&p).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
+        } else {
             return Err((
                 field,
                 format!(
@@ -385,10 +394,8 @@ fn route_fault(r: &XdsRoute) -> Result<Option<Fault>, (String, String)> {
                 ),
             ));
         }
-        let f = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
-        fault = Some(Fault::from_xds(&f).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
     }
-    Ok(fault)
+    Ok((fault, cors))
 }
 
 fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
@@ -474,13 +481,15 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         }
         _ => return Err(("action".into(), "only route actions are supported".into())),
     };
+    let (fault, cors) = route_filters(r)?;
     Ok(Route {
         name: r.name.clone(),
         path,
         case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
         headers,
         action,
-        fault: route_fault(r)?,
+        fault,
+        cors,
         request_headers: HeaderEdits::from_xds(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,
