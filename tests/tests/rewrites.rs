@@ -42,6 +42,9 @@ spec:
   - route: [{ destination: { host: hello, subset: v1 } }]
 "#;
 
+/// An answer's status, its access-control headers (sorted), and whether the backend answered.
+type CorsView = (u16, Vec<(String, String)>, bool);
+
 #[derive(Debug, PartialEq)]
 struct Seen {
     old: (u16, String),
@@ -55,7 +58,7 @@ struct Seen {
     mirrored: (String, String),
     /// Preflight, actual, foreign-origin actual, foreign-origin preflight: status and the CORS
     /// headers of each answer (and whether the backend answered).
-    cors: Vec<(u16, Vec<(String, String)>, bool)>,
+    cors: Vec<CorsView>,
 }
 
 fn echo(
