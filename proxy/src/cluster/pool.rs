@@ -240,12 +240,16 @@ impl Pool {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
+            .map_err(|source| self.handshake_failed(source))?;
         self.drive(conn);
         Ok(sender)
+    }
+
+    fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {
+        UpstreamError::Handshake {
+            addr: self.addr,
+            source,
+        }
     }
 
     /// Runs a connection's I/O on this worker, counted as active until it closes.
@@ -286,10 +290,7 @@ impl Pool {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(TokioIo::new(stream))
                     .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        addr: self.addr,
-                        source,
-                    })?;
+                    .map_err(|source| self.handshake_failed(source))?;
                 self.drive(conn);
                 *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((sender.clone(), 1));
