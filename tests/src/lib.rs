@@ -8,6 +8,6 @@ pub mod http;
 pub mod mesh;
 pub mod procs;
 
-pub use http::{Client, Response, get};
+pub use http::{Client, Response, get, get_json};
 pub use mesh::{Quickstart, binomial_bounds};
 pub use procs::{Proc, bin, envoy_bin, free_port, wait_until};

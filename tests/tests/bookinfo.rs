@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use weft_e2e::{Client, Proc, Quickstart, bin, binomial_bounds, wait_until};
+use weft_e2e::{Client, Proc, Quickstart, bin, binomial_bounds, get_json, wait_until};
 
 /// Istio's sample config beside the checkout (or $WEFT_ISTIO_TESTDATA).
 fn networking() -> Option<PathBuf> {
@@ -44,6 +44,40 @@ fn ask(c: &mut Client, svc: &str, user: Option<&str>) -> (u16, String) {
 
 fn share(c: &mut Client, svc: &str, n: usize, name: &str) -> usize {
     (0..n).filter(|_| ask(c, svc, None).1 == name).count()
+}
+
+/// The weights of every weighted-cluster route to reviews in the client Envoy's own
+/// /config_dump, each list sorted: what Envoy has applied, not what weftd last wrote.
+fn reviews_weights(q: &Quickstart) -> Vec<Vec<u64>> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<Vec<u64>>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let clusters = m
+                    .get("weighted_clusters")
+                    .and_then(|w| w["clusters"].as_array());
+                if let Some(clusters) = clusters
+                    && clusters
+                        .iter()
+                        .any(|c| c["name"].as_str().is_some_and(|n| n.contains("reviews")))
+                {
+                    let mut w: Vec<u64> = clusters
+                        .iter()
+                        .filter_map(|c| c["weight"].as_u64())
+                        .collect();
+                    w.sort_unstable();
+                    out.push(w);
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(dump) = get_json(q.admin(10), "/config_dump") {
+        walk(&dump, &mut out);
+    }
+    out
 }
 
 #[test]
@@ -126,12 +160,39 @@ fn bookinfo_networking_files_through_envoy() {
         "everyone else stays on v1"
     );
 
-    for (file, v1_share, other) in [
-        ("virtual-service-reviews-80-20.yaml", 0.8, "reviews-v2"),
-        ("virtual-service-reviews-90-10.yaml", 0.9, "reviews-v2"),
-        ("virtual-service-reviews-v2-v3.yaml", 0.0, "reviews-v3"),
+    for (file, v1_share, other, weights) in [
+        (
+            "virtual-service-reviews-80-20.yaml",
+            0.8,
+            "reviews-v2",
+            [20, 80],
+        ),
+        (
+            "virtual-service-reviews-90-10.yaml",
+            0.9,
+            "reviews-v2",
+            [10, 90],
+        ),
+        (
+            "virtual-service-reviews-v2-v3.yaml",
+            0.0,
+            "reviews-v3",
+            [50, 50],
+        ),
     ] {
         apply(&q, file);
+        // Traffic reaching `other` does not show the new split is in force (80-20 already sends
+        // some to v2), so wait until Envoy itself reports the new weights.
+        wait_until(Duration::from_secs(5), || {
+            let w = reviews_weights(&q);
+            (!w.is_empty() && w.iter().all(|w| w[..] == weights[..])).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{file}: Envoy applies weights {weights:?}, its config_dump has {:?}",
+                reviews_weights(&q)
+            )
+        });
         wait_until(Duration::from_secs(5), || {
             (0..30)
                 .any(|_| ask(&mut c, "reviews", None).1 == other)
