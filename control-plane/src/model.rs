@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::config::{ConfigSet, IntOrString, Labels, Object, SidecarSpec};
+use crate::config::{
+    ConfigSet, EndpointPort, EndpointSliceBody, IntOrString, Labels, Location, Object,
+    ObjectReference, PodBody, Resolution, ServiceEntrySpec, SidecarSpec, WorkloadEntrySpec,
+};
 
 /// The DNS domain of the mesh (`<svc>.<ns>.svc.<domain>`).
 pub const DOMAIN: &str = "cluster.local";
@@ -60,15 +63,42 @@ pub struct Endpoint {
     pub ports: BTreeMap<u32, u32>,
 }
 
+/// How a proxy finds a service's endpoints, from the ServiceEntry `resolution` (Kubernetes
+/// Services are always EDS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discovery {
+    /// Endpoints known to the control plane, sent over EDS.
+    Eds,
+    /// `DNS`: each endpoint address (or the host itself) resolved by the proxy, all answers used.
+    StrictDns,
+    /// `DNS_ROUND_ROBIN`: the proxy connects to the first answer of one DNS name.
+    LogicalDns,
+    /// `NONE`: the connection goes where the client sent it (original destination).
+    Passthrough,
+}
+
+/// Where the service was declared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A Kubernetes Service (`name.ns.svc.cluster.local`, reachable by its short names).
+    Kubernetes,
+    /// A ServiceEntry host; `external` is `location: MESH_EXTERNAL`.
+    ServiceEntry { entry: String, external: bool },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
-    /// `name.namespace.svc.cluster.local`
+    /// `name.namespace.svc.cluster.local`, or the ServiceEntry host
     pub hostname: String,
     pub cluster_ip: Option<IpAddr>,
+    /// Further addresses clients may use for it (ServiceEntry `addresses`).
+    pub addresses: Vec<String>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    pub discovery: Discovery,
+    pub origin: Origin,
 }
 
 impl Service {
@@ -77,7 +107,7 @@ impl Service {
     }
 }
 
-/// A workload as the mesh knows it (a WorkloadEntry in universal mode).
+/// A workload as the mesh knows it: a WorkloadEntry, or a running Pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
     pub name: String,
@@ -134,12 +164,32 @@ impl Mesh {
                     .unwrap_or_else(|| "default".into()),
                 annotations: we.meta.annotations.clone(),
             })
+            .chain(config.pods.iter().filter_map(|p| {
+                Some(Workload {
+                    name: p.meta.name.clone(),
+                    namespace: p.namespace.clone(),
+                    address: pod_ip(p)?,
+                    labels: p.meta.labels.clone(),
+                    service_account: pod_service_account(p),
+                    annotations: p.meta.annotations.clone(),
+                })
+            }))
             .collect();
-        let services = config
+        let mut services: Vec<Service> = config
             .services
             .iter()
             .map(|s| build_service(s, config))
             .collect();
+        for se in &config.service_entries {
+            for host in &se.spec.hosts {
+                // A host declared twice (a Service and a ServiceEntry, or two entries) keeps the
+                // first declaration, as Istio does for conflicting registrations.
+                if services.iter().any(|s| &s.hostname == host) {
+                    continue;
+                }
+                services.push(build_service_entry(se, host, config));
+            }
+        }
         Mesh {
             services,
             workloads,
@@ -196,49 +246,74 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
             }
         })
         .collect();
-    let mut endpoints = Vec::new();
-    if let Some(selector) = &s.spec.selector {
+    if s.spec.service_type.as_deref() == Some("ExternalName") {
+        // Istio routes an ExternalName Service's ports to its external name, resolved by DNS.
+        let target = s.spec.external_name.clone().unwrap_or_default();
+        return Service {
+            name: s.meta.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: fqdn(&s.meta.name, &s.namespace),
+            cluster_ip: None,
+            addresses: Vec::new(),
+            endpoints: vec![Endpoint {
+                workload: target.clone(),
+                address: target,
+                labels: Labels::new(),
+                service_account: "default".into(),
+                weight: 1,
+                ports: ports.iter().map(|p| (p.port, p.port)).collect(),
+            }],
+            ports,
+            discovery: Discovery::StrictDns,
+            origin: Origin::Kubernetes,
+        };
+    }
+    let mut endpoints = kubernetes_endpoints(s, &ports, config);
+    if let Some(selector) = s.spec.selector.as_ref().filter(|sel| !sel.is_empty()) {
+        let have_endpoint_objects = config
+            .endpoints
+            .iter()
+            .any(|e| e.namespace == s.namespace && e.meta.name == s.meta.name)
+            || config.endpoint_slices.iter().any(|e| {
+                e.namespace == s.namespace && service_of_slice(e) == Some(s.meta.name.as_str())
+            });
+        if !have_endpoint_objects {
+            // No endpoints controller recorded anything: select running Pods as it would.
+            for pod in config.pods.iter().filter(|p| {
+                p.namespace == s.namespace && selector_matches(selector, &p.meta.labels)
+            }) {
+                let Some(ip) = pod_ip(pod) else { continue };
+                let by_port = ports
+                    .iter()
+                    .map(|p| {
+                        let target = match &p.target_port {
+                            Some(IntOrString::Int(t)) => *t,
+                            Some(IntOrString::String(n)) => {
+                                container_port(pod, n).unwrap_or(p.port)
+                            }
+                            None => p.port,
+                        };
+                        (p.port, target)
+                    })
+                    .collect();
+                endpoints.push(Endpoint {
+                    workload: pod.meta.name.clone(),
+                    address: ip,
+                    labels: pod.meta.labels.clone(),
+                    service_account: pod_service_account(pod),
+                    weight: 1,
+                    ports: by_port,
+                });
+            }
+        }
         for we in config
             .workload_entries
             .iter()
             .filter(|w| w.namespace == s.namespace)
         {
-            let labels = if we.spec.labels.is_empty() {
-                &we.meta.labels
-            } else {
-                &we.spec.labels
-            };
-            if selector.is_empty() || !selector_matches(selector, labels) {
-                continue;
+            if selector_matches(selector, entry_labels(we)) {
+                endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
             }
-            let mut by_port = BTreeMap::new();
-            for p in &ports {
-                // WorkloadEntry.ports maps a service port *name* to the workload's port.
-                let target = we
-                    .spec
-                    .ports
-                    .get(&p.name)
-                    .copied()
-                    .or_else(|| match &p.target_port {
-                        Some(IntOrString::Int(t)) => Some(*t),
-                        Some(IntOrString::String(n)) => we.spec.ports.get(n).copied(),
-                        None => None,
-                    })
-                    .unwrap_or(p.port);
-                by_port.insert(p.port, target);
-            }
-            endpoints.push(Endpoint {
-                workload: we.meta.name.clone(),
-                address: we.spec.address.clone(),
-                labels: labels.clone(),
-                service_account: we
-                    .spec
-                    .service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                weight: we.spec.weight.unwrap_or(1).max(1),
-                ports: by_port,
-            });
         }
     }
     Service {
@@ -246,8 +321,280 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
         namespace: s.namespace.clone(),
         hostname: fqdn(&s.meta.name, &s.namespace),
         cluster_ip: s.spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        addresses: Vec::new(),
         ports,
         endpoints,
+        discovery: Discovery::Eds,
+        origin: Origin::Kubernetes,
+    }
+}
+
+fn entry_labels(we: &Object<WorkloadEntrySpec>) -> &Labels {
+    if we.spec.labels.is_empty() {
+        &we.meta.labels
+    } else {
+        &we.spec.labels
+    }
+}
+
+/// A WorkloadEntry (or a ServiceEntry's inline endpoint) as an endpoint of a service's ports.
+fn entry_endpoint(name: &str, we: &WorkloadEntrySpec, ports: &[ServicePort]) -> Endpoint {
+    let by_port = ports
+        .iter()
+        .map(|p| {
+            // WorkloadEntry.ports maps a service port *name* to the workload's port.
+            let target = we
+                .ports
+                .get(&p.name)
+                .copied()
+                .or_else(|| match &p.target_port {
+                    Some(IntOrString::Int(t)) => Some(*t),
+                    Some(IntOrString::String(n)) => we.ports.get(n).copied(),
+                    None => None,
+                })
+                .unwrap_or(p.port);
+            (p.port, target)
+        })
+        .collect();
+    Endpoint {
+        workload: name.to_string(),
+        address: we.address.clone(),
+        labels: we.labels.clone(),
+        service_account: we
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        weight: we.weight.unwrap_or(1).max(1),
+        ports: by_port,
+    }
+}
+
+fn service_of_slice(e: &Object<EndpointSliceBody>) -> Option<&str> {
+    e.meta
+        .labels
+        .get("kubernetes.io/service-name")
+        .map(String::as_str)
+}
+
+fn pod_ip(pod: &Object<PodBody>) -> Option<String> {
+    let running = pod
+        .spec
+        .status
+        .phase
+        .as_deref()
+        .is_none_or(|p| p == "Running");
+    let ready = pod
+        .spec
+        .status
+        .other
+        .get("conditions")
+        .and_then(|c| c.as_array())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))
+        })
+        .is_none_or(|c| c.get("status").and_then(|s| s.as_str()) == Some("True"));
+    if !running || !ready || pod.meta.other.contains_key("deletionTimestamp") {
+        return None;
+    }
+    pod.spec
+        .status
+        .pod_ip
+        .clone()
+        .or_else(|| pod.spec.status.pod_ips.first().map(|p| p.ip.clone()))
+        .filter(|ip| ip.parse::<IpAddr>().is_ok())
+}
+
+fn pod_service_account(pod: &Object<PodBody>) -> String {
+    pod.spec
+        .spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into())
+}
+
+/// A named container port of a Pod (for a Service `targetPort` given by name).
+fn container_port(pod: &Object<PodBody>, name: &str) -> Option<u32> {
+    let containers = pod.spec.spec.other.get("containers")?.as_array()?;
+    containers
+        .iter()
+        .filter_map(|c| c.get("ports")?.as_array())
+        .flatten()
+        .find(|p| p.get("name").and_then(|n| n.as_str()) == Some(name))
+        .and_then(|p| p.get("containerPort")?.as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+}
+
+/// Endpoints as the Kubernetes endpoints controller recorded them: EndpointSlices labelled with
+/// the service's name (ready endpoints only), else the Endpoints object of the same name. Each
+/// address's labels and service account come from the Pod it targets, when that Pod is known.
+fn kubernetes_endpoints(
+    s: &Object<crate::config::ServiceSpec>,
+    ports: &[ServicePort],
+    config: &ConfigSet,
+) -> Vec<Endpoint> {
+    let single = ports.len() == 1;
+    // Service port -> endpoint port: by port name (the one unnamed port matches the one
+    // unnamed endpoint port).
+    let map_ports = |eps: &[EndpointPort]| -> BTreeMap<u32, u32> {
+        ports
+            .iter()
+            .filter_map(|p| {
+                let found = eps
+                    .iter()
+                    .find(|e| e.name.as_deref().unwrap_or("") == p.name)
+                    .or_else(|| (single && eps.len() == 1).then(|| &eps[0]))?;
+                Some((p.port, found.port))
+            })
+            .collect()
+    };
+    let target = |r: &Option<ObjectReference>, ip: &str| -> (String, Labels, String) {
+        let pod = r
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| {
+                let ns = r.namespace.as_deref().unwrap_or(&s.namespace);
+                config
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == ns && Some(&p.meta.name) == r.name.as_ref())
+            });
+        match pod {
+            Some(p) => (
+                p.meta.name.clone(),
+                p.meta.labels.clone(),
+                pod_service_account(p),
+            ),
+            None => (
+                r.as_ref()
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_else(|| ip.to_string()),
+                Labels::new(),
+                "default".into(),
+            ),
+        }
+    };
+    let mut out: Vec<Endpoint> = Vec::new();
+    for sl in config
+        .endpoint_slices
+        .iter()
+        .filter(|e| e.namespace == s.namespace && service_of_slice(e) == Some(s.meta.name.as_str()))
+    {
+        let by_port = map_ports(&sl.spec.ports);
+        for ep in sl
+            .spec
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.ready != Some(false))
+        {
+            for a in &ep.addresses {
+                if out.iter().any(|o| &o.address == a) {
+                    continue;
+                }
+                let (workload, labels, service_account) = target(&ep.target_ref, a);
+                out.push(Endpoint {
+                    workload,
+                    address: a.clone(),
+                    labels,
+                    service_account,
+                    weight: 1,
+                    ports: by_port.clone(),
+                });
+            }
+        }
+    }
+    if !out.is_empty() {
+        return out;
+    }
+    for e in config
+        .endpoints
+        .iter()
+        .filter(|e| e.namespace == s.namespace && e.meta.name == s.meta.name)
+    {
+        for subset in &e.spec.subsets {
+            let by_port = map_ports(&subset.ports);
+            for a in &subset.addresses {
+                let (workload, labels, service_account) = target(&a.target_ref, &a.ip);
+                out.push(Endpoint {
+                    workload,
+                    address: a.ip.clone(),
+                    labels,
+                    service_account,
+                    weight: 1,
+                    ports: by_port.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One ServiceEntry host as a service: its ports, and its endpoints from `endpoints` or the
+/// WorkloadEntries its `workloadSelector` picks; DNS resolutions leave resolving to the proxy.
+fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, config: &ConfigSet) -> Service {
+    let ports: Vec<ServicePort> = se
+        .spec
+        .ports
+        .iter()
+        .map(|p| {
+            let name = p.name.clone().unwrap_or_default();
+            ServicePort {
+                protocol: Protocol::from_name(p.protocol.as_deref().unwrap_or(&name)),
+                name,
+                port: p.number,
+                target_port: p.target_port.map(IntOrString::Int),
+            }
+        })
+        .collect();
+    let resolution = se.spec.resolution.unwrap_or(Resolution::None);
+    let discovery = match resolution {
+        Resolution::Static => Discovery::Eds,
+        Resolution::Dns => Discovery::StrictDns,
+        Resolution::DnsRoundRobin => Discovery::LogicalDns,
+        Resolution::None => Discovery::Passthrough,
+    };
+    let mut endpoints: Vec<Endpoint> = se
+        .spec
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| entry_endpoint(&format!("{}[{i}]", se.meta.name), e, &ports))
+        .collect();
+    if let Some(sel) = &se.spec.workload_selector {
+        for we in config
+            .workload_entries
+            .iter()
+            .filter(|w| w.namespace == se.namespace)
+        {
+            if selector_matches(&sel.labels, entry_labels(we)) {
+                endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
+            }
+        }
+    }
+    if endpoints.is_empty() && matches!(discovery, Discovery::StrictDns | Discovery::LogicalDns) {
+        // DNS resolution without endpoints: the host itself is the name to resolve.
+        endpoints.push(Endpoint {
+            workload: host.to_string(),
+            address: host.to_string(),
+            labels: Labels::new(),
+            service_account: "default".into(),
+            weight: 1,
+            ports: ports.iter().map(|p| (p.port, p.port)).collect(),
+        });
+    }
+    Service {
+        name: host.to_string(),
+        namespace: se.namespace.clone(),
+        hostname: host.to_string(),
+        cluster_ip: None,
+        addresses: se.spec.addresses.clone(),
+        ports,
+        endpoints,
+        discovery,
+        origin: Origin::ServiceEntry {
+            entry: se.meta.name.clone(),
+            external: se.spec.location != Some(Location::MeshInternal),
+        },
     }
 }
 

@@ -62,6 +62,18 @@ pub fn service(s: &ServiceSpec) -> Check {
             );
         }
     }
+    if s.service_type.as_deref() == Some("ExternalName") {
+        match s.external_name.as_deref() {
+            None | Some("") => {
+                return bad(
+                    "spec.externalName",
+                    "a Service of type ExternalName needs externalName",
+                );
+            }
+            Some(n) => name(&n.trim_end_matches('.').to_ascii_lowercase())
+                .map_err(|r| ("spec.externalName".to_string(), r))?,
+        }
+    }
     Ok(())
 }
 
@@ -444,6 +456,11 @@ pub fn endpoint_slice(e: &EndpointSliceBody) -> Check {
     Ok(())
 }
 
+/// The protocols Istio's port validation accepts.
+const SERVICE_ENTRY_PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+];
+
 pub fn service_entry(se: &ServiceEntrySpec) -> Check {
     if se.hosts.is_empty() {
         return bad("spec.hosts", "at least one host is required");
@@ -501,6 +518,28 @@ pub fn service_entry(se: &ServiceEntrySpec) -> Check {
             "spec.resolution",
             "DNS resolution of a wildcard host needs endpoints",
         );
+    }
+    if se.resolution == Some(Resolution::DnsRoundRobin) && se.endpoints.len() > 1 {
+        return bad(
+            "spec.endpoints",
+            format!(
+                "resolution DNS_ROUND_ROBIN takes at most one endpoint ({} given); use DNS to spread over several",
+                se.endpoints.len()
+            ),
+        );
+    }
+    for (i, p) in se.ports.iter().enumerate() {
+        if let Some(proto) = &p.protocol
+            && !SERVICE_ENTRY_PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str())
+        {
+            return bad(
+                format!("spec.ports[{i}].protocol"),
+                format!(
+                    "unknown protocol {proto:?} (one of {})",
+                    SERVICE_ENTRY_PROTOCOLS.join(", ")
+                ),
+            );
+        }
     }
     Ok(())
 }

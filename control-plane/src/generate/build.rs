@@ -49,7 +49,7 @@ use crate::config::{
     HeaderOperations, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute,
     Object, Percent, StringMatch, VirtualServiceSpec, parse_default_endpoint,
 };
-use crate::model::{Mesh, Protocol, Service, resolve_host, selector_matches};
+use crate::model::{Discovery, Mesh, Origin, Protocol, Service, resolve_host, selector_matches};
 
 /// Istio's default connect timeout for clusters.
 const CONNECT_TIMEOUT_SECS: i64 = 10;
@@ -136,10 +136,47 @@ fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     }
 }
 
+/// A cluster whose endpoints are DNS names the proxy resolves itself (ServiceEntry `DNS` and
+/// `DNS_ROUND_ROBIN`), IPv4 as Istio asks for by default.
+fn dns_cluster(
+    name: &str,
+    protocol: Protocol,
+    logical: bool,
+    lb_endpoints: Vec<LbEndpoint>,
+) -> Cluster {
+    let kind = if logical {
+        cluster::DiscoveryType::LogicalDns
+    } else {
+        cluster::DiscoveryType::StrictDns
+    };
+    Cluster {
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
+        dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..base_cluster(name, protocol)
+    }
+}
+
 /// Outbound: a cluster (and its load assignment) per visible service port and subset, then the
 /// Sidecar's egress listeners with their route configurations.
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for svc in &scope.services {
+        if svc.discovery == Discovery::Passthrough {
+            if let Origin::ServiceEntry { entry, .. } = &svc.origin {
+                out.warnings.push(format!(
+                    "ServiceEntry/{}/{entry}: host {}: resolution NONE forwards to the original destination, which needs traffic capture; universal mode generates no cluster for it (use STATIC or DNS)",
+                    svc.namespace, svc.hostname
+                ));
+            }
+            continue;
+        }
         let rule = destination_rule_for(mesh, svc).map(|dr| &dr.spec);
         let subsets: Vec<(&str, &crate::config::Labels)> = destination_rule_for(mesh, svc)
             .map(|dr| {
@@ -153,13 +190,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         for port in &svc.ports {
             let mut add = |subset: &str, selector: Option<&crate::config::Labels>| {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                let mut cluster = eds_cluster(&name, port.protocol);
-                super::policy::apply(
-                    &mut cluster,
-                    &super::policy::Effective::of(rule, subset, port.port),
-                );
-                out.add(type_url::CLUSTER, name.clone(), &cluster);
-                let lb_endpoints = svc
+                let mut lb_endpoints = svc
                     .endpoints
                     .iter()
                     .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
@@ -167,6 +198,26 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                         Some(lb_endpoint(&e.address, *e.ports.get(&port.port)?, e.weight))
                     })
                     .collect::<Vec<_>>();
+                let mut cluster = match svc.discovery {
+                    Discovery::Eds => eds_cluster(&name, port.protocol),
+                    Discovery::StrictDns | Discovery::LogicalDns => {
+                        let logical = svc.discovery == Discovery::LogicalDns;
+                        if logical {
+                            // Envoy takes exactly one name for a LOGICAL_DNS cluster.
+                            lb_endpoints.truncate(1);
+                        }
+                        dns_cluster(&name, port.protocol, logical, lb_endpoints.clone())
+                    }
+                    Discovery::Passthrough => unreachable!("filtered out above"),
+                };
+                super::policy::apply(
+                    &mut cluster,
+                    &super::policy::Effective::of(rule, subset, port.port),
+                );
+                out.add(type_url::CLUSTER, name.clone(), &cluster);
+                if svc.discovery != Discovery::Eds {
+                    return;
+                }
                 let cla = ClusterLoadAssignment {
                     cluster_name: name.clone(),
                     endpoints: if lb_endpoints.is_empty() {
@@ -491,6 +542,23 @@ fn route_config(
 /// The names a client may use for a service, with and without the port, as Istio generates them.
 fn domains(svc: &Service, port: u32, client_ns: &str) -> Vec<String> {
     let mut names = vec![svc.hostname.clone()];
+    if let Origin::ServiceEntry { .. } = svc.origin {
+        // A ServiceEntry host is known by that name and its declared addresses only.
+        names.extend(
+            svc.addresses
+                .iter()
+                .filter_map(|a| {
+                    a.strip_suffix("/32")
+                        .or(Some(a))
+                        .filter(|a| !a.contains('/'))
+                })
+                .map(str::to_string),
+        );
+        return names
+            .into_iter()
+            .flat_map(|n| [format!("{n}:{port}"), n])
+            .collect();
+    }
     if svc.namespace == client_ns {
         names.push(svc.name.clone());
     }

@@ -21,8 +21,9 @@ impl LbPolicy {
         match XdsLbPolicy::try_from(policy) {
             Ok(XdsLbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
             Ok(XdsLbPolicy::Random) => Ok(LbPolicy::Random),
+            Ok(XdsLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
             Ok(other) => Err(format!(
-                "{} is not supported yet (ROUND_ROBIN and RANDOM are)",
+                "{} is not supported yet (ROUND_ROBIN, LEAST_REQUEST and RANDOM are)",
                 other.as_str_name()
             )),
             Err(_) => Err(format!("unknown load balancing policy {policy}")),

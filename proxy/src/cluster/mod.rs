@@ -2,6 +2,7 @@
 //! per-endpoint connection pools and stats. Translated from Envoy `Cluster` resources, with
 //! anything this version cannot honour rejected (NACKed) by field name.
 
+pub mod dns;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
@@ -33,6 +34,8 @@ pub enum Discovery {
     Eds(String),
     /// Inline in the cluster (`load_assignment`).
     Static,
+    /// Names in `load_assignment`, resolved by the proxy (STRICT_DNS, LOGICAL_DNS).
+    Dns(dns::DnsConfig),
 }
 
 #[derive(Debug, Default)]
@@ -206,11 +209,18 @@ impl Cluster {
                             .unwrap_or_else(|| c.name.clone());
                         Discovery::Eds(service)
                     }
+                    Ok(
+                        t
+                        @ (cluster::DiscoveryType::StrictDns | cluster::DiscoveryType::LogicalDns),
+                    ) => Discovery::Dns(
+                        dns::DnsConfig::from_xds(c, t == cluster::DiscoveryType::LogicalDns)
+                            .map_err(|(f, r)| reject(&f, r))?,
+                    ),
                     Ok(other) => {
                         return Err(reject(
                             "type",
                             format!(
-                                "discovery type {} is not supported (STATIC and EDS are)",
+                                "discovery type {} is not supported (STATIC, EDS, STRICT_DNS and LOGICAL_DNS are)",
                                 other.as_str_name()
                             ),
                         ));
@@ -373,6 +383,26 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The endpoint for an address: the existing one (its pool and stats) when the address and
+    /// weight are unchanged, else a new one.
+    fn endpoint(
+        &self,
+        addr: SocketAddr,
+        weight: u32,
+        existing: &HashMap<SocketAddr, Arc<Endpoint>>,
+    ) -> Arc<Endpoint> {
+        match existing.get(&addr) {
+            Some(e) if e.weight == weight => e.clone(),
+            _ => Arc::new(Endpoint {
+                address: addr,
+                weight,
+                pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits),
+                stats: EndpointStats::default(),
+                health: Default::default(),
+            }),
+        }
+    }
+
     /// Builds the endpoint set for a load assignment, reusing `existing` endpoints (pools and
     /// stats) whose address is unchanged.
     pub fn endpoint_set(
@@ -416,17 +446,7 @@ impl Cluster {
                     .map(|w| w.value)
                     .unwrap_or(1)
                     .max(1);
-                let endpoint = match existing.get(&addr) {
-                    Some(e) if e.weight == weight => e.clone(),
-                    _ => Arc::new(Endpoint {
-                        address: addr,
-                        weight,
-                        pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits),
-                        stats: EndpointStats::default(),
-                        health: Default::default(),
-                    }),
-                };
-                endpoints.push(endpoint);
+                endpoints.push(self.endpoint(addr, weight, existing));
             }
         }
         Ok(lb::EndpointSet::new(endpoints))

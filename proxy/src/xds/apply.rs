@@ -78,7 +78,7 @@ impl Applier {
         resp: &DiscoveryResponse,
     ) -> Result<Applied, Rejection> {
         match type_url {
-            type_url::CLUSTER => self.clusters(resp),
+            type_url::CLUSTER => self.clusters(resp).await,
             type_url::CLUSTER_LOAD_ASSIGNMENT => self.endpoints(resp),
             type_url::LISTENER => self.listeners(resp).await,
             type_url::ROUTE_CONFIGURATION => self.routes(resp),
@@ -86,11 +86,12 @@ impl Applier {
         }
     }
 
-    fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
+    async fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<XdsCluster> = decode("Cluster", resp)?;
         no_duplicates("Cluster", xds.iter().map(|c| c.name.as_str()))?;
         let current = self.proxy.snapshot();
         let mut clusters = HashMap::with_capacity(xds.len());
+        let mut fresh_dns = Vec::new();
         for c in &xds {
             let cluster = match current.clusters.get(&c.name) {
                 Some(existing) if existing.source == *c => existing.clone(),
@@ -101,16 +102,28 @@ impl Applier {
                     {
                         built.assign(cla)?;
                     }
-                    Arc::new(built)
+                    let built = Arc::new(built);
+                    if matches!(built.discovery, Discovery::Dns(_)) {
+                        fresh_dns.push(built.clone());
+                    }
+                    built
                 }
             };
             clusters.insert(c.name.clone(), cluster);
         }
+        // New DNS clusters resolve before they serve (Envoy warms them the same way), all at
+        // once and for at most a few seconds; after that they refresh in the background.
+        futures::future::join_all(
+            fresh_dns
+                .iter()
+                .map(|c| crate::cluster::dns::start(c, std::time::Duration::from_secs(5))),
+        )
+        .await;
         let eds_names: BTreeSet<String> = clusters
             .values()
             .filter_map(|c| match &c.discovery {
                 Discovery::Eds(s) => Some(s.clone()),
-                Discovery::Static => None,
+                Discovery::Static | Discovery::Dns(_) => None,
             })
             .collect();
         drop(current);
