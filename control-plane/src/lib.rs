@@ -31,6 +31,8 @@ pub struct Options {
     pub xds_address: SocketAddr,
     pub debug_address: SocketAddr,
     pub poll_interval: Duration,
+    /// How long a seen change is left to settle before the folder is reloaded.
+    pub debounce: Duration,
     /// The DNS server (None: off).
     pub dns: Option<dns::DnsOptions>,
 }
@@ -50,7 +52,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.config_dir.clone(),
         config_tx,
         opts.poll_interval,
-        Duration::from_millis(100),
+        opts.debounce,
     ));
     if let Some(dns_opts) = opts.dns.clone() {
         // A Corefile that does not parse is a startup error. Failing to bind is fatal for a
@@ -76,11 +78,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         while config_rx.changed().await.is_ok() {
             let snapshot = config_rx.borrow_and_update().clone();
             let mesh = model::Mesh::build(&snapshot.config);
-            mesh_tx.send_replace(Arc::new(MeshSnapshot {
+            mesh_tx.send_replace(Arc::new(MeshSnapshot::new(
                 mesh,
-                generation: snapshot.generation,
-                errors: snapshot.errors.clone(),
-            }));
+                snapshot.generation,
+                snapshot.errors.clone(),
+            )));
         }
     });
 

@@ -25,6 +25,10 @@ struct Args {
     /// How often the config folder is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// After a change is seen, wait this long for the folder to settle (an editor's save, a
+    /// copy of several files) before reloading; Istio's PILOT_DEBOUNCE_AFTER is 100 ms too.
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
     /// Corefile for the DNS server (default: the Corefile Kubernetes ships for CoreDNS).
     #[arg(long, conflicts_with = "no_dns")]
     corefile: Option<PathBuf>,
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             xds_address: args.xds_address,
             debug_address: args.debug_address,
             poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+            debounce: Duration::from_millis(args.debounce_ms),
             dns: dns.clone(),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

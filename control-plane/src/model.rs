@@ -1,12 +1,12 @@
 //! The mesh model derived from config: services with their ports, protocols and endpoints, and
 //! the workloads (WorkloadEntries) behind them. Built once per config change, off the xDS path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::config::{
-    ConfigSet, EndpointPort, EndpointSliceBody, IntOrString, Labels, Location, Object,
-    ObjectReference, PodBody, Resolution, ServiceEntrySpec, SidecarSpec, WorkloadEntrySpec,
+    ConfigSet, EndpointPort, EndpointSliceBody, EndpointsBody, IntOrString, Labels, Location,
+    Object, ObjectReference, PodBody, Resolution, ServiceEntrySpec, SidecarSpec, WorkloadEntrySpec,
 };
 
 /// The DNS domain of the mesh (`<svc>.<ns>.svc.<domain>`).
@@ -123,6 +123,12 @@ pub struct Mesh {
     pub services: Vec<Service>,
     pub workloads: Vec<Workload>,
     pub config: ConfigSet,
+    /// Service hostname -> the DestinationRule (index into `config.destination_rules`) that
+    /// applies to it: the matching rule in the service's namespace, else the first other one.
+    pub rule_index: HashMap<String, usize>,
+    /// Service hostname -> the VirtualServices (indexes into `config.virtual_services`, in
+    /// config order) one of whose hosts matches it; each proxy then picks the first it can see.
+    pub virtual_service_index: HashMap<String, Vec<usize>>,
 }
 
 pub fn fqdn(name: &str, namespace: &str) -> String {
@@ -175,10 +181,11 @@ impl Mesh {
                 })
             }))
             .collect();
+        let index = Index::new(config);
         let mut services: Vec<Service> = config
             .services
             .iter()
-            .map(|s| build_service(s, config))
+            .map(|s| build_service(s, &index))
             .collect();
         for se in &config.service_entries {
             for host in &se.spec.hosts {
@@ -187,13 +194,16 @@ impl Mesh {
                 if services.iter().any(|s| &s.hostname == host) {
                     continue;
                 }
-                services.push(build_service_entry(se, host, config));
+                services.push(build_service_entry(se, host, &index));
             }
         }
+        let (rule_index, virtual_service_index) = index_rules(&services, config);
         Mesh {
             services,
             workloads,
             config: config.clone(),
+            rule_index,
+            virtual_service_index,
         }
     }
 
@@ -227,7 +237,191 @@ impl Mesh {
     }
 }
 
-fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> Service {
+/// Lookups over the config, built once per mesh build, so that deriving N services costs
+/// O(N + objects) rather than O(N x objects).
+struct Index<'a> {
+    config: &'a ConfigSet,
+    /// (namespace, label key, label value) -> WorkloadEntries carrying it, in config order.
+    entries_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    pods_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    pods_by_name: HashMap<(&'a str, &'a str), usize>,
+    /// (namespace, service name) -> Endpoints objects / EndpointSlices for it.
+    endpoints_by_service: HashMap<(&'a str, &'a str), Vec<usize>>,
+    slices_by_service: HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<usize>>;
+
+fn label_index<'a>(items: impl Iterator<Item = (&'a str, &'a Labels)>) -> LabelIndex<'a> {
+    let mut out: LabelIndex<'a> = HashMap::new();
+    for (i, (ns, labels)) in items.enumerate() {
+        for (k, v) in labels {
+            out.entry((ns, k.as_str(), v.as_str())).or_default().push(i);
+        }
+    }
+    out
+}
+
+/// Indexes (in config order) of the items in `ns` whose labels match the non-empty `selector`.
+fn select<'a>(
+    index: &LabelIndex<'_>,
+    ns: &str,
+    selector: &Labels,
+    labels_of: impl Fn(usize) -> &'a Labels,
+) -> Vec<usize> {
+    let Some((k, v)) = selector.iter().next() else {
+        return Vec::new();
+    };
+    index
+        .get(&(ns, k.as_str(), v.as_str()))
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|i| selector_matches(selector, labels_of(*i)))
+        .collect()
+}
+
+impl<'a> Index<'a> {
+    fn new(config: &'a ConfigSet) -> Index<'a> {
+        let mut endpoints_by_service: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, e) in config.endpoints.iter().enumerate() {
+            endpoints_by_service
+                .entry((e.namespace.as_str(), e.meta.name.as_str()))
+                .or_default()
+                .push(i);
+        }
+        let mut slices_by_service: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, e) in config.endpoint_slices.iter().enumerate() {
+            if let Some(svc) = service_of_slice(e) {
+                slices_by_service
+                    .entry((e.namespace.as_str(), svc))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        Index {
+            config,
+            entries_by_label: label_index(
+                config
+                    .workload_entries
+                    .iter()
+                    .map(|w| (w.namespace.as_str(), entry_labels(w))),
+            ),
+            pods_by_label: label_index(
+                config
+                    .pods
+                    .iter()
+                    .map(|p| (p.namespace.as_str(), &p.meta.labels)),
+            ),
+            pods_by_name: config
+                .pods
+                .iter()
+                .enumerate()
+                .map(|(i, p)| ((p.namespace.as_str(), p.meta.name.as_str()), i))
+                .collect(),
+            endpoints_by_service,
+            slices_by_service,
+        }
+    }
+
+    fn entries(&self, ns: &str, selector: &Labels) -> Vec<&'a Object<WorkloadEntrySpec>> {
+        let all = &self.config.workload_entries;
+        select(&self.entries_by_label, ns, selector, |i| {
+            entry_labels(&all[i])
+        })
+        .into_iter()
+        .map(|i| &all[i])
+        .collect()
+    }
+
+    fn pods(&self, ns: &str, selector: &Labels) -> Vec<&'a Object<PodBody>> {
+        let all = &self.config.pods;
+        select(&self.pods_by_label, ns, selector, |i| &all[i].meta.labels)
+            .into_iter()
+            .map(|i| &all[i])
+            .collect()
+    }
+
+    fn pod(&self, ns: &str, name: &str) -> Option<&'a Object<PodBody>> {
+        self.pods_by_name
+            .get(&(ns, name))
+            .map(|i| &self.config.pods[*i])
+    }
+
+    fn endpoints_of(&self, ns: &str, svc: &str) -> Vec<&'a Object<EndpointsBody>> {
+        self.endpoints_by_service
+            .get(&(ns, svc))
+            .into_iter()
+            .flatten()
+            .map(|i| &self.config.endpoints[*i])
+            .collect()
+    }
+
+    fn slices_of(&self, ns: &str, svc: &str) -> Vec<&'a Object<EndpointSliceBody>> {
+        self.slices_by_service
+            .get(&(ns, svc))
+            .into_iter()
+            .flatten()
+            .map(|i| &self.config.endpoint_slices[*i])
+            .collect()
+    }
+}
+
+/// Which DestinationRule and VirtualServices apply to each service, worked out once per config
+/// change instead of once per proxy and service.
+fn index_rules(
+    services: &[Service],
+    config: &ConfigSet,
+) -> (HashMap<String, usize>, HashMap<String, Vec<usize>>) {
+    let rule_hosts: Vec<String> = config
+        .destination_rules
+        .iter()
+        .map(|dr| resolve_host(&dr.spec.host, &dr.namespace))
+        .collect();
+    let vs_hosts: Vec<Vec<String>> = config
+        .virtual_services
+        .iter()
+        .map(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .map(|h| resolve_host(h, &vs.namespace))
+                .collect()
+        })
+        .collect();
+    let mut rules = HashMap::new();
+    let mut vss = HashMap::new();
+    for svc in services {
+        // Istio looks in the service's namespace (and the client's) for a rule; the service's
+        // wins.
+        let rule = config
+            .destination_rules
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| crate::generate::host_matches(&rule_hosts[*i], &svc.hostname))
+            .min_by_key(|(_, dr)| dr.namespace != svc.namespace)
+            .map(|(i, _)| i);
+        if let Some(i) = rule {
+            rules.insert(svc.hostname.clone(), i);
+        }
+        let matching: Vec<usize> = vs_hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, hosts)| {
+                hosts
+                    .iter()
+                    .any(|h| crate::generate::host_matches(h, &svc.hostname))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !matching.is_empty() {
+            vss.insert(svc.hostname.clone(), matching);
+        }
+    }
+    (rules, vss)
+}
+
+fn build_service(s: &Object<crate::config::ServiceSpec>, index: &Index<'_>) -> Service {
     let ports: Vec<ServicePort> = s
         .spec
         .ports
@@ -268,20 +462,13 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
             origin: Origin::Kubernetes,
         };
     }
-    let mut endpoints = kubernetes_endpoints(s, &ports, config);
+    let mut endpoints = kubernetes_endpoints(s, &ports, index);
     if let Some(selector) = s.spec.selector.as_ref().filter(|sel| !sel.is_empty()) {
-        let have_endpoint_objects = config
-            .endpoints
-            .iter()
-            .any(|e| e.namespace == s.namespace && e.meta.name == s.meta.name)
-            || config.endpoint_slices.iter().any(|e| {
-                e.namespace == s.namespace && service_of_slice(e) == Some(s.meta.name.as_str())
-            });
+        let have_endpoint_objects = !index.endpoints_of(&s.namespace, &s.meta.name).is_empty()
+            || !index.slices_of(&s.namespace, &s.meta.name).is_empty();
         if !have_endpoint_objects {
             // No endpoints controller recorded anything: select running Pods as it would.
-            for pod in config.pods.iter().filter(|p| {
-                p.namespace == s.namespace && selector_matches(selector, &p.meta.labels)
-            }) {
+            for pod in index.pods(&s.namespace, selector) {
                 let Some(ip) = pod_ip(pod) else { continue };
                 let by_port = ports
                     .iter()
@@ -306,14 +493,8 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, config: &ConfigSet) -> 
                 });
             }
         }
-        for we in config
-            .workload_entries
-            .iter()
-            .filter(|w| w.namespace == s.namespace)
-        {
-            if selector_matches(selector, entry_labels(we)) {
-                endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
-            }
+        for we in index.entries(&s.namespace, selector) {
+            endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
         }
     }
     Service {
@@ -431,7 +612,7 @@ fn container_port(pod: &Object<PodBody>, name: &str) -> Option<u32> {
 fn kubernetes_endpoints(
     s: &Object<crate::config::ServiceSpec>,
     ports: &[ServicePort],
-    config: &ConfigSet,
+    index: &Index<'_>,
 ) -> Vec<Endpoint> {
     let single = ports.len() == 1;
     // Service port -> endpoint port: by port name (the one unnamed port matches the one
@@ -454,10 +635,7 @@ fn kubernetes_endpoints(
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| {
                 let ns = r.namespace.as_deref().unwrap_or(&s.namespace);
-                config
-                    .pods
-                    .iter()
-                    .find(|p| p.namespace == ns && Some(&p.meta.name) == r.name.as_ref())
+                index.pod(ns, r.name.as_deref()?)
             });
         match pod {
             Some(p) => (
@@ -475,11 +653,8 @@ fn kubernetes_endpoints(
         }
     };
     let mut out: Vec<Endpoint> = Vec::new();
-    for sl in config
-        .endpoint_slices
-        .iter()
-        .filter(|e| e.namespace == s.namespace && service_of_slice(e) == Some(s.meta.name.as_str()))
-    {
+    let mut seen = std::collections::HashSet::new();
+    for sl in index.slices_of(&s.namespace, &s.meta.name) {
         let by_port = map_ports(&sl.spec.ports);
         for ep in sl
             .spec
@@ -488,7 +663,8 @@ fn kubernetes_endpoints(
             .filter(|e| e.conditions.ready != Some(false))
         {
             for a in &ep.addresses {
-                if out.iter().any(|o| &o.address == a) {
+                // One address may appear in several slices (during a slice split): once only.
+                if !seen.insert(a.as_str()) {
                     continue;
                 }
                 let (workload, labels, service_account) = target(&ep.target_ref, a);
@@ -506,11 +682,7 @@ fn kubernetes_endpoints(
     if !out.is_empty() {
         return out;
     }
-    for e in config
-        .endpoints
-        .iter()
-        .filter(|e| e.namespace == s.namespace && e.meta.name == s.meta.name)
-    {
+    for e in index.endpoints_of(&s.namespace, &s.meta.name) {
         for subset in &e.spec.subsets {
             let by_port = map_ports(&subset.ports);
             for a in &subset.addresses {
@@ -531,7 +703,7 @@ fn kubernetes_endpoints(
 
 /// One ServiceEntry host as a service: its ports, and its endpoints from `endpoints` or the
 /// WorkloadEntries its `workloadSelector` picks; DNS resolutions leave resolving to the proxy.
-fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, config: &ConfigSet) -> Service {
+fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, index: &Index<'_>) -> Service {
     let ports: Vec<ServicePort> = se
         .spec
         .ports
@@ -561,14 +733,8 @@ fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, config: &Confi
         .map(|(i, e)| entry_endpoint(&format!("{}[{i}]", se.meta.name), e, &ports))
         .collect();
     if let Some(sel) = &se.spec.workload_selector {
-        for we in config
-            .workload_entries
-            .iter()
-            .filter(|w| w.namespace == se.namespace)
-        {
-            if selector_matches(&sel.labels, entry_labels(we)) {
-                endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
-            }
+        for we in index.entries(&se.namespace, &sel.labels) {
+            endpoints.push(entry_endpoint(&we.meta.name, &we.spec, &ports));
         }
     }
     if endpoints.is_empty() && matches!(discovery, Discovery::StrictDns | Discovery::LogicalDns) {

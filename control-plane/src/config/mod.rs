@@ -270,8 +270,8 @@ impl ConfigSet {
                     spec,
                     origin,
                 };
-                self.$vec
-                    .retain(|o| !(o.namespace == obj.namespace && o.meta.name == obj.meta.name));
+                // A later object of the same kind, namespace and name replaces an earlier one;
+                // `sort` removes the earlier copies.
                 self.$vec.push(obj);
             }};
         }
@@ -290,10 +290,22 @@ impl ConfigSet {
         Ok(())
     }
 
-    /// Sorts every kind by (namespace, name) so generation is deterministic.
+    /// Sorts every kind by (namespace, name) so generation is deterministic, keeping only the
+    /// last-added object of each name (a later definition replaces an earlier one).
     pub fn sort(&mut self) {
-        fn by_key<T>(v: &mut [Object<T>]) {
+        fn by_key<T>(v: &mut Vec<Object<T>>) {
+            // Stable: copies of one name stay in the order they were added.
             v.sort_by(|a, b| (&a.namespace, &a.meta.name).cmp(&(&b.namespace, &b.meta.name)));
+            let mut keep = vec![true; v.len()];
+            for i in 0..v.len().saturating_sub(1) {
+                keep[i] = (&v[i].namespace, &v[i].meta.name)
+                    != (&v[i + 1].namespace, &v[i + 1].meta.name);
+            }
+            let mut i = 0;
+            v.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
         }
         by_key(&mut self.services);
         by_key(&mut self.workload_entries);
@@ -305,6 +317,25 @@ impl ConfigSet {
         by_key(&mut self.endpoints);
         by_key(&mut self.endpoint_slices);
         by_key(&mut self.namespaces);
+    }
+
+    /// Appends every object of `other` (later files win on equal names once sorted).
+    pub fn extend_from(&mut self, other: &ConfigSet) {
+        self.services.extend_from_slice(&other.services);
+        self.workload_entries
+            .extend_from_slice(&other.workload_entries);
+        self.virtual_services
+            .extend_from_slice(&other.virtual_services);
+        self.destination_rules
+            .extend_from_slice(&other.destination_rules);
+        self.sidecars.extend_from_slice(&other.sidecars);
+        self.service_entries
+            .extend_from_slice(&other.service_entries);
+        self.pods.extend_from_slice(&other.pods);
+        self.endpoints.extend_from_slice(&other.endpoints);
+        self.endpoint_slices
+            .extend_from_slice(&other.endpoint_slices);
+        self.namespaces.extend_from_slice(&other.namespaces);
     }
 
     /// Object counts per kind, for logs and debug output.

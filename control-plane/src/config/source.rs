@@ -2,6 +2,7 @@
 //! file's size or modification time changes (polled, which works on every filesystem and inside
 //! containers where inotify is unavailable or exhausted).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,22 +24,64 @@ pub struct ConfigSnapshot {
 
 /// Reads every `*.yaml` / `*.yml` file directly in `dir` (sorted by name).
 pub fn load_dir(dir: &Path) -> std::io::Result<(ConfigSet, Vec<ConfigError>)> {
+    FileCache::default().load(dir)
+}
+
+/// One file's parsed objects and errors.
+type Parsed = (ConfigSet, Vec<ConfigError>);
+
+/// Parsed files by path, kept while their size and modification time stay the same, so a change
+/// to one file re-parses only that file.
+#[derive(Default)]
+pub struct FileCache {
+    files: HashMap<PathBuf, (u64, Option<SystemTime>, Arc<Parsed>)>,
+}
+
+impl FileCache {
+    pub fn load(&mut self, dir: &Path) -> std::io::Result<(ConfigSet, Vec<ConfigError>)> {
+        let mut parsed = Vec::new();
+        let mut files = HashMap::new();
+        for path in yaml_files(dir)? {
+            let md = std::fs::metadata(&path).ok();
+            let len = md.as_ref().map(|m| m.len()).unwrap_or(0);
+            let mtime = md.and_then(|m| m.modified().ok());
+            let file = match self.files.get(&path) {
+                Some((l, m, p)) if *l == len && *m == mtime && mtime.is_some() => p.clone(),
+                _ => Arc::new(parse_file(&path)),
+            };
+            files.insert(path, (len, mtime, file.clone()));
+            parsed.push(file);
+        }
+        self.files = files;
+        let mut set = ConfigSet::default();
+        let mut errors = Vec::new();
+        for p in parsed {
+            set.extend_from(&p.0);
+            errors.extend_from_slice(&p.1);
+        }
+        set.sort();
+        Ok((set, errors))
+    }
+}
+
+fn parse_file(path: &Path) -> Parsed {
     let mut set = ConfigSet::default();
-    let mut errors = Vec::new();
-    for path in yaml_files(dir)? {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => errors.extend(set.add_file(&path, &text)),
-            Err(e) => errors.push(ConfigError {
-                file: path.clone(),
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let errors = set.add_file(path, &text);
+            (set, errors)
+        }
+        Err(e) => (
+            set,
+            vec![ConfigError {
+                file: path.to_path_buf(),
                 document: 0,
                 object: String::new(),
                 field: String::new(),
                 reason: format!("cannot read file: {e}"),
-            }),
-        }
+            }],
+        ),
     }
-    set.sort();
-    Ok((set, errors))
 }
 
 fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -75,6 +118,7 @@ pub async fn watch_dir(
     debounce: Duration,
 ) {
     let mut last_print: Option<Fingerprint> = None;
+    let mut cache = FileCache::default();
     let mut generation = 0u64;
     let mut unreadable = false;
     loop {
@@ -89,7 +133,7 @@ pub async fn watch_dir(
                     tokio::time::sleep(debounce).await;
                 }
                 last_print = fingerprint(&dir).ok();
-                match load_dir(&dir) {
+                match cache.load(&dir) {
                     Ok((config, errors)) => {
                         for e in &errors {
                             tracing::warn!(error = %e, "rejected config");

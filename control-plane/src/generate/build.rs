@@ -43,7 +43,7 @@ use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
 use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
-use super::scope::{Scope, host_matches};
+use super::scope::Scope;
 use crate::config::validate::{grpc_code, parse_duration};
 use crate::config::{
     HeaderOperations, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute,
@@ -463,12 +463,9 @@ fn destination_rule_for<'a>(
     mesh: &'a Mesh,
     svc: &Service,
 ) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
-    // Istio looks in the service's namespace (and the client's) for a rule; the service's wins.
-    mesh.config
-        .destination_rules
-        .iter()
-        .filter(|dr| host_matches(&resolve_host(&dr.spec.host, &dr.namespace), &svc.hostname))
-        .min_by_key(|dr| dr.namespace != svc.namespace)
+    mesh.rule_index
+        .get(&svc.hostname)
+        .map(|i| &mesh.config.destination_rules[*i])
 }
 
 fn virtual_service_for<'a>(
@@ -476,23 +473,18 @@ fn virtual_service_for<'a>(
     scope: &Scope<'_>,
     svc: &Service,
 ) -> Option<&'a Object<VirtualServiceSpec>> {
-    mesh.config
-        .virtual_services
+    mesh.virtual_service_index
+        .get(&svc.hostname)?
         .iter()
+        .map(|i| &mesh.config.virtual_services[*i])
         .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-        .filter(|vs| {
+        .find(|vs| {
             vs.spec.export_to.is_empty()
                 || vs.spec.export_to.iter().any(|e| {
                     e == "*"
                         || (e == "." && vs.namespace == scope.proxy.namespace)
                         || e == &scope.proxy.namespace
                 })
-        })
-        .find(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .any(|h| host_matches(&resolve_host(h, &vs.namespace), &svc.hostname))
         })
 }
 

@@ -16,7 +16,8 @@ use weft_xds_proto::type_url;
 use weft_xds_proto::wkt::Any;
 
 pub use build::{inbound_cluster_name, outbound_cluster_name};
-pub use proxy::{NodeError, ProxyNode};
+pub use proxy::{NodeError, ProxyClass, ProxyNode};
+pub use scope::host_matches;
 
 use crate::model::Mesh;
 
@@ -25,13 +26,17 @@ use crate::model::Mesh;
 pub struct Resource {
     pub any: Any,
     pub version: String,
+    /// Hash of the name and the content, summed into type versions.
+    key: u64,
 }
 
 impl Resource {
-    fn new<M: Message + Name>(msg: &M) -> Resource {
+    fn new<M: Message + Name>(name: &str, msg: &M) -> Resource {
         let any = weft_xds_proto::pack(msg);
-        let version = format!("{:016x}", fnv1a(&any.value));
-        Resource { any, version }
+        let content = fnv1a(&any.value);
+        let version = format!("{content:016x}");
+        let key = fnv1a_continue(fnv1a(name.as_bytes()), &content.to_le_bytes());
+        Resource { any, version, key }
     }
 }
 
@@ -45,32 +50,42 @@ pub struct Generated {
 
 impl Generated {
     fn add<M: Message + Name>(&mut self, type_url: &'static str, name: String, msg: &M) {
-        self.resources
-            .entry(type_url)
-            .or_default()
-            .insert(name, Resource::new(msg));
+        let r = Resource::new(&name, msg);
+        self.resources.entry(type_url).or_default().insert(name, r);
     }
 
     pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Resource>> {
         self.resources.get(type_url)
     }
 
-    /// A version for a whole set of resources of one type (state-of-the-world responses).
+    /// A version for a whole set of resources of one type (state-of-the-world responses): the
+    /// sum of each resource's (name, content) hash, so it is independent of order and cheap to
+    /// compute for a subscribed subset (one merge pass over two sorted sequences).
     pub fn type_version(
         &self,
         type_url: &str,
         names: Option<&std::collections::BTreeSet<String>>,
     ) -> String {
-        let mut h = FNV_OFFSET;
+        let mut sum = 0u64;
         if let Some(all) = self.of_type(type_url) {
-            for (name, r) in all {
-                if names.is_none_or(|n| n.contains(name)) {
-                    h = fnv1a_continue(h, name.as_bytes());
-                    h = fnv1a_continue(h, r.version.as_bytes());
+            match names {
+                None => {
+                    for r in all.values() {
+                        sum = sum.wrapping_add(r.key);
+                    }
+                }
+                Some(names) => {
+                    let mut wanted = names.iter().peekable();
+                    for (name, r) in all {
+                        while wanted.next_if(|w| w.as_str() < name.as_str()).is_some() {}
+                        if wanted.next_if(|w| *w == name).is_some() {
+                            sum = sum.wrapping_add(r.key);
+                        }
+                    }
                 }
             }
         }
-        format!("{h:016x}")
+        format!("{sum:016x}")
     }
 }
 

@@ -22,6 +22,30 @@ pub struct ProxyNode {
     pub workload: Option<Workload>,
 }
 
+/// What generation reads of a proxy. Proxies with equal keys (replicas of one deployment) get
+/// identical xDS, so a mesh snapshot generates once per key and shares the result. Anything new
+/// that `generate` reads from a `ProxyNode` must be added here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProxyClass {
+    pub namespace: String,
+    pub labels: Vec<(String, String)>,
+    pub service_account: Option<String>,
+}
+
+impl ProxyNode {
+    pub fn class(&self) -> ProxyClass {
+        ProxyClass {
+            namespace: self.namespace.clone(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            service_account: self.service_account.clone(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(

@@ -8,8 +8,9 @@ mod session;
 mod sotw;
 pub mod status;
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -22,6 +23,7 @@ use weft_xds_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 
+use crate::generate::{Generated, ProxyClass, ProxyNode};
 use crate::model::Mesh;
 pub use status::StatusRegistry;
 
@@ -32,6 +34,43 @@ pub struct MeshSnapshot {
     pub generation: u64,
     /// Objects the config source rejected, with their reasons.
     pub errors: Vec<crate::config::ConfigError>,
+    /// Generated xDS per proxy class, filled as proxies ask: every replica of a deployment shares
+    /// one generation (and one copy in memory) per snapshot.
+    generated: Mutex<HashMap<ProxyClass, Arc<Generated>>>,
+}
+
+impl MeshSnapshot {
+    pub fn new(
+        mesh: Mesh,
+        generation: u64,
+        errors: Vec<crate::config::ConfigError>,
+    ) -> MeshSnapshot {
+        MeshSnapshot {
+            mesh,
+            generation,
+            errors,
+            generated: Mutex::default(),
+        }
+    }
+
+    /// The xDS for a proxy, generated on first use per class. Concurrent first requests for one
+    /// class may both generate; the results are equal and one is kept.
+    pub fn generated_for(&self, proxy: &ProxyNode) -> Arc<Generated> {
+        let class = proxy.class();
+        if let Some(g) = self.generated.lock().expect("cache lock").get(&class) {
+            return g.clone();
+        }
+        let g = Arc::new(crate::generate::generate(&self.mesh, proxy));
+        for w in &g.warnings {
+            tracing::warn!(namespace = %class.namespace, labels = ?class.labels, "{w}");
+        }
+        self.generated
+            .lock()
+            .expect("cache lock")
+            .entry(class)
+            .or_insert(g)
+            .clone()
+    }
 }
 
 #[derive(Clone)]
@@ -105,14 +144,11 @@ impl XdsServer {
     fn generate_for(
         &self,
         node: &weft_xds_proto::envoy::config::core::v3::Node,
-    ) -> Result<(crate::generate::ProxyNode, crate::generate::Generated), Status> {
+    ) -> Result<(ProxyNode, Arc<Generated>), Status> {
         let snapshot = self.mesh.borrow().clone();
-        let proxy = crate::generate::ProxyNode::identify(node, &snapshot.mesh)
+        let proxy = ProxyNode::identify(node, &snapshot.mesh)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let generated = crate::generate::generate(&snapshot.mesh, &proxy);
-        for w in &generated.warnings {
-            tracing::warn!(proxy = %proxy.id, "{w}");
-        }
+        let generated = snapshot.generated_for(&proxy);
         Ok((proxy, generated))
     }
 }

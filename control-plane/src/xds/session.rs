@@ -18,7 +18,7 @@ pub struct Session<Resp> {
     protocol: &'static str,
     tx: mpsc::Sender<Result<Resp, Status>>,
     node: Option<Node>,
-    pub generated: Generated,
+    pub generated: std::sync::Arc<Generated>,
     nonce: u64,
 }
 
@@ -36,7 +36,7 @@ impl<Resp> Session<Resp> {
             protocol,
             tx,
             node: None,
-            generated: Generated::default(),
+            generated: Default::default(),
             nonce: 0,
         }
     }

@@ -26,11 +26,7 @@ fn snapshot(yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
             .is_empty()
     );
     set.sort();
-    Arc::new(MeshSnapshot {
-        mesh: Mesh::build(&set),
-        generation,
-        errors: vec![],
-    })
+    Arc::new(MeshSnapshot::new(Mesh::build(&set), generation, vec![]))
 }
 
 async fn start(
