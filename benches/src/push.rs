@@ -369,7 +369,10 @@ async fn main() -> anyhow::Result<()> {
         .args(["--debug-address", &format!("127.0.0.1:{debug_port}")])
         .args(["--poll-ms", &a.poll_ms.to_string()])
         .args(["--debounce-ms", &a.debounce_ms.to_string(), "--no-dns"])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("WEFTD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -378,7 +381,11 @@ async fn main() -> anyhow::Result<()> {
     let result = measure(&a, &config, xds_port, debug_port, pid).await;
     let _ = weftd.kill();
     let _ = weftd.wait();
-    let _ = std::fs::remove_dir_all(&a.work_dir);
+    if std::env::var_os("WEFT_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&a.work_dir);
+    } else {
+        eprintln!("kept {}", a.work_dir.display());
+    }
     result
 }
 

@@ -77,8 +77,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let snapshot = config_rx.borrow_and_update().clone();
-            let mesh = model::Mesh::build(&snapshot.config);
-            mesh_tx.send_replace(Arc::new(MeshSnapshot::new(
+            let started = std::time::Instant::now();
+            let mesh = model::Mesh::build_shared(snapshot.config.clone());
+            tracing::debug!(
+                generation = snapshot.generation,
+                services = mesh.services.len(),
+                took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "mesh model built"
+            );
+            let before = mesh_tx.borrow().clone();
+            mesh_tx.send_replace(Arc::new(MeshSnapshot::after(
+                &before,
                 mesh,
                 snapshot.generation,
                 snapshot.errors.clone(),

@@ -105,6 +105,19 @@ impl Service {
     pub fn port(&self, number: u32) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == number)
     }
+
+    /// Equal in everything but the endpoints sent over EDS.
+    fn same_structure(&self, o: &Service) -> bool {
+        self.name == o.name
+            && self.namespace == o.namespace
+            && self.hostname == o.hostname
+            && self.cluster_ip == o.cluster_ip
+            && self.addresses == o.addresses
+            && self.ports == o.ports
+            && self.discovery == o.discovery
+            && self.origin == o.origin
+            && (self.discovery == Discovery::Eds || self.endpoints == o.endpoints)
+    }
 }
 
 /// A workload as the mesh knows it: a WorkloadEntry, or a running Pod.
@@ -122,13 +135,16 @@ pub struct Workload {
 pub struct Mesh {
     pub services: Vec<Service>,
     pub workloads: Vec<Workload>,
-    pub config: ConfigSet,
+    /// The config this was built from, shared with the config source's snapshot.
+    pub config: std::sync::Arc<ConfigSet>,
     /// Service hostname -> the DestinationRule (index into `config.destination_rules`) that
     /// applies to it: the matching rule in the service's namespace, else the first other one.
     pub rule_index: HashMap<String, usize>,
     /// Service hostname -> the VirtualServices (indexes into `config.virtual_services`, in
     /// config order) one of whose hosts matches it; each proxy then picks the first it can see.
     pub virtual_service_index: HashMap<String, Vec<usize>>,
+    /// Proxy-independent xDS resources, encoded once per mesh.
+    pub shared: crate::generate::SharedResources,
 }
 
 pub fn fqdn(name: &str, namespace: &str) -> String {
@@ -151,6 +167,12 @@ pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
 
 impl Mesh {
     pub fn build(config: &ConfigSet) -> Mesh {
+        Mesh::build_shared(std::sync::Arc::new(config.clone()))
+    }
+
+    /// Builds from a shared config without copying it.
+    pub fn build_shared(shared: std::sync::Arc<ConfigSet>) -> Mesh {
+        let config: &ConfigSet = &shared;
         let workloads: Vec<Workload> = config
             .workload_entries
             .iter()
@@ -201,10 +223,27 @@ impl Mesh {
         Mesh {
             services,
             workloads,
-            config: config.clone(),
+            config: shared.clone(),
             rule_index,
             virtual_service_index,
+            shared: Default::default(),
         }
+    }
+
+    /// True when everything xDS generation reads, except EDS endpoints, is the same in both:
+    /// then clusters, listeners and routes are unchanged and only endpoints need generating.
+    pub fn same_structure(&self, other: &Mesh) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        a.virtual_services == b.virtual_services
+            && a.destination_rules == b.destination_rules
+            && a.sidecars == b.sidecars
+            && a.service_entries == b.service_entries
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(x, y)| x.same_structure(y))
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Service> {

@@ -14,7 +14,7 @@ use super::{ConfigError, ConfigSet};
 /// One consistent view of the config folder.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSnapshot {
-    pub config: ConfigSet,
+    pub config: Arc<ConfigSet>,
     pub errors: Vec<ConfigError>,
     /// Increases by one on every change that is served.
     pub generation: u64,
@@ -133,17 +133,19 @@ pub async fn watch_dir(
                     tokio::time::sleep(debounce).await;
                 }
                 last_print = fingerprint(&dir).ok();
+                let started = std::time::Instant::now();
                 match cache.load(&dir) {
                     Ok((config, errors)) => {
                         for e in &errors {
                             tracing::warn!(error = %e, "rejected config");
                         }
                         let current = tx.borrow().clone();
-                        if !current.synced || current.config != config || current.errors != errors {
+                        if !current.synced || *current.config != config || current.errors != errors
+                        {
                             generation += 1;
-                            tracing::info!(dir = %dir.display(), generation, counts = ?config.counts(), rejected = errors.len(), "config loaded");
+                            tracing::info!(dir = %dir.display(), generation, counts = ?config.counts(), rejected = errors.len(), took_ms = started.elapsed().as_secs_f64() * 1000.0, "config loaded");
                             tx.send_replace(Arc::new(ConfigSnapshot {
-                                config,
+                                config: Arc::new(config),
                                 errors,
                                 generation,
                                 synced: true,

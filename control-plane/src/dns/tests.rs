@@ -105,7 +105,7 @@ fn snapshot(synced: bool) -> Arc<ConfigSnapshot> {
     assert!(errors.is_empty(), "{errors:?}");
     config.sort();
     Arc::new(ConfigSnapshot {
-        config,
+        config: config.into(),
         errors: vec![],
         generation: 1,
         synced,

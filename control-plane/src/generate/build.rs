@@ -164,6 +164,69 @@ fn dns_cluster(
     }
 }
 
+/// The service's subsets: the whole service (`""`, no selector), then each DestinationRule subset.
+fn subsets_of<'a>(
+    mesh: &'a Mesh,
+    svc: &Service,
+) -> Vec<(&'a str, Option<&'a crate::config::Labels>)> {
+    let mut out = vec![("", None)];
+    if let Some(dr) = destination_rule_for(mesh, svc) {
+        out.extend(
+            dr.spec
+                .subsets
+                .iter()
+                .map(|s| (s.name.as_str(), Some(&s.labels))),
+        );
+    }
+    out
+}
+
+/// The endpoints of one service port (and subset) as Envoy load-balancing endpoints.
+fn lb_endpoints_for(
+    svc: &Service,
+    port: u32,
+    selector: Option<&crate::config::Labels>,
+) -> Vec<LbEndpoint> {
+    svc.endpoints
+        .iter()
+        .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
+        .filter_map(|e| Some(lb_endpoint(&e.address, *e.ports.get(&port)?, e.weight)))
+        .collect()
+}
+
+/// EDS: a load assignment per cluster of every visible service whose endpoints weftd knows.
+pub fn endpoints(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
+    for svc in scope
+        .services
+        .iter()
+        .filter(|s| s.discovery == Discovery::Eds)
+    {
+        for port in &svc.ports {
+            for (subset, selector) in subsets_of(mesh, svc) {
+                let name = outbound_cluster_name(port.port, subset, &svc.hostname);
+                let r = mesh
+                    .shared
+                    .get_or_add(type_url::CLUSTER_LOAD_ASSIGNMENT, &name, || {
+                        let lb_endpoints = lb_endpoints_for(svc, port.port, selector);
+                        ClusterLoadAssignment {
+                            cluster_name: name.clone(),
+                            endpoints: if lb_endpoints.is_empty() {
+                                vec![]
+                            } else {
+                                vec![LocalityLbEndpoints {
+                                    lb_endpoints,
+                                    ..Default::default()
+                                }]
+                            },
+                            ..Default::default()
+                        }
+                    });
+                out.add_shared(type_url::CLUSTER_LOAD_ASSIGNMENT, name, r);
+            }
+        }
+    }
+}
+
 /// Outbound: a cluster (and its load assignment) per visible service port and subset, then the
 /// Sidecar's egress listeners with their route configurations.
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
@@ -178,63 +241,30 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             continue;
         }
         let rule = destination_rule_for(mesh, svc).map(|dr| &dr.spec);
-        let subsets: Vec<(&str, &crate::config::Labels)> = destination_rule_for(mesh, svc)
-            .map(|dr| {
-                dr.spec
-                    .subsets
-                    .iter()
-                    .map(|s| (s.name.as_str(), &s.labels))
-                    .collect()
-            })
-            .unwrap_or_default();
         for port in &svc.ports {
-            let mut add = |subset: &str, selector: Option<&crate::config::Labels>| {
+            for (subset, selector) in subsets_of(mesh, svc) {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                let mut lb_endpoints = svc
-                    .endpoints
-                    .iter()
-                    .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
-                    .filter_map(|e| {
-                        Some(lb_endpoint(&e.address, *e.ports.get(&port.port)?, e.weight))
-                    })
-                    .collect::<Vec<_>>();
-                let mut cluster = match svc.discovery {
-                    Discovery::Eds => eds_cluster(&name, port.protocol),
-                    Discovery::StrictDns | Discovery::LogicalDns => {
-                        let logical = svc.discovery == Discovery::LogicalDns;
-                        if logical {
-                            // Envoy takes exactly one name for a LOGICAL_DNS cluster.
-                            lb_endpoints.truncate(1);
+                // A service's clusters are the same for every proxy that sees it.
+                let r = mesh.shared.get_or_add(type_url::CLUSTER, &name, || {
+                    let mut cluster = match svc.discovery {
+                        Discovery::StrictDns | Discovery::LogicalDns => {
+                            let logical = svc.discovery == Discovery::LogicalDns;
+                            let mut lb_endpoints = lb_endpoints_for(svc, port.port, selector);
+                            if logical {
+                                // Envoy takes exactly one name for a LOGICAL_DNS cluster.
+                                lb_endpoints.truncate(1);
+                            }
+                            dns_cluster(&name, port.protocol, logical, lb_endpoints)
                         }
-                        dns_cluster(&name, port.protocol, logical, lb_endpoints.clone())
-                    }
-                    Discovery::Passthrough => unreachable!("filtered out above"),
-                };
-                super::policy::apply(
-                    &mut cluster,
-                    &super::policy::Effective::of(rule, subset, port.port),
-                );
-                out.add(type_url::CLUSTER, name.clone(), &cluster);
-                if svc.discovery != Discovery::Eds {
-                    return;
-                }
-                let cla = ClusterLoadAssignment {
-                    cluster_name: name.clone(),
-                    endpoints: if lb_endpoints.is_empty() {
-                        vec![]
-                    } else {
-                        vec![LocalityLbEndpoints {
-                            lb_endpoints,
-                            ..Default::default()
-                        }]
-                    },
-                    ..Default::default()
-                };
-                out.add(type_url::CLUSTER_LOAD_ASSIGNMENT, name, &cla);
-            };
-            add("", None);
-            for (subset, labels) in &subsets {
-                add(subset, Some(labels));
+                        _ => eds_cluster(&name, port.protocol),
+                    };
+                    super::policy::apply(
+                        &mut cluster,
+                        &super::policy::Effective::of(rule, subset, port.port),
+                    );
+                    cluster
+                });
+                out.add_shared(type_url::CLUSTER, name, r);
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod proxy;
 mod scope;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use prost::{Message, Name};
 use weft_xds_proto::type_url;
@@ -40,22 +41,78 @@ impl Resource {
     }
 }
 
+/// Resources of one type by name; shared between generations that did not change them, and
+/// each resource shared between the proxies that get the same one.
+pub type Resources = Arc<BTreeMap<String, Arc<Resource>>>;
+
+/// Resources that do not depend on which proxy asks (a service's clusters and load
+/// assignments), encoded once per mesh snapshot and shared by every proxy's generation.
+#[derive(Default)]
+pub struct SharedResources(
+    std::sync::Mutex<std::collections::HashMap<(&'static str, String), Arc<Resource>>>,
+);
+
+impl SharedResources {
+    /// The cached resource, or `make`'s result encoded, cached and returned.
+    fn get_or_add<M: Message + Name>(
+        &self,
+        type_url: &'static str,
+        name: &str,
+        make: impl FnOnce() -> M,
+    ) -> Arc<Resource> {
+        let key = (type_url, name.to_string());
+        if let Some(r) = self.0.lock().expect("resource cache lock").get(&key) {
+            return r.clone();
+        }
+        let r = Arc::new(Resource::new(name, &make()));
+        self.0
+            .lock()
+            .expect("resource cache lock")
+            .entry(key)
+            .or_insert(r)
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for SharedResources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedResources")
+    }
+}
+
+/// A new mesh starts with an empty cache; caches never make two meshes differ.
+impl Clone for SharedResources {
+    fn clone(&self) -> Self {
+        SharedResources::default()
+    }
+}
+
+impl PartialEq for SharedResources {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Everything one proxy gets: resources by type URL, then by name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Generated {
-    pub resources: BTreeMap<&'static str, BTreeMap<String, Resource>>,
+    pub resources: BTreeMap<&'static str, Resources>,
     /// Problems worth telling the operator about (config that could not take effect).
     pub warnings: Vec<String>,
 }
 
 impl Generated {
     fn add<M: Message + Name>(&mut self, type_url: &'static str, name: String, msg: &M) {
-        let r = Resource::new(&name, msg);
-        self.resources.entry(type_url).or_default().insert(name, r);
+        let r = Arc::new(Resource::new(&name, msg));
+        self.add_shared(type_url, name, r);
     }
 
-    pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Resource>> {
-        self.resources.get(type_url)
+    fn add_shared(&mut self, type_url: &'static str, name: String, r: Arc<Resource>) {
+        Arc::make_mut(self.resources.entry(type_url).or_default()).insert(name, r);
+    }
+
+    pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
+        self.resources.get(type_url).map(|m| &**m)
     }
 
     /// A version for a whole set of resources of one type (state-of-the-world responses): the
@@ -98,11 +155,24 @@ pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
         type_url::LISTENER,
         type_url::ROUTE_CONFIGURATION,
     ] {
-        out.resources.insert(kind, BTreeMap::new());
+        out.resources.insert(kind, Resources::default());
     }
     let scope = scope::Scope::new(mesh, proxy);
     build::outbound(mesh, &scope, &mut out);
+    build::endpoints(mesh, &scope, &mut out);
     build::inbound(&scope, &mut out);
+    out
+}
+
+/// Regenerates only the endpoints (EDS) of `previous`, for a mesh whose structure (everything
+/// but EDS endpoints, see `Mesh::same_structure`) is unchanged since `previous` was generated.
+/// The other types are shared with `previous`, not copied.
+pub fn regenerate_endpoints(mesh: &Mesh, proxy: &ProxyNode, previous: &Generated) -> Generated {
+    let mut out = previous.clone();
+    out.resources
+        .insert(type_url::CLUSTER_LOAD_ASSIGNMENT, Resources::default());
+    let scope = scope::Scope::new(mesh, proxy);
+    build::endpoints(mesh, &scope, &mut out);
     out
 }
 

@@ -199,7 +199,7 @@ fn timeouts_retries_and_faults_translate_as_istio_does() {
         "  - match: [{ uri: { prefix: /f } }]\n    timeout: 1.5s\n    retries: { attempts: 3, perTryTimeout: 500ms, retryOn: \"gateway-error,409\" }\n    fault: { delay: { fixedDelay: 2s, percentage: { value: 12.5 } }, abort: { grpcStatus: UNAVAILABLE } }\n    route: [{ destination: { host: hello, subset: v1 } }]\n  - route:\n    - { destination: { host: hello, subset: v1 }, weight: 80 }",
     );
     assert!(
-        set.add_file(std::path::Path::new("q.yaml"), &yaml)
+        set.add_file(std::path::Path::new("quickstart.yaml"), &yaml)
             .is_empty()
     );
     set.sort();
@@ -261,4 +261,71 @@ fn timeouts_retries_and_faults_translate_as_istio_does() {
         (2, &[503][..])
     );
     assert_eq!(d.timeout.unwrap().seconds, 0);
+}
+
+#[test]
+fn an_endpoint_only_change_regenerates_exactly_what_a_full_generation_would() {
+    let client = node("sidecar~127.0.0.10~client.default~default.svc.cluster.local");
+    let before = mesh();
+    let proxy = ProxyNode::identify(&client, &before).unwrap();
+    let old = generate(&before, &proxy);
+    let moved = QUICKSTART.replace("address: 127.0.0.12", "address: 127.0.0.42");
+    let mut set = ConfigSet::default();
+    assert!(
+        set.add_file(std::path::Path::new("quickstart.yaml"), &moved)
+            .is_empty()
+    );
+    set.sort();
+    let after = Mesh::build(&set);
+    assert!(after.same_structure(&before), "only an endpoint moved");
+    let proxy = ProxyNode::identify(&client, &after).unwrap();
+    let incremental = regenerate_endpoints(&after, &proxy, &old);
+    assert_eq!(incremental, generate(&after, &proxy));
+    assert_ne!(
+        incremental.type_version(type_url::CLUSTER_LOAD_ASSIGNMENT, None),
+        old.type_version(type_url::CLUSTER_LOAD_ASSIGNMENT, None)
+    );
+    for t in [
+        type_url::CLUSTER,
+        type_url::LISTENER,
+        type_url::ROUTE_CONFIGURATION,
+    ] {
+        assert_eq!(incremental.type_version(t, None), old.type_version(t, None));
+    }
+    // A weight edit is structural: everything is generated again.
+    let reweighted = QUICKSTART
+        .replace("weight: 80", "weight: 70")
+        .replace("weight: 20", "weight: 30");
+    let mut set = ConfigSet::default();
+    assert!(
+        set.add_file(std::path::Path::new("quickstart.yaml"), &reweighted)
+            .is_empty()
+    );
+    set.sort();
+    assert!(!Mesh::build(&set).same_structure(&before));
+}
+
+#[test]
+fn type_versions_of_a_subscribed_subset() {
+    let mesh = mesh();
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    let g = generate(&mesh, &proxy);
+    let t = type_url::CLUSTER_LOAD_ASSIGNMENT;
+    let all: std::collections::BTreeSet<String> = g.of_type(t).unwrap().keys().cloned().collect();
+    assert_eq!(g.type_version(t, Some(&all)), g.type_version(t, None));
+    let mut some = all.clone();
+    some.pop_first();
+    some.insert("not-a-cluster".into());
+    assert_ne!(g.type_version(t, Some(&some)), g.type_version(t, None));
+    let mut again = some.clone();
+    again.remove("not-a-cluster");
+    assert_eq!(
+        g.type_version(t, Some(&some)),
+        g.type_version(t, Some(&again)),
+        "names without a resource do not count"
+    );
 }

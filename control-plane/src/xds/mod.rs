@@ -37,6 +37,9 @@ pub struct MeshSnapshot {
     /// Generated xDS per proxy class, filled as proxies ask: every replica of a deployment shares
     /// one generation (and one copy in memory) per snapshot.
     generated: Mutex<HashMap<ProxyClass, Arc<Generated>>>,
+    /// The previous snapshot's generations, when only endpoints changed since: a class found
+    /// here regenerates its EDS only.
+    previous: HashMap<ProxyClass, Arc<Generated>>,
 }
 
 impl MeshSnapshot {
@@ -50,7 +53,32 @@ impl MeshSnapshot {
             generation,
             errors,
             generated: Mutex::default(),
+            previous: HashMap::new(),
         }
+    }
+
+    /// A snapshot that follows `before`: when the change touched endpoints only, proxies get
+    /// their previous clusters, listeners and routes back and only EDS is generated.
+    pub fn after(
+        before: &MeshSnapshot,
+        mesh: Mesh,
+        generation: u64,
+        errors: Vec<crate::config::ConfigError>,
+    ) -> MeshSnapshot {
+        let mut next = MeshSnapshot::new(mesh, generation, errors);
+        if next.mesh.same_structure(&before.mesh) {
+            let mut previous = before.previous.clone();
+            previous.extend(
+                before
+                    .generated
+                    .lock()
+                    .expect("cache lock")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            next.previous = previous;
+        }
+        next
     }
 
     /// The xDS for a proxy, generated on first use per class. Concurrent first requests for one
@@ -60,9 +88,20 @@ impl MeshSnapshot {
         if let Some(g) = self.generated.lock().expect("cache lock").get(&class) {
             return g.clone();
         }
-        let g = Arc::new(crate::generate::generate(&self.mesh, proxy));
-        for w in &g.warnings {
-            tracing::warn!(namespace = %class.namespace, labels = ?class.labels, "{w}");
+        let started = std::time::Instant::now();
+        let (g, only) = match self.previous.get(&class) {
+            Some(before) => (
+                crate::generate::regenerate_endpoints(&self.mesh, proxy, before),
+                "endpoints",
+            ),
+            None => (crate::generate::generate(&self.mesh, proxy), "all"),
+        };
+        let g = Arc::new(g);
+        tracing::debug!(generation = self.generation, namespace = %class.namespace, labels = ?class.labels, types = only, took_ms = started.elapsed().as_secs_f64() * 1000.0, "xDS generated for a proxy class");
+        if only == "all" {
+            for w in &g.warnings {
+                tracing::warn!(namespace = %class.namespace, labels = ?class.labels, "{w}");
+            }
         }
         self.generated
             .lock()
