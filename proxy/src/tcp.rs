@@ -71,7 +71,7 @@ impl TcpProxy {
                 tracing::debug!(stat_prefix = %self.stat_prefix, "tcp proxy: cluster not found");
                 return;
             };
-            let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load()) else {
+            let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load(), None) else {
                 cluster.stats.upstream_cx_none_healthy.inc();
                 return;
             };

@@ -399,6 +399,54 @@ pub struct PortTrafficPolicy {
 pub struct LoadBalancerSettings {
     #[serde(default)]
     pub simple: Option<SimpleLb>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHashLb>,
+}
+
+/// `loadBalancer.consistentHash`: one hash key, and the ring hash or maglev balancer.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashLb {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated in Istio in favour of `ringHash.minimumRingSize`; still honoured.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookie {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RingHash {
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Maglev {
+    #[serde(default)]
+    pub table_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -237,3 +237,55 @@ fn resilience_fields_are_validated_by_path() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn consistent_hash_settings_are_checked_field_by_field() {
+    let rule = |lb: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: r }}\nspec:\n  host: hello\n  trafficPolicy: {{ loadBalancer: {lb} }}\n"
+        )
+    };
+    let cases = [
+        (
+            "{ consistentHash: { httpHeaderName: x-user, useSourceIp: true } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "exactly one hash key",
+        ),
+        (
+            "{ simple: ROUND_ROBIN, consistentHash: { useSourceIp: true } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "alternatives",
+        ),
+        (
+            "{ consistentHash: { httpHeaderName: x-user, maglev: { tableSize: 65536 } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "prime",
+        ),
+        (
+            "{ consistentHash: { httpCookie: { name: s, ttl: soon } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            "soon",
+        ),
+        (
+            "{ consistentHash: { httpHeaderName: \"bad header\" } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+            "not a valid header name",
+        ),
+        (
+            "{ consistentHash: { httpQueryParameterName: u, ringHash: { minimumRingSize: 0 } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "out of range",
+        ),
+    ];
+    for (lb, field, reason) in cases {
+        let (set, errors) = parse(&rule(lb));
+        assert!(set.destination_rules.is_empty(), "{lb}");
+        assert_eq!(errors[0].field, field, "{lb}: {}", errors[0]);
+        assert!(errors[0].reason.contains(reason), "{lb}: {}", errors[0]);
+    }
+    let (set, errors) = parse(&rule(
+        "{ consistentHash: { httpCookie: { name: s, path: /, ttl: 0s }, ringHash: { minimumRingSize: 2048 } } }",
+    ));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(set.destination_rules.len(), 1);
+}

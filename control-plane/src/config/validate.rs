@@ -222,6 +222,72 @@ fn policy_parts(
             "PASSTHROUGH needs traffic capture to the original destination, which universal mode does not set up",
         );
     }
+    if let Some(l) = lb
+        && let Some(ch) = &l.consistent_hash
+    {
+        let at = format!("{at}.loadBalancer.consistentHash");
+        if l.simple.is_some() {
+            return bad(at, "simple and consistentHash are alternatives: set one");
+        }
+        let keys = [
+            ch.http_header_name.is_some(),
+            ch.http_cookie.is_some(),
+            ch.use_source_ip == Some(true),
+            ch.http_query_parameter_name.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() != 1 {
+            return bad(
+                at,
+                "exactly one hash key is required: httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName",
+            );
+        }
+        if let Some(h) = &ch.http_header_name
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return bad(
+                format!("{at}.httpHeaderName"),
+                format!("{h:?} is not a valid header name"),
+            );
+        }
+        if let Some(c) = &ch.http_cookie {
+            if c.name.is_empty() {
+                return bad(format!("{at}.httpCookie.name"), "a cookie name is required");
+            }
+            if let Some(t) = &c.ttl {
+                parse_duration(t).map_err(|r| (format!("{at}.httpCookie.ttl"), r))?;
+            }
+        }
+        if ch.http_query_parameter_name.as_deref() == Some("") {
+            return bad(format!("{at}.httpQueryParameterName"), "must not be empty");
+        }
+        if ch.ring_hash.is_some() && ch.maglev.is_some() {
+            return bad(at, "ringHash and maglev are alternatives: set one");
+        }
+        let ring = ch
+            .ring_hash
+            .as_ref()
+            .and_then(|r| r.minimum_ring_size)
+            .or(ch.minimum_ring_size);
+        if let Some(n) = ring
+            && !(1..=8_388_608).contains(&n)
+        {
+            return bad(
+                format!("{at}.ringHash.minimumRingSize"),
+                format!("{n} is out of range (1 to 8388608)"),
+            );
+        }
+        if let Some(n) = ch.maglev.as_ref().and_then(|m| m.table_size)
+            && (!(2..=5_000_011).contains(&n)
+                || (2..)
+                    .take_while(|d| d * d <= n)
+                    .any(|d| n.is_multiple_of(d)))
+        {
+            return bad(
+                format!("{at}.maglev.tableSize"),
+                format!("{n} must be a prime number no larger than 5000011"),
+            );
+        }
+    }
     if let Some(p) = pool {
         if let Some(t) = &p.tcp {
             non_negative(

@@ -11,6 +11,7 @@ use weft_xds_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use weft_xds_proto::envoy::config::route::v3::route_action::HashPolicy;
 use weft_xds_proto::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route,
     RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
@@ -534,13 +535,18 @@ fn route_config(
                 .http
                 .iter()
                 .enumerate()
-                .flat_map(|(i, r)| http_routes(vs, i, r, port))
+                .flat_map(|(i, r)| http_routes(mesh, vs, i, r, port))
                 .collect(),
             None => vec![Route {
                 name: "default".into(),
                 r#match: Some(prefix_match("/")),
                 action: Some(route::Action::Route(RouteAction {
                     retry_policy: Some(retry_policy(None)),
+                    hash_policy: super::policy::hash_policy(
+                        destination_rule_for(mesh, svc).map(|dr| &dr.spec),
+                        "",
+                        port,
+                    ),
                     ..cluster_action(&outbound_cluster_name(port, "", &svc.hostname))
                 })),
                 ..Default::default()
@@ -633,6 +639,7 @@ fn string_matcher(m: &StringMatch) -> StringMatcher {
 
 /// One Istio HTTPRoute becomes one Envoy route per `match` entry (or one catch-all route).
 fn http_routes(
+    mesh: &Mesh,
     vs: &Object<VirtualServiceSpec>,
     index: usize,
     r: &HttpRoute,
@@ -642,6 +649,30 @@ fn http_routes(
         let host = resolve_host(&d.host, &vs.namespace);
         let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
         outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &host)
+    };
+    // The destinations' consistent-hash keys (DestinationRule loadBalancer.consistentHash):
+    // applied when every destination of the route hashes the same way.
+    let hashes: Vec<Vec<HashPolicy>> = r
+        .route
+        .iter()
+        .map(|d| {
+            let host = resolve_host(&d.destination.host, &vs.namespace);
+            let p = d
+                .destination
+                .port
+                .as_ref()
+                .map(|p| p.number)
+                .unwrap_or(port);
+            let rule = mesh
+                .service(&host)
+                .and_then(|svc| destination_rule_for(mesh, svc))
+                .map(|dr| &dr.spec);
+            super::policy::hash_policy(rule, d.destination.subset.as_deref().unwrap_or(""), p)
+        })
+        .collect();
+    let hash_policy = match hashes.split_first() {
+        Some((first, rest)) if rest.iter().all(|h| h == first) => first.clone(),
+        _ => Vec::new(),
     };
     let mut action = if r.route.len() == 1 {
         cluster_action(&cluster_of(&r.route[0].destination))
@@ -675,6 +706,7 @@ fn http_routes(
         let only = wc.clusters[0].name.clone();
         action = cluster_action(&only);
     }
+    action.hash_policy = hash_policy;
     let name = r
         .name
         .clone()

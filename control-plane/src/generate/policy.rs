@@ -10,11 +10,12 @@ use weft_xds_proto::envoy::config::cluster::v3::{
 use weft_xds_proto::envoy::config::core::v3::{
     Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
 };
+use weft_xds_proto::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
 use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use weft_xds_proto::envoy::r#type::v3::Percent;
-use weft_xds_proto::wkt::{Duration, UInt32Value};
+use weft_xds_proto::wkt::{Duration, UInt32Value, UInt64Value};
 use weft_xds_proto::{pack, unpack};
 
 use crate::config::validate::parse_duration;
@@ -83,6 +84,41 @@ fn dur(s: Option<&String>) -> Option<Duration> {
     })
 }
 
+/// The route hash policy for a destination whose effective policy hashes consistently.
+pub fn hash_policy(dr: Option<&DestinationRuleSpec>, subset: &str, port: u32) -> Vec<HashPolicy> {
+    let e = Effective::of(dr, subset, port);
+    let Some(ch) = e.lb.and_then(|l| l.consistent_hash.as_ref()) else {
+        return Vec::new();
+    };
+    let spec = if let Some(h) = &ch.http_header_name {
+        hash_policy::PolicySpecifier::Header(hash_policy::Header {
+            header_name: h.clone(),
+            ..Default::default()
+        })
+    } else if let Some(c) = &ch.http_cookie {
+        hash_policy::PolicySpecifier::Cookie(hash_policy::Cookie {
+            name: c.name.clone(),
+            path: c.path.clone().unwrap_or_default(),
+            ttl: dur(c.ttl.as_ref()),
+            ..Default::default()
+        })
+    } else if ch.use_source_ip == Some(true) {
+        hash_policy::PolicySpecifier::ConnectionProperties(hash_policy::ConnectionProperties {
+            source_ip: true,
+        })
+    } else if let Some(q) = &ch.http_query_parameter_name {
+        hash_policy::PolicySpecifier::QueryParameter(hash_policy::QueryParameter {
+            name: q.clone(),
+        })
+    } else {
+        return Vec::new();
+    };
+    vec![HashPolicy {
+        policy_specifier: Some(spec),
+        ..Default::default()
+    }]
+}
+
 /// Applies the policy (and Istio's defaults) to an outbound cluster.
 pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
     let open = Some(UInt32Value { value: u32::MAX });
@@ -102,6 +138,29 @@ pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
         Some(SimpleLb::Random) => c.lb_policy = cluster::LbPolicy::Random as i32,
         // PASSTHROUGH is rejected by validation; unspecified keeps the default.
         Some(SimpleLb::Passthrough | SimpleLb::Unspecified) | None => {}
+    }
+    if let Some(ch) = e.lb.and_then(|l| l.consistent_hash.as_ref()) {
+        if let Some(m) = &ch.maglev {
+            c.lb_policy = cluster::LbPolicy::Maglev as i32;
+            c.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+                table_size: m.table_size.map(|value| UInt64Value { value }),
+            }));
+        } else {
+            // Istio's default for consistentHash: a ring of at least 1024 entries.
+            let min = ch
+                .ring_hash
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(ch.minimum_ring_size)
+                .unwrap_or(1024);
+            c.lb_policy = cluster::LbPolicy::RingHash as i32;
+            c.lb_config = Some(cluster::LbConfig::RingHashLbConfig(
+                cluster::RingHashLbConfig {
+                    minimum_ring_size: Some(UInt64Value { value: min }),
+                    ..Default::default()
+                },
+            ));
+        }
     }
     if let Some(pool) = e.pool {
         if let Some(tcp) = &pool.tcp {

@@ -205,7 +205,10 @@ impl Cluster {
             .map(|(a, w)| self.endpoint(a, w, &existing))
             .collect();
         self.endpoints
-            .store(Arc::new(super::lb::EndpointSet::new(endpoints)));
+            .store(Arc::new(super::lb::EndpointSet::for_policy(
+                endpoints,
+                self.lb.policy,
+            )));
         self.stats.update_success.inc();
     }
 }

@@ -1,12 +1,17 @@
 //! Load balancing: which endpoint of a cluster serves the next request. Weighted round robin
-//! (Envoy's default) and random; the endpoint set is immutable and swapped on EDS updates.
+//! (Envoy's default), least request (power of two choices), random, and the consistent-hash
+//! balancers ring hash and maglev, which map the request's hash (from the route's hash policy)
+//! to a host so that one key keeps reaching one host while the host set stays the same. The
+//! endpoint set (with its schedule, ring or table) is immutable and swapped on updates.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use weft_xds_proto::envoy::config::cluster::v3::cluster::LbPolicy as XdsLbPolicy;
+use weft_xds_proto::envoy::config::cluster::v3::Cluster as XdsCluster;
+use weft_xds_proto::envoy::config::cluster::v3::cluster::{LbConfig, LbPolicy as XdsLbPolicy};
 
 use super::Endpoint;
+use crate::http::hash::hash64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LbPolicy {
@@ -14,20 +19,108 @@ pub enum LbPolicy {
     /// Power of two choices on in-flight requests, as Envoy's default least-request.
     LeastRequest,
     Random,
+    /// Ketama-style ring with at least `min_size` entries (at most `max_size`).
+    RingHash {
+        min_size: u64,
+        max_size: u64,
+    },
+    /// Google's Maglev lookup table of `table_size` (a prime) entries.
+    Maglev {
+        table_size: u64,
+    },
+}
+
+/// Envoy's defaults.
+const RING_MIN: u64 = 1024;
+const RING_MAX: u64 = 8 * 1024 * 1024;
+const MAGLEV_TABLE: u64 = 65537;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 impl LbPolicy {
-    pub fn from_xds(policy: i32) -> Result<LbPolicy, String> {
-        match XdsLbPolicy::try_from(policy) {
-            Ok(XdsLbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
-            Ok(XdsLbPolicy::Random) => Ok(LbPolicy::Random),
-            Ok(XdsLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
-            Ok(other) => Err(format!(
-                "{} is not supported yet (ROUND_ROBIN, LEAST_REQUEST and RANDOM are)",
-                other.as_str_name()
-            )),
-            Err(_) => Err(format!("unknown load balancing policy {policy}")),
+    /// The cluster's `lb_policy` with its `lb_config`; unsupported options are named.
+    pub fn from_xds(c: &XdsCluster) -> Result<LbPolicy, (String, String)> {
+        let policy = c.lb_policy;
+        let bad = |f: &str, r: String| Err((f.to_string(), r));
+        let lb = match XdsLbPolicy::try_from(policy) {
+            Ok(XdsLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(XdsLbPolicy::Random) => LbPolicy::Random,
+            Ok(XdsLbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+            Ok(XdsLbPolicy::RingHash) => {
+                let (mut min_size, mut max_size) = (RING_MIN, RING_MAX);
+                if let Some(LbConfig::RingHashLbConfig(r)) = &c.lb_config {
+                    min_size = r.minimum_ring_size.map(|v| v.value).unwrap_or(RING_MIN);
+                    max_size = r.maximum_ring_size.map(|v| v.value).unwrap_or(RING_MAX);
+                }
+                if min_size == 0 || min_size > max_size || max_size > RING_MAX {
+                    return bad(
+                        "ring_hash_lb_config",
+                        format!(
+                            "ring sizes must satisfy 0 < minimum ({min_size}) <= maximum ({max_size}) <= {RING_MAX}"
+                        ),
+                    );
+                }
+                LbPolicy::RingHash { min_size, max_size }
+            }
+            Ok(XdsLbPolicy::Maglev) => {
+                let mut table_size = MAGLEV_TABLE;
+                if let Some(LbConfig::MaglevLbConfig(m)) = &c.lb_config {
+                    table_size = m.table_size.map(|v| v.value).unwrap_or(MAGLEV_TABLE);
+                }
+                if !is_prime(table_size) || table_size > 5_000_011 {
+                    return bad(
+                        "maglev_lb_config.table_size",
+                        format!("{table_size} must be a prime number no larger than 5000011"),
+                    );
+                }
+                LbPolicy::Maglev { table_size }
+            }
+            Ok(other) => {
+                return bad(
+                    "lb_policy",
+                    format!(
+                        "{} is not supported yet (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV are)",
+                        other.as_str_name()
+                    ),
+                );
+            }
+            Err(_) => {
+                return bad(
+                    "lb_policy",
+                    format!("unknown load balancing policy {policy}"),
+                );
+            }
+        };
+        match (&c.lb_config, lb) {
+            (None, _)
+            | (Some(LbConfig::RingHashLbConfig(_)), LbPolicy::RingHash { .. })
+            | (Some(LbConfig::MaglevLbConfig(_)), LbPolicy::Maglev { .. }) => {}
+            (Some(LbConfig::LeastRequestLbConfig(l)), LbPolicy::LeastRequest) => {
+                if l.choice_count.is_some_and(|c| c.value != 2)
+                    || l.active_request_bias.is_some()
+                    || l.slow_start_config.is_some()
+                {
+                    return bad(
+                        "least_request_lb_config",
+                        "only the default (two choices, no bias, no slow start) is supported"
+                            .into(),
+                    );
+                }
+            }
+            (Some(_), _) => {
+                return bad(
+                    "lb_config",
+                    "this load balancer option is not supported (or does not match lb_policy)"
+                        .into(),
+                );
+            }
         }
+        Ok(lb)
     }
 }
 
@@ -38,6 +131,76 @@ pub struct EndpointSet {
     /// Indexes into `endpoints`, each repeated by its weight (reduced by the weights' GCD) and
     /// interleaved, so weighted round robin is one atomic increment.
     schedule: Vec<u32>,
+    /// Ring hash: (point, endpoint index), sorted by point.
+    ring: Vec<(u64, u32)>,
+    /// Maglev: the lookup table (endpoint indexes).
+    table: Vec<u32>,
+}
+
+/// Each host's ring points: a share of the ring proportional to its weight, at least one.
+fn build_ring(endpoints: &[Arc<Endpoint>], min_size: u64, max_size: u64) -> Vec<(u64, u32)> {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let min_weight = endpoints.iter().map(|e| e.weight).min().unwrap_or(1).max(1);
+    // As Envoy: big enough that the lightest host gets at least one point, within the bounds.
+    let size = (total / u64::from(min_weight)).clamp(min_size, max_size);
+    let mut ring = Vec::with_capacity(size as usize + endpoints.len());
+    for (i, e) in endpoints.iter().enumerate() {
+        let points = ((size as f64 * f64::from(e.weight) / total as f64).round() as u64).max(1);
+        let key = e.address.to_string();
+        for p in 0..points {
+            ring.push((hash64(format!("{key}_{p}").as_bytes()), i as u32));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+/// The Maglev table: every host walks its own permutation of the slots and claims the next free
+/// one in turn, hosts with more weight taking proportionally more turns.
+fn build_maglev(endpoints: &[Arc<Endpoint>], size: u64) -> Vec<u32> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let max_weight = f64::from(endpoints.iter().map(|e| e.weight).max().unwrap_or(1).max(1));
+    let perms: Vec<(u64, u64)> = endpoints
+        .iter()
+        .map(|e| {
+            let name = e.address.to_string();
+            let offset = hash64(name.as_bytes()) % size;
+            let skip = hash64(format!("{name}#skip").as_bytes()) % (size - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut table = vec![u32::MAX; size as usize];
+    let mut next = vec![0u64; endpoints.len()];
+    let mut credit = vec![0f64; endpoints.len()];
+    let mut filled = 0u64;
+    while filled < size {
+        for (i, e) in endpoints.iter().enumerate() {
+            credit[i] += f64::from(e.weight) / max_weight;
+            if credit[i] < 1.0 {
+                continue;
+            }
+            credit[i] -= 1.0;
+            let (offset, skip) = perms[i];
+            loop {
+                let slot = ((offset + next[i] * skip) % size) as usize;
+                next[i] += 1;
+                if table[slot] == u32::MAX {
+                    table[slot] = i as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size {
+                break;
+            }
+        }
+    }
+    table
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -49,6 +212,23 @@ const MAX_SCHEDULE: u64 = 4096;
 
 impl EndpointSet {
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> EndpointSet {
+        EndpointSet::for_policy(endpoints, LbPolicy::RoundRobin)
+    }
+
+    /// The set with what the policy looks up in: a weighted schedule, a ring or a table.
+    pub fn for_policy(endpoints: Vec<Arc<Endpoint>>, policy: LbPolicy) -> EndpointSet {
+        let mut set = EndpointSet::weighted(endpoints);
+        match policy {
+            LbPolicy::RingHash { min_size, max_size } => {
+                set.ring = build_ring(&set.endpoints, min_size, max_size)
+            }
+            LbPolicy::Maglev { table_size } => set.table = build_maglev(&set.endpoints, table_size),
+            _ => {}
+        }
+        set
+    }
+
+    fn weighted(endpoints: Vec<Arc<Endpoint>>) -> EndpointSet {
         let g = endpoints.iter().map(|e| e.weight).fold(0, gcd).max(1);
         let total: u64 = endpoints.iter().map(|e| u64::from(e.weight / g)).sum();
         let scale = if total > MAX_SCHEDULE {
@@ -78,6 +258,8 @@ impl EndpointSet {
         EndpointSet {
             endpoints,
             schedule,
+            ring: Vec::new(),
+            table: Vec::new(),
         }
     }
 
@@ -105,12 +287,23 @@ impl Balancer {
         }
     }
 
-    /// Picks an endpoint; None when the cluster has none.
-    pub fn pick(&self, set: &EndpointSet) -> Option<Arc<Endpoint>> {
+    /// Picks an endpoint; None when the cluster has none. Hash-based policies use `hash` (a
+    /// random host when the request has none, as Envoy does).
+    pub fn pick(&self, set: &EndpointSet, hash: Option<u64>) -> Option<Arc<Endpoint>> {
         if set.schedule.is_empty() {
             return None;
         }
+        let h = || hash.unwrap_or_else(|| fastrand::u64(..));
         let slot = match self.policy {
+            LbPolicy::RingHash { .. } => {
+                let h = h();
+                let i = set.ring.partition_point(|(p, _)| *p < h) % set.ring.len();
+                return Some(set.endpoints[set.ring[i].1 as usize].clone());
+            }
+            LbPolicy::Maglev { .. } => {
+                let i = (h() % set.table.len() as u64) as usize;
+                return Some(set.endpoints[set.table[i] as usize].clone());
+            }
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % set.schedule.len(),
             LbPolicy::Random => fastrand::usize(..set.schedule.len()),
             LbPolicy::LeastRequest => {
@@ -151,7 +344,7 @@ mod tests {
         let set = EndpointSet::new(vec![ep(1, 3), ep(2, 1)]);
         let b = Balancer::new(LbPolicy::RoundRobin);
         let picks: Vec<u16> = (0..8)
-            .map(|_| b.pick(&set).unwrap().address.port())
+            .map(|_| b.pick(&set, None).unwrap().address.port())
             .collect();
         assert_eq!(picks.iter().filter(|p| **p == 1).count(), 6);
         assert!(
@@ -164,8 +357,88 @@ mod tests {
     fn empty_set_picks_nothing() {
         assert!(
             Balancer::new(LbPolicy::Random)
-                .pick(&EndpointSet::default())
+                .pick(&EndpointSet::default(), None)
                 .is_none()
         );
+    }
+
+    fn hosts(n: u16, weight: u32) -> Vec<Arc<Endpoint>> {
+        (1..=n).map(|p| ep(p, weight)).collect()
+    }
+
+    /// Which host each of `keys` lands on.
+    fn placement(b: &Balancer, set: &EndpointSet, keys: u64) -> Vec<u16> {
+        (0..keys)
+            .map(|k| {
+                b.pick(set, Some(hash64(&k.to_le_bytes())))
+                    .unwrap()
+                    .address
+                    .port()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn consistent_hashes_are_sticky_balanced_and_move_few_keys_when_a_host_leaves() {
+        for policy in [
+            LbPolicy::RingHash {
+                min_size: RING_MIN,
+                max_size: RING_MAX,
+            },
+            LbPolicy::Maglev {
+                table_size: MAGLEV_TABLE,
+            },
+        ] {
+            let b = Balancer::new(policy);
+            let all = hosts(5, 1);
+            let set = EndpointSet::for_policy(all.clone(), policy);
+            let before = placement(&b, &set, 5000);
+            assert_eq!(before, placement(&b, &set, 5000), "{policy:?}: sticky");
+            for port in 1..=5 {
+                let n = before.iter().filter(|p| **p == port).count();
+                assert!(
+                    (600..=1400).contains(&n),
+                    "{policy:?}: host {port} got {n} of 5000"
+                );
+            }
+            // Host 5 leaves: its keys move; of the other 4000 or so, only the share the
+            // remaining hosts' extra ring points / table slots take over (Envoy's ring moves
+            // them too), far from a rehash of everything.
+            let fewer = EndpointSet::for_policy(all[..4].to_vec(), policy);
+            let after = placement(&b, &fewer, 5000);
+            let moved = before
+                .iter()
+                .zip(&after)
+                .filter(|(a, b)| a != b && **a != 5)
+                .count();
+            assert!(
+                moved < 800,
+                "{policy:?}: {moved} keys of remaining hosts moved"
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_hashes_honour_weights() {
+        for policy in [
+            LbPolicy::RingHash {
+                min_size: RING_MIN,
+                max_size: RING_MAX,
+            },
+            LbPolicy::Maglev { table_size: 10007 },
+        ] {
+            let set = EndpointSet::for_policy(vec![ep(1, 3), ep(2, 1)], policy);
+            let placed = placement(&Balancer::new(policy), &set, 8000);
+            let heavy = placed.iter().filter(|p| **p == 1).count();
+            assert!(
+                (5400..=6600).contains(&heavy),
+                "{policy:?}: {heavy} of 8000"
+            );
+        }
+    }
+
+    #[test]
+    fn maglev_table_sizes_must_be_prime() {
+        assert!(is_prime(65537) && is_prime(5_000_011) && !is_prime(65536) && !is_prime(1));
     }
 }

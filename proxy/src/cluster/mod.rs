@@ -235,7 +235,7 @@ impl Cluster {
                 ));
             }
         };
-        let lb = LbPolicy::from_xds(c.lb_policy).map_err(|r| reject("lb_policy", r))?;
+        let lb = LbPolicy::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
         for (field, set) in [
             ("transport_socket", c.transport_socket.is_some()),
             (
@@ -449,13 +449,19 @@ impl Cluster {
                 endpoints.push(self.endpoint(addr, weight, existing));
             }
         }
-        Ok(lb::EndpointSet::new(endpoints))
+        Ok(lb::EndpointSet::for_policy(endpoints, self.lb.policy))
     }
 
     /// Picks an endpoint: the load balancer's choice among hosts outlier detection has not
     /// ejected (all hosts when fewer than the panic threshold are left), avoiding `tried` when
-    /// another host can be had within `attempts` picks.
-    pub fn pick(&self, tried: &[SocketAddr], attempts: u32) -> Option<Arc<Endpoint>> {
+    /// another host can be had within `attempts` picks. `hash` is the request's hash for the
+    /// consistent-hash balancers; further picks for the same request step it along.
+    pub fn pick(
+        &self,
+        tried: &[SocketAddr],
+        attempts: u32,
+        hash: Option<u64>,
+    ) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
         let all = set.all();
         // Without outlier detection no host is ever ejected: skip the health scan.
@@ -464,12 +470,14 @@ impl Cluster {
             (healthy as f64) * 100.0 < (all.len() as f64) * self.panic_threshold
         };
         if panic && tried.is_empty() {
-            return self.lb.pick(&set);
+            return self.lb.pick(&set, hash);
         }
         let usable = |e: &Endpoint| panic || !e.health.is_ejected();
         let mut fallback = None;
-        for _ in 0..(attempts.max(1) + all.len() as u32) {
-            let e = self.lb.pick(&set)?;
+        for k in 0..(attempts.max(1) + all.len() as u32) {
+            let step =
+                hash.map(|h| h.wrapping_add(u64::from(k).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+            let e = self.lb.pick(&set, step)?;
             if !usable(&e) {
                 continue;
             }

@@ -4,6 +4,7 @@
 
 pub mod cors;
 pub mod fault;
+pub mod hash;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
@@ -167,9 +168,13 @@ pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, st
     hcm.stats.downstream_cx_total.inc();
     let stats = hcm.stats.clone();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let peer = stream.peer_addr().ok().map(hash::Peer);
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
+        if let Some(p) = peer {
+            req.extensions_mut().insert(p);
+        }
         async move { Ok::<_, std::convert::Infallible>(proxy_request(&proxy, &hcm, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -341,8 +346,16 @@ async fn route_rest(
             }
         }
     }
+    let (hash, set_cookie) = if action.hash_policy.is_empty() {
+        (None, None)
+    } else {
+        hash::compute(&action.hash_policy, &parts)
+    };
     let authority = action.host_rewrite.as_deref().unwrap_or(authority);
-    let mut resp = forward(&cluster, action, parts, body, authority, mirrors).await;
+    let mut resp = forward(&cluster, action, parts, body, authority, mirrors, hash).await;
+    if let Some(c) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
     route.response_headers.apply(resp.headers_mut());
     resp
 }
@@ -357,6 +370,7 @@ async fn forward(
     body: Incoming,
     authority: &str,
     mirrors: Vec<Mirror>,
+    hash: Option<u64>,
 ) -> Response<ProxyBody> {
     let shadow_parts = (!mirrors.is_empty()).then(|| {
         (
@@ -395,7 +409,7 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    let attempts = attempt_until_done(cluster, retry, head, &mut body);
+    let attempts = attempt_until_done(cluster, retry, head, &mut body, hash);
     match action.timeout {
         Some(t) => match tokio::time::timeout(t, attempts).await {
             Ok(resp) => resp,
@@ -423,6 +437,7 @@ async fn attempt_until_done(
     retry: Option<&retry::RetryPolicy>,
     head: UpstreamHead,
     body: &mut AttemptBody,
+    hash: Option<u64>,
 ) -> Response<ProxyBody> {
     use crate::cluster::outlier::Outcome;
     let max_retries = if body.can_retry() {
@@ -445,6 +460,7 @@ async fn attempt_until_done(
         let Some(endpoint) = cluster.pick(
             avoid,
             other_host.map(|r| r.host_selection_attempts).unwrap_or(1),
+            hash,
         ) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
@@ -610,7 +626,7 @@ fn shadow(
     };
     tokio::spawn(async move {
         use http_body_util::BodyExt as _;
-        let Some(endpoint) = m.cluster.pick(&[], 1) else {
+        let Some(endpoint) = m.cluster.pick(&[], 1, None) else {
             return;
         };
         m.cluster.stats.upstream_rq_total.inc();

@@ -117,6 +117,8 @@ pub struct RouteAction {
     pub host_rewrite: Option<String>,
     /// Shadow copies of the request (fire and forget).
     pub mirrors: Vec<Mirror>,
+    /// How to hash the request for consistent-hash load balancers.
+    pub hash_policy: Vec<super::hash::HashPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -255,7 +257,6 @@ fn route_action(
 ) -> Result<RouteAction, (String, String)> {
     let bad = |f: &str, r: &str| Err((format!("route.{f}"), r.to_string()));
     for (field, set) in [
-        ("hash_policy", !a.hash_policy.is_empty()),
         ("cors", a.cors.is_some()),
         ("rate_limits", !a.rate_limits.is_empty()),
         ("hedge_policy", a.hedge_policy.is_some()),
@@ -371,6 +372,8 @@ fn route_action(
         path_rewrite,
         host_rewrite,
         mirrors,
+        hash_policy: super::hash::from_xds(&a.hash_policy)
+            .map_err(|(f, r)| (format!("route.{f}"), r))?,
     })
 }
 
