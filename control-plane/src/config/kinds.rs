@@ -305,9 +305,34 @@ pub struct HttpMatchRequest {
     #[serde(default)]
     pub uri: Option<StringMatch>,
     #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    #[serde(default)]
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default)]
     pub ignore_uri_case: bool,
+    /// The route applies only on this port.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// The route applies only to clients with these labels.
+    #[serde(default)]
+    pub source_labels: Labels,
+    /// The route applies only to clients in this namespace.
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    /// The route applies only through these gateways (`mesh`: the sidecars).
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Istio names the route's stats with it; weft has no per-route stats yet.
+    #[serde(default)]
+    pub stat_prefix: Option<String>,
 }
 
 /// Istio's `StringMatch`: exactly one of exact, prefix or regex (RE2 syntax).

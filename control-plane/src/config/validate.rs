@@ -156,14 +156,46 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             if let Some(u) = &m.uri {
                 string_match(&format!("{at}.match[{j}].uri"), u)?;
             }
-            for (h, sm) in &m.headers {
-                if h.is_empty() || h.chars().any(|c| c.is_ascii_uppercase()) {
+            for (what, map) in [
+                ("headers", &m.headers),
+                ("withoutHeaders", &m.without_headers),
+            ] {
+                for (h, sm) in map {
+                    if h.is_empty()
+                        || h.chars().any(|c| c.is_ascii_uppercase())
+                        || http::HeaderName::from_bytes(h.as_bytes()).is_err()
+                    {
+                        return bad(
+                            format!("{at}.match[{j}].{what}"),
+                            format!("header name {h:?} must be a lowercase, valid header name"),
+                        );
+                    }
+                    string_match(&format!("{at}.match[{j}].{what}.{h}"), sm)?;
+                }
+            }
+            for (q, sm) in &m.query_params {
+                if q.is_empty() {
                     return bad(
-                        format!("{at}.match[{j}].headers"),
-                        format!("header name {h:?} must be lowercase and non-empty"),
+                        format!("{at}.match[{j}].queryParams"),
+                        "a query parameter name must not be empty",
                     );
                 }
-                string_match(&format!("{at}.match[{j}].headers.{h}"), sm)?;
+                string_match(&format!("{at}.match[{j}].queryParams.{q}"), sm)?;
+            }
+            for (f, sm) in [
+                ("scheme", &m.scheme),
+                ("method", &m.method),
+                ("authority", &m.authority),
+            ] {
+                if let Some(sm) = sm {
+                    string_match(&format!("{at}.match[{j}].{f}"), sm)?;
+                }
+            }
+            if let Some(p) = m.port {
+                port(&format!("{at}.match[{j}].port"), p)?;
+            }
+            if let Some(ns) = &m.source_namespace {
+                name(ns).map_err(|r| (format!("{at}.match[{j}].sourceNamespace"), r))?;
             }
         }
         route_resilience(&at, r)?;

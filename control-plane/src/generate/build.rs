@@ -13,8 +13,9 @@ use weft_xds_proto::envoy::config::endpoint::v3::{
 use weft_xds_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use weft_xds_proto::envoy::config::route::v3::route_action::HashPolicy;
 use weft_xds_proto::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
+    RetryPolicy as EnvoyRetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher,
     redirect_action as envoy_redirect, retry_policy as envoy_retry, route, route_action,
     route_match, weighted_cluster,
 };
@@ -535,7 +536,7 @@ fn route_config(
                 .http
                 .iter()
                 .enumerate()
-                .flat_map(|(i, r)| http_routes(mesh, vs, i, r, port))
+                .flat_map(|(i, r)| http_routes(mesh, scope, vs, i, r, port))
                 .collect(),
             None => vec![Route {
                 name: "default".into(),
@@ -638,8 +639,64 @@ fn string_matcher(m: &StringMatch) -> StringMatcher {
 }
 
 /// One Istio HTTPRoute becomes one Envoy route per `match` entry (or one catch-all route).
+/// One Istio match as an Envoy route match.
+fn route_match(m: &crate::config::HttpMatchRequest) -> RouteMatch {
+    let path_specifier = Some(match &m.uri {
+        None => route_match::PathSpecifier::Prefix("/".into()),
+        Some(StringMatch::Exact(p)) => route_match::PathSpecifier::Path(p.clone()),
+        Some(StringMatch::Prefix(p)) => route_match::PathSpecifier::Prefix(p.clone()),
+        Some(StringMatch::Regex(re)) => route_match::PathSpecifier::SafeRegex(RegexMatcher {
+            regex: re.clone(),
+            ..Default::default()
+        }),
+    });
+    let header = |name: &str, sm: &StringMatch, invert: bool| HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(sm),
+        )),
+        invert_match: invert,
+        ..Default::default()
+    };
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(h, sm)| header(h, sm, false))
+        .collect();
+    for (name, sm) in [
+        (":method", &m.method),
+        (":authority", &m.authority),
+        (":scheme", &m.scheme),
+    ] {
+        if let Some(sm) = sm {
+            headers.push(header(name, sm, false));
+        }
+    }
+    headers.extend(m.without_headers.iter().map(|(h, sm)| header(h, sm, true)));
+    let query_parameters = m
+        .query_params
+        .iter()
+        .map(|(q, sm)| QueryParameterMatcher {
+            name: q.clone(),
+            query_parameter_match_specifier: Some(
+                query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(
+                    sm,
+                )),
+            ),
+        })
+        .collect();
+    RouteMatch {
+        path_specifier,
+        headers,
+        query_parameters,
+        case_sensitive: m.ignore_uri_case.then_some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
 fn http_routes(
     mesh: &Mesh,
+    scope: &Scope<'_>,
     vs: &Object<VirtualServiceSpec>,
     index: usize,
     r: &HttpRoute,
@@ -711,43 +768,24 @@ fn http_routes(
         .name
         .clone()
         .unwrap_or_else(|| format!("{}.{}.{index}", vs.name(), vs.namespace));
+    // Matches that cannot apply to this proxy or port (sourceLabels, sourceNamespace, port,
+    // gateways) are dropped; a route whose matches all drop is not generated here, as in Istio.
+    let applies = |m: &&crate::config::HttpMatchRequest| {
+        m.port.is_none_or(|p| p == port)
+            && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+            && m.source_namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == scope.proxy.namespace)
+            && selector_matches(&m.source_labels, &scope.proxy.labels)
+    };
     let matches: Vec<RouteMatch> = if r.matches.is_empty() {
         vec![prefix_match("/")]
     } else {
-        r.matches
-            .iter()
-            .map(|m| {
-                let path_specifier = Some(match &m.uri {
-                    None => route_match::PathSpecifier::Prefix("/".into()),
-                    Some(StringMatch::Exact(p)) => route_match::PathSpecifier::Path(p.clone()),
-                    Some(StringMatch::Prefix(p)) => route_match::PathSpecifier::Prefix(p.clone()),
-                    Some(StringMatch::Regex(re)) => {
-                        route_match::PathSpecifier::SafeRegex(RegexMatcher {
-                            regex: re.clone(),
-                            ..Default::default()
-                        })
-                    }
-                });
-                let headers = m
-                    .headers
-                    .iter()
-                    .map(|(h, sm)| HeaderMatcher {
-                        name: h.clone(),
-                        header_match_specifier: Some(
-                            header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(sm)),
-                        ),
-                        ..Default::default()
-                    })
-                    .collect();
-                RouteMatch {
-                    path_specifier,
-                    headers,
-                    case_sensitive: m.ignore_uri_case.then_some(BoolValue { value: false }),
-                    ..Default::default()
-                }
-            })
-            .collect()
+        r.matches.iter().filter(applies).map(route_match).collect()
     };
+    if matches.is_empty() {
+        return Vec::new();
+    }
     if let Some(t) = r.timeout.as_deref().and_then(|t| parse_duration(t).ok()) {
         action.timeout = Some(pb_duration(t));
     }

@@ -227,10 +227,14 @@ async fn route_and_forward(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let Some(route) = table
-        .as_deref()
-        .and_then(|t| t.route(&authority, path, req.headers()))
-    else {
+    let Some(route) = table.as_deref().and_then(|t| {
+        t.route(&router::RequestView {
+            method: req.method().as_str(),
+            authority: &authority,
+            path_and_query: path,
+            headers: req.headers(),
+        })
+    }) else {
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };

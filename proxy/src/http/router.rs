@@ -46,6 +46,7 @@ pub struct Route {
     path: PathMatch,
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
+    query: Vec<QueryMatch>,
     pub action: Action,
     /// The fault filter's per-route config (overrides the connection manager's).
     pub fault: Option<Fault>,
@@ -78,9 +79,36 @@ enum PathMatch {
 
 #[derive(Debug)]
 struct HeaderMatch {
-    name: http::HeaderName,
+    name: HeaderKey,
     rule: HeaderRule,
     invert: bool,
+}
+
+/// A header matcher's name: a regular header or one of HTTP/2's pseudo-headers, which Envoy
+/// lets routes match for HTTP/1.1 requests too.
+#[derive(Debug)]
+enum HeaderKey {
+    Regular(http::HeaderName),
+    Method,
+    Authority,
+    Scheme,
+    Path,
+}
+
+/// What a route matches against.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub authority: &'a str,
+    /// Path and query as received.
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug)]
+struct QueryMatch {
+    name: String,
+    /// None: present.
+    rule: Option<StringRule>,
 }
 
 #[derive(Debug)]
@@ -200,8 +228,16 @@ impl StringRule {
 #[allow(deprecated)]
 fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     use header_matcher::HeaderMatchSpecifier as S;
-    let name = http::HeaderName::from_bytes(h.name.as_bytes())
-        .map_err(|_| format!("invalid header name {:?}", h.name))?;
+    let name = match h.name.as_str() {
+        ":method" => HeaderKey::Method,
+        ":authority" | "host" => HeaderKey::Authority,
+        ":scheme" => HeaderKey::Scheme,
+        ":path" => HeaderKey::Path,
+        other => HeaderKey::Regular(
+            http::HeaderName::from_bytes(other.as_bytes())
+                .map_err(|_| format!("invalid header name {other:?}"))?,
+        ),
+    };
     let rule = match &h.header_match_specifier {
         None => HeaderRule::Present(true),
         Some(S::PresentMatch(p)) => HeaderRule::Present(*p),
@@ -224,8 +260,31 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        let pseudo = match &self.name {
+            HeaderKey::Regular(_) => None,
+            HeaderKey::Method => Some(req.method),
+            HeaderKey::Authority => Some(req.authority),
+            // weft serves plaintext HTTP: the scheme is always `http`.
+            HeaderKey::Scheme => Some("http"),
+            HeaderKey::Path => Some(req.path_and_query),
+        };
+        if let Some(v) = pseudo {
+            let result = match &self.rule {
+                HeaderRule::Present(want) => *want,
+                HeaderRule::String(rule) => rule.matches(v),
+            };
+            return result != self.invert;
+        }
+        let HeaderKey::Regular(name) = &self.name else {
+            return false;
+        };
+        let mut values = req.headers.get_all(name).iter();
+        if matches!(self.rule, HeaderRule::String(_)) && !req.headers.contains_key(name) {
+            // As Envoy: a value matcher never matches a missing header, inverted or not
+            // (Istio's `withoutHeaders` needs the header present with another value).
+            return false;
+        }
         let result = match &self.rule {
             HeaderRule::Present(want) => values.next().is_some() == *want,
             HeaderRule::String(rule) => {
@@ -422,8 +481,29 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
             ));
         }
     };
+    let mut query = Vec::new();
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        use weft_xds_proto::envoy::config::route::v3::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+        let field = format!("match.query_parameters[{i}]");
+        if q.name.is_empty() {
+            return Err((format!("{field}.name"), "a name is required".into()));
+        }
+        let rule = match &q.query_parameter_match_specifier {
+            Some(Q::StringMatch(sm)) => Some(string_rule(sm).map_err(|e| (field.clone(), e))?),
+            Some(Q::PresentMatch(true)) => None,
+            _ => {
+                return Err((
+                    field,
+                    "string_match or present_match: true is required".into(),
+                ));
+            }
+        };
+        query.push(QueryMatch {
+            name: q.name.clone(),
+            rule,
+        });
+    }
     for (field, set) in [
-        ("match.query_parameters", !m.query_parameters.is_empty()),
         ("match.runtime_fraction", m.runtime_fraction.is_some()),
         ("match.grpc", m.grpc.is_some()),
         ("match.tls_context", m.tls_context.is_some()),
@@ -490,6 +570,7 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         path,
         case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
         headers,
+        query,
         action,
         fault,
         cors,
@@ -651,20 +732,49 @@ impl RouteTable {
     }
 
     /// The first route of the matching virtual host whose path and headers match.
-    pub fn route(
-        &self,
-        authority: &str,
-        path_and_query: &str,
-        headers: &HeaderMap,
-    ) -> Option<&Route> {
-        let vh = self.virtual_host(authority)?;
-        let path = path_and_query.split(['?', '#']).next().unwrap_or("");
-        vh.routes.iter().find(|r| r.matches(path, headers))
+    pub fn route(&self, req: &RequestView<'_>) -> Option<&Route> {
+        let vh = self.virtual_host(req.authority)?;
+        let path = req.path_and_query.split(['?', '#']).next().unwrap_or("");
+        vh.routes.iter().find(|r| r.matches(path, req))
     }
 }
 
+/// The first value of a query parameter, percent-decoded (as Envoy matches it).
+fn query_value<'a>(path_and_query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let query = path_and_query.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or("");
+    query
+        .split('&')
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains('%') {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 impl Route {
-    fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
+    fn matches(&self, path: &str, req: &RequestView<'_>) -> bool {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
@@ -680,7 +790,15 @@ impl Route {
                     && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
         };
-        path_ok && self.headers.iter().all(|h| h.matches(headers))
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req))
+            && self.query.iter().all(|q| {
+                match (query_value(req.path_and_query, &q.name), &q.rule) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(rule)) => rule.matches(&v),
+                }
+            })
     }
 }
 

@@ -98,6 +98,16 @@ fn table() -> RouteTable {
 }
 
 fn cluster_for(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+    request_cluster(t, "GET", host, path, headers)
+}
+
+fn request_cluster(
+    t: &RouteTable,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<String> {
     let mut h = HeaderMap::new();
     for (k, v) in headers {
         h.append(
@@ -105,7 +115,13 @@ fn cluster_for(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)])
             v.parse().unwrap(),
         );
     }
-    t.route(host, path, &h).map(|r| match &r.action {
+    t.route(&RequestView {
+        method,
+        authority: host,
+        path_and_query: path,
+        headers: &h,
+    })
+    .map(|r| match &r.action {
         Action::Forward(a) => a.cluster.pick().to_string(),
         Action::Redirect(_) => "redirect".to_string(),
         Action::Direct { .. } => "direct".to_string(),
@@ -246,5 +262,113 @@ fn zero_total_weight_and_duplicate_domains_are_rejected() {
             .unwrap_err()
             .to_string()
             .contains("already used")
+    );
+}
+
+#[test]
+fn pseudo_headers_and_query_parameters_match_as_in_envoy() {
+    use weft_xds_proto::envoy::config::route::v3::{
+        HeaderMatcher, QueryParameterMatcher, header_matcher, query_parameter_matcher,
+    };
+    use weft_xds_proto::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+    let exact = |s: &str| StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Exact(s.into())),
+        ..Default::default()
+    };
+    let header = |name: &str, v: &str, invert: bool| HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(exact(v))),
+        invert_match: invert,
+        ..Default::default()
+    };
+    let route = |name: &str, m: RouteMatch| XdsRoute {
+        name: name.into(),
+        r#match: Some(m),
+        action: Some(route::Action::Route(XdsRouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(name.into())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let prefix = || Some(route_match::PathSpecifier::Prefix("/".into()));
+    let rc = RouteConfiguration {
+        name: "r".into(),
+        virtual_hosts: vec![XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![
+                route(
+                    "post-to-api",
+                    RouteMatch {
+                        path_specifier: prefix(),
+                        headers: vec![
+                            header(":method", "POST", false),
+                            header(":authority", "api.example", false),
+                        ],
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "beta-users",
+                    RouteMatch {
+                        path_specifier: prefix(),
+                        query_parameters: vec![QueryParameterMatcher {
+                            name: "user".into(),
+                            query_parameter_match_specifier: Some(
+                                query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                                    exact("a b"),
+                                ),
+                            ),
+                        }],
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "not-internal",
+                    RouteMatch {
+                        path_specifier: prefix(),
+                        headers: vec![header("x-internal", "yes", true)],
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "rest",
+                    RouteMatch {
+                        path_specifier: prefix(),
+                        ..Default::default()
+                    },
+                ),
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let t = RouteTable::from_xds(&rc).unwrap();
+    let hit = |method: &str, host: &str, path: &str, headers: &[(&str, &str)]| {
+        request_cluster(&t, method, host, path, headers).unwrap()
+    };
+    assert_eq!(hit("POST", "api.example", "/x", &[]), "post-to-api");
+    assert_eq!(
+        hit("GET", "api.example", "/x", &[("x-internal", "yes")]),
+        "rest"
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            "other",
+            "/x?z=1&user=a%20b",
+            &[("x-internal", "yes")]
+        ),
+        "beta-users",
+        "query values are percent-decoded"
+    );
+    assert_eq!(
+        hit("GET", "other", "/x?user=a", &[("x-internal", "no")]),
+        "not-internal"
+    );
+    assert_eq!(
+        hit("GET", "other", "/x?user=a", &[]),
+        "rest",
+        "an inverted value match does not match a missing header (Envoy)"
     );
 }
