@@ -158,6 +158,10 @@ impl Applier {
         for cluster in snapshot.clusters.values() {
             if let Discovery::Eds(service) = &cluster.discovery
                 && let Some(cla) = by_service.get(service.as_str())
+                // A state-of-the-world response repeats every assignment: rebuild only the
+                // clusters whose assignment changed (a cluster created since got it from the
+                // cache already).
+                && self.eds_cache.get(service) != Some(*cla)
             {
                 let existing = cluster
                     .endpoints
