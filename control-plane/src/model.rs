@@ -145,6 +145,8 @@ pub struct Mesh {
     pub virtual_service_index: HashMap<String, Vec<usize>>,
     /// Proxy-independent xDS resources, encoded once per mesh.
     pub shared: crate::generate::SharedResources,
+    /// Service hostname -> index into `services`.
+    pub service_index: HashMap<String, usize>,
 }
 
 pub fn fqdn(name: &str, namespace: &str) -> String {
@@ -220,6 +222,11 @@ impl Mesh {
             }
         }
         let (rule_index, virtual_service_index) = index_rules(&services, config);
+        let service_index = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.hostname.clone(), i))
+            .collect();
         Mesh {
             services,
             workloads,
@@ -227,6 +234,7 @@ impl Mesh {
             rule_index,
             virtual_service_index,
             shared: Default::default(),
+            service_index,
         }
     }
 
@@ -238,6 +246,7 @@ impl Mesh {
             && a.destination_rules == b.destination_rules
             && a.sidecars == b.sidecars
             && a.service_entries == b.service_entries
+            && a.gateways == b.gateways
             && self.services.len() == other.services.len()
             && self
                 .services
@@ -247,7 +256,7 @@ impl Mesh {
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.hostname == hostname)
+        self.service_index.get(hostname).map(|i| &self.services[*i])
     }
 
     /// The Sidecar that applies to a workload: the namespace's Sidecar whose selector matches,

@@ -235,11 +235,12 @@ spec:
     }
 
     pub fn start_weft_proxy(&mut self, host: u8, workload: &str) {
-        let (xds, node, admin) = (
-            self.xds().to_string(),
-            self.node_id(host, workload),
-            self.admin(host),
-        );
+        self.start_weft_proxy_as(host, workload, &self.node_id(host, workload));
+    }
+
+    /// A weft-proxy with any node id (`router~...` for a gateway), its admin on `host`.
+    pub fn start_weft_proxy_as(&mut self, host: u8, workload: &str, node: &str) {
+        let (xds, admin) = (self.xds().to_string(), self.admin(host));
         let admin_s = admin.to_string();
         self.procs.push(Proc::start(
             &format!("weft-proxy-{workload}"),
@@ -248,7 +249,7 @@ spec:
                 "--xds-address",
                 &xds,
                 "--node-id",
-                &node,
+                node,
                 "--admin-address",
                 &admin_s,
                 "--concurrency",
@@ -312,6 +313,48 @@ spec:
                 .filter(|r| r.status == 200)
         })
         .expect("Envoy becomes LIVE on weftd's config");
+    }
+
+    /// A stock Envoy with any node id (`router~...` for a gateway), its admin on `host`.
+    pub fn start_envoy_as(&mut self, host: u8, workload: &str, node: &str, labels: &str) {
+        let metadata =
+            format!("{{ NAMESPACE: default, WORKLOAD_NAME: {workload}, LABELS: {labels} }}");
+        let bootstrap = crate::envoy::bootstrap(
+            node,
+            workload,
+            &metadata,
+            self.admin(host),
+            self.xds(),
+            false,
+        );
+        std::fs::create_dir_all(&self.log_dir).expect("log dir");
+        let path = self.log_dir.join(format!("{workload}-bootstrap.yaml"));
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let path_s = path.display().to_string();
+        let base_id = (u32::from(self.net) * 10 + 5 + u32::from(host)).to_string();
+        self.procs.push(Proc::start(
+            &format!("envoy-{workload}"),
+            &envoy_bin(),
+            &[
+                "-c",
+                &path_s,
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--base-id",
+                &base_id,
+                "-l",
+                "info",
+            ],
+            &self.log_dir,
+        ));
+        let admin = self.admin(host);
+        wait_until(Duration::from_secs(20), || {
+            crate::http::get(admin, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .unwrap_or_else(|| panic!("{workload}'s Envoy becomes LIVE on weftd's config"));
     }
 
     /// weft-proxy as the client's sidecar, started from the same Envoy bootstrap file.

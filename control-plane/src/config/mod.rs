@@ -27,6 +27,7 @@ pub enum Kind {
     DestinationRule,
     Sidecar,
     ServiceEntry,
+    Gateway,
     Pod,
     Endpoints,
     EndpointSlice,
@@ -43,6 +44,7 @@ impl Kind {
             ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
             ("networking.istio.io", "Sidecar") => Some(Kind::Sidecar),
             ("networking.istio.io", "ServiceEntry") => Some(Kind::ServiceEntry),
+            ("networking.istio.io", "Gateway") => Some(Kind::Gateway),
             ("", "Pod") => Some(Kind::Pod),
             ("", "Endpoints") => Some(Kind::Endpoints),
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
@@ -107,6 +109,7 @@ pub struct ConfigSet {
     pub destination_rules: Vec<Object<DestinationRuleSpec>>,
     pub sidecars: Vec<Object<SidecarSpec>>,
     pub service_entries: Vec<Object<ServiceEntrySpec>>,
+    pub gateways: Vec<Object<GatewaySpec>>,
     pub pods: Vec<Object<PodBody>>,
     pub endpoints: Vec<Object<EndpointsBody>>,
     pub endpoint_slices: Vec<Object<EndpointSliceBody>>,
@@ -282,6 +285,7 @@ impl ConfigSet {
             Kind::DestinationRule => push!(destination_rules, validate::destination_rule),
             Kind::Sidecar => push!(sidecars, validate::sidecar),
             Kind::ServiceEntry => push!(service_entries, validate::service_entry),
+            Kind::Gateway => push!(gateways, validate::gateway),
             Kind::Pod => push!(pods, validate::pod),
             Kind::Endpoints => push!(endpoints, validate::endpoints),
             Kind::EndpointSlice => push!(endpoint_slices, validate::endpoint_slice),
@@ -313,6 +317,7 @@ impl ConfigSet {
         by_key(&mut self.destination_rules);
         by_key(&mut self.sidecars);
         by_key(&mut self.service_entries);
+        by_key(&mut self.gateways);
         by_key(&mut self.pods);
         by_key(&mut self.endpoints);
         by_key(&mut self.endpoint_slices);
@@ -331,6 +336,7 @@ impl ConfigSet {
         self.sidecars.extend_from_slice(&other.sidecars);
         self.service_entries
             .extend_from_slice(&other.service_entries);
+        self.gateways.extend_from_slice(&other.gateways);
         self.pods.extend_from_slice(&other.pods);
         self.endpoints.extend_from_slice(&other.endpoints);
         self.endpoint_slices
@@ -347,6 +353,7 @@ impl ConfigSet {
             ("DestinationRule", self.destination_rules.len()),
             ("Sidecar", self.sidecars.len()),
             ("ServiceEntry", self.service_entries.len()),
+            ("Gateway", self.gateways.len()),
             ("Pod", self.pods.len()),
             ("Endpoints", self.endpoints.len()),
             ("EndpointSlice", self.endpoint_slices.len()),

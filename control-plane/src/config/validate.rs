@@ -554,6 +554,111 @@ pub fn endpoint_slice(e: &EndpointSliceBody) -> Check {
     Ok(())
 }
 
+pub fn gateway(g: &GatewaySpec) -> Check {
+    if g.servers.is_empty() {
+        return bad("spec.servers", "a Gateway needs at least one server");
+    }
+    for (i, srv) in g.servers.iter().enumerate() {
+        let at = format!("spec.servers[{i}]");
+        port(&format!("{at}.port.number"), srv.port.number)?;
+        let proto = srv
+            .port
+            .protocol
+            .as_deref()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if !SERVICE_ENTRY_PROTOCOLS.contains(&proto.as_str()) {
+            return bad(
+                format!("{at}.port.protocol"),
+                format!(
+                    "{:?} is not a protocol (one of {})",
+                    srv.port.protocol.as_deref().unwrap_or(""),
+                    SERVICE_ENTRY_PROTOCOLS.join(", ")
+                ),
+            );
+        }
+        if srv.hosts.is_empty() {
+            return bad(format!("{at}.hosts"), "at least one host is required");
+        }
+        for (j, h) in srv.hosts.iter().enumerate() {
+            let host = h.split_once('/').map(|(_, h)| h).unwrap_or(h);
+            let plain = host.strip_prefix("*.").unwrap_or(host);
+            if host != "*" && (plain.contains('*') || name(&plain.to_ascii_lowercase()).is_err()) {
+                return bad(
+                    format!("{at}.hosts[{j}]"),
+                    format!(
+                        "{h:?} is not a host (\"*\", a DNS name or \"*.suffix\", optionally after \"namespace/\")"
+                    ),
+                );
+            }
+        }
+        if let Some(b) = &srv.bind {
+            ip(format!("{at}.bind"), b)?;
+        }
+        let https = matches!(proto.as_str(), "HTTPS" | "TLS");
+        match (&srv.tls, https) {
+            (None, true) => {
+                return bad(
+                    format!("{at}.tls"),
+                    format!("a {proto} server needs tls settings"),
+                );
+            }
+            (Some(t), false) if t.mode.is_some() => {
+                return bad(
+                    format!("{at}.tls.mode"),
+                    format!("TLS modes apply to HTTPS and TLS servers, not {proto}"),
+                );
+            }
+            (Some(t), true) => {
+                let mode = t.mode.unwrap_or(ServerTlsMode::Passthrough);
+                match mode {
+                    ServerTlsMode::Simple | ServerTlsMode::Mutual => {
+                        if t.credential_name.is_some() {
+                            return bad(
+                                format!("{at}.tls.credentialName"),
+                                "credentials from Kubernetes secrets need Kubernetes mode; in universal mode give serverCertificate and privateKey file paths",
+                            );
+                        }
+                        if t.server_certificate.is_none() || t.private_key.is_none() {
+                            return bad(
+                                format!("{at}.tls"),
+                                "SIMPLE and MUTUAL need serverCertificate and privateKey",
+                            );
+                        }
+                        if mode == ServerTlsMode::Mutual && t.ca_certificates.is_none() {
+                            return bad(
+                                format!("{at}.tls.caCertificates"),
+                                "MUTUAL needs caCertificates to verify clients with",
+                            );
+                        }
+                    }
+                    other => {
+                        return bad(
+                            format!("{at}.tls.mode"),
+                            format!(
+                                "{other:?} needs SNI routing (VirtualService tls routes) or the mesh CA, which this weftd version does not have yet"
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        if matches!(
+            proto.as_str(),
+            "TCP" | "TLS" | "MONGO" | "REDIS" | "MYSQL" | "UDP"
+        ) {
+            return bad(
+                format!("{at}.port.protocol"),
+                format!(
+                    "{proto} servers need VirtualService tcp/tls routes, which this weftd version does not translate yet"
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The protocols Istio's port validation accepts.
 const SERVICE_ENTRY_PROTOCOLS: &[&str] = &[
     "HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",

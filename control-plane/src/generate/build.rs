@@ -64,7 +64,7 @@ pub fn inbound_cluster_name(port: u32) -> String {
     format!("inbound|{port}||")
 }
 
-fn ads() -> ConfigSource {
+pub(super) fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
@@ -74,7 +74,7 @@ fn ads() -> ConfigSource {
     }
 }
 
-fn socket(ip: &str, port: u32) -> Address {
+pub(super) fn socket(ip: &str, port: u32) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
@@ -425,7 +425,7 @@ pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
     }
 }
 
-fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listener {
+pub(super) fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket(bind, port)),
@@ -439,7 +439,7 @@ fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listen
 
 /// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
 /// on with their per-route config), as Istio's sidecar outbound listeners do.
-fn http_connection_manager(
+pub(super) fn http_connection_manager(
     stat_prefix: &str,
     with_fault: bool,
     routes: http_connection_manager::RouteSpecifier,
@@ -536,7 +536,7 @@ fn route_config(
                 .http
                 .iter()
                 .enumerate()
-                .flat_map(|(i, r)| http_routes(mesh, scope, vs, i, r, port))
+                .flat_map(|(i, r)| http_routes(mesh, scope, &[], vs, i, r, port))
                 .collect(),
             None => vec![Route {
                 name: "default".into(),
@@ -694,9 +694,42 @@ fn route_match(m: &crate::config::HttpMatchRequest) -> RouteMatch {
     }
 }
 
-fn http_routes(
+/// A destination's port: as written, else the service's only port, else the port the request
+/// came in on (Istio's defaulting).
+fn destination_port(mesh: &Mesh, host: &str, d: &crate::config::Destination, port: u32) -> u32 {
+    d.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
+        match mesh.service(host).map(|s| s.ports.as_slice()) {
+            Some([only]) => only.port,
+            _ => port,
+        }
+    })
+}
+
+/// Is `m` (a VirtualService match) in force where the routes are generated: on the sidecars
+/// (`via` empty: `gateways` empty or naming `mesh`) or on a gateway named in `via`
+/// (`namespace/name`)?
+pub(super) fn match_applies_via(gateways: &[String], vs_namespace: &str, via: &[String]) -> bool {
+    if gateways.is_empty() {
+        return true;
+    }
+    gateways.iter().any(|g| {
+        if via.is_empty() {
+            g == "mesh"
+        } else {
+            let qualified = if g.contains('/') {
+                g.clone()
+            } else {
+                format!("{vs_namespace}/{g}")
+            };
+            via.contains(&qualified)
+        }
+    })
+}
+
+pub(super) fn http_routes(
     mesh: &Mesh,
     scope: &Scope<'_>,
+    via: &[String],
     vs: &Object<VirtualServiceSpec>,
     index: usize,
     r: &HttpRoute,
@@ -704,7 +737,7 @@ fn http_routes(
 ) -> Vec<Route> {
     let cluster_of = |d: &crate::config::Destination| {
         let host = resolve_host(&d.host, &vs.namespace);
-        let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
+        let p = destination_port(mesh, &host, d, port);
         outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &host)
     };
     // The destinations' consistent-hash keys (DestinationRule loadBalancer.consistentHash):
@@ -714,12 +747,7 @@ fn http_routes(
         .iter()
         .map(|d| {
             let host = resolve_host(&d.destination.host, &vs.namespace);
-            let p = d
-                .destination
-                .port
-                .as_ref()
-                .map(|p| p.number)
-                .unwrap_or(port);
+            let p = destination_port(mesh, &host, &d.destination, port);
             let rule = mesh
                 .service(&host)
                 .and_then(|svc| destination_rule_for(mesh, svc))
@@ -772,7 +800,7 @@ fn http_routes(
     // gateways) are dropped; a route whose matches all drop is not generated here, as in Istio.
     let applies = |m: &&crate::config::HttpMatchRequest| {
         m.port.is_none_or(|p| p == port)
-            && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+            && match_applies_via(&m.gateways, &vs.namespace, via)
             && m.source_namespace
                 .as_ref()
                 .is_none_or(|ns| *ns == scope.proxy.namespace)

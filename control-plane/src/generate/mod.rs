@@ -5,6 +5,7 @@
 //! The output is plain data (`Generated`); pushing it and tracking ACKs is the `xds` module's job.
 
 mod build;
+mod gateway;
 mod policy;
 pub mod proxy;
 mod scope;
@@ -161,6 +162,7 @@ pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
     build::outbound(mesh, &scope, &mut out);
     build::endpoints(mesh, &scope, &mut out);
     build::inbound(&scope, &mut out);
+    gateway::listeners(mesh, &scope, &mut out);
     out
 }
 

@@ -13,6 +13,8 @@ use crate::model::{Mesh, Workload};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyNode {
     pub id: String,
+    /// `router~...`: a gateway (Istio's ingress/egress gateway node type) rather than a sidecar.
+    pub router: bool,
     pub ip: Option<IpAddr>,
     pub workload_name: String,
     pub namespace: String,
@@ -27,6 +29,9 @@ pub struct ProxyNode {
 /// that `generate` reads from a `ProxyNode` must be added here.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProxyClass {
+    pub router: bool,
+    /// A gateway binds its listeners to its own address: part of its class.
+    pub ip: Option<IpAddr>,
     pub namespace: String,
     pub labels: Vec<(String, String)>,
     pub service_account: Option<String>,
@@ -35,6 +40,8 @@ pub struct ProxyClass {
 impl ProxyNode {
     pub fn class(&self) -> ProxyClass {
         ProxyClass {
+            router: self.router,
+            ip: if self.router { self.ip } else { None },
             namespace: self.namespace.clone(),
             labels: self
                 .labels
@@ -49,7 +56,7 @@ impl ProxyNode {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(
-        "node id {0:?} is not of the form sidecar~<ip>~<workload>.<namespace>~<namespace>.svc.cluster.local (Istio's sidecar node id)"
+        "node id {0:?} is not of the form sidecar~<ip>~<workload>.<namespace>~<namespace>.svc.cluster.local (Istio's sidecar node id; router~... for a gateway)"
     )]
     BadId(String),
     #[error("node id {id:?}: {ip:?} is not an IP address")]
@@ -82,8 +89,13 @@ impl ProxyNode {
     /// Parses the node and matches it to its workload in `mesh` (by name, then by address).
     pub fn identify(node: &Node, mesh: &Mesh) -> Result<ProxyNode, NodeError> {
         let parts: Vec<&str> = node.id.split('~').collect();
-        let [_kind, ip, workload, domain] = parts.as_slice() else {
+        let [kind, ip, workload, domain] = parts.as_slice() else {
             return Err(NodeError::BadId(node.id.clone()));
+        };
+        let router = match *kind {
+            "sidecar" => false,
+            "router" => true,
+            _ => return Err(NodeError::BadId(node.id.clone())),
         };
         let ip: Option<IpAddr> = if ip.is_empty() {
             None
@@ -124,6 +136,7 @@ impl ProxyNode {
             .or_else(|| matched.as_ref().map(|w| w.service_account.clone()));
         Ok(ProxyNode {
             id: node.id.clone(),
+            router,
             ip,
             workload_name,
             namespace,

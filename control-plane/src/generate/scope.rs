@@ -14,7 +14,12 @@ pub struct Scope<'a> {
 
 impl<'a> Scope<'a> {
     pub fn new(mesh: &'a Mesh, proxy: &'a ProxyNode) -> Scope<'a> {
-        let sidecar = mesh.sidecar_for(&proxy.namespace, &proxy.labels);
+        // Gateways take their listeners from Gateway objects, not from Sidecars.
+        let sidecar = if proxy.router {
+            None
+        } else {
+            mesh.sidecar_for(&proxy.namespace, &proxy.labels)
+        };
         let services = match sidecar {
             Some(sc) => mesh
                 .services

@@ -1,0 +1,275 @@
+//! Gateways (`router~...` proxies): a listener per Gateway server port on the gateway's address,
+//! each with the routes of the VirtualServices bound to that Gateway (`spec.gateways`) whose
+//! hosts the server admits; HTTPS servers terminate TLS with the certificate files the server
+//! names (universal mode has no Kubernetes secrets). Clusters and endpoints are the same as a
+//! sidecar's (every visible service).
+
+use std::collections::BTreeMap;
+
+use weft_xds_proto::envoy::config::core::v3::{
+    DataSource, TransportSocket, data_source, transport_socket,
+};
+use weft_xds_proto::envoy::config::listener::v3::FilterChain;
+use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    Rds, http_connection_manager,
+};
+use weft_xds_proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+    TlsParameters, common_tls_context, tls_parameters,
+};
+use weft_xds_proto::wkt::BoolValue;
+use weft_xds_proto::{pack, type_url};
+
+use super::Generated;
+use super::build::{ads, http_connection_manager, http_routes, listener};
+use super::scope::{Scope, host_matches};
+use crate::config::{
+    GatewayServer, GatewaySpec, Object, ServerTlsMode, TlsVersion, VirtualServiceSpec,
+};
+use crate::model::{Mesh, selector_matches};
+
+/// A server and the Gateway it belongs to.
+type ServerOf<'a> = (&'a Object<GatewaySpec>, &'a GatewayServer);
+
+/// The Gateways whose selector picks this proxy (an empty selector picks every gateway proxy).
+fn gateways_of<'a>(mesh: &'a Mesh, scope: &Scope<'_>) -> Vec<&'a Object<GatewaySpec>> {
+    mesh.config
+        .gateways
+        .iter()
+        .filter(|g| selector_matches(&g.spec.selector, &scope.proxy.labels))
+        .collect()
+}
+
+/// Does a server host (`host`, `ns/host`, `*/host`, `./host`) admit a VirtualService host of
+/// namespace `vs_ns` (for a Gateway of namespace `gw_ns`)? Wildcards match either way round.
+fn server_admits(server_host: &str, gw_ns: &str, vs_ns: &str, vs_host: &str) -> bool {
+    let (ns, host) = server_host.split_once('/').unwrap_or(("*", server_host));
+    let ns_ok = match ns {
+        "*" => true,
+        "." => vs_ns == gw_ns,
+        other => vs_ns == other,
+    };
+    ns_ok && (host_matches(host, vs_host) || host_matches(vs_host, host))
+}
+
+/// The route configuration of one server (or the plain-HTTP servers of one port).
+fn route_config(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    name: &str,
+    port: u32,
+    servers: &[ServerOf<'_>],
+) -> RouteConfiguration {
+    let via: Vec<String> = servers
+        .iter()
+        .map(|(g, _)| format!("{}/{}", g.namespace, g.name()))
+        .collect();
+    // Virtual hosts by domain, in VirtualService order; several VirtualServices for one host
+    // merge their routes, first one first (as Istio merges them).
+    let mut hosts: BTreeMap<String, (usize, VirtualHost)> = BTreeMap::new();
+    for vs in &mesh.config.virtual_services {
+        let bound = vs.spec.gateways.iter().any(|g| {
+            let q = if g.contains('/') {
+                g.clone()
+            } else {
+                format!("{}/{g}", vs.namespace)
+            };
+            via.contains(&q)
+        });
+        if !bound || !exported(vs, scope) {
+            continue;
+        }
+        for host in &vs.spec.hosts {
+            let admitted = servers.iter().any(|(g, srv)| {
+                srv.hosts
+                    .iter()
+                    .any(|h| server_admits(h, &g.namespace, &vs.namespace, host))
+            });
+            if !admitted {
+                continue;
+            }
+            let routes: Vec<_> = vs
+                .spec
+                .http
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| http_routes(mesh, scope, &via, vs, i, r, port))
+                .collect();
+            let order = hosts.len();
+            let entry = hosts.entry(host.clone()).or_insert_with(|| {
+                let domains = if host == "*" {
+                    vec!["*".to_string()]
+                } else {
+                    vec![host.clone(), format!("{host}:{port}")]
+                };
+                (
+                    order,
+                    VirtualHost {
+                        name: format!("{host}:{port}"),
+                        domains,
+                        ..Default::default()
+                    },
+                )
+            });
+            entry.1.routes.extend(routes);
+        }
+    }
+    let mut virtual_hosts: Vec<(usize, VirtualHost)> = hosts.into_values().collect();
+    virtual_hosts.sort_by_key(|(order, _)| *order);
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: virtual_hosts.into_iter().map(|(_, vh)| vh).collect(),
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+fn exported(vs: &Object<VirtualServiceSpec>, scope: &Scope<'_>) -> bool {
+    vs.spec.export_to.is_empty()
+        || vs.spec.export_to.iter().any(|e| {
+            e == "*"
+                || (e == "." && vs.namespace == scope.proxy.namespace)
+                || *e == scope.proxy.namespace
+        })
+}
+
+fn file(path: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    })
+}
+
+fn tls_version(v: Option<TlsVersion>) -> i32 {
+    use tls_parameters::TlsProtocol as P;
+    (match v {
+        None | Some(TlsVersion::Auto) => P::TlsAuto,
+        Some(TlsVersion::V1_0) => P::TlSv10,
+        Some(TlsVersion::V1_1) => P::TlSv11,
+        Some(TlsVersion::V1_2) => P::TlSv12,
+        Some(TlsVersion::V1_3) => P::TlSv13,
+    }) as i32
+}
+
+/// TLS termination for a SIMPLE or MUTUAL server (validation guarantees the files are named).
+fn downstream_tls(srv: &GatewayServer) -> Option<TransportSocket> {
+    let tls = srv.tls.as_ref()?;
+    let mode = tls.mode?;
+    if !matches!(mode, ServerTlsMode::Simple | ServerTlsMode::Mutual) {
+        return None;
+    }
+    let mut common = CommonTlsContext {
+        tls_certificates: vec![TlsCertificate {
+            certificate_chain: file(tls.server_certificate.as_deref()?),
+            private_key: file(tls.private_key.as_deref()?),
+            ..Default::default()
+        }],
+        // A gateway serves both HTTP versions, as Istio's do.
+        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+        ..Default::default()
+    };
+    if tls.min_protocol_version.is_some()
+        || tls.max_protocol_version.is_some()
+        || !tls.cipher_suites.is_empty()
+    {
+        common.tls_params = Some(TlsParameters {
+            tls_minimum_protocol_version: tls_version(tls.min_protocol_version),
+            tls_maximum_protocol_version: tls_version(tls.max_protocol_version),
+            cipher_suites: tls.cipher_suites.clone(),
+            ..Default::default()
+        });
+    }
+    if mode == ServerTlsMode::Mutual {
+        common.validation_context_type = Some(
+            common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: file(tls.ca_certificates.as_deref()?),
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(common),
+        require_client_certificate: (mode == ServerTlsMode::Mutual)
+            .then_some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&ctx))),
+    })
+}
+
+/// Listeners and routes of a gateway proxy.
+pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
+    if !scope.proxy.router {
+        return;
+    }
+    let own_ip = scope.proxy.ip.map(|ip| ip.to_string());
+    // (bind, port) -> servers on it, in Gateway order.
+    let mut ports: BTreeMap<(String, u32), Vec<ServerOf<'_>>> = BTreeMap::new();
+    for g in gateways_of(mesh, scope) {
+        for srv in &g.spec.servers {
+            let bind = srv
+                .bind
+                .clone()
+                .or_else(|| own_ip.clone())
+                .unwrap_or_else(|| "0.0.0.0".into());
+            ports
+                .entry((bind, srv.port.number))
+                .or_default()
+                .push((g, srv));
+        }
+    }
+    for ((bind, port), servers) in ports {
+        let listener_name = format!("{bind}_{port}");
+        let stat_prefix = format!("gateway_{bind}_{port}");
+        let secure: Vec<_> = servers
+            .iter()
+            .filter(|(_, s)| s.tls.as_ref().is_some_and(|t| t.mode.is_some()))
+            .copied()
+            .collect();
+        let (chosen, route_name, transport) = if secure.is_empty() {
+            (servers.clone(), format!("http.{port}"), None)
+        } else {
+            // One certificate per port: several TLS servers on one port need SNI-matched filter
+            // chains, which this version does not generate.
+            let (g, srv) = secure[0];
+            if servers.len() > 1 {
+                out.warnings.push(format!(
+                    "Gateway/{}/{}: port {port} has {} servers; with TLS only the first TLS server is served on it",
+                    g.namespace,
+                    g.name(),
+                    servers.len()
+                ));
+            }
+            let name = format!(
+                "https.{port}.{}.{}.{}",
+                srv.port.name.as_deref().unwrap_or("server"),
+                g.name(),
+                g.namespace
+            );
+            (vec![(g, srv)], name, downstream_tls(srv))
+        };
+        let rc = route_config(mesh, scope, &route_name, port, &chosen);
+        out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &rc);
+        let hcm = http_connection_manager(
+            &stat_prefix,
+            true,
+            http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: Some(ads()),
+                route_config_name: route_name,
+            }),
+        );
+        let mut l = listener(&listener_name, &bind, port, hcm);
+        if let Some(ts) = transport {
+            l.filter_chains = vec![FilterChain {
+                transport_socket: Some(ts),
+                ..l.filter_chains.remove(0)
+            }];
+        }
+        out.add(type_url::LISTENER, listener_name, &l);
+    }
+}

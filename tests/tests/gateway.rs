@@ -1,0 +1,224 @@
+//! An ingress gateway (a `router~` proxy selected by a Gateway's selector), through weft-proxy
+//! and through a stock Envoy fed the same config by weftd: VirtualServices bound to the Gateway
+//! route by path and host, unbound hosts get 404. Then an HTTPS server with certificate files:
+//! Envoy terminates TLS (checked with curl); weft-proxy, which has no downstream TLS yet, NACKs
+//! that listener naming the field and keeps serving the HTTP one.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weft_e2e::{Client, Quickstart, wait_until};
+
+const GATEWAY_IP_HOST: u8 = 30;
+const HTTP_PORT: u16 = 18080;
+const HTTPS_PORT: u16 = 18443;
+
+fn http_config(q: &Quickstart) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: ingress, namespace: default }}
+spec: {{ address: {ip}, labels: {{ istio: ingressgateway }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: hello-gateway, namespace: default }}
+spec:
+  selector: {{ istio: ingressgateway }}
+  servers:
+  - port: {{ number: {HTTP_PORT}, name: http, protocol: HTTP }}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: hello-ingress, namespace: default }}
+spec:
+  hosts: ["*"]
+  gateways: [hello-gateway]
+  http:
+  - match: [{{ uri: {{ prefix: /hello }} }}]
+    rewrite: {{ uri: / }}
+    route: [{{ destination: {{ host: hello, subset: v2 }} }}]
+  - match: [{{ uri: {{ prefix: /v1 }} }}]
+    route: [{{ destination: {{ host: hello, subset: v1, port: {{ number: 8080 }} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: shop, namespace: default }}
+spec:
+  hosts: [shop.example.com]
+  gateways: [default/hello-gateway]
+  http:
+  - directResponse: {{ status: 200, body: {{ string: shop }} }}
+"#,
+        ip = q.ip(GATEWAY_IP_HOST)
+    )
+}
+
+fn https_config(dir: &std::path::Path) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: secure, namespace: default }}
+spec:
+  selector: {{ istio: ingressgateway }}
+  servers:
+  - port: {{ number: {HTTPS_PORT}, name: https, protocol: HTTPS }}
+    hosts: [secure.example.com]
+    tls: {{ mode: SIMPLE, serverCertificate: {d}/cert.pem, privateKey: {d}/key.pem, minProtocolVersion: TLSV1_2 }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: secure, namespace: default }}
+spec:
+  hosts: [secure.example.com]
+  gateways: [secure]
+  http:
+  - route: [{{ destination: {{ host: hello, subset: v1 }} }}]
+"#,
+        d = dir.display()
+    )
+}
+
+fn gateway_node(q: &Quickstart) -> String {
+    format!(
+        "router~{}~ingress.default~default.svc.cluster.local",
+        q.ip(GATEWAY_IP_HOST)
+    )
+}
+
+fn http_scenario(q: &Quickstart) -> Vec<(String, u16, String)> {
+    let addr = format!("{}:{HTTP_PORT}", q.ip(GATEWAY_IP_HOST))
+        .parse()
+        .expect("addr");
+    let mut c = Client::new(addr);
+    [
+        ("anything.example", "/hello"),
+        ("anything.example", "/v1/x"),
+        ("shop.example.com", "/"),
+        ("anything.example", "/nowhere"),
+    ]
+    .iter()
+    .map(|(host, path)| {
+        let r = c.get(host, path).expect("request through the gateway");
+        let who = r
+            .header("x-echo-name")
+            .map(str::to_string)
+            .unwrap_or(r.body.clone());
+        (format!("{host}{path}"), r.status, who)
+    })
+    .collect()
+}
+
+fn self_signed(dir: &std::path::Path) {
+    let ok = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=secure.example.com"])
+        .args(["-addext", "subjectAltName=DNS:secure.example.com"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl runs");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+fn curl_https(q: &Quickstart, dir: &std::path::Path) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "3", "-D", "-", "-o", "/dev/null"])
+        .arg("--resolve")
+        .arg(format!(
+            "secure.example.com:{HTTPS_PORT}:{}",
+            q.ip(GATEWAY_IP_HOST)
+        ))
+        .arg("--cacert")
+        .arg(dir.join("cert.pem"))
+        .arg(format!("https://secure.example.com:{HTTPS_PORT}/"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_lowercase())
+}
+
+fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, u16, String)> {
+    let mut q = Quickstart::new(name, net);
+    q.write_file("gateway.yaml", &http_config(&q));
+    q.start_weftd();
+    q.start_hello();
+    let node = gateway_node(&q);
+    if envoy {
+        q.start_envoy_as(
+            GATEWAY_IP_HOST,
+            "ingress",
+            &node,
+            "{ istio: ingressgateway }",
+        );
+    } else {
+        q.start_weft_proxy_as(GATEWAY_IP_HOST, "ingress", &node);
+    }
+    let seen = http_scenario(&q);
+    eprintln!("{name}: {seen:?}");
+
+    let certs = q.dir.parent().expect("test root").join("certs");
+    std::fs::create_dir_all(&certs).expect("cert dir");
+    self_signed(&certs);
+    q.write_file("secure.yaml", &https_config(&certs));
+    let sync = |q: &Quickstart| q.sync_of(&node).unwrap_or_default();
+    if envoy {
+        let headers = wait_until(Duration::from_secs(10), || curl_https(&q, &certs))
+            .expect("Envoy serves the HTTPS server with the certificate files");
+        assert!(
+            headers.starts_with("http/2 200") || headers.starts_with("http/1.1 200"),
+            "{headers}"
+        );
+        assert!(headers.contains("x-echo-name: hello-v1"), "{headers}");
+        let s = sync(&q);
+        for (t, st) in s["types"].as_object().into_iter().flatten() {
+            assert_eq!(
+                st["nacks"], 0,
+                "{name}: Envoy NACKed {t}: {}",
+                st["last_nack"]
+            );
+        }
+    } else {
+        let nack = wait_until(Duration::from_secs(10), || {
+            let s = sync(&q);
+            let lds = &s["types"]["LDS"];
+            (lds["nacks"].as_u64()? > 0).then(|| lds["last_nack"]["message"].to_string())
+        })
+        .expect("weft-proxy NACKs the TLS listener");
+        assert!(nack.contains("transport_socket"), "{nack}");
+        assert_eq!(
+            http_scenario(&q),
+            seen,
+            "the HTTP listener keeps serving after the NACK"
+        );
+    }
+    seen
+}
+
+#[test]
+fn weft_proxy_and_envoy_serve_a_gateway_alike() {
+    let weft = run("gateway-weft", 56, false);
+    assert_eq!(
+        weft.iter()
+            .map(|(_, s, w)| (*s, w.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (200, "hello-v2"),
+            (200, "hello-v1"),
+            (200, "shop"),
+            (404, "")
+        ]
+    );
+    let envoy = run("gateway-envoy", 57, true);
+    assert_eq!(weft, envoy, "weft-proxy and Envoy differ");
+}
