@@ -289,3 +289,61 @@ fn consistent_hash_settings_are_checked_field_by_field() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(set.destination_rules.len(), 1);
 }
+
+#[test]
+fn tcp_routes_load_and_tls_routes_and_subnet_matches_are_refused_with_reasons() {
+    let (set, errors) = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: db }
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{ port: 5432, sourceLabels: { app: api } }]
+    route:
+    - { destination: { host: db, subset: primary }, weight: 90 }
+    - { destination: { host: db, subset: replica }, weight: 10 }
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: sni }
+spec:
+  hosts: ["*.example.com"]
+  tls:
+  - match: [{ sniHosts: [a.example.com] }]
+    route: [{ destination: { host: a.example.com } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: subnets }
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{ destinationSubnets: [10.0.0.0/8] }]
+    route: [{ destination: { host: db } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: weights }
+spec:
+  hosts: [db]
+  tcp:
+  - route:
+    - { destination: { host: db, subset: a }, weight: 50 }
+    - { destination: { host: db, subset: b }, weight: 20 }
+"#,
+    );
+    assert_eq!(set.virtual_services.len(), 1);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.tls",
+            "spec.tcp[0].match[0].destinationSubnets",
+            "spec.tcp[0].route"
+        ]
+    );
+    assert!(errors[0].reason.contains("SNI"), "{}", errors[0]);
+    assert!(errors[2].reason.contains("70"), "{}", errors[2]);
+}

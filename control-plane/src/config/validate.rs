@@ -199,8 +199,43 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             }
         }
         route_resilience(&at, r)?;
+        destinations(&at, &r.route)?;
+    }
+    if !vs.tls.is_empty() {
+        return bad(
+            "spec.tls",
+            "tls (SNI) routes need SNI-matched filter chains, which this weftd version does not generate yet",
+        );
+    }
+    for (i, r) in vs.tcp.iter().enumerate() {
+        let at = format!("spec.tcp[{i}]");
+        if r.route.is_empty() {
+            return bad(format!("{at}.route"), "a tcp route needs a destination");
+        }
+        for (j, m) in r.matches.iter().enumerate() {
+            if !m.destination_subnets.is_empty() {
+                return bad(
+                    format!("{at}.match[{j}].destinationSubnets"),
+                    "matching the original destination address needs traffic capture, which universal mode does not set up",
+                );
+            }
+            if let Some(p) = m.port {
+                port(&format!("{at}.match[{j}].port"), p)?;
+            }
+            if let Some(ns) = &m.source_namespace {
+                name(ns).map_err(|r| (format!("{at}.match[{j}].sourceNamespace"), r))?;
+            }
+        }
+        destinations(&at, &r.route)?;
+    }
+    Ok(())
+}
+
+/// A route's destinations: hosts, ports, subsets, and weights summing to 100.
+fn destinations(at: &str, route: &[HttpRouteDestination]) -> Check {
+    {
         let mut sum = 0i64;
-        for (j, d) in r.route.iter().enumerate() {
+        for (j, d) in route.iter().enumerate() {
             let dat = format!("{at}.route[{j}]");
             if d.destination.host.is_empty() {
                 return bad(
@@ -223,7 +258,7 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             }
             sum += w;
         }
-        if r.route.len() > 1 && sum != 100 {
+        if route.len() > 1 && sum != 100 {
             return bad(
                 format!("{at}.route"),
                 format!("total destination weight is {sum}, it must be 100"),

@@ -338,10 +338,20 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     svc.hostname
                 ));
             }
-            tcp_proxy_filter(
-                &stat_prefix,
-                &outbound_cluster_name(port.number, "", &svc.hostname),
-            )
+            match tcp_route(mesh, scope, svc, port.number) {
+                Some(spec) => Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack(&TcpProxy {
+                        stat_prefix: stat_prefix.clone(),
+                        cluster_specifier: Some(spec),
+                        ..Default::default()
+                    }))),
+                },
+                None => tcp_proxy_filter(
+                    &stat_prefix,
+                    &outbound_cluster_name(port.number, "", &svc.hostname),
+                ),
+            }
         };
         out.add(
             type_url::LISTENER,
@@ -477,6 +487,51 @@ pub(super) fn http_connection_manager(
         name: "envoy.filters.network.http_connection_manager".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
     }
+}
+
+/// The destination(s) of the first VirtualService `tcp` route for `svc` that applies on this
+/// port to this proxy; None when no VirtualService routes its TCP traffic.
+fn tcp_route(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+) -> Option<tcp_proxy::ClusterSpecifier> {
+    let vs = virtual_service_for(mesh, scope, svc)?;
+    let route = vs.spec.tcp.iter().find(|r| {
+        r.matches.is_empty()
+            || r.matches.iter().any(|m| {
+                m.port.is_none_or(|p| p == port)
+                    && match_applies_via(&m.gateways, &vs.namespace, &[])
+                    && m.source_namespace
+                        .as_ref()
+                        .is_none_or(|ns| *ns == scope.proxy.namespace)
+                    && selector_matches(&m.source_labels, &scope.proxy.labels)
+            })
+    })?;
+    let cluster_of = |d: &crate::config::Destination| {
+        let host = resolve_host(&d.host, &vs.namespace);
+        let p = destination_port(mesh, &host, d, port);
+        outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &host)
+    };
+    let weighted: Vec<_> = route
+        .route
+        .iter()
+        .filter(|d| route.route.len() == 1 || d.weight.unwrap_or(0) > 0)
+        .collect();
+    Some(match weighted.as_slice() {
+        [only] => tcp_proxy::ClusterSpecifier::Cluster(cluster_of(&only.destination)),
+        many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: cluster_of(&d.destination),
+                    weight: d.weight.unwrap_or(0) as u32,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    })
 }
 
 fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
