@@ -110,6 +110,15 @@ pub struct VirtualServiceSpec {
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delegate {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpRoute {
     #[serde(default, rename = "match")]
     pub matches: Vec<L4MatchAttributes>,
@@ -137,6 +146,9 @@ pub struct L4MatchAttributes {
 pub struct HttpRoute {
     #[serde(default)]
     pub name: Option<String>,
+    /// Routes of another (host-less) VirtualService take this route's place, under its match.
+    #[serde(default)]
+    pub delegate: Option<Delegate>,
     #[serde(default, rename = "match")]
     pub matches: Vec<HttpMatchRequest>,
     #[serde(default)]

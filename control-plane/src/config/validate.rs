@@ -112,8 +112,19 @@ fn string_match(field: &str, m: &StringMatch) -> Check {
 }
 
 pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
-    if vs.hosts.is_empty() {
-        return bad("spec.hosts", "at least one host is required");
+    // No hosts: a delegate, whose routes another VirtualService's `delegate` pulls in.
+    let delegate = vs.hosts.is_empty();
+    if delegate && !vs.gateways.is_empty() {
+        return bad(
+            "spec.gateways",
+            "a delegate VirtualService (no hosts) takes its gateways from the VirtualService that delegates to it",
+        );
+    }
+    if delegate && vs.http.is_empty() {
+        return bad(
+            "spec.hosts",
+            "at least one host is required (or http routes, for a delegate VirtualService)",
+        );
     }
     for (i, h) in vs.hosts.iter().enumerate() {
         if h.is_empty() || h.contains('/') || (h.contains('*') && !h.starts_with('*')) {
@@ -125,6 +136,30 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
     }
     for (i, r) in vs.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
+        if let Some(d) = &r.delegate {
+            if delegate {
+                return bad(
+                    format!("{at}.delegate"),
+                    "a delegate VirtualService cannot delegate again (one level only, as in Istio)",
+                );
+            }
+            if !r.route.is_empty() || r.redirect.is_some() || r.direct_response.is_some() {
+                return bad(
+                    format!("{at}.delegate"),
+                    "a delegating route takes its destinations from the delegate: route, redirect and directResponse must be unset",
+                );
+            }
+            name(&d.name).map_err(|r| (format!("{at}.delegate.name"), r))?;
+            if let Some(ns) = &d.namespace {
+                name(ns).map_err(|r| (format!("{at}.delegate.namespace"), r))?;
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                if let Some(u) = &m.uri {
+                    string_match(&format!("{at}.match[{j}].uri"), u)?;
+                }
+            }
+            continue;
+        }
         let answers = usize::from(r.redirect.is_some())
             + usize::from(r.direct_response.is_some())
             + usize::from(!r.route.is_empty());

@@ -781,6 +781,46 @@ pub(super) fn match_applies_via(gateways: &[String], vs_namespace: &str, via: &[
     })
 }
 
+/// A delegating route's routes: each route of the delegate VirtualService under the root
+/// route's match (Istio's merge: matches combined, conflicting combinations dropped, unset
+/// fields inherited from the root route).
+fn delegated_routes(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    via: &[String],
+    root: &Object<VirtualServiceSpec>,
+    r: &HttpRoute,
+    port: u32,
+) -> Vec<Route> {
+    let Some(d) = &r.delegate else {
+        return Vec::new();
+    };
+    let ns = d.namespace.as_deref().unwrap_or(&root.namespace);
+    let Some(child) = mesh
+        .config
+        .virtual_services
+        .iter()
+        .find(|v| v.namespace == ns && v.name() == d.name && v.spec.hosts.is_empty())
+    else {
+        return Vec::new();
+    };
+    let visible = child.spec.export_to.is_empty()
+        || child.spec.export_to.iter().any(|e| {
+            e == "*" || (e == "." && child.namespace == root.namespace) || *e == root.namespace
+        });
+    if !visible {
+        return Vec::new();
+    }
+    child
+        .spec
+        .http
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, super::delegate::merge_route(r, c)?)))
+        .flat_map(|(i, merged)| http_routes(mesh, scope, via, child, i, &merged, port))
+        .collect()
+}
+
 pub(super) fn http_routes(
     mesh: &Mesh,
     scope: &Scope<'_>,
@@ -790,6 +830,9 @@ pub(super) fn http_routes(
     r: &HttpRoute,
     port: u32,
 ) -> Vec<Route> {
+    if r.delegate.is_some() {
+        return delegated_routes(mesh, scope, via, vs, r, port);
+    }
     let cluster_of = |d: &crate::config::Destination| {
         let host = resolve_host(&d.host, &vs.namespace);
         let p = destination_port(mesh, &host, d, port);

@@ -5,6 +5,7 @@
 //! The output is plain data (`Generated`); pushing it and tracking ACKs is the `xds` module's job.
 
 mod build;
+mod delegate;
 mod gateway;
 mod policy;
 pub mod proxy;
