@@ -1,6 +1,9 @@
-//! State-of-the-world ADS: every response carries the full set of a type's (subscribed)
-//! resources. A response is sent on a proxy's first request for a type, when its subscription
-//! changes, and when the type's content changes; ACKs and NACKs are recorded, never answered.
+//! State-of-the-world ADS. A response is sent on a proxy's first request for a type, when its
+//! subscription changes, and when the type's content changes; ACKs and NACKs are recorded,
+//! never answered. Listener and Cluster responses always carry the full set (the protocol
+//! requires it); EDS and RDS pushes caused by a change of their own carry only the resources that
+//! changed, as the protocol allows for those types (a proxy keeps the others), so an endpoint
+//! change costs one load assignment per proxy rather than all of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +20,8 @@ struct Subscription {
     names: Option<BTreeSet<String>>,
     sent_version: String,
     sent_nonce: String,
+    /// Per resource, the version last sent (for EDS and RDS partial pushes).
+    sent: BTreeMap<String, String>,
 }
 
 pub struct Sotw {
@@ -32,18 +37,27 @@ impl Sotw {
         }
     }
 
-    async fn send(&mut self, type_url: &str) -> Result<(), Status> {
+    /// Sends the type's subscribed resources; with `partial` (EDS and RDS only), just those
+    /// whose version differs from what this proxy was last sent.
+    async fn send(&mut self, type_url: &str, partial: bool) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
+        let partial = partial && !is_wildcard_type(type_url);
         let generated = &self.session.generated;
-        let resources: Vec<_> = generated
-            .of_type(type_url)
-            .into_iter()
-            .flatten()
-            .filter(|(name, _)| sub.names.as_ref().is_none_or(|n| n.contains(*name)))
-            .map(|(_, r)| r.any.clone())
-            .collect();
+        let mut resources = Vec::new();
+        let mut sent = BTreeMap::new();
+        for (name, r) in generated.of_type(type_url).into_iter().flatten() {
+            if sub.names.as_ref().is_some_and(|n| !n.contains(name)) {
+                continue;
+            }
+            let unchanged = sub.sent.get(name) == Some(&r.version);
+            if !(partial && unchanged) {
+                resources.push(r.any.clone());
+            }
+            sent.insert(name.clone(), r.version.clone());
+        }
+        sub.sent = sent;
         let version = generated.type_version(type_url, sub.names.as_ref());
         let nonce = self.session.next_nonce();
         sub.sent_version = version.clone();
@@ -76,6 +90,8 @@ impl Stream for Sotw {
         let type_url = req.type_url.clone();
         let sub = self.subs.entry(type_url.clone()).or_default();
         if let Some(err) = &req.error_detail {
+            // The proxy kept its previous resources: the next push of this type is complete.
+            sub.sent.clear();
             self.session.record_nack(
                 &type_url,
                 &req.response_nonce,
@@ -108,7 +124,7 @@ impl Stream for Sotw {
         let changed = sub.names != names;
         sub.names = names;
         if initial || changed {
-            self.send(&type_url).await?;
+            self.send(&type_url, false).await?;
         }
         Ok(())
     }
@@ -129,7 +145,8 @@ impl Stream for Sotw {
                 && (t == type_url::CLUSTER_LOAD_ASSIGNMENT || t == type_url::ROUTE_CONFIGURATION);
             let pushed = current != sub.sent_version || dependent;
             if pushed {
-                self.send(t).await?;
+                // A re-warming dependent gets everything; a change of its own, what changed.
+                self.send(t, !dependent).await?;
             }
             force_next = pushed && (t == type_url::CLUSTER || t == type_url::LISTENER);
         }

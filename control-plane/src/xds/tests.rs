@@ -150,6 +150,27 @@ async fn sotw_answers_records_acks_and_nacks_and_pushes_changes() {
     let push = next(&mut stream).await;
     assert_eq!(push.type_url, type_url::CLUSTER_LOAD_ASSIGNMENT);
     assert_ne!(push.version_info, eds.version_info);
+    // After the NACK the proxy runs its old assignments: this push is complete.
+    assert_eq!(push.resources.len(), 2);
+    tx.send(DiscoveryRequest {
+        version_info: push.version_info.clone(),
+        response_nonce: push.nonce.clone(),
+        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
+        resource_names: names.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    nothing(&mut stream).await;
+    // The next endpoint change sends only the assignment that changed (v2's), as SotW allows
+    // for EDS.
+    mesh.send(snapshot(&QUICKSTART.replace("127.0.0.12", "127.0.0.14"), 3))
+        .unwrap();
+    let push = next(&mut stream).await;
+    assert_eq!(push.resources.len(), 1);
+    let cla: weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment =
+        weft_xds_proto::unpack(&push.resources[0]).unwrap();
+    assert_eq!(cla.cluster_name, names[1]);
     nothing(&mut stream).await;
 }
 
