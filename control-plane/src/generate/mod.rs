@@ -34,6 +34,11 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// A hash of the name and the content: equal keys, same resource and same bytes.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     fn new<M: Message + Name>(name: &str, msg: &M) -> Resource {
         let any = weft_xds_proto::pack(msg);
         let content = fnv1a(&any.value);

@@ -5,7 +5,7 @@
 //! changed, as the protocol allows for those types (a proxy keeps the others), so an endpoint
 //! change costs one load assignment per proxy rather than all of them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use tonic::Status;
 use weft_xds_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -20,8 +20,8 @@ struct Subscription {
     names: Option<BTreeSet<String>>,
     sent_version: String,
     sent_nonce: String,
-    /// Per resource, the version last sent (for EDS and RDS partial pushes).
-    sent: BTreeMap<String, String>,
+    /// (name, content) keys of the resources last sent, for EDS and RDS partial pushes.
+    sent: HashSet<u64>,
 }
 
 pub struct Sotw {
@@ -43,19 +43,21 @@ impl Sotw {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
-        let partial = partial && !is_wildcard_type(type_url);
+        let track = !is_wildcard_type(type_url);
+        let partial = partial && track;
         let generated = &self.session.generated;
         let mut resources = Vec::new();
-        let mut sent = BTreeMap::new();
+        let mut sent = HashSet::new();
         for (name, r) in generated.of_type(type_url).into_iter().flatten() {
             if sub.names.as_ref().is_some_and(|n| !n.contains(name)) {
                 continue;
             }
-            let unchanged = sub.sent.get(name) == Some(&r.version);
-            if !(partial && unchanged) {
+            if !(partial && sub.sent.contains(&r.key())) {
                 resources.push(r.any.clone());
             }
-            sent.insert(name.clone(), r.version.clone());
+            if track {
+                sent.insert(r.key());
+            }
         }
         sub.sent = sent;
         let version = generated.type_version(type_url, sub.names.as_ref());
