@@ -282,6 +282,7 @@ impl Mesh {
                     .iter()
                     .find(|s| s.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none())
             })
+            .map(|s| &**s)
     }
 }
 
@@ -378,7 +379,7 @@ impl<'a> Index<'a> {
             entry_labels(&all[i])
         })
         .into_iter()
-        .map(|i| &all[i])
+        .map(|i| &*all[i])
         .collect()
     }
 
@@ -386,14 +387,14 @@ impl<'a> Index<'a> {
         let all = &self.config.pods;
         select(&self.pods_by_label, ns, selector, |i| &all[i].meta.labels)
             .into_iter()
-            .map(|i| &all[i])
+            .map(|i| &*all[i])
             .collect()
     }
 
     fn pod(&self, ns: &str, name: &str) -> Option<&'a Object<PodBody>> {
         self.pods_by_name
             .get(&(ns, name))
-            .map(|i| &self.config.pods[*i])
+            .map(|i| &*self.config.pods[*i])
     }
 
     fn endpoints_of(&self, ns: &str, svc: &str) -> Vec<&'a Object<EndpointsBody>> {
@@ -401,7 +402,7 @@ impl<'a> Index<'a> {
             .get(&(ns, svc))
             .into_iter()
             .flatten()
-            .map(|i| &self.config.endpoints[*i])
+            .map(|i| &*self.config.endpoints[*i])
             .collect()
     }
 
@@ -410,7 +411,7 @@ impl<'a> Index<'a> {
             .get(&(ns, svc))
             .into_iter()
             .flatten()
-            .map(|i| &self.config.endpoint_slices[*i])
+            .map(|i| &*self.config.endpoint_slices[*i])
             .collect()
     }
 }

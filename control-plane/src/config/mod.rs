@@ -100,20 +100,23 @@ impl<T> Object<T> {
     }
 }
 
+/// An object shared between the per-file parse cache, the merged config and the mesh model.
+pub type Shared<T> = std::sync::Arc<Object<T>>;
+
 /// Every object weftd serves, grouped by kind and sorted by (namespace, name).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigSet {
-    pub services: Vec<Object<ServiceSpec>>,
-    pub workload_entries: Vec<Object<WorkloadEntrySpec>>,
-    pub virtual_services: Vec<Object<VirtualServiceSpec>>,
-    pub destination_rules: Vec<Object<DestinationRuleSpec>>,
-    pub sidecars: Vec<Object<SidecarSpec>>,
-    pub service_entries: Vec<Object<ServiceEntrySpec>>,
-    pub gateways: Vec<Object<GatewaySpec>>,
-    pub pods: Vec<Object<PodBody>>,
-    pub endpoints: Vec<Object<EndpointsBody>>,
-    pub endpoint_slices: Vec<Object<EndpointSliceBody>>,
-    pub namespaces: Vec<Object<NamespaceBody>>,
+    pub services: Vec<Shared<ServiceSpec>>,
+    pub workload_entries: Vec<Shared<WorkloadEntrySpec>>,
+    pub virtual_services: Vec<Shared<VirtualServiceSpec>>,
+    pub destination_rules: Vec<Shared<DestinationRuleSpec>>,
+    pub sidecars: Vec<Shared<SidecarSpec>>,
+    pub service_entries: Vec<Shared<ServiceEntrySpec>>,
+    pub gateways: Vec<Shared<GatewaySpec>>,
+    pub pods: Vec<Shared<PodBody>>,
+    pub endpoints: Vec<Shared<EndpointsBody>>,
+    pub endpoint_slices: Vec<Shared<EndpointSliceBody>>,
+    pub namespaces: Vec<Shared<NamespaceBody>>,
 }
 
 /// A rejected object or document: file, object, field path and reason.
@@ -275,7 +278,7 @@ impl ConfigSet {
                 };
                 // A later object of the same kind, namespace and name replaces an earlier one;
                 // `sort` removes the earlier copies.
-                self.$vec.push(obj);
+                self.$vec.push(std::sync::Arc::new(obj));
             }};
         }
         match kind {
@@ -297,7 +300,7 @@ impl ConfigSet {
     /// Sorts every kind by (namespace, name) so generation is deterministic, keeping only the
     /// last-added object of each name (a later definition replaces an earlier one).
     pub fn sort(&mut self) {
-        fn by_key<T>(v: &mut Vec<Object<T>>) {
+        fn by_key<T>(v: &mut Vec<Shared<T>>) {
             // Stable: copies of one name stay in the order they were added.
             v.sort_by(|a, b| (&a.namespace, &a.meta.name).cmp(&(&b.namespace, &b.meta.name)));
             let mut keep = vec![true; v.len()];
@@ -322,6 +325,27 @@ impl ConfigSet {
         by_key(&mut self.endpoints);
         by_key(&mut self.endpoint_slices);
         by_key(&mut self.namespaces);
+    }
+
+    /// Equal to `other`; objects shared with it (unchanged files) compare by pointer.
+    pub fn same_as(&self, other: &ConfigSet) -> bool {
+        fn same<T: PartialEq>(a: &[Shared<T>], b: &[Shared<T>]) -> bool {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| std::sync::Arc::ptr_eq(x, y) || x == y)
+        }
+        same(&self.services, &other.services)
+            && same(&self.workload_entries, &other.workload_entries)
+            && same(&self.virtual_services, &other.virtual_services)
+            && same(&self.destination_rules, &other.destination_rules)
+            && same(&self.sidecars, &other.sidecars)
+            && same(&self.service_entries, &other.service_entries)
+            && same(&self.gateways, &other.gateways)
+            && same(&self.pods, &other.pods)
+            && same(&self.endpoints, &other.endpoints)
+            && same(&self.endpoint_slices, &other.endpoint_slices)
+            && same(&self.namespaces, &other.namespaces)
     }
 
     /// Appends every object of `other` (later files win on equal names once sorted).

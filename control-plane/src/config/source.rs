@@ -140,7 +140,9 @@ pub async fn watch_dir(
                             tracing::warn!(error = %e, "rejected config");
                         }
                         let current = tx.borrow().clone();
-                        if !current.synced || *current.config != config || current.errors != errors
+                        if !current.synced
+                            || !current.config.same_as(&config)
+                            || current.errors != errors
                         {
                             generation += 1;
                             tracing::info!(dir = %dir.display(), generation, counts = ?config.counts(), rejected = errors.len(), took_ms = started.elapsed().as_secs_f64() * 1000.0, "config loaded");

@@ -552,7 +552,7 @@ fn destination_rule_for<'a>(
 ) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
     mesh.rule_index
         .get(&svc.hostname)
-        .map(|i| &mesh.config.destination_rules[*i])
+        .map(|i| &*mesh.config.destination_rules[*i])
 }
 
 fn virtual_service_for<'a>(
@@ -563,7 +563,7 @@ fn virtual_service_for<'a>(
     mesh.virtual_service_index
         .get(&svc.hostname)?
         .iter()
-        .map(|i| &mesh.config.virtual_services[*i])
+        .map(|i| &*mesh.config.virtual_services[*i])
         .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
         .find(|vs| {
             vs.spec.export_to.is_empty()

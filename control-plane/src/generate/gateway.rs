@@ -38,6 +38,7 @@ fn gateways_of<'a>(mesh: &'a Mesh, scope: &Scope<'_>) -> Vec<&'a Object<GatewayS
         .gateways
         .iter()
         .filter(|g| selector_matches(&g.spec.selector, &scope.proxy.labels))
+        .map(|g| &**g)
         .collect()
 }
 
