@@ -1,7 +1,8 @@
 //! ServiceEntries as the client sidecar's destinations, through weft-proxy and through a stock
 //! Envoy fed the same config by weftd: STATIC endpoints, DNS (STRICT_DNS, the proxy resolves
 //! `localhost` itself) and DNS_ROUND_ROBIN (LOGICAL_DNS), plus a LEAST_REQUEST policy on one of
-//! them. Both must accept every resource and send each host's traffic to the same backend.
+//! them. Both must accept every resource and send each host's traffic to the same backend, and,
+//! once the client's Sidecar says REGISTRY_ONLY, answer hosts the mesh does not know with 502.
 
 use weft_e2e::{Client, Quickstart};
 
@@ -95,7 +96,35 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, u16, String)> {
         ok.then_some(())
     })
     .unwrap_or_else(|| panic!("{name}: DNS clusters never served"));
-    let seen = scenario(&q);
+    let mut seen = scenario(&q);
+    // REGISTRY_ONLY: the client's Sidecar now answers hosts the mesh does not know with 502.
+    let client = q.ip(10);
+    q.write_file(
+        "zz-sidecar.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ mode: REGISTRY_ONLY }}\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: {client}\n    hosts: [\"./*\"]\n"
+        ),
+    );
+    let blocked = weft_e2e::wait_until(std::time::Duration::from_secs(10), || {
+        let r = Client::new(q.egress())
+            .get("unknown.external.test", "/")
+            .ok()?;
+        (r.status == 502).then_some(r.status)
+    });
+    let known = Client::new(q.egress())
+        .get("legacy.internal", "/")
+        .map(|r| r.status)
+        .ok();
+    seen.push((
+        "registry-only unknown".into(),
+        blocked.unwrap_or(0),
+        String::new(),
+    ));
+    seen.push((
+        "registry-only known".into(),
+        known.unwrap_or(0),
+        String::new(),
+    ));
     eprintln!("{name}: {seen:?}");
     q.assert_client_nacked_nothing();
     seen
@@ -117,6 +146,8 @@ fn weft_proxy_and_envoy_route_service_entry_hosts_alike() {
     expect("api.external.test/legacy/x", 200, "hello-v1");
     expect("single.external.test/", 200, "hello-v1");
     expect("unknown.external.test/", 404, "-");
+    assert!(weft.contains(&("registry-only unknown".into(), 502, String::new())));
+    assert!(weft.contains(&("registry-only known".into(), 200, String::new())));
     let envoy = run("se-envoy", 49, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");
 }

@@ -591,7 +591,23 @@ pub struct SidecarSpec {
     #[serde(default)]
     pub egress: Vec<IstioEgressListener>,
     #[serde(default)]
-    pub outbound_traffic_policy: Option<serde_json::Value>,
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: Option<OutboundMode>,
+    #[serde(default)]
+    pub egress_proxy: Option<Destination>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

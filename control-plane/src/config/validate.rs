@@ -513,6 +513,15 @@ fn bind(field: &str, b: &Option<String>) -> Check {
 }
 
 pub fn sidecar(s: &SidecarSpec) -> Check {
+    if s.outbound_traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.egress_proxy.is_some())
+    {
+        return bad(
+            "spec.outboundTrafficPolicy.egressProxy",
+            "forwarding unknown destinations to an egress proxy needs traffic capture, which universal mode does not set up",
+        );
+    }
     for (i, l) in s.ingress.iter().enumerate() {
         let at = format!("spec.ingress[{i}]");
         port(&format!("{at}.port.number"), l.port.number)?;

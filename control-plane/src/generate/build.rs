@@ -49,7 +49,7 @@ use super::scope::Scope;
 use crate::config::validate::{grpc_code, parse_duration};
 use crate::config::{
     HeaderOperations, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute,
-    Object, Percent, StringMatch, VirtualServiceSpec, parse_default_endpoint,
+    Object, OutboundMode, Percent, StringMatch, VirtualServiceSpec, parse_default_endpoint,
 };
 use crate::model::{Discovery, Mesh, Origin, Protocol, Service, resolve_host, selector_matches};
 
@@ -612,6 +612,27 @@ fn route_config(
             name: format!("{}:{port}", svc.hostname),
             domains: domains(svc, port, &scope.proxy.namespace),
             routes,
+            ..Default::default()
+        });
+    }
+    let registry_only = scope.sidecar.is_some_and(|s| {
+        s.spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode)
+            == Some(OutboundMode::RegistryOnly)
+    });
+    if registry_only {
+        // Istio's REGISTRY_ONLY: hosts the mesh does not know get a 502 from the sidecar.
+        virtual_hosts.push(VirtualHost {
+            name: "block_all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "block_all".into(),
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::DirectResponse(DirectResponseAction {
+                    status: 502,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
             ..Default::default()
         });
     }
