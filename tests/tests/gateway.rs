@@ -1,8 +1,9 @@
 //! An ingress gateway (a `router~` proxy selected by a Gateway's selector), through weft-proxy
 //! and through a stock Envoy fed the same config by weftd: VirtualServices bound to the Gateway
 //! route by path and host, unbound hosts get 404. Then an HTTPS server with certificate files:
-//! Envoy terminates TLS (checked with curl); weft-proxy, which has no downstream TLS yet, NACKs
-//! that listener naming the field and keeps serving the HTTP one.
+//! Envoy terminates TLS (checked with curl, and with an Envoy client sidecar originating TLS per
+//! a DestinationRule `tls: SIMPLE`); weft-proxy, which has no downstream TLS yet, NACKs that
+//! listener naming the field and keeps serving the HTTP one.
 
 use std::process::Command;
 use std::time::Duration;
@@ -188,6 +189,43 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, u16, String)> {
                 st["last_nack"]
             );
         }
+        // TLS origination: a client sidecar speaks plain HTTP to its egress listener and TLS
+        // (DestinationRule tls SIMPLE, checked against the CA file, with SNI) to the gateway.
+        q.start_client(true);
+        q.write_file(
+            "origination.yaml",
+            &format!(
+                r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: secure-origin, namespace: default }}
+spec:
+  hosts: [secure.example.com]
+  location: MESH_EXTERNAL
+  ports: [{{ number: 8080, name: http, protocol: HTTP, targetPort: {HTTPS_PORT} }}]
+  resolution: STATIC
+  endpoints: [{{ address: {ip} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: secure-origin, namespace: default }}
+spec:
+  host: secure.example.com
+  trafficPolicy:
+    tls: {{ mode: SIMPLE, caCertificates: {ca}, sni: secure.example.com }}
+"#,
+                ip = q.ip(GATEWAY_IP_HOST),
+                ca = certs.join("cert.pem").display()
+            ),
+        );
+        let r = wait_until(Duration::from_secs(10), || {
+            let r = Client::new(q.egress())
+                .get("secure.example.com", "/")
+                .ok()?;
+            (r.status == 200).then_some(r)
+        })
+        .expect("the client sidecar originates TLS to the gateway");
+        assert_eq!(r.header("x-echo-name"), Some("hello-v1"));
+        q.assert_client_nacked_nothing();
     } else {
         let nack = wait_until(Duration::from_secs(10), || {
             let s = sync(&q);

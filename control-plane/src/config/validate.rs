@@ -455,7 +455,45 @@ fn policy_parts(
     Ok(())
 }
 
+fn client_tls(at: &str, t: &Option<ClientTls>) -> Check {
+    let Some(t) = t else { return Ok(()) };
+    let at = format!("{at}.tls");
+    match t.mode.unwrap_or(ClientTlsMode::Disable) {
+        ClientTlsMode::IstioMutual => {
+            return bad(
+                format!("{at}.mode"),
+                "ISTIO_MUTUAL needs the mesh CA and workload certificates, which this weftd version does not issue yet",
+            );
+        }
+        ClientTlsMode::Mutual => {
+            if t.client_certificate.is_none() || t.private_key.is_none() {
+                return bad(
+                    at,
+                    "MUTUAL needs clientCertificate and privateKey (files in universal mode)",
+                );
+            }
+        }
+        ClientTlsMode::Simple | ClientTlsMode::Disable => {}
+    }
+    if t.credential_name.is_some() {
+        return bad(
+            format!("{at}.credentialName"),
+            "credentials from Kubernetes secrets need Kubernetes mode; in universal mode give the certificate files",
+        );
+    }
+    if let Some(sni) = &t.sni
+        && name(&sni.to_ascii_lowercase()).is_err()
+    {
+        return bad(format!("{at}.sni"), format!("{sni:?} is not a DNS name"));
+    }
+    Ok(())
+}
+
 fn traffic_policy(at: &str, p: &TrafficPolicy) -> Check {
+    client_tls(at, &p.tls)?;
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        client_tls(&format!("{at}.portLevelSettings[{i}]"), &pl.tls)?;
+    }
     policy_parts(
         at,
         &p.load_balancer,

@@ -8,7 +8,8 @@ use weft_xds_proto::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlier, circuit_breakers, cluster,
 };
 use weft_xds_proto::envoy::config::core::v3::{
-    Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
+    DataSource, Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions, TransportSocket,
+    data_source, transport_socket,
 };
 use weft_xds_proto::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
 use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
@@ -30,6 +31,7 @@ const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptio
 #[derive(Default)]
 pub struct Effective<'a> {
     lb: Option<&'a LoadBalancerSettings>,
+    tls: Option<&'a crate::config::ClientTls>,
     pool: Option<&'a ConnectionPoolSettings>,
     outlier: Option<&'a OutlierDetection>,
 }
@@ -39,6 +41,7 @@ impl<'a> Effective<'a> {
         self.lb = p.load_balancer.as_ref().or(self.lb);
         self.pool = p.connection_pool.as_ref().or(self.pool);
         self.outlier = p.outlier_detection.as_ref().or(self.outlier);
+        self.tls = p.tls.as_ref().or(self.tls);
         if let Some(pl) = p
             .port_level_settings
             .iter()
@@ -47,6 +50,7 @@ impl<'a> Effective<'a> {
             self.lb = pl.load_balancer.as_ref().or(self.lb);
             self.pool = pl.connection_pool.as_ref().or(self.pool);
             self.outlier = pl.outlier_detection.as_ref().or(self.outlier);
+            self.tls = pl.tls.as_ref().or(self.tls);
         }
     }
 
@@ -119,8 +123,82 @@ pub fn hash_policy(dr: Option<&DestinationRuleSpec>, subset: &str, port: u32) ->
     }]
 }
 
+/// TLS origination (DestinationRule `tls` SIMPLE or MUTUAL) as the cluster's transport socket;
+/// without `caCertificates` the server is checked against the system's trust store, as Istio
+/// does, unless `insecureSkipVerify`.
+fn upstream_tls(t: &crate::config::ClientTls) -> Option<TransportSocket> {
+    use crate::config::ClientTlsMode;
+    use weft_xds_proto::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
+        UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+    };
+    use weft_xds_proto::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+    let mode = t.mode?;
+    if !matches!(mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) {
+        return None;
+    }
+    let file = |p: &str| {
+        Some(DataSource {
+            specifier: Some(data_source::Specifier::Filename(p.to_string())),
+            ..Default::default()
+        })
+    };
+    let mut common = CommonTlsContext::default();
+    if mode == ClientTlsMode::Mutual {
+        common.tls_certificates = vec![TlsCertificate {
+            certificate_chain: file(t.client_certificate.as_deref()?),
+            private_key: file(t.private_key.as_deref()?),
+            ..Default::default()
+        }];
+    }
+    if t.insecure_skip_verify != Some(true) {
+        let ca = t
+            .ca_certificates
+            .as_deref()
+            .unwrap_or("/etc/ssl/certs/ca-certificates.crt");
+        common.validation_context_type = Some(
+            common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: file(ca),
+                    match_typed_subject_alt_names: t
+                        .subject_alt_names
+                        .iter()
+                        .map(|san| SubjectAltNameMatcher {
+                            san_type: if san.contains("://") {
+                                subject_alt_name_matcher::SanType::Uri
+                            } else {
+                                subject_alt_name_matcher::SanType::Dns
+                            } as i32,
+                            matcher: Some(StringMatcher {
+                                match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                    san.clone(),
+                                )),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    let ctx = UpstreamTlsContext {
+        common_tls_context: Some(common),
+        sni: t.sni.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&ctx))),
+    })
+}
+
 /// Applies the policy (and Istio's defaults) to an outbound cluster.
 pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
+    if let Some(t) = e.tls {
+        c.transport_socket = upstream_tls(t);
+    }
     let open = Some(UInt32Value { value: u32::MAX });
     let mut thresholds = circuit_breakers::Thresholds {
         max_connections: open,
