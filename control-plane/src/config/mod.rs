@@ -327,6 +327,51 @@ impl ConfigSet {
         by_key(&mut self.namespaces);
     }
 
+    /// `Kind/namespace/name` of every object (as errors name them).
+    pub fn ids(&self) -> std::collections::HashSet<String> {
+        let mut out = std::collections::HashSet::new();
+        self.each_id(|id| {
+            out.insert(id);
+        });
+        out
+    }
+
+    fn each_id(&self, mut f: impl FnMut(String)) {
+        macro_rules! ids {
+            ($($field:ident => $kind:expr),*) => {
+                $( for o in &self.$field { f(format!("{}/{}/{}", $kind, o.namespace, o.meta.name)); } )*
+            };
+        }
+        ids!(services => Kind::Service, workload_entries => Kind::WorkloadEntry,
+            virtual_services => Kind::VirtualService, destination_rules => Kind::DestinationRule,
+            sidecars => Kind::Sidecar, service_entries => Kind::ServiceEntry,
+            gateways => Kind::Gateway, pods => Kind::Pod, endpoints => Kind::Endpoints,
+            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace);
+    }
+
+    /// Copies the objects of `previous` whose `Kind/namespace/name` `keep` selects; returns
+    /// their ids.
+    pub fn carry_over(&mut self, previous: &ConfigSet, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut carried = Vec::new();
+        macro_rules! carry {
+            ($($field:ident => $kind:expr),*) => {
+                $( for o in &previous.$field {
+                    let id = format!("{}/{}/{}", $kind, o.namespace, o.meta.name);
+                    if keep(&id) {
+                        self.$field.push(o.clone());
+                        carried.push(id);
+                    }
+                } )*
+            };
+        }
+        carry!(services => Kind::Service, workload_entries => Kind::WorkloadEntry,
+            virtual_services => Kind::VirtualService, destination_rules => Kind::DestinationRule,
+            sidecars => Kind::Sidecar, service_entries => Kind::ServiceEntry,
+            gateways => Kind::Gateway, pods => Kind::Pod, endpoints => Kind::Endpoints,
+            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace);
+        carried
+    }
+
     /// Equal to `other`; objects shared with it (unchanged files) compare by pointer.
     pub fn same_as(&self, other: &ConfigSet) -> bool {
         fn same<T: PartialEq>(a: &[Shared<T>], b: &[Shared<T>]) -> bool {

@@ -47,7 +47,8 @@ impl FileCache {
             let mtime = md.and_then(|m| m.modified().ok());
             let file = match self.files.get(&path) {
                 Some((l, m, p)) if *l == len && *m == mtime && mtime.is_some() => p.clone(),
-                _ => Arc::new(parse_file(&path)),
+                Some((_, _, previous)) => Arc::new(keep_last_good(parse_file(&path), previous)),
+                None => Arc::new(parse_file(&path)),
             };
             files.insert(path, (len, mtime, file.clone()));
             parsed.push(file);
@@ -62,6 +63,43 @@ impl FileCache {
         set.sort();
         Ok((set, errors))
     }
+}
+
+/// A bad edit does not take objects away: an object whose new version is rejected keeps its
+/// last valid version (as a rejected update leaves the stored object alone in Kubernetes), and
+/// when the file stops parsing part-way (a YAML syntax error) every object of the last good
+/// parse that the new one lacks is kept too. The errors say so.
+fn keep_last_good(mut parsed: Parsed, previous: &Parsed) -> Parsed {
+    if parsed.1.is_empty() {
+        return parsed;
+    }
+    let rejected: std::collections::HashSet<String> = parsed
+        .1
+        .iter()
+        .filter(|e| !e.object.is_empty())
+        .map(|e| e.object.clone())
+        .collect();
+    let stream_broken = parsed.1.iter().any(|e| e.object.is_empty());
+    let present = parsed.0.ids();
+    let carried = parsed.0.carry_over(&previous.0, |id| {
+        !present.contains(id) && (stream_broken || rejected.contains(id))
+    });
+    if carried.is_empty() {
+        return parsed;
+    }
+    for e in &mut parsed.1 {
+        if carried.contains(&e.object) {
+            e.reason
+                .push_str("; its last valid version keeps being served");
+        } else if e.object.is_empty() {
+            e.reason.push_str(&format!(
+                "; the last valid versions of {} keep being served",
+                carried.join(", ")
+            ));
+        }
+    }
+    parsed.0.sort();
+    parsed
 }
 
 fn parse_file(path: &Path) -> Parsed {
@@ -169,5 +207,69 @@ pub async fn watch_dir(
             }
         }
         tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: a }\nspec:\n  hosts: [a]\n  http: [{ route: [{ destination: { host: a } }] }]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: b }\nspec:\n  hosts: [b]\n  http: [{ route: [{ destination: { host: b } }] }]\n";
+
+    fn names(set: &ConfigSet) -> Vec<String> {
+        set.virtual_services
+            .iter()
+            .map(|v| format!("{}:{}", v.meta.name, v.spec.hosts.join(",")))
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_edit_keeps_the_last_valid_objects_and_says_so() {
+        let dir = std::env::temp_dir().join(format!("weft-source-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vs.yaml");
+        let mut cache = FileCache::default();
+        std::fs::write(&file, GOOD).unwrap();
+        let (set, errors) = cache.load(&dir).unwrap();
+        assert!(errors.is_empty());
+        assert_eq!(names(&set), ["a:a", "b:b"]);
+
+        // `a` gets an invalid weight, `b` a new host: `b` changes, `a` keeps its last version.
+        let bad_a = GOOD
+            .replace(
+                "{ host: a } }]",
+                "{ host: a }, weight: 150 }, { destination: { host: a }, weight: 1 }]",
+            )
+            .replace("hosts: [b]", "hosts: [b, bee]");
+        std::fs::write(&file, bad_a).unwrap();
+        let (set, errors) = cache.load(&dir).unwrap();
+        assert_eq!(names(&set), ["a:a", "b:b,bee"]);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .reason
+                .contains("last valid version keeps being served"),
+            "{}",
+            errors[0]
+        );
+
+        // A YAML syntax error part-way: everything of the last good parse stays.
+        std::fs::write(&file, "apiVersion: v1\nkind: [unclosed\n").unwrap();
+        let (set, errors) = cache.load(&dir).unwrap();
+        assert_eq!(names(&set), ["a:a", "b:b,bee"]);
+        assert!(
+            errors[0].reason.contains("keep being served"),
+            "{}",
+            errors[0]
+        );
+
+        // A valid file without `a` deletes it.
+        let only_b = &GOOD[GOOD.find("---\n").unwrap() + 4..];
+        std::fs::write(&file, only_b).unwrap();
+        let (set, errors) = cache.load(&dir).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(names(&set), ["b:b"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
