@@ -99,6 +99,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     pub discovery: Discovery,
     pub origin: Origin,
+    /// Namespaces that see it (ServiceEntry `exportTo`, or a Service's
+    /// `networking.istio.io/exportTo` annotation); empty: all.
+    pub export_to: Vec<String>,
 }
 
 impl Service {
@@ -116,6 +119,7 @@ impl Service {
             && self.ports == o.ports
             && self.discovery == o.discovery
             && self.origin == o.origin
+            && self.export_to == o.export_to
             && (self.discovery == Discovery::Eds || self.endpoints == o.endpoints)
     }
 }
@@ -137,9 +141,10 @@ pub struct Mesh {
     pub workloads: Vec<Workload>,
     /// The config this was built from, shared with the config source's snapshot.
     pub config: std::sync::Arc<ConfigSet>,
-    /// Service hostname -> the DestinationRule (index into `config.destination_rules`) that
-    /// applies to it: the matching rule in the service's namespace, else the first other one.
-    pub rule_index: HashMap<String, usize>,
+    /// Service hostname -> the DestinationRules (indexes into `config.destination_rules`)
+    /// whose host matches it; each proxy picks among those exported to it (see
+    /// `destination_rule_for`).
+    pub rule_index: HashMap<String, Vec<usize>>,
     /// Service hostname -> the VirtualServices (indexes into `config.virtual_services`, in
     /// config order) one of whose hosts matches it; each proxy then picks the first it can see.
     pub virtual_service_index: HashMap<String, Vec<usize>>,
@@ -161,6 +166,15 @@ pub fn resolve_host(host: &str, ns: &str) -> String {
     } else {
         fqdn(host, ns)
     }
+}
+
+/// Istio's `exportTo` for an object of namespace `object_ns`, seen from `viewer_ns`: empty or
+/// `*` is everywhere, `.` its own namespace, otherwise the namespaces listed (`~`: nowhere).
+pub fn exported_to(export_to: &[String], object_ns: &str, viewer_ns: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && object_ns == viewer_ns) || e == viewer_ns)
 }
 
 pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
@@ -421,7 +435,7 @@ impl<'a> Index<'a> {
 fn index_rules(
     services: &[Service],
     config: &ConfigSet,
-) -> (HashMap<String, usize>, HashMap<String, Vec<usize>>) {
+) -> (HashMap<String, Vec<usize>>, HashMap<String, Vec<usize>>) {
     let rule_hosts: Vec<String> = config
         .destination_rules
         .iter()
@@ -441,17 +455,11 @@ fn index_rules(
     let mut rules = HashMap::new();
     let mut vss = HashMap::new();
     for svc in services {
-        // Istio looks in the service's namespace (and the client's) for a rule; the service's
-        // wins.
-        let rule = config
-            .destination_rules
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| crate::generate::host_matches(&rule_hosts[*i], &svc.hostname))
-            .min_by_key(|(_, dr)| dr.namespace != svc.namespace)
-            .map(|(i, _)| i);
-        if let Some(i) = rule {
-            rules.insert(svc.hostname.clone(), i);
+        let candidates: Vec<usize> = (0..config.destination_rules.len())
+            .filter(|i| crate::generate::host_matches(&rule_hosts[*i], &svc.hostname))
+            .collect();
+        if !candidates.is_empty() {
+            rules.insert(svc.hostname.clone(), candidates);
         }
         let matching: Vec<usize> = vs_hosts
             .iter()
@@ -509,6 +517,7 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, index: &Index<'_>) -> S
             ports,
             discovery: Discovery::StrictDns,
             origin: Origin::Kubernetes,
+            export_to: annotation_export_to(s),
         };
     }
     let mut endpoints = kubernetes_endpoints(s, &ports, index);
@@ -556,7 +565,22 @@ fn build_service(s: &Object<crate::config::ServiceSpec>, index: &Index<'_>) -> S
         endpoints,
         discovery: Discovery::Eds,
         origin: Origin::Kubernetes,
+        export_to: annotation_export_to(s),
     }
+}
+
+/// Istio's `networking.istio.io/exportTo` Service annotation (comma-separated namespaces).
+fn annotation_export_to(s: &Object<crate::config::ServiceSpec>) -> Vec<String> {
+    s.meta
+        .annotations
+        .get("networking.istio.io/exportTo")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn entry_labels(we: &Object<WorkloadEntrySpec>) -> &Labels {
@@ -810,6 +834,7 @@ fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, index: &Index<
             entry: se.meta.name.clone(),
             external: se.spec.location != Some(Location::MeshInternal),
         },
+        export_to: se.spec.export_to.clone(),
     }
 }
 

@@ -51,7 +51,9 @@ use crate::config::{
     HeaderOperations, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRoute,
     Object, OutboundMode, Percent, StringMatch, VirtualServiceSpec, parse_default_endpoint,
 };
-use crate::model::{Discovery, Mesh, Origin, Protocol, Service, resolve_host, selector_matches};
+use crate::model::{
+    Discovery, Mesh, Origin, Protocol, Service, exported_to, resolve_host, selector_matches,
+};
 
 /// Istio's default connect timeout for clusters.
 const CONNECT_TIMEOUT_SECS: i64 = 10;
@@ -167,12 +169,11 @@ fn dns_cluster(
 }
 
 /// The service's subsets: the whole service (`""`, no selector), then each DestinationRule subset.
-fn subsets_of<'a>(
-    mesh: &'a Mesh,
-    svc: &Service,
-) -> Vec<(&'a str, Option<&'a crate::config::Labels>)> {
+fn subsets_of(
+    rule: Option<&Object<crate::config::DestinationRuleSpec>>,
+) -> Vec<(&str, Option<&crate::config::Labels>)> {
     let mut out = vec![("", None)];
-    if let Some(dr) = destination_rule_for(mesh, svc) {
+    if let Some(dr) = rule {
         out.extend(
             dr.spec
                 .subsets
@@ -181,6 +182,17 @@ fn subsets_of<'a>(
         );
     }
     out
+}
+
+/// The shared-cache key of a cluster or load assignment: its name and the rule it was made with.
+fn shared_key(
+    name: &str,
+    rule: Option<(usize, &Object<crate::config::DestinationRuleSpec>)>,
+) -> String {
+    match rule {
+        Some((i, _)) => format!("{name}#{i}"),
+        None => name.to_string(),
+    }
 }
 
 /// The endpoints of one service port (and subset) as Envoy load-balancing endpoints.
@@ -203,12 +215,14 @@ pub fn endpoints(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         .iter()
         .filter(|s| s.discovery == Discovery::Eds)
     {
+        let rule = destination_rule_for(mesh, &scope.proxy.namespace, svc);
         for port in &svc.ports {
-            for (subset, selector) in subsets_of(mesh, svc) {
+            for (subset, selector) in subsets_of(rule.map(|(_, dr)| dr)) {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
+                let key = shared_key(&name, rule);
                 let r = mesh
                     .shared
-                    .get_or_add(type_url::CLUSTER_LOAD_ASSIGNMENT, &name, || {
+                    .get_or_add(type_url::CLUSTER_LOAD_ASSIGNMENT, &key, || {
                         let lb_endpoints = lb_endpoints_for(svc, port.port, selector);
                         ClusterLoadAssignment {
                             cluster_name: name.clone(),
@@ -242,12 +256,14 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             }
             continue;
         }
-        let rule = destination_rule_for(mesh, svc).map(|dr| &dr.spec);
+        let chosen = destination_rule_for(mesh, &scope.proxy.namespace, svc);
+        let rule = chosen.map(|(_, dr)| &dr.spec);
         for port in &svc.ports {
-            for (subset, selector) in subsets_of(mesh, svc) {
+            for (subset, selector) in subsets_of(chosen.map(|(_, dr)| dr)) {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                // A service's clusters are the same for every proxy that sees it.
-                let r = mesh.shared.get_or_add(type_url::CLUSTER, &name, || {
+                // A service's clusters are the same for every proxy that sees the same rule.
+                let key = shared_key(&name, chosen);
+                let r = mesh.shared.get_or_add(type_url::CLUSTER, &key, || {
                     let mut cluster = match svc.discovery {
                         Discovery::StrictDns | Discovery::LogicalDns => {
                             let logical = svc.discovery == Discovery::LogicalDns;
@@ -546,13 +562,27 @@ fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
     }
 }
 
+/// The DestinationRule for a service as a proxy of namespace `proxy_ns` sees it, in Istio's
+/// order: a rule in the proxy's namespace, else in the service's, else in the root namespace,
+/// else any other; only rules exported to the proxy count. Returns its index too (clusters are
+/// shared per rule).
 fn destination_rule_for<'a>(
     mesh: &'a Mesh,
+    proxy_ns: &str,
     svc: &Service,
-) -> Option<&'a Object<crate::config::DestinationRuleSpec>> {
+) -> Option<(usize, &'a Object<crate::config::DestinationRuleSpec>)> {
     mesh.rule_index
-        .get(&svc.hostname)
-        .map(|i| &*mesh.config.destination_rules[*i])
+        .get(&svc.hostname)?
+        .iter()
+        .map(|i| (*i, &*mesh.config.destination_rules[*i]))
+        .filter(|(_, dr)| exported_to(&dr.spec.export_to, &dr.namespace, proxy_ns))
+        .min_by_key(|(_, dr)| {
+            (
+                dr.namespace != proxy_ns,
+                dr.namespace != svc.namespace,
+                dr.namespace != crate::model::ROOT_NAMESPACE,
+            )
+        })
 }
 
 fn virtual_service_for<'a>(
@@ -565,14 +595,7 @@ fn virtual_service_for<'a>(
         .iter()
         .map(|i| &*mesh.config.virtual_services[*i])
         .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-        .find(|vs| {
-            vs.spec.export_to.is_empty()
-                || vs.spec.export_to.iter().any(|e| {
-                    e == "*"
-                        || (e == "." && vs.namespace == scope.proxy.namespace)
-                        || e == &scope.proxy.namespace
-                })
-        })
+        .find(|vs| exported_to(&vs.spec.export_to, &vs.namespace, &scope.proxy.namespace))
 }
 
 /// The route configuration for one outbound port: a virtual host per service on that port.
@@ -599,7 +622,8 @@ fn route_config(
                 action: Some(route::Action::Route(RouteAction {
                     retry_policy: Some(retry_policy(None)),
                     hash_policy: super::policy::hash_policy(
-                        destination_rule_for(mesh, svc).map(|dr| &dr.spec),
+                        destination_rule_for(mesh, &scope.proxy.namespace, svc)
+                            .map(|(_, dr)| &dr.spec),
                         "",
                         port,
                     ),
@@ -869,8 +893,8 @@ pub(super) fn http_routes(
             let p = destination_port(mesh, &host, &d.destination, port);
             let rule = mesh
                 .service(&host)
-                .and_then(|svc| destination_rule_for(mesh, svc))
-                .map(|dr| &dr.spec);
+                .and_then(|svc| destination_rule_for(mesh, &scope.proxy.namespace, svc))
+                .map(|(_, dr)| &dr.spec);
             super::policy::hash_policy(rule, d.destination.subset.as_deref().unwrap_or(""), p)
         })
         .collect();

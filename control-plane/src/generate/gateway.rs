@@ -127,12 +127,7 @@ fn route_config(
 }
 
 fn exported(vs: &Object<VirtualServiceSpec>, scope: &Scope<'_>) -> bool {
-    vs.spec.export_to.is_empty()
-        || vs.spec.export_to.iter().any(|e| {
-            e == "*"
-                || (e == "." && vs.namespace == scope.proxy.namespace)
-                || *e == scope.proxy.namespace
-        })
+    crate::model::exported_to(&vs.spec.export_to, &vs.namespace, &scope.proxy.namespace)
 }
 
 fn file(path: &str) -> Option<DataSource> {

@@ -20,10 +20,13 @@ impl<'a> Scope<'a> {
         } else {
             mesh.sidecar_for(&proxy.namespace, &proxy.labels)
         };
+        let exported =
+            |s: &&Service| crate::model::exported_to(&s.export_to, &s.namespace, &proxy.namespace);
         let services = match sidecar {
             Some(sc) => mesh
                 .services
                 .iter()
+                .filter(exported)
                 .filter(|s| {
                     sc.spec
                         .egress
@@ -31,7 +34,7 @@ impl<'a> Scope<'a> {
                         .any(|l| egress_admits(l, &proxy.namespace, s))
                 })
                 .collect(),
-            None => mesh.services.iter().collect(),
+            None => mesh.services.iter().filter(exported).collect(),
         };
         Scope {
             proxy,

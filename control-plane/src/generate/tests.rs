@@ -329,3 +329,66 @@ fn type_versions_of_a_subscribed_subset() {
         "names without a resource do not count"
     );
 }
+
+#[test]
+fn export_to_hides_rules_and_service_entries_from_other_namespaces() {
+    let extra = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: hello-private, namespace: team-a }
+spec:
+  host: hello.default.svc.cluster.local
+  exportTo: ["."]
+  subsets: [{ name: private, labels: { version: v1 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: hidden, namespace: default }
+spec:
+  hosts: [hidden.example.com]
+  exportTo: [team-a]
+  ports: [{ number: 80, name: http, protocol: HTTP }]
+  resolution: STATIC
+  endpoints: [{ address: 127.0.0.99 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: a-client, namespace: team-a }
+spec: { address: 127.0.0.50, labels: { app: a-client } }
+"#;
+    let mut set = ConfigSet::default();
+    let errors = set.add_file(
+        std::path::Path::new("quickstart.yaml"),
+        &format!("{QUICKSTART}{extra}"),
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    set.sort();
+    let mesh = Mesh::build(&set);
+    let clusters = |id: &str| -> Vec<String> {
+        let proxy = ProxyNode::identify(&node(id), &mesh).unwrap();
+        generate(&mesh, &proxy)
+            .of_type(type_url::CLUSTER)
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let default = clusters("sidecar~127.0.0.10~client.default~default.svc.cluster.local");
+    // The default namespace sees hello's own rule (subsets v1, v2), not team-a's private one,
+    // and not the ServiceEntry exported only to team-a.
+    assert!(default.contains(&"outbound|8080|v1|hello.default.svc.cluster.local".to_string()));
+    assert!(
+        !default.iter().any(|c| c.contains("|private|")),
+        "{default:?}"
+    );
+    assert!(
+        !default.iter().any(|c| c.contains("hidden.example.com")),
+        "{default:?}"
+    );
+    // team-a prefers its own rule and sees the entry.
+    let team_a = clusters("sidecar~127.0.0.50~a-client.team-a~team-a.svc.cluster.local");
+    assert!(team_a.contains(&"outbound|8080|private|hello.default.svc.cluster.local".to_string()));
+    assert!(!team_a.iter().any(|c| c.contains("|v2|")), "{team_a:?}");
+    assert!(team_a.contains(&"outbound|80||hidden.example.com".to_string()));
+}
