@@ -583,7 +583,8 @@ fn annotation_export_to(s: &Object<crate::config::ServiceSpec>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn entry_labels(we: &Object<WorkloadEntrySpec>) -> &Labels {
+/// A WorkloadEntry's labels: `spec.labels`, else `metadata.labels`.
+pub(crate) fn entry_labels(we: &Object<WorkloadEntrySpec>) -> &Labels {
     if we.spec.labels.is_empty() {
         &we.meta.labels
     } else {

@@ -288,52 +288,17 @@ spec:
 
     /// A stock Envoy as the client's sidecar.
     pub fn start_envoy_client(&mut self, delta: bool) {
-        let path_s = self.client_bootstrap(delta).display().to_string();
-        let base_id = (u32::from(self.net) * 10 + u32::from(delta)).to_string();
-        self.procs.push(Proc::start(
-            "envoy",
-            &envoy_bin(),
-            &[
-                "-c",
-                &path_s,
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--base-id",
-                &base_id,
-                "-l",
-                "info",
-            ],
-            &self.log_dir,
-        ));
-        let admin = self.admin(10);
-        wait_until(Duration::from_secs(20), || {
-            crate::http::get(admin, "/ready")
-                .ok()
-                .filter(|r| r.status == 200)
-        })
-        .expect("Envoy becomes LIVE on weftd's config");
+        let path = self.client_bootstrap(delta);
+        let base_id = u32::from(self.net) * 10 + u32::from(delta);
+        self.launch_envoy("envoy", &path, base_id, 10);
     }
 
-    /// A stock Envoy with any node id (`router~...` for a gateway), its admin on `host`.
-    pub fn start_envoy_as(&mut self, host: u8, workload: &str, node: &str, labels: &str) {
-        let metadata =
-            format!("{{ NAMESPACE: default, WORKLOAD_NAME: {workload}, LABELS: {labels} }}");
-        let bootstrap = crate::envoy::bootstrap(
-            node,
-            workload,
-            &metadata,
-            self.admin(host),
-            self.xds(),
-            false,
-        );
-        std::fs::create_dir_all(&self.log_dir).expect("log dir");
-        let path = self.log_dir.join(format!("{workload}-bootstrap.yaml"));
-        std::fs::write(&path, bootstrap).expect("write bootstrap");
-        let path_s = path.display().to_string();
-        let base_id = (u32::from(self.net) * 10 + 5 + u32::from(host)).to_string();
+    /// Starts Envoy on a bootstrap file and waits until its admin (on `host`) reports ready.
+    fn launch_envoy(&mut self, name: &str, bootstrap: &std::path::Path, base_id: u32, host: u8) {
+        let path_s = bootstrap.display().to_string();
+        let base_id = base_id.to_string();
         self.procs.push(Proc::start(
-            &format!("envoy-{workload}"),
+            name,
             &envoy_bin(),
             &[
                 "-c",
@@ -354,7 +319,26 @@ spec:
                 .ok()
                 .filter(|r| r.status == 200)
         })
-        .unwrap_or_else(|| panic!("{workload}'s Envoy becomes LIVE on weftd's config"));
+        .unwrap_or_else(|| panic!("{name} becomes LIVE on weftd's config"));
+    }
+
+    /// A stock Envoy with any node id (`router~...` for a gateway), its admin on `host`.
+    pub fn start_envoy_as(&mut self, host: u8, workload: &str, node: &str, labels: &str) {
+        let metadata =
+            format!("{{ NAMESPACE: default, WORKLOAD_NAME: {workload}, LABELS: {labels} }}");
+        let bootstrap = crate::envoy::bootstrap(
+            node,
+            workload,
+            &metadata,
+            self.admin(host),
+            self.xds(),
+            false,
+        );
+        std::fs::create_dir_all(&self.log_dir).expect("log dir");
+        let path = self.log_dir.join(format!("{workload}-bootstrap.yaml"));
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let base_id = u32::from(self.net) * 10 + 5 + u32::from(host);
+        self.launch_envoy(&format!("envoy-{workload}"), &path, base_id, host);
     }
 
     /// weft-proxy as the client's sidecar, started from the same Envoy bootstrap file.

@@ -586,12 +586,7 @@ fn endpoints_of(
         && let Some(sel) = selector.filter(|s| !s.is_empty())
     {
         for w in config.workload_entries.iter().filter(|w| w.namespace == ns) {
-            let labels = if w.spec.labels.is_empty() {
-                &w.meta.labels
-            } else {
-                &w.spec.labels
-            };
-            if selector_matches(sel, labels)
+            if selector_matches(sel, crate::model::entry_labels(w))
                 && let Ok(ip) = w.spec.address.parse()
             {
                 out.push(Endpoint {

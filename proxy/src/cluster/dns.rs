@@ -2,7 +2,6 @@
 //! assignment itself (through the system resolver), on the cluster's refresh interval, and swaps
 //! the resolved hosts in. A failed lookup keeps the last good hosts, as Envoy does.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -11,7 +10,7 @@ use weft_xds_proto::envoy::config::cluster::v3::cluster::DnsLookupFamily;
 use weft_xds_proto::envoy::config::core::v3::{address, socket_address};
 use weft_xds_proto::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 
-use super::{Cluster, Endpoint};
+use super::Cluster;
 
 /// What a DNS cluster resolves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,12 +191,7 @@ async fn resolve(cfg: &DnsConfig) -> Option<Vec<(SocketAddr, u32)>> {
 impl Cluster {
     /// Swaps in freshly resolved hosts, keeping pools of addresses that stay.
     fn set_resolved(&self, hosts: Vec<(SocketAddr, u32)>) {
-        let current = self.endpoints.load();
-        let existing: HashMap<SocketAddr, Arc<Endpoint>> = current
-            .all()
-            .iter()
-            .map(|e| (e.address, e.clone()))
-            .collect();
+        let existing = self.current_endpoints();
         let mut seen = std::collections::HashSet::new();
         let endpoints = hosts
             .into_iter()

@@ -505,14 +505,19 @@ impl Cluster {
         }
     }
 
-    /// Replaces the endpoints from an EDS update.
-    pub fn assign(&self, cla: &ClusterLoadAssignment) -> Result<(), Rejection> {
-        let current = self.endpoints.load();
-        let existing: HashMap<SocketAddr, Arc<Endpoint>> = current
+    /// The current endpoints by address, to carry pools and stats into a new set.
+    pub fn current_endpoints(&self) -> HashMap<SocketAddr, Arc<Endpoint>> {
+        self.endpoints
+            .load()
             .all()
             .iter()
             .map(|e| (e.address, e.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// Replaces the endpoints from an EDS update.
+    pub fn assign(&self, cla: &ClusterLoadAssignment) -> Result<(), Rejection> {
+        let existing = self.current_endpoints();
         let set = self.endpoint_set(cla, &existing)?;
         self.endpoints.store(Arc::new(set));
         self.stats.update_success.inc();

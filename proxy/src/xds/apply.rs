@@ -163,13 +163,7 @@ impl Applier {
                 // cache already).
                 && self.eds_cache.get(service) != Some(*cla)
             {
-                let existing = cluster
-                    .endpoints
-                    .load()
-                    .all()
-                    .iter()
-                    .map(|e| (e.address, e.clone()))
-                    .collect();
+                let existing = cluster.current_endpoints();
                 updates.push((cluster.clone(), cluster.endpoint_set(cla, &existing)?));
             }
         }
