@@ -10,6 +10,8 @@
 //! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several).
 //!
 //! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
+//! A request with `upgrade: websocket` is answered `101 Switching Protocols`; the upgraded
+//! connection then sends the server's name and a newline, and echoes every byte back.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -43,7 +45,7 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
                 Ok::<_, Infallible>(scripted(name, attempts, req).await)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
@@ -83,8 +85,48 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn scripted<B>(name: &str, attempts: &Attempts, req: Request<B>) -> Response<Full<Bytes>> {
+async fn scripted<B>(
+    name: &'static str,
+    attempts: &Attempts,
+    mut req: Request<B>,
+) -> Response<Full<Bytes>> {
     let query = req.uri().query().unwrap_or("").to_string();
+    let wants_upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if wants_upgrade {
+        // An upgraded connection echoes every byte back, prefixed once with this server's name.
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut io = TokioIo::new(upgraded);
+            if io.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(hyper::header::UPGRADE, "websocket".parse().expect("value"));
+        h.insert(hyper::header::CONNECTION, "upgrade".parse().expect("value"));
+        h.insert(
+            "x-echo-name",
+            name.parse()
+                .unwrap_or_else(|_| "echo".parse().expect("value")),
+        );
+        return resp;
+    }
     if req.uri().path() == "/echo/attempts" {
         let n = query_param(&query, "id")
             .map(|id| attempts.get(id))

@@ -497,6 +497,11 @@ pub(super) fn http_connection_manager(
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
         http_filters,
+        // WebSocket upgrades pass through, as on Istio's sidecars and gateways.
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     Filter {

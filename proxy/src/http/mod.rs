@@ -8,6 +8,7 @@ pub mod hash;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,8 @@ pub struct ConnectionManager {
     pub cors_filter: bool,
     pub routes: RouteSource,
     pub stats: Arc<HttpStats>,
+    /// `upgrade_configs` allows WebSocket upgrades.
+    pub websocket: bool,
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -125,11 +128,18 @@ impl ConnectionManager {
                 "the router filter is required".into(),
             ));
         }
-        if !hcm.upgrade_configs.is_empty() {
-            return Err(reject(
-                "upgrade_configs",
-                "upgrades (WebSocket) are not supported yet".into(),
-            ));
+        let mut websocket = false;
+        for (i, u) in hcm.upgrade_configs.iter().enumerate() {
+            if !u.upgrade_type.eq_ignore_ascii_case("websocket") || !u.filters.is_empty() {
+                return Err(reject(
+                    &format!("upgrade_configs[{i}]"),
+                    format!(
+                        "only the websocket upgrade without filters is supported ({:?} given)",
+                        u.upgrade_type
+                    ),
+                ));
+            }
+            websocket = u.enabled.is_none_or(|e| e.value);
         }
         let routes = match &hcm.route_specifier {
             Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
@@ -149,6 +159,7 @@ impl ConnectionManager {
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
             cors_filter,
+            websocket,
             routes,
             stats: Arc::new(HttpStats::default()),
         })
@@ -188,7 +199,7 @@ pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, st
         .max_concurrent_streams(1024)
         .max_header_list_size(96 * 1024);
     if let Err(e) = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {
         tracing::debug!("downstream connection ended: {e}");
@@ -356,6 +367,20 @@ async fn route_rest(
         hash::compute(&action.hash_policy, &parts)
     };
     let authority = action.host_rewrite.as_deref().unwrap_or(authority);
+    if hcm.websocket && upgrade::is_websocket(parts.version, &parts.headers) {
+        let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
+        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        if let (Some(u), Some(on_upgrade)) = (upgrade_header, on_upgrade) {
+            drop(body);
+            let head = match upstream_head(parts, authority, UpstreamProtocol::Http1) {
+                Ok(h) => h,
+                Err(resp) => return resp,
+            };
+            let mut resp = upgrade::forward(&cluster, head, u, on_upgrade, action.timeout).await;
+            route.response_headers.apply(resp.headers_mut());
+            return resp;
+        }
+    }
     let mut resp = forward(&cluster, action, parts, body, authority, mirrors, hash).await;
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
@@ -728,7 +753,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The upstream request's head, in the upstream's HTTP version with the client's authority;
 /// built once and stamped out for each attempt.
-struct UpstreamHead {
+pub(crate) struct UpstreamHead {
     method: http::Method,
     uri: Uri,
     version: Version,

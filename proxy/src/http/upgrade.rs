@@ -1,0 +1,116 @@
+//! HTTP/1.1 upgrades (WebSocket), when the connection manager's `upgrade_configs` allows them:
+//! the request goes to one endpoint over a connection of its own (not the pool), and once the
+//! upstream answers `101 Switching Protocols` both sides are spliced byte for byte until either
+//! closes. Any other answer is passed back as a normal response.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Empty, Full};
+use hyper_util::rt::TokioIo;
+
+use super::{ProxyBody, UpstreamHead, local_reply};
+use crate::cluster::Cluster;
+
+/// Is this an HTTP/1.1 WebSocket upgrade request?
+pub fn is_websocket(version: http::Version, headers: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    version == http::Version::HTTP_11
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+}
+
+/// Forwards an upgrade request and, on 101, splices the two connections.
+pub(crate) async fn forward(
+    cluster: &Cluster,
+    mut head: UpstreamHead,
+    upgrade_header: HeaderValue,
+    downstream: hyper::upgrade::OnUpgrade,
+    timeout: Option<Duration>,
+) -> Response<ProxyBody> {
+    let Some(endpoint) = cluster.pick(&[], 1, None) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+    };
+    // The hop-by-hop headers were stripped for the upstream; an upgrade needs them back.
+    head.headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    head.headers.insert(header::UPGRADE, upgrade_header);
+    head.version = http::Version::HTTP_11;
+    let connect = tokio::time::timeout(
+        cluster.connect_timeout,
+        tokio::net::TcpStream::connect(endpoint.address),
+    );
+    let stream = match connect.await {
+        Ok(Ok(s)) => s,
+        _ => {
+            cluster.stats.upstream_cx_connect_fail.inc();
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+                "UF",
+            );
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    cluster.stats.upstream_cx_total.inc();
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream handshake failed",
+            "UF",
+        );
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut req = Request::new(Empty::<bytes::Bytes>::new());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    let sent = sender.send_request(req);
+    let resp = match timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                return local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                );
+            }
+        },
+        None => sent.await,
+    };
+    let mut resp = match resp {
+        Ok(r) => r,
+        Err(_) => {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+                "UC",
+            );
+        }
+    };
+    cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, Either::Left(body));
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+            return;
+        };
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Either::Right(Full::default()))
+}
