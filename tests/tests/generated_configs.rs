@@ -1,6 +1,6 @@
 //! Property test: generated combinations of valid Istio objects (Services, WorkloadEntries,
 //! DestinationRules with every traffic policy, VirtualServices with every match, action and
-//! route option, ServiceEntries) are loaded by weftd without rejection, and the xDS weftd
+//! route option, delegates and TCP routes, ServiceEntries, exportTo, a REGISTRY_ONLY Sidecar) are loaded by weftd without rejection, and the xDS weftd
 //! generates from each is accepted (ACKed, never NACKed) by a live stock Envoy 1.40 and by
 //! weft-proxy, each the client sidecar of its own mesh. The cases come from a seeded generator,
 //! so a failure names its case and seed and can be replayed; WEFT_GENERATED_CASES sets how many
@@ -111,7 +111,8 @@ fn destination_rule(r: &mut Rng, svc: &str) -> String {
         subsets.push_str(&format!("    trafficPolicy: {}\n", traffic_policy(r)));
     }
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: {svc}, namespace: default }}\nspec:\n  host: {svc}\n  trafficPolicy: {}\n  subsets:\n{subsets}",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: {svc}, namespace: default }}\nspec:\n  host: {svc}\n{}  trafficPolicy: {}\n  subsets:\n{subsets}",
+        export_to(r),
         traffic_policy(r)
     )
 }
@@ -328,11 +329,24 @@ fn generate(r: &mut Rng, net: u8) -> String {
         }
         if r.chance(75) {
             let others: Vec<String> = names.iter().filter(|n| *n != svc).cloned().collect();
-            let routes: String = (0..1 + r.below(3))
+            let mut routes: String = (0..1 + r.below(3))
                 .map(|_| http_route(r, svc, subsets, &others))
                 .collect();
+            if r.chance(25) {
+                // Delegation: a prefix handed to a host-less VirtualService.
+                let delegated: String = (0..1 + r.below(2))
+                    .map(|_| http_route(r, svc, subsets, &others))
+                    .collect();
+                routes = format!(
+                    "  - match: [{{ uri: {{ prefix: /delegated }} }}]\n    delegate: {{ name: {svc}-delegate }}\n{routes}"
+                );
+                y.push_str(&format!(
+                    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: {svc}-delegate, namespace: default }}\nspec:\n  http:\n{delegated}---\n"
+                ));
+            }
             y.push_str(&format!(
-                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: {svc}, namespace: default }}\nspec:\n  hosts: [{svc}]\n  http:\n{routes}---\n"
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: {svc}, namespace: default }}\nspec:\n  hosts: [{svc}]\n{}  http:\n{routes}---\n",
+                export_to(r)
             ));
         }
     }
@@ -343,11 +357,38 @@ fn generate(r: &mut Rng, net: u8) -> String {
             ("DNS", "[{ address: localhost }]".to_string())
         };
         y.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{ name: gen-ext-{k}, namespace: default }}\nspec:\n  hosts: [gen-ext-{k}.example.com]\n  location: {}\n  ports: [{{ number: 8080, name: http, protocol: HTTP }}]\n  resolution: {resolution}\n  endpoints: {endpoints}\n---\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{ name: gen-ext-{k}, namespace: default }}\nspec:\n  hosts: [gen-ext-{k}.example.com]\n{}  location: {}\n  ports: [{{ number: 8080, name: http, protocol: HTTP }}]\n  resolution: {resolution}\n  endpoints: {endpoints}\n---\n",
+            export_to(r),
             r.pick(&["MESH_EXTERNAL", "MESH_INTERNAL"])
         ));
     }
+    if r.chance(30) {
+        // TCP routes for the quickstart's TCP service, which the client has a listener for.
+        let w = r.below(101);
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  host: hello-tcp\n  subsets: [{{ name: v1, labels: {{ version: v1 }} }}, {{ name: v2, labels: {{ version: v2 }} }}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  hosts: [hello-tcp]\n  tcp:\n  - match: [{{ port: {} }}]\n    route:\n    - {{ destination: {{ host: hello-tcp, subset: v1 }}, weight: {w} }}\n    - {{ destination: {{ host: hello-tcp, subset: v2 }}, weight: {} }}\n---\n",
+            r.pick(&["7070", "7071"]),
+            100 - w
+        ));
+    }
+    if r.chance(20) {
+        // The client's Sidecar again, now REGISTRY_ONLY (same listeners as the quickstart's).
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ mode: {} }}\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n  - port: {{ number: 7070, protocol: TCP, name: egress-tcp }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n---\n",
+            r.pick(&["REGISTRY_ONLY", "ALLOW_ANY"])
+        ));
+    }
     y
+}
+
+/// Sometimes an `exportTo` line (the client lives in `default`).
+fn export_to(r: &mut Rng) -> String {
+    match r.below(6) {
+        0 => "  exportTo: [\".\"]\n".into(),
+        1 => "  exportTo: [\"*\"]\n".into(),
+        2 => "  exportTo: [elsewhere]\n".into(),
+        _ => String::new(),
+    }
 }
 
 /// Waits until weftd served config generation `after + 1` or later, and returns it; fails with
