@@ -10,6 +10,8 @@
 //! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several).
 //!
 //! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
+//! A gRPC request (`content-type: application/grpc`) gets one message and `grpc-status` trailers,
+//! or a scripted trailers-only error (`x-grpc-status`, `x-grpc-fail`, `x-delay-ms` headers).
 //! A request with `upgrade: websocket` is answered `101 Switching Protocols`; the upgraded
 //! connection then sends the server's name and a newline, and echoes every byte back.
 
@@ -42,13 +44,100 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| async move {
-                Ok::<_, Infallible>(scripted(name, attempts, req).await)
+                Ok::<_, Infallible>(respond(name, attempts, req).await)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn respond<B>(
+    name: &'static str,
+    attempts: &Attempts,
+    req: Request<B>,
+) -> Response<EchoBody> {
+    use http_body_util::BodyExt;
+    let grpc = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return grpc_reply(name, attempts, req).await;
+    }
+    scripted(name, attempts, req).await.map(|b| b.boxed())
+}
+
+/// A gRPC answer: one length-prefixed message (the server's name) and `grpc-status: 0` in the
+/// trailers; or, scripted by request headers, a trailers-only error: `x-grpc-status: N`, or
+/// `x-grpc-fail: N` (UNAVAILABLE for the first N attempts of each `x-request-id`), after
+/// `x-delay-ms`.
+async fn grpc_reply<B>(
+    name: &'static str,
+    attempts: &Attempts,
+    req: Request<B>,
+) -> Response<EchoBody> {
+    use http_body_util::BodyExt;
+    let header = |k: &str| {
+        req.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let attempt = match header("x-request-id") {
+        Some(id) if !id.is_empty() => attempts.record(&id),
+        _ => 1,
+    };
+    if let Some(ms) = header("x-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+    }
+    let fail: u32 = header("x-grpc-fail")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let status: u32 = if attempt <= fail {
+        14
+    } else {
+        header("x-grpc-status")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut resp = if status != 0 {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        let h = r.headers_mut();
+        h.insert("grpc-status", status.to_string().parse().expect("digits"));
+        h.insert("grpc-message", "scripted".parse().expect("value"));
+        r
+    } else {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        frame.extend_from_slice(name.as_bytes());
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().expect("digit"));
+        let frames = futures::stream::iter(vec![
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(frame))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ]);
+        Response::new(http_body_util::StreamBody::new(frames).boxed())
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        "application/grpc".parse().expect("value"),
+    );
+    h.insert(
+        "x-echo-name",
+        name.parse()
+            .unwrap_or_else(|_| "echo".parse().expect("value")),
+    );
+    h.insert(
+        "x-echo-attempt",
+        attempt.to_string().parse().expect("digits"),
+    );
+    resp
 }
 
 /// Attempts seen per x-request-id (bounded: the oldest ids are forgotten).

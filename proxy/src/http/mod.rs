@@ -214,7 +214,11 @@ pub async fn proxy_request(
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
-    let resp = route_and_forward(proxy, hcm, req).await;
+    let grpc = is_grpc(req.headers());
+    let mut resp = route_and_forward(proxy, hcm, req).await;
+    if grpc {
+        resp = grpc_local_reply(resp);
+    }
     hcm.stats.downstream_rq_xx.record(resp.status().as_u16());
     resp
 }
@@ -940,7 +944,67 @@ pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Respon
         HeaderName::from_static("x-weft-response-flags"),
         HeaderValue::from_static(flag),
     );
+    resp.extensions_mut().insert(LocalReply(body.to_string()));
     resp
+}
+
+/// Marks a response the proxy made itself, with its message.
+#[derive(Debug, Clone)]
+struct LocalReply(String);
+
+/// Envoy's mapping of an HTTP status to a gRPC status, for local replies to gRPC requests.
+fn grpc_status_of(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// As Envoy does for a gRPC request: a local reply becomes a trailers-only gRPC answer (HTTP 200,
+/// `grpc-status` from the HTTP status, the message as `grpc-message`), so gRPC clients see a
+/// gRPC error rather than a bare HTTP one.
+fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Some(LocalReply(message)) = resp.extensions().get::<LocalReply>().cloned() else {
+        return resp;
+    };
+    if resp.headers().contains_key("grpc-status") {
+        return resp;
+    }
+    let grpc = grpc_status_of(resp.status());
+    let (mut parts, _) = resp.into_parts();
+    parts.status = StatusCode::OK;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts.headers.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from(grpc),
+    );
+    if !message.is_empty() {
+        // gRPC percent-encodes grpc-message; local reply texts are plain ASCII.
+        let encoded: String = message
+            .bytes()
+            .map(|b| {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("grpc-message"), v);
+        }
+    }
+    Response::from_parts(parts, Either::Right(Full::default()))
 }
 
 #[cfg(test)]
