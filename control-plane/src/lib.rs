@@ -33,6 +33,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// How long a seen change is left to settle before the folder is reloaded.
     pub debounce: Duration,
+    /// Mesh-wide settings (access logs, ...).
+    pub settings: model::MeshSettings,
     /// The DNS server (None: off).
     pub dns: Option<dns::DnsOptions>,
 }
@@ -74,11 +76,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         });
     }
     // Derive the mesh model once per config change, off the xDS connections' path.
+    let settings = opts.settings.clone();
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let snapshot = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
-            let mesh = model::Mesh::build_shared(snapshot.config.clone());
+            let mut mesh = model::Mesh::build_shared(snapshot.config.clone());
+            mesh.settings = settings.clone();
             tracing::debug!(
                 generation = snapshot.generation,
                 services = mesh.services.len(),

@@ -29,6 +29,13 @@ struct Args {
     /// copy of several files) before reloading; Istio's PILOT_DEBOUNCE_AFTER is 100 ms too.
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
+    /// Have every proxy write access logs to this path (Istio's meshConfig.accessLogFile, e.g.
+    /// /dev/stdout); off by default.
+    #[arg(long)]
+    access_log_file: Option<String>,
+    /// Access log encoding: TEXT (Envoy's default line) or JSON (Istio's keys).
+    #[arg(long, default_value = "TEXT", value_parser = ["TEXT", "JSON"])]
+    access_log_encoding: String,
     /// Corefile for the DNS server (default: the Corefile Kubernetes ships for CoreDNS).
     #[arg(long, conflicts_with = "no_dns")]
     corefile: Option<PathBuf>,
@@ -58,14 +65,23 @@ fn main() -> anyhow::Result<()> {
         }
     });
     rt.block_on(async {
-        let opts = weft_control_plane::Options {
-            config_dir: args.config_dir,
-            xds_address: args.xds_address,
-            debug_address: args.debug_address,
-            poll_interval: Duration::from_millis(args.poll_ms.max(10)),
-            debounce: Duration::from_millis(args.debounce_ms),
-            dns: dns.clone(),
-        };
+        let opts =
+            weft_control_plane::Options {
+                config_dir: args.config_dir,
+                xds_address: args.xds_address,
+                debug_address: args.debug_address,
+                poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+                debounce: Duration::from_millis(args.debounce_ms),
+                settings: weft_control_plane::model::MeshSettings {
+                    access_log: args.access_log_file.clone().filter(|p| !p.is_empty()).map(
+                        |path| weft_control_plane::model::AccessLogSettings {
+                            path,
+                            json: args.access_log_encoding == "JSON",
+                        },
+                    ),
+                },
+                dns: dns.clone(),
+            };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = weft_control_plane::run(opts) => return r,

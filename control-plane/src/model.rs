@@ -135,8 +135,23 @@ pub struct Workload {
     pub annotations: Labels,
 }
 
+/// Mesh-wide settings from weftd's command line (Istio keeps these in its MeshConfig).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshSettings {
+    /// Access logs on every HTTP connection manager (`meshConfig.accessLogFile`).
+    pub access_log: Option<AccessLogSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogSettings {
+    pub path: String,
+    /// JSON lines (`accessLogEncoding: JSON`) rather than Envoy's default text line.
+    pub json: bool,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mesh {
+    pub settings: MeshSettings,
     pub services: Vec<Service>,
     pub workloads: Vec<Workload>,
     /// The config this was built from, shared with the config source's snapshot.
@@ -242,6 +257,7 @@ impl Mesh {
             .map(|(i, s)| (s.hostname.clone(), i))
             .collect();
         Mesh {
+            settings: MeshSettings::default(),
             services,
             workloads,
             config: shared.clone(),

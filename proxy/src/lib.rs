@@ -52,3 +52,43 @@ impl Rejection {
         }
     }
 }
+
+pub(crate) mod time {
+    /// A time since the Unix epoch as RFC 3339 UTC with milliseconds (Envoy's `%START_TIME%`).
+    pub fn rfc3339_millis(since_epoch: std::time::Duration) -> String {
+        let secs = since_epoch.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3_600,
+            rem % 3_600 / 60,
+            rem % 60,
+            since_epoch.subsec_millis()
+        )
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn formats_known_instants() {
+        use std::time::Duration;
+        assert_eq!(rfc3339_millis(Duration::ZERO), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(Duration::from_millis(1_795_700_000_123)),
+            "2026-11-26T13:33:20.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+}

@@ -16,6 +16,8 @@ pub struct Quickstart {
     echo_ports: [u16; 2],
     pub weftd: Option<Proc>,
     pub procs: Vec<Proc>,
+    /// Extra command-line arguments for weftd.
+    pub weftd_args: Vec<String>,
 }
 
 /// The service port, which is also the client's egress listener port.
@@ -43,6 +45,7 @@ impl Quickstart {
             echo_ports,
             weftd: None,
             procs: Vec::new(),
+            weftd_args: Vec::new(),
         };
         std::fs::write(q.dir.join("mesh.yaml"), q.mesh_yaml()).expect("write mesh.yaml");
         q.set_split(80, 20);
@@ -200,7 +203,10 @@ spec:
                 "--poll-ms",
                 "50",
                 "--no-dns",
-            ],
+            ]
+            .into_iter()
+            .chain(self.weftd_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &self.log_dir,
         );
         self.weftd = Some(p);

@@ -1,6 +1,7 @@
 //! Envoy resource builders: clusters (EDS and static), load assignments, listeners with the HTTP
 //! connection manager or the TCP proxy, and route configurations from VirtualServices.
 
+use weft_xds_proto::envoy::config::accesslog::v3::{AccessLog, access_log};
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
@@ -328,6 +329,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 &route_config(mesh, scope, &route_name, port.number, &on_port),
             );
             http_connection_manager(
+                mesh,
                 &stat_prefix,
                 true,
                 http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -379,7 +381,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
 
 /// Inbound: each Sidecar ingress listener forwards to its `defaultEndpoint` through the
 /// `inbound|PORT||` cluster.
-pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
+pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     let Some(sidecar) = scope.sidecar else { return };
     for l in &sidecar.spec.ingress {
         let Some(ep) = &l.default_endpoint else {
@@ -436,6 +438,7 @@ pub fn inbound(scope: &Scope<'_>, out: &mut Generated) {
                 ..Default::default()
             };
             http_connection_manager(
+                mesh,
                 &stat_prefix,
                 false,
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
@@ -465,7 +468,81 @@ pub(super) fn listener(name: &str, bind: &str, port: u32, network_filter: Filter
 
 /// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
 /// on with their per-route config), as Istio's sidecar outbound listeners do.
+/// Envoy's default access log line (weft-proxy fills every operator of it).
+const TEXT_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %ROUTE_NAME%\n";
+
+/// The JSON log's keys, as Istio names them.
+const JSON_LOG_FIELDS: &[(&str, &str)] = &[
+    ("start_time", "%START_TIME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration", "%DURATION%"),
+    (
+        "upstream_service_time",
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    ),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
+    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("route_name", "%ROUTE_NAME%"),
+];
+
+fn access_log(settings: &crate::model::AccessLogSettings) -> AccessLog {
+    use weft_xds_proto::envoy::config::core::v3::{
+        DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+    };
+    use weft_xds_proto::envoy::extensions::access_loggers::file::v3::{
+        FileAccessLog, file_access_log,
+    };
+    use weft_xds_proto::wkt::{Struct, Value, value};
+    let format = if settings.json {
+        substitution_format_string::Format::JsonFormat(Struct {
+            fields: JSON_LOG_FIELDS
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(value::Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
+                .collect(),
+        })
+    } else {
+        substitution_format_string::Format::TextFormatSource(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(TEXT_LOG_FORMAT.into())),
+            ..Default::default()
+        })
+    };
+    let file = FileAccessLog {
+        path: settings.path.clone(),
+        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+            SubstitutionFormatString {
+                format: Some(format),
+                ..Default::default()
+            },
+        )),
+    };
+    AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(pack(&file))),
+        ..Default::default()
+    }
+}
+
 pub(super) fn http_connection_manager(
+    mesh: &Mesh,
     stat_prefix: &str,
     with_fault: bool,
     routes: http_connection_manager::RouteSpecifier,
@@ -497,6 +574,7 @@ pub(super) fn http_connection_manager(
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
         http_filters,
+        access_log: mesh.settings.access_log.iter().map(access_log).collect(),
         // WebSocket upgrades pass through, as on Istio's sidecars and gateways.
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".into(),

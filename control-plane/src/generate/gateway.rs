@@ -252,6 +252,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         let rc = route_config(mesh, scope, &route_name, port, &chosen);
         out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &rc);
         let hcm = http_connection_manager(
+            mesh,
             &stat_prefix,
             true,
             http_connection_manager::RouteSpecifier::Rds(Rds {

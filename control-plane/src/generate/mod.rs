@@ -167,7 +167,7 @@ pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
     let scope = scope::Scope::new(mesh, proxy);
     build::outbound(mesh, &scope, &mut out);
     build::endpoints(mesh, &scope, &mut out);
-    build::inbound(&scope, &mut out);
+    build::inbound(mesh, &scope, &mut out);
     gateway::listeners(mesh, &scope, &mut out);
     out
 }

@@ -2,6 +2,7 @@
 //! connection preface) on a listener, and proxies each request along the route its table picks.
 //! `proxy_request` is the whole request path in one function.
 
+pub mod access_log;
 pub mod cors;
 pub mod fault;
 pub mod hash;
@@ -52,6 +53,8 @@ pub struct ConnectionManager {
     pub stats: Arc<HttpStats>,
     /// `upgrade_configs` allows WebSocket upgrades.
     pub websocket: bool,
+    /// `access_log`: where each request is logged (None: not logged).
+    pub access_logs: Option<access_log::Loggers>,
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -128,6 +131,14 @@ impl ConnectionManager {
                 "the router filter is required".into(),
             ));
         }
+        let mut loggers = Vec::new();
+        for (i, a) in hcm.access_log.iter().enumerate() {
+            loggers.push(
+                access_log::AccessLog::from_xds(a)
+                    .map_err(|r| reject(&format!("access_log[{i}]"), r))?,
+            );
+        }
+        let access_logs = (!loggers.is_empty()).then(|| Arc::new(loggers));
         let mut websocket = false;
         for (i, u) in hcm.upgrade_configs.iter().enumerate() {
             if !u.upgrade_type.eq_ignore_ascii_case("websocket") || !u.filters.is_empty() {
@@ -160,6 +171,7 @@ impl ConnectionManager {
             fault_filter,
             cors_filter,
             websocket,
+            access_logs,
             routes,
             stats: Arc::new(HttpStats::default()),
         })
@@ -180,13 +192,29 @@ pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, st
     let stats = hcm.stats.clone();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let peer = stream.peer_addr().ok().map(hash::Peer);
+    let local = stream.local_addr().ok();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         if let Some(p) = peer {
             req.extensions_mut().insert(p);
         }
-        async move { Ok::<_, std::convert::Infallible>(proxy_request(&proxy, &hcm, req).await) }
+        // As Envoy's connection manager: every request carries an id from here on (logs,
+        // upstream, retries), the client's own when it sent one.
+        if !req.headers().contains_key("x-request-id") {
+            req.headers_mut()
+                .insert(HeaderName::from_static("x-request-id"), request_id());
+        }
+        async move {
+            let Some(loggers) = hcm.access_logs.clone() else {
+                let resp = proxy_request(&proxy, &hcm, req).await;
+                return Ok::<_, std::convert::Infallible>(resp.map(|b| LoggedBody::new(b, None)));
+            };
+            let mut entry = request_entry(&req, peer.map(|p| p.0), local);
+            let resp = proxy_request(&proxy, &hcm, req).await;
+            response_entry(&mut entry, &resp);
+            Ok(resp.map(|b| LoggedBody::new(b, Some((entry, loggers)))))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -385,7 +413,20 @@ async fn route_rest(
             return resp;
         }
     }
-    let mut resp = forward(&cluster, action, parts, body, authority, mirrors, hash).await;
+    let log = hcm.access_logs.is_some();
+    let mut resp = forward(
+        &cluster,
+        action,
+        parts,
+        body,
+        authority,
+        mirrors,
+        Pick { hash, log },
+    )
+    .await;
+    if log {
+        resp.extensions_mut().insert(RouteName(route.name.clone()));
+    }
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -403,7 +444,7 @@ async fn forward(
     body: Incoming,
     authority: &str,
     mirrors: Vec<Mirror>,
-    hash: Option<u64>,
+    pick: Pick,
 ) -> Response<ProxyBody> {
     let shadow_parts = (!mirrors.is_empty()).then(|| {
         (
@@ -442,7 +483,7 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    let attempts = attempt_until_done(cluster, retry, head, &mut body, hash);
+    let attempts = attempt_until_done(cluster, retry, head, &mut body, pick);
     match action.timeout {
         Some(t) => match tokio::time::timeout(t, attempts).await {
             Ok(resp) => resp,
@@ -470,9 +511,18 @@ async fn attempt_until_done(
     retry: Option<&retry::RetryPolicy>,
     head: UpstreamHead,
     body: &mut AttemptBody,
-    hash: Option<u64>,
+    pick: Pick,
 ) -> Response<ProxyBody> {
     use crate::cluster::outlier::Outcome;
+    let Pick { hash, log } = pick;
+    // For access logs: which host the answer (or the failure) came from.
+    let mark = |mut resp: Response<ProxyBody>, host: std::net::SocketAddr| {
+        if log {
+            resp.extensions_mut()
+                .insert(Upstream(host, cluster.name.clone()));
+        }
+        resp
+    };
     let max_retries = if body.can_retry() {
         retry.map(|r| r.num_retries).unwrap_or(0)
     } else {
@@ -565,7 +615,7 @@ async fn attempt_until_done(
                     again(&format!("status {status}"));
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
-                    return resp.map(Either::Left);
+                    return mark(resp.map(Either::Left), endpoint.address);
                 }
             }
             Some(Err(e)) => {
@@ -585,7 +635,10 @@ async fn attempt_until_done(
                     let body = format!(
                         "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
                     );
-                    return local_reply(StatusCode::SERVICE_UNAVAILABLE, &body, flag);
+                    return mark(
+                        local_reply(StatusCode::SERVICE_UNAVAILABLE, &body, flag),
+                        endpoint.address,
+                    );
                 }
                 again(&e.to_string());
             }
@@ -931,6 +984,126 @@ fn request_id() -> HeaderValue {
 }
 
 /// A response generated by the proxy itself, with Envoy's body text and response flag header.
+/// How a request picks its upstream host: the consistent-hash key, and whether the host that
+/// answered is recorded for the access log.
+#[derive(Debug, Clone, Copy)]
+struct Pick {
+    hash: Option<u64>,
+    log: bool,
+}
+
+/// The upstream host and cluster that answered, for access logs.
+#[derive(Debug, Clone)]
+struct Upstream(std::net::SocketAddr, String);
+
+/// The route that matched, for access logs.
+#[derive(Debug, Clone)]
+struct RouteName(String);
+
+fn request_entry(
+    req: &Request<Incoming>,
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
+) -> access_log::Entry {
+    access_log::Entry {
+        start: Some(std::time::SystemTime::now()),
+        started: Some(std::time::Instant::now()),
+        method: req.method().as_str().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+        authority: authority_of(req).unwrap_or_default(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        request_headers: req.headers().clone(),
+        // Bodies are streamed: what the client declared is what was received.
+        bytes_received: req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0),
+        downstream_remote: peer,
+        downstream_local: local,
+        ..Default::default()
+    }
+}
+
+fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
+    e.status = resp.status().as_u16();
+    e.flags = resp
+        .headers()
+        .get("x-weft-response-flags")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    e.response_headers = resp.headers().clone();
+    if let Some(Upstream(host, cluster)) = resp.extensions().get::<Upstream>() {
+        e.upstream_host = Some(*host);
+        e.upstream_cluster = Some(cluster.clone());
+    }
+    e.route_name = resp.extensions().get::<RouteName>().map(|r| r.0.clone());
+}
+
+/// A response body that counts what it sends and, when done (or dropped), writes the access
+/// log lines of its request.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    log: Option<(access_log::Entry, access_log::Loggers)>,
+    sent: u64,
+}
+
+impl LoggedBody {
+    fn new(inner: ProxyBody, log: Option<(access_log::Entry, access_log::Loggers)>) -> LoggedBody {
+        LoggedBody {
+            inner,
+            log,
+            sent: 0,
+        }
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.sent += d.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some((mut entry, loggers)) = self.log.take() {
+            entry.bytes_sent = self.sent;
+            for l in loggers.iter() {
+                l.write(&entry);
+            }
+        }
+    }
+}
+
 pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
         body.as_bytes(),

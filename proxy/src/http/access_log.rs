@@ -1,0 +1,362 @@
+//! Access logs (`HttpConnectionManager.access_log`): Envoy's file and stdout loggers with its
+//! format strings (`%COMMAND%` operators, text or JSON). A line is written when the response has
+//! been sent (its body finished or was dropped), with the bytes actually sent. Operators this
+//! version cannot fill are rejected (NACKed) by name, never logged as a wrong value.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use http::HeaderMap;
+use weft_xds_proto::envoy::config::accesslog::v3::{AccessLog as XdsAccessLog, access_log};
+use weft_xds_proto::envoy::config::core::v3::{data_source, substitution_format_string};
+use weft_xds_proto::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+use weft_xds_proto::wkt::value::Kind as ValueKind;
+
+/// Envoy's default access log format.
+pub const ENVOY_DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+const FILE_LOGGER: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    StartTime,
+    Req(String, Option<String>, Option<usize>),
+    Resp(String, Option<String>, Option<usize>),
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    BytesReceived,
+    BytesSent,
+    Duration,
+    UpstreamHost,
+    UpstreamCluster,
+    RouteName,
+    DownstreamRemoteAddress,
+    DownstreamLocalAddress,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Lit(String),
+    Op(Op),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Format {
+    Text(Vec<Piece>),
+    Json(Vec<(String, Vec<Piece>)>),
+}
+
+/// What one request and its response left for the log.
+#[derive(Debug, Default)]
+pub struct Entry {
+    pub start: Option<SystemTime>,
+    pub started: Option<Instant>,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub protocol: &'static str,
+    pub request_headers: HeaderMap,
+    pub response_headers: HeaderMap,
+    pub status: u16,
+    pub flags: String,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_cluster: Option<String>,
+    pub route_name: Option<String>,
+    pub downstream_remote: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub struct AccessLog {
+    format: Format,
+    out: Mutex<std::fs::File>,
+}
+
+fn parse_op(name: &str) -> Result<Op, String> {
+    // NAME, or NAME(ARGS) optionally followed by :MAX_LENGTH
+    let (head, max) = match name.rsplit_once(':') {
+        Some((h, m)) if h.ends_with(')') && m.chars().all(|c| c.is_ascii_digit()) => {
+            (h, m.parse().ok())
+        }
+        _ => (name, None),
+    };
+    let header_args = |args: &str| {
+        let (main, alt) = match args.split_once('?') {
+            Some((m, a)) => (m.to_ascii_lowercase(), Some(a.to_ascii_lowercase())),
+            None => (args.to_ascii_lowercase(), None),
+        };
+        (main, alt)
+    };
+    if let Some(args) = head.strip_prefix("REQ(").and_then(|r| r.strip_suffix(')')) {
+        let (m, a) = header_args(args);
+        return Ok(Op::Req(m, a, max));
+    }
+    if let Some(args) = head.strip_prefix("RESP(").and_then(|r| r.strip_suffix(')')) {
+        let (m, a) = header_args(args);
+        return Ok(Op::Resp(m, a, max));
+    }
+    Ok(match head {
+        "START_TIME" => Op::StartTime,
+        "PROTOCOL" => Op::Protocol,
+        "RESPONSE_CODE" => Op::ResponseCode,
+        "RESPONSE_FLAGS" => Op::ResponseFlags,
+        "BYTES_RECEIVED" => Op::BytesReceived,
+        "BYTES_SENT" => Op::BytesSent,
+        "DURATION" => Op::Duration,
+        "UPSTREAM_HOST" => Op::UpstreamHost,
+        "UPSTREAM_CLUSTER" => Op::UpstreamCluster,
+        "ROUTE_NAME" => Op::RouteName,
+        "DOWNSTREAM_REMOTE_ADDRESS" => Op::DownstreamRemoteAddress,
+        "DOWNSTREAM_LOCAL_ADDRESS" => Op::DownstreamLocalAddress,
+        other => {
+            return Err(format!(
+                "format operator %{other}% is not supported by this weft-proxy version"
+            ));
+        }
+    })
+}
+
+fn parse_text(s: &str) -> Result<Vec<Piece>, String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        if i > 0 {
+            out.push(Piece::Lit(rest[..i].to_string()));
+        }
+        let after = &rest[i + 1..];
+        let Some(j) = after.find('%') else {
+            return Err(format!("unterminated operator in {s:?}"));
+        };
+        if j == 0 {
+            out.push(Piece::Lit("%".into()));
+        } else {
+            out.push(Piece::Op(parse_op(&after[..j])?));
+        }
+        rest = &after[j + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Lit(rest.to_string()));
+    }
+    Ok(out)
+}
+
+impl AccessLog {
+    /// One `access_log` entry of a connection manager.
+    pub fn from_xds(a: &XdsAccessLog) -> Result<AccessLog, String> {
+        if a.filter.is_some() {
+            return Err("access log filters are not supported yet".into());
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = &a.config_type else {
+            return Err("a typed_config is required".into());
+        };
+        if any.type_url != FILE_LOGGER {
+            return Err(format!(
+                "logger {} is not supported (the file logger is)",
+                any.type_url
+            ));
+        }
+        let f: FileAccessLog = weft_xds_proto::unpack(any).map_err(|e| e.to_string())?;
+        #[allow(deprecated)]
+        let format = match &f.access_log_format {
+            None => Format::Text(parse_text(ENVOY_DEFAULT_FORMAT)?),
+            Some(file_access_log::AccessLogFormat::LogFormat(sfs)) => {
+                if !sfs.formatters.is_empty() || sfs.omit_empty_values {
+                    return Err(
+                        "log_format formatters and omit_empty_values are not supported".into(),
+                    );
+                }
+                match &sfs.format {
+                    Some(substitution_format_string::Format::TextFormatSource(ds)) => {
+                        match &ds.specifier {
+                            Some(data_source::Specifier::InlineString(s)) => {
+                                Format::Text(parse_text(s)?)
+                            }
+                            _ => return Err("text_format_source must be an inline_string".into()),
+                        }
+                    }
+                    Some(substitution_format_string::Format::TextFormat(s)) => {
+                        Format::Text(parse_text(s)?)
+                    }
+                    Some(substitution_format_string::Format::JsonFormat(st)) => {
+                        let mut fields = Vec::new();
+                        for (k, v) in &st.fields {
+                            let Some(ValueKind::StringValue(s)) = &v.kind else {
+                                return Err(format!("json_format value of {k:?} must be a string"));
+                            };
+                            fields.push((k.clone(), parse_text(s)?));
+                        }
+                        Format::Json(fields)
+                    }
+                    None => Format::Text(parse_text(ENVOY_DEFAULT_FORMAT)?),
+                }
+            }
+            Some(_) => {
+                return Err(
+                    "the deprecated format fields are not supported; use log_format".into(),
+                );
+            }
+        };
+        if f.path.is_empty() {
+            return Err("a path is required".into());
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&f.path)
+            .map_err(|e| format!("cannot open {:?}: {e}", f.path))?;
+        Ok(AccessLog {
+            format,
+            out: Mutex::new(out),
+        })
+    }
+
+    /// The value of one operator, `None` for Envoy's `-`.
+    fn value(op: &Op, e: &Entry) -> Option<String> {
+        let header = |map: &HeaderMap, main: &str, alt: &Option<String>, max: &Option<usize>| {
+            let pseudo = |name: &str| match name {
+                ":method" => Some(e.method.clone()),
+                ":path" => Some(e.path.clone()),
+                ":authority" => Some(e.authority.clone()),
+                _ => None,
+            };
+            let get = |name: &str| {
+                pseudo(name).or_else(|| {
+                    map.get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                })
+            };
+            let v = get(main).or_else(|| alt.as_deref().and_then(get))?;
+            Some(match max {
+                Some(m) => v.chars().take(*m).collect(),
+                None => v,
+            })
+        };
+        match op {
+            Op::StartTime => e.start.map(|t| {
+                let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                crate::time::rfc3339_millis(d)
+            }),
+            Op::Req(m, a, max) => header(&e.request_headers, m, a, max),
+            Op::Resp(m, a, max) => header(&e.response_headers, m, a, max),
+            Op::Protocol => Some(e.protocol.to_string()),
+            Op::ResponseCode => Some(e.status.to_string()),
+            Op::ResponseFlags => Some(if e.flags.is_empty() {
+                "-".into()
+            } else {
+                e.flags.clone()
+            }),
+            Op::BytesReceived => Some(e.bytes_received.to_string()),
+            Op::BytesSent => Some(e.bytes_sent.to_string()),
+            Op::Duration => e.started.map(|s| s.elapsed().as_millis().to_string()),
+            Op::UpstreamHost => e.upstream_host.map(|a| a.to_string()),
+            Op::UpstreamCluster => e.upstream_cluster.clone(),
+            Op::RouteName => e.route_name.clone(),
+            Op::DownstreamRemoteAddress => e.downstream_remote.map(|a| a.to_string()),
+            Op::DownstreamLocalAddress => e.downstream_local.map(|a| a.to_string()),
+        }
+    }
+
+    fn render(pieces: &[Piece], e: &Entry) -> String {
+        let mut s = String::new();
+        for p in pieces {
+            match p {
+                Piece::Lit(l) => s.push_str(l),
+                Piece::Op(op) => s.push_str(&Self::value(op, e).unwrap_or_else(|| "-".into())),
+            }
+        }
+        s
+    }
+
+    pub fn write(&self, e: &Entry) {
+        let line = match &self.format {
+            Format::Text(pieces) => Self::render(pieces, e),
+            Format::Json(fields) => {
+                let mut map = serde_json::Map::new();
+                for (k, pieces) in fields {
+                    // A lone operator keeps its type (numbers stay numbers), as Envoy's typed JSON.
+                    let v = match pieces.as_slice() {
+                        [Piece::Op(op)] => match Self::value(op, e) {
+                            None => serde_json::Value::Null,
+                            Some(v) => match (op, v.parse::<u64>()) {
+                                (
+                                    Op::ResponseCode
+                                    | Op::BytesReceived
+                                    | Op::BytesSent
+                                    | Op::Duration,
+                                    Ok(n),
+                                ) => serde_json::Value::from(n),
+                                _ => serde_json::Value::String(v),
+                            },
+                        },
+                        _ => serde_json::Value::String(Self::render(pieces, e)),
+                    };
+                    map.insert(k.clone(), v);
+                }
+                let mut s = serde_json::Value::Object(map).to_string();
+                s.push('\n');
+                s
+            }
+        };
+        if let Ok(mut f) = self.out.lock() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// The loggers of one connection manager.
+pub type Loggers = Arc<Vec<AccessLog>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse_and_render_like_envoy() {
+        let pieces = parse_text(ENVOY_DEFAULT_FORMAT).unwrap();
+        let mut e = Entry {
+            method: "GET".into(),
+            path: "/a?b=1".into(),
+            authority: "hello".into(),
+            protocol: "HTTP/1.1",
+            status: 503,
+            flags: "UF".into(),
+            bytes_sent: 91,
+            ..Default::default()
+        };
+        e.request_headers
+            .insert("user-agent", "curl/8".parse().unwrap());
+        let line = AccessLog::render(&pieces, &e);
+        assert!(
+            line.starts_with(
+                "[-] \"GET /a?b=1 HTTP/1.1\" 503 UF 0 91 - - \"-\" \"curl/8\" \"-\" \"hello\" \"-\""
+            ),
+            "{line}"
+        );
+        assert!(
+            parse_text("%NOT_A_THING%")
+                .unwrap_err()
+                .contains("NOT_A_THING")
+        );
+        assert!(parse_text("100%% %REQ(X-A?X-B):3%").is_ok());
+        let e2 = Entry {
+            request_headers: [(
+                "x-b".parse::<http::HeaderName>().unwrap(),
+                "abcdef".parse().unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            AccessLog::render(&parse_text("%REQ(X-A?X-B):3%").unwrap(), &e2),
+            "abc"
+        );
+    }
+}

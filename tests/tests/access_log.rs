@@ -1,0 +1,104 @@
+//! Access logs (weftd `--access-log-file`, JSON encoding with Istio's keys) written by the client
+//! sidecar, weft-proxy and a stock Envoy fed the same config: the same requests must give the
+//! same fields (timings, ids and ports aside).
+
+use std::time::Duration;
+
+use weft_e2e::{Client, Quickstart, wait_until};
+
+const FIELDS: [&str; 12] = [
+    "method",
+    "path",
+    "protocol",
+    "response_code",
+    "response_flags",
+    "bytes_received",
+    "bytes_sent",
+    "authority",
+    "user_agent",
+    "upstream_cluster",
+    "route_name",
+    "x_forwarded_for",
+];
+
+fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
+    let mut q = Quickstart::new(name, net);
+    let log = q.dir.parent().expect("root").join("access.log");
+    q.weftd_args = vec![
+        "--access-log-file".into(),
+        log.display().to_string(),
+        "--access-log-encoding".into(),
+        "JSON".into(),
+    ];
+    q.set_split(100, 0);
+    q.start_weftd();
+    q.start_hello();
+    q.start_client(envoy);
+    let mut c = Client::new(q.egress());
+    let ua = ("user-agent", "weft-e2e/1");
+    for (host, path) in [
+        ("hello", "/ok?x=1"),
+        ("hello", "/boom?status=500"),
+        ("nobody", "/"),
+    ] {
+        c.request("GET", host, path, &[ua]).expect("request");
+    }
+    c.request("POST", "hello", "/post", &[ua, ("content-length", "0")])
+        .expect("post");
+    // Every sidecar of the mesh logs to the path weftd gave: keep the client's lines.
+    let egress = q.egress().to_string();
+    let lines: Vec<serde_json::Value> = wait_until(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["downstream_local_address"] == egress.as_str())
+            .collect();
+        (lines.len() >= 4).then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
+    q.assert_client_nacked_nothing();
+    for l in &lines {
+        assert!(
+            l["start_time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{l}"
+        );
+        assert!(
+            l["request_id"].as_str().is_some_and(|id| id.len() == 36),
+            "{l}"
+        );
+        assert!(l["duration"].is_u64(), "{l}");
+    }
+    let upstream_hosts: Vec<bool> = lines
+        .iter()
+        .map(|l| {
+            l["upstream_host"]
+                .as_str()
+                .is_some_and(|h| h.ends_with(":9080"))
+        })
+        .collect();
+    assert_eq!(
+        upstream_hosts,
+        [true, true, false, true],
+        "{name}: {lines:#?}"
+    );
+    lines
+        .iter()
+        .map(|l| FIELDS.iter().map(|f| l[*f].to_string()).collect())
+        .collect()
+}
+
+#[test]
+fn weft_proxy_and_envoy_write_the_same_access_log_fields() {
+    let weft = run("access-log-weft", 68, false);
+    assert_eq!(weft[0][3], "200");
+    assert_eq!(weft[1][3], "500");
+    assert_eq!(
+        (weft[2][3].as_str(), weft[2][4].as_str()),
+        ("404", "\"NR\"")
+    );
+    let envoy = run("access-log-envoy", 69, true);
+    for (i, (w, e)) in weft.iter().zip(&envoy).enumerate() {
+        assert_eq!(w, e, "line {i}: weft-proxy and Envoy differ ({FIELDS:?})");
+    }
+}
