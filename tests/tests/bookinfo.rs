@@ -1,7 +1,8 @@
 //! Istio's Bookinfo served to a stock Envoy 1.40 by weftd: the Services of bookinfo.yaml with
 //! WorkloadEntries standing in for its Deployments (echo servers), destination-rule-all.yaml,
 //! virtual-service-all-v1.yaml, and then each other networking file in turn, as Istio's tasks
-//! apply them. Envoy must ACK everything (no NACK) and route as each file intends.
+//! apply them. Envoy must ACK everything (no NACK) and route as each file intends; last,
+//! bookinfo-gateway.yaml through a stock Envoy running as the ingress gateway.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -108,6 +109,11 @@ fn bookinfo_networking_files_through_envoy() {
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: client }}\nspec: {{ address: {c}, labels: {{ app: client }} }}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  egress:\n  - {{ port: {{ number: 9080, protocol: HTTP, name: http }}, bind: {c}, captureMode: NONE, hosts: [\"./*\"] }}\n",
         c = q.ip(10)
     );
+    // The ingress gateway's workload (bookinfo-gateway.yaml selects istio: ingressgateway).
+    mesh.push_str(&format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: istio-ingressgateway }}\nspec: {{ address: {}, labels: {{ istio: ingressgateway }} }}\n",
+        q.ip(40)
+    ));
     let mut apps: Vec<Proc> = Vec::new();
     for (i, (name, app, version)) in DEPLOYMENTS.iter().enumerate() {
         let ip = q.ip(20 + i as u8);
@@ -241,6 +247,55 @@ fn bookinfo_networking_files_through_envoy() {
         started.elapsed() < Duration::from_secs(5),
         "others are not delayed"
     );
+
+    // bookinfo-gateway.yaml, served by a stock Envoy as the ingress gateway (a `router~` node):
+    // its listener on the gateway's address and port 8080 routes the product page paths.
+    std::fs::copy(
+        bookinfo.join("networking/bookinfo-gateway.yaml"),
+        q.dir.join("30-bookinfo-gateway.yaml"),
+    )
+    .unwrap();
+    let node = format!(
+        "router~{}~istio-ingressgateway.default~default.svc.cluster.local",
+        q.ip(40)
+    );
+    q.start_envoy_as(
+        40,
+        "istio-ingressgateway",
+        &node,
+        "{ istio: ingressgateway }",
+    );
+    let mut g = Client::new(format!("{}:8080", q.ip(40)).parse().unwrap());
+    let via_gateway = |g: &mut Client, path: &str| {
+        g.get("bookinfo.example.com", path)
+            .map(|r| (r.status, r.header("x-echo-name").unwrap_or("").to_string()))
+            .unwrap_or((0, String::new()))
+    };
+    wait_until(Duration::from_secs(10), || {
+        (via_gateway(&mut g, "/productpage") == (200, "productpage-v1".into())).then_some(())
+    })
+    .expect("the gateway routes /productpage to productpage");
+    assert_eq!(
+        via_gateway(&mut g, "/static/style.css"),
+        (200, "productpage-v1".into())
+    );
+    assert_eq!(
+        via_gateway(&mut g, "/api/v1/products/0"),
+        (200, "productpage-v1".into())
+    );
+    assert_eq!(
+        via_gateway(&mut g, "/admin").0,
+        404,
+        "unrouted paths get 404"
+    );
+    let gw = q.sync_of(&node).expect("the gateway is connected");
+    for (t, st) in gw["types"].as_object().into_iter().flatten() {
+        assert_eq!(
+            st["nacks"], 0,
+            "the gateway NACKed {t}: {}",
+            st["last_nack"]
+        );
+    }
 
     q.assert_client_nacked_nothing();
     drop(apps);
