@@ -18,6 +18,7 @@ pub mod listener;
 pub mod state;
 pub mod stats;
 pub mod tcp;
+pub mod tls;
 pub mod worker;
 pub mod xds;
 

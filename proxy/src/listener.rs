@@ -34,6 +34,8 @@ pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub filter: NetworkFilter,
+    /// TLS termination (the filter chain's `transport_socket`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub source: XdsListener,
 }
 
@@ -75,12 +77,12 @@ impl ListenerConfig {
                 "filter chain matching is not supported yet".into(),
             ));
         }
-        if chain.transport_socket.is_some() {
-            return Err(reject(
-                "filter_chains[0].transport_socket",
-                "TLS is not supported yet".into(),
-            ));
-        }
+        let tls = chain
+            .transport_socket
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()
+            .map_err(|(f, r)| reject(&format!("filter_chains[0].transport_socket.{f}"), r))?;
         let [f] = chain.filters.as_slice() else {
             return Err(reject(
                 "filter_chains[0].filters",
@@ -102,6 +104,12 @@ impl ListenerConfig {
                     .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
                 NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
             }
+            type_url::TCP_PROXY if tls.is_some() => {
+                return Err(reject(
+                    "filter_chains[0].transport_socket",
+                    "TLS termination in front of the TCP proxy is not supported yet".into(),
+                ));
+            }
             type_url::TCP_PROXY => {
                 let tcp: XdsTcpProxy = weft_xds_proto::unpack(any)
                     .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
@@ -118,6 +126,7 @@ impl ListenerConfig {
             name: l.name.clone(),
             address,
             filter,
+            tls,
             source: l.clone(),
         })
     }
@@ -304,7 +313,27 @@ async fn accept_loop(
         match &current.filter {
             NetworkFilter::Http(hcm) => {
                 let hcm = hcm.clone();
-                tokio::spawn(crate::http::serve_connection(proxy, hcm, stream));
+                let _ = stream.set_nodelay(true);
+                let (peer, local) = (stream.peer_addr().ok(), stream.local_addr().ok());
+                match &current.tls {
+                    None => {
+                        tokio::spawn(crate::http::serve_connection(
+                            proxy, hcm, stream, peer, local, false,
+                        ));
+                    }
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                        tokio::spawn(async move {
+                            match acceptor.accept(stream).await {
+                                Ok(s) => {
+                                    crate::http::serve_connection(proxy, hcm, s, peer, local, true)
+                                        .await
+                                }
+                                Err(e) => tracing::debug!("TLS handshake failed: {e}"),
+                            }
+                        });
+                    }
+                }
             }
             NetworkFilter::Tcp(tcp) => {
                 let tcp = tcp.clone();

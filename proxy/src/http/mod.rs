@@ -20,7 +20,6 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
 };
@@ -185,19 +184,33 @@ impl ConnectionManager {
     }
 }
 
-/// Serves one downstream connection until it closes.
-pub async fn serve_connection(proxy: Arc<Proxy>, hcm: Arc<ConnectionManager>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// Marks requests that arrived over TLS (`x-forwarded-proto: https` upstream).
+#[derive(Debug, Clone, Copy)]
+struct Secure;
+
+/// Serves one downstream connection (plain TCP, or TLS already terminated) until it closes.
+pub async fn serve_connection<S>(
+    proxy: Arc<Proxy>,
+    hcm: Arc<ConnectionManager>,
+    stream: S,
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
+    tls: bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     hcm.stats.downstream_cx_total.inc();
     let stats = hcm.stats.clone();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
-    let peer = stream.peer_addr().ok().map(hash::Peer);
-    let local = stream.local_addr().ok();
+    let peer = peer.map(hash::Peer);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         if let Some(p) = peer {
             req.extensions_mut().insert(p);
+        }
+        if tls {
+            req.extensions_mut().insert(Secure);
         }
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
@@ -857,9 +870,14 @@ fn upstream_head(
             .headers
             .insert(HeaderName::from_static("x-request-id"), request_id());
     }
+    let proto = if parts.extensions.get::<Secure>().is_some() {
+        "https"
+    } else {
+        "http"
+    };
     parts.headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(proto),
     );
     let path = parts
         .uri
