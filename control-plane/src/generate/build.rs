@@ -899,14 +899,18 @@ pub(super) fn match_applies_via(gateways: &[String], vs_namespace: &str, via: &[
         if via.is_empty() {
             g == "mesh"
         } else {
-            let qualified = if g.contains('/') {
-                g.clone()
-            } else {
-                format!("{vs_namespace}/{g}")
-            };
-            via.contains(&qualified)
+            via.contains(&qualified_gateway(g, vs_namespace))
         }
     })
+}
+
+/// A gateway reference as `namespace/name` (a bare name is in the referring object's namespace).
+pub(super) fn qualified_gateway(name: &str, namespace: &str) -> String {
+    if name.contains('/') {
+        name.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
 }
 
 /// A delegating route's routes: each route of the delegate VirtualService under the root
@@ -932,11 +936,7 @@ fn delegated_routes(
     else {
         return Vec::new();
     };
-    let visible = child.spec.export_to.is_empty()
-        || child.spec.export_to.iter().any(|e| {
-            e == "*" || (e == "." && child.namespace == root.namespace) || *e == root.namespace
-        });
-    if !visible {
+    if !exported_to(&child.spec.export_to, &child.namespace, &root.namespace) {
         return Vec::new();
     }
     child

@@ -6,9 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use weft_xds_proto::envoy::config::core::v3::{
-    DataSource, TransportSocket, data_source, transport_socket,
-};
+use weft_xds_proto::envoy::config::core::v3::{TransportSocket, transport_socket};
 use weft_xds_proto::envoy::config::listener::v3::FilterChain;
 use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -22,7 +20,8 @@ use weft_xds_proto::wkt::BoolValue;
 use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
-use super::build::{ads, http_connection_manager, http_routes, listener};
+use super::build::{ads, http_connection_manager, http_routes, listener, qualified_gateway};
+use super::policy::file;
 use super::scope::{Scope, host_matches};
 use crate::config::{
     GatewayServer, GatewaySpec, Object, ServerTlsMode, TlsVersion, VirtualServiceSpec,
@@ -70,14 +69,11 @@ fn route_config(
     // merge their routes, first one first (as Istio merges them).
     let mut hosts: BTreeMap<String, (usize, VirtualHost)> = BTreeMap::new();
     for vs in &mesh.config.virtual_services {
-        let bound = vs.spec.gateways.iter().any(|g| {
-            let q = if g.contains('/') {
-                g.clone()
-            } else {
-                format!("{}/{g}", vs.namespace)
-            };
-            via.contains(&q)
-        });
+        let bound = vs
+            .spec
+            .gateways
+            .iter()
+            .any(|g| via.contains(&qualified_gateway(g, &vs.namespace)));
         if !bound || !exported(vs, scope) {
             continue;
         }
@@ -128,13 +124,6 @@ fn route_config(
 
 fn exported(vs: &Object<VirtualServiceSpec>, scope: &Scope<'_>) -> bool {
     crate::model::exported_to(&vs.spec.export_to, &vs.namespace, &scope.proxy.namespace)
-}
-
-fn file(path: &str) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(data_source::Specifier::Filename(path.to_string())),
-        ..Default::default()
-    })
 }
 
 fn tls_version(v: Option<TlsVersion>) -> i32 {

@@ -123,6 +123,14 @@ pub fn hash_policy(dr: Option<&DestinationRuleSpec>, subset: &str, port: u32) ->
     }]
 }
 
+/// A data source read from a file (certificates and keys in universal mode).
+pub(super) fn file(path: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    })
+}
+
 /// TLS origination (DestinationRule `tls` SIMPLE or MUTUAL) as the cluster's transport socket;
 /// without `caCertificates` the server is checked against the system's trust store, as Istio
 /// does, unless `insecureSkipVerify`.
@@ -137,12 +145,6 @@ fn upstream_tls(t: &crate::config::ClientTls) -> Option<TransportSocket> {
     if !matches!(mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) {
         return None;
     }
-    let file = |p: &str| {
-        Some(DataSource {
-            specifier: Some(data_source::Specifier::Filename(p.to_string())),
-            ..Default::default()
-        })
-    };
     let mut common = CommonTlsContext::default();
     if mode == ClientTlsMode::Mutual {
         common.tls_certificates = vec![TlsCertificate {
