@@ -865,11 +865,7 @@ fn upstream_head(
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if !parts.headers.contains_key("x-request-id") {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-request-id"), request_id());
-    }
+    // `x-request-id` is already set: the connection manager gives every request one.
     let proto = if parts.extensions.get::<Secure>().is_some() {
         "https"
     } else {
