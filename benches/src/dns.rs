@@ -175,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             .env("TOKIO_WORKER_THREADS", "1")
             .arg("--config-dir")
             .arg(dir.join("config"))
+            .arg("--no-ca")
             .arg("--corefile")
             .arg(dir.join("Corefile"))
             .args([

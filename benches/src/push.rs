@@ -368,7 +368,12 @@ async fn main() -> anyhow::Result<()> {
         .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
         .args(["--debug-address", &format!("127.0.0.1:{debug_port}")])
         .args(["--poll-ms", &a.poll_ms.to_string()])
-        .args(["--debounce-ms", &a.debounce_ms.to_string(), "--no-dns"])
+        .args([
+            "--debounce-ms",
+            &a.debounce_ms.to_string(),
+            "--no-dns",
+            "--no-ca",
+        ])
         .env(
             "RUST_LOG",
             std::env::var("WEFTD_LOG").unwrap_or_else(|_| "warn".into()),

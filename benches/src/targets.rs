@@ -167,7 +167,14 @@ impl Environment {
             Command::new(bin_dir.join("weftd"))
                 .arg("--config-dir")
                 .arg(&config_dir)
-                .args(["--xds-address", XDS, "--debug-address", DEBUG, "--no-dns"]),
+                .args([
+                    "--xds-address",
+                    XDS,
+                    "--debug-address",
+                    DEBUG,
+                    "--no-dns",
+                    "--no-ca",
+                ]),
             dir,
         )?);
         wait_port(XDS, Duration::from_secs(10))?;

@@ -49,8 +49,31 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         address: std::net::IpAddr,
     },
+    /// Join tokens: the credential a workload outside Kubernetes shows the mesh CA.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
     /// Print weftctl's version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Issue a join token for one namespace and service account (printed on stdout). Needs read
+    /// access to weftd's state folder, where the signing key lives.
+    Create {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// How long the token is valid (90s, 15m, 24h, 720h).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// weftd's --state-dir.
+        #[arg(long, env = "WEFTD_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +110,22 @@ fn main() -> anyhow::Result<()> {
                 name,
                 address,
             } => echo::run(SocketAddr::new(address, port), name).await,
+            Cmd::Token {
+                command:
+                    TokenCmd::Create {
+                        namespace,
+                        service_account,
+                        ttl,
+                        state_dir,
+                    },
+            } => {
+                let ttl = weft_control_plane::config::validate::parse_duration(&ttl)
+                    .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                let dir = state_dir.unwrap_or_else(weft_control_plane::ca::default_state_dir);
+                let key = weft_control_plane::ca::token::TokenKey::load(&dir)?;
+                println!("{}", key.issue(&namespace, &service_account, ttl));
+                Ok(())
+            }
             Cmd::Version => {
                 println!("weftctl {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

@@ -138,7 +138,11 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         .arg("--xds-address")
         .arg(opts.xds_address.to_string())
         .arg("--debug-address")
-        .arg(opts.debug_address.to_string());
+        .arg(opts.debug_address.to_string())
+        .arg("--secure-xds-address")
+        .arg(SocketAddr::new(opts.xds_address.ip(), 15012).to_string())
+        .arg("--state-dir")
+        .arg(opts.log_dir.join("state"));
     match &opts.corefile {
         Some(c) => weftd_cmd.arg("--corefile").arg(c),
         // The built-in Corefile's ports (53, 8080, 8181, 9153) would collide with a

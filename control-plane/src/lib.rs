@@ -5,6 +5,7 @@
 //! Layout follows the data flow: `config` (source, typed objects, validation) -> `model`
 //! (services, endpoints, workloads) -> `generate` (per-proxy xDS) -> `xds` (ADS server).
 
+pub mod ca;
 pub mod config;
 pub mod debug;
 pub mod dns;
@@ -37,6 +38,31 @@ pub struct Options {
     pub settings: model::MeshSettings,
     /// The DNS server (None: off).
     pub dns: Option<dns::DnsOptions>,
+    /// The mesh CA and the TLS port (None: no CA, plaintext xDS only).
+    pub ca: Option<CaSettings>,
+}
+
+/// The CA and weftd's TLS port.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    pub ca: ca::CaOptions,
+    /// istiod's 15012: ADS and the CA over TLS.
+    pub secure_address: SocketAddr,
+    /// Extra DNS names for weftd's own certificate (the Service names proxies dial).
+    pub dns_names: Vec<String>,
+}
+
+/// Whether this process runs as root (effective UID 0).
+pub fn running_as_root() -> bool {
+    // /proc/self/status: "Uid: real effective saved fs".
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
 
 /// Runs weftd until the process is stopped.
@@ -109,6 +135,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(address = %opts.debug_address, "debug endpoints listening (/ready, /debug/syncz, /debug/configz)");
     tokio::spawn(debug::serve(debug_listener, debug_state));
 
+    let ca_service = match &opts.ca {
+        Some(settings) => Some(start_ca(settings, mesh_rx.clone(), status.clone()).await?),
+        None => None,
+    };
+
     let xds_listener = tokio::net::TcpListener::bind(opts.xds_address)
         .await
         .with_context(|| format!("binding the xDS port {}", opts.xds_address))?;
@@ -117,8 +148,68 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(XdsServer::new(mesh_rx, status).into_service())
+        .add_optional_service(ca_service)
         .serve_with_incoming(incoming)
         .await
         .context("serving ADS")?;
     Ok(())
+}
+
+/// Loads (or creates) the CA, starts the TLS port, and returns the certificate service for the
+/// plaintext port.
+async fn start_ca(
+    settings: &CaSettings,
+    mesh_rx: watch::Receiver<Arc<MeshSnapshot>>,
+    status: Arc<StatusRegistry>,
+) -> anyhow::Result<weft_xds_proto::ca::CertificateServer<ca::service::CaService>> {
+    use std::sync::RwLock;
+    let authority =
+        ca::Authority::load_or_create(settings.ca.clone()).context("loading the mesh CA")?;
+    let tokens = ca::token::TokenKey::load_or_create(&settings.ca.state_dir)
+        .context("loading the join-token key")?;
+    let authority = Arc::new(RwLock::new(authority));
+    let service = Arc::new(ca::service::CaService::new(authority.clone(), Some(tokens)));
+    let mut dns_names = vec![
+        "istiod.istio-system.svc".to_string(),
+        "weftd.istio-system.svc".to_string(),
+        "localhost".to_string(),
+    ];
+    dns_names.extend(settings.dns_names.iter().cloned());
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !settings.secure_address.ip().is_unspecified() {
+        ips.push(settings.secure_address.ip());
+    }
+    ips.dedup();
+    let serving_ttl = Duration::from_secs(24 * 3600);
+    let config = {
+        let ca = authority
+            .read()
+            .map_err(|_| anyhow::anyhow!("CA state poisoned"))?;
+        ca::secure::server_config(&ca, &dns_names, &ips, serving_ttl)?
+    };
+    let config = Arc::new(arc_swap::ArcSwap::new(config));
+    tokio::spawn(ca::secure::renew(
+        authority,
+        config.clone(),
+        dns_names,
+        ips,
+        serving_ttl,
+    ));
+    let listener = tokio::net::TcpListener::bind(settings.secure_address)
+        .await
+        .with_context(|| format!("binding the TLS xDS/CA port {}", settings.secure_address))?;
+    tracing::info!(address = %settings.secure_address, trust_domain = %settings.ca.trust_domain, "TLS xDS and CA listening");
+    let secure_service = weft_xds_proto::ca::CertificateServer::new(service.clone());
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(XdsServer::new(mesh_rx, status).into_service())
+            .add_service(secure_service)
+            .serve_with_incoming(ca::secure::incoming(listener, config))
+            .await;
+        if let Err(e) = served {
+            tracing::error!("the TLS xDS/CA port stopped: {e}");
+        }
+    });
+    Ok(weft_xds_proto::ca::CertificateServer::new(service))
 }

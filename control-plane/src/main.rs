@@ -49,6 +49,40 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Where weftd keeps its state: the generated root CA (keys mode 0600) and the join-token
+    /// key. Default: /var/lib/weftd as root, else ~/.local/state/weftd.
+    #[arg(long, env = "WEFTD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The mesh's trust domain: workload identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// A plugged-in CA in Istio's layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem) instead of a generated root.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates when the request asks for none (e.g. 24h, 90m, 120s).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    workload_cert_ttl: Duration,
+    /// The longest workload certificate the CA signs.
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    max_workload_cert_ttl: Duration,
+    /// Address of the TLS port serving ADS and the CA (istiod's 15012).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    secure_xds_address: SocketAddr,
+    /// Extra DNS names for weftd's own certificate on the TLS port (repeatable).
+    #[arg(long = "tls-dns-name")]
+    tls_dns_names: Vec<String>,
+    /// Run without the CA and the TLS port.
+    #[arg(long)]
+    no_ca: bool,
+}
+
+/// A duration as Istio writes them (`90s`, `15m`, `24h`), above zero.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match weft_control_plane::config::validate::parse_duration(s)? {
+        d if d.is_zero() => Err("a duration must be above zero".into()),
+        d => Ok(d),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,30 +92,46 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let dns = (!args.no_dns).then(|| {
-        let unprivileged = args.corefile.is_none() && !running_as_root();
+        let unprivileged = args.corefile.is_none() && !weft_control_plane::running_as_root();
         weft_control_plane::dns::DnsOptions {
             corefile: args.corefile.clone(),
             port_override: args.dns_port.or(unprivileged.then_some(15053)),
         }
     });
     rt.block_on(async {
-        let opts =
-            weft_control_plane::Options {
-                config_dir: args.config_dir,
-                xds_address: args.xds_address,
-                debug_address: args.debug_address,
-                poll_interval: Duration::from_millis(args.poll_ms.max(10)),
-                debounce: Duration::from_millis(args.debounce_ms),
-                settings: weft_control_plane::model::MeshSettings {
-                    access_log: args.access_log_file.clone().filter(|p| !p.is_empty()).map(
-                        |path| weft_control_plane::model::AccessLogSettings {
-                            path,
-                            json: args.access_log_encoding == "JSON",
-                        },
-                    ),
-                },
-                dns: dns.clone(),
-            };
+        let opts = weft_control_plane::Options {
+            config_dir: args.config_dir,
+            xds_address: args.xds_address,
+            debug_address: args.debug_address,
+            poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+            debounce: Duration::from_millis(args.debounce_ms),
+            settings: weft_control_plane::model::MeshSettings {
+                access_log: args
+                    .access_log_file
+                    .clone()
+                    .filter(|p| !p.is_empty())
+                    .map(|path| weft_control_plane::model::AccessLogSettings {
+                        path,
+                        json: args.access_log_encoding == "JSON",
+                    }),
+            },
+            dns: dns.clone(),
+            ca: (!args.no_ca).then(|| {
+                let state_dir = args
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(weft_control_plane::ca::default_state_dir);
+                let mut ca = weft_control_plane::ca::CaOptions::new(&args.trust_domain, &state_dir);
+                ca.plugged_dir = args.ca_dir.clone();
+                ca.default_ttl = args.workload_cert_ttl;
+                ca.max_ttl = args.max_workload_cert_ttl.max(args.workload_cert_ttl);
+                weft_control_plane::CaSettings {
+                    ca,
+                    secure_address: args.secure_xds_address,
+                    dns_names: args.tls_dns_names.clone(),
+                }
+            }),
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = weft_control_plane::run(opts) => return r,
@@ -99,18 +149,6 @@ fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         Ok(())
     })
-}
-
-fn running_as_root() -> bool {
-    // /proc/self/status: "Uid: real effective saved fs".
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn init_tracing(format: &str) {

@@ -2,6 +2,7 @@
 //! `/server_info`, `/config_dump` (Envoy's JSON shape), `/clusters` (Envoy's text format),
 //! `/listeners`, `/stats` and `/stats/prometheus`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -324,8 +325,11 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
             });
         }
     }
-    for l in proxy.listeners.configs() {
-        match &l.filter {
+    // Chains of one listener that share a stat prefix (PERMISSIVE mTLS: a TLS and a plaintext
+    // chain) share their stats, as Envoy's scopes do: duplicates are summed below.
+    let chains: Vec<_> = proxy.listeners.configs();
+    for chain in chains.iter().flat_map(|l| l.chains.iter()) {
+        match &chain.filter {
             NetworkFilter::Http(h) => {
                 let p = &h.stat_prefix;
                 let s = &h.stats;
@@ -398,6 +402,18 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
             }
         }
     }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut merged: Vec<Stat> = Vec::with_capacity(v.len());
+    for stat in v {
+        match seen.get(&stat.plain) {
+            Some(&i) => merged[i].value += stat.value,
+            None => {
+                seen.insert(stat.plain.clone(), merged.len());
+                merged.push(stat);
+            }
+        }
+    }
+    let mut v = merged;
     let live = i64::from(proxy.state() == ServerState::Live);
     v.push(Stat {
         prom_name: "envoy_server_live",

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod state;
 pub mod stats;

@@ -29,26 +29,54 @@ pub enum NetworkFilter {
     Tcp(Arc<TcpProxy>),
 }
 
+/// One filter chain: what it matches, its TLS termination and its network filter.
+#[derive(Debug)]
+pub struct FilterChain {
+    /// `filter_chain_match.transport_protocol`: "tls" or "raw_buffer" (None: any).
+    pub transport_protocol: Option<String>,
+    /// TLS termination (the chain's `transport_socket`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub filter: NetworkFilter,
+}
+
 #[derive(Debug)]
 pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
-    pub filter: NetworkFilter,
-    /// TLS termination (the filter chain's `transport_socket`).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub chains: Vec<FilterChain>,
+    /// The TLS inspector listener filter: sniff whether a connection starts with a TLS
+    /// ClientHello (PERMISSIVE mTLS serves TLS and plaintext on one port).
+    pub inspect_tls: bool,
     pub source: XdsListener,
 }
+
+const TLS_INSPECTOR: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 
 impl ListenerConfig {
     pub fn from_xds(l: &XdsListener) -> Result<ListenerConfig, Rejection> {
         let reject =
             |field: &str, reason: String| Rejection::new("Listener", &l.name, field, reason);
         let address = socket_addr(l.address.as_ref()).map_err(|r| reject("address", r))?;
-        if !l.listener_filters.is_empty() {
-            return Err(reject(
-                "listener_filters",
-                "listener filters (TLS/HTTP inspectors, original_dst) are not supported yet".into(),
-            ));
+        let mut inspect_tls = false;
+        for (i, lf) in l.listener_filters.iter().enumerate() {
+            use weft_xds_proto::envoy::config::listener::v3::listener_filter;
+            match &lf.config_type {
+                Some(listener_filter::ConfigType::TypedConfig(any))
+                    if any.type_url == TLS_INSPECTOR =>
+                {
+                    inspect_tls = true
+                }
+                _ => {
+                    return Err(reject(
+                        &format!("listener_filters[{i}]"),
+                        format!(
+                            "listener filter {:?} is not supported (the TLS inspector is)",
+                            lf.name
+                        ),
+                    ));
+                }
+            }
         }
         if !l.additional_addresses.is_empty() {
             return Err(reject(
@@ -59,84 +87,139 @@ impl ListenerConfig {
         if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
             return Err(reject(
                 "default_filter_chain",
-                "filter chain matching is not supported yet".into(),
+                "only filter_chain_match on transport_protocol is supported".into(),
             ));
         }
-        let [chain] = l.filter_chains.as_slice() else {
+        if l.filter_chains.is_empty() {
             return Err(reject(
                 "filter_chains",
-                format!(
-                    "exactly one filter chain is supported, got {}",
-                    l.filter_chains.len()
-                ),
-            ));
-        };
-        if chain.filter_chain_match.is_some() {
-            return Err(reject(
-                "filter_chains[0].filter_chain_match",
-                "filter chain matching is not supported yet".into(),
+                "a listener needs a filter chain".into(),
             ));
         }
-        let tls = chain
-            .transport_socket
-            .as_ref()
-            .map(crate::tls::server_config)
-            .transpose()
-            .map_err(|(f, r)| reject(&format!("filter_chains[0].transport_socket.{f}"), r))?;
-        let [f] = chain.filters.as_slice() else {
-            return Err(reject(
-                "filter_chains[0].filters",
-                format!(
-                    "exactly one network filter is supported, got {}",
-                    chain.filters.len()
-                ),
-            ));
-        };
-        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-            return Err(reject(
-                "filter_chains[0].filters[0]",
-                "a typed_config is required".into(),
-            ));
-        };
-        let filter = match any.type_url.as_str() {
-            type_url::HTTP_CONNECTION_MANAGER => {
-                let hcm: HttpConnectionManager = weft_xds_proto::unpack(any)
-                    .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
-                NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
-            }
-            type_url::TCP_PROXY if tls.is_some() => {
+        let mut chains = Vec::with_capacity(l.filter_chains.len());
+        for (i, chain) in l.filter_chains.iter().enumerate() {
+            chains.push(filter_chain(l, i, chain)?);
+        }
+        for (i, c) in chains.iter().enumerate() {
+            if chains[..i]
+                .iter()
+                .any(|o| o.transport_protocol == c.transport_protocol)
+            {
                 return Err(reject(
-                    "filter_chains[0].transport_socket",
-                    "TLS termination in front of the TCP proxy is not supported yet".into(),
+                    &format!("filter_chains[{i}].filter_chain_match"),
+                    "two filter chains have the same match".into(),
                 ));
             }
-            type_url::TCP_PROXY => {
-                let tcp: XdsTcpProxy = weft_xds_proto::unpack(any)
-                    .map_err(|e| reject("filter_chains[0].filters[0]", e.to_string()))?;
-                NetworkFilter::Tcp(Arc::new(TcpProxy::from_xds(&l.name, &tcp)?))
-            }
-            other => {
-                return Err(reject(
-                    "filter_chains[0].filters[0]",
-                    format!("network filter {other} is not supported"),
-                ));
-            }
-        };
+        }
         Ok(ListenerConfig {
             name: l.name.clone(),
             address,
-            filter,
-            tls,
+            chains,
+            inspect_tls,
             source: l.clone(),
         })
     }
 
-    pub fn route_config_name(&self) -> Option<&str> {
-        match &self.filter {
-            NetworkFilter::Http(h) => h.route_config_name(),
-            NetworkFilter::Tcp(_) => None,
-        }
+    /// The RDS route configurations this listener's HTTP chains use.
+    pub fn route_config_names(&self) -> Vec<&str> {
+        self.chains
+            .iter()
+            .filter_map(|c| match &c.filter {
+                NetworkFilter::Http(h) => h.route_config_name(),
+                NetworkFilter::Tcp(_) => None,
+            })
+            .collect()
     }
+
+    /// The chain for a connection whose transport protocol is `transport` ("tls" or
+    /// "raw_buffer"): an exact match first, then a chain that matches anything (Envoy's most
+    /// specific match).
+    pub fn chain_for(&self, transport: &str) -> Option<&FilterChain> {
+        self.chains
+            .iter()
+            .find(|c| c.transport_protocol.as_deref() == Some(transport))
+            .or_else(|| self.chains.iter().find(|c| c.transport_protocol.is_none()))
+    }
+
+    /// Whether choosing a chain needs to look at the connection's first bytes.
+    fn needs_sniffing(&self) -> bool {
+        self.inspect_tls && self.chains.iter().any(|c| c.transport_protocol.is_some())
+    }
+}
+
+fn filter_chain(
+    l: &XdsListener,
+    i: usize,
+    chain: &weft_xds_proto::envoy::config::listener::v3::FilterChain,
+) -> Result<FilterChain, Rejection> {
+    let at = |f: &str| format!("filter_chains[{i}].{f}");
+    let reject = |field: String, reason: String| Rejection::new("Listener", &l.name, field, reason);
+    let transport_protocol = match &chain.filter_chain_match {
+        None => None,
+        Some(m) => {
+            let mut rest = m.clone();
+            rest.transport_protocol.clear();
+            if rest != Default::default() {
+                return Err(reject(
+                    at("filter_chain_match"),
+                    "only transport_protocol can be matched on".into(),
+                ));
+            }
+            match m.transport_protocol.as_str() {
+                "" => None,
+                p @ ("tls" | "raw_buffer") => Some(p.to_string()),
+                other => {
+                    return Err(reject(
+                        at("filter_chain_match.transport_protocol"),
+                        format!("{other:?} is not a transport protocol (tls, raw_buffer)"),
+                    ));
+                }
+            }
+        }
+    };
+    let tls = match &chain.transport_socket {
+        None => None,
+        Some(ts) => crate::tls::server_config(ts)
+            .map_err(|(f, r)| reject(at(&format!("transport_socket.{f}")), r))?,
+    };
+    let [f] = chain.filters.as_slice() else {
+        return Err(reject(
+            at("filters"),
+            format!(
+                "exactly one network filter is supported, got {}",
+                chain.filters.len()
+            ),
+        ));
+    };
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        return Err(reject(
+            at("filters[0]"),
+            "a typed_config is required".into(),
+        ));
+    };
+    let filter = match any.type_url.as_str() {
+        type_url::HTTP_CONNECTION_MANAGER => {
+            let hcm: HttpConnectionManager =
+                weft_xds_proto::unpack(any).map_err(|e| reject(at("filters[0]"), e.to_string()))?;
+            NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
+        }
+        type_url::TCP_PROXY => {
+            let tcp: XdsTcpProxy =
+                weft_xds_proto::unpack(any).map_err(|e| reject(at("filters[0]"), e.to_string()))?;
+            NetworkFilter::Tcp(Arc::new(TcpProxy::from_xds(&l.name, &tcp)?))
+        }
+        other => {
+            return Err(reject(
+                at("filters[0]"),
+                format!("network filter {other} is not supported"),
+            ));
+        }
+    };
+    Ok(FilterChain {
+        transport_protocol,
+        tls,
+        filter,
+    })
 }
 
 struct Active {
@@ -290,10 +373,16 @@ async fn accept_loop(
     // route configuration has arrived (at most Envoy's 15 s initial fetch timeout), so no early
     // request is answered 404. The socket is already listening: connections made meanwhile
     // wait in the backlog.
-    let rds = config.load().route_config_name().map(str::to_string);
-    if let Some(name) = rds {
+    let rds: Vec<String> = config
+        .load()
+        .route_config_names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if !rds.is_empty() {
         let deadline = tokio::time::Instant::now() + WARMING_TIMEOUT;
-        while !proxy.snapshot().routes.contains_key(&name) && tokio::time::Instant::now() < deadline
+        while !rds.iter().all(|n| proxy.snapshot().routes.contains_key(n))
+            && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
@@ -309,36 +398,96 @@ async fn accept_loop(
             }
         };
         let current = config.load_full();
-        let proxy = proxy.clone();
-        match &current.filter {
-            NetworkFilter::Http(hcm) => {
-                let hcm = hcm.clone();
-                let _ = stream.set_nodelay(true);
-                let (peer, local) = (stream.peer_addr().ok(), stream.local_addr().ok());
-                match &current.tls {
-                    None => {
-                        tokio::spawn(crate::http::serve_connection(
-                            proxy, hcm, stream, peer, local, false,
-                        ));
-                    }
-                    Some(tls) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                        tokio::spawn(async move {
-                            match acceptor.accept(stream).await {
-                                Ok(s) => {
-                                    crate::http::serve_connection(proxy, hcm, s, peer, local, true)
-                                        .await
-                                }
-                                Err(e) => tracing::debug!("TLS handshake failed: {e}"),
-                            }
-                        });
-                    }
+        tokio::spawn(serve(proxy.clone(), current, stream));
+    }
+}
+
+/// How long the TLS inspector waits for a client's first bytes (Envoy's
+/// listener_filters_timeout); a client that says nothing is then treated as plaintext.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether the connection starts with a TLS handshake record (the TLS inspector).
+async fn starts_with_tls(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 3];
+    let deadline = tokio::time::Instant::now() + INSPECT_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            // A TLS record: content type handshake (22), version 3.x.
+            Ok(Ok(n)) if n >= 2 => return buf[0] == 0x16 && buf[1] == 0x03,
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            // One byte so far: wait for the next.
+            Ok(Ok(_)) => {
+                if buf[0] != 0x16 {
+                    return false;
                 }
-            }
-            NetworkFilter::Tcp(tcp) => {
-                let tcp = tcp.clone();
-                tokio::spawn(async move { tcp.serve(&proxy, stream).await });
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+/// What the downstream connection proved about itself.
+#[derive(Debug, Clone, Default)]
+pub struct Downstream {
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    /// TLS was terminated here.
+    pub tls: bool,
+    /// The client certificate's SPIFFE ID (mTLS), e.g. spiffe://cluster.local/ns/a/sa/b.
+    pub principal: Option<Arc<str>>,
+    /// The SNI the client sent.
+    pub sni: Option<Arc<str>>,
+}
+
+async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::net::TcpStream) {
+    let transport = if config.needs_sniffing() && starts_with_tls(&stream).await {
+        "tls"
+    } else {
+        "raw_buffer"
+    };
+    let Some(chain) = config.chain_for(transport) else {
+        tracing::debug!(listener = %config.name, transport, "no filter chain matches; closing");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut down = Downstream {
+        peer: stream.peer_addr().ok(),
+        local: stream.local_addr().ok(),
+        ..Default::default()
+    };
+    match &chain.tls {
+        None => serve_filter(&proxy, &chain.filter, stream, down).await,
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            match tokio::time::timeout(INSPECT_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => {
+                    let conn = s.get_ref().1;
+                    down.tls = true;
+                    down.principal = conn
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::tls::spiffe_id(c))
+                        .map(Arc::from);
+                    down.sni = conn.server_name().map(Arc::from);
+                    serve_filter(&proxy, &chain.filter, s, down).await
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %config.name, peer = ?down.peer, "TLS handshake failed: {e}")
+                }
+                Err(_) => tracing::debug!(listener = %config.name, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_filter<S>(proxy: &Arc<Proxy>, filter: &NetworkFilter, stream: S, down: Downstream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match filter {
+        NetworkFilter::Http(hcm) => {
+            crate::http::serve_connection(proxy.clone(), hcm.clone(), stream, down).await
+        }
+        NetworkFilter::Tcp(tcp) => tcp.serve(proxy, stream).await,
     }
 }

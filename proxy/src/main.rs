@@ -34,6 +34,74 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// The credential for the mesh CA: a file holding a join token (`weftctl token create`) or
+    /// a Kubernetes service-account token. Without one (or --ca-token) the proxy has no
+    /// workload certificate and mTLS contexts fail their handshakes.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    ca_token_file: Option<PathBuf>,
+    /// The CA credential itself (prefer --ca-token-file: arguments are visible in `ps`).
+    #[arg(
+        long,
+        env = "WEFT_CA_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "ca_token_file"
+    )]
+    ca_token: Option<String>,
+    /// The CA's address (default: the xDS address; weftd serves both).
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// Talk TLS to the CA (weftd's 15012), verifying it against this root certificate.
+    #[arg(long)]
+    ca_root_cert: Option<PathBuf>,
+    /// The name the CA's certificate must carry.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    ca_server_name: String,
+    /// Trust domain of the workload identity.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Namespace of the workload identity (default: the node's NAMESPACE metadata, or the
+    /// namespace in the node id).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Service account of the workload identity (default: the node's SERVICE_ACCOUNT
+    /// metadata, else "default").
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Requested certificate lifetime in seconds (default: the CA's, 24 h for weftd).
+    #[arg(long)]
+    cert_ttl_s: Option<u64>,
+}
+
+/// The SPIFFE identity this proxy asks for.
+fn workload_identity(args: &Args, node: &weft_xds_proto::envoy::config::core::v3::Node) -> String {
+    let meta = |key: &str| {
+        node.metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(key))
+            .and_then(|v| match &v.kind {
+                Some(weft_xds_proto::wkt::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    // sidecar~<ip>~<workload>.<ns>~<ns>.svc.cluster.local
+    let from_id = node
+        .id
+        .split('~')
+        .nth(3)
+        .and_then(|d| d.split('.').next())
+        .map(str::to_string);
+    let ns = args
+        .namespace
+        .clone()
+        .or_else(|| meta("NAMESPACE"))
+        .or(from_id)
+        .unwrap_or_else(|| "default".into());
+    let sa = args
+        .service_account
+        .clone()
+        .or_else(|| meta("SERVICE_ACCOUNT"))
+        .unwrap_or_else(|| "default".into());
+    format!("spiffe://{}/ns/{ns}/sa/{sa}", args.trust_domain)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +146,33 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding the admin address {admin_address}"))?;
         tracing::info!(admin = %admin_address, xds = %startup.xds_address, node = %startup.node.id, workers, "weft-proxy starting");
         tokio::spawn(weft_proxy::admin::serve(admin, proxy.clone()));
+        let token = match (&args.ca_token_file, &args.ca_token) {
+            (Some(f), _) => Some(weft_proxy::identity::TokenSource::File(f.clone())),
+            (None, Some(t)) => Some(weft_proxy::identity::TokenSource::Inline(t.clone())),
+            (None, None) => None,
+        };
+        if let Some(token) = token {
+            let tls = match &args.ca_root_cert {
+                Some(path) => Some(weft_proxy::identity::CaTls {
+                    roots_pem: std::fs::read(path)
+                        .with_context(|| format!("reading --ca-root-cert {}", path.display()))?,
+                    server_name: args.ca_server_name.clone(),
+                }),
+                None => None,
+            };
+            let ca = weft_proxy::identity::CaClient {
+                address: args.ca_address.clone().unwrap_or_else(|| startup.xds_address.clone()),
+                tls,
+                token,
+            };
+            let identity = workload_identity(&args, &startup.node);
+            tracing::info!(%identity, ca = %ca.address, "obtaining the workload certificate");
+            tokio::spawn(weft_proxy::identity::global().clone().maintain(
+                ca,
+                identity,
+                args.cert_ttl_s.map(std::time::Duration::from_secs),
+            ));
+        }
         let client = weft_proxy::xds::XdsClient::new(proxy, startup.node, &startup.xds_address);
         tokio::select! {
             _ = client.run() => {}

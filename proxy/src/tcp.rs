@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy as XdsTcpProxy, tcp_proxy,
 };
@@ -62,7 +61,10 @@ impl TcpProxy {
         })
     }
 
-    pub async fn serve(&self, proxy: &Proxy, mut downstream: TcpStream) {
+    pub async fn serve<S>(&self, proxy: &Proxy, mut downstream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         self.stats.downstream_cx_total.inc();
         let _active = GaugeGuard::new(&self.stats.downstream_cx_active);
         let endpoint = {
@@ -76,22 +78,17 @@ impl TcpProxy {
                 return;
             };
             cluster.stats.upstream_cx_total.inc();
-            (endpoint, cluster.connect_timeout, cluster.clone())
+            (endpoint, cluster.clone())
         };
-        let (endpoint, connect_timeout, cluster) = endpoint;
-        let mut upstream =
-            match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.address)).await
-            {
-                Ok(Ok(s)) => s,
-                _ => {
-                    cluster.stats.upstream_cx_connect_fail.inc();
-                    endpoint.pool.stats.cx_connect_fail.inc();
-                    return;
-                }
-            };
-        let _ = upstream.set_nodelay(true);
-        let _ = downstream.set_nodelay(true);
-        endpoint.pool.stats.cx_total.inc();
+        let (endpoint, cluster) = endpoint;
+        let mut upstream = match endpoint.pool.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(stat_prefix = %self.stat_prefix, "tcp proxy: {e}");
+                cluster.stats.upstream_cx_connect_fail.inc();
+                return;
+            }
+        };
         let _cx = GaugeGuard::new(&endpoint.pool.stats.cx_active);
         if let Ok((rx, tx)) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
             self.stats.downstream_cx_rx_bytes_total.add(rx);

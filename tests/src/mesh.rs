@@ -65,6 +65,11 @@ impl Quickstart {
         format!("{}:15010", self.ip(1)).parse().expect("addr")
     }
 
+    /// weftd's state folder (its CA and join-token key).
+    pub fn state_dir(&self) -> PathBuf {
+        self.log_dir.with_file_name("state")
+    }
+
     pub fn debug(&self) -> SocketAddr {
         format!("{}:15014", self.ip(1)).parse().expect("addr")
     }
@@ -190,6 +195,8 @@ spec:
     pub fn start_weftd(&mut self) {
         let dir = self.dir.display().to_string();
         let (xds, debug) = (self.xds().to_string(), self.debug().to_string());
+        let secure = format!("{}:15012", self.ip(1));
+        let state = self.state_dir().display().to_string();
         let p = Proc::start(
             "weftd",
             &bin("weftd"),
@@ -203,6 +210,10 @@ spec:
                 "--poll-ms",
                 "50",
                 "--no-dns",
+                "--secure-xds-address",
+                &secure,
+                "--state-dir",
+                &state,
             ]
             .into_iter()
             .chain(self.weftd_args.iter().map(String::as_str))

@@ -47,6 +47,7 @@ fn weftd(name: &str, dir: &Path, config: &Path, corefile: &str, log_dir: &Path) 
             &cf.display().to_string(),
             "--poll-ms",
             "50",
+            "--no-ca",
         ],
         log_dir,
     )
@@ -257,6 +258,7 @@ fn a_bad_corefile_is_a_startup_error_naming_the_line() {
             "127.0.0.1:0",
             "--debug-address",
             "127.0.0.1:0",
+            "--no-ca",
         ])
         .output()
         .unwrap();

@@ -6,6 +6,7 @@
 //! that `envoy-types` ships in its package (located by `build.rs`).
 
 pub mod any;
+pub mod ca;
 pub mod json;
 pub mod type_url;
 

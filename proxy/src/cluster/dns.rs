@@ -196,7 +196,7 @@ impl Cluster {
         let endpoints = hosts
             .into_iter()
             .filter(|(a, _)| seen.insert(*a))
-            .map(|(a, w)| self.endpoint(a, w, &existing))
+            .map(|(a, w)| self.endpoint(a, w, None, &existing))
             .collect();
         self.endpoints
             .store(Arc::new(super::lb::EndpointSet::for_policy(

@@ -337,6 +337,7 @@ mod tests {
                 UpstreamProtocol::Http1,
                 Duration::from_secs(1),
                 Default::default(),
+                None,
             ),
             stats: EndpointStats::default(),
             health: Default::default(),

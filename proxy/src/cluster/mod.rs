@@ -89,8 +89,81 @@ pub struct Cluster {
     pub limits: ConnectionLimits,
     /// Below this percentage of healthy hosts the load balancer ignores health (Envoy: 50).
     pub panic_threshold: f64,
+    /// TLS towards the endpoints (transport_socket and transport_socket_matches).
+    pub transport: Transport,
     /// The xDS resource this was built from, to tell whether an update changes anything.
     pub source: XdsCluster,
+}
+
+/// How a cluster's endpoints are connected to: the first `transport_socket_matches` entry
+/// whose `match` fields all equal the endpoint's `envoy.transport_socket_match` metadata, else
+/// the cluster's `transport_socket` (Istio's auto mTLS: endpoints labelled
+/// `tlsMode: istio` get mTLS, the rest plaintext).
+#[derive(Debug, Default)]
+pub struct Transport {
+    pub default: Option<Arc<crate::tls::UpstreamTls>>,
+    pub matches: Vec<SocketMatch>,
+}
+
+/// One `transport_socket_matches` entry: the metadata it requires and the TLS it selects.
+pub type SocketMatch = (Vec<(String, String)>, Option<Arc<crate::tls::UpstreamTls>>);
+
+/// The metadata namespace transport socket matches look at.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+impl Transport {
+    fn from_xds(c: &XdsCluster) -> Result<Transport, (String, String)> {
+        let default = match &c.transport_socket {
+            None => None,
+            Some(ts) => crate::tls::client_config(ts)
+                .map_err(|(f, r)| (format!("transport_socket.{f}"), r))?,
+        };
+        let mut matches = Vec::new();
+        for (i, m) in c.transport_socket_matches.iter().enumerate() {
+            let field = format!("transport_socket_matches[{i}]");
+            let mut fields = Vec::new();
+            for (k, v) in m.r#match.as_ref().map(|s| &s.fields).into_iter().flatten() {
+                match &v.kind {
+                    Some(weft_xds_proto::wkt::value::Kind::StringValue(s)) => {
+                        fields.push((k.clone(), s.clone()))
+                    }
+                    _ => {
+                        return Err((
+                            format!("{field}.match.{k}"),
+                            "only string values can be matched".into(),
+                        ));
+                    }
+                }
+            }
+            let tls = match &m.transport_socket {
+                None => None,
+                Some(ts) => crate::tls::client_config(ts)
+                    .map_err(|(f, r)| (format!("{field}.transport_socket.{f}"), r))?,
+            };
+            matches.push((fields, tls));
+        }
+        Ok(Transport { default, matches })
+    }
+
+    /// The TLS for an endpoint with this metadata.
+    fn for_endpoint(
+        &self,
+        metadata: Option<&weft_xds_proto::envoy::config::core::v3::Metadata>,
+    ) -> Option<Arc<crate::tls::UpstreamTls>> {
+        let labels = metadata.and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH));
+        let value = |k: &str| -> Option<&str> {
+            match labels?.fields.get(k)?.kind.as_ref()? {
+                weft_xds_proto::wkt::value::Kind::StringValue(s) => Some(s),
+                _ => None,
+            }
+        };
+        for (fields, tls) in &self.matches {
+            if fields.iter().all(|(k, v)| value(k) == Some(v.as_str())) {
+                return tls.clone();
+            }
+        }
+        self.default.clone()
+    }
 }
 
 /// Circuit breakers (the DEFAULT priority thresholds): Envoy's defaults are 1024 connections,
@@ -236,12 +309,8 @@ impl Cluster {
             }
         };
         let lb = LbPolicy::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
+        let transport = Transport::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
         for (field, set) in [
-            ("transport_socket", c.transport_socket.is_some()),
-            (
-                "transport_socket_matches",
-                !c.transport_socket_matches.is_empty(),
-            ),
             ("health_checks", !c.health_checks.is_empty()),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
@@ -372,6 +441,7 @@ impl Cluster {
             outlier,
             limits,
             panic_threshold,
+            transport,
             source: c.clone(),
         };
         if cluster.discovery == Discovery::Static
@@ -389,14 +459,21 @@ impl Cluster {
         &self,
         addr: SocketAddr,
         weight: u32,
+        metadata: Option<&weft_xds_proto::envoy::config::core::v3::Metadata>,
         existing: &HashMap<SocketAddr, Arc<Endpoint>>,
     ) -> Arc<Endpoint> {
+        let tls = self.transport.for_endpoint(metadata);
+        let same_tls = |e: &Endpoint| match (&e.pool.tls, &tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.source == b.source,
+            _ => false,
+        };
         match existing.get(&addr) {
-            Some(e) if e.weight == weight => e.clone(),
+            Some(e) if e.weight == weight && same_tls(e) => e.clone(),
             _ => Arc::new(Endpoint {
                 address: addr,
                 weight,
-                pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits),
+                pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits, tls),
                 stats: EndpointStats::default(),
                 health: Default::default(),
             }),
@@ -446,7 +523,7 @@ impl Cluster {
                     .map(|w| w.value)
                     .unwrap_or(1)
                     .max(1);
-                endpoints.push(self.endpoint(addr, weight, existing));
+                endpoints.push(self.endpoint(addr, weight, lbe.metadata.as_ref(), existing));
             }
         }
         Ok(lb::EndpointSet::for_policy(endpoints, self.lb.policy))

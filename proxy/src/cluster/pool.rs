@@ -42,6 +42,11 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("upstream {addr} reset the request: {source}")]
     Reset {
         addr: SocketAddr,
@@ -57,7 +62,78 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout(_)
                 | UpstreamError::Connect { .. }
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::Tls { .. }
         )
+    }
+}
+
+/// An upstream connection: plain TCP, or TLS over it (the cluster's transport socket).
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -102,6 +178,9 @@ pub struct Pool {
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
     limits: ConnectionLimits,
+    /// TLS towards this endpoint (the cluster's transport socket, or the transport socket
+    /// match the endpoint's metadata selects).
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     workers: Box<[WorkerConnections]>,
     pub stats: PoolStats,
 }
@@ -112,12 +191,14 @@ impl Pool {
         protocol: UpstreamProtocol,
         connect_timeout: Duration,
         limits: ConnectionLimits,
+        tls: Option<Arc<crate::tls::UpstreamTls>>,
     ) -> Pool {
         Pool {
             addr,
             protocol,
             connect_timeout,
             limits,
+            tls,
             workers: (0..=crate::worker::count())
                 .map(|_| WorkerConnections::default())
                 .collect(),
@@ -214,7 +295,9 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+    /// A new connection to the endpoint (TLS when the cluster says so), counted in the pool's
+    /// stats. The HTTP pool, the TCP proxy and upgrades all connect through here.
+    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
                 Ok(Ok(s)) => s,
@@ -232,7 +315,25 @@ impl Pool {
             };
         let _ = stream.set_nodelay(true);
         self.stats.cx_total.inc();
-        Ok(stream)
+        let Some(tls) = &self.tls else {
+            return Ok(UpstreamStream::Plain(stream));
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let handshake = connector.connect(tls.server_name.clone(), stream);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
+            Ok(Err(source)) => {
+                self.stats.cx_connect_fail.inc();
+                Err(UpstreamError::Tls {
+                    addr: self.addr,
+                    source,
+                })
+            }
+            Err(_) => {
+                self.stats.cx_connect_fail.inc();
+                Err(UpstreamError::ConnectTimeout(self.addr))
+            }
+        }
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {

@@ -184,34 +184,29 @@ impl ConnectionManager {
     }
 }
 
-/// Marks requests that arrived over TLS (`x-forwarded-proto: https` upstream).
-#[derive(Debug, Clone, Copy)]
-struct Secure;
-
 /// Serves one downstream connection (plain TCP, or TLS already terminated) until it closes.
+/// Every request carries what the connection proved (`Downstream`) as an extension.
 pub async fn serve_connection<S>(
     proxy: Arc<Proxy>,
     hcm: Arc<ConnectionManager>,
     stream: S,
-    peer: Option<std::net::SocketAddr>,
-    local: Option<std::net::SocketAddr>,
-    tls: bool,
+    down: crate::listener::Downstream,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     hcm.stats.downstream_cx_total.inc();
     let stats = hcm.stats.clone();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
-    let peer = peer.map(hash::Peer);
+    let local = down.local;
+    let peer = down.peer.map(hash::Peer);
+    let down = Arc::new(down);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         if let Some(p) = peer {
             req.extensions_mut().insert(p);
         }
-        if tls {
-            req.extensions_mut().insert(Secure);
-        }
+        req.extensions_mut().insert(down.clone());
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
         if !req.headers().contains_key("x-request-id") {
@@ -866,11 +861,11 @@ fn upstream_head(
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // `x-request-id` is already set: the connection manager gives every request one.
-    let proto = if parts.extensions.get::<Secure>().is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let secure = parts
+        .extensions
+        .get::<Arc<crate::listener::Downstream>>()
+        .is_some_and(|d| d.tls);
+    let proto = if secure { "https" } else { "http" };
     parts.headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),

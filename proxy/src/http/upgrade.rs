@@ -42,13 +42,9 @@ pub(crate) async fn forward(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     head.headers.insert(header::UPGRADE, upgrade_header);
     head.version = http::Version::HTTP_11;
-    let connect = tokio::time::timeout(
-        cluster.connect_timeout,
-        tokio::net::TcpStream::connect(endpoint.address),
-    );
-    let stream = match connect.await {
-        Ok(Ok(s)) => s,
-        _ => {
+    let stream = match endpoint.pool.connect().await {
+        Ok(s) => s,
+        Err(_) => {
             cluster.stats.upstream_cx_connect_fail.inc();
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -57,7 +53,6 @@ pub(crate) async fn forward(
             );
         }
     };
-    let _ = stream.set_nodelay(true);
     cluster.stats.upstream_cx_total.inc();
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     else {

@@ -193,7 +193,7 @@ impl Applier {
             .collect::<Result<Vec<_>, _>>()?;
         let rds: BTreeSet<String> = configs
             .iter()
-            .filter_map(|c| c.route_config_name().map(str::to_string))
+            .flat_map(|c| c.route_config_names().into_iter().map(str::to_string))
             .collect();
         self.proxy.listeners.apply(&self.proxy, configs).await?;
         self.proxy.record_accepted(
