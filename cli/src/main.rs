@@ -49,6 +49,11 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         address: std::net::IpAddr,
     },
+    /// Workload certificates from the mesh CA (for tools and workloads without a sidecar).
+    Cert {
+        #[command(subcommand)]
+        command: CertCmd,
+    },
     /// Join tokens: the credential a workload outside Kubernetes shows the mesh CA.
     Token {
         #[command(subcommand)]
@@ -56,6 +61,43 @@ enum Cmd {
     },
     /// Print weftctl's version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Ask the CA for a certificate: a new key (key.pem, mode 0600) and the signed chain
+    /// (cert-chain.pem) plus the trust bundle (root-cert.pem), written to --out-dir.
+    Request {
+        /// The CA: weftd's 15010, or its TLS port 15012 with --ca-root-cert.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        ca_address: String,
+        /// Verify the CA's TLS certificate against this root (and use TLS).
+        #[arg(long)]
+        ca_root_cert: Option<PathBuf>,
+        /// The name the CA's certificate must carry.
+        #[arg(long, default_value = "istiod.istio-system.svc")]
+        ca_server_name: String,
+        /// A file holding the credential (join token or service-account token).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The identity to ask for; default spiffe://<trust-domain>/ns/<namespace>/sa/<sa>.
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Send this PEM CSR as is (its key stays yours) instead of generating a key.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Requested lifetime (e.g. 1h); default: the CA's.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,6 +152,73 @@ fn main() -> anyhow::Result<()> {
                 name,
                 address,
             } => echo::run(SocketAddr::new(address, port), name).await,
+            Cmd::Cert {
+                command:
+                    CertCmd::Request {
+                        ca_address,
+                        ca_root_cert,
+                        ca_server_name,
+                        token_file,
+                        identity,
+                        namespace,
+                        service_account,
+                        trust_domain,
+                        csr,
+                        ttl,
+                        out_dir,
+                    },
+            } => {
+                let ttl = ttl
+                    .map(|t| weft_control_plane::config::validate::parse_duration(&t))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                let tls = match ca_root_cert {
+                    Some(p) => Some(weft_proxy::identity::CaTls {
+                        roots_pem: std::fs::read(&p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                        server_name: ca_server_name,
+                    }),
+                    None => None,
+                };
+                let ca = weft_proxy::identity::CaClient {
+                    address: ca_address,
+                    tls,
+                    token: weft_proxy::identity::TokenSource::File(token_file),
+                };
+                let identity = identity.unwrap_or_else(|| {
+                    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+                });
+                std::fs::create_dir_all(&out_dir)
+                    .with_context(|| format!("creating {}", out_dir.display()))?;
+                let (key, csr_pem) = match csr {
+                    Some(p) => (
+                        None,
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                    ),
+                    None => {
+                        let (k, c) = weft_proxy::identity::key_and_csr(&identity)?;
+                        (Some(k), c)
+                    }
+                };
+                let mut chain = ca.sign(&csr_pem, ttl).await?;
+                let roots = chain.pop().unwrap_or_default();
+                write_file(
+                    &out_dir.join("cert-chain.pem"),
+                    chain.concat().as_bytes(),
+                    0o644,
+                )?;
+                write_file(&out_dir.join("root-cert.pem"), roots.as_bytes(), 0o644)?;
+                if let Some(k) = key {
+                    write_file(
+                        &out_dir.join("key.pem"),
+                        k.serialize_pem().as_bytes(),
+                        0o600,
+                    )?;
+                }
+                println!("{identity}: certificate written to {}", out_dir.display());
+                Ok(())
+            }
             Cmd::Token {
                 command:
                     TokenCmd::Create {
@@ -158,4 +267,19 @@ pub(crate) async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Res
 
 pub(crate) async fn http_get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(http_get(addr, path).await?.1)
+}
+
+/// Writes a file with the given mode (created that way, so a key is never readable by others).
+fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -114,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                         path,
                         json: args.access_log_encoding == "JSON",
                     }),
+                trust_domain: args.trust_domain.clone(),
             },
             dns: dns.clone(),
             ca: (!args.no_ca).then(|| {

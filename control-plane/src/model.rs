@@ -121,6 +121,16 @@ impl Service {
             && self.origin == o.origin
             && self.export_to == o.export_to
             && (self.discovery == Discovery::Eds || self.endpoints == o.endpoints)
+            && self.service_accounts() == o.service_accounts()
+    }
+
+    /// The service accounts its endpoints run as (mTLS clients expect one of them).
+    pub fn service_accounts(&self) -> std::collections::BTreeSet<&str> {
+        self.endpoints
+            .iter()
+            .map(|e| e.service_account.as_str())
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }
 
@@ -140,6 +150,18 @@ pub struct Workload {
 pub struct MeshSettings {
     /// Access logs on every HTTP connection manager (`meshConfig.accessLogFile`).
     pub access_log: Option<AccessLogSettings>,
+    /// The trust domain of workload identities (empty: cluster.local).
+    pub trust_domain: String,
+}
+
+impl MeshSettings {
+    pub fn trust_domain(&self) -> &str {
+        if self.trust_domain.is_empty() {
+            "cluster.local"
+        } else {
+            &self.trust_domain
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -277,6 +299,8 @@ impl Mesh {
             && a.sidecars == b.sidecars
             && a.service_entries == b.service_entries
             && a.gateways == b.gateways
+            && a.peer_authentications == b.peer_authentications
+            && a.authorization_policies == b.authorization_policies
             && self.services.len() == other.services.len()
             && self
                 .services

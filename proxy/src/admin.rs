@@ -65,6 +65,7 @@ fn handle<B>(proxy: &Proxy, req: Request<B>) -> Response<Full<Bytes>> {
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot render config: {e}\n")),
         },
         (_, "/clusters") => text(clusters(proxy)),
+        (_, "/certs") => json(&certs()),
         (_, "/listeners") => text(proxy.listeners.list().into_iter().map(|(n, a)| format!("{n}::{a}\n")).collect()),
         (_, "/stats/prometheus") => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(proxy)),
         (_, "/stats") => text(plain_stats(proxy)),
@@ -202,9 +203,115 @@ fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonE
             weft_xds_proto::pack(&listeners),
             weft_xds_proto::pack(&routes),
             weft_xds_proto::pack(&endpoints),
+            weft_xds_proto::pack(&secrets_dump()),
         ],
     };
     weft_xds_proto::to_json(&dump)
+}
+
+/// The workload certificate and the trust bundle as Envoy's SecretsConfigDump shows SDS
+/// secrets (`default`, `ROOTCA`); the private key is redacted, as Envoy does.
+fn secrets_dump() -> weft_xds_proto::envoy::admin::v3::SecretsConfigDump {
+    use weft_xds_proto::envoy::admin::v3::secrets_config_dump::DynamicSecret;
+    use weft_xds_proto::envoy::config::core::v3::{DataSource, data_source};
+    use weft_xds_proto::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, Secret, TlsCertificate, secret,
+    };
+    let Some(id) = crate::identity::global().current() else {
+        return Default::default();
+    };
+    let inline = |s: &str| {
+        Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(s.as_bytes().to_vec())),
+            ..Default::default()
+        })
+    };
+    let version = id
+        .not_before
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs().to_string())
+        .unwrap_or_default();
+    let updated = Some(timestamp(id.not_before));
+    let entry = |name: &str, s: secret::Type| DynamicSecret {
+        name: name.to_string(),
+        version_info: version.clone(),
+        last_updated: updated,
+        secret: Some(weft_xds_proto::pack(&Secret {
+            name: name.to_string(),
+            r#type: Some(s),
+        })),
+        ..Default::default()
+    };
+    weft_xds_proto::envoy::admin::v3::SecretsConfigDump {
+        dynamic_active_secrets: vec![
+            entry(
+                crate::tls::SDS_DEFAULT,
+                secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: inline(&id.chain_pem),
+                    private_key: inline("[redacted]"),
+                    ..Default::default()
+                }),
+            ),
+            entry(
+                crate::tls::SDS_ROOTCA,
+                secret::Type::ValidationContext(CertificateValidationContext {
+                    trusted_ca: inline(&id.roots_pem),
+                    ..Default::default()
+                }),
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Envoy's `/certs`: the certificates in use, with SANs, serial and validity.
+fn certs() -> serde_json::Value {
+    let Some(id) = crate::identity::global().current() else {
+        return serde_json::json!({ "certificates": [] });
+    };
+    let describe = |der: &[u8]| {
+        let Ok((_, c)) = x509_parser::parse_x509_certificate(der) else {
+            return serde_json::json!({ "path": "<inline>", "error": "unparsable" });
+        };
+        let v = c.validity();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let sans: Vec<serde_json::Value> = crate::tls::subject_alt_names(der)
+            .into_iter()
+            .map(|s| {
+                if s.contains("://") {
+                    serde_json::json!({ "uri": s })
+                } else {
+                    serde_json::json!({ "dns": s })
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "path": "<inline>",
+            "serial_number": format!("{:x}", c.serial),
+            "subject_alt_names": sans,
+            "days_until_expiration": ((v.not_after.timestamp() - now).max(0) / 86400).to_string(),
+            "valid_from": v.not_before.to_datetime().unix_timestamp().to_string(),
+            "expiration_time": v.not_after.to_datetime().unix_timestamp().to_string(),
+            "seconds_until_expiration": (v.not_after.timestamp() - now).max(0).to_string(),
+        })
+    };
+    serde_json::json!({
+        "certificates": [{
+            "ca_cert": id.roots.iter().map(|c| describe(c)).collect::<Vec<_>>(),
+            "cert_chain": id.chain.iter().map(|c| describe(c)).collect::<Vec<_>>(),
+        }],
+        "identity": id.identity,
+        "renewals": id_renewals(),
+    })
+}
+
+fn id_renewals() -> u64 {
+    crate::identity::global()
+        .renewals
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Envoy's `/clusters` text: `cluster::host:port::stat::value` lines.

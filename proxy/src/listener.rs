@@ -35,7 +35,7 @@ pub struct FilterChain {
     /// `filter_chain_match.transport_protocol`: "tls" or "raw_buffer" (None: any).
     pub transport_protocol: Option<String>,
     /// TLS termination (the chain's `transport_socket`).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub filter: NetworkFilter,
 }
 
@@ -179,7 +179,7 @@ fn filter_chain(
     };
     let tls = match &chain.transport_socket {
         None => None,
-        Some(ts) => crate::tls::server_config(ts)
+        Some(ts) => crate::tls::server_tls(ts)
             .map_err(|(f, r)| reject(at(&format!("transport_socket.{f}")), r))?,
     };
     let [f] = chain.filters.as_slice() else {
@@ -457,26 +457,23 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     };
     match &chain.tls {
         None => serve_filter(&proxy, &chain.filter, stream, down).await,
-        Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-            match tokio::time::timeout(INSPECT_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    let conn = s.get_ref().1;
-                    down.tls = true;
-                    down.principal = conn
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| crate::tls::spiffe_id(c))
-                        .map(Arc::from);
-                    down.sni = conn.server_name().map(Arc::from);
-                    serve_filter(&proxy, &chain.filter, s, down).await
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = %config.name, peer = ?down.peer, "TLS handshake failed: {e}")
-                }
-                Err(_) => tracing::debug!(listener = %config.name, "TLS handshake timed out"),
+        Some(tls) => match tokio::time::timeout(INSPECT_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let conn = s.get_ref().1;
+                down.tls = true;
+                down.principal = conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::tls::spiffe_id(c))
+                    .map(Arc::from);
+                down.sni = conn.server_name().map(Arc::from);
+                serve_filter(&proxy, &chain.filter, s, down).await
             }
-        }
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %config.name, peer = ?down.peer, "TLS handshake failed: {e}")
+            }
+            Err(_) => tracing::debug!(listener = %config.name, "TLS handshake timed out"),
+        },
     }
 }
 

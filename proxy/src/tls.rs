@@ -653,6 +653,61 @@ impl ServerCertVerifier for ServerVerifier {
     }
 }
 
+/// A listener's TLS: the server configuration, and the same without ALPN for clients that
+/// offer none of our protocols (BoringSSL, and so Envoy, then goes on without ALPN; rustls
+/// alone would fail the handshake, and mesh clients offer `istio-peer-exchange`).
+#[derive(Debug)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    without_alpn: Arc<rustls::ServerConfig>,
+}
+
+impl ServerTls {
+    /// The configuration for a ClientHello that offers `offered` ALPN protocols.
+    pub fn for_hello<'a>(
+        &self,
+        mut offered: impl Iterator<Item = &'a [u8]>,
+    ) -> Arc<rustls::ServerConfig> {
+        let ours = &self.config.alpn_protocols;
+        if ours.is_empty() || offered.any(|p| ours.iter().any(|o| o == p)) {
+            self.config.clone()
+        } else {
+            self.without_alpn.clone()
+        }
+    }
+
+    /// Completes a TLS handshake on `stream`.
+    pub async fn accept<S>(&self, stream: S) -> std::io::Result<tokio_rustls::server::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let config = {
+            let hello = start.client_hello();
+            match hello.alpn() {
+                Some(offered) => self.for_hello(offered),
+                None => self.config.clone(),
+            }
+        };
+        start.into_stream(config).await
+    }
+}
+
+/// The TLS for a listener's transport socket (None: plaintext, a `RawBuffer` socket).
+pub fn server_tls(ts: &TransportSocket) -> Result<Option<Arc<ServerTls>>, Fail> {
+    let Some(config) = server_config(ts)? else {
+        return Ok(None);
+    };
+    let mut without_alpn = (*config).clone();
+    without_alpn.alpn_protocols.clear();
+    Ok(Some(Arc::new(ServerTls {
+        config,
+        without_alpn: Arc::new(without_alpn),
+    })))
+}
+
 /// The rustls server configuration for a listener's transport socket (None: plaintext, a
 /// `RawBuffer` socket).
 pub fn server_config(ts: &TransportSocket) -> Result<Option<Arc<rustls::ServerConfig>>, Fail> {

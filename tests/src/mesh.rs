@@ -18,6 +18,8 @@ pub struct Quickstart {
     pub procs: Vec<Proc>,
     /// Extra command-line arguments for weftd.
     pub weftd_args: Vec<String>,
+    /// Workloads run sidecars with mesh identities (see `enable_identities`).
+    pub identities: bool,
 }
 
 /// The service port, which is also the client's egress listener port.
@@ -46,10 +48,59 @@ impl Quickstart {
             weftd: None,
             procs: Vec::new(),
             weftd_args: Vec::new(),
+            identities: false,
         };
         std::fs::write(q.dir.join("mesh.yaml"), q.mesh_yaml()).expect("write mesh.yaml");
         q.set_split(80, 20);
         q
+    }
+
+    /// Marks every workload as running a sidecar with a mesh identity (Istio's
+    /// `security.istio.io/tlsMode: istio` label), and has each weft-proxy started from now on
+    /// obtain its certificate from weftd with a join token for its service account (`client`,
+    /// `hello`). Sidecars then talk mTLS to each other.
+    pub fn enable_identities(&mut self) {
+        self.identities = true;
+        let yaml = self
+            .mesh_yaml()
+            .replace(
+                "labels: { app: client }",
+                "labels: { app: client, security.istio.io/tlsMode: istio }",
+            )
+            .replace(
+                "version: v1 }",
+                "version: v1, security.istio.io/tlsMode: istio }",
+            )
+            .replace(
+                "version: v2 }",
+                "version: v2, security.istio.io/tlsMode: istio }",
+            );
+        self.write_file("mesh.yaml", &yaml);
+    }
+
+    /// A join token for `service_account` in namespace default, written to a file (weftd must
+    /// be running: it creates the signing key).
+    pub fn token_file(&self, service_account: &str) -> PathBuf {
+        let out = std::process::Command::new(bin("weftctl"))
+            .args([
+                "token",
+                "create",
+                "--service-account",
+                service_account,
+                "--state-dir",
+            ])
+            .arg(self.state_dir())
+            .output()
+            .expect("run weftctl token create");
+        assert!(
+            out.status.success(),
+            "weftctl token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = self.log_dir.join(format!("{service_account}.token"));
+        std::fs::create_dir_all(&self.log_dir).expect("log dir");
+        std::fs::write(&path, out.stdout).expect("write token");
+        path
     }
 
     /// The echo backend of hello-v1 (0) or hello-v2 (1), bypassing the mesh.
@@ -259,19 +310,35 @@ spec:
     pub fn start_weft_proxy_as(&mut self, host: u8, workload: &str, node: &str) {
         let (xds, admin) = (self.xds().to_string(), self.admin(host));
         let admin_s = admin.to_string();
+        let mut args: Vec<String> = [
+            "--xds-address",
+            &xds,
+            "--node-id",
+            node,
+            "--admin-address",
+            &admin_s,
+            "--concurrency",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if self.identities {
+            // client -> client, hello-v1 -> hello
+            let sa = workload.split('-').next().unwrap_or(workload);
+            let token = self.token_file(sa);
+            args.extend([
+                "--ca-token-file".to_string(),
+                token.display().to_string(),
+                "--service-account".to_string(),
+                sa.to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.procs.push(Proc::start(
             &format!("weft-proxy-{workload}"),
             &bin("weft-proxy"),
-            &[
-                "--xds-address",
-                &xds,
-                "--node-id",
-                node,
-                "--admin-address",
-                &admin_s,
-                "--concurrency",
-                "1",
-            ],
+            &args,
             &self.log_dir,
         ));
         wait_until(Duration::from_secs(10), || {

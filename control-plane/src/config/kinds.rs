@@ -954,3 +954,159 @@ pub struct NamespaceBody {
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
+
+/// security.istio.io PeerAuthentication and AuthorizationPolicy selectors:
+/// `selector.matchLabels` (absent: the whole namespace, or the mesh in the root namespace).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+/// PeerAuthentication: what mutual TLS a workload's inbound ports require.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    /// Port number (as a string key in YAML) -> mode; only with a selector.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerMtls {
+    #[serde(default)]
+    pub mode: Option<MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Inherit from the parent scope.
+    Unset,
+    /// Plaintext only.
+    Disable,
+    /// Plaintext and mTLS on the same port.
+    Permissive,
+    /// mTLS only.
+    Strict,
+}
+
+/// AuthorizationPolicy: who may do what to a workload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub target_ref: Option<serde_json::Value>,
+    #[serde(default)]
+    pub target_refs: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub action: Option<AuthzAction>,
+    #[serde(default)]
+    pub provider: Option<serde_json::Value>,
+    /// None (the field absent): a policy that matches nothing. Some(empty) likewise; a rule
+    /// `{}` matches everything.
+    #[serde(default)]
+    pub rules: Option<Vec<AuthzRule>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzFrom {
+    #[serde(default)]
+    pub source: AuthzSource,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzTo {
+    #[serde(default)]
+    pub operation: AuthzOperation,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}

@@ -32,6 +32,8 @@ pub enum Kind {
     Endpoints,
     EndpointSlice,
     Namespace,
+    PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -49,6 +51,8 @@ impl Kind {
             ("", "Endpoints") => Some(Kind::Endpoints),
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
             ("", "Namespace") => Some(Kind::Namespace),
+            ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
+            ("security.istio.io", "AuthorizationPolicy") => Some(Kind::AuthorizationPolicy),
             _ => None,
         }
     }
@@ -56,6 +60,7 @@ impl Kind {
     fn istio_versions_ok(api_version: &str) -> bool {
         match api_version.split_once('/') {
             Some(("networking.istio.io", v)) => matches!(v, "v1" | "v1beta1" | "v1alpha3"),
+            Some(("security.istio.io", v)) => matches!(v, "v1" | "v1beta1"),
             Some(("discovery.k8s.io", v)) => v == "v1",
             _ => api_version == "v1",
         }
@@ -117,6 +122,8 @@ pub struct ConfigSet {
     pub endpoints: Vec<Shared<EndpointsBody>>,
     pub endpoint_slices: Vec<Shared<EndpointSliceBody>>,
     pub namespaces: Vec<Shared<NamespaceBody>>,
+    pub peer_authentications: Vec<Shared<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Shared<AuthorizationPolicySpec>>,
 }
 
 /// A rejected object or document: file, object, field path and reason.
@@ -293,6 +300,10 @@ impl ConfigSet {
             Kind::Endpoints => push!(endpoints, validate::endpoints),
             Kind::EndpointSlice => push!(endpoint_slices, validate::endpoint_slice),
             Kind::Namespace => push!(namespaces, validate::accept),
+            Kind::PeerAuthentication => push!(peer_authentications, validate::peer_authentication),
+            Kind::AuthorizationPolicy => {
+                push!(authorization_policies, validate::authorization_policy)
+            }
         }
         Ok(())
     }
@@ -325,6 +336,8 @@ impl ConfigSet {
         by_key(&mut self.endpoints);
         by_key(&mut self.endpoint_slices);
         by_key(&mut self.namespaces);
+        by_key(&mut self.peer_authentications);
+        by_key(&mut self.authorization_policies);
     }
 
     /// `Kind/namespace/name` of every object (as errors name them).
@@ -346,7 +359,9 @@ impl ConfigSet {
             virtual_services => Kind::VirtualService, destination_rules => Kind::DestinationRule,
             sidecars => Kind::Sidecar, service_entries => Kind::ServiceEntry,
             gateways => Kind::Gateway, pods => Kind::Pod, endpoints => Kind::Endpoints,
-            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace);
+            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace,
+            peer_authentications => Kind::PeerAuthentication,
+            authorization_policies => Kind::AuthorizationPolicy);
     }
 
     /// Copies the objects of `previous` whose `Kind/namespace/name` `keep` selects; returns
@@ -368,7 +383,9 @@ impl ConfigSet {
             virtual_services => Kind::VirtualService, destination_rules => Kind::DestinationRule,
             sidecars => Kind::Sidecar, service_entries => Kind::ServiceEntry,
             gateways => Kind::Gateway, pods => Kind::Pod, endpoints => Kind::Endpoints,
-            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace);
+            endpoint_slices => Kind::EndpointSlice, namespaces => Kind::Namespace,
+            peer_authentications => Kind::PeerAuthentication,
+            authorization_policies => Kind::AuthorizationPolicy);
         carried
     }
 
@@ -391,6 +408,8 @@ impl ConfigSet {
             && same(&self.endpoints, &other.endpoints)
             && same(&self.endpoint_slices, &other.endpoint_slices)
             && same(&self.namespaces, &other.namespaces)
+            && same(&self.peer_authentications, &other.peer_authentications)
+            && same(&self.authorization_policies, &other.authorization_policies)
     }
 
     /// Appends every object of `other` (later files win on equal names once sorted).
@@ -411,6 +430,10 @@ impl ConfigSet {
         self.endpoint_slices
             .extend_from_slice(&other.endpoint_slices);
         self.namespaces.extend_from_slice(&other.namespaces);
+        self.peer_authentications
+            .extend_from_slice(&other.peer_authentications);
+        self.authorization_policies
+            .extend_from_slice(&other.authorization_policies);
     }
 
     /// Object counts per kind, for logs and debug output.
@@ -427,6 +450,8 @@ impl ConfigSet {
             ("Endpoints", self.endpoints.len()),
             ("EndpointSlice", self.endpoint_slices.len()),
             ("Namespace", self.namespaces.len()),
+            ("PeerAuthentication", self.peer_authentications.len()),
+            ("AuthorizationPolicy", self.authorization_policies.len()),
         ])
     }
 }

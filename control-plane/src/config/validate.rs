@@ -1170,3 +1170,253 @@ fn route_rewrites(at: &str, r: &HttpRoute) -> Check {
     }
     Ok(())
 }
+
+pub fn peer_authentication(p: &PeerAuthenticationSpec) -> Check {
+    if !p.port_level_mtls.is_empty()
+        && p.selector
+            .as_ref()
+            .is_none_or(|s| s.match_labels.is_empty())
+    {
+        return bad(
+            "spec.portLevelMtls",
+            "port-level mTLS needs a workload selector (Istio applies it to selected workloads only)",
+        );
+    }
+    for key in p.port_level_mtls.keys() {
+        match key.parse::<u32>() {
+            Ok(n) => port(&format!("spec.portLevelMtls[{key}]"), n)?,
+            Err(_) => {
+                return bad(
+                    format!("spec.portLevelMtls[{key}]"),
+                    format!("{key:?} is not a port number"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An IP address or CIDR block as AuthorizationPolicy `ipBlocks` write them.
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+    };
+    Ok((ip, len))
+}
+
+/// The `when` keys weft enforces (Istio's names).
+pub const AUTHZ_CONDITION_KEYS: &[&str] = &[
+    "request.headers[<name>]",
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+    "connection.sni",
+];
+
+pub fn authorization_policy(p: &AuthorizationPolicySpec) -> Check {
+    if p.target_ref.is_some() || !p.target_refs.is_empty() {
+        return bad(
+            "spec.targetRef",
+            "policies attached to gateways or waypoints by targetRef are not supported; use spec.selector",
+        );
+    }
+    match p.action {
+        Some(AuthzAction::Custom) => {
+            return bad(
+                "spec.action",
+                "CUSTOM needs an external authorization provider (meshConfig.extensionProviders), which weft does not have",
+            );
+        }
+        _ if p.provider.is_some() => {
+            return bad(
+                "spec.provider",
+                "a provider is only valid with action CUSTOM",
+            );
+        }
+        _ => {}
+    }
+    for (i, rule) in p.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        for (j, from) in rule.from.iter().enumerate() {
+            let s = &from.source;
+            let f = format!("{at}.from[{j}].source");
+            for (field, list) in [
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                for (k, v) in list.iter().enumerate() {
+                    parse_cidr(v).map_err(|r| (format!("{f}.{field}[{k}]"), r))?;
+                }
+            }
+            for (field, list) in [
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+            ] {
+                for (k, v) in list.iter().enumerate() {
+                    wildcard(&format!("{f}.{field}[{k}]"), v)?;
+                }
+            }
+            let empty = [
+                &s.principals,
+                &s.not_principals,
+                &s.request_principals,
+                &s.not_request_principals,
+                &s.namespaces,
+                &s.not_namespaces,
+                &s.ip_blocks,
+                &s.not_ip_blocks,
+                &s.remote_ip_blocks,
+                &s.not_remote_ip_blocks,
+                &s.service_accounts,
+                &s.not_service_accounts,
+            ]
+            .iter()
+            .all(|l| l.is_empty());
+            if empty {
+                return bad(&f, "a source needs at least one field");
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            let o = &to.operation;
+            let f = format!("{at}.to[{j}].operation");
+            for (field, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+                for (k, v) in list.iter().enumerate() {
+                    match v.parse::<u32>() {
+                        Ok(n) => port(&format!("{f}.{field}[{k}]"), n)?,
+                        Err(_) => {
+                            return bad(
+                                format!("{f}.{field}[{k}]"),
+                                format!("{v:?} is not a port number"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (field, list) in [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ] {
+                for (k, v) in list.iter().enumerate() {
+                    wildcard(&format!("{f}.{field}[{k}]"), v)?;
+                }
+            }
+            let empty = [
+                &o.hosts,
+                &o.not_hosts,
+                &o.ports,
+                &o.not_ports,
+                &o.methods,
+                &o.not_methods,
+                &o.paths,
+                &o.not_paths,
+            ]
+            .iter()
+            .all(|l| l.is_empty());
+            if empty {
+                return bad(&f, "an operation needs at least one field");
+            }
+        }
+        for (j, c) in rule.when.iter().enumerate() {
+            let f = format!("{at}.when[{j}]");
+            condition_key(&format!("{f}.key"), &c.key)?;
+            if c.values.is_empty() && c.not_values.is_empty() {
+                return bad(&f, "a condition needs values or notValues");
+            }
+            let ip_key = matches!(c.key.as_str(), "source.ip" | "remote.ip" | "destination.ip");
+            for (field, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+                for (k, v) in list.iter().enumerate() {
+                    if ip_key {
+                        parse_cidr(v).map_err(|r| (format!("{f}.{field}[{k}]"), r))?;
+                    } else if c.key == "destination.port" {
+                        match v.parse::<u32>() {
+                            Ok(n) => port(&format!("{f}.{field}[{k}]"), n)?,
+                            Err(_) => {
+                                return bad(
+                                    format!("{f}.{field}[{k}]"),
+                                    format!("{v:?} is not a port number"),
+                                );
+                            }
+                        }
+                    } else {
+                        wildcard(&format!("{f}.{field}[{k}]"), v)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Istio's string match in authorization: exact, `prefix*`, `*suffix` or `*`.
+fn wildcard(field: &str, v: &str) -> Check {
+    if v.is_empty() {
+        return bad(
+            field,
+            "an empty string matches nothing; remove it or use \"*\"",
+        );
+    }
+    let inner = v.trim_start_matches('*').trim_end_matches('*');
+    if inner.contains('*') || (v.len() > 1 && v.starts_with('*') && v.ends_with('*')) {
+        return bad(
+            field,
+            format!("{v:?}: \"*\" is only allowed at the start or the end (prefix*, *suffix or *)"),
+        );
+    }
+    Ok(())
+}
+
+fn condition_key(field: &str, key: &str) -> Check {
+    if let Some(rest) = key.strip_prefix("request.headers[") {
+        return match rest.strip_suffix(']') {
+            Some(name) if !name.is_empty() => Ok(()),
+            _ => bad(
+                field,
+                format!("{key:?}: write request.headers[<header name>]"),
+            ),
+        };
+    }
+    if key.starts_with("request.auth.") || key.starts_with("experimental.envoy.filters") {
+        return bad(
+            field,
+            format!("{key:?} needs request authentication (JWT), which weft does not have"),
+        );
+    }
+    if AUTHZ_CONDITION_KEYS.contains(&key) {
+        return Ok(());
+    }
+    bad(
+        field,
+        format!(
+            "unknown condition key {key:?}; supported: {}",
+            AUTHZ_CONDITION_KEYS.join(", ")
+        ),
+    )
+}

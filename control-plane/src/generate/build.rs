@@ -205,7 +205,11 @@ fn lb_endpoints_for(
     svc.endpoints
         .iter()
         .filter(|e| selector.is_none_or(|sel| selector_matches(sel, &e.labels)))
-        .filter_map(|e| Some(lb_endpoint(&e.address, *e.ports.get(&port)?, e.weight)))
+        .filter_map(|e| {
+            let mut lbe = lb_endpoint(&e.address, *e.ports.get(&port)?, e.weight);
+            lbe.metadata = super::security::endpoint_metadata(&e.labels);
+            Some(lbe)
+        })
         .collect()
 }
 
@@ -259,11 +263,17 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         }
         let chosen = destination_rule_for(mesh, &scope.proxy.namespace, svc);
         let rule = chosen.map(|(_, dr)| &dr.spec);
+        // A client with a mesh identity speaks mTLS to sidecars (auto mTLS).
+        let mesh_client = super::security::has_sidecar(&scope.proxy.labels);
         for port in &svc.ports {
             for (subset, selector) in subsets_of(chosen.map(|(_, dr)| dr)) {
                 let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                // A service's clusters are the same for every proxy that sees the same rule.
-                let key = shared_key(&name, chosen);
+                // A service's clusters are the same for every proxy that sees the same rule
+                // (and is, or is not, a mesh client).
+                let mut key = shared_key(&name, chosen);
+                if mesh_client {
+                    key.push_str("#mtls");
+                }
                 let r = mesh.shared.get_or_add(type_url::CLUSTER, &key, || {
                     let mut cluster = match svc.discovery {
                         Discovery::StrictDns | Discovery::LogicalDns => {
@@ -277,10 +287,11 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                         }
                         _ => eds_cluster(&name, port.protocol),
                     };
-                    super::policy::apply(
-                        &mut cluster,
-                        &super::policy::Effective::of(rule, subset, port.port),
-                    );
+                    let effective = super::policy::Effective::of(rule, subset, port.port);
+                    super::policy::apply(&mut cluster, &effective);
+                    if mesh_client {
+                        mesh_tls(mesh, svc, &mut cluster, effective.tls(), port.port, subset);
+                    }
                     cluster
                 });
                 out.add_shared(type_url::CLUSTER, name, r);
@@ -379,6 +390,38 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     }
 }
 
+/// Auto mTLS, or the DestinationRule's ISTIO_MUTUAL/DISABLE, on a mesh client's cluster.
+fn mesh_tls(
+    mesh: &Mesh,
+    svc: &Service,
+    cluster: &mut Cluster,
+    tls: Option<&crate::config::ClientTls>,
+    port: u32,
+    subset: &str,
+) {
+    use crate::config::ClientTlsMode;
+    let forced = match tls.and_then(|t| t.mode) {
+        None => false,
+        Some(ClientTlsMode::IstioMutual) => true,
+        // DISABLE: plaintext; SIMPLE/MUTUAL: the rule's own TLS (policy::apply).
+        Some(_) => return,
+    };
+    let td = mesh.settings.trust_domain();
+    let sans: Vec<String> = match tls.map(|t| &t.subject_alt_names) {
+        Some(sans) if !sans.is_empty() => sans.clone(),
+        _ => svc
+            .service_accounts()
+            .into_iter()
+            .map(|sa| format!("spiffe://{td}/ns/{}/sa/{sa}", svc.namespace))
+            .collect(),
+    };
+    let sni = match tls.and_then(|t| t.sni.clone()) {
+        Some(sni) => sni,
+        None => super::security::mesh_sni(port, subset, &svc.hostname),
+    };
+    super::security::apply_mesh_tls(cluster, forced, &sni, &sans, td);
+}
+
 /// Inbound: each Sidecar ingress listener forwards to its `defaultEndpoint` through the
 /// `inbound|PORT||` cluster.
 pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
@@ -446,11 +489,25 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         } else {
             tcp_proxy_filter(&stat_prefix, &cluster_name)
         };
-        out.add(
-            type_url::LISTENER,
-            listener_name.clone(),
-            &listener(&listener_name, &bind, l.port.number, network_filter),
-        );
+        let listener = if super::security::has_sidecar(&scope.proxy.labels) {
+            let mode = super::security::peer_mode(
+                mesh,
+                &scope.proxy.namespace,
+                &scope.proxy.labels,
+                l.port.number,
+            );
+            super::security::inbound_listener(
+                &listener_name,
+                socket(&bind, l.port.number),
+                network_filter,
+                protocol.is_http(),
+                mode,
+                mesh.settings.trust_domain(),
+            )
+        } else {
+            listener(&listener_name, &bind, l.port.number, network_filter)
+        };
+        out.add(type_url::LISTENER, listener_name.clone(), &listener);
     }
 }
 

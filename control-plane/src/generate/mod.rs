@@ -10,6 +10,7 @@ mod gateway;
 mod policy;
 pub mod proxy;
 mod scope;
+pub mod security;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -54,6 +54,11 @@ impl<'a> Effective<'a> {
         }
     }
 
+    /// The `tls` mode in force (None: the rule says nothing, auto mTLS decides).
+    pub fn tls(&self) -> Option<&'a crate::config::ClientTls> {
+        self.tls
+    }
+
     /// The rule's policy, then the subset's, for `port`.
     pub fn of(dr: Option<&'a DestinationRuleSpec>, subset: &str, port: u32) -> Effective<'a> {
         let mut e = Effective::default();

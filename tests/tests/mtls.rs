@@ -1,0 +1,426 @@
+//! Zero trust on loopback: weftd's CA issues workload certificates, sidecars talk mTLS to each
+//! other (auto mTLS), PeerAuthentication decides what the inbound ports accept, and openssl
+//! checks the inbound port from outside the mesh: no certificate, a certificate from another
+//! root and a valid mesh certificate. The CA refuses what it must refuse.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use weft_e2e::mesh::INBOUND_PORT;
+use weft_e2e::{Client, Quickstart, bin, get_json, wait_until};
+
+fn weftctl(args: &[&str]) -> std::process::Output {
+    Command::new(bin("weftctl"))
+        .args(args)
+        .output()
+        .expect("run weftctl")
+}
+
+/// A mesh certificate for `sa` from weftd's CA, via `weftctl cert request`.
+fn mesh_cert(q: &Quickstart, sa: &str, out: &Path) {
+    let token = q.token_file(sa);
+    let xds = q.xds().to_string();
+    let r = weftctl(&[
+        "cert",
+        "request",
+        "--ca-address",
+        &xds,
+        "--token-file",
+        &token.display().to_string(),
+        "--service-account",
+        sa,
+        "--out-dir",
+        &out.display().to_string(),
+    ]);
+    assert!(
+        r.status.success(),
+        "weftctl cert request: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+/// `openssl s_client` to `addr` sending one HTTP request; returns what came back.
+fn s_client(addr: &str, cert: Option<&Path>, ca: &Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", addr, "-quiet", "-no_ign_eof"])
+        .args(["-CAfile", &ca.display().to_string(), "-alpn", "http/1.1"]);
+    if let Some(dir) = cert {
+        cmd.args([
+            "-cert",
+            &dir.join("cert-chain.pem").display().to_string(),
+            "-key",
+            &dir.join("key.pem").display().to_string(),
+        ]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl (apt install openssl)");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\nconnection: close\r\n\r\n");
+        // Keep stdin open briefly: the answer must come before openssl sees EOF.
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let out = child.wait_with_output().expect("openssl output");
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write_strict(q: &Quickstart, mode: &str) {
+    q.write_file(
+        "peer-authentication.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
+        ),
+    );
+}
+
+/// The inbound listener's chains as the hello-v1 sidecar has them.
+fn inbound_chains(q: &Quickstart) -> usize {
+    let dump = get_json(q.admin(11), "/config_dump").unwrap_or_default();
+    dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| {
+            c["dynamicListeners"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|l| {
+            l["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(&format!("_{INBOUND_PORT}")))
+        })
+        .map(|l| {
+            l["activeState"]["listener"]["filterChains"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0)
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+#[test]
+fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
+    let mut q = Quickstart::new("mtls", 70);
+    q.enable_identities();
+    write_strict(&q, "STRICT");
+    q.start_weftd();
+    q.start_hello();
+    q.start_weft_proxy(10, "client");
+    for host in [10, 11, 12] {
+        let certs = wait_until(Duration::from_secs(10), || {
+            get_json(q.admin(host), "/certs").filter(|c| c["identity"].is_string())
+        })
+        .unwrap_or_else(|| panic!("sidecar {host} obtains its workload certificate"));
+        let want = if host == 10 { "client" } else { "hello" };
+        assert_eq!(
+            certs["identity"],
+            format!("spiffe://cluster.local/ns/default/sa/{want}")
+        );
+        assert_eq!(
+            certs["certificates"][0]["cert_chain"][0]["subject_alt_names"][0]["uri"],
+            certs["identity"]
+        );
+    }
+    wait_until(Duration::from_secs(10), || {
+        (inbound_chains(&q) == 1).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "STRICT: one (TLS) chain on the inbound listener: {}",
+            weft_e2e::get(q.admin(11), "/config_dump")
+                .map(|r| r.body)
+                .unwrap_or_default()
+        )
+    });
+
+    // Client sidecar -> server sidecar: mTLS, both ways verified.
+    let mut c = Client::new(q.egress());
+    for _ in 0..20 {
+        let r = c.get("hello", "/").expect("request through the mesh");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    // From outside the mesh: plaintext to the STRICT port is closed without an answer.
+    let inbound: std::net::SocketAddr = format!("{}:{INBOUND_PORT}", q.ip(11)).parse().unwrap();
+    let mut plain = Client::new(inbound);
+    assert!(
+        plain.get("hello", "/").is_err(),
+        "plaintext must not be served on a STRICT port"
+    );
+    let ca = q.state_dir().join("root-cert.pem");
+    let addr = inbound.to_string();
+    // TLS without a client certificate: refused.
+    let none = s_client(&addr, None, &ca);
+    assert!(!none.contains("HTTP/1.1 200"), "{none}");
+    // A certificate from another CA (openssl's own, for the right SPIFFE name): refused.
+    let other = q.log_dir.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = |args: &[&str]| {
+        let r = Command::new("openssl")
+            .args(args)
+            .current_dir(&other)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    };
+    o(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/O=evil",
+    ]);
+    o(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+        "-subj",
+        "/",
+        "-addext",
+        "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client",
+    ]);
+    std::fs::write(other.join("ext.cnf"), "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client\nextendedKeyUsage=clientAuth,serverAuth\n").unwrap();
+    o(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert-chain.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let forged = s_client(&addr, Some(&other), &ca);
+    assert!(!forged.contains("HTTP/1.1 200"), "{forged}");
+    // A certificate the mesh CA issued: served, and the server proves the hello identity.
+    let good_dir = q.log_dir.join("good-cert");
+    mesh_cert(&q, "client", &good_dir);
+    let good = s_client(&addr, Some(&good_dir), &ca);
+    assert!(good.contains("HTTP/1.1 200"), "{good}");
+    assert!(good.contains("x-echo-name: hello-v1"), "{good}");
+
+    // PERMISSIVE: the same port serves plaintext and mTLS.
+    write_strict(&q, "PERMISSIVE");
+    wait_until(Duration::from_secs(10), || {
+        (inbound_chains(&q) == 2).then_some(())
+    })
+    .expect("PERMISSIVE: a TLS and a plaintext chain");
+    let r = wait_until(Duration::from_secs(5), || {
+        Client::new(inbound).get("hello", "/").ok()
+    })
+    .expect("plaintext is served on a PERMISSIVE port");
+    assert_eq!(r.status, 200);
+    let good = s_client(&addr, Some(&good_dir), &ca);
+    assert!(good.contains("HTTP/1.1 200"), "{good}");
+    for _ in 0..10 {
+        assert_eq!(c.get("hello", "/").expect("mesh request").status, 200);
+    }
+    q.assert_client_nacked_nothing();
+}
+
+#[test]
+fn the_ca_refuses_with_precise_errors() {
+    let mut q = Quickstart::new("ca", 71);
+    q.start_weftd();
+    let xds = q.xds().to_string();
+    let out = q.log_dir.join("ca-refusals");
+    let token = q.token_file("hello");
+    let token_s = token.display().to_string();
+    let out_s = out.display().to_string();
+    let request = |extra: &[&str]| {
+        let mut args = vec!["cert", "request", "--ca-address", &xds, "--out-dir", &out_s];
+        args.extend_from_slice(extra);
+        let r = weftctl(&args);
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    // The right identity: signed.
+    let (ok, err) = request(&["--token-file", &token_s, "--service-account", "hello"]);
+    assert!(ok, "{err}");
+    let chain = std::fs::read_to_string(out.join("cert-chain.pem")).unwrap();
+    assert!(chain.contains("BEGIN CERTIFICATE"));
+    // Another identity with a valid token: refused, and audited.
+    let (ok, err) = request(&["--token-file", &token_s, "--service-account", "admin"]);
+    assert!(!ok);
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains("ns/default/sa/admin")
+            && err.contains("ns/default/sa/hello"),
+        "{err}"
+    );
+    // A token for another namespace.
+    let (ok, err) = request(&[
+        "--token-file",
+        &token_s,
+        "--namespace",
+        "prod",
+        "--service-account",
+        "hello",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("ns/prod/sa/hello"),
+        "{err}"
+    );
+    // No valid credential.
+    let bogus = q.log_dir.join("bogus.token");
+    std::fs::write(&bogus, "weft1.e30.AAAA").unwrap();
+    let (ok, err) = request(&[
+        "--token-file",
+        &bogus.display().to_string(),
+        "--service-account",
+        "hello",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("Unauthenticated") && err.contains("signature"),
+        "{err}"
+    );
+    // A malformed CSR.
+    let csr = q.log_dir.join("bad.csr");
+    std::fs::write(
+        &csr,
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .unwrap();
+    let (ok, err) = request(&[
+        "--token-file",
+        &token_s,
+        "--csr",
+        &csr.display().to_string(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("malformed"),
+        "{err}"
+    );
+    // An openssl CSR for the right identity: signed (interop with a CSR weft did not make).
+    let dir = q.log_dir.join("openssl-csr");
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "req.csr",
+            "-subj",
+            "/",
+            "-addext",
+            "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/hello",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (ok, err) = request(&[
+        "--token-file",
+        &token_s,
+        "--csr",
+        &dir.join("req.csr").display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(q.state_dir().join("root-cert.pem"))
+        .arg(out.join("cert-chain.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // The TLS port: weftd's own certificate chains to the mesh root.
+    let tls = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("{}:15012", q.ip(1)),
+            "-alpn",
+            "h2",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(q.state_dir().join("root-cert.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tls.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    // And the CA answers over it.
+    let secure = format!("{}:15012", q.ip(1));
+    let r = weftctl(&[
+        "cert",
+        "request",
+        "--ca-address",
+        &secure,
+        "--ca-root-cert",
+        &q.state_dir().join("root-cert.pem").display().to_string(),
+        "--token-file",
+        &token_s,
+        "--service-account",
+        "hello",
+        "--out-dir",
+        &out_s,
+    ]);
+    assert!(
+        r.status.success(),
+        "over TLS: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // Every refusal is in weftd's audit log.
+    let logs = q.weftd.as_ref().unwrap().logs();
+    assert!(
+        logs.matches("certificate request refused").count() >= 4,
+        "{logs}"
+    );
+}
