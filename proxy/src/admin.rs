@@ -456,12 +456,13 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                     ("downstream_rq_active", s.downstream_rq_active.get(), false),
                     ("no_route", s.no_route.get() as i64, true),
                     ("no_cluster", s.no_cluster.get() as i64, true),
+                    ("rbac_denied", s.rbac_denied.get() as i64, true),
                 ] {
                     v.push(Stat {
                         prom_name: prom_http(stat),
                         labels: lb(),
                         value,
-                        plain: format!("http.{p}.{stat}"),
+                        plain: format!("http.{p}.{}", stat.replacen("rbac_", "rbac.", 1)),
                         counter,
                     });
                 }
@@ -584,6 +585,7 @@ prom_names!(
         "downstream_rq_active",
         "no_route",
         "no_cluster",
+        "rbac_denied",
     ]
 );
 prom_names!(

@@ -219,9 +219,10 @@ pub fn global() -> &'static Arc<Identity> {
 }
 
 /// The workload identity a proxy holds, renewed in the background.
-#[derive(Default)]
 pub struct Identity {
     current: ArcSwapOption<Issued>,
+    /// Signals every swap (the SDS server pushes the new secrets).
+    changed: tokio::sync::watch::Sender<u64>,
     /// Bumped on every swap (a certificate or trust bundle change).
     pub generation: std::sync::atomic::AtomicU64,
     pub renewals: std::sync::atomic::AtomicU64,
@@ -236,15 +237,35 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            current: Default::default(),
+            changed: tokio::sync::watch::Sender::new(0),
+            generation: Default::default(),
+            renewals: Default::default(),
+            failures: Default::default(),
+        }
+    }
+}
+
 impl Identity {
+    /// A receiver that sees every certificate change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     pub fn current(&self) -> Option<Arc<Issued>> {
         self.current.load_full()
     }
 
     pub fn set(&self, issued: Issued) {
         self.current.store(Some(Arc::new(issued)));
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let g = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.changed.send_replace(g);
     }
 
     /// When to renew: at 80% of the lifetime, minus up to 5% jitter (so replicas started

@@ -16,6 +16,8 @@ pub mod cluster;
 pub mod http;
 pub mod identity;
 pub mod listener;
+pub mod rbac;
+pub mod sds;
 pub mod state;
 pub mod stats;
 pub mod tcp;

@@ -36,6 +36,8 @@ pub struct FilterChain {
     pub transport_protocol: Option<String>,
     /// TLS termination (the chain's `transport_socket`).
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// Network RBAC filters ahead of the terminal filter (connection-level authorization).
+    pub rbac: Vec<crate::rbac::Engine>,
     pub filter: NetworkFilter,
 }
 
@@ -182,35 +184,55 @@ fn filter_chain(
         Some(ts) => crate::tls::server_tls(ts)
             .map_err(|(f, r)| reject(at(&format!("transport_socket.{f}")), r))?,
     };
-    let [f] = chain.filters.as_slice() else {
+    let Some((f, before)) = chain.filters.split_last() else {
         return Err(reject(
             at("filters"),
-            format!(
-                "exactly one network filter is supported, got {}",
-                chain.filters.len()
-            ),
+            "a filter chain needs a network filter".into(),
         ));
     };
+    let mut rbac = Vec::new();
+    for (i, nf) in before.iter().enumerate() {
+        let field = at(&format!("filters[{i}]"));
+        match &nf.config_type {
+            Some(filter::ConfigType::TypedConfig(any))
+                if any.type_url == crate::rbac::NETWORK_FILTER =>
+            {
+                let cfg = weft_xds_proto::unpack(any)
+                    .map_err(|e| reject(field.clone(), e.to_string()))?;
+                rbac.push(
+                    crate::rbac::network_filter(&cfg)
+                        .map_err(|(f2, r)| reject(format!("{field}.{f2}"), r))?,
+                );
+            }
+            _ => {
+                return Err(reject(
+                    field,
+                    format!(
+                        "network filter {:?} is not supported before the last filter (RBAC is)",
+                        nf.name
+                    ),
+                ));
+            }
+        }
+    }
+    let last = format!("filters[{}]", chain.filters.len() - 1);
     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-        return Err(reject(
-            at("filters[0]"),
-            "a typed_config is required".into(),
-        ));
+        return Err(reject(at(&last), "a typed_config is required".into()));
     };
     let filter = match any.type_url.as_str() {
         type_url::HTTP_CONNECTION_MANAGER => {
             let hcm: HttpConnectionManager =
-                weft_xds_proto::unpack(any).map_err(|e| reject(at("filters[0]"), e.to_string()))?;
+                weft_xds_proto::unpack(any).map_err(|e| reject(at(&last), e.to_string()))?;
             NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
         }
         type_url::TCP_PROXY => {
             let tcp: XdsTcpProxy =
-                weft_xds_proto::unpack(any).map_err(|e| reject(at("filters[0]"), e.to_string()))?;
+                weft_xds_proto::unpack(any).map_err(|e| reject(at(&last), e.to_string()))?;
             NetworkFilter::Tcp(Arc::new(TcpProxy::from_xds(&l.name, &tcp)?))
         }
         other => {
             return Err(reject(
-                at("filters[0]"),
+                at(&last),
                 format!("network filter {other} is not supported"),
             ));
         }
@@ -218,6 +240,7 @@ fn filter_chain(
     Ok(FilterChain {
         transport_protocol,
         tls,
+        rbac,
         filter,
     })
 }
@@ -456,7 +479,7 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
         ..Default::default()
     };
     match &chain.tls {
-        None => serve_filter(&proxy, &chain.filter, stream, down).await,
+        None => serve_filter(&proxy, chain, stream, down).await,
         Some(tls) => match tokio::time::timeout(INSPECT_TIMEOUT, tls.accept(stream)).await {
             Ok(Ok(s)) => {
                 let conn = s.get_ref().1;
@@ -467,7 +490,7 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
                     .and_then(|c| crate::tls::spiffe_id(c))
                     .map(Arc::from);
                 down.sni = conn.server_name().map(Arc::from);
-                serve_filter(&proxy, &chain.filter, s, down).await
+                serve_filter(&proxy, chain, s, down).await
             }
             Ok(Err(e)) => {
                 tracing::debug!(listener = %config.name, peer = ?down.peer, "TLS handshake failed: {e}")
@@ -477,11 +500,21 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     }
 }
 
-async fn serve_filter<S>(proxy: &Arc<Proxy>, filter: &NetworkFilter, stream: S, down: Downstream)
+async fn serve_filter<S>(proxy: &Arc<Proxy>, chain: &FilterChain, stream: S, down: Downstream)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match filter {
+    if !chain.rbac.is_empty() {
+        let input = crate::rbac::Input {
+            down: &down,
+            request: None,
+        };
+        if !chain.rbac.iter().all(|e| e.allows(&input)) {
+            tracing::debug!(peer = ?down.peer, principal = ?down.principal, "RBAC: connection denied");
+            return; // dropping the stream closes it
+        }
+    }
+    match &chain.filter {
         NetworkFilter::Http(hcm) => {
             crate::http::serve_connection(proxy.clone(), hcm.clone(), stream, down).await
         }

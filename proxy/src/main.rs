@@ -70,6 +70,14 @@ struct Args {
     /// Requested certificate lifetime in seconds (default: the CA's, 24 h for weftd).
     #[arg(long)]
     cert_ttl_s: Option<u64>,
+    /// Serve the workload certificate and roots over SDS on this Unix socket (for an Envoy
+    /// next to this process: its bootstrap's `sds-grpc` cluster).
+    #[arg(long)]
+    sds_socket: Option<PathBuf>,
+    /// Run only the agent (certificate and SDS, plus admin): no xDS, no listeners. With
+    /// --sds-socket this is what Istio's pilot-agent does for Envoy.
+    #[arg(long, requires = "sds_socket")]
+    agent_only: bool,
 }
 
 /// The SPIFFE identity this proxy asks for.
@@ -172,6 +180,21 @@ fn main() -> anyhow::Result<()> {
                 identity,
                 args.cert_ttl_s.map(std::time::Duration::from_secs),
             ));
+        }
+        if let Some(path) = args.sds_socket.clone() {
+            let identity = weft_proxy::identity::global().clone();
+            tokio::spawn(async move {
+                if let Err(e) = weft_proxy::sds::serve(path, identity).await {
+                    tracing::error!("SDS server stopped: {e:#}");
+                    std::process::exit(1);
+                }
+            });
+        }
+        if args.agent_only {
+            proxy.set_state(weft_proxy::state::ServerState::Live);
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            return Ok(());
         }
         let client = weft_proxy::xds::XdsClient::new(proxy, startup.node, &startup.xds_address);
         tokio::select! {

@@ -78,6 +78,8 @@ pub struct HttpStats {
     pub downstream_rq_xx: StatusClasses,
     pub no_route: Counter,
     pub no_cluster: Counter,
+    /// Requests an RBAC filter refused (Envoy's `http.<prefix>.rbac.denied`).
+    pub rbac_denied: Counter,
 }
 
 /// Stats of one TCP proxy (`tcp.<stat_prefix>.*`).

@@ -47,3 +47,22 @@ static_resources:
         xds_port = xds.port(),
     )
 }
+
+/// The `sds-grpc` static cluster Istio's bootstrap has: the agent's SDS server on a Unix
+/// socket. Append it to a [`bootstrap`] (it continues `static_resources.clusters`).
+pub fn sds_cluster(socket: &std::path::Path) -> String {
+    format!(
+        r#"  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }}] }}]
+"#,
+        socket.display()
+    )
+}

@@ -289,6 +289,12 @@ spec:
 
     /// The two echo backends and their weft-proxy sidecars.
     pub fn start_hello(&mut self) {
+        self.start_hello_with_envoy_v2(false);
+    }
+
+    /// The two echo backends; hello-v1's sidecar is weft-proxy, hello-v2's a stock Envoy when
+    /// `envoy_v2` (with an agent for its certificate when identities are on).
+    pub fn start_hello_with_envoy_v2(&mut self, envoy_v2: bool) {
         for (i, v) in ["v1", "v2"].iter().enumerate() {
             let port = self.echo_ports[i].to_string();
             let name = format!("hello-{v}");
@@ -298,7 +304,18 @@ spec:
                 &["echo", "--port", &port, "--name", &name],
                 &self.log_dir,
             ));
-            self.start_weft_proxy(11 + i as u8, &name);
+            let host = 11 + i as u8;
+            if envoy_v2 && i == 1 {
+                let labels = if self.identities {
+                    "{ app: hello, version: v2, security.istio.io/tlsMode: istio }"
+                } else {
+                    "{ app: hello, version: v2 }"
+                };
+                let node = self.node_id(host, &name);
+                self.start_envoy_as(host, &name, &node, labels);
+            } else {
+                self.start_weft_proxy(host, &name);
+            }
         }
     }
 
@@ -349,6 +366,50 @@ spec:
         .unwrap_or_else(|| panic!("{workload}'s weft-proxy becomes LIVE"));
     }
 
+    /// With identities on, an Envoy sidecar needs an agent: `weft-proxy --agent-only` gets the
+    /// workload certificate and serves it over SDS on a Unix socket (returned), as Istio's
+    /// pilot-agent does. Its admin is on port 15020 of the workload's address.
+    pub fn start_agent(&mut self, host: u8, workload: &str, node: &str) -> Option<PathBuf> {
+        if !self.identities {
+            return None;
+        }
+        let sa = workload.split('-').next().unwrap_or(workload);
+        let token = self.token_file(sa).display().to_string();
+        std::fs::create_dir_all(&self.log_dir).expect("log dir");
+        let socket = self.log_dir.join(format!("{workload}-sds.sock"));
+        let admin: SocketAddr = format!("{}:15020", self.ip(host)).parse().expect("addr");
+        let (xds, admin_s, socket_s) = (
+            self.xds().to_string(),
+            admin.to_string(),
+            socket.display().to_string(),
+        );
+        self.procs.push(Proc::start(
+            &format!("agent-{workload}"),
+            &bin("weft-proxy"),
+            &[
+                "--agent-only",
+                "--sds-socket",
+                &socket_s,
+                "--xds-address",
+                &xds,
+                "--node-id",
+                node,
+                "--admin-address",
+                &admin_s,
+                "--ca-token-file",
+                &token,
+                "--service-account",
+                sa,
+            ],
+            &self.log_dir,
+        ));
+        wait_until(Duration::from_secs(10), || {
+            get_json(admin, "/certs").filter(|c| c["identity"].is_string())
+        })
+        .unwrap_or_else(|| panic!("{workload}'s agent obtains a certificate"));
+        Some(socket)
+    }
+
     /// Writes an Envoy bootstrap for the client's sidecar, over SotW (`GRPC`) or delta
     /// (`DELTA_GRPC`) ADS, and returns its path.
     pub fn client_bootstrap(&self, delta: bool) -> PathBuf {
@@ -373,6 +434,12 @@ spec:
     /// A stock Envoy as the client's sidecar.
     pub fn start_envoy_client(&mut self, delta: bool) {
         let path = self.client_bootstrap(delta);
+        let node = self.node_id(10, "client");
+        if let Some(socket) = self.start_agent(10, "client", &node) {
+            let mut text = std::fs::read_to_string(&path).expect("bootstrap");
+            text.push_str(&crate::envoy::sds_cluster(&socket));
+            std::fs::write(&path, text).expect("write bootstrap");
+        }
         let base_id = u32::from(self.net) * 10 + u32::from(delta);
         self.launch_envoy("envoy", &path, base_id, 10);
     }
@@ -410,7 +477,7 @@ spec:
     pub fn start_envoy_as(&mut self, host: u8, workload: &str, node: &str, labels: &str) {
         let metadata =
             format!("{{ NAMESPACE: default, WORKLOAD_NAME: {workload}, LABELS: {labels} }}");
-        let bootstrap = crate::envoy::bootstrap(
+        let mut bootstrap = crate::envoy::bootstrap(
             node,
             workload,
             &metadata,
@@ -418,6 +485,9 @@ spec:
             self.xds(),
             false,
         );
+        if let Some(socket) = self.start_agent(host, workload, node) {
+            bootstrap.push_str(&crate::envoy::sds_cluster(&socket));
+        }
         std::fs::create_dir_all(&self.log_dir).expect("log dir");
         let path = self.log_dir.join(format!("{workload}-bootstrap.yaml"));
         std::fs::write(&path, bootstrap).expect("write bootstrap");

@@ -260,6 +260,37 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
 }
 
 #[test]
+fn an_envoy_client_sidecar_talks_mtls_to_weft_proxy_with_certificates_from_the_agent() {
+    let mut q = Quickstart::new("mtls-envoy", 73);
+    q.enable_identities();
+    write_strict(&q, "STRICT");
+    q.start_weftd();
+    q.start_hello();
+    q.start_envoy_client(false);
+    let mut c = Client::new(q.egress());
+    let r = wait_until(Duration::from_secs(10), || {
+        c.get("hello", "/").ok().filter(|r| r.status == 200)
+    })
+    .expect("an Envoy client reaches STRICT weft-proxy sidecars over mTLS");
+    assert!(
+        r.header("x-echo-name")
+            .is_some_and(|n| n.starts_with("hello-v"))
+    );
+    for _ in 0..20 {
+        assert_eq!(c.get("hello", "/").expect("request").status, 200);
+    }
+    // Envoy's secrets came from the agent over SDS.
+    let dump =
+        get_json(q.admin(10), "/config_dump?resource=dynamic_active_secrets").unwrap_or_default();
+    let text = dump.to_string();
+    assert!(
+        text.contains("\"default\"") && text.contains("ROOTCA"),
+        "{text}"
+    );
+    q.assert_client_nacked_nothing();
+}
+
+#[test]
 fn the_ca_refuses_with_precise_errors() {
     let mut q = Quickstart::new("ca", 71);
     q.start_weftd();

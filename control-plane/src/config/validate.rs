@@ -460,10 +460,19 @@ fn client_tls(at: &str, t: &Option<ClientTls>) -> Check {
     let at = format!("{at}.tls");
     match t.mode.unwrap_or(ClientTlsMode::Disable) {
         ClientTlsMode::IstioMutual => {
-            return bad(
-                format!("{at}.mode"),
-                "ISTIO_MUTUAL needs the mesh CA and workload certificates, which this weftd version does not issue yet",
-            );
+            // The mesh certificates are used; files would contradict that (Istio refuses too).
+            for (field, set) in [
+                ("clientCertificate", t.client_certificate.is_some()),
+                ("privateKey", t.private_key.is_some()),
+                ("caCertificates", t.ca_certificates.is_some()),
+            ] {
+                if set {
+                    return bad(
+                        format!("{at}.{field}"),
+                        "must be empty with ISTIO_MUTUAL (the workload's mesh certificate is used)",
+                    );
+                }
+            }
         }
         ClientTlsMode::Mutual => {
             if t.client_certificate.is_none() || t.private_key.is_none() {

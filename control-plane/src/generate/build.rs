@@ -489,6 +489,22 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         } else {
             tcp_proxy_filter(&stat_prefix, &cluster_name)
         };
+        // AuthorizationPolicy: RBAC filters in front of the connection manager's, or of the
+        // TCP proxy.
+        let rbac = super::authz::rbac_for(
+            mesh,
+            &scope.proxy.namespace,
+            &scope.proxy.labels,
+            protocol.is_http(),
+        );
+        let mut network_filter = network_filter;
+        let mut filters = Vec::new();
+        if protocol.is_http() {
+            super::authz::add_http_rbac(&mut network_filter, &rbac);
+        } else {
+            filters = super::authz::network_rbac(&rbac, &stat_prefix);
+        }
+        filters.push(network_filter);
         let listener = if super::security::has_sidecar(&scope.proxy.labels) {
             let mode = super::security::peer_mode(
                 mesh,
@@ -499,13 +515,20 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             super::security::inbound_listener(
                 &listener_name,
                 socket(&bind, l.port.number),
-                network_filter,
+                filters,
                 protocol.is_http(),
                 mode,
                 mesh.settings.trust_domain(),
             )
         } else {
-            listener(&listener_name, &bind, l.port.number, network_filter)
+            super::security::inbound_listener(
+                &listener_name,
+                socket(&bind, l.port.number),
+                filters,
+                protocol.is_http(),
+                crate::config::MtlsMode::Disable,
+                mesh.settings.trust_domain(),
+            )
         };
         out.add(type_url::LISTENER, listener_name.clone(), &listener);
     }

@@ -4,6 +4,7 @@
 //!
 //! The output is plain data (`Generated`); pushing it and tracking ACKs is the `xds` module's job.
 
+mod authz;
 mod build;
 mod delegate;
 mod gateway;

@@ -277,7 +277,7 @@ fn inbound_tls(http: bool, trust_domain: &str) -> TransportSocket {
 pub fn inbound_listener(
     name: &str,
     address: weft_xds_proto::envoy::config::core::v3::Address,
-    network_filter: Filter,
+    filters: Vec<Filter>,
     http: bool,
     mode: MtlsMode,
     trust_domain: &str,
@@ -289,7 +289,7 @@ pub fn inbound_listener(
             ..Default::default()
         }),
         transport_socket: tls,
-        filters: vec![network_filter.clone()],
+        filters: filters.clone(),
         ..Default::default()
     };
     let inspector = ListenerFilter {
@@ -302,7 +302,7 @@ pub fn inbound_listener(
     let (filter_chains, listener_filters) = match mode {
         MtlsMode::Disable | MtlsMode::Unset => (
             vec![FilterChain {
-                filters: vec![network_filter.clone()],
+                filters: filters.clone(),
                 ..Default::default()
             }],
             vec![],

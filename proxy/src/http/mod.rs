@@ -54,6 +54,8 @@ pub struct ConnectionManager {
     pub websocket: bool,
     /// `access_log`: where each request is logged (None: not logged).
     pub access_logs: Option<access_log::Loggers>,
+    /// RBAC filters, in chain order (AuthorizationPolicy: DENY, then ALLOW).
+    pub rbac: Vec<crate::rbac::Engine>,
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -84,6 +86,7 @@ impl ConnectionManager {
         // The fault filter (optional) then the router, last: other HTTP filters are not
         // implemented in this version.
         let mut fault_filter = None;
+        let mut rbac = Vec::new();
         let mut cors_filter = false;
         let mut router = false;
         for (i, f) in hcm.http_filters.iter().enumerate() {
@@ -102,6 +105,16 @@ impl ConnectionManager {
             if type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router")
             {
                 router = true;
+            } else if type_url == crate::rbac::HTTP_FILTER {
+                let cfg = any
+                    .map(weft_xds_proto::unpack)
+                    .transpose()
+                    .map_err(|e| reject(&field, e.to_string()))?
+                    .unwrap_or_default();
+                rbac.push(
+                    crate::rbac::http_filter(&cfg)
+                        .map_err(|(f2, r)| reject(&format!("{field}.{f2}"), r))?,
+                );
             } else if type_url == cors::FILTER_TYPE_URL {
                 cors_filter = true;
             } else if type_url == fault::TYPE_URL {
@@ -168,6 +181,7 @@ impl ConnectionManager {
         Ok(ConnectionManager {
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
+            rbac,
             cors_filter,
             websocket,
             access_logs,
@@ -278,6 +292,28 @@ async fn route_and_forward(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    // 0. Authorization (RBAC filters, in order), before anything else looks at the request.
+    if !hcm.rbac.is_empty() {
+        let down = req
+            .extensions()
+            .get::<Arc<crate::listener::Downstream>>()
+            .cloned()
+            .unwrap_or_default();
+        let view = router::RequestView {
+            method: req.method().as_str(),
+            authority: &authority,
+            path_and_query: path,
+            headers: req.headers(),
+        };
+        let input = crate::rbac::Input {
+            down: &down,
+            request: Some(&view),
+        };
+        if !hcm.rbac.iter().all(|e| e.allows(&input)) {
+            hcm.stats.rbac_denied.inc();
+            return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", "RBAC");
+        }
+    }
     let Some(route) = table.as_deref().and_then(|t| {
         t.route(&router::RequestView {
             method: req.method().as_str(),

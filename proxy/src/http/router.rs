@@ -78,7 +78,7 @@ enum PathMatch {
 }
 
 #[derive(Debug)]
-struct HeaderMatch {
+pub(crate) struct HeaderMatch {
     name: HeaderKey,
     rule: HeaderRule,
     invert: bool,
@@ -226,7 +226,7 @@ impl StringRule {
 }
 
 #[allow(deprecated)]
-fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
+pub(crate) fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     use header_matcher::HeaderMatchSpecifier as S;
     let name = match h.name.as_str() {
         ":method" => HeaderKey::Method,
@@ -260,7 +260,7 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
 }
 
 impl HeaderMatch {
-    fn matches(&self, req: &RequestView<'_>) -> bool {
+    pub(crate) fn matches(&self, req: &RequestView<'_>) -> bool {
         let pseudo = match &self.name {
             HeaderKey::Regular(_) => None,
             HeaderKey::Method => Some(req.method),
