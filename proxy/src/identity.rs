@@ -100,40 +100,56 @@ fn validity(der: &[u8]) -> anyhow::Result<(SystemTime, SystemTime)> {
     Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
 }
 
+/// A gRPC channel to weftd at `address` (host:port): plaintext, or TLS verified against
+/// `tls` and, with `workload_cert`, presenting the workload certificate.
+pub async fn channel(
+    endpoint: tonic::transport::Endpoint,
+    address: &str,
+    tls: Option<&CaTls>,
+    workload_cert: bool,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let Some(tls) = tls else {
+        return Ok(endpoint.connect().await?);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&tls.roots_pem) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    .with_root_certificates(roots);
+    let mut config = if workload_cert {
+        builder.with_client_cert_resolver(crate::tls::workload_client_cert())
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())?;
+    let address = address.to_string();
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let (connector, name, address) = (connector.clone(), name.clone(), address.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
 impl CaClient {
-    /// Opens a channel to the CA (TLS when configured).
+    /// Opens a channel to the CA (TLS when configured; the credential is the token, so no
+    /// client certificate, which the first request could not have anyway).
     pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15));
-        let Some(tls) = &self.tls else {
-            return Ok(endpoint.connect().await?);
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&tls.roots_pem) {
-            roots.add(c?)?;
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())?;
-        let address = self.address.clone();
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_uri| {
-                let (connector, name, address) = (connector.clone(), name.clone(), address.clone());
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(&address).await?;
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            }))
-            .await?;
-        Ok(channel)
+        channel(endpoint, &self.address, self.tls.as_ref(), false).await
     }
 
     /// Sends `csr` (for `identity`) and returns the CA's chain: leaf, intermediates, bundle.

@@ -37,7 +37,7 @@ struct Args {
     /// The credential for the mesh CA: a file holding a join token (`weftctl token create`) or
     /// a Kubernetes service-account token. Without one (or --ca-token) the proxy has no
     /// workload certificate and mTLS contexts fail their handshakes.
-    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE", group = "ca_token_or_file")]
     ca_token_file: Option<PathBuf>,
     /// The CA credential itself (prefer --ca-token-file: arguments are visible in `ps`).
     #[arg(
@@ -53,9 +53,13 @@ struct Args {
     /// Talk TLS to the CA (weftd's 15012), verifying it against this root certificate.
     #[arg(long)]
     ca_root_cert: Option<PathBuf>,
-    /// The name the CA's certificate must carry.
+    /// The name the CA's certificate must carry (also weftd's name on the TLS xDS port).
     #[arg(long, default_value = "istiod.istio-system.svc")]
     ca_server_name: String,
+    /// Talk to the xDS server over TLS (weftd's 15012), verifying it against this root and
+    /// authenticating with the workload certificate (needs a CA token).
+    #[arg(long, requires = "ca_token_or_file")]
+    xds_root_cert: Option<PathBuf>,
     /// Trust domain of the workload identity.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -160,7 +164,13 @@ fn main() -> anyhow::Result<()> {
             (None, None) => None,
         };
         if let Some(token) = token {
-            let tls = match &args.ca_root_cert {
+            // The CA is on the xDS port unless told otherwise: TLS there too when xDS is.
+            let ca_root = args.ca_root_cert.as_ref().or(if args.ca_address.is_none() {
+                args.xds_root_cert.as_ref()
+            } else {
+                None
+            });
+            let tls = match ca_root {
                 Some(path) => Some(weft_proxy::identity::CaTls {
                     roots_pem: std::fs::read(path)
                         .with_context(|| format!("reading --ca-root-cert {}", path.display()))?,
@@ -196,7 +206,15 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             return Ok(());
         }
-        let client = weft_proxy::xds::XdsClient::new(proxy, startup.node, &startup.xds_address);
+        let mut client =
+            weft_proxy::xds::XdsClient::new(proxy, startup.node, &startup.xds_address);
+        if let Some(path) = &args.xds_root_cert {
+            client.tls = Some(weft_proxy::identity::CaTls {
+                roots_pem: std::fs::read(path)
+                    .with_context(|| format!("reading --xds-root-cert {}", path.display()))?,
+                server_name: args.ca_server_name.clone(),
+            });
+        }
         tokio::select! {
             _ = client.run() => {}
             _ = shutdown_signal() => tracing::info!("shutting down"),

@@ -549,6 +549,11 @@ impl rustls::client::ResolvesClientCert for Resolver {
     }
 }
 
+/// Presents the workload certificate as a TLS client (to weftd's TLS xDS port).
+pub fn workload_client_cert() -> Arc<dyn rustls::client::ResolvesClientCert> {
+    Arc::new(Resolver(OwnCert::Workload))
+}
+
 /// Verifies client certificates for a listener.
 #[derive(Debug)]
 struct ClientVerifier {

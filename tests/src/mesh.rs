@@ -20,6 +20,11 @@ pub struct Quickstart {
     pub weftd_args: Vec<String>,
     /// Workloads run sidecars with mesh identities (see `enable_identities`).
     pub identities: bool,
+    /// Extra command-line arguments for every weft-proxy sidecar.
+    pub proxy_args: Vec<String>,
+    /// weft-proxy sidecars get xDS from weftd's TLS port (15012), authenticated with their
+    /// workload certificates (needs `enable_identities`).
+    pub secure_xds: bool,
 }
 
 /// The service port, which is also the client's egress listener port.
@@ -49,6 +54,8 @@ impl Quickstart {
             procs: Vec::new(),
             weftd_args: Vec::new(),
             identities: false,
+            proxy_args: Vec::new(),
+            secure_xds: false,
         };
         std::fs::write(q.dir.join("mesh.yaml"), q.mesh_yaml()).expect("write mesh.yaml");
         q.set_split(80, 20);
@@ -325,7 +332,10 @@ spec:
 
     /// A weft-proxy with any node id (`router~...` for a gateway), its admin on `host`.
     pub fn start_weft_proxy_as(&mut self, host: u8, workload: &str, node: &str) {
-        let (xds, admin) = (self.xds().to_string(), self.admin(host));
+        let (mut xds, admin) = (self.xds().to_string(), self.admin(host));
+        if self.secure_xds {
+            xds = format!("{}:15012", self.ip(1));
+        }
         let admin_s = admin.to_string();
         let mut args: Vec<String> = [
             "--xds-address",
@@ -351,6 +361,11 @@ spec:
                 sa.to_string(),
             ]);
         }
+        if self.secure_xds {
+            args.push("--xds-root-cert".into());
+            args.push(self.state_dir().join("root-cert.pem").display().to_string());
+        }
+        args.extend(self.proxy_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.procs.push(Proc::start(
             &format!("weft-proxy-{workload}"),

@@ -455,3 +455,225 @@ fn the_ca_refuses_with_precise_errors() {
         "{logs}"
     );
 }
+
+/// Certificates that live two minutes, continuous requests for five: every sidecar renews its
+/// certificate at least twice, swaps it in without dropping a connection, and not one request
+/// fails. (Set WEFT_ROTATION_SECS to shorten the run while developing; CI runs the full 300 s.)
+#[test]
+fn certificates_rotate_under_load_without_failing_a_request() {
+    let mut q = Quickstart::new("rotation", 74);
+    q.enable_identities();
+    write_strict(&q, "STRICT");
+    q.weftd_args = vec!["--max-workload-cert-ttl".into(), "120s".into()];
+    q.proxy_args = vec!["--cert-ttl-s".into(), "120".into()];
+    q.start_weftd();
+    q.start_hello();
+    q.start_weft_proxy(10, "client");
+    let run = std::env::var("WEFT_ROTATION_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300u64);
+    let serial = |host: u8| {
+        get_json(q.admin(host), "/certs").and_then(|c| {
+            c["certificates"][0]["cert_chain"][0]["serial_number"]
+                .as_str()
+                .map(String::from)
+        })
+    };
+    let first: Vec<_> = [10, 11, 12].iter().map(|h| serial(*h)).collect();
+    assert!(first.iter().all(Option::is_some), "{first:?}");
+    let egress = q.egress();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two clients: one keeps its connection (pooled upstream mTLS sessions outlive the
+    // certificates they were made with), one opens a new connection per request (every
+    // request a fresh handshake on the client side of the mesh).
+    let workers: Vec<_> = [true, false]
+        .into_iter()
+        .map(|keep| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                let mut c = Client::new(egress);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if !keep {
+                        c = Client::new(egress);
+                    }
+                    match c.get("hello", "/") {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(run));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.join().expect("worker");
+        assert!(
+            failed.is_empty(),
+            "{} requests failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        total += ok;
+    }
+    assert!(total > 1000, "too few requests to judge: {total}");
+    for (i, host) in [10u8, 11, 12].iter().enumerate() {
+        let certs = get_json(q.admin(*host), "/certs").expect("certs");
+        let renewals = certs["renewals"].as_u64().unwrap_or(0);
+        let want = if run >= 300 { 2 } else { 0 };
+        assert!(
+            renewals >= want,
+            "sidecar {host} renewed {renewals} times in {run}s"
+        );
+        if run >= 300 {
+            assert_ne!(
+                serial(*host),
+                first[i],
+                "sidecar {host} serves a new certificate"
+            );
+        }
+    }
+}
+
+/// testssl.sh against a STRICT inbound port: no SSLv2/SSLv3/TLS 1.0/TLS 1.1, no NULL, export,
+/// low, 3DES or RC4 ciphers, forward secrecy on every suite, and no renegotiation.
+#[test]
+fn testssl_finds_no_weak_protocols_ciphers_or_renegotiation_on_an_inbound_port() {
+    let mut q = Quickstart::new("testssl", 75);
+    q.enable_identities();
+    write_strict(&q, "STRICT");
+    q.start_weftd();
+    q.start_hello();
+    wait_until(Duration::from_secs(10), || {
+        get_json(q.admin(11), "/certs").filter(|c| c["identity"].is_string())
+    })
+    .expect("hello-v1 has its certificate");
+    let json = q.log_dir.join("testssl.json");
+    let out = Command::new("testssl")
+        .args(["--quiet", "--color", "0", "--warnings", "off", "--sneaky"])
+        .args(["-p", "-s", "-f", "-R", "--jsonfile"])
+        .arg(&json)
+        .arg(format!("{}:{INBOUND_PORT}", q.ip(11)))
+        .output()
+        .expect("testssl (apt install testssl.sh)");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&json).unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "testssl JSON: {e}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let finding = |id: &str| {
+        report
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["id"] == id)
+            .map(|f| f["finding"].as_str().unwrap_or("").to_string())
+            .unwrap_or_else(|| panic!("testssl reported no {id}: {report}"))
+    };
+    for id in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert!(
+            finding(id).starts_with("not offered"),
+            "{id}: {}",
+            finding(id)
+        );
+    }
+    for id in ["TLS1_2", "TLS1_3"] {
+        assert!(finding(id).starts_with("offered"), "{id}: {}", finding(id));
+    }
+    for id in [
+        "cipherlist_NULL",
+        "cipherlist_aNULL",
+        "cipherlist_EXPORT",
+        "cipherlist_LOW",
+        "cipherlist_3DES_IDEA",
+        "cipherlist_AVERAGE",
+    ] {
+        assert!(
+            finding(id).starts_with("not offered"),
+            "{id}: {}",
+            finding(id)
+        );
+    }
+    assert!(finding("PFS").starts_with("offered"), "{}", finding("PFS"));
+    assert!(
+        finding("secure_renego").contains("supported")
+            || finding("secure_renego").contains("not vulnerable"),
+        "{}",
+        finding("secure_renego")
+    );
+    let client_renego = finding("secure_client_renego");
+    assert!(client_renego.contains("not vulnerable"), "{client_renego}");
+}
+
+/// weftd's TLS port: sidecars fetch their certificate and then their config over TLS,
+/// authenticated by the certificate; a sidecar whose certificate is for another workload gets
+/// no config.
+#[test]
+fn xds_over_tls_is_authenticated_by_the_workload_certificate() {
+    let mut q = Quickstart::new("secure-xds", 76);
+    q.enable_identities();
+    q.secure_xds = true;
+    q.start_weftd();
+    q.start_hello();
+    q.start_weft_proxy(10, "client");
+    let mut c = Client::new(q.egress());
+    let r = wait_until(Duration::from_secs(10), || {
+        c.get("hello", "/").ok().filter(|r| r.status == 200)
+    })
+    .expect("sidecars configured over the TLS port serve traffic");
+    assert!(r.header("x-echo-name").is_some());
+    let syncz = q.syncz();
+    assert!(syncz.to_string().contains("client.default"), "{syncz}");
+    // A sidecar claiming to be hello-v1 (service account hello) with a certificate for
+    // `client`: refused, and audited.
+    let admin: std::net::SocketAddr = format!("{}:15000", q.ip(20)).parse().unwrap();
+    let token = q.token_file("client");
+    let node = q.node_id(11, "hello-v1");
+    let root = q.state_dir().join("root-cert.pem");
+    let mut impostor = weft_e2e::Proc::start(
+        "impostor",
+        &bin("weft-proxy"),
+        &[
+            "--xds-address",
+            &format!("{}:15012", q.ip(1)),
+            "--xds-root-cert",
+            &root.display().to_string(),
+            "--node-id",
+            &node,
+            "--admin-address",
+            &admin.to_string(),
+            "--ca-token-file",
+            &token.display().to_string(),
+            "--service-account",
+            "client",
+        ],
+        &q.log_dir,
+    );
+    let refused = wait_until(Duration::from_secs(10), || {
+        let logs = impostor.logs();
+        logs.contains("is not the workload of the client certificate")
+            .then_some(logs)
+    })
+    .unwrap_or_else(|| panic!("the impostor is refused: {}", impostor.logs()));
+    assert!(refused.contains("does not have permission"), "{refused}");
+    assert_ne!(
+        weft_e2e::get(admin, "/ready")
+            .map(|r| r.status)
+            .unwrap_or(0),
+        200,
+        "the impostor never gets config"
+    );
+    impostor.kill();
+    let audit = q.weftd.as_ref().unwrap().logs();
+    assert!(audit.contains("xDS refused"), "{audit}");
+}

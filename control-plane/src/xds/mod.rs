@@ -140,8 +140,27 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn peer_of<T>(req: &Request<T>) -> String {
     req.remote_addr()
+        .or_else(|| secure_info(req).and_then(|s| s.remote))
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+fn secure_info<T>(req: &Request<T>) -> Option<&crate::ca::secure::SecureConnInfo> {
+    req.extensions().get::<crate::ca::secure::SecureConnInfo>()
+}
+
+/// On the TLS port a proxy must present its workload certificate; the identity it proves is
+/// then held against the node it claims (see `Session::identify`). None: the plaintext port.
+fn required_identity<T>(req: &Request<T>) -> Result<Option<crate::ca::SpiffeId>, Status> {
+    match secure_info(req) {
+        None => Ok(None),
+        Some(info) => match &info.peer_identity {
+            Some(id) => Ok(Some(id.clone())),
+            None => Err(Status::unauthenticated(
+                "the TLS xDS port needs the proxy's workload certificate (a client certificate from the mesh CA with a SPIFFE identity)",
+            )),
+        },
+    }
 }
 
 #[tonic::async_trait]
@@ -154,8 +173,10 @@ impl AggregatedDiscoveryService for XdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = peer_of(&request);
+        let required = required_identity(&request)?;
         let (tx, rx) = mpsc::channel(16);
-        let session = session::Session::open(self.clone(), "sotw", peer, tx);
+        let mut session = session::Session::open(self.clone(), "sotw", peer, tx);
+        session.required_identity = required;
         tokio::spawn(session::drive(
             sotw::Sotw::new(session),
             request.into_inner(),
@@ -168,8 +189,10 @@ impl AggregatedDiscoveryService for XdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = peer_of(&request);
+        let required = required_identity(&request)?;
         let (tx, rx) = mpsc::channel(16);
-        let session = session::Session::open(self.clone(), "delta", peer, tx);
+        let mut session = session::Session::open(self.clone(), "delta", peer, tx);
+        session.required_identity = required;
         tokio::spawn(session::drive(
             delta::Delta::new(session),
             request.into_inner(),

@@ -20,6 +20,9 @@ pub struct Session<Resp> {
     node: Option<Node>,
     pub generated: std::sync::Arc<Generated>,
     nonce: u64,
+    /// The identity the connection's client certificate proves (TLS port only): the node
+    /// must belong to it.
+    pub required_identity: Option<crate::ca::SpiffeId>,
 }
 
 impl<Resp> Session<Resp> {
@@ -38,6 +41,7 @@ impl<Resp> Session<Resp> {
             node: None,
             generated: Default::default(),
             nonce: 0,
+            required_identity: None,
         }
     }
 
@@ -51,6 +55,21 @@ impl<Resp> Session<Resp> {
             Status::invalid_argument("the first request of an ADS stream must carry the node")
         })?;
         let (proxy, generated) = self.server.generate_for(node)?;
+        if let Some(id) = &self.required_identity {
+            let sa_differs = proxy
+                .service_account
+                .as_ref()
+                .is_some_and(|sa| sa != &id.service_account);
+            if proxy.namespace != id.namespace || sa_differs {
+                tracing::warn!(target: "weftd::audit", proxy = %proxy.id, certificate = %id, "xDS refused: the node is not the certificate's workload");
+                return Err(Status::permission_denied(format!(
+                    "node {} (namespace {}, service account {}) is not the workload of the client certificate {id}",
+                    proxy.id,
+                    proxy.namespace,
+                    proxy.service_account.as_deref().unwrap_or("unknown"),
+                )));
+            }
+        }
         tracing::info!(
             connection = self.id,
             protocol = self.protocol,

@@ -42,6 +42,8 @@ pub struct XdsClient {
     apply: apply::Applier,
     /// Responses received on the current stream.
     responses: u64,
+    /// TLS to weftd's 15012, authenticated with the workload certificate.
+    pub tls: Option<crate::identity::CaTls>,
 }
 
 impl XdsClient {
@@ -57,6 +59,7 @@ impl XdsClient {
             uri,
             types: BTreeMap::new(),
             responses: 0,
+            tls: None,
         }
     }
 
@@ -82,12 +85,22 @@ impl XdsClient {
     }
 
     async fn stream_once(&mut self) -> anyhow::Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(self.uri.clone())?
+        let endpoint = tonic::transport::Endpoint::from_shared(self.uri.clone())?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect()
-            .await?;
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        if self.tls.is_some() && crate::identity::global().current().is_none() {
+            anyhow::bail!(
+                "waiting for the workload certificate to authenticate to the TLS xDS port"
+            );
+        }
+        let address = self
+            .uri
+            .split_once("://")
+            .map(|(_, a)| a)
+            .unwrap_or(&self.uri)
+            .to_string();
+        let channel = crate::identity::channel(endpoint, &address, self.tls.as_ref(), true).await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024);
         let (tx, rx) = mpsc::channel(64);
