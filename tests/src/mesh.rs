@@ -302,6 +302,11 @@ spec:
     /// The two echo backends; hello-v1's sidecar is weft-proxy, hello-v2's a stock Envoy when
     /// `envoy_v2` (with an agent for its certificate when identities are on).
     pub fn start_hello_with_envoy_v2(&mut self, envoy_v2: bool) {
+        self.start_hello_with([false, envoy_v2]);
+    }
+
+    /// The two echo backends; each sidecar is a stock Envoy where `envoy[i]` says so.
+    pub fn start_hello_with(&mut self, envoy: [bool; 2]) {
         for (i, v) in ["v1", "v2"].iter().enumerate() {
             let port = self.echo_ports[i].to_string();
             let name = format!("hello-{v}");
@@ -312,14 +317,14 @@ spec:
                 &self.log_dir,
             ));
             let host = 11 + i as u8;
-            if envoy_v2 && i == 1 {
+            if envoy[i] {
                 let labels = if self.identities {
-                    "{ app: hello, version: v2, security.istio.io/tlsMode: istio }"
+                    format!("{{ app: hello, version: {v}, security.istio.io/tlsMode: istio }}")
                 } else {
-                    "{ app: hello, version: v2 }"
+                    format!("{{ app: hello, version: {v} }}")
                 };
                 let node = self.node_id(host, &name);
-                self.start_envoy_as(host, &name, &node, labels);
+                self.start_envoy_as(host, &name, &node, &labels);
             } else {
                 self.start_weft_proxy(host, &name);
             }

@@ -256,6 +256,23 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     for _ in 0..10 {
         assert_eq!(c.get("hello", "/").expect("mesh request").status, 200);
     }
+
+    // DISABLE: the servers take plaintext only, and auto mTLS follows: clients send plaintext.
+    write_strict(&q, "DISABLE");
+    wait_until(Duration::from_secs(10), || {
+        s_client(&addr, Some(&good_dir), &ca)
+            .contains("HTTP/1.1 200")
+            .then_some(())
+            .xor(Some(()))
+    })
+    .expect("DISABLE: TLS is no longer served on the inbound port");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        let r = Client::new(q.egress())
+            .get("hello", "/")
+            .expect("mesh request");
+        assert_eq!(r.status, 200, "auto mTLS must follow DISABLE: {}", r.body);
+    }
     q.assert_client_nacked_nothing();
 }
 

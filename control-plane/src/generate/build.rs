@@ -406,6 +406,18 @@ fn mesh_tls(
         // DISABLE: plaintext; SIMPLE/MUTUAL: the rule's own TLS (policy::apply).
         Some(_) => return,
     };
+    // Auto mTLS respects the destination's PeerAuthentication: workloads whose port is
+    // DISABLE get plaintext, as Istio's auto mTLS does.
+    if !forced {
+        let disabled = svc.endpoints.iter().all(|e| {
+            let target = e.ports.get(&port).copied().unwrap_or(port);
+            super::security::peer_mode(mesh, &svc.namespace, &e.labels, target)
+                == crate::config::MtlsMode::Disable
+        });
+        if disabled && !svc.endpoints.is_empty() {
+            return;
+        }
+    }
     let td = mesh.settings.trust_domain();
     let sans: Vec<String> = match tls.map(|t| &t.subject_alt_names) {
         Some(sans) if !sans.is_empty() => sans.clone(),
