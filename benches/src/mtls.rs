@@ -6,6 +6,7 @@
 //! - new connections per second straight to the server sidecar's inbound port, each a full
 //!   handshake with a client certificate and one request (plaintext: a TCP connect);
 //! - the CA's signing rate (CreateCertificate calls per second, 4 at a time).
+//!
 //! Everything under test runs on CPU 0 (run the harness with `taskset -c 0`), load generators
 //! on CPU 1. Run it with `benches/run-mtls.sh`.
 
