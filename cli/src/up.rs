@@ -260,6 +260,30 @@ async fn reconcile(
     }
 }
 
+/// Writes (mode 0600) a 30-day join token for the workload's service account.
+fn join_token(opts: &UpOptions, w: &Workload) -> anyhow::Result<(PathBuf, String)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = weft_control_plane::ca::token::TokenKey::load(&opts.log_dir.join("state"))?;
+    let sa = if w.service_account.is_empty() {
+        "default"
+    } else {
+        &w.service_account
+    };
+    let token = key.issue(&w.namespace, sa, Duration::from_secs(30 * 24 * 3600));
+    let dir = opts.log_dir.join("tokens");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.{}.token", w.name, w.namespace));
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(token.as_bytes())?;
+    Ok((path, sa.to_string()))
+}
+
 async fn start_workload(
     opts: &UpOptions,
     w: &Workload,
@@ -276,6 +300,17 @@ async fn start_workload(
         .arg(admin.to_string())
         .arg("--concurrency")
         .arg(opts.proxy_concurrency.to_string());
+    // Every sidecar gets an identity: a join token for its workload's service account, from
+    // the key weftd keeps in its state folder.
+    match join_token(opts, w) {
+        Ok((token, sa)) => {
+            cmd.arg("--ca-token-file")
+                .arg(token)
+                .arg("--service-account")
+                .arg(sa);
+        }
+        Err(e) => eprintln!("warning: {name}: no workload certificate ({e:#})"),
+    }
     let sidecar = spawn(&format!("sidecar-{name}"), cmd, &opts.log_dir)?;
     let app = match w.annotations.get(COMMAND_ANNOTATION) {
         Some(command) => {

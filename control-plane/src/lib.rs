@@ -144,7 +144,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the xDS port {}", opts.xds_address))?;
     tracing::info!(address = %opts.xds_address, dir = %opts.config_dir.display(), "ADS server listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+    // No Nagle: a unary call (the CA) or a push waits on no delayed ACK.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+        |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(XdsServer::new(mesh_rx, status).into_service())

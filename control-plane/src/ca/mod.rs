@@ -163,6 +163,9 @@ const CA_CERT: &str = "ca-cert.pem";
 const CA_KEY: &str = "ca-key.pem";
 const ROOT_CERT: &str = "root-cert.pem";
 const CERT_CHAIN: &str = "cert-chain.pem";
+/// A staged root (rotation step 1): trusted, not yet signing.
+const NEXT_CERT: &str = "next-ca-cert.pem";
+const NEXT_KEY: &str = "next-ca-key.pem";
 
 fn read(dir: &Path, name: &str) -> Result<String, CaError> {
     let path = dir.join(name);
@@ -262,7 +265,7 @@ impl Authority {
         let mut ca = if dir.join(CA_KEY).exists() {
             Self::load(options, &dir)?
         } else {
-            let ca = Self::generate(options, None)?;
+            let ca = Self::generate(options)?;
             ca.persist()?;
             tracing::info!(target: "weftd::audit", dir = %dir.display(), trust_domain = %ca.options.trust_domain, "generated a new mesh root CA");
             ca
@@ -322,19 +325,15 @@ impl Authority {
         params
     }
 
-    /// A new self-signed root; `retiring` is the bundle of roots still to be trusted.
-    fn generate(options: CaOptions, retiring: Option<&str>) -> Result<Authority, CaError> {
+    /// A new self-signed root.
+    fn generate(options: CaOptions) -> Result<Authority, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CaError::Signing(e.to_string()))?;
         let params = Self::root_params(&options.trust_domain, options.root_ttl);
         let cert = params
             .self_signed(&key)
             .map_err(|e| CaError::Signing(e.to_string()))?;
-        let pem = to_pem(cert.der());
-        let mut roots = pem.clone();
-        if let Some(old) = retiring {
-            roots.push_str(old);
-        }
+        let roots = to_pem(cert.der());
         Ok(Authority {
             issuer_not_after: params.not_after,
             issuer: Issuer::new(params, key),
@@ -366,16 +365,55 @@ impl Authority {
             .unwrap_or_default()
     }
 
-    /// Replaces a generated root that has less than `rotate_at_remaining` of its life left.
-    /// The new root signs from now on; the old one stays in the trust bundle until it expires,
-    /// so certificates it signed keep verifying while workloads renew. Returns whether it
-    /// rotated. A plugged-in CA is never rotated here (its owner does that).
+    /// Rotates a generated root in two steps, so that no workload ever meets a certificate
+    /// its trust bundle cannot verify:
+    /// 1. when less than `rotate_at_remaining` of the active root's life is left, a new root is
+    ///    made and added to the trust bundle, but the old one keeps signing; workloads pick up
+    ///    the bundle with their next certificate;
+    /// 2. once every certificate signed before that has been renewed (`max_ttl` later), the
+    ///    new root signs. The old root stays in the bundle until it expires.
+    ///
+    /// Returns whether anything changed. A plugged-in CA is rotated by its owner, not here.
     pub fn rotate_if_due(&mut self) -> Result<bool, CaError> {
         if self.options.plugged_dir.is_some() {
             return Ok(false);
         }
-        let path = self.options.state_dir.join(ROOT_CERT);
+        let dir = self.options.state_dir.clone();
+        let path = dir.join(ROOT_CERT);
         let roots = pem_certs(&self.roots, &path)?;
+        let still_valid = |certs: &[CertificateDer<'static>]| -> Result<String, CaError> {
+            let mut out = String::new();
+            for r in certs {
+                if not_after(r, &path)? > now() {
+                    out.push_str(&to_pem(r));
+                }
+            }
+            Ok(out)
+        };
+        if dir.join(NEXT_KEY).exists() {
+            let next_pem = read(&dir, NEXT_CERT)?;
+            let next = pem_certs(&next_pem, &dir.join(NEXT_CERT))?;
+            let staged = not_before(&next[0], &dir.join(NEXT_CERT))? + time::Duration::minutes(5);
+            let wait =
+                time::Duration::try_from(self.options.max_ttl).unwrap_or(time::Duration::DAY);
+            if now() < staged + wait {
+                return Ok(false);
+            }
+            // Step 2: the staged root signs; the bundle lists it first.
+            let others: Vec<_> = roots.into_iter().filter(|r| *r != next[0]).collect();
+            let bundle = format!("{}{}", to_pem(&next[0]), still_valid(&others)?);
+            let key = read(&dir, NEXT_KEY)?;
+            write_private(&dir, CA_KEY, key.as_bytes(), 0o600)?;
+            write_private(&dir, CA_CERT, next_pem.as_bytes(), 0o644)?;
+            write_private(&dir, CERT_CHAIN, next_pem.as_bytes(), 0o644)?;
+            write_private(&dir, ROOT_CERT, bundle.as_bytes(), 0o644)?;
+            let _ = std::fs::remove_file(dir.join(NEXT_CERT));
+            std::fs::remove_file(dir.join(NEXT_KEY))
+                .map_err(|e| state_err(&dir.join(NEXT_KEY), e))?;
+            *self = Self::load(self.options.clone(), &dir)?;
+            tracing::info!(target: "weftd::audit", dir = %dir.display(), "the new mesh root CA signs from now on; the old root stays trusted until it expires");
+            return Ok(true);
+        }
         let active = &roots[0];
         let (start, end) = (not_before(active, &path)?, not_after(active, &path)?);
         let life = (end - start).as_seconds_f64();
@@ -383,17 +421,18 @@ impl Authority {
         if life <= 0.0 || left > life * self.options.rotate_at_remaining {
             return Ok(false);
         }
-        // Keep every root that is still valid: the old one, and any older still alive.
-        let mut keep = String::new();
-        for r in &roots {
-            if not_after(r, &path)? > now() {
-                keep.push_str(&to_pem(r));
-            }
-        }
-        let next = Self::generate(self.options.clone(), Some(&keep))?;
-        next.persist()?;
-        tracing::info!(target: "weftd::audit", dir = %self.options.state_dir.display(), retiring_until = %end, "rotated the mesh root CA; the old root stays trusted until it expires");
-        *self = next;
+        // Step 1: a new root joins the bundle (after the active one, which still signs).
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let cert = Self::root_params(&self.options.trust_domain, self.options.root_ttl)
+            .self_signed(&key)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let bundle = format!("{}{}", still_valid(&roots)?, to_pem(cert.der()));
+        write_private(&dir, NEXT_KEY, key.serialize_pem().as_bytes(), 0o600)?;
+        write_private(&dir, NEXT_CERT, to_pem(cert.der()).as_bytes(), 0o644)?;
+        write_private(&dir, ROOT_CERT, bundle.as_bytes(), 0o644)?;
+        self.roots = bundle;
+        tracing::info!(target: "weftd::audit", dir = %dir.display(), old_root_expires = %end, "staged a new mesh root CA: it is trusted now and signs once every workload has renewed");
         Ok(true)
     }
 

@@ -129,6 +129,7 @@ pub fn incoming(
                     continue;
                 }
             };
+            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             tokio::spawn(async move {

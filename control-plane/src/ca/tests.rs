@@ -249,29 +249,50 @@ fn plugged_in_intermediate_ca_signs_with_its_chain() {
 }
 
 #[test]
-fn rotation_keeps_the_old_root_trusted() {
+fn rotation_stages_the_new_root_before_it_signs() {
     let dir = tmp("rotate");
     let mut opts = CaOptions::new("cluster.local", &dir);
     opts.root_ttl = Duration::from_secs(3600);
+    opts.max_ttl = Duration::from_secs(1);
     let mut ca = Authority::load_or_create(opts).unwrap();
     let me = id("default", "hello");
     let (_, csr) = csr_for(vec![uri(&me.to_string())]);
-    let before = ca.sign(&csr, &me, 60).unwrap();
+    let before = ca.sign(&csr, &me, 1).unwrap();
     let old_root = ders(ca.roots_pem())[0].clone();
     assert!(!ca.rotate_if_due().unwrap(), "a fresh root is not rotated");
     ca.options.rotate_at_remaining = 1.0; // everything is "due"
+    // Step 1: the new root is trusted, the old one still signs.
     assert!(ca.rotate_if_due().unwrap());
     let bundle = ders(ca.roots_pem());
-    assert_eq!(bundle.len(), 2, "new root and the retiring one");
-    assert_ne!(bundle[0], old_root);
-    assert_eq!(bundle[1], old_root);
-    let after = ca.sign(&csr, &me, 60).unwrap();
-    assert_issued(&after[0], &bundle[0], &me);
-    assert_issued(&before[0], &bundle[1], &me);
-    // The rotation is persisted: a restart signs with the new root and trusts both.
+    assert_eq!(bundle.len(), 2, "the signing root and the staged one");
+    assert_eq!(bundle[0], old_root);
+    let staged = bundle[1].clone();
+    let during = ca.sign(&csr, &me, 1).unwrap();
+    assert_issued(&during[0], &old_root, &me);
+    let mode = std::fs::metadata(dir.join("next-ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A restart in between keeps the staged root.
+    let reloaded = Authority::load_or_create(ca.options.clone()).unwrap();
+    assert_eq!(ders(reloaded.roots_pem()), bundle);
+    // Not before every older certificate could have been renewed (max_ttl, staged 5 minutes
+    // back-dated, so at once here): step 2, the new root signs, the old stays trusted.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(ca.rotate_if_due().unwrap());
+    let bundle = ders(ca.roots_pem());
+    assert_eq!(bundle, vec![staged.clone(), old_root.clone()]);
+    let after = ca.sign(&csr, &me, 1).unwrap();
+    assert_issued(&after[0], &staged, &me);
+    assert_issued(&before[0], &old_root, &me);
+    assert!(!dir.join("next-ca-key.pem").exists());
+    // The promotion is persisted.
     ca.options.rotate_at_remaining = 0.2;
     let reloaded = Authority::load_or_create(ca.options.clone()).unwrap();
     assert_eq!(ders(reloaded.roots_pem()), bundle);
+    let again = reloaded.sign(&csr, &me, 1).unwrap();
+    assert_issued(&again[0], &staged, &me);
 }
 
 #[test]
