@@ -171,12 +171,7 @@ struct KindResult {
 }
 
 fn set_mode(q: &Quickstart, mode: &str) {
-    q.write_file(
-        "peer-authentication.yaml",
-        &format!(
-            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
-        ),
-    );
+    q.set_peer_authentication(mode);
     // Let every proxy take the change (config polling, debounce, push).
     std::thread::sleep(Duration::from_secs(2));
 }

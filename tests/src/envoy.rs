@@ -29,7 +29,26 @@ dynamic_resources:
   lds_config: {{ ads: {{}}, resource_api_version: V3 }}
 static_resources:
   clusters:
-  - name: xds-grpc
+{xds_cluster}"#,
+        admin_ip = admin.ip(),
+        admin_port = admin.port(),
+        api = if delta { "DELTA_GRPC" } else { "GRPC" },
+        xds_cluster = grpc_cluster(
+            "xds-grpc",
+            &format!(
+                "socket_address: {{ address: {}, port_value: {} }}",
+                xds.ip(),
+                xds.port()
+            )
+        ),
+    )
+}
+
+/// A static HTTP/2 cluster for a gRPC server at `address` (an Envoy `Address` body in YAML
+/// flow style), as a `static_resources.clusters` entry.
+fn grpc_cluster(name: &str, address: &str) -> String {
+    format!(
+        r#"  - name: {name}
     type: STATIC
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -37,32 +56,17 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {{ http2_protocol_options: {{}} }}
     load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {xds_ip}, port_value: {xds_port} }} }} }} }}] }}]
-"#,
-        admin_ip = admin.ip(),
-        admin_port = admin.port(),
-        api = if delta { "DELTA_GRPC" } else { "GRPC" },
-        xds_ip = xds.ip(),
-        xds_port = xds.port(),
+      cluster_name: {name}
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ {address} }} }} }}] }}]
+"#
     )
 }
 
 /// The `sds-grpc` static cluster Istio's bootstrap has: the agent's SDS server on a Unix
 /// socket. Append it to a [`bootstrap`] (it continues `static_resources.clusters`).
 pub fn sds_cluster(socket: &std::path::Path) -> String {
-    format!(
-        r#"  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }}] }}]
-"#,
-        socket.display()
+    grpc_cluster(
+        "sds-grpc",
+        &format!("pipe: {{ path: \"{}\" }}", socket.display()),
     )
 }

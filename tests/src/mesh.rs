@@ -85,6 +85,52 @@ impl Quickstart {
         self.write_file("mesh.yaml", &yaml);
     }
 
+    /// Writes a mesh-wide PeerAuthentication (istio-system/default) with `mode`.
+    pub fn set_peer_authentication(&self, mode: &str) {
+        self.write_file(
+            "peer-authentication.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
+            ),
+        );
+    }
+
+    /// How many filter chains the active inbound listener on `port` has on the sidecar whose
+    /// admin is on `host` (weft-proxy's config dump is proto3 JSON, camelCase; Envoy's keeps
+    /// the proto field names); 0 when there is none.
+    pub fn inbound_chains(&self, host: u8, port: u16) -> usize {
+        let dump = get_json(self.admin(host), "/config_dump").unwrap_or_default();
+        let get = |v: &serde_json::Value, snake: &str, camel: &str| {
+            v.get(snake)
+                .or_else(|| v.get(camel))
+                .cloned()
+                .unwrap_or_default()
+        };
+        dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                get(c, "dynamic_listeners", "dynamicListeners")
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|l| {
+                l["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(&format!("_{port}")))
+            })
+            .filter_map(|l| {
+                let state = get(&l, "active_state", "activeState");
+                get(&state["listener"], "filter_chains", "filterChains")
+                    .as_array()
+                    .map(Vec::len)
+            })
+            .next()
+            .unwrap_or(0)
+    }
+
     /// A join token for `service_account` in namespace default, written to a file (weftd must
     /// be running: it creates the signing key).
     pub fn token_file(&self, service_account: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use weft_e2e::mesh::{INBOUND_PORT, TCP_INBOUND_PORT};
-use weft_e2e::{Quickstart, bin, get_json, wait_until};
+use weft_e2e::{Quickstart, bin, wait_until};
 
 const POLICIES: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -140,63 +140,12 @@ fn curl(addr: &str, cert: Option<&Path>, method: &str, path: &str, token: Option
         .unwrap_or(0)
 }
 
-fn set_mode(q: &Quickstart, mode: &str) {
-    q.write_file(
-        "peer-authentication.yaml",
-        &format!(
-            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
-        ),
-    );
-}
-
-/// The number of filter chains on a sidecar's active inbound HTTP listener (weft-proxy's dump
-/// is proto3 JSON, camelCase; Envoy's keeps the proto field names).
-fn chains(admin: std::net::SocketAddr) -> usize {
-    let dump = get_json(admin, "/config_dump").unwrap_or_default();
-    let get = |v: &serde_json::Value, snake: &str, camel: &str| {
-        v.get(snake)
-            .or_else(|| v.get(camel))
-            .cloned()
-            .unwrap_or_default()
-    };
-    dump["configs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| {
-            get(c, "dynamic_listeners", "dynamicListeners")
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter(|l| {
-            l["name"]
-                .as_str()
-                .is_some_and(|n| n.ends_with(&format!("_{INBOUND_PORT}")))
-        })
-        .filter_map(|l| {
-            get(
-                &get(
-                    &get(&l, "active_state", "activeState"),
-                    "listener",
-                    "listener",
-                ),
-                "filter_chains",
-                "filterChains",
-            )
-            .as_array()
-            .map(Vec::len)
-        })
-        .next()
-        .unwrap_or(0)
-}
-
 #[test]
 fn authorization_matrix_is_the_same_on_weft_proxy_and_envoy() {
     let mut q = Quickstart::new("authz", 72);
     q.enable_identities();
     q.write_file("authorization.yaml", POLICIES);
-    set_mode(&q, "PERMISSIVE");
+    q.set_peer_authentication("PERMISSIVE");
     q.start_weftd();
     q.start_hello_with_envoy_v2(true);
     let callers: Vec<(&str, Option<PathBuf>)> = vec![
@@ -208,11 +157,11 @@ fn authorization_matrix_is_the_same_on_weft_proxy_and_envoy() {
     let weft = format!("{}:{INBOUND_PORT}", q.ip(11));
     let envoy = format!("{}:{INBOUND_PORT}", q.ip(12));
     for mode in ["PERMISSIVE", "STRICT"] {
-        set_mode(&q, mode);
+        q.set_peer_authentication(mode);
         let want = if mode == "STRICT" { 1 } else { 2 };
         for host in [11, 12] {
             wait_until(Duration::from_secs(15), || {
-                (chains(q.admin(host)) == want).then_some(())
+                (q.inbound_chains(host, INBOUND_PORT) == want).then_some(())
             })
             .unwrap_or_else(|| panic!("{mode}: sidecar {host} has {want} inbound chains"));
         }

@@ -74,48 +74,11 @@ fn s_client(addr: &str, cert: Option<&Path>, ca: &Path) -> String {
     )
 }
 
-fn write_strict(q: &Quickstart, mode: &str) {
-    q.write_file(
-        "peer-authentication.yaml",
-        &format!(
-            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
-        ),
-    );
-}
-
-/// The inbound listener's chains as the hello-v1 sidecar has them.
-fn inbound_chains(q: &Quickstart) -> usize {
-    let dump = get_json(q.admin(11), "/config_dump").unwrap_or_default();
-    dump["configs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| {
-            c["dynamicListeners"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter(|l| {
-            l["name"]
-                .as_str()
-                .is_some_and(|n| n.ends_with(&format!("_{INBOUND_PORT}")))
-        })
-        .map(|l| {
-            l["activeState"]["listener"]["filterChains"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0)
-        })
-        .next()
-        .unwrap_or(0)
-}
-
 #[test]
 fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     let mut q = Quickstart::new("mtls", 70);
     q.enable_identities();
-    write_strict(&q, "STRICT");
+    q.set_peer_authentication("STRICT");
     q.start_weftd();
     q.start_hello();
     q.start_weft_proxy(10, "client");
@@ -135,7 +98,7 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
         );
     }
     wait_until(Duration::from_secs(10), || {
-        (inbound_chains(&q) == 1).then_some(())
+        (q.inbound_chains(11, INBOUND_PORT) == 1).then_some(())
     })
     .unwrap_or_else(|| {
         panic!(
@@ -241,9 +204,9 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     assert!(good.contains("x-echo-name: hello-v1"), "{good}");
 
     // PERMISSIVE: the same port serves plaintext and mTLS.
-    write_strict(&q, "PERMISSIVE");
+    q.set_peer_authentication("PERMISSIVE");
     wait_until(Duration::from_secs(10), || {
-        (inbound_chains(&q) == 2).then_some(())
+        (q.inbound_chains(11, INBOUND_PORT) == 2).then_some(())
     })
     .expect("PERMISSIVE: a TLS and a plaintext chain");
     let r = wait_until(Duration::from_secs(5), || {
@@ -258,7 +221,7 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     }
 
     // DISABLE: the servers take plaintext only, and auto mTLS follows: clients send plaintext.
-    write_strict(&q, "DISABLE");
+    q.set_peer_authentication("DISABLE");
     wait_until(Duration::from_secs(10), || {
         s_client(&addr, Some(&good_dir), &ca)
             .contains("HTTP/1.1 200")
@@ -280,7 +243,7 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
 fn an_envoy_client_sidecar_talks_mtls_to_weft_proxy_with_certificates_from_the_agent() {
     let mut q = Quickstart::new("mtls-envoy", 73);
     q.enable_identities();
-    write_strict(&q, "STRICT");
+    q.set_peer_authentication("STRICT");
     q.start_weftd();
     q.start_hello();
     q.start_envoy_client(false);
@@ -480,7 +443,7 @@ fn the_ca_refuses_with_precise_errors() {
 fn certificates_rotate_under_load_without_failing_a_request() {
     let mut q = Quickstart::new("rotation", 74);
     q.enable_identities();
-    write_strict(&q, "STRICT");
+    q.set_peer_authentication("STRICT");
     q.weftd_args = vec!["--max-workload-cert-ttl".into(), "120s".into()];
     q.proxy_args = vec!["--cert-ttl-s".into(), "120".into()];
     q.start_weftd();
@@ -564,7 +527,7 @@ fn certificates_rotate_under_load_without_failing_a_request() {
 fn testssl_finds_no_weak_protocols_ciphers_or_renegotiation_on_an_inbound_port() {
     let mut q = Quickstart::new("testssl", 75);
     q.enable_identities();
-    write_strict(&q, "STRICT");
+    q.set_peer_authentication("STRICT");
     q.start_weftd();
     q.start_hello();
     wait_until(Duration::from_secs(10), || {

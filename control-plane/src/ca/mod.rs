@@ -492,28 +492,7 @@ impl Authority {
             }
             s => Duration::from_secs(s as u64),
         };
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            want.as_str()
-                .try_into()
-                .map_err(|e| CaError::Signing(format!("{want}: {e:?}")))?,
-        )];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        // Istio backdates by a minute or so for clock skew between hosts.
-        let start = now() - time::Duration::minutes(1);
-        params.not_before = start;
-        let end = now() + time::Duration::try_from(ttl).unwrap_or(time::Duration::DAY);
-        params.not_after = end.min(self.issuer_not_after);
+        let params = self.leaf_params(&want, ttl)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| CaError::Signing(e.to_string()))?;
@@ -525,36 +504,17 @@ impl Authority {
 }
 
 impl Authority {
-    /// A certificate for weftd itself (the TLS xDS/CA port): a fresh key, the given DNS names
-    /// and IPs plus weftd's own SPIFFE identity. Returns the chain (leaf, intermediates) and
-    /// the PKCS#8 key, both PEM.
-    pub fn issue_serving(
-        &self,
-        identity: &SpiffeId,
-        dns_names: &[String],
-        ips: &[std::net::IpAddr],
-        ttl: Duration,
-    ) -> Result<(String, String), CaError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Signing(e.to_string()))?;
+    /// The CA's template for a certificate it issues: `identity` as the URI SAN and nothing
+    /// in the subject, digital signature and key encipherment for server and client auth, a
+    /// random serial, valid from a minute ago (clock skew between hosts, as Istio does) for
+    /// `ttl`, never past the signing certificate.
+    fn leaf_params(&self, identity: &str, ttl: Duration) -> Result<CertificateParams, CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        let id = identity.to_string();
-        params.subject_alt_names.push(SanType::URI(
-            id.as_str()
-                .try_into()
-                .map_err(|e| CaError::Signing(format!("{id}: {e:?}")))?,
-        ));
-        for d in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(
-                d.as_str()
-                    .try_into()
-                    .map_err(|e| CaError::Signing(format!("{d}: {e:?}")))?,
-            ));
-        }
-        params
-            .subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names =
+            vec![SanType::URI(identity.try_into().map_err(|e| {
+                CaError::Signing(format!("{identity}: {e:?}"))
+            })?)];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -568,6 +528,32 @@ impl Authority {
         params.not_before = now() - time::Duration::minutes(1);
         params.not_after = (now() + time::Duration::try_from(ttl).unwrap_or(time::Duration::DAY))
             .min(self.issuer_not_after);
+        Ok(params)
+    }
+
+    /// A certificate for weftd itself (the TLS xDS/CA port): a fresh key, the given DNS names
+    /// and IPs plus weftd's own SPIFFE identity. Returns the chain (leaf, intermediates) and
+    /// the PKCS#8 key, both PEM.
+    pub fn issue_serving(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut params = self.leaf_params(&identity.to_string(), ttl)?;
+        for d in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                d.as_str()
+                    .try_into()
+                    .map_err(|e| CaError::Signing(format!("{d}: {e:?}")))?,
+            ));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| CaError::Signing(e.to_string()))?;
