@@ -34,6 +34,9 @@ pub enum NetworkFilter {
 pub struct FilterChain {
     /// `filter_chain_match.transport_protocol`: "tls" or "raw_buffer" (None: any).
     pub transport_protocol: Option<String>,
+    /// `filter_chain_match.server_names`: the SNI names (exact, or `*.suffix`) this chain
+    /// serves; empty: any.
+    pub server_names: Vec<String>,
     /// TLS termination (the chain's `transport_socket`).
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Network RBAC filters ahead of the terminal filter (connection-level authorization).
@@ -89,7 +92,8 @@ impl ListenerConfig {
         if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
             return Err(reject(
                 "default_filter_chain",
-                "only filter_chain_match on transport_protocol is supported".into(),
+                "only filter_chain_match on transport_protocol and server_names is supported"
+                    .into(),
             ));
         }
         if l.filter_chains.is_empty() {
@@ -103,10 +107,9 @@ impl ListenerConfig {
             chains.push(filter_chain(l, i, chain)?);
         }
         for (i, c) in chains.iter().enumerate() {
-            if chains[..i]
-                .iter()
-                .any(|o| o.transport_protocol == c.transport_protocol)
-            {
+            if chains[..i].iter().any(|o| {
+                o.transport_protocol == c.transport_protocol && o.server_names == c.server_names
+            }) {
                 return Err(reject(
                     &format!("filter_chains[{i}].filter_chain_match"),
                     "two filter chains have the same match".into(),
@@ -136,16 +139,47 @@ impl ListenerConfig {
     /// The chain for a connection whose transport protocol is `transport` ("tls" or
     /// "raw_buffer"): an exact match first, then a chain that matches anything (Envoy's most
     /// specific match).
-    pub fn chain_for(&self, transport: &str) -> Option<&FilterChain> {
-        self.chains
-            .iter()
+    pub fn chain_for(&self, transport: &str, sni: Option<&str>) -> Option<&FilterChain> {
+        // Envoy's order: server names (an exact name before the longest wildcard, a chain
+        // without names last), then the transport protocol.
+        let by_name = |c: &FilterChain| -> Option<usize> {
+            if c.server_names.is_empty() {
+                return Some(0);
+            }
+            let sni = sni?.to_ascii_lowercase();
+            c.server_names
+                .iter()
+                .filter_map(|n| {
+                    let n = n.to_ascii_lowercase();
+                    match n.strip_prefix('*') {
+                        Some(suffix) if sni.len() > suffix.len() && sni.ends_with(suffix) => {
+                            Some(suffix.len())
+                        }
+                        Some(_) => None,
+                        None => (n == sni).then_some(100_000 + n.len()),
+                    }
+                })
+                .max()
+        };
+        let best = self.chains.iter().filter_map(by_name).max()?;
+        let named = || self.chains.iter().filter(move |c| by_name(c) == Some(best));
+        named()
             .find(|c| c.transport_protocol.as_deref() == Some(transport))
-            .or_else(|| self.chains.iter().find(|c| c.transport_protocol.is_none()))
+            .or_else(|| named().find(|c| c.transport_protocol.is_none()))
     }
 
     /// Whether choosing a chain needs to look at the connection's first bytes.
     fn needs_sniffing(&self) -> bool {
-        self.inspect_tls && self.chains.iter().any(|c| c.transport_protocol.is_some())
+        self.inspect_tls
+            && self
+                .chains
+                .iter()
+                .any(|c| c.transport_protocol.is_some() || !c.server_names.is_empty())
+    }
+
+    /// Whether a TLS connection's chain depends on its SNI.
+    fn matches_server_names(&self) -> bool {
+        self.chains.iter().any(|c| !c.server_names.is_empty())
     }
 }
 
@@ -161,10 +195,11 @@ fn filter_chain(
         Some(m) => {
             let mut rest = m.clone();
             rest.transport_protocol.clear();
+            rest.server_names.clear();
             if rest != Default::default() {
                 return Err(reject(
                     at("filter_chain_match"),
-                    "only transport_protocol can be matched on".into(),
+                    "only transport_protocol and server_names can be matched on".into(),
                 ));
             }
             match m.transport_protocol.as_str() {
@@ -237,8 +272,21 @@ fn filter_chain(
             ));
         }
     };
+    let server_names = chain
+        .filter_chain_match
+        .as_ref()
+        .map(|m| m.server_names.clone())
+        .unwrap_or_default();
+    if !server_names.is_empty() && tls.is_none() {
+        return Err(reject(
+            at("filter_chain_match.server_names"),
+            "SNI-matched chains must terminate TLS here (TLS passthrough is not supported yet)"
+                .into(),
+        ));
+    }
     Ok(FilterChain {
         transport_protocol,
+        server_names,
         tls,
         rbac,
         filter,
@@ -468,36 +516,71 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     } else {
         "raw_buffer"
     };
-    let Some(chain) = config.chain_for(transport) else {
-        tracing::debug!(listener = %config.name, transport, "no filter chain matches; closing");
-        return;
-    };
     let _ = stream.set_nodelay(true);
-    let mut down = Downstream {
+    let down = Downstream {
         peer: stream.peer_addr().ok(),
         local: stream.local_addr().ok(),
         ..Default::default()
     };
+    if transport == "tls" && config.matches_server_names() {
+        // The chain depends on the SNI: read the ClientHello, then finish the handshake with
+        // the chosen chain's certificate.
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let Ok(Ok(start)) = tokio::time::timeout(INSPECT_TIMEOUT, acceptor).await else {
+            tracing::debug!(listener = %config.name, "no TLS ClientHello");
+            return;
+        };
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_string);
+        let Some(chain) = config.chain_for("tls", sni.as_deref()) else {
+            tracing::debug!(listener = %config.name, sni = ?sni, "no filter chain for this server name; closing");
+            return;
+        };
+        let Some(tls) = &chain.tls else { return };
+        let server_config = match hello.alpn() {
+            Some(offered) => tls.for_hello(offered),
+            None => tls.config.clone(),
+        };
+        let handshake = tokio::time::timeout(INSPECT_TIMEOUT, start.into_stream(server_config));
+        match handshake.await {
+            Ok(Ok(s)) => serve_tls(&proxy, chain, s, down).await,
+            _ => tracing::debug!(listener = %config.name, "TLS handshake failed"),
+        }
+        return;
+    }
+    let Some(chain) = config.chain_for(transport, None) else {
+        tracing::debug!(listener = %config.name, transport, "no filter chain matches; closing");
+        return;
+    };
     match &chain.tls {
         None => serve_filter(&proxy, chain, stream, down).await,
         Some(tls) => match tokio::time::timeout(INSPECT_TIMEOUT, tls.accept(stream)).await {
-            Ok(Ok(s)) => {
-                let conn = s.get_ref().1;
-                down.tls = true;
-                down.principal = conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| crate::tls::spiffe_id(c))
-                    .map(Arc::from);
-                down.sni = conn.server_name().map(Arc::from);
-                serve_filter(&proxy, chain, s, down).await
-            }
+            Ok(Ok(s)) => serve_tls(&proxy, chain, s, down).await,
             Ok(Err(e)) => {
                 tracing::debug!(listener = %config.name, peer = ?down.peer, "TLS handshake failed: {e}")
             }
             Err(_) => tracing::debug!(listener = %config.name, "TLS handshake timed out"),
         },
     }
+}
+
+/// Serves a terminated TLS connection: what it proved (client certificate, SNI) goes with it.
+async fn serve_tls(
+    proxy: &Arc<Proxy>,
+    chain: &FilterChain,
+    s: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    mut down: Downstream,
+) {
+    let conn = s.get_ref().1;
+    down.tls = true;
+    down.principal = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::spiffe_id(c))
+        .map(Arc::from);
+    down.sni = conn.server_name().map(Arc::from);
+    serve_filter(proxy, chain, s, down).await
 }
 
 async fn serve_filter<S>(proxy: &Arc<Proxy>, chain: &FilterChain, stream: S, down: Downstream)
@@ -519,5 +602,118 @@ where
             crate::http::serve_connection(proxy.clone(), hcm.clone(), stream, down).await
         }
         NetworkFilter::Tcp(tcp) => tcp.serve(proxy, stream).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_xds_proto::envoy::config::core::v3::{
+        Address, SocketAddress, TransportSocket, address, socket_address, transport_socket,
+    };
+    use weft_xds_proto::envoy::config::listener::v3::{
+        Filter, FilterChain as XdsChain, FilterChainMatch,
+    };
+    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
+    use weft_xds_proto::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    };
+
+    fn chain(name: &str, names: &[&str], transport: &str) -> XdsChain {
+        let tls = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                    name: "default".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        XdsChain {
+            name: name.into(),
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: names.iter().map(|s| s.to_string()).collect(),
+                transport_protocol: transport.into(),
+                ..Default::default()
+            }),
+            transport_socket: Some(TransportSocket {
+                name: "tls".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(
+                    weft_xds_proto::pack(&tls),
+                )),
+            }),
+            filters: vec![Filter {
+                name: "tcp".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(weft_xds_proto::pack(
+                    &XdsTcpProxy {
+                        stat_prefix: name.into(),
+                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+                        ..Default::default()
+                    },
+                ))),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn listener(chains: Vec<XdsChain>) -> XdsListener {
+        XdsListener {
+            name: "l".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(8443)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: chains,
+            ..Default::default()
+        }
+    }
+
+    fn picked(l: &ListenerConfig, sni: Option<&str>) -> Option<String> {
+        l.chain_for("tls", sni).map(|c| match &c.filter {
+            NetworkFilter::Tcp(t) => t.stat_prefix.clone(),
+            NetworkFilter::Http(_) => "http".into(),
+        })
+    }
+
+    #[test]
+    fn server_names_pick_the_chain_exact_before_wildcard_before_none() {
+        let l = ListenerConfig::from_xds(&listener(vec![
+            chain("wild", &["*.example.com"], ""),
+            chain("exact", &["api.example.com"], ""),
+            chain("deeper", &["*.eu.example.com"], ""),
+            chain("any", &[], ""),
+        ]))
+        .unwrap();
+        assert_eq!(
+            picked(&l, Some("api.example.com")).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            picked(&l, Some("API.Example.com")).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            picked(&l, Some("shop.example.com")).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            picked(&l, Some("a.eu.example.com")).as_deref(),
+            Some("deeper")
+        );
+        assert_eq!(picked(&l, Some("example.com")).as_deref(), Some("any"));
+        assert_eq!(picked(&l, None).as_deref(), Some("any"));
+        // Without a catch-all, an unknown name gets no chain.
+        let l = ListenerConfig::from_xds(&listener(vec![chain("exact", &["a.example"], "tls")]))
+            .unwrap();
+        assert_eq!(picked(&l, Some("b.example")), None);
+        // A match on anything else is refused by field.
+        let mut bad = chain("x", &[], "");
+        bad.filter_chain_match.as_mut().unwrap().destination_port = Some(Default::default());
+        let e = ListenerConfig::from_xds(&listener(vec![bad])).unwrap_err();
+        assert_eq!(e.field, "filter_chains[0].filter_chain_match");
     }
 }

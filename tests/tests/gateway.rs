@@ -1,9 +1,9 @@
 //! An ingress gateway (a `router~` proxy selected by a Gateway's selector), through weft-proxy
 //! and through a stock Envoy fed the same config by weftd: VirtualServices bound to the Gateway
 //! route by path and host, unbound hosts get 404. Then an HTTPS server with certificate files:
-//! both terminate TLS with the certificate files, checked with curl and with an Envoy client
-//! sidecar originating TLS to the gateway per a DestinationRule `tls: SIMPLE` (the client is
-//! Envoy in both runs: weft-proxy has no upstream TLS yet).
+//! both terminate TLS with the certificate files, two HTTPS servers share a port (the SNI picks
+//! the certificate), checked with curl and with a client sidecar of the same kind originating
+//! TLS to the gateway per a DestinationRule `tls: SIMPLE`.
 
 use std::process::Command;
 use std::time::Duration;
@@ -67,6 +67,18 @@ spec:
   - port: {{ number: {HTTPS_PORT}, name: https, protocol: HTTPS }}
     hosts: [secure.example.com]
     tls: {{ mode: SIMPLE, serverCertificate: {d}/cert.pem, privateKey: {d}/key.pem, minProtocolVersion: TLSV1_2 }}
+  - port: {{ number: {HTTPS_PORT}, name: https-other, protocol: HTTPS }}
+    hosts: [other.example.com]
+    tls: {{ mode: SIMPLE, serverCertificate: {d}/other-cert.pem, privateKey: {d}/other-key.pem }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: other, namespace: default }}
+spec:
+  hosts: [other.example.com]
+  gateways: [secure]
+  http:
+  - directResponse: {{ status: 200, body: {{ string: other }} }}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -111,17 +123,18 @@ fn http_scenario(q: &Quickstart) -> Vec<(String, u16, String)> {
     .collect()
 }
 
-fn self_signed(dir: &std::path::Path) {
+/// A self-signed certificate for `host` in `dir`: `<prefix>cert.pem` and `<prefix>key.pem`.
+fn self_signed(dir: &std::path::Path, host: &str, prefix: &str) {
     let ok = Command::new("openssl")
         .args([
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
         ])
-        .args(["-subj", "/CN=secure.example.com"])
-        .args(["-addext", "subjectAltName=DNS:secure.example.com"])
+        .args(["-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
         .arg("-keyout")
-        .arg(dir.join("key.pem"))
+        .arg(dir.join(format!("{prefix}key.pem")))
         .arg("-out")
-        .arg(dir.join("cert.pem"))
+        .arg(dir.join(format!("{prefix}cert.pem")))
         .output()
         .expect("openssl runs");
     assert!(
@@ -131,17 +144,16 @@ fn self_signed(dir: &std::path::Path) {
     );
 }
 
-fn curl_https(q: &Quickstart, dir: &std::path::Path) -> Option<String> {
+/// An HTTPS request to `host` on the gateway, verified against `ca`: the headers, and the
+/// body after them.
+fn curl_https(q: &Quickstart, host: &str, ca: &std::path::Path) -> Option<String> {
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "3", "-D", "-", "-o", "/dev/null"])
+        .args(["-sS", "--max-time", "3", "-D", "-"])
         .arg("--resolve")
-        .arg(format!(
-            "secure.example.com:{HTTPS_PORT}:{}",
-            q.ip(GATEWAY_IP_HOST)
-        ))
+        .arg(format!("{host}:{HTTPS_PORT}:{}", q.ip(GATEWAY_IP_HOST)))
         .arg("--cacert")
-        .arg(dir.join("cert.pem"))
-        .arg(format!("https://secure.example.com:{HTTPS_PORT}/"))
+        .arg(ca)
+        .arg(format!("https://{host}:{HTTPS_PORT}/"))
         .output()
         .ok()?;
     out.status
@@ -170,11 +182,25 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, u16, String)> {
 
     let certs = q.dir.parent().expect("test root").join("certs");
     std::fs::create_dir_all(&certs).expect("cert dir");
-    self_signed(&certs);
+    self_signed(&certs, "secure.example.com", "");
+    self_signed(&certs, "other.example.com", "other-");
     q.write_file("secure.yaml", &https_config(&certs));
     let sync = |q: &Quickstart| q.sync_of(&node).unwrap_or_default();
-    let headers = wait_until(Duration::from_secs(10), || curl_https(&q, &certs))
-        .unwrap_or_else(|| panic!("{name}: the HTTPS server answers with the certificate files"));
+    let headers = wait_until(Duration::from_secs(10), || {
+        curl_https(&q, "secure.example.com", &certs.join("cert.pem"))
+    })
+    .unwrap_or_else(|| panic!("{name}: the HTTPS server answers with the certificate files"));
+    // Two HTTPS servers on one port: the SNI picks the certificate and the routes.
+    let other = curl_https(&q, "other.example.com", &certs.join("other-cert.pem"))
+        .unwrap_or_else(|| panic!("{name}: other.example.com is served with its own certificate"));
+    assert!(
+        other.contains("200") && other.trim_end().ends_with("other"),
+        "{other}"
+    );
+    assert!(
+        curl_https(&q, "other.example.com", &certs.join("cert.pem")).is_none(),
+        "{name}: other.example.com must not get secure.example.com's certificate"
+    );
     assert!(
         headers.starts_with("http/2 200") || headers.starts_with("http/1.1 200"),
         "{headers}"
@@ -194,10 +220,10 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, u16, String)> {
         );
     }
     {
-        // TLS origination: a client sidecar (Envoy: weft-proxy has no upstream TLS yet) speaks
-        // plain HTTP to its egress listener and TLS (DestinationRule tls SIMPLE, checked
-        // against the CA file, with SNI) to the gateway under test.
-        q.start_client(true);
+        // TLS origination: a client sidecar of the same kind speaks plain HTTP to its egress
+        // listener and TLS (DestinationRule tls SIMPLE, checked against the CA file, with SNI)
+        // to the gateway under test.
+        q.start_client(envoy);
         q.write_file(
             "origination.yaml",
             &format!(

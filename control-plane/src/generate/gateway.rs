@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 
 use weft_xds_proto::envoy::config::core::v3::{TransportSocket, transport_socket};
-use weft_xds_proto::envoy::config::listener::v3::FilterChain;
+use weft_xds_proto::envoy::config::listener::v3::{
+    FilterChain, FilterChainMatch, ListenerFilter, listener_filter,
+};
 use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use weft_xds_proto::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     Rds, http_connection_manager,
 };
@@ -216,11 +219,71 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             .filter(|(_, s)| s.tls.as_ref().is_some_and(|t| t.mode.is_some()))
             .copied()
             .collect();
+        if secure.len() > 1 {
+            // Several TLS servers on one port: a filter chain per server, picked by SNI
+            // (`server_names` from the server's hosts), each with its own certificate and
+            // routes, and the TLS inspector to read the SNI.
+            if secure.len() < servers.len() {
+                out.warnings.push(format!(
+                    "port {port}: plaintext servers next to TLS servers on one port are not served; only the TLS servers are"
+                ));
+            }
+            let mut chains = Vec::new();
+            for (g, srv) in &secure {
+                let name = https_route_name(port, g, srv);
+                let rc = route_config(mesh, scope, &name, port, &[(*g, *srv)]);
+                out.add(type_url::ROUTE_CONFIGURATION, name.clone(), &rc);
+                let names: Vec<String> = srv
+                    .hosts
+                    .iter()
+                    .map(|h| h.split_once('/').map(|(_, host)| host).unwrap_or(h))
+                    .filter(|h| *h != "*")
+                    .map(str::to_string)
+                    .collect();
+                chains.push(FilterChain {
+                    name: name.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: names,
+                        ..Default::default()
+                    }),
+                    transport_socket: downstream_tls(srv),
+                    filters: vec![http_connection_manager(
+                        mesh,
+                        &stat_prefix,
+                        true,
+                        http_connection_manager::RouteSpecifier::Rds(Rds {
+                            config_source: Some(ads()),
+                            route_config_name: name,
+                        }),
+                    )],
+                    ..Default::default()
+                });
+            }
+            let mut l = listener(
+                &listener_name,
+                &bind,
+                port,
+                http_connection_manager(
+                    mesh,
+                    &stat_prefix,
+                    true,
+                    http_connection_manager::RouteSpecifier::Rds(Rds::default()),
+                ),
+            );
+            l.filter_chains = chains;
+            l.listener_filters = vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+                    &TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }];
+            out.add(type_url::LISTENER, listener_name, &l);
+            continue;
+        }
         let (chosen, route_name, transport) = if secure.is_empty() {
             (servers.clone(), format!("http.{port}"), None)
         } else {
-            // One certificate per port: several TLS servers on one port need SNI-matched filter
-            // chains, which this version does not generate.
             let (g, srv) = secure[0];
             if servers.len() > 1 {
                 out.warnings.push(format!(
@@ -230,13 +293,11 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     servers.len()
                 ));
             }
-            let name = format!(
-                "https.{port}.{}.{}.{}",
-                srv.port.name.as_deref().unwrap_or("server"),
-                g.name(),
-                g.namespace
-            );
-            (vec![(g, srv)], name, downstream_tls(srv))
+            (
+                vec![(g, srv)],
+                https_route_name(port, g, srv),
+                downstream_tls(srv),
+            )
         };
         let rc = route_config(mesh, scope, &route_name, port, &chosen);
         out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &rc);
@@ -258,4 +319,18 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         }
         out.add(type_url::LISTENER, listener_name, &l);
     }
+}
+
+/// The RDS name of an HTTPS server's routes (one per server: each has its own hosts).
+fn https_route_name(
+    port: u32,
+    g: &Object<crate::config::GatewaySpec>,
+    srv: &GatewayServer,
+) -> String {
+    format!(
+        "https.{port}.{}.{}.{}",
+        srv.port.name.as_deref().unwrap_or("server"),
+        g.name(),
+        g.namespace
+    )
 }
