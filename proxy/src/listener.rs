@@ -277,13 +277,6 @@ fn filter_chain(
         .as_ref()
         .map(|m| m.server_names.clone())
         .unwrap_or_default();
-    if !server_names.is_empty() && tls.is_none() {
-        return Err(reject(
-            at("filter_chain_match.server_names"),
-            "SNI-matched chains must terminate TLS here (TLS passthrough is not supported yet)"
-                .into(),
-        ));
-    }
     Ok(FilterChain {
         transport_protocol,
         server_names,
@@ -497,6 +490,31 @@ async fn starts_with_tls(stream: &tokio::net::TcpStream) -> bool {
     }
 }
 
+/// The SNI of the ClientHello waiting on `stream`, read with `peek` (nothing is consumed).
+async fn peek_sni(stream: &tokio::net::TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 5 + 16 * 1024];
+    let deadline = tokio::time::Instant::now() + INSPECT_TIMEOUT;
+    let mut last = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        match crate::tls::client_hello_sni(&buf[..n]) {
+            crate::tls::Sni::Found(name) => return Some(name),
+            crate::tls::Sni::Absent => return None,
+            crate::tls::Sni::NeedMore if n > last && n < buf.len() => {
+                last = n;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            crate::tls::Sni::NeedMore if n == last => {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            crate::tls::Sni::NeedMore => return None,
+        }
+    }
+}
+
 /// What the downstream connection proved about itself.
 #[derive(Debug, Clone, Default)]
 pub struct Downstream {
@@ -522,34 +540,15 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
         local: stream.local_addr().ok(),
         ..Default::default()
     };
-    if transport == "tls" && config.matches_server_names() {
-        // The chain depends on the SNI: read the ClientHello, then finish the handshake with
-        // the chosen chain's certificate.
-        let acceptor =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-        let Ok(Ok(start)) = tokio::time::timeout(INSPECT_TIMEOUT, acceptor).await else {
-            tracing::debug!(listener = %config.name, "no TLS ClientHello");
-            return;
-        };
-        let hello = start.client_hello();
-        let sni = hello.server_name().map(str::to_string);
-        let Some(chain) = config.chain_for("tls", sni.as_deref()) else {
-            tracing::debug!(listener = %config.name, sni = ?sni, "no filter chain for this server name; closing");
-            return;
-        };
-        let Some(tls) = &chain.tls else { return };
-        let server_config = match hello.alpn() {
-            Some(offered) => tls.for_hello(offered),
-            None => tls.config.clone(),
-        };
-        let handshake = tokio::time::timeout(INSPECT_TIMEOUT, start.into_stream(server_config));
-        match handshake.await {
-            Ok(Ok(s)) => serve_tls(&proxy, chain, s, down).await,
-            _ => tracing::debug!(listener = %config.name, "TLS handshake failed"),
-        }
-        return;
-    }
-    let Some(chain) = config.chain_for(transport, None) else {
+    // The chain may depend on the SNI: read it from the ClientHello without consuming it, so
+    // a chain that terminates TLS can still handshake and one that passes TLS through (a TCP
+    // proxy) forwards the ClientHello untouched.
+    let sni = if transport == "tls" && config.matches_server_names() {
+        peek_sni(&stream).await
+    } else {
+        None
+    };
+    let Some(chain) = config.chain_for(transport, sni.as_deref()) else {
         tracing::debug!(listener = %config.name, transport, "no filter chain matches; closing");
         return;
     };

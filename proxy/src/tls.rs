@@ -862,5 +862,94 @@ pub fn client_config(ts: &TransportSocket) -> Result<Option<Arc<UpstreamTls>>, F
     })))
 }
 
+/// What a ClientHello says about the server name.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sni {
+    Found(String),
+    /// A complete ClientHello without a server_name extension (or not a ClientHello).
+    Absent,
+    /// The bytes so far end before the ClientHello does.
+    NeedMore,
+}
+
+/// The SNI of the TLS ClientHello at the start of `buf` (the first record), read without a TLS
+/// library: record header, handshake header, version, random, session id, cipher suites,
+/// compression methods, then the extensions up to `server_name` (type 0).
+pub fn client_hello_sni(buf: &[u8]) -> Sni {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|b| usize::from(b[0]))
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2)
+                .map(|b| usize::from(b[0]) << 8 | usize::from(b[1]))
+        }
+        fn u24(&mut self) -> Option<usize> {
+            self.take(3)
+                .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+        }
+    }
+    if buf.len() < 5 {
+        return Sni::NeedMore;
+    }
+    if buf[0] != 0x16 {
+        return Sni::Absent;
+    }
+    let record_len = usize::from(buf[3]) << 8 | usize::from(buf[4]);
+    if buf.len() < 5 + record_len {
+        return Sni::NeedMore;
+    }
+    let parse = || -> Option<Option<String>> {
+        let mut r = Reader(&buf[5..5 + record_len]);
+        if r.u8()? != 1 {
+            return Some(None); // not a ClientHello
+        }
+        let _len = r.u24()?;
+        r.take(2 + 32)?; // version, random
+        let sid = r.u8()?;
+        r.take(sid)?;
+        let suites = r.u16()?;
+        r.take(suites)?;
+        let comp = r.u8()?;
+        r.take(comp)?;
+        let Some(ext_len) = r.u16() else {
+            return Some(None); // no extensions
+        };
+        let mut ext = Reader(r.take(ext_len)?);
+        while let Some(kind) = ext.u16() {
+            let len = ext.u16()?;
+            let data = ext.take(len)?;
+            if kind != 0 {
+                continue;
+            }
+            let mut d = Reader(data);
+            let list = d.u16()?;
+            let mut names = Reader(d.take(list)?);
+            while let Some(name_type) = names.u8() {
+                let n = names.u16()?;
+                let name = names.take(n)?;
+                if name_type == 0 {
+                    return Some(std::str::from_utf8(name).ok().map(str::to_string));
+                }
+            }
+        }
+        Some(None)
+    };
+    match parse() {
+        Some(Some(name)) => Sni::Found(name),
+        // A ClientHello split over several records: the SNI was not in the first.
+        _ => Sni::Absent,
+    }
+}
+
 #[cfg(test)]
 mod tests;

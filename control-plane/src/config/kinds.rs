@@ -103,9 +103,37 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    /// SNI routes: parsed so that they can be rejected with a precise reason.
+    /// TLS passthrough routes, by SNI.
     #[serde(default)]
-    pub tls: Vec<serde_json::Value>,
+    pub tls: Vec<TlsRoute>,
+}
+
+/// A VirtualService `tls` route: TLS connections whose SNI matches go to the destinations
+/// unterminated.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatchAttributes {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

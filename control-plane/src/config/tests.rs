@@ -291,7 +291,7 @@ fn consistent_hash_settings_are_checked_field_by_field() {
 }
 
 #[test]
-fn tcp_routes_load_and_tls_routes_and_subnet_matches_are_refused_with_reasons() {
+fn tcp_and_tls_routes_load_and_bad_tls_routes_and_subnet_matches_are_refused_with_reasons() {
     let (set, errors) = parse(
         r#"
 apiVersion: networking.istio.io/v1
@@ -311,7 +311,16 @@ metadata: { name: sni }
 spec:
   hosts: ["*.example.com"]
   tls:
-  - match: [{ sniHosts: [a.example.com] }]
+  - match: [{ sniHosts: [a.example.com, "*.b.example.com"] }]
+    route: [{ destination: { host: a.example.com } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: sni-bad }
+spec:
+  hosts: ["*.example.com"]
+  tls:
+  - match: [{ port: 443 }]
     route: [{ destination: { host: a.example.com } }]
 ---
 apiVersion: networking.istio.io/v1
@@ -334,12 +343,12 @@ spec:
     - { destination: { host: db, subset: b }, weight: 20 }
 "#,
     );
-    assert_eq!(set.virtual_services.len(), 1);
+    assert_eq!(set.virtual_services.len(), 2);
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(
         fields,
         [
-            "spec.tls",
+            "spec.tls[0].match[0].sniHosts",
             "spec.tcp[0].match[0].destinationSubnets",
             "spec.tcp[0].route"
         ]

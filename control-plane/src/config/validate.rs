@@ -236,11 +236,48 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
         route_resilience(&at, r)?;
         destinations(&at, &r.route)?;
     }
-    if !vs.tls.is_empty() {
-        return bad(
-            "spec.tls",
-            "tls (SNI) routes need SNI-matched filter chains, which this weftd version does not generate yet",
-        );
+    for (i, r) in vs.tls.iter().enumerate() {
+        let at = format!("spec.tls[{i}]");
+        if r.matches.is_empty() {
+            return bad(
+                format!("{at}.match"),
+                "a tls route needs a match with sniHosts",
+            );
+        }
+        if r.route.is_empty() {
+            return bad(format!("{at}.route"), "a tls route needs a destination");
+        }
+        for (j, m) in r.matches.iter().enumerate() {
+            let mat = format!("{at}.match[{j}]");
+            if m.sni_hosts.is_empty() {
+                return bad(
+                    format!("{mat}.sniHosts"),
+                    "at least one SNI host is required",
+                );
+            }
+            for (k, h) in m.sni_hosts.iter().enumerate() {
+                let bare = h.strip_prefix("*.").unwrap_or(h);
+                if bare.is_empty() || bare.contains('*') || bare.contains('/') {
+                    return bad(
+                        format!("{mat}.sniHosts[{k}]"),
+                        format!("{h:?} is not a DNS name (a leading \"*.\" is allowed)"),
+                    );
+                }
+            }
+            if !m.destination_subnets.is_empty() {
+                return bad(
+                    format!("{mat}.destinationSubnets"),
+                    "matching the original destination address needs traffic capture, which universal mode does not set up",
+                );
+            }
+            if let Some(p) = m.port {
+                port(&format!("{mat}.port"), p)?;
+            }
+            if let Some(ns) = &m.source_namespace {
+                name(ns).map_err(|r| (format!("{mat}.sourceNamespace"), r))?;
+            }
+        }
+        destinations(&at, &r.route)?;
     }
     for (i, r) in vs.tcp.iter().enumerate() {
         let at = format!("spec.tcp[{i}]");

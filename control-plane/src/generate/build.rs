@@ -382,11 +382,14 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 ),
             }
         };
-        out.add(
-            type_url::LISTENER,
-            listener_name.clone(),
-            &listener(&listener_name, &bind, port.number, network_filter),
-        );
+        let mut egress = listener(&listener_name, &bind, port.number, network_filter);
+        if !protocol.is_http() {
+            let sni = tls_routes(mesh, scope, &on_port, port.number);
+            if !sni.is_empty() {
+                super::security::add_sni_chains(&mut egress, sni, &stat_prefix);
+            }
+        }
+        out.add(type_url::LISTENER, listener_name.clone(), &egress);
     }
 }
 
@@ -700,17 +703,26 @@ fn tcp_route(
                     && selector_matches(&m.source_labels, &scope.proxy.labels)
             })
     })?;
+    Some(l4_destinations(mesh, &vs.namespace, &route.route, port))
+}
+
+/// A TCP proxy's cluster(s) for an L4 route's destinations (weighted when several).
+fn l4_destinations(
+    mesh: &Mesh,
+    vs_namespace: &str,
+    route: &[crate::config::HttpRouteDestination],
+    port: u32,
+) -> tcp_proxy::ClusterSpecifier {
     let cluster_of = |d: &crate::config::Destination| {
-        let host = resolve_host(&d.host, &vs.namespace);
+        let host = resolve_host(&d.host, vs_namespace);
         let p = destination_port(mesh, &host, d, port);
         outbound_cluster_name(p, d.subset.as_deref().unwrap_or(""), &host)
     };
     let weighted: Vec<_> = route
-        .route
         .iter()
-        .filter(|d| route.route.len() == 1 || d.weight.unwrap_or(0) > 0)
+        .filter(|d| route.len() == 1 || d.weight.unwrap_or(0) > 0)
         .collect();
-    Some(match weighted.as_slice() {
+    match weighted.as_slice() {
         [only] => tcp_proxy::ClusterSpecifier::Cluster(cluster_of(&only.destination)),
         many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
             clusters: many
@@ -722,7 +734,67 @@ fn tcp_route(
                 })
                 .collect(),
         }),
-    })
+    }
+}
+
+/// VirtualService `tls` routes for the services on an egress port: (SNI names, destinations),
+/// first route first; a name already taken by an earlier route is not repeated. When there are
+/// any, every other service on the port is reached by its own host name as the SNI (Istio's
+/// outbound TLS chains); other names match nothing.
+fn tls_routes(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    on_port: &[&Service],
+    port: u32,
+) -> Vec<(Vec<String>, tcp_proxy::ClusterSpecifier)> {
+    let mut out: Vec<(Vec<String>, tcp_proxy::ClusterSpecifier)> = Vec::new();
+    let mut seen_vs = std::collections::HashSet::new();
+    let mut taken = std::collections::HashSet::new();
+    for svc in on_port {
+        let Some(vs) = virtual_service_for(mesh, scope, svc) else {
+            continue;
+        };
+        if !seen_vs.insert((vs.namespace.clone(), vs.name().to_string())) {
+            continue;
+        }
+        for r in &vs.spec.tls {
+            for m in &r.matches {
+                let applies = m.port.is_none_or(|p| p == port)
+                    && match_applies_via(&m.gateways, &vs.namespace, &[])
+                    && m.source_namespace
+                        .as_ref()
+                        .is_none_or(|ns| *ns == scope.proxy.namespace)
+                    && selector_matches(&m.source_labels, &scope.proxy.labels);
+                if !applies {
+                    continue;
+                }
+                let names: Vec<String> = m
+                    .sni_hosts
+                    .iter()
+                    .filter(|h| taken.insert(h.to_ascii_lowercase()))
+                    .cloned()
+                    .collect();
+                if !names.is_empty() {
+                    out.push((names, l4_destinations(mesh, &vs.namespace, &r.route, port)));
+                }
+            }
+        }
+    }
+    if !out.is_empty() {
+        for svc in on_port {
+            if taken.insert(svc.hostname.to_ascii_lowercase()) {
+                out.push((
+                    vec![svc.hostname.clone()],
+                    tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(
+                        port,
+                        "",
+                        &svc.hostname,
+                    )),
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {

@@ -328,6 +328,49 @@ pub fn inbound_listener(
     }
 }
 
+/// TLS passthrough by SNI (VirtualService `tls` routes): a filter chain per route, matched on
+/// `server_names`, proxying the connection unterminated; they replace the listener's single
+/// chain (a name no chain lists is not served). Needs the TLS inspector to read the SNI.
+pub fn add_sni_chains(
+    l: &mut Listener,
+    routes: Vec<(
+        Vec<String>,
+        weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
+    )>,
+    stat_prefix: &str,
+) {
+    use weft_xds_proto::envoy::config::listener::v3::filter;
+    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    let mut chains = Vec::new();
+    for (i, (names, destinations)) in routes.into_iter().enumerate() {
+        let tcp = TcpProxy {
+            stat_prefix: stat_prefix.to_string(),
+            cluster_specifier: Some(destinations),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: format!("{}/sni-{i}", l.name),
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: names,
+                ..Default::default()
+            }),
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&tcp))),
+            }],
+            ..Default::default()
+        });
+    }
+    l.filter_chains = chains;
+    l.listener_filters = vec![ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+            &TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,3 +174,46 @@ fn san_matchers() {
     assert!(SanMatch::Exact("A.example".into(), true).matches("a.EXAMPLE"));
     assert!(!SanMatch::Exact("A.example".into(), false).matches("a.example"));
 }
+
+/// A ClientHello as rustls sends it, for `name` (None: an IP, so no SNI).
+fn client_hello(name: Option<&str>) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = match name {
+        Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+        None => ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    };
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn sni_is_read_from_a_client_hello() {
+    let hello = client_hello(Some("api.example.com"));
+    assert_eq!(
+        client_hello_sni(&hello),
+        Sni::Found("api.example.com".into())
+    );
+    assert_eq!(client_hello_sni(&client_hello(None)), Sni::Absent);
+    // Truncated: more is needed (never a panic, whatever the cut).
+    for cut in 0..hello.len() {
+        assert_ne!(client_hello_sni(&hello[..cut]), Sni::Found("x".into()));
+        assert_eq!(
+            client_hello_sni(&hello[..cut]),
+            Sni::NeedMore,
+            "cut at {cut}"
+        );
+    }
+    assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n\r\n"), Sni::Absent);
+    // Garbage inside a well-framed record is Absent, not a panic.
+    let mut bad = hello.clone();
+    for b in bad.iter_mut().skip(9) {
+        *b = 0xff;
+    }
+    assert_eq!(client_hello_sni(&bad), Sni::Absent);
+}
