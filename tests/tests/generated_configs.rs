@@ -371,11 +371,115 @@ fn generate(r: &mut Rng, net: u8) -> String {
             100 - w
         ));
     }
-    if r.chance(20) {
-        // The client's Sidecar again, now REGISTRY_ONLY (same listeners as the quickstart's).
+    // The client's Sidecar again (same egress listeners as the quickstart's, either outbound
+    // policy), with inbound HTTP and TCP listeners for PeerAuthentication and
+    // AuthorizationPolicy to shape.
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ mode: {} }}\n  ingress:\n  - port: {{ number: 9090, protocol: HTTP, name: in-http }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  - port: {{ number: 9091, protocol: TCP, name: in-tcp }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n  - port: {{ number: 7070, protocol: TCP, name: egress-tcp }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n---\n",
+        r.pick(&["REGISTRY_ONLY", "ALLOW_ANY"])
+    ));
+    y.push_str(&security(r));
+    y
+}
+
+/// PeerAuthentication (mesh-wide, and sometimes for the client with a port-level mode) and up
+/// to three AuthorizationPolicies with random actions, scopes and rules.
+fn security(r: &mut Rng) -> String {
+    let mode = |r: &mut Rng| r.pick(&["STRICT", "PERMISSIVE", "DISABLE", "UNSET"]);
+    let mut y = format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: default, namespace: istio-system }}\nspec: {{ mtls: {{ mode: {} }} }}\n---\n",
+        mode(r)
+    );
+    if r.chance(40) {
         y.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ mode: {} }}\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n  - port: {{ number: 7070, protocol: TCP, name: egress-tcp }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n---\n",
-            r.pick(&["REGISTRY_ONLY", "ALLOW_ANY"])
+            "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{ name: client, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: client }} }}\n  mtls: {{ mode: {} }}\n  portLevelMtls: {{ \"9091\": {{ mode: {} }} }}\n---\n",
+            mode(r),
+            mode(r)
+        ));
+    }
+    let list = |r: &mut Rng, pool: &[&str]| {
+        let n = 1 + r.below(2) as usize;
+        let v: Vec<String> = (0..n).map(|_| format!("\"{}\"", r.pick(pool))).collect();
+        format!("[{}]", v.join(", "))
+    };
+    for p in 0..r.below(4) {
+        let mut rules = String::new();
+        for _ in 0..r.below(4) {
+            let mut rule = String::from("  - ");
+            let mut parts = Vec::new();
+            if r.chance(60) {
+                let (field, pool): (&str, &[&str]) = match r.below(6) {
+                    0 => (
+                        "principals",
+                        &[
+                            "cluster.local/ns/default/sa/client",
+                            "cluster.local/ns/*",
+                            "*",
+                            "*/sa/admin",
+                        ],
+                    ),
+                    1 => ("notPrincipals", &["cluster.local/ns/default/sa/hello", "*"]),
+                    2 => ("namespaces", &["default", "prod-*", "*"]),
+                    3 => ("ipBlocks", &["127.0.0.0/8", "10.0.0.1", "::1/128"]),
+                    4 => ("notRemoteIpBlocks", &["192.168.0.0/16"]),
+                    _ => ("requestPrincipals", &["issuer/subject", "*"]),
+                };
+                parts.push(format!(
+                    "from: [{{ source: {{ {field}: {} }} }}]",
+                    list(r, pool)
+                ));
+            }
+            if r.chance(60) {
+                let (field, pool): (&str, &[&str]) = match r.below(6) {
+                    0 => ("methods", &["GET", "POST", "DELETE"]),
+                    1 => ("paths", &["/admin", "/api/*", "*/secret", "*"]),
+                    2 => ("notPaths", &["/health"]),
+                    3 => ("ports", &["9090", "9091"]),
+                    4 => ("hosts", &["hello", "*.example.com", "*"]),
+                    _ => ("notMethods", &["OPTIONS"]),
+                };
+                parts.push(format!(
+                    "to: [{{ operation: {{ {field}: {} }} }}]",
+                    list(r, pool)
+                ));
+            }
+            if r.chance(40) {
+                let cond = match r.below(6) {
+                    0 => "{ key: \"request.headers[x-user]\", values: [\"alice\", \"bob*\"] }",
+                    1 => "{ key: source.ip, notValues: [\"10.0.0.0/8\"] }",
+                    2 => "{ key: source.namespace, values: [default] }",
+                    3 => "{ key: destination.port, values: [\"9090\"] }",
+                    4 => "{ key: connection.sni, values: [\"*.example.com\"] }",
+                    _ => {
+                        "{ key: source.principal, values: [\"cluster.local/ns/default/sa/client\"] }"
+                    }
+                };
+                parts.push(format!("when: [{cond}]"));
+            }
+            if parts.is_empty() {
+                rule.push_str("{}");
+            } else {
+                rule.push_str(&parts.join("\n    "));
+            }
+            rules.push_str(&rule);
+            rules.push('\n');
+        }
+        let selector = if r.chance(50) {
+            "  selector: { matchLabels: { app: client } }\n"
+        } else {
+            ""
+        };
+        let rules = if rules.is_empty() && r.chance(50) {
+            String::new()
+        } else if rules.is_empty() {
+            "  rules: []\n".into()
+        } else {
+            format!("  rules:\n{rules}")
+        };
+        y.push_str(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: gen-authz-{p}, namespace: {} }}\nspec:\n{selector}  action: {}\n{rules}---\n",
+            r.pick(&["default", "istio-system"]),
+            r.pick(&["ALLOW", "DENY", "AUDIT"])
         ));
     }
     y
@@ -439,6 +543,9 @@ fn wait_acked(q: &Quickstart, case: &str, yaml: &str) {
 
 fn run(name: &str, net: u8, envoy: bool, seed: u64, cases: usize) {
     let mut q = Quickstart::new(name, net);
+    // The client runs with a mesh identity, so mTLS chains and auto mTLS clusters (SDS
+    // secrets) are generated for it and must be accepted too.
+    q.enable_identities();
     q.start_weftd();
     q.start_client(envoy);
     let mut generation = next_generation(&q, 0, "the quickstart");
