@@ -7,11 +7,8 @@
 use std::collections::BTreeMap;
 
 use weft_xds_proto::envoy::config::core::v3::{TransportSocket, transport_socket};
-use weft_xds_proto::envoy::config::listener::v3::{
-    FilterChain, FilterChainMatch, ListenerFilter, listener_filter,
-};
+use weft_xds_proto::envoy::config::listener::v3::{FilterChain, FilterChainMatch};
 use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
-use weft_xds_proto::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     Rds, http_connection_manager,
 };
@@ -271,13 +268,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 ),
             );
             l.filter_chains = chains;
-            l.listener_filters = vec![ListenerFilter {
-                name: "envoy.filters.listener.tls_inspector".into(),
-                config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
-                    &TlsInspector::default(),
-                ))),
-                ..Default::default()
-            }];
+            l.listener_filters = vec![super::security::tls_inspector()];
             out.add(type_url::LISTENER, listener_name, &l);
             continue;
         }

@@ -272,6 +272,18 @@ fn inbound_tls(http: bool, trust_domain: &str) -> TransportSocket {
     tls_socket(&ctx)
 }
 
+/// The TLS inspector listener filter: reads whether a connection starts with a ClientHello,
+/// and its SNI and ALPN, for filter chain matching.
+pub fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
+            &TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 /// An inbound listener for `mode`: STRICT answers only mTLS, PERMISSIVE both (the TLS inspector
 /// tells them apart), DISABLE only plaintext.
 pub fn inbound_listener(
@@ -292,13 +304,7 @@ pub fn inbound_listener(
         filters: filters.clone(),
         ..Default::default()
     };
-    let inspector = ListenerFilter {
-        name: "envoy.filters.listener.tls_inspector".into(),
-        config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
-            &TlsInspector::default(),
-        ))),
-        ..Default::default()
-    };
+    let inspector = tls_inspector();
     let (filter_chains, listener_filters) = match mode {
         MtlsMode::Disable | MtlsMode::Unset => (
             vec![FilterChain {
@@ -362,13 +368,7 @@ pub fn add_sni_chains(
         });
     }
     l.filter_chains = chains;
-    l.listener_filters = vec![ListenerFilter {
-        name: "envoy.filters.listener.tls_inspector".into(),
-        config_type: Some(listener_filter::ConfigType::TypedConfig(pack(
-            &TlsInspector::default(),
-        ))),
-        ..Default::default()
-    }];
+    l.listener_filters = vec![tls_inspector()];
 }
 
 #[cfg(test)]
