@@ -2,7 +2,8 @@
 //! unterminated and picks the destination by the ClientHello's SNI. Two TLS servers (openssl
 //! s_server, each with its own certificate) behind ServiceEntries; a VirtualService for
 //! api.example.com sends its SNI names (and `*.api.example.com`) to the other server; a name no
-//! route lists is not served. Through weft-proxy and through Envoy fed the same xDS.
+//! route lists is not served. An ingress gateway with a PASSTHROUGH server does the same for a
+//! VirtualService bound to it. Through weft-proxy and through Envoy fed the same xDS.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use weft_e2e::{Proc, Quickstart, wait_until};
 
 const TLS_PORT: u16 = 9443;
+const GATEWAY_PORT: u16 = 18443;
+const GATEWAY_HOST: u8 = 30;
 
 fn self_signed(dir: &std::path::Path, host: &str) {
     let out = Command::new("openssl")
@@ -38,6 +41,7 @@ fn self_signed(dir: &std::path::Path, host: &str) {
 
 fn config(q: &Quickstart) -> String {
     let client = q.ip(10);
+    let gw = q.ip(GATEWAY_HOST);
     let mut y = String::new();
     for (host, ip) in [("api.example.com", q.ip(40)), ("web.example.com", q.ip(41))] {
         y.push_str(&format!(
@@ -66,6 +70,31 @@ spec:
     route: [{{ destination: {{ host: web.example.com }} }}]
 ---
 apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: ingress, namespace: default }}
+spec: {{ address: {gw}, labels: {{ istio: ingressgateway }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: passthrough, namespace: default }}
+spec:
+  selector: {{ istio: ingressgateway }}
+  servers:
+  - port: {{ number: {GATEWAY_PORT}, name: tls, protocol: TLS }}
+    hosts: ["*.example.com"]
+    tls: {{ mode: PASSTHROUGH }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: ingress, namespace: default }}
+spec:
+  hosts: [api.example.com]
+  gateways: [passthrough]
+  tls:
+  - match: [{{ sniHosts: [api.example.com] }}]
+    route: [{{ destination: {{ host: web.example.com, port: {{ number: {TLS_PORT} }} }} }}]
+---
+apiVersion: networking.istio.io/v1
 kind: Sidecar
 metadata: {{ name: client, namespace: default }}
 spec:
@@ -86,10 +115,15 @@ spec:
 
 /// The certificate subject a TLS client gets through the client sidecar for `sni`, or None.
 fn subject_through(q: &Quickstart, sni: &str) -> Option<String> {
+    subject_at(q, 10, TLS_PORT, sni)
+}
+
+/// The certificate subject a TLS client gets from `host:port` of the test net for `sni`.
+fn subject_at(q: &Quickstart, host: u8, port: u16, sni: &str) -> Option<String> {
     let out = Command::new("curl")
         .args(["-skv", "--max-time", "3", "-o", "/dev/null", "--resolve"])
-        .arg(format!("{sni}:{TLS_PORT}:{}", q.ip(10)))
-        .arg(format!("https://{sni}:{TLS_PORT}/"))
+        .arg(format!("{sni}:{port}:{}", q.ip(host)))
+        .arg(format!("https://{sni}:{port}/"))
         .output()
         .ok()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -136,11 +170,29 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, Option<String>)> {
         subject_through(&q, "web.example.com")
     })
     .unwrap_or_else(|| panic!("{name}: TLS passes through the client sidecar"));
-    let seen: Vec<_> = cases
+    let mut seen: Vec<_> = cases
         .iter()
         .map(|sni| (sni.to_string(), subject_through(&q, sni)))
         .collect();
     q.assert_client_nacked_nothing();
+    // The ingress gateway: PASSTHROUGH, api.example.com's SNI routed to the web server.
+    let node = format!(
+        "router~{}~ingress.default~default.svc.cluster.local",
+        q.ip(GATEWAY_HOST)
+    );
+    if envoy {
+        q.start_envoy_as(GATEWAY_HOST, "ingress", &node, "{ istio: ingressgateway }");
+    } else {
+        q.start_weft_proxy_as(GATEWAY_HOST, "ingress", &node);
+    }
+    let via_gateway = wait_until(Duration::from_secs(10), || {
+        subject_at(&q, GATEWAY_HOST, GATEWAY_PORT, "api.example.com")
+    });
+    seen.push(("gateway api.example.com".into(), via_gateway));
+    seen.push((
+        "gateway web.example.com".into(),
+        subject_at(&q, GATEWAY_HOST, GATEWAY_PORT, "web.example.com"),
+    ));
     drop(servers);
     seen
 }
@@ -170,6 +222,15 @@ fn tls_routes_pass_tls_through_by_sni_on_weft_proxy_and_envoy() {
     assert_eq!(
         weft[3].1, None,
         "a name no route lists is not served: {weft:?}"
+    );
+    assert_eq!(
+        cn(&weft[4].1).as_deref(),
+        Some("web.example.com"),
+        "the gateway: {weft:?}"
+    );
+    assert_eq!(
+        weft[5].1, None,
+        "the gateway serves only routed names: {weft:?}"
     );
     let envoy = run("tls-routes-envoy", 78, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");

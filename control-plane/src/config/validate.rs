@@ -795,11 +795,14 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                             );
                         }
                     }
+                    // TLS passed through to the destination, picked by SNI (VirtualService
+                    // tls routes bound to the Gateway).
+                    ServerTlsMode::Passthrough => {}
                     other => {
                         return bad(
                             format!("{at}.tls.mode"),
                             format!(
-                                "{other:?} needs SNI routing (VirtualService tls routes) or the mesh CA, which this weftd version does not have yet"
+                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL and PASSTHROUGH are)"
                             ),
                         );
                     }
@@ -807,10 +810,18 @@ pub fn gateway(g: &GatewaySpec) -> Check {
             }
             _ => {}
         }
-        if matches!(
-            proto.as_str(),
-            "TCP" | "TLS" | "MONGO" | "REDIS" | "MYSQL" | "UDP"
-        ) {
+        let passthrough = srv
+            .tls
+            .as_ref()
+            .and_then(|t| t.mode)
+            .is_none_or(|m| m == ServerTlsMode::Passthrough);
+        if proto == "TLS" && !passthrough {
+            return bad(
+                format!("{at}.tls.mode"),
+                "a TLS server that terminates TLS needs VirtualService tcp routes on gateways, which this weftd version does not translate yet; use PASSTHROUGH with tls routes, or an HTTPS server",
+            );
+        }
+        if matches!(proto.as_str(), "TCP" | "MONGO" | "REDIS" | "MYSQL" | "UDP") {
             return bad(
                 format!("{at}.port.protocol"),
                 format!(

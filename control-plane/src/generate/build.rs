@@ -707,7 +707,7 @@ fn tcp_route(
 }
 
 /// A TCP proxy's cluster(s) for an L4 route's destinations (weighted when several).
-fn l4_destinations(
+pub(super) fn l4_destinations(
     mesh: &Mesh,
     vs_namespace: &str,
     route: &[crate::config::HttpRouteDestination],
@@ -797,7 +797,7 @@ fn tls_routes(
     out
 }
 
-fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+pub(super) fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),

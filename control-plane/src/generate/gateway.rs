@@ -211,6 +211,38 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for ((bind, port), servers) in ports {
         let listener_name = format!("{bind}_{port}");
         let stat_prefix = format!("gateway_{bind}_{port}");
+        let passthrough: Vec<_> = servers
+            .iter()
+            .filter(|(_, s)| {
+                s.tls.as_ref().is_some_and(|t| {
+                    t.mode.unwrap_or(ServerTlsMode::Passthrough) == ServerTlsMode::Passthrough
+                })
+            })
+            .copied()
+            .collect();
+        if !passthrough.is_empty() {
+            if passthrough.len() < servers.len() {
+                out.warnings.push(format!(
+                    "port {port}: servers that terminate TLS or speak HTTP next to PASSTHROUGH servers on one port are not served; only the PASSTHROUGH servers are"
+                ));
+            }
+            let chains = passthrough_chains(mesh, scope, port, &passthrough);
+            if chains.is_empty() {
+                out.warnings.push(format!(
+                    "port {port}: no VirtualService tls route is bound to its PASSTHROUGH servers; the port is not served"
+                ));
+                continue;
+            }
+            let mut l = listener(
+                &listener_name,
+                &bind,
+                port,
+                super::build::tcp_proxy_filter(&stat_prefix, "unused"),
+            );
+            super::security::add_sni_chains(&mut l, chains, &stat_prefix);
+            out.add(type_url::LISTENER, listener_name, &l);
+            continue;
+        }
         let secure: Vec<_> = servers
             .iter()
             .filter(|(_, s)| s.tls.as_ref().is_some_and(|t| t.mode.is_some()))
@@ -324,4 +356,62 @@ fn https_route_name(
         g.name(),
         g.namespace
     )
+}
+
+/// The SNI chains of a port's PASSTHROUGH servers: the `tls` routes of the VirtualServices
+/// bound to their Gateways whose SNI hosts the servers admit, first route first.
+fn passthrough_chains(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    port: u32,
+    servers: &[ServerOf<'_>],
+) -> Vec<(
+    Vec<String>,
+    weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
+)> {
+    let via: Vec<String> = servers
+        .iter()
+        .map(|(g, _)| format!("{}/{}", g.namespace, g.name()))
+        .collect();
+    let mut taken = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for vs in &mesh.config.virtual_services {
+        let bound = vs
+            .spec
+            .gateways
+            .iter()
+            .any(|g| via.contains(&qualified_gateway(g, &vs.namespace)));
+        if !bound || !exported(vs, scope) {
+            continue;
+        }
+        for r in &vs.spec.tls {
+            for m in &r.matches {
+                if m.port.is_some_and(|p| p != port)
+                    || !super::build::match_applies_via(&m.gateways, &vs.namespace, &via)
+                {
+                    continue;
+                }
+                let names: Vec<String> = m
+                    .sni_hosts
+                    .iter()
+                    .filter(|sni| {
+                        servers.iter().any(|(g, srv)| {
+                            srv.hosts
+                                .iter()
+                                .any(|h| server_admits(h, &g.namespace, &vs.namespace, sni))
+                        })
+                    })
+                    .filter(|sni| taken.insert(sni.to_ascii_lowercase()))
+                    .cloned()
+                    .collect();
+                if !names.is_empty() {
+                    out.push((
+                        names,
+                        super::build::l4_destinations(mesh, &vs.namespace, &r.route, port),
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
