@@ -61,22 +61,11 @@ fn route_config(
     port: u32,
     servers: &[ServerOf<'_>],
 ) -> RouteConfiguration {
-    let via: Vec<String> = servers
-        .iter()
-        .map(|(g, _)| format!("{}/{}", g.namespace, g.name()))
-        .collect();
+    let (via, bound) = bound_to(mesh, scope, servers);
     // Virtual hosts by domain, in VirtualService order; several VirtualServices for one host
     // merge their routes, first one first (as Istio merges them).
     let mut hosts: BTreeMap<String, (usize, VirtualHost)> = BTreeMap::new();
-    for vs in &mesh.config.virtual_services {
-        let bound = vs
-            .spec
-            .gateways
-            .iter()
-            .any(|g| via.contains(&qualified_gateway(g, &vs.namespace)));
-        if !bound || !exported(vs, scope) {
-            continue;
-        }
+    for vs in bound {
         for host in &vs.spec.hosts {
             let admitted = servers.iter().any(|(g, srv)| {
                 srv.hosts
@@ -120,6 +109,33 @@ fn route_config(
         validate_clusters: Some(BoolValue { value: false }),
         ..Default::default()
     }
+}
+
+/// The servers' Gateways as `namespace/name`, and the VirtualServices bound to them that this
+/// proxy sees, in config order.
+fn bound_to<'a>(
+    mesh: &'a Mesh,
+    scope: &Scope<'_>,
+    servers: &[ServerOf<'_>],
+) -> (Vec<String>, Vec<&'a Object<VirtualServiceSpec>>) {
+    let via: Vec<String> = servers
+        .iter()
+        .map(|(g, _)| format!("{}/{}", g.namespace, g.name()))
+        .collect();
+    let bound = mesh
+        .config
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs.spec
+                .gateways
+                .iter()
+                .any(|g| via.contains(&qualified_gateway(g, &vs.namespace)))
+                && exported(vs, scope)
+        })
+        .map(|vs| &**vs)
+        .collect();
+    (via, bound)
 }
 
 fn exported(vs: &Object<VirtualServiceSpec>, scope: &Scope<'_>) -> bool {
@@ -369,21 +385,10 @@ fn passthrough_chains(
     Vec<String>,
     weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
 )> {
-    let via: Vec<String> = servers
-        .iter()
-        .map(|(g, _)| format!("{}/{}", g.namespace, g.name()))
-        .collect();
+    let (via, bound) = bound_to(mesh, scope, servers);
     let mut taken = std::collections::HashSet::new();
     let mut out = Vec::new();
-    for vs in &mesh.config.virtual_services {
-        let bound = vs
-            .spec
-            .gateways
-            .iter()
-            .any(|g| via.contains(&qualified_gateway(g, &vs.namespace)));
-        if !bound || !exported(vs, scope) {
-            continue;
-        }
+    for vs in bound {
         for r in &vs.spec.tls {
             for m in &r.matches {
                 if m.port.is_some_and(|p| p != port)
