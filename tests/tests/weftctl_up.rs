@@ -64,6 +64,21 @@ fn up_runs_the_quickstart_and_stops_everything() {
         "80/20: {names:?}"
     );
     assert!(names.contains_key("hello-v2"), "{names:?}");
+    // Every sidecar got a certificate for its service account (a join token from `up`), and
+    // the sidecars talk mTLS (the quickstart's workloads carry the tlsMode label).
+    let certs = weft_e2e::get_json("127.0.0.11:15000".parse().unwrap(), "/certs")
+        .expect("hello-v1's sidecar admin");
+    assert_eq!(
+        certs["identity"],
+        "spiffe://cluster.local/ns/default/sa/hello"
+    );
+    let stats = weft_e2e::get("127.0.0.10:15000".parse().unwrap(), "/config_dump")
+        .expect("client sidecar admin")
+        .body;
+    assert!(
+        stats.contains("tlsMode-istio"),
+        "auto mTLS on the client's clusters"
+    );
     let out = up.logs();
     for line in [
         "weftd",
