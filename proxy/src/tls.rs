@@ -21,6 +21,8 @@ use weft_xds_proto::envoy::extensions::transport_sockets::tls::v3::{
 };
 use weft_xds_proto::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
+use crate::http::router::{StringRule, string_rule};
+
 const DOWNSTREAM_TLS: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const UPSTREAM_TLS: &str =
@@ -184,46 +186,20 @@ impl Roots {
     }
 }
 
-/// One `match_subject_alt_names` entry: a peer SAN (URI, DNS, IP or email) must match one.
-#[derive(Debug, Clone)]
-enum SanMatch {
-    Exact(String, bool),
-    Prefix(String, bool),
-    Suffix(String, bool),
-    Contains(String, bool),
-}
-
-impl SanMatch {
-    fn from_xds(m: &StringMatcher, field: &str) -> Result<SanMatch, Fail> {
-        let ic = m.ignore_case;
-        Ok(match &m.match_pattern {
-            Some(string_matcher::MatchPattern::Exact(s)) => SanMatch::Exact(s.clone(), ic),
-            Some(string_matcher::MatchPattern::Prefix(s)) => SanMatch::Prefix(s.clone(), ic),
-            Some(string_matcher::MatchPattern::Suffix(s)) => SanMatch::Suffix(s.clone(), ic),
-            Some(string_matcher::MatchPattern::Contains(s)) => SanMatch::Contains(s.clone(), ic),
-            _ => {
-                return Err(fail(
-                    field,
-                    "only exact, prefix, suffix and contains SAN matchers are supported",
-                ));
-            }
-        })
-    }
-
-    fn matches(&self, san: &str) -> bool {
-        let norm = |s: &str, ic: bool| {
-            if ic {
-                s.to_ascii_lowercase()
-            } else {
-                s.to_string()
-            }
-        };
-        match self {
-            SanMatch::Exact(p, ic) => norm(san, *ic) == norm(p, *ic),
-            SanMatch::Prefix(p, ic) => norm(san, *ic).starts_with(&norm(p, *ic)),
-            SanMatch::Suffix(p, ic) => norm(san, *ic).ends_with(&norm(p, *ic)),
-            SanMatch::Contains(p, ic) => norm(san, *ic).contains(&norm(p, *ic)),
-        }
+/// One `match_subject_alt_names` entry (a peer SAN, URI, DNS, IP or email, must match one):
+/// the route matcher's string rule; regexes are not taken for SANs.
+fn san_rule(m: &StringMatcher, field: &str) -> Result<StringRule, Fail> {
+    match &m.match_pattern {
+        Some(
+            string_matcher::MatchPattern::Exact(_)
+            | string_matcher::MatchPattern::Prefix(_)
+            | string_matcher::MatchPattern::Suffix(_)
+            | string_matcher::MatchPattern::Contains(_),
+        ) => string_rule(m).map_err(|r| fail(field, r)),
+        _ => Err(fail(
+            field,
+            "only exact, prefix, suffix and contains SAN matchers are supported",
+        )),
     }
 }
 
@@ -270,7 +246,7 @@ struct PeerCheck {
     /// None: the peer is not verified (an upstream context without a validation context, as
     /// Envoy does).
     roots: Option<Roots>,
-    sans: Vec<SanMatch>,
+    sans: Vec<StringRule>,
     supported: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
@@ -411,7 +387,7 @@ fn peer_check(
         let mut sans = Vec::new();
         #[allow(deprecated)]
         for (i, m) in v.match_subject_alt_names.iter().enumerate() {
-            sans.push(SanMatch::from_xds(
+            sans.push(san_rule(
                 m,
                 &format!("{field}.match_subject_alt_names[{i}]"),
             )?);
@@ -422,7 +398,7 @@ fn peer_check(
                 .matcher
                 .as_ref()
                 .ok_or_else(|| fail(&f, "a matcher is required"))?;
-            sans.push(SanMatch::from_xds(matcher, &f)?);
+            sans.push(san_rule(matcher, &f)?);
         }
         Ok(PeerCheck {
             roots: Some(roots),

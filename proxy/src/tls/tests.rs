@@ -168,11 +168,28 @@ fn raw_buffer_is_plaintext() {
 
 #[test]
 fn san_matchers() {
-    let m = SanMatch::Prefix("spiffe://cluster.local/ns/default/".into(), false);
+    let matcher = |p: string_matcher::MatchPattern, ignore_case| StringMatcher {
+        match_pattern: Some(p),
+        ignore_case,
+    };
+    use string_matcher::MatchPattern::{Exact, Prefix};
+    let m = san_rule(
+        &matcher(Prefix("spiffe://cluster.local/ns/default/".into()), false),
+        "f",
+    )
+    .unwrap();
     assert!(m.matches("spiffe://cluster.local/ns/default/sa/hello"));
     assert!(!m.matches("spiffe://cluster.local/ns/prod/sa/hello"));
-    assert!(SanMatch::Exact("A.example".into(), true).matches("a.EXAMPLE"));
-    assert!(!SanMatch::Exact("A.example".into(), false).matches("a.example"));
+    assert!(
+        san_rule(&matcher(Exact("A.example".into()), true), "f")
+            .unwrap()
+            .matches("a.EXAMPLE")
+    );
+    assert!(
+        !san_rule(&matcher(Exact("A.example".into()), false), "f")
+            .unwrap()
+            .matches("a.example")
+    );
 }
 
 /// A ClientHello as rustls sends it, for `name` (None: an IP, so no SNI).
