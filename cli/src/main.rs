@@ -203,18 +203,11 @@ fn main() -> anyhow::Result<()> {
                 };
                 let mut chain = ca.sign(&csr_pem, ttl).await?;
                 let roots = chain.pop().unwrap_or_default();
-                write_file(
-                    &out_dir.join("cert-chain.pem"),
-                    chain.concat().as_bytes(),
-                    0o644,
-                )?;
-                write_file(&out_dir.join("root-cert.pem"), roots.as_bytes(), 0o644)?;
+                use weft_control_plane::ca::write_private;
+                write_private(&out_dir, "cert-chain.pem", chain.concat().as_bytes(), 0o644)?;
+                write_private(&out_dir, "root-cert.pem", roots.as_bytes(), 0o644)?;
                 if let Some(k) = key {
-                    write_file(
-                        &out_dir.join("key.pem"),
-                        k.serialize_pem().as_bytes(),
-                        0o600,
-                    )?;
+                    write_private(&out_dir, "key.pem", k.serialize_pem().as_bytes(), 0o600)?;
                 }
                 println!("{identity}: certificate written to {}", out_dir.display());
                 Ok(())
@@ -267,19 +260,4 @@ pub(crate) async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Res
 
 pub(crate) async fn http_get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(http_get(addr, path).await?.1)
-}
-
-/// Writes a file with the given mode (created that way, so a key is never readable by others).
-fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
 }

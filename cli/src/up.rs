@@ -262,8 +262,6 @@ async fn reconcile(
 
 /// Writes (mode 0600) a 30-day join token for the workload's service account.
 fn join_token(opts: &UpOptions, w: &Workload) -> anyhow::Result<(PathBuf, String)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let key = weft_control_plane::ca::token::TokenKey::load(&opts.log_dir.join("state"))?;
     let sa = if w.service_account.is_empty() {
         "default"
@@ -273,15 +271,9 @@ fn join_token(opts: &UpOptions, w: &Workload) -> anyhow::Result<(PathBuf, String
     let token = key.issue(&w.namespace, sa, Duration::from_secs(30 * 24 * 3600));
     let dir = opts.log_dir.join("tokens");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{}.{}.token", w.name, w.namespace));
-    let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(token.as_bytes())?;
-    Ok((path, sa.to_string()))
+    let name = format!("{}.{}.token", w.name, w.namespace);
+    weft_control_plane::ca::write_private(&dir, &name, token.as_bytes(), 0o600)?;
+    Ok((dir.join(name), sa.to_string()))
 }
 
 async fn start_workload(

@@ -172,13 +172,9 @@ fn read(dir: &Path, name: &str) -> Result<String, CaError> {
     std::fs::read_to_string(&path).map_err(|e| state_err(&path, e))
 }
 
-/// Writes `contents` to `dir/name` atomically with `mode`.
-pub(crate) fn write_private(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-    mode: u32,
-) -> Result<(), CaError> {
+/// Writes `contents` to `dir/name` atomically, created with `mode` (so a key is never readable
+/// by others, not even for a moment).
+pub fn write_private(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
