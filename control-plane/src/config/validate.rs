@@ -41,6 +41,14 @@ fn port(field: &str, p: u32) -> Check {
     }
 }
 
+/// A port written as a string (security.istio.io's ports and port-keyed maps).
+fn port_text(field: &str, v: &str) -> Check {
+    match v.parse::<u32>() {
+        Ok(n) => port(field, n),
+        Err(_) => bad(field, format!("{v:?} is not a port number")),
+    }
+}
+
 pub fn service(s: &ServiceSpec) -> Check {
     let mut names = BTreeSet::new();
     for (i, p) in s.ports.iter().enumerate() {
@@ -1240,15 +1248,7 @@ pub fn peer_authentication(p: &PeerAuthenticationSpec) -> Check {
         );
     }
     for key in p.port_level_mtls.keys() {
-        match key.parse::<u32>() {
-            Ok(n) => port(&format!("spec.portLevelMtls[{key}]"), n)?,
-            Err(_) => {
-                return bad(
-                    format!("spec.portLevelMtls[{key}]"),
-                    format!("{key:?} is not a port number"),
-                );
-            }
-        }
+        port_text(&format!("spec.portLevelMtls[{key}]"), key)?;
     }
     Ok(())
 }
@@ -1362,15 +1362,7 @@ pub fn authorization_policy(p: &AuthorizationPolicySpec) -> Check {
             let f = format!("{at}.to[{j}].operation");
             for (field, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
                 for (k, v) in list.iter().enumerate() {
-                    match v.parse::<u32>() {
-                        Ok(n) => port(&format!("{f}.{field}[{k}]"), n)?,
-                        Err(_) => {
-                            return bad(
-                                format!("{f}.{field}[{k}]"),
-                                format!("{v:?} is not a port number"),
-                            );
-                        }
-                    }
+                    port_text(&format!("{f}.{field}[{k}]"), v)?;
                 }
             }
             for (field, list) in [
@@ -1413,15 +1405,7 @@ pub fn authorization_policy(p: &AuthorizationPolicySpec) -> Check {
                     if ip_key {
                         parse_cidr(v).map_err(|r| (format!("{f}.{field}[{k}]"), r))?;
                     } else if c.key == "destination.port" {
-                        match v.parse::<u32>() {
-                            Ok(n) => port(&format!("{f}.{field}[{k}]"), n)?,
-                            Err(_) => {
-                                return bad(
-                                    format!("{f}.{field}[{k}]"),
-                                    format!("{v:?} is not a port number"),
-                                );
-                            }
-                        }
+                        port_text(&format!("{f}.{field}[{k}]"), v)?;
                     } else {
                         wildcard(&format!("{f}.{field}[{k}]"), v)?;
                     }
