@@ -11,7 +11,7 @@
 //! on CPU 1. Run it with `benches/run-mtls.sh`.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -196,24 +196,6 @@ fn handshakes(inbound: &str, cert: Option<&Path>, secs: u64) -> anyhow::Result<f
     Ok(done / secs as f64)
 }
 
-fn mint(q: &Quickstart) -> anyhow::Result<PathBuf> {
-    let dir = q.log_dir.join("bench-client-cert");
-    let token = q.token_file("client");
-    let out = Command::new(weft_e2e::bin("weftctl"))
-        .args(["cert", "request", "--ca-address", &q.xds().to_string()])
-        .args(["--service-account", "client", "--token-file"])
-        .arg(&token)
-        .arg("--out-dir")
-        .arg(&dir)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(dir)
-}
-
 fn measure(kind: &str, net: u8, secs: u64) -> anyhow::Result<KindResult> {
     let envoy = kind == "envoy";
     let mut q = Quickstart::new(&format!("mtlsbench-{kind}"), net);
@@ -235,7 +217,7 @@ fn measure(kind: &str, net: u8, secs: u64) -> anyhow::Result<KindResult> {
     let plain = load::wrk(egress.clone(), secs)?;
     let plain_cps = handshakes(&inbound, None, secs)?;
     set_mode(&q, "STRICT");
-    let cert = mint(&q)?;
+    let cert = q.mesh_certificate("default", "client");
     wait_until(Duration::from_secs(10), || {
         weft_e2e::Client::new(q.egress())
             .get("hello", "/")

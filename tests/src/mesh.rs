@@ -134,14 +134,14 @@ impl Quickstart {
     /// A join token for `service_account` in namespace default, written to a file (weftd must
     /// be running: it creates the signing key).
     pub fn token_file(&self, service_account: &str) -> PathBuf {
+        self.token_file_in("default", service_account)
+    }
+
+    /// A join token for `namespace`/`service_account`, written to a file.
+    pub fn token_file_in(&self, namespace: &str, service_account: &str) -> PathBuf {
         let out = std::process::Command::new(bin("weftctl"))
-            .args([
-                "token",
-                "create",
-                "--service-account",
-                service_account,
-                "--state-dir",
-            ])
+            .args(["token", "create", "-n", namespace])
+            .args(["--service-account", service_account, "--state-dir"])
             .arg(self.state_dir())
             .output()
             .expect("run weftctl token create");
@@ -150,10 +150,36 @@ impl Quickstart {
             "weftctl token create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let path = self.log_dir.join(format!("{service_account}.token"));
+        let path = self
+            .log_dir
+            .join(format!("{namespace}-{service_account}.token"));
         std::fs::create_dir_all(&self.log_dir).expect("log dir");
         std::fs::write(&path, out.stdout).expect("write token");
         path
+    }
+
+    /// A mesh certificate for `namespace`/`service_account` from weftd's CA (`weftctl cert
+    /// request` with a join token): the folder with key.pem, cert-chain.pem, root-cert.pem.
+    pub fn mesh_certificate(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let dir = self
+            .log_dir
+            .join(format!("cert-{namespace}-{service_account}"));
+        let token = self.token_file_in(namespace, service_account);
+        let out = std::process::Command::new(bin("weftctl"))
+            .args(["cert", "request", "--ca-address", &self.xds().to_string()])
+            .args(["-n", namespace, "--service-account", service_account])
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--out-dir")
+            .arg(&dir)
+            .output()
+            .expect("run weftctl cert request");
+        assert!(
+            out.status.success(),
+            "weftctl cert request: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
     }
 
     /// The echo backend of hello-v1 (0) or hello-v2 (1), bypassing the mesh.

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use weft_e2e::mesh::{INBOUND_PORT, TCP_INBOUND_PORT};
-use weft_e2e::{Quickstart, bin, wait_until};
+use weft_e2e::{Quickstart, wait_until};
 
 const POLICIES: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -62,51 +62,6 @@ const EXPECTED: &[(&str, [u16; 8])] = &[
     ("plaintext", [403, 403, 403, 403, 200, 200, 403, 403]),
 ];
 
-fn mint(q: &Quickstart, ns: &str, sa: &str) -> PathBuf {
-    let dir = q.log_dir.join(format!("cert-{ns}-{sa}"));
-    let token = q.log_dir.join(format!("{ns}-{sa}.token"));
-    let out = Command::new(bin("weftctl"))
-        .args([
-            "token",
-            "create",
-            "-n",
-            ns,
-            "--service-account",
-            sa,
-            "--state-dir",
-        ])
-        .arg(q.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&token, out.stdout).unwrap();
-    let out = Command::new(bin("weftctl"))
-        .args([
-            "cert",
-            "request",
-            "--ca-address",
-            &q.xds().to_string(),
-            "-n",
-            ns,
-        ])
-        .args(["--service-account", sa, "--token-file"])
-        .arg(&token)
-        .arg("--out-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
-}
-
 /// One request with curl; the status code, or 0 when no HTTP answer came.
 fn curl(addr: &str, cert: Option<&Path>, method: &str, path: &str, token: Option<&str>) -> u16 {
     let mut cmd = Command::new("curl");
@@ -149,9 +104,15 @@ fn authorization_matrix_is_the_same_on_weft_proxy_and_envoy() {
     q.start_weftd();
     q.start_hello_with_envoy_v2(true);
     let callers: Vec<(&str, Option<PathBuf>)> = vec![
-        ("default/client", Some(mint(&q, "default", "client"))),
-        ("default/other", Some(mint(&q, "default", "other"))),
-        ("prod/client", Some(mint(&q, "prod", "client"))),
+        (
+            "default/client",
+            Some(q.mesh_certificate("default", "client")),
+        ),
+        (
+            "default/other",
+            Some(q.mesh_certificate("default", "other")),
+        ),
+        ("prod/client", Some(q.mesh_certificate("prod", "client"))),
         ("plaintext", None),
     ];
     let weft = format!("{}:{INBOUND_PORT}", q.ip(11));

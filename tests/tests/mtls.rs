@@ -17,29 +17,6 @@ fn weftctl(args: &[&str]) -> std::process::Output {
         .expect("run weftctl")
 }
 
-/// A mesh certificate for `sa` from weftd's CA, via `weftctl cert request`.
-fn mesh_cert(q: &Quickstart, sa: &str, out: &Path) {
-    let token = q.token_file(sa);
-    let xds = q.xds().to_string();
-    let r = weftctl(&[
-        "cert",
-        "request",
-        "--ca-address",
-        &xds,
-        "--token-file",
-        &token.display().to_string(),
-        "--service-account",
-        sa,
-        "--out-dir",
-        &out.display().to_string(),
-    ]);
-    assert!(
-        r.status.success(),
-        "weftctl cert request: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-}
-
 /// `openssl s_client` to `addr` sending one HTTP request; returns what came back.
 fn s_client(addr: &str, cert: Option<&Path>, ca: &Path) -> String {
     let mut cmd = Command::new("openssl");
@@ -197,8 +174,7 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     let forged = s_client(&addr, Some(&other), &ca);
     assert!(!forged.contains("HTTP/1.1 200"), "{forged}");
     // A certificate the mesh CA issued: served, and the server proves the hello identity.
-    let good_dir = q.log_dir.join("good-cert");
-    mesh_cert(&q, "client", &good_dir);
+    let good_dir = q.mesh_certificate("default", "client");
     let good = s_client(&addr, Some(&good_dir), &ca);
     assert!(good.contains("HTTP/1.1 200"), "{good}");
     assert!(good.contains("x-echo-name: hello-v1"), "{good}");
