@@ -10,6 +10,11 @@
 //! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several).
 //!
 //! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
+//!
+//! A health endpoint for active health checks: `/echo/health` answers with the status last set
+//! by `/echo/health?set=NNN` (200 at first) and counts the checks; `/echo/health/stats` reports
+//! `checks=N host=H user-agent=UA` (the count and the last check's headers);
+//! `/echo/health/quiet` answers the same status without counting (for a second checker).
 //! A gRPC request (`content-type: application/grpc`) gets one message and `grpc-status` trailers,
 //! or a scripted trailers-only error (`x-grpc-status`, `x-grpc-fail`, `x-delay-ms` headers).
 //! A request with `upgrade: websocket` is answered `101 Switching Protocols`; the upgraded
@@ -168,6 +173,71 @@ impl Attempts {
     }
 }
 
+/// What `/echo/health` answers and what it has seen.
+struct Health {
+    status: std::sync::atomic::AtomicU16,
+    checks: std::sync::atomic::AtomicU64,
+    last: Mutex<(String, String)>,
+}
+
+static HEALTH: Health = Health {
+    status: std::sync::atomic::AtomicU16::new(200),
+    checks: std::sync::atomic::AtomicU64::new(0),
+    last: Mutex::new((String::new(), String::new())),
+};
+
+fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
+    use std::sync::atomic::Ordering;
+    let header = |name: hyper::header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    match req.uri().path() {
+        "/echo/health/stats" => {
+            let last = HEALTH.last.lock().unwrap_or_else(|p| p.into_inner());
+            let text = format!(
+                "checks={} host={} user-agent={}",
+                HEALTH.checks.load(Ordering::Relaxed),
+                last.0,
+                last.1
+            );
+            Some(Response::new(Full::new(Bytes::from(text))))
+        }
+        "/echo/health/quiet" => {
+            let code = HEALTH.status.load(Ordering::Relaxed);
+            let mut resp = Response::new(Full::new(Bytes::from(format!("health {code}\n"))));
+            *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+            Some(resp)
+        }
+        "/echo/health" => {
+            if let Some(code) = query_param(query, "set").and_then(|v| v.parse::<u16>().ok()) {
+                if hyper::StatusCode::from_u16(code).is_err() {
+                    let mut resp = Response::new(Full::new(Bytes::from("not a status\n")));
+                    *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                    return Some(resp);
+                }
+                HEALTH.status.store(code, Ordering::Relaxed);
+                return Some(Response::new(Full::new(Bytes::from(format!(
+                    "set {code}\n"
+                )))));
+            }
+            HEALTH.checks.fetch_add(1, Ordering::Relaxed);
+            *HEALTH.last.lock().unwrap_or_else(|p| p.into_inner()) = (
+                header(hyper::header::HOST),
+                header(hyper::header::USER_AGENT),
+            );
+            let code = HEALTH.status.load(Ordering::Relaxed);
+            let mut resp = Response::new(Full::new(Bytes::from(format!("health {code}\n"))));
+            *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+            Some(resp)
+        }
+        _ => None,
+    }
+}
+
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query
         .split('&')
@@ -214,6 +284,9 @@ async fn scripted<B>(
             name.parse()
                 .unwrap_or_else(|_| "echo".parse().expect("value")),
         );
+        return resp;
+    }
+    if let Some(resp) = health(&req, &query) {
         return resp;
     }
     if req.uri().path() == "/echo/attempts" {

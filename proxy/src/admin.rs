@@ -143,8 +143,17 @@ fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonE
         bootstrap: Some(proxy.bootstrap.clone()),
         last_updated: Some(timestamp(proxy.started)),
     };
+    let statics = proxy.bootstrap.static_resources.clone().unwrap_or_default();
     let clusters = ClustersConfigDump {
         version_info: last_version(type_url::CLUSTER),
+        static_clusters: statics
+            .clusters
+            .iter()
+            .map(|c| clusters_config_dump::StaticCluster {
+                cluster: Some(weft_xds_proto::pack(c)),
+                last_updated: Some(timestamp(proxy.started)),
+            })
+            .collect(),
         dynamic_active_clusters: of(type_url::CLUSTER)
             .into_iter()
             .map(|(_, a)| clusters_config_dump::DynamicCluster {
@@ -158,6 +167,14 @@ fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonE
     };
     let listeners = ListenersConfigDump {
         version_info: last_version(type_url::LISTENER),
+        static_listeners: statics
+            .listeners
+            .iter()
+            .map(|l| listeners_config_dump::StaticListener {
+                listener: Some(weft_xds_proto::pack(l)),
+                last_updated: Some(timestamp(proxy.started)),
+            })
+            .collect(),
         dynamic_listeners: of(type_url::LISTENER)
             .into_iter()
             .map(|(name, a)| listeners_config_dump::DynamicListener {
@@ -170,7 +187,6 @@ fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonE
                 ..Default::default()
             })
             .collect(),
-        ..Default::default()
     };
     let routes = RoutesConfigDump {
         dynamic_route_configs: of(type_url::ROUTE_CONFIGURATION)
@@ -315,6 +331,24 @@ fn id_renewals() -> u64 {
 }
 
 /// Envoy's `/clusters` text: `cluster::host:port::stat::value` lines.
+/// Envoy's `/clusters` health flags: `healthy`, or each reason the host is not.
+fn health_flags(e: &crate::cluster::Endpoint) -> String {
+    let mut flags = String::new();
+    if e.health.active.is_failed() {
+        flags.push_str("/failed_active_hc");
+    }
+    if e.health.active.is_pending() {
+        flags.push_str("/pending_active_hc");
+    }
+    if e.health.is_ejected() {
+        flags.push_str("/failed_outlier_check");
+    }
+    if flags.is_empty() {
+        flags.push_str("healthy");
+    }
+    flags
+}
+
 fn clusters(proxy: &Proxy) -> String {
     let snapshot = proxy.snapshot();
     let mut names: Vec<&String> = snapshot.clusters.keys().collect();
@@ -339,7 +373,7 @@ fn clusters(proxy: &Proxy) -> String {
             let _ = writeln!(out, "{name}::{a}::rq_success::{}", s.rq_success.get());
             let _ = writeln!(out, "{name}::{a}::rq_total::{}", s.rq_total.get());
             let _ = writeln!(out, "{name}::{a}::hostname::");
-            let _ = writeln!(out, "{name}::{a}::health_flags::healthy");
+            let _ = writeln!(out, "{name}::{a}::health_flags::{}", health_flags(e));
             let _ = writeln!(out, "{name}::{a}::weight::{}", e.weight);
         }
     }
@@ -410,7 +444,11 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
             ),
             ("update_success", s.update_success.get() as i64, true),
             ("membership_total", eps.all().len() as i64, false),
-            ("membership_healthy", eps.all().len() as i64, false),
+            (
+                "membership_healthy",
+                eps.all().iter().filter(|e| e.health.is_usable()).count() as i64,
+                false,
+            ),
         ] {
             v.push(Stat {
                 prom_name: prom(stat),
@@ -419,6 +457,52 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 plain: format!("cluster.{name}.{stat}"),
                 counter,
             });
+        }
+        if c.health_check.is_some() {
+            let h = &c.health_stats;
+            for (stat, prom_name, value, counter) in [
+                (
+                    "attempt",
+                    "envoy_cluster_health_check_attempt",
+                    h.attempt.get() as i64,
+                    true,
+                ),
+                (
+                    "success",
+                    "envoy_cluster_health_check_success",
+                    h.success.get() as i64,
+                    true,
+                ),
+                (
+                    "failure",
+                    "envoy_cluster_health_check_failure",
+                    h.failure.get() as i64,
+                    true,
+                ),
+                (
+                    "network_failure",
+                    "envoy_cluster_health_check_network_failure",
+                    h.network_failure.get() as i64,
+                    true,
+                ),
+                (
+                    "healthy",
+                    "envoy_cluster_health_check_healthy",
+                    eps.all()
+                        .iter()
+                        .filter(|e| !e.health.active.is_failed())
+                        .count() as i64,
+                    false,
+                ),
+            ] {
+                v.push(Stat {
+                    prom_name,
+                    labels: lb(),
+                    value,
+                    plain: format!("cluster.{name}.health_check.{stat}"),
+                    counter,
+                });
+            }
         }
         for class in 1..=5 {
             let mut labels = lb();

@@ -1,6 +1,7 @@
 //! Start-up config: either flags (`--xds-address`, `--node-id`) or an Envoy-style bootstrap file
-//! (`--config-path`, YAML or JSON) from which weft takes the node, the admin address and the ADS
-//! server (the static cluster that `ads_config` points at).
+//! (`--config-path`, YAML or JSON) from which weft takes the node, the admin address, the ADS
+//! server (the static cluster that `ads_config` points at) and any static listeners and
+//! clusters (`static_resources`). A bootstrap may have ADS, static resources, or both.
 
 use std::net::SocketAddr;
 
@@ -15,7 +16,8 @@ use crate::cluster::socket_addr;
 pub struct Startup {
     pub bootstrap: Bootstrap,
     pub node: Node,
-    pub xds_address: String,
+    /// The ADS server; None for a bootstrap with static resources only.
+    pub xds_address: Option<String>,
     pub admin_address: Option<SocketAddr>,
 }
 
@@ -36,13 +38,62 @@ pub fn from_bootstrap(bootstrap: Bootstrap) -> anyhow::Result<Startup> {
     let ads = bootstrap
         .dynamic_resources
         .as_ref()
+        .and_then(|d| d.ads_config.as_ref());
+    let has_static = bootstrap
+        .static_resources
+        .as_ref()
+        .is_some_and(|s| !s.listeners.is_empty());
+    let xds_address = match ads {
+        Some(ads) => Some(ads_address(&bootstrap, ads)?),
+        None if has_static => None,
+        None => bail!(
+            "dynamic_resources.ads_config: the bootstrap has neither an ADS server nor static_resources.listeners, so there is nothing to serve"
+        ),
+    };
+    let admin_address = bootstrap
+        .admin
+        .as_ref()
+        .and_then(|a: &Admin| a.address.as_ref())
+        .map(|a| socket_addr(Some(a)).map_err(|r| anyhow::anyhow!("admin.address: {r}")))
+        .transpose()?;
+    Ok(Startup {
+        bootstrap,
+        node,
+        xds_address,
+        admin_address,
+    })
+}
+
+/// The names of the static clusters that carry xDS itself (`ads_config`'s gRPC services):
+/// they are how the proxy reaches its control plane, not upstreams for traffic.
+pub fn ads_clusters(bootstrap: &Bootstrap) -> Vec<String> {
+    bootstrap
+        .dynamic_resources
+        .as_ref()
         .and_then(|d| d.ads_config.as_ref())
-        .context("dynamic_resources.ads_config: weft-proxy is configured over ADS only")?;
+        .map(|ads| {
+            ads.grpc_services
+                .iter()
+                .filter_map(|g| match &g.target_specifier {
+                    Some(grpc_service::TargetSpecifier::EnvoyGrpc(e)) => {
+                        Some(e.cluster_name.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ads_address(
+    bootstrap: &Bootstrap,
+    ads: &weft_xds_proto::envoy::config::core::v3::ApiConfigSource,
+) -> anyhow::Result<String> {
     let grpc = ads
         .grpc_services
         .first()
         .context("dynamic_resources.ads_config.grpc_services is empty")?;
-    let xds_address = match &grpc.target_specifier {
+    Ok(match &grpc.target_specifier {
         Some(grpc_service::TargetSpecifier::EnvoyGrpc(e)) => {
             let cluster = bootstrap
                 .static_resources
@@ -65,18 +116,6 @@ pub fn from_bootstrap(bootstrap: Bootstrap) -> anyhow::Result<Startup> {
         }
         Some(grpc_service::TargetSpecifier::GoogleGrpc(g)) => g.target_uri.clone(),
         None => bail!("dynamic_resources.ads_config.grpc_services[0] has no target"),
-    };
-    let admin_address = bootstrap
-        .admin
-        .as_ref()
-        .and_then(|a: &Admin| a.address.as_ref())
-        .map(|a| socket_addr(Some(a)).map_err(|r| anyhow::anyhow!("admin.address: {r}")))
-        .transpose()?;
-    Ok(Startup {
-        bootstrap,
-        node,
-        xds_address,
-        admin_address,
     })
 }
 
@@ -93,7 +132,7 @@ pub fn from_flags(node_id: &str, cluster: &str, xds_address: &str) -> Startup {
             ..Default::default()
         },
         node,
-        xds_address: xds_address.to_string(),
+        xds_address: Some(xds_address.to_string()),
         admin_address: None,
     }
 }
@@ -125,7 +164,8 @@ static_resources:
 "#;
         let b: Bootstrap = weft_xds_proto::from_yaml(yaml).unwrap();
         let s = from_bootstrap(b).unwrap();
-        assert_eq!(s.xds_address, "127.0.0.1:15010");
+        assert_eq!(s.xds_address.as_deref(), Some("127.0.0.1:15010"));
+        assert_eq!(ads_clusters(&s.bootstrap), ["xds-grpc"]);
         assert_eq!(s.admin_address, Some("127.0.0.1:15000".parse().unwrap()));
         assert_eq!(s.node.cluster, "client");
     }
@@ -135,5 +175,21 @@ static_resources:
         let b: Bootstrap = weft_xds_proto::from_yaml("node: { id: x }").unwrap();
         let err = format!("{:#}", from_bootstrap(b).unwrap_err());
         assert!(err.contains("ads_config"), "{err}");
+        assert!(err.contains("static_resources.listeners"), "{err}");
+    }
+
+    #[test]
+    fn static_listeners_alone_need_no_ads() {
+        let yaml = r#"
+node: { id: edge }
+static_resources:
+  listeners:
+  - name: l
+    address: { socket_address: { address: 127.0.0.1, port_value: 10000 } }
+"#;
+        let b: Bootstrap = weft_xds_proto::from_yaml(yaml).unwrap();
+        let s = from_bootstrap(b).unwrap();
+        assert_eq!(s.xds_address, None);
+        assert!(ads_clusters(&s.bootstrap).is_empty());
     }
 }

@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         startup.node.id = id.clone();
     }
     if let Some(xds) = &args.xds_address {
-        startup.xds_address = xds.clone();
+        startup.xds_address = Some(xds.clone());
     }
     let admin_address = args
         .admin_address
@@ -156,7 +156,8 @@ fn main() -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind(admin_address)
             .await
             .with_context(|| format!("binding the admin address {admin_address}"))?;
-        tracing::info!(admin = %admin_address, xds = %startup.xds_address, node = %startup.node.id, workers, "weft-proxy starting");
+        let xds_address = startup.xds_address.clone().unwrap_or_default();
+        tracing::info!(admin = %admin_address, xds = %xds_address, node = %startup.node.id, workers, "weft-proxy starting");
         tokio::spawn(weft_proxy::admin::serve(admin, proxy.clone()));
         let token = match (&args.ca_token_file, &args.ca_token) {
             (Some(f), _) => Some(weft_proxy::identity::TokenSource::File(f.clone())),
@@ -179,7 +180,11 @@ fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let ca = weft_proxy::identity::CaClient {
-                address: args.ca_address.clone().unwrap_or_else(|| startup.xds_address.clone()),
+                address: args
+                    .ca_address
+                    .clone()
+                    .or_else(|| startup.xds_address.clone())
+                    .context("--ca-address is needed: the bootstrap has no ADS server to take it from")?,
                 tls,
                 token,
             };
@@ -207,7 +212,19 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         let mut client =
-            weft_proxy::xds::XdsClient::new(proxy, startup.node, &startup.xds_address);
+            weft_proxy::xds::XdsClient::new(proxy.clone(), startup.node, &xds_address);
+        client
+            .apply_static()
+            .await
+            .map_err(|r| anyhow::anyhow!("static_resources: {r}"))?;
+        if startup.xds_address.is_none() {
+            // Static resources only: the config is complete as it is.
+            tracing::info!("static config applied; proxy is LIVE (no ADS server configured)");
+            proxy.set_state(weft_proxy::state::ServerState::Live);
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            return Ok(());
+        }
         if let Some(path) = &args.xds_root_cert {
             client.tls = Some(weft_proxy::identity::CaTls {
                 roots_pem: std::fs::read(path)

@@ -7,7 +7,9 @@ pub mod envoy;
 pub mod http;
 pub mod mesh;
 pub mod procs;
+pub mod standalone;
 
 pub use http::{Client, Response, get, get_json};
 pub use mesh::{Quickstart, binomial_bounds};
 pub use procs::{Proc, bin, envoy_bin, free_port, wait_until};
+pub use standalone::{Flavor, Standalone};

@@ -3,6 +3,7 @@
 //! anything this version cannot honour rejected (NACKed) by field name.
 
 pub mod dns;
+pub mod health;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
@@ -86,6 +87,9 @@ pub struct Cluster {
     pub stats: ClusterStats,
     pub breakers: Breakers,
     pub outlier: Option<outlier::OutlierConfig>,
+    /// Active health checking (`health_checks`).
+    pub health_check: Option<health::HealthCheck>,
+    pub health_stats: health::HealthStats,
     pub limits: ConnectionLimits,
     /// Below this percentage of healthy hosts the load balancer ignores health (Envoy: 50).
     pub panic_threshold: f64,
@@ -311,7 +315,6 @@ impl Cluster {
         let lb = LbPolicy::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
         let transport = Transport::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
         for (field, set) in [
-            ("health_checks", !c.health_checks.is_empty()),
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
             (
@@ -424,6 +427,8 @@ impl Cluster {
             .map(outlier::OutlierConfig::from_xds)
             .transpose()
             .map_err(|(f, r)| reject(&f, r))?;
+        let health_check = health::HealthCheck::from_xds(&c.health_checks, &c.name)
+            .map_err(|(f, r)| reject(&f, r))?;
         let connect_timeout = c
             .connect_timeout
             .as_ref()
@@ -439,6 +444,8 @@ impl Cluster {
             stats: ClusterStats::default(),
             breakers,
             outlier,
+            health_check,
+            health_stats: Default::default(),
             limits,
             panic_threshold,
             transport,
@@ -475,7 +482,7 @@ impl Cluster {
                 weight,
                 pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits, tls),
                 stats: EndpointStats::default(),
-                health: Default::default(),
+                health: outlier::HostHealth::new(self.health_check.is_some()),
             }),
         }
     }
@@ -529,8 +536,9 @@ impl Cluster {
         Ok(lb::EndpointSet::for_policy(endpoints, self.lb.policy))
     }
 
-    /// Picks an endpoint: the load balancer's choice among hosts outlier detection has not
-    /// ejected (all hosts when fewer than the panic threshold are left), avoiding `tried` when
+    /// Picks an endpoint: the load balancer's choice among hosts neither ejected by outlier
+    /// detection nor failed by active health checks (all hosts when fewer than the panic
+    /// threshold are left), avoiding `tried` when
     /// another host can be had within `attempts` picks. `hash` is the request's hash for the
     /// consistent-hash balancers; further picks for the same request step it along.
     pub fn pick(
@@ -541,15 +549,15 @@ impl Cluster {
     ) -> Option<Arc<Endpoint>> {
         let set = self.endpoints.load();
         let all = set.all();
-        // Without outlier detection no host is ever ejected: skip the health scan.
-        let panic = self.outlier.is_none() || {
-            let healthy = all.iter().filter(|e| !e.health.is_ejected()).count();
+        // Without outlier detection or health checks every host is healthy: skip the scan.
+        let panic = (self.outlier.is_none() && self.health_check.is_none()) || {
+            let healthy = all.iter().filter(|e| e.health.is_usable()).count();
             (healthy as f64) * 100.0 < (all.len() as f64) * self.panic_threshold
         };
         if panic && tried.is_empty() {
             return self.lb.pick(&set, hash);
         }
-        let usable = |e: &Endpoint| panic || !e.health.is_ejected();
+        let usable = |e: &Endpoint| panic || e.health.is_usable();
         let mut fallback = None;
         for k in 0..(attempts.max(1) + all.len() as u32) {
             let step =

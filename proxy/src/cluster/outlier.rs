@@ -87,6 +87,8 @@ pub struct HostHealth {
     ejections: AtomicU32,
     /// Milliseconds since `epoch()` until which the host is ejected (0: not ejected).
     ejected_until_ms: AtomicU64,
+    /// Active health checking's verdict (see `health`).
+    pub active: super::health::ActiveHealth,
 }
 
 fn epoch() -> Instant {
@@ -109,6 +111,20 @@ pub enum Outcome {
 }
 
 impl HostHealth {
+    /// A host of a cluster that health-checks its hosts starts unhealthy until checked.
+    pub fn new(active_checks: bool) -> HostHealth {
+        HostHealth {
+            active: super::health::ActiveHealth::new(active_checks),
+            ..Default::default()
+        }
+    }
+
+    /// Neither ejected by outlier detection nor failed by active health checking.
+    #[inline]
+    pub fn is_usable(&self) -> bool {
+        !self.active.is_failed() && !self.is_ejected()
+    }
+
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         until != 0 && now_ms() < until

@@ -298,19 +298,21 @@ impl Pool {
     /// A new connection to the endpoint (TLS when the cluster says so), counted in the pool's
     /// stats. The HTTP pool, the TCP proxy and upgrades all connect through here.
     pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+        self.connect_to(self.addr).await
+    }
+
+    /// As `connect`, to another port of the host (health checks' `alt_port`).
+    pub async fn connect_to(&self, addr: SocketAddr) -> Result<UpstreamStream, UpstreamError> {
         let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(source)) => {
                     self.stats.cx_connect_fail.inc();
-                    return Err(UpstreamError::Connect {
-                        addr: self.addr,
-                        source,
-                    });
+                    return Err(UpstreamError::Connect { addr, source });
                 }
                 Err(_) => {
                     self.stats.cx_connect_fail.inc();
-                    return Err(UpstreamError::ConnectTimeout(self.addr));
+                    return Err(UpstreamError::ConnectTimeout(addr));
                 }
             };
         let _ = stream.set_nodelay(true);
@@ -324,14 +326,11 @@ impl Pool {
             Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
             Ok(Err(source)) => {
                 self.stats.cx_connect_fail.inc();
-                Err(UpstreamError::Tls {
-                    addr: self.addr,
-                    source,
-                })
+                Err(UpstreamError::Tls { addr, source })
             }
             Err(_) => {
                 self.stats.cx_connect_fail.inc();
-                Err(UpstreamError::ConnectTimeout(self.addr))
+                Err(UpstreamError::ConnectTimeout(addr))
             }
         }
     }

@@ -25,6 +25,10 @@ pub struct Applied {
 
 pub struct Applier {
     proxy: Arc<Proxy>,
+    /// The bootstrap's `static_resources` (less the clusters that carry xDS itself): part of
+    /// every cluster and listener set, and never replaced over xDS.
+    static_clusters: Vec<XdsCluster>,
+    static_listeners: Vec<XdsListener>,
     /// Last load assignment per EDS service name: a cluster created later (or re-created by a
     /// CDS update) starts with its endpoints instead of empty.
     eds_cache: HashMap<String, ClusterLoadAssignment>,
@@ -65,7 +69,15 @@ fn no_duplicates<'a>(
 
 impl Applier {
     pub fn new(proxy: Arc<Proxy>) -> Applier {
+        let infra = crate::bootstrap::ads_clusters(&proxy.bootstrap);
+        let statics = proxy.bootstrap.static_resources.clone().unwrap_or_default();
         Applier {
+            static_clusters: statics
+                .clusters
+                .into_iter()
+                .filter(|c| !infra.contains(&c.name))
+                .collect(),
+            static_listeners: statics.listeners,
             proxy,
             eds_cache: HashMap::new(),
             rds_names: BTreeSet::new(),
@@ -86,13 +98,74 @@ impl Applier {
         }
     }
 
+    /// Builds the bootstrap's static clusters and listeners (before any xDS arrives). A
+    /// static resource that cannot be honoured stops the start-up, as it does Envoy's.
+    pub async fn apply_static(&mut self) -> Result<(), Rejection> {
+        if self.static_clusters.is_empty() && self.static_listeners.is_empty() {
+            return Ok(());
+        }
+        self.set_clusters(&[]).await?;
+        let rds = self.set_listeners(&[]).await?;
+        if !rds.is_empty() && !self.has_ads() {
+            return Err(Rejection::new(
+                "Listener",
+                "static_resources.listeners",
+                "http_connection_manager.rds",
+                format!(
+                    "static listeners refer to route configurations over RDS ({}), which a bootstrap without ADS cannot serve",
+                    rds.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn has_ads(&self) -> bool {
+        self.proxy
+            .bootstrap
+            .dynamic_resources
+            .as_ref()
+            .is_some_and(|d| d.ads_config.is_some())
+    }
+
     async fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<XdsCluster> = decode("Cluster", resp)?;
-        no_duplicates("Cluster", xds.iter().map(|c| c.name.as_str()))?;
+        let eds_names = self.set_clusters(&xds).await?;
+        self.proxy.record_accepted(
+            type_url::CLUSTER,
+            &resp.version_info,
+            xds.iter()
+                .map(|c| (c.name.clone(), weft_xds_proto::pack(c))),
+            true,
+        );
+        Ok(Applied {
+            subscribe: Some((type_url::CLUSTER_LOAD_ASSIGNMENT, eds_names)),
+        })
+    }
+
+    /// Replaces the cluster set with the static clusters plus `dynamic`; returns the EDS
+    /// service names it needs.
+    async fn set_clusters(
+        &mut self,
+        dynamic: &[XdsCluster],
+    ) -> Result<BTreeSet<String>, Rejection> {
+        no_duplicates("Cluster", dynamic.iter().map(|c| c.name.as_str()))?;
+        if let Some(c) = dynamic
+            .iter()
+            .find(|c| self.static_clusters.iter().any(|s| s.name == c.name))
+        {
+            return Err(Rejection::new(
+                "Cluster",
+                &c.name,
+                "name",
+                "a static cluster of the bootstrap has this name; static clusters cannot be replaced over CDS",
+            ));
+        }
+        let xds: Vec<&XdsCluster> = self.static_clusters.iter().chain(dynamic).collect();
         let current = self.proxy.snapshot();
         let mut clusters = HashMap::with_capacity(xds.len());
         let mut fresh_dns = Vec::new();
-        for c in &xds {
+        for c in xds {
             let cluster = match current.clusters.get(&c.name) {
                 Some(existing) if existing.source == *c => existing.clone(),
                 _ => {
@@ -103,6 +176,7 @@ impl Applier {
                         built.assign(cla)?;
                     }
                     let built = Arc::new(built);
+                    crate::cluster::health::start(&built);
                     if matches!(built.discovery, Discovery::Dns(_)) {
                         fresh_dns.push(built.clone());
                     }
@@ -132,16 +206,7 @@ impl Applier {
             routes: s.routes.clone(),
         });
         self.eds_cache.retain(|k, _| eds_names.contains(k));
-        self.proxy.record_accepted(
-            type_url::CLUSTER,
-            &resp.version_info,
-            xds.iter()
-                .map(|c| (c.name.clone(), weft_xds_proto::pack(c))),
-            true,
-        );
-        Ok(Applied {
-            subscribe: Some((type_url::CLUSTER_LOAD_ASSIGNMENT, eds_names)),
-        })
+        Ok(eds_names)
     }
 
     fn endpoints(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
@@ -186,16 +251,7 @@ impl Applier {
 
     async fn listeners(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let xds: Vec<XdsListener> = decode("Listener", resp)?;
-        no_duplicates("Listener", xds.iter().map(|l| l.name.as_str()))?;
-        let configs = xds
-            .iter()
-            .map(ListenerConfig::from_xds)
-            .collect::<Result<Vec<_>, _>>()?;
-        let rds: BTreeSet<String> = configs
-            .iter()
-            .flat_map(|c| c.route_config_names().into_iter().map(str::to_string))
-            .collect();
-        self.proxy.listeners.apply(&self.proxy, configs).await?;
+        let rds = self.set_listeners(&xds).await?;
         self.proxy.record_accepted(
             type_url::LISTENER,
             &resp.version_info,
@@ -203,10 +259,42 @@ impl Applier {
                 .map(|l| (l.name.clone(), weft_xds_proto::pack(l))),
             true,
         );
-        self.rds_names = rds.clone();
         Ok(Applied {
             subscribe: Some((type_url::ROUTE_CONFIGURATION, rds)),
         })
+    }
+
+    /// Replaces the listener set with the static listeners plus `dynamic`; returns the route
+    /// configuration names they need over RDS.
+    async fn set_listeners(
+        &mut self,
+        dynamic: &[XdsListener],
+    ) -> Result<BTreeSet<String>, Rejection> {
+        no_duplicates("Listener", dynamic.iter().map(|l| l.name.as_str()))?;
+        if let Some(l) = dynamic
+            .iter()
+            .find(|l| self.static_listeners.iter().any(|s| s.name == l.name))
+        {
+            return Err(Rejection::new(
+                "Listener",
+                &l.name,
+                "name",
+                "a static listener of the bootstrap has this name; static listeners cannot be replaced over LDS",
+            ));
+        }
+        let configs = self
+            .static_listeners
+            .iter()
+            .chain(dynamic)
+            .map(ListenerConfig::from_xds)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rds: BTreeSet<String> = configs
+            .iter()
+            .flat_map(|c| c.route_config_names().into_iter().map(str::to_string))
+            .collect();
+        self.proxy.listeners.apply(&self.proxy, configs).await?;
+        self.rds_names = rds.clone();
+        Ok(rds)
     }
 
     fn routes(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {

@@ -63,6 +63,11 @@ impl XdsClient {
         }
     }
 
+    /// Builds the bootstrap's static listeners and clusters; call before `run`.
+    pub async fn apply_static(&mut self) -> Result<(), crate::Rejection> {
+        self.apply.apply_static().await
+    }
+
     /// Runs forever: connect, stream, and on failure back off and reconnect.
     pub async fn run(mut self) {
         let mut backoff = Backoff::default();

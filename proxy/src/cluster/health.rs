@@ -1,0 +1,748 @@
+//! Active health checking, as Envoy's `health_checks` (one HTTP or TCP checker per cluster):
+//! each host is checked on its own schedule; a host is taken out of load balancing after
+//! `unhealthy_threshold` failed checks (at once for an HTTP status that is neither expected nor
+//! retriable, or the `x-envoy-immediate-health-check-fail` header), and put back after
+//! `healthy_threshold` good ones. A host starts unhealthy until its first check passes (one
+//! success is enough then). Checks go over the endpoint's own transport (TLS when the cluster
+//! has it), on a new connection each time (`reuse_connection` is not honoured: see
+//! docs/envoy-differences.md).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_xds_proto::envoy::config::core::v3::{HealthCheck as XdsHealthCheck, health_check};
+
+use super::{Cluster, Endpoint};
+use crate::duration;
+use crate::http::rewrite::HeaderEdits;
+
+/// A cluster's active health check, validated.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub timeout: Duration,
+    pub interval: Duration,
+    pub unhealthy_interval: Duration,
+    pub unhealthy_edge_interval: Duration,
+    pub healthy_edge_interval: Duration,
+    pub no_traffic_interval: Duration,
+    pub no_traffic_healthy_interval: Duration,
+    pub initial_jitter: Duration,
+    pub interval_jitter: Duration,
+    pub interval_jitter_percent: u32,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub alt_port: Option<u16>,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Http(HttpCheck),
+    Tcp {
+        send: Vec<u8>,
+        /// Each must be found in the response, in this order.
+        receive: Vec<Vec<u8>>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpCheck {
+    /// `host`, else the cluster's name (Envoy's default).
+    pub host: String,
+    pub path: String,
+    pub method: http::Method,
+    pub http2: bool,
+    pub expected: Vec<Range<u16>>,
+    pub retriable: Vec<Range<u16>>,
+    pub headers: HeaderEdits,
+}
+
+type Rejected = (String, String);
+
+fn payload(p: &health_check::Payload, field: &str) -> Result<Vec<u8>, Rejected> {
+    match &p.payload {
+        Some(health_check::payload::Payload::Binary(b)) => Ok(b.clone()),
+        Some(health_check::payload::Payload::Text(hex)) => {
+            let hex: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            if !hex.len().is_multiple_of(2) {
+                return Err((field.into(), "hex text has an odd number of digits".into()));
+            }
+            hex.chunks(2)
+                .map(|pair| {
+                    std::str::from_utf8(pair)
+                        .ok()
+                        .and_then(|s| u8::from_str_radix(s, 16).ok())
+                        .ok_or_else(|| (field.to_string(), format!("{:?} is not hex", pair)))
+                })
+                .collect()
+        }
+        None => Err((field.into(), "a payload needs text or binary".into())),
+    }
+}
+
+fn ranges(
+    list: &[weft_xds_proto::envoy::r#type::v3::Int64Range],
+    field: &str,
+) -> Result<Vec<Range<u16>>, Rejected> {
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !(100..=600).contains(&r.start) || !(100..=600).contains(&r.end) || r.start >= r.end
+            {
+                return Err((
+                    format!("{field}[{i}]"),
+                    format!(
+                        "[{}, {}) is not a range of HTTP statuses (start < end, within [100, 600])",
+                        r.start, r.end
+                    ),
+                ));
+            }
+            Ok(r.start as u16..r.end as u16)
+        })
+        .collect()
+}
+
+impl HealthCheck {
+    /// Validates a cluster's `health_checks` (at most one is supported); `field` names it.
+    pub fn from_xds(
+        checks: &[XdsHealthCheck],
+        cluster: &str,
+    ) -> Result<Option<HealthCheck>, Rejected> {
+        let Some(h) = checks.first() else {
+            return Ok(None);
+        };
+        if checks.len() > 1 {
+            return Err((
+                "health_checks".into(),
+                "only one health checker per cluster is supported".into(),
+            ));
+        }
+        let f = |s: &str| format!("health_checks[0].{s}");
+        let d = |v: &Option<weft_xds_proto::wkt::Duration>| v.as_ref().map(duration);
+        let (Some(timeout), Some(interval)) = (d(&h.timeout), d(&h.interval)) else {
+            return Err((f("timeout"), "timeout and interval are required".into()));
+        };
+        if timeout.is_zero() || interval.is_zero() {
+            return Err((f("interval"), "timeout and interval must be above 0".into()));
+        }
+        let (Some(unhealthy), Some(healthy)) = (h.unhealthy_threshold, h.healthy_threshold) else {
+            return Err((
+                f("unhealthy_threshold"),
+                "unhealthy_threshold and healthy_threshold are required".into(),
+            ));
+        };
+        for (field, set) in [
+            #[allow(deprecated)] // refused, as every field weft does not honour
+            ("event_log_path", !h.event_log_path.is_empty()),
+            ("event_logger", !h.event_logger.is_empty()),
+            ("event_service", h.event_service.is_some()),
+            ("tls_options", h.tls_options.is_some()),
+            (
+                "transport_socket_match_criteria",
+                h.transport_socket_match_criteria.is_some(),
+            ),
+            (
+                "reuse_connection",
+                h.reuse_connection.is_some_and(|r| r.value),
+            ),
+        ] {
+            if set {
+                return Err((f(field), "not supported by this weft-proxy version".into()));
+            }
+        }
+        let kind = match &h.health_checker {
+            Some(health_check::HealthChecker::HttpHealthCheck(x)) => {
+                if x.send.is_some() || !x.receive.is_empty() || x.response_buffer_size.is_some() {
+                    return Err((
+                        f("http_health_check.receive"),
+                        "HTTP payload send/receive checks are not supported yet".into(),
+                    ));
+                }
+                if x.service_name_matcher.is_some() {
+                    return Err((
+                        f("http_health_check.service_name_matcher"),
+                        "not supported by this weft-proxy version".into(),
+                    ));
+                }
+                if x.path.is_empty() || !x.path.starts_with('/') {
+                    return Err((
+                        f("http_health_check.path"),
+                        format!("{:?} is not a request path", x.path),
+                    ));
+                }
+                use weft_xds_proto::envoy::config::core::v3::RequestMethod;
+                let method = match RequestMethod::try_from(x.method) {
+                    Ok(RequestMethod::MethodUnspecified | RequestMethod::Get) => http::Method::GET,
+                    Ok(RequestMethod::Head) => http::Method::HEAD,
+                    Ok(RequestMethod::Post) => http::Method::POST,
+                    Ok(RequestMethod::Put) => http::Method::PUT,
+                    Ok(RequestMethod::Delete) => http::Method::DELETE,
+                    Ok(RequestMethod::Options) => http::Method::OPTIONS,
+                    Ok(RequestMethod::Trace) => http::Method::TRACE,
+                    Ok(RequestMethod::Patch) => http::Method::PATCH,
+                    _ => {
+                        return Err((
+                            f("http_health_check.method"),
+                            format!("method {} cannot be used for health checks", x.method),
+                        ));
+                    }
+                };
+                use weft_xds_proto::envoy::r#type::v3::CodecClientType;
+                let http2 = match CodecClientType::try_from(x.codec_client_type) {
+                    Ok(CodecClientType::Http1) => false,
+                    Ok(CodecClientType::Http2) => true,
+                    _ => {
+                        return Err((
+                            f("http_health_check.codec_client_type"),
+                            "only HTTP1 and HTTP2 health checks are supported".into(),
+                        ));
+                    }
+                };
+                let mut expected = ranges(
+                    &x.expected_statuses,
+                    &f("http_health_check.expected_statuses"),
+                )?;
+                if expected.is_empty() {
+                    expected.push(200..201);
+                }
+                Kind::Http(HttpCheck {
+                    host: if x.host.is_empty() {
+                        cluster.to_string()
+                    } else {
+                        x.host.clone()
+                    },
+                    path: x.path.clone(),
+                    method,
+                    http2,
+                    expected,
+                    retriable: ranges(
+                        &x.retriable_statuses,
+                        &f("http_health_check.retriable_statuses"),
+                    )?,
+                    headers: HeaderEdits::from_xds(
+                        &x.request_headers_to_add,
+                        &x.request_headers_to_remove,
+                    )
+                    .map_err(|r| (f("http_health_check.request_headers_to_add"), r))?,
+                })
+            }
+            Some(health_check::HealthChecker::TcpHealthCheck(t)) => {
+                if t.proxy_protocol_config.is_some() {
+                    return Err((
+                        f("tcp_health_check.proxy_protocol_config"),
+                        "not supported by this weft-proxy version".into(),
+                    ));
+                }
+                Kind::Tcp {
+                    send: t
+                        .send
+                        .as_ref()
+                        .map(|p| payload(p, &f("tcp_health_check.send")))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    receive: t
+                        .receive
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| payload(p, &f(&format!("tcp_health_check.receive[{i}]"))))
+                        .collect::<Result<_, _>>()?,
+                }
+            }
+            Some(health_check::HealthChecker::GrpcHealthCheck(_)) => {
+                return Err((
+                    f("grpc_health_check"),
+                    "gRPC health checks are not supported yet (HTTP and TCP are)".into(),
+                ));
+            }
+            Some(health_check::HealthChecker::CustomHealthCheck(_)) => {
+                return Err((
+                    f("custom_health_check"),
+                    "custom health checkers are not supported".into(),
+                ));
+            }
+            None => {
+                return Err((
+                    f("health_checker"),
+                    "an http_health_check or tcp_health_check is required".into(),
+                ));
+            }
+        };
+        let unhealthy_interval = d(&h.unhealthy_interval).unwrap_or(interval);
+        let alt_port = match h.alt_port {
+            None | Some(weft_xds_proto::wkt::UInt32Value { value: 0 }) => None,
+            Some(p) if p.value <= 65535 => Some(p.value as u16),
+            Some(p) => return Err((f("alt_port"), format!("port {} is out of range", p.value))),
+        };
+        let no_traffic_interval = d(&h.no_traffic_interval).unwrap_or(Duration::from_secs(60));
+        Ok(Some(HealthCheck {
+            timeout,
+            interval,
+            unhealthy_interval,
+            unhealthy_edge_interval: d(&h.unhealthy_edge_interval).unwrap_or(unhealthy_interval),
+            healthy_edge_interval: d(&h.healthy_edge_interval).unwrap_or(interval),
+            no_traffic_interval,
+            no_traffic_healthy_interval: d(&h.no_traffic_healthy_interval)
+                .unwrap_or(no_traffic_interval),
+            initial_jitter: d(&h.initial_jitter).unwrap_or_default(),
+            interval_jitter: d(&h.interval_jitter).unwrap_or_default(),
+            interval_jitter_percent: h.interval_jitter_percent,
+            unhealthy_threshold: unhealthy.value.max(1),
+            healthy_threshold: healthy.value.max(1),
+            alt_port,
+            kind,
+        }))
+    }
+}
+
+/// One host's active health state.
+#[derive(Debug)]
+pub struct ActiveHealth {
+    /// Failed active health checking (Envoy's `/failed_active_hc`); hosts start failed.
+    failed: AtomicBool,
+    /// No check has completed yet (Envoy's `/pending_active_hc`).
+    pending: AtomicBool,
+    consecutive_ok: AtomicU32,
+    consecutive_fail: AtomicU32,
+}
+
+impl Default for ActiveHealth {
+    fn default() -> ActiveHealth {
+        ActiveHealth::new(false)
+    }
+}
+
+impl ActiveHealth {
+    /// `checked`: the cluster health-checks its hosts, so a new host starts failed and pending.
+    pub fn new(checked: bool) -> ActiveHealth {
+        ActiveHealth {
+            failed: AtomicBool::new(checked),
+            pending: AtomicBool::new(checked),
+            consecutive_ok: AtomicU32::new(0),
+            consecutive_fail: AtomicU32::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Records a check's result; returns whether the host changed state.
+    fn record(&self, cfg: &HealthCheck, result: CheckResult) -> bool {
+        let was_pending = self.pending.swap(false, Ordering::Relaxed);
+        let was_failed = self.is_failed();
+        match result {
+            CheckResult::Healthy => {
+                self.consecutive_fail.store(0, Ordering::Relaxed);
+                let ok = self.consecutive_ok.fetch_add(1, Ordering::Relaxed) + 1;
+                // A host's first check needs only one success (Envoy, at start-up).
+                if was_failed && (was_pending || ok >= cfg.healthy_threshold) {
+                    self.failed.store(false, Ordering::Relaxed);
+                }
+            }
+            CheckResult::Unhealthy { immediate } => {
+                self.consecutive_ok.store(0, Ordering::Relaxed);
+                let bad = self.consecutive_fail.fetch_add(1, Ordering::Relaxed) + 1;
+                if !was_failed && (immediate || bad >= cfg.unhealthy_threshold) {
+                    self.failed.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        was_failed != self.is_failed()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckResult {
+    Healthy,
+    /// `immediate`: an HTTP status neither expected nor retriable (no threshold applies).
+    Unhealthy {
+        immediate: bool,
+    },
+}
+
+/// Counters Envoy keeps under `cluster.<name>.health_check.*`.
+#[derive(Debug, Default)]
+pub struct HealthStats {
+    pub attempt: crate::stats::Counter,
+    pub success: crate::stats::Counter,
+    pub failure: crate::stats::Counter,
+    pub network_failure: crate::stats::Counter,
+}
+
+/// Runs the cluster's health checks for as long as the cluster lives: one session per host,
+/// started when a host appears in the endpoint set and stopped when it leaves.
+pub fn start(cluster: &Arc<Cluster>) {
+    let Some(cfg) = cluster.health_check.clone() else {
+        return;
+    };
+    let cfg = Arc::new(cfg);
+    let weak = Arc::downgrade(cluster);
+    tokio::spawn(async move {
+        let mut sessions = Sessions::default();
+        let mut last: Option<Arc<super::lb::EndpointSet>> = None;
+        loop {
+            let Some(cluster) = weak.upgrade() else { break };
+            let set = cluster.endpoints.load_full();
+            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &set)) {
+                let live: HashMap<usize, &Arc<Endpoint>> = set
+                    .all()
+                    .iter()
+                    .map(|e| (Arc::as_ptr(e) as usize, e))
+                    .collect();
+                sessions.0.retain(|k, h| {
+                    let keep = live.contains_key(k);
+                    if !keep {
+                        h.abort();
+                    }
+                    keep
+                });
+                for (k, e) in live {
+                    sessions.0.entry(k).or_insert_with(|| {
+                        tokio::spawn(session(weak.clone(), Arc::downgrade(e), cfg.clone()))
+                            .abort_handle()
+                    });
+                }
+                last = Some(set);
+            }
+            drop(cluster);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// The per-host sessions of a cluster, by endpoint; aborted when the cluster goes away (or
+/// the supervising task is dropped with its runtime).
+#[derive(Default)]
+struct Sessions(HashMap<usize, tokio::task::AbortHandle>);
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for h in self.0.values() {
+            h.abort();
+        }
+    }
+}
+
+async fn session(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, cfg: Arc<HealthCheck>) {
+    if !cfg.initial_jitter.is_zero() {
+        tokio::time::sleep(cfg.initial_jitter.mul_f64(fastrand::f64())).await;
+    }
+    loop {
+        let (Some(c), Some(e)) = (cluster.upgrade(), endpoint.upgrade()) else {
+            return;
+        };
+        c.health_stats.attempt.inc();
+        let result = match tokio::time::timeout(cfg.timeout, check(&e, &cfg)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(reason)) => {
+                tracing::debug!(cluster = %c.name, host = %e.address, "health check failed: {reason}");
+                c.health_stats.network_failure.inc();
+                CheckResult::Unhealthy { immediate: false }
+            }
+            Err(_) => {
+                tracing::debug!(cluster = %c.name, host = %e.address, "health check timed out");
+                c.health_stats.network_failure.inc();
+                CheckResult::Unhealthy { immediate: false }
+            }
+        };
+        match result {
+            CheckResult::Healthy => c.health_stats.success.inc(),
+            CheckResult::Unhealthy { .. } => c.health_stats.failure.inc(),
+        }
+        let changed = e.health.active.record(&cfg, result);
+        if changed {
+            tracing::info!(cluster = %c.name, host = %e.address, healthy = !e.health.active.is_failed(), "active health check changed the host's state");
+        }
+        let wait = next_interval(&cfg, &c, &e, changed, fastrand::f64());
+        drop((c, e));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Envoy's choice of the next interval: the no-traffic intervals until the cluster has
+/// carried a request, the edge intervals right after a change, the unhealthy interval while
+/// the host is unhealthy; plus jitter. `unit` is a random number in [0, 1).
+fn next_interval(
+    cfg: &HealthCheck,
+    cluster: &Cluster,
+    e: &Endpoint,
+    changed: bool,
+    unit: f64,
+) -> Duration {
+    let failed = e.health.active.is_failed();
+    let base = if cluster.stats.upstream_rq_total.get() == 0 {
+        if failed {
+            cfg.no_traffic_interval
+        } else {
+            cfg.no_traffic_healthy_interval
+        }
+    } else if changed {
+        if failed {
+            cfg.unhealthy_edge_interval
+        } else {
+            cfg.healthy_edge_interval
+        }
+    } else if failed {
+        cfg.unhealthy_interval
+    } else {
+        cfg.interval
+    };
+    let mut jitter = Duration::ZERO;
+    if cfg.interval_jitter_percent > 0 {
+        jitter += base.mul_f64(f64::from(cfg.interval_jitter_percent) / 100.0 * unit);
+    }
+    if !cfg.interval_jitter.is_zero() {
+        jitter += cfg.interval_jitter.mul_f64(unit);
+    }
+    base + jitter
+}
+
+/// One check of one host. Err: the host could not be reached or answered garbage.
+async fn check(e: &Endpoint, cfg: &HealthCheck) -> Result<CheckResult, String> {
+    let stream = match cfg.alt_port {
+        None => e.pool.connect().await.map_err(|err| err.to_string())?,
+        Some(port) => e
+            .pool
+            .connect_to(std::net::SocketAddr::new(e.address.ip(), port))
+            .await
+            .map_err(|err| err.to_string())?,
+    };
+    match &cfg.kind {
+        Kind::Http(h) => http_check(stream, h).await,
+        Kind::Tcp { send, receive } => tcp_check(stream, send, receive).await,
+    }
+}
+
+async fn http_check(
+    stream: super::pool::UpstreamStream,
+    h: &HttpCheck,
+) -> Result<CheckResult, String> {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let mut req = http::Request::builder()
+        .method(h.method.clone())
+        .body(Empty::<Bytes>::new())
+        .map_err(|err| err.to_string())?;
+    let headers = req.headers_mut();
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("Envoy/HC"),
+    );
+    h.headers.apply(headers);
+    let status = if h.http2 {
+        *req.uri_mut() = format!("http://{}{}", h.host, h.path)
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|err| err.to_string())?;
+        tokio::spawn(conn);
+        read_answer(
+            send.send_request(req)
+                .await
+                .map_err(|err| err.to_string())?,
+        )
+        .await?
+    } else {
+        *req.uri_mut() = h
+            .path
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&h.host).map_err(|err| err.to_string())?,
+        );
+        req.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|err| err.to_string())?;
+        tokio::spawn(conn);
+        read_answer(
+            send.send_request(req)
+                .await
+                .map_err(|err| err.to_string())?,
+        )
+        .await?
+    };
+    let (code, immediate_fail) = status;
+    let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
+    Ok(if immediate_fail {
+        CheckResult::Unhealthy { immediate: true }
+    } else if within(&h.expected) {
+        CheckResult::Healthy
+    } else {
+        CheckResult::Unhealthy {
+            immediate: !within(&h.retriable),
+        }
+    })
+}
+
+/// The status and whether the host asked to fail at once; the body is read and dropped.
+async fn read_answer(resp: http::Response<hyper::body::Incoming>) -> Result<(u16, bool), String> {
+    let immediate = resp
+        .headers()
+        .contains_key("x-envoy-immediate-health-check-fail");
+    let code = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok((code, immediate))
+}
+
+async fn tcp_check(
+    mut stream: super::pool::UpstreamStream,
+    send: &[u8],
+    receive: &[Vec<u8>],
+) -> Result<CheckResult, String> {
+    if !send.is_empty() {
+        stream
+            .write_all(send)
+            .await
+            .map_err(|err| err.to_string())?;
+    }
+    if receive.is_empty() {
+        return Ok(CheckResult::Healthy);
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if contains_in_order(&got, receive) {
+            return Ok(CheckResult::Healthy);
+        }
+        let n = stream.read(&mut buf).await.map_err(|err| err.to_string())?;
+        if n == 0 {
+            return Ok(CheckResult::Unhealthy { immediate: false });
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether every block appears in `data`, each after the previous one.
+fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
+    let mut rest = data;
+    for b in blocks {
+        if b.is_empty() {
+            continue;
+        }
+        match rest.windows(b.len()).position(|w| w == b.as_slice()) {
+            Some(i) => rest = &rest[i + b.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Option<HealthCheck>, Rejected> {
+        let c: weft_xds_proto::envoy::config::cluster::v3::Cluster =
+            weft_xds_proto::from_yaml(yaml).unwrap();
+        HealthCheck::from_xds(&c.health_checks, &c.name)
+    }
+
+    #[test]
+    fn http_check_defaults_follow_envoy() {
+        let hc = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: { path: /healthz } }]",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(hc.unhealthy_interval, Duration::from_secs(2));
+        assert_eq!(hc.no_traffic_interval, Duration::from_secs(60));
+        let Kind::Http(h) = hc.kind else { panic!() };
+        assert_eq!(h.host, "c", "the cluster's name is the default host");
+        assert_eq!(h.expected, vec![200..201]);
+        assert!(h.retriable.is_empty());
+    }
+
+    #[test]
+    fn unsupported_or_invalid_checks_are_refused_by_field() {
+        for (yaml, field) in [
+            (
+                "{ interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {} }",
+                "health_checks[0].timeout",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, healthy_threshold: 1, tcp_health_check: {} }",
+                "health_checks[0].unhealthy_threshold",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {} }",
+                "health_checks[0].grpc_health_check",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: { path: x } }",
+                "health_checks[0].http_health_check.path",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: { path: /, expected_statuses: [{ start: 300, end: 200 }] } }",
+                "health_checks[0].http_health_check.expected_statuses[0]",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: { send: { text: 'zz' } } }",
+                "health_checks[0].tcp_health_check.send",
+            ),
+        ] {
+            let err = parse(&format!("name: c\nhealth_checks: [{yaml}]")).unwrap_err();
+            assert_eq!(err.0, field, "{yaml}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn thresholds_decide_transitions() {
+        let hc = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 1s, unhealthy_threshold: 2, healthy_threshold: 3, http_health_check: { path: /h, retriable_statuses: [{ start: 503, end: 504 }] } }]",
+        )
+        .unwrap()
+        .unwrap();
+        let h = ActiveHealth::new(true);
+        assert!(h.is_failed() && h.is_pending());
+        // The first success of a new host is enough.
+        assert!(h.record(&hc, CheckResult::Healthy));
+        assert!(!h.is_failed() && !h.is_pending());
+        // A retriable failure counts against the threshold: two to fail.
+        assert!(!h.record(&hc, CheckResult::Unhealthy { immediate: false }));
+        assert!(h.record(&hc, CheckResult::Unhealthy { immediate: false }));
+        assert!(h.is_failed());
+        // Then three successes to come back.
+        assert!(!h.record(&hc, CheckResult::Healthy));
+        assert!(!h.record(&hc, CheckResult::Healthy));
+        assert!(h.record(&hc, CheckResult::Healthy));
+        // An unexpected status fails at once.
+        assert!(h.record(&hc, CheckResult::Unhealthy { immediate: true }));
+    }
+
+    #[test]
+    fn payloads_are_hex_and_matched_in_order() {
+        let p = |t: &str| health_check::Payload {
+            payload: Some(health_check::payload::Payload::Text(t.into())),
+        };
+        assert_eq!(payload(&p("50 49 4e 47"), "f").unwrap(), b"PING");
+        assert!(payload(&p("5"), "f").is_err());
+        assert!(contains_in_order(
+            b"xxPONGyyOK",
+            &[b"PONG".to_vec(), b"OK".to_vec()]
+        ));
+        assert!(!contains_in_order(
+            b"OK PONG",
+            &[b"PONG".to_vec(), b"OK".to_vec()]
+        ));
+    }
+}

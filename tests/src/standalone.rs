@@ -1,0 +1,174 @@
+//! One proxy on a bootstrap with static resources (no control plane), run as Envoy or as
+//! weft-proxy on the very same file, in front of scripted `weftctl echo` backends: the
+//! differential harness for xDS that weftd does not generate (active health checks, local rate
+//! limits, retry budgets...).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::procs::{Proc, bin, envoy_bin, free_port, wait_until};
+
+/// Which proxy runs the bootstrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Weft,
+    Envoy,
+}
+
+impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Weft => "weft-proxy",
+            Flavor::Envoy => "envoy",
+        }
+    }
+}
+
+/// A proxy and its backends on the loopback block `127.<net>.0.0/24`.
+pub struct Standalone {
+    pub flavor: Flavor,
+    pub net: u8,
+    pub dir: PathBuf,
+    /// Backends by name, started with [`Standalone::backend`].
+    pub backends: Vec<(String, SocketAddr)>,
+    procs: Vec<Proc>,
+}
+
+impl Standalone {
+    pub fn new(name: &str, net: u8, flavor: Flavor) -> Standalone {
+        let dir = std::env::temp_dir().join(format!(
+            "weft-e2e-{name}-{}-{}",
+            flavor.name(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        Standalone {
+            flavor,
+            net,
+            dir,
+            backends: Vec::new(),
+            procs: Vec::new(),
+        }
+    }
+
+    /// The proxy's address for listeners (`127.<net>.0.10`).
+    pub fn ip(&self) -> String {
+        format!("127.{}.0.10", self.net)
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        format!("{}:15000", self.ip()).parse().expect("addr")
+    }
+
+    /// Starts an echo backend called `name` on a free port of 127.0.0.1.
+    pub fn backend(&mut self, name: &str) -> SocketAddr {
+        let port = free_port("127.0.0.1");
+        let p = port.to_string();
+        self.procs.push(Proc::start(
+            &format!("echo-{name}"),
+            &bin("weftctl"),
+            &["echo", "--port", &p, "--name", name],
+            &self.dir,
+        ));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        wait_until(Duration::from_secs(10), || {
+            crate::http::get(addr, "/echo/health/stats").ok()
+        })
+        .unwrap_or_else(|| panic!("echo backend {name} answers"));
+        self.backends.push((name.to_string(), addr));
+        addr
+    }
+
+    pub fn backend_addr(&self, name: &str) -> SocketAddr {
+        self.backends
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
+    /// Writes `resources` (the YAML of `static_resources`, indented as its body) into a
+    /// bootstrap with the admin address and starts the proxy on it; waits until `/ready`.
+    pub fn start(&mut self, resources: &str) {
+        let admin = self.admin();
+        let bootstrap = format!(
+            "node: {{ id: standalone, cluster: standalone }}\nadmin:\n  address: {{ socket_address: {{ address: {}, port_value: {} }} }}\nstatic_resources:\n{resources}",
+            admin.ip(),
+            admin.port()
+        );
+        let path = self.dir.join("bootstrap.yaml");
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let path_s = path.display().to_string();
+        let proc = match self.flavor {
+            Flavor::Weft => Proc::start(
+                "weft-proxy",
+                &bin("weft-proxy"),
+                &["--config-path", &path_s, "--concurrency", "1"],
+                &self.dir,
+            ),
+            Flavor::Envoy => {
+                let base_id = (u32::from(self.net) * 10 + 7).to_string();
+                Proc::start(
+                    "envoy",
+                    &envoy_bin(),
+                    &[
+                        "-c",
+                        &path_s,
+                        "--disable-hot-restart",
+                        "--concurrency",
+                        "1",
+                        "--base-id",
+                        &base_id,
+                        "-l",
+                        "info",
+                    ],
+                    &self.dir,
+                )
+            }
+        };
+        self.procs.push(proc);
+        let ready = wait_until(Duration::from_secs(20), || {
+            crate::http::get(admin, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        if ready.is_none() {
+            let logs = self.procs.last().map(|p| p.logs()).unwrap_or_default();
+            panic!(
+                "{} becomes ready on its bootstrap:\n{logs}",
+                self.flavor.name()
+            );
+        }
+    }
+
+    /// The proxy's `/clusters` health flags of a host (`healthy`, `/failed_active_hc`...).
+    pub fn health_flags(&self, cluster: &str, host: SocketAddr) -> String {
+        let text = crate::http::get(self.admin(), "/clusters")
+            .map(|r| r.body)
+            .unwrap_or_default();
+        let key = format!("{cluster}::{host}::health_flags::");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// A counter or gauge from `/stats` (plain text), 0 when absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        let text = crate::http::get(self.admin(), "/stats")
+            .map(|r| r.body)
+            .unwrap_or_default();
+        let key = format!("{name}: ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The proxy's log so far.
+    pub fn logs(&self) -> String {
+        self.procs.last().map(|p| p.logs()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,244 @@
+//! Active health checks (HTTP and TCP), run by weft-proxy and by a stock Envoy on the same
+//! static bootstrap, against two echo backends whose health is switched on command. The
+//! outcomes must be the same: which hosts serve, how many checks it takes to fail a host
+//! (once for an unexpected status, `unhealthy_threshold` times for a retriable one), the
+//! check's host header and user agent.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weft_e2e::{Client, Flavor, Standalone, wait_until};
+
+const HTTP_PORT: u16 = 8080;
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn endpoints(hosts: &[SocketAddr]) -> String {
+    hosts
+        .iter()
+        .map(|a| {
+            format!(
+                "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
+    let eps = endpoints(hosts);
+    // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
+    let send =
+        hex("GET /echo/health/quiet HTTP/1.1\r\nhost: tcp-check\r\nconnection: close\r\n\r\n");
+    let receive = hex("HTTP/1.1 200");
+    format!(
+        r#"  listeners:
+  - name: http
+    address: {{ socket_address: {{ address: {ip}, port_value: {HTTP_PORT} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: /tcp/ }}
+                route: {{ cluster: tcp-checked, prefix_rewrite: / }}
+              - match: {{ prefix: / }}
+                route: {{ cluster: http-checked }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: http-checked
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: http-checked, endpoints: [{{ lb_endpoints: [{eps}] }}] }}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 3
+      healthy_threshold: 2
+      http_health_check:
+        path: /echo/health
+        host: health.local
+        retriable_statuses: [{{ start: 503, end: 504 }}]
+  - name: tcp-checked
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: tcp-checked, endpoints: [{{ lb_endpoints: [{eps}] }}] }}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 2
+      healthy_threshold: 1
+      tcp_health_check:
+        send: {{ text: "{send}" }}
+        receive: [{{ text: "{receive}" }}]
+"#
+    )
+}
+
+/// What one proxy did.
+#[derive(Debug, PartialEq)]
+struct Outcomes {
+    /// Backends that served 20 requests, per phase.
+    served: Vec<BTreeSet<String>>,
+    /// Checks b saw between being switched to a status and being marked failed.
+    checks_to_fail_immediate: u64,
+    checks_to_fail_retriable: u64,
+    /// The HTTP check's Host header and user agent.
+    check_headers: String,
+}
+
+fn checks(addr: SocketAddr) -> u64 {
+    let text = weft_e2e::get(addr, "/echo/health/stats").unwrap().body;
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("checks="))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+fn set_health(addr: SocketAddr, status: u16) {
+    let r = weft_e2e::get(addr, &format!("/echo/health?set={status}")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// The backends that serve 20 requests once the proxy's load balancer has caught up with the
+/// health flags: Envoy flips a host's flag at once but rebuilds its workers' host sets a moment
+/// later, so this polls (up to 5 s) until `expected` serves, and returns what served last.
+fn serving(s: &Standalone, prefix: &str, expected: &[&str]) -> BTreeSet<String> {
+    let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
+    let mut last = BTreeSet::new();
+    wait_until(Duration::from_secs(5), || {
+        last = serving_once(s, prefix);
+        (last == expected).then_some(())
+    });
+    last
+}
+
+fn serving_once(s: &Standalone, prefix: &str) -> BTreeSet<String> {
+    let addr: SocketAddr = format!("{}:{HTTP_PORT}", s.ip()).parse().unwrap();
+    let mut c = Client::new(addr);
+    (0..20)
+        .map(|_| {
+            let r = c.get("svc", &format!("{prefix}echo/x")).unwrap();
+            assert_eq!(r.status, 200, "{}: {}", s.flavor.name(), r.body);
+            r.header("x-echo-name").unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+fn wait_flags(s: &Standalone, cluster: &str, host: SocketAddr, failed: bool) {
+    wait_until(Duration::from_secs(10), || {
+        let f = s.health_flags(cluster, host);
+        (f.contains("failed_active_hc") == failed).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{}: {cluster} {host} failed={failed}; flags now {:?}\n{}",
+            s.flavor.name(),
+            s.health_flags(cluster, host),
+            s.logs()
+        )
+    });
+}
+
+/// Switches b to `status` and counts the checks it sees until the proxy marks it failed.
+fn checks_until_failed(s: &Standalone, b: SocketAddr, status: u16) -> u64 {
+    let before = checks(b);
+    set_health(b, status);
+    wait_flags(s, "http-checked", b, true);
+    checks(b) - before
+}
+
+fn run(flavor: Flavor, net: u8) -> Outcomes {
+    let mut s = Standalone::new("health-checks", net, flavor);
+    let a = s.backend("a");
+    let b = s.backend("b");
+    s.start(&resources(&s.ip(), &[a, b]));
+    for cluster in ["http-checked", "tcp-checked"] {
+        wait_flags(&s, cluster, a, false);
+        wait_flags(&s, cluster, b, false);
+    }
+    let mut served = vec![
+        serving(&s, "/", &["a", "b"]),
+        serving(&s, "/tcp/", &["a", "b"]),
+    ];
+    // An unexpected status (500) fails the host at the first check, for both checkers (the
+    // TCP check no longer reads a 200 status line).
+    let checks_to_fail_immediate = checks_until_failed(&s, b, 500);
+    wait_flags(&s, "tcp-checked", b, true);
+    served.push(serving(&s, "/", &["a"]));
+    served.push(serving(&s, "/tcp/", &["a"]));
+    // Healthy again: two good checks (healthy_threshold) bring it back.
+    set_health(b, 200);
+    wait_flags(&s, "http-checked", b, false);
+    wait_flags(&s, "tcp-checked", b, false);
+    served.push(serving(&s, "/", &["a", "b"]));
+    // A retriable status (503) takes unhealthy_threshold (3) checks.
+    let checks_to_fail_retriable = checks_until_failed(&s, b, 503);
+    served.push(serving(&s, "/", &["a"]));
+    let stats = weft_e2e::get(a, "/echo/health/stats").unwrap().body;
+    let check_headers = stats
+        .split_once(' ')
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or_default();
+    let out = Outcomes {
+        served,
+        checks_to_fail_immediate,
+        checks_to_fail_retriable,
+        check_headers,
+    };
+    eprintln!("{}: {out:?}", flavor.name());
+    let attempts = s.stat("cluster.http-checked.health_check.attempt");
+    assert!(
+        attempts > 10,
+        "{}: {attempts} health_check.attempt",
+        flavor.name()
+    );
+    out
+}
+
+#[test]
+fn weft_proxy_and_envoy_health_check_alike() {
+    let both: BTreeSet<String> = ["a", "b"].map(String::from).into();
+    let only_a: BTreeSet<String> = ["a"].map(String::from).into();
+    let weft = run(Flavor::Weft, 90);
+    let envoy = run(Flavor::Envoy, 91);
+    for (o, who) in [(&weft, "weft-proxy"), (&envoy, "Envoy")] {
+        assert_eq!(
+            o.served,
+            vec![
+                both.clone(),
+                both.clone(),
+                only_a.clone(),
+                only_a.clone(),
+                both.clone(),
+                only_a.clone()
+            ],
+            "{who}: hosts serving in each phase"
+        );
+        assert_eq!(o.checks_to_fail_immediate, 1, "{who}: a 500 fails at once");
+        assert_eq!(
+            o.checks_to_fail_retriable, 3,
+            "{who}: a retriable 503 fails after unhealthy_threshold checks"
+        );
+        assert_eq!(
+            o.check_headers, "host=health.local user-agent=Envoy/HC",
+            "{who}"
+        );
+    }
+    assert_eq!(weft, envoy);
+}
