@@ -331,6 +331,66 @@ fn id_renewals() -> u64 {
 }
 
 /// Envoy's `/clusters` text: `cluster::host:port::stat::value` lines.
+/// The local rate limit filters' counters (`<stat_prefix>.http_local_rate_limit.*`), from the
+/// connection managers' configs and the routes' and virtual hosts' (each config once).
+fn rate_limit_stats(
+    proxy: &Proxy,
+    chains: &[Arc<crate::listener::ListenerConfig>],
+    v: &mut Vec<Stat>,
+) {
+    use crate::http::local_ratelimit::LocalRateLimit;
+    let snapshot = proxy.snapshot();
+    let mut configs: Vec<&Arc<LocalRateLimit>> = Vec::new();
+    let mut tables: Vec<&crate::http::router::RouteTable> =
+        snapshot.routes.values().map(|t| t.as_ref()).collect();
+    for chain in chains.iter().flat_map(|l| l.chains.iter()) {
+        if let NetworkFilter::Http(h) = &chain.filter {
+            configs.extend(h.local_rate_limit.iter());
+            if let crate::http::RouteSource::Static(t) = &h.routes {
+                tables.push(t);
+            }
+        }
+    }
+    for t in tables {
+        for vh in t.virtual_hosts() {
+            configs.extend(vh.routes.iter().filter_map(|r| r.local_rate_limit.as_ref()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in configs {
+        if !seen.insert(Arc::as_ptr(c)) {
+            continue;
+        }
+        let s = &c.stats;
+        for (stat, prom_name, value) in [
+            (
+                "enabled",
+                "envoy_http_local_rate_limit_enabled",
+                s.enabled.get(),
+            ),
+            (
+                "enforced",
+                "envoy_http_local_rate_limit_enforced",
+                s.enforced.get(),
+            ),
+            (
+                "rate_limited",
+                "envoy_http_local_rate_limit_rate_limited",
+                s.rate_limited.get(),
+            ),
+            ("ok", "envoy_http_local_rate_limit_ok", s.ok.get()),
+        ] {
+            v.push(Stat {
+                prom_name,
+                labels: vec![("envoy_local_http_ratelimit_prefix", c.stat_prefix.clone())],
+                value: value as i64,
+                plain: format!("{}.http_local_rate_limit.{stat}", c.stat_prefix),
+                counter: true,
+            });
+        }
+    }
+}
+
 /// Envoy's `/clusters` health flags: `healthy`, or each reason the host is not.
 fn health_flags(e: &crate::cluster::Endpoint) -> String {
     let mut flags = String::new();
@@ -519,6 +579,7 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
     // Chains of one listener that share a stat prefix (PERMISSIVE mTLS: a TLS and a plaintext
     // chain) share their stats, as Envoy's scopes do: duplicates are summed below.
     let chains: Vec<_> = proxy.listeners.configs();
+    rate_limit_stats(proxy, &chains, &mut v);
     for chain in chains.iter().flat_map(|l| l.chains.iter()) {
         match &chain.filter {
             NetworkFilter::Http(h) => {

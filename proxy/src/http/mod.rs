@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod cors;
 pub mod fault;
 pub mod hash;
+pub mod local_ratelimit;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
@@ -56,6 +57,9 @@ pub struct ConnectionManager {
     pub access_logs: Option<access_log::Loggers>,
     /// RBAC filters, in chain order (AuthorizationPolicy: DENY, then ALLOW).
     pub rbac: Vec<crate::rbac::Engine>,
+    /// Present when the chain has the local rate limit filter: its own config (routes and
+    /// virtual hosts may replace it).
+    pub local_rate_limit: Option<Arc<local_ratelimit::LocalRateLimit>>,
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -88,6 +92,7 @@ impl ConnectionManager {
         let mut fault_filter = None;
         let mut rbac = Vec::new();
         let mut cors_filter = false;
+        let mut local_rate_limit = None;
         let mut router = false;
         for (i, f) in hcm.http_filters.iter().enumerate() {
             let field = format!("http_filters[{i}]");
@@ -105,7 +110,31 @@ impl ConnectionManager {
             if type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router")
             {
                 router = true;
+            } else if type_url == local_ratelimit::TYPE_URL {
+                // weft runs its filters in one order: RBAC, local rate limit, CORS, fault.
+                if cors_filter || fault_filter.is_some() {
+                    return Err(reject(
+                        &field,
+                        "the local rate limit filter must come before the CORS and fault filters"
+                            .into(),
+                    ));
+                }
+                let cfg = any
+                    .map(weft_xds_proto::unpack)
+                    .transpose()
+                    .map_err(|e| reject(&field, e.to_string()))?
+                    .unwrap_or_default();
+                local_rate_limit = Some(Arc::new(
+                    local_ratelimit::LocalRateLimit::from_xds(&cfg)
+                        .map_err(|(f2, r)| reject(&format!("{field}.{f2}"), r))?,
+                ));
             } else if type_url == crate::rbac::HTTP_FILTER {
+                if local_rate_limit.is_some() {
+                    return Err(reject(
+                        &field,
+                        "RBAC filters must come before the local rate limit filter".into(),
+                    ));
+                }
                 let cfg = any
                     .map(weft_xds_proto::unpack)
                     .transpose()
@@ -182,6 +211,7 @@ impl ConnectionManager {
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
             rbac,
+            local_rate_limit,
             cors_filter,
             websocket,
             access_logs,
@@ -325,6 +355,29 @@ async fn route_and_forward(
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR");
     };
+    // 1b. Local rate limit, when the chain has the filter: the route's (or its virtual host's)
+    //     config, else the filter's.
+    let mut req = req;
+    if let Some(filter) = &hcm.local_rate_limit {
+        let limit = route.local_rate_limit.as_ref().unwrap_or(filter);
+        match limit.check() {
+            local_ratelimit::Verdict::Pass => {}
+            local_ratelimit::Verdict::PassNotEnforced => {
+                limit
+                    .request_headers_when_not_enforced
+                    .apply(req.headers_mut());
+            }
+            local_ratelimit::Verdict::Limited => {
+                let status =
+                    StatusCode::from_u16(limit.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+                // Envoy 1.40 sends no `x-envoy-ratelimited` for local limits (its older docs
+                // said it did): the configured response headers only.
+                let mut resp = local_reply(status, "local_rate_limited", "RL");
+                limit.response_headers.apply(resp.headers_mut());
+                return resp;
+            }
+        }
+    }
     // 2. CORS, when the chain has the filter and the route a policy: an allowed preflight is
     //    answered here; an allowed actual request gets the access-control headers on its answer.
     let cors = route.cors.as_ref().filter(|_| hcm.cors_filter);

@@ -52,6 +52,9 @@ pub struct Route {
     pub fault: Option<Fault>,
     /// The CORS filter's per-route policy.
     pub cors: Option<CorsPolicy>,
+    /// The local rate limit filter's config for this route (its own, else its virtual host's;
+    /// shared, bucket and all, by the routes it comes from).
+    pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
 }
@@ -436,12 +439,35 @@ fn route_action(
     })
 }
 
-/// Per-route filter configs: the fault filter's and the CORS filter's are understood.
+type RateLimitConfig = Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>;
+
+/// The local rate limit filter's per-route or per-virtual-host config, if it has one.
+fn local_rate_limit(
+    configs: &std::collections::HashMap<String, weft_xds_proto::wkt::Any>,
+) -> Result<RateLimitConfig, (String, String)> {
+    use super::local_ratelimit::{FILTER_NAME, LocalRateLimit, TYPE_URL};
+    let Some(any) = configs.get(FILTER_NAME) else {
+        return Ok(None);
+    };
+    let field = format!("typed_per_filter_config[{FILTER_NAME}]");
+    if any.type_url != TYPE_URL {
+        return Err((field, format!("expected {TYPE_URL}, got {}", any.type_url)));
+    }
+    let c = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
+    LocalRateLimit::from_xds(&c)
+        .map(|l| Some(std::sync::Arc::new(l)))
+        .map_err(|(f2, r)| (format!("{field}.{f2}"), r))
+}
+
+/// Per-route filter configs: the fault filter's, the CORS filter's and the local rate limit
+/// filter's are understood.
 fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (String, String)> {
     let (mut fault, mut cors) = (None, None);
     for (name, any) in &r.typed_per_filter_config {
         let field = format!("typed_per_filter_config[{name}]");
-        if name == fault::FILTER_NAME && any.type_url == fault::TYPE_URL {
+        if name == super::local_ratelimit::FILTER_NAME {
+            // Read by `local_rate_limit`.
+        } else if name == fault::FILTER_NAME && any.type_url == fault::TYPE_URL {
             let f = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
             fault = Some(Fault::from_xds(&f).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
         } else if name == cors::FILTER_NAME && any.type_url == cors::POLICY_TYPE_URL {
@@ -460,7 +486,7 @@ fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (S
     Ok((fault, cors))
 }
 
-fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
+fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String, String)> {
     let m = r
         .r#match
         .as_ref()
@@ -565,6 +591,7 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         _ => return Err(("action".into(), "only route actions are supported".into())),
     };
     let (fault, cors) = route_filters(r)?;
+    let local_rate_limit = local_rate_limit(&r.typed_per_filter_config)?.or(vh_rate_limit.clone());
     Ok(Route {
         name: r.name.clone(),
         path,
@@ -574,6 +601,7 @@ fn route(r: &XdsRoute) -> Result<Route, (String, String)> {
         action,
         fault,
         cors,
+        local_rate_limit,
         request_headers: HeaderEdits::from_xds(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,
@@ -611,7 +639,9 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
         ("rate_limits", !vh.rate_limits.is_empty()),
         (
             "typed_per_filter_config",
-            !vh.typed_per_filter_config.is_empty(),
+            vh.typed_per_filter_config
+                .keys()
+                .any(|k| k != super::local_ratelimit::FILTER_NAME),
         ),
     ] {
         if set {
@@ -627,11 +657,12 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
             "not supported by this weft-proxy version".into(),
         ));
     }
+    let vh_rate_limit = local_rate_limit(&vh.typed_per_filter_config)?;
     let routes = vh
         .routes
         .iter()
         .enumerate()
-        .map(|(i, r)| route(r).map_err(|(f, e)| (format!("routes[{i}].{f}"), e)))
+        .map(|(i, r)| route(r, &vh_rate_limit).map_err(|(f, e)| (format!("routes[{i}].{f}"), e)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VirtualHost {
         name: vh.name.clone(),
@@ -703,6 +734,10 @@ impl RouteTable {
     }
 
     /// Envoy's order: exact domain, then longest `*suffix`, then longest `prefix*`, then `*`.
+    pub fn virtual_hosts(&self) -> &[VirtualHost] {
+        &self.virtual_hosts
+    }
+
     pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
         let lower;
         let host = if authority.bytes().any(|b| b.is_ascii_uppercase()) {

@@ -1,0 +1,184 @@
+//! The local rate limit filter, run by weft-proxy and by a stock Envoy on one static bootstrap:
+//! the filter's own bucket, a route's replacing it (with another status), a virtual host's
+//! shared by its routes, and a route where the limit is enabled but not enforced. Status codes,
+//! headers, bodies and counters must be the same.
+
+use std::net::SocketAddr;
+
+use weft_e2e::{Client, Flavor, Standalone};
+
+const PORT: u16 = 8080;
+const LRL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+fn limit(prefix: &str, max: u32, status: Option<u16>, enforced: u32, extra: &str) -> String {
+    let status = status
+        .map(|s| format!(", status: {{ code: {s} }}"))
+        .unwrap_or_default();
+    format!(
+        r#"{{ "@type": {LRL}, stat_prefix: {prefix}, token_bucket: {{ max_tokens: {max}, tokens_per_fill: 1, fill_interval: 60s }}, filter_enabled: {{ default_value: {{ numerator: 100 }} }}, filter_enforced: {{ default_value: {{ numerator: {enforced} }} }}{status}{extra} }}"#
+    )
+}
+
+fn resources(ip: &str, backend: SocketAddr) -> String {
+    let filter = limit(
+        "listener_rl",
+        4,
+        None,
+        100,
+        ", response_headers_to_add: [{ header: { key: x-local-rate-limit, value: 'true' } }]",
+    );
+    let per_route = limit("route_rl", 2, Some(503), 100, "");
+    let shadow = limit(
+        "shadow_rl",
+        1,
+        None,
+        0,
+        ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
+    );
+    let vhost = limit("vhost_rl", 3, None, 100, "");
+    let (bip, bport) = (backend.ip(), backend.port());
+    format!(
+        r#"  listeners:
+  - name: http
+    address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            virtual_hosts:
+            - name: shared
+              domains: [shared.local]
+              typed_per_filter_config:
+                envoy.filters.http.local_ratelimit: {vhost}
+              routes:
+              - match: {{ prefix: /a }}
+                route: {{ cluster: backend }}
+              - match: {{ prefix: /b }}
+                route: {{ cluster: backend }}
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: /route }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {per_route}
+              - match: {{ prefix: /shadow }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {shadow}
+              - match: {{ prefix: / }}
+                route: {{ cluster: backend }}
+          http_filters:
+          - name: envoy.filters.http.local_ratelimit
+            typed_config: {filter}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: backend, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {bip}, port_value: {bport} }} }} }} }}] }}] }}
+"#
+    )
+}
+
+/// One answer, reduced to what both proxies must agree on.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    /// Body of a local reply (empty for the backend's answers).
+    body: String,
+    ratelimited: Option<String>,
+    custom: Option<String>,
+    /// Whether the backend saw the not-enforced header.
+    shadow_header: bool,
+}
+
+fn burst(c: &mut Client, host: &str, paths: &[&str]) -> Vec<Answer> {
+    paths
+        .iter()
+        .map(|p| {
+            let r = c.get(host, p).unwrap();
+            let from_backend = r.header("x-echo-name").is_some();
+            Answer {
+                status: r.status,
+                body: if from_backend {
+                    String::new()
+                } else {
+                    r.body.clone()
+                },
+                ratelimited: r.header("x-envoy-ratelimited").map(str::to_string),
+                custom: r.header("x-local-rate-limit").map(str::to_string),
+                shadow_header: from_backend && r.body.contains("x-rl-shadow: over"),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, PartialEq)]
+struct Outcomes {
+    listener: Vec<Answer>,
+    route: Vec<Answer>,
+    shadow: Vec<Answer>,
+    vhost: Vec<Answer>,
+    stats: Vec<(String, u64)>,
+}
+
+fn run(flavor: Flavor, net: u8) -> Outcomes {
+    let mut s = Standalone::new("local-ratelimit", net, flavor);
+    let backend = s.backend("backend");
+    s.start(&resources(&s.ip(), backend));
+    let mut c = Client::new(format!("{}:{PORT}", s.ip()).parse().unwrap());
+    let six = ["/x"; 6];
+    let listener = burst(&mut c, "svc", &six);
+    let route = burst(&mut c, "svc", &["/route"; 4]);
+    let shadow = burst(&mut c, "svc", &["/shadow"; 3]);
+    let vhost = burst(&mut c, "shared.local", &["/a", "/b", "/a", "/b"]);
+    let mut stats = Vec::new();
+    for prefix in ["listener_rl", "route_rl", "shadow_rl", "vhost_rl"] {
+        for stat in ["enabled", "enforced", "rate_limited", "ok"] {
+            let name = format!("{prefix}.http_local_rate_limit.{stat}");
+            stats.push((name.clone(), s.stat(&name)));
+        }
+    }
+    let out = Outcomes {
+        listener,
+        route,
+        shadow,
+        vhost,
+        stats,
+    };
+    eprintln!("{}: {out:#?}", flavor.name());
+    out
+}
+
+#[test]
+fn weft_proxy_and_envoy_rate_limit_alike() {
+    let weft = run(Flavor::Weft, 92);
+    let statuses = |a: &[Answer]| a.iter().map(|x| x.status).collect::<Vec<_>>();
+    assert_eq!(statuses(&weft.listener), [200, 200, 200, 200, 429, 429]);
+    assert_eq!(statuses(&weft.route), [200, 200, 503, 503]);
+    assert_eq!(statuses(&weft.shadow), [200, 200, 200]);
+    assert_eq!(
+        weft.shadow
+            .iter()
+            .map(|a| a.shadow_header)
+            .collect::<Vec<_>>(),
+        [false, true, true],
+        "requests over a limit that is not enforced pass with the extra header"
+    );
+    assert_eq!(statuses(&weft.vhost), [200, 200, 200, 429]);
+    let limited = &weft.listener[4];
+    assert_eq!(limited.body, "local_rate_limited");
+    assert_eq!(
+        limited.ratelimited, None,
+        "Envoy 1.40 sends no x-envoy-ratelimited for local limits"
+    );
+    assert_eq!(limited.custom.as_deref(), Some("true"));
+    let envoy = run(Flavor::Envoy, 93);
+    assert_eq!(weft, envoy);
+}
