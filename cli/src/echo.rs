@@ -7,7 +7,9 @@
 //! - `delay_ms=N`: wait before answering;
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
 //!   across retries), then succeed; the reply's `x-echo-attempt` says which attempt it was;
-//! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several).
+//! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several);
+//! - `retry_header=N`: add `x-echo-retry-me: yes` to the answer of the first N attempts of each
+//!   `x-request-id` (for retries on response headers).
 //!
 //! `GET /echo/attempts?id=ID` reports how many attempts of a request id this server has seen.
 //!
@@ -325,6 +327,15 @@ async fn scripted<B>(
     }
     if let Ok(v) = hyper::header::HeaderValue::from_str(&attempt.to_string()) {
         resp.headers_mut().insert("x-echo-attempt", v);
+    }
+    let header_attempts = query_param(&query, "retry_header")
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    if attempt <= header_attempts {
+        resp.headers_mut().insert(
+            "x-echo-retry-me",
+            hyper::header::HeaderValue::from_static("yes"),
+        );
     }
     resp
 }

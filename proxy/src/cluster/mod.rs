@@ -178,6 +178,9 @@ pub struct Breakers {
     pub max_pending: u32,
     pub max_requests: u32,
     pub max_retries: u32,
+    /// `retry_budget`: (percent of active and pending requests, minimum concurrency); when
+    /// set it replaces `max_retries`.
+    pub retry_budget: Option<(f64, u32)>,
     /// HTTP/1.1 carries one request per connection at a time: a permit is a connection.
     connections: tokio::sync::Semaphore,
     pending: std::sync::atomic::AtomicU32,
@@ -205,6 +208,7 @@ impl Breakers {
             max_pending,
             max_requests,
             max_retries,
+            retry_budget: None,
             connections: tokio::sync::Semaphore::new(
                 max_connections.min(tokio::sync::Semaphore::MAX_PERMITS as u32) as usize,
             ),
@@ -215,13 +219,23 @@ impl Breakers {
 
     fn from_xds(c: &XdsCluster) -> Result<Breakers, String> {
         let mut b = (1024, 1024, 1024, 3);
+        let mut budget = None;
         if let Some(cb) = &c.circuit_breakers {
             for t in &cb.thresholds {
                 if t.priority != 0 {
                     return Err("only DEFAULT priority thresholds are supported".into());
                 }
-                if t.retry_budget.is_some() {
-                    return Err("retry_budget is not supported yet".into());
+                if let Some(rb) = &t.retry_budget {
+                    let percent = rb.budget_percent.as_ref().map(|p| p.value).unwrap_or(20.0);
+                    if !(0.0..=100.0).contains(&percent) {
+                        return Err(format!(
+                            "retry_budget.budget_percent {percent} is not within [0, 100]"
+                        ));
+                    }
+                    budget = Some((
+                        percent,
+                        rb.min_retry_concurrency.map(|v| v.value).unwrap_or(3),
+                    ));
                 }
                 let v = |x: Option<weft_xds_proto::wkt::UInt32Value>, d: u32| {
                     x.map(|v| v.value).unwrap_or(d)
@@ -234,7 +248,9 @@ impl Breakers {
                 );
             }
         }
-        Ok(Breakers::new(b.0, b.1, b.2, b.3))
+        let mut breakers = Breakers::new(b.0, b.1, b.2, b.3);
+        breakers.retry_budget = budget;
+        Ok(breakers)
     }
 
     /// A connection slot for an HTTP/1.1 request, waiting as a pending request when every
@@ -253,10 +269,20 @@ impl Breakers {
         permit
     }
 
-    /// Room for one more concurrent retry?
-    pub fn retry(&self) -> Option<RetryGuard<'_>> {
+    /// Room for one more concurrent retry? `active` is the cluster's active requests: with a
+    /// retry budget, as many retries may run as its percentage of them and the pending
+    /// requests, and never fewer than its minimum (Envoy's rule); else `max_retries`.
+    pub fn retry(&self, active: i64) -> Option<RetryGuard<'_>> {
         use std::sync::atomic::Ordering;
-        if self.retries.fetch_add(1, Ordering::Relaxed) >= self.max_retries {
+        let limit = match self.retry_budget {
+            None => self.max_retries,
+            Some((percent, min)) => {
+                let outstanding =
+                    active.max(0) as f64 + f64::from(self.pending.load(Ordering::Relaxed));
+                ((outstanding * percent / 100.0) as u32).max(min)
+            }
+        };
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= limit {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

@@ -550,11 +550,23 @@ async fn forward(
             parts.headers.clone(),
         )
     });
+    // `retriable_request_headers`: a request that has none of them is not retried.
+    let retry = action.retry.as_ref().filter(|r| {
+        r.retries_request(&router::RequestView {
+            method: parts.method.as_str(),
+            authority,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+            headers: &parts.headers,
+        })
+    });
     let head = match upstream_head(parts, authority, cluster.protocol) {
         Ok(h) => h,
         Err(resp) => return resp,
     };
-    let retry = action.retry.as_ref();
     let replay = retry.is_some_and(|r| r.num_retries > 0) || !mirrors.is_empty();
     let mut body = match AttemptBody::new(body, &head.headers, replay).await {
         Ok(b) => b,
@@ -680,18 +692,31 @@ async fn attempt_until_done(
         let again = |why: &str| {
             tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
         };
-        // A retry needs room under max_retries; without it the last outcome stands.
+        // A retry needs room under max_retries (or the retry budget); without it the last
+        // outcome stands, flagged as Envoy does: `URX` when the policy's retries are used up,
+        // `UO` when the circuit breaker refused one.
+        let mut refused: Option<&'static str> = None;
         let mut retry_allowed = |wanted: bool| {
-            if !(may_retry && wanted) {
+            if !wanted {
                 return false;
             }
-            match cluster.breakers.retry() {
+            if !may_retry {
+                if max_retries > 0 {
+                    refused = Some("URX");
+                }
+                return false;
+            }
+            match cluster
+                .breakers
+                .retry(cluster.stats.upstream_rq_active.get())
+            {
                 Some(slot) => {
                     _retry_slot = Some(slot);
                     true
                 }
                 None => {
                     cluster.stats.upstream_rq_retry_overflow.inc();
+                    refused = Some("UO");
                     false
                 }
             }
@@ -712,6 +737,9 @@ async fn attempt_until_done(
                     again(&format!("status {status}"));
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
+                    if let Some(flag) = refused {
+                        resp.extensions_mut().insert(ResponseFlag(flag));
+                    }
                     return mark(resp.map(Either::Left), endpoint.address);
                 }
             }
@@ -1137,6 +1165,7 @@ fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
         .headers()
         .get("x-weft-response-flags")
         .and_then(|v| v.to_str().ok())
+        .or_else(|| resp.extensions().get::<ResponseFlag>().map(|f| f.0))
         .unwrap_or("-")
         .to_string();
     e.response_headers = resp.headers().clone();
@@ -1218,6 +1247,11 @@ pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Respon
     resp.extensions_mut().insert(LocalReply(body.to_string()));
     resp
 }
+
+/// The response flag of an upstream's answer passed on (`URX`, `UO` when retries stopped):
+/// local replies carry theirs in `x-weft-response-flags` instead.
+#[derive(Debug, Clone, Copy)]
+struct ResponseFlag(&'static str);
 
 /// Marks a response the proxy made itself, with its message.
 #[derive(Debug, Clone)]

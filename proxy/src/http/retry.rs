@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use weft_xds_proto::envoy::config::route::v3::RetryPolicy as XdsRetryPolicy;
 
+use super::router::{HeaderMatch, RequestView, header_match};
 use crate::cluster::UpstreamError;
 use crate::duration;
 
@@ -29,6 +30,7 @@ impl RetryOn {
     pub const GRPC_INTERNAL: u32 = 1 << 9;
     pub const GRPC_RESOURCE_EXHAUSTED: u32 = 1 << 10;
     pub const GRPC_UNAVAILABLE: u32 = 1 << 11;
+    pub const RETRIABLE_HEADERS: u32 = 1 << 12;
 
     pub fn parse(s: &str) -> Result<RetryOn, String> {
         let mut bits = 0;
@@ -41,6 +43,7 @@ impl RetryOn {
                 "reset" => Self::RESET,
                 "retriable-4xx" => Self::RETRIABLE_4XX,
                 "retriable-status-codes" => Self::RETRIABLE_STATUS_CODES,
+                "retriable-headers" => Self::RETRIABLE_HEADERS,
                 "cancelled" => Self::GRPC_CANCELLED,
                 "deadline-exceeded" => Self::GRPC_DEADLINE_EXCEEDED,
                 "internal" => Self::GRPC_INTERNAL,
@@ -68,6 +71,35 @@ pub struct RetryPolicy {
     /// `previous_hosts`: a retry goes to a host not tried yet, when there is one.
     pub other_host: bool,
     pub host_selection_attempts: u32,
+    /// `retriable_headers`: a response with any of these is retried (`retriable-headers`).
+    pub(crate) retriable_headers: Vec<HeaderMatch>,
+    /// `retriable_request_headers`: when set, only requests with one of these are retried.
+    pub(crate) retriable_request_headers: Vec<HeaderMatch>,
+}
+
+/// Header matchers of a retry policy; `response`: they look at response headers, where
+/// request pseudo-headers do not exist.
+fn matchers(
+    list: &[weft_xds_proto::envoy::config::route::v3::HeaderMatcher],
+    field: &str,
+    response: bool,
+) -> Result<Vec<HeaderMatch>, (String, String)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let f = format!("retry_policy.{field}[{i}]");
+            if response && h.name.starts_with(':') {
+                return Err((
+                    format!("{f}.name"),
+                    format!(
+                        "{:?}: pseudo-headers cannot be matched in responses here",
+                        h.name
+                    ),
+                ));
+            }
+            header_match(h).map_err(|r| (f, r))
+        })
+        .collect()
 }
 
 impl RetryPolicy {
@@ -86,11 +118,6 @@ impl RetryPolicy {
             (
                 "rate_limited_retry_back_off",
                 p.rate_limited_retry_back_off.is_some(),
-            ),
-            ("retriable_headers", !p.retriable_headers.is_empty()),
-            (
-                "retriable_request_headers",
-                !p.retriable_request_headers.is_empty(),
             ),
             ("per_try_idle_timeout", p.per_try_idle_timeout.is_some()),
         ] {
@@ -163,12 +190,39 @@ impl RetryPolicy {
             other_host,
             host_selection_attempts: u32::try_from(p.host_selection_retry_max_attempts.max(1))
                 .unwrap_or(1),
+            retriable_headers: matchers(&p.retriable_headers, "retriable_headers", true)?,
+            retriable_request_headers: matchers(
+                &p.retriable_request_headers,
+                "retriable_request_headers",
+                false,
+            )?,
         })
     }
 
-    /// Should a response with this status (and headers, for gRPC) be retried?
+    /// May this request be retried at all (`retriable_request_headers`)?
+    pub fn retries_request(&self, req: &RequestView<'_>) -> bool {
+        self.retriable_request_headers.is_empty()
+            || self
+                .retriable_request_headers
+                .iter()
+                .any(|m| m.matches(req))
+    }
+
+    /// Should a response with this status (and headers, for gRPC and `retriable_headers`) be
+    /// retried?
     pub fn retries_response(&self, status: u16, headers: &HeaderMap) -> bool {
         let on = self.on;
+        if on.has(RetryOn::RETRIABLE_HEADERS) && !self.retriable_headers.is_empty() {
+            let view = RequestView {
+                method: "",
+                authority: "",
+                path_and_query: "",
+                headers,
+            };
+            if self.retriable_headers.iter().any(|m| m.matches(&view)) {
+                return true;
+            }
+        }
         if on.has(RetryOn::FIVE_XX) && status >= 500 {
             return true;
         }
@@ -258,6 +312,8 @@ mod tests {
             max_interval: Duration::from_millis(250),
             other_host: false,
             host_selection_attempts: 1,
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
         };
         let h = HeaderMap::new();
         assert!(p.retries_response(503, &h));
@@ -271,5 +327,35 @@ mod tests {
         assert_eq!(p.backoff(1, 1.0), Duration::from_millis(25));
         assert_eq!(p.backoff(3, 1.0), Duration::from_millis(100));
         assert_eq!(p.backoff(10, 1.0), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn retriable_headers_and_request_headers() {
+        let p: XdsRetryPolicy = weft_xds_proto::from_yaml(
+            "{ retry_on: retriable-headers, retriable_headers: [{ name: x-retry-me, string_match: { exact: 'yes' } }], retriable_request_headers: [{ name: x-may-retry }] }",
+        )
+        .unwrap();
+        let p = RetryPolicy::from_xds(&p).unwrap();
+        let mut h = HeaderMap::new();
+        assert!(!p.retries_response(200, &h));
+        h.insert("x-retry-me", "yes".parse().unwrap());
+        assert!(p.retries_response(200, &h));
+        let req = HeaderMap::new();
+        let view = |headers| RequestView {
+            method: "GET",
+            authority: "a",
+            path_and_query: "/",
+            headers,
+        };
+        assert!(!p.retries_request(&view(&req)));
+        let mut req = HeaderMap::new();
+        req.insert("x-may-retry", "1".parse().unwrap());
+        assert!(p.retries_request(&view(&req)));
+        let bad: XdsRetryPolicy = weft_xds_proto::from_yaml(
+            "{ retry_on: retriable-headers, retriable_headers: [{ name: ':status', string_match: { exact: '503' } }] }",
+        )
+        .unwrap();
+        let err = RetryPolicy::from_xds(&bad).unwrap_err();
+        assert_eq!(err.0, "retry_policy.retriable_headers[0].name");
     }
 }

@@ -80,7 +80,7 @@ enum PathMatch {
     SeparatedPrefix(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct HeaderMatch {
     name: HeaderKey,
     rule: HeaderRule,
@@ -89,7 +89,7 @@ pub(crate) struct HeaderMatch {
 
 /// A header matcher's name: a regular header or one of HTTP/2's pseudo-headers, which Envoy
 /// lets routes match for HTTP/1.1 requests too.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum HeaderKey {
     Regular(http::HeaderName),
     Method,
@@ -114,13 +114,13 @@ struct QueryMatch {
     rule: Option<StringRule>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum HeaderRule {
     Present(bool),
     String(StringRule),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum StringRule {
     Exact(String, bool),
     Prefix(String, bool),
