@@ -167,6 +167,22 @@ impl Standalone {
             .unwrap_or(0)
     }
 
+    /// A STATIC cluster's `load_assignment` for these hosts (YAML flow style).
+    pub fn load_assignment(cluster: &str, hosts: &[SocketAddr]) -> String {
+        let eps = hosts
+            .iter()
+            .map(|a| {
+                format!(
+                    "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("{{ cluster_name: {cluster}, endpoints: [{{ lb_endpoints: [{eps}] }}] }}")
+    }
+
     /// The proxy's log so far.
     pub fn logs(&self) -> String {
         self.procs.last().map(|p| p.logs()).unwrap_or_default()

@@ -16,22 +16,9 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-fn endpoints(hosts: &[SocketAddr]) -> String {
-    hosts
-        .iter()
-        .map(|a| {
-            format!(
-                "{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
-    let eps = endpoints(hosts);
+    let http_assignment = Standalone::load_assignment("http-checked", hosts);
+    let tcp_assignment = Standalone::load_assignment("tcp-checked", hosts);
     // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
     let send =
         hex("GET /echo/health/quiet HTTP/1.1\r\nhost: tcp-check\r\nconnection: close\r\n\r\n");
@@ -62,7 +49,7 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
   - name: http-checked
     type: STATIC
     connect_timeout: 1s
-    load_assignment: {{ cluster_name: http-checked, endpoints: [{{ lb_endpoints: [{eps}] }}] }}
+    load_assignment: {http_assignment}
     health_checks:
     - timeout: 1s
       interval: 0.2s
@@ -76,7 +63,7 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
   - name: tcp-checked
     type: STATIC
     connect_timeout: 1s
-    load_assignment: {{ cluster_name: tcp-checked, endpoints: [{{ lb_endpoints: [{eps}] }}] }}
+    load_assignment: {tcp_assignment}
     health_checks:
     - timeout: 1s
       interval: 0.2s

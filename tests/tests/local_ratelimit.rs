@@ -37,7 +37,7 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
-    let (bip, bport) = (backend.ip(), backend.port());
+    let assignment = Standalone::load_assignment("backend", &[backend]);
     format!(
         r#"  listeners:
   - name: http
@@ -81,7 +81,7 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
   - name: backend
     type: STATIC
     connect_timeout: 1s
-    load_assignment: {{ cluster_name: backend, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {bip}, port_value: {bport} }} }} }} }}] }}] }}
+    load_assignment: {assignment}
 "#
     )
 }

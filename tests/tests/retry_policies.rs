@@ -25,10 +25,9 @@ fn cluster(name: &str, backend: SocketAddr, budget: Option<(f64, u32)>) -> Strin
         r#"  - name: {name}
     type: STATIC
     connect_timeout: 1s{breakers}
-    load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}] }}] }}
+    load_assignment: {}
 "#,
-        backend.ip(),
-        backend.port()
+        Standalone::load_assignment(name, &[backend])
     )
 }
 
@@ -99,7 +98,11 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
 type Case = (String, u16, String, String);
 
 /// (name, path, extra request headers)
-type Request = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+type Request = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 fn run(flavor: Flavor, net: u8) -> (Vec<Case>, Vec<(String, u64)>) {
     let mut s = Standalone::new("retry-policies", net, flavor);

@@ -605,14 +605,19 @@ impl Cluster {
     pub fn observe(&self, endpoint: &Endpoint, outcome: outlier::Outcome) {
         let Some(cfg) = &self.outlier else { return };
         if endpoint.health.record(cfg, outcome) {
-            let set = self.endpoints.load();
-            let total = set.all().len().max(1);
-            let ejected = set.all().iter().filter(|e| e.health.is_ejected()).count();
-            if ejected * 100 / total < cfg.max_ejection_percent as usize {
-                tracing::info!(cluster = %self.name, host = %endpoint.address, "outlier detection: host ejected");
-                endpoint.health.eject(cfg);
-                self.stats.outlier_ejections.inc();
-            }
+            self.eject_if_allowed(endpoint, cfg);
+        }
+    }
+
+    /// Ejects a host unless that would take more than max_ejection_percent of the cluster.
+    pub fn eject_if_allowed(&self, endpoint: &Endpoint, cfg: &outlier::OutlierConfig) {
+        let set = self.endpoints.load();
+        let total = set.all().len().max(1);
+        let ejected = set.all().iter().filter(|e| e.health.is_ejected()).count();
+        if ejected * 100 / total < cfg.max_ejection_percent as usize {
+            tracing::info!(cluster = %self.name, host = %endpoint.address, "outlier detection: host ejected");
+            endpoint.health.eject(cfg);
+            self.stats.outlier_ejections.inc();
         }
     }
 

@@ -1,7 +1,9 @@
 //! Passive health: outlier detection by consecutive 5xx and consecutive gateway failures, as
-//! Envoy does it (local-origin failures count as both when they are not split out), ejecting a
-//! host for `base_ejection_time` x its ejection count, never more than `max_ejection_percent` of
-//! the cluster at once. Ejected hosts are skipped by the load balancer unless too few hosts are
+//! Envoy does it (local-origin failures count as both when they are not split out), and, every
+//! `interval`, by success rate (hosts below the mean by `success_rate_stdev_factor` standard
+//! deviations) and failure percentage (hosts at or above `failure_percentage_threshold`),
+//! ejecting a host for `base_ejection_time` x its ejection count, never more than
+//! `max_ejection_percent` of the cluster at once. Ejected hosts are skipped by the load balancer unless too few hosts are
 //! left (the panic threshold).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -23,26 +25,37 @@ pub struct OutlierConfig {
     pub base_ejection: Duration,
     pub max_ejection: Duration,
     pub max_ejection_percent: u32,
+    /// How often success rates and failure percentages are evaluated.
+    pub interval: Duration,
+    pub success_rate: Option<RateRule>,
+    pub failure_percentage: Option<RateRule>,
+}
+
+/// A statistical ejection rule, evaluated every interval over the hosts that carried at least
+/// `request_volume` requests, when at least `minimum_hosts` of them did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateRule {
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+    /// Success rate: the stdev factor (x1000); failure percentage: the threshold in percent.
+    pub threshold: f64,
+    /// Percentage of ejections enforced.
+    pub enforcing: u32,
 }
 
 impl OutlierConfig {
     pub fn from_xds(o: &XdsOutlier) -> Result<OutlierConfig, (String, String)> {
         let u = |v: Option<u32>, d: u32| v.unwrap_or(d);
-        let enforcing_sr = o.enforcing_success_rate.map(|v| v.value).unwrap_or(100);
-        if enforcing_sr > 0 {
-            return Err((
-                "outlier_detection.enforcing_success_rate".into(),
-                "success-rate ejection is not supported yet: set enforcing_success_rate to 0 (as Istio does)".into(),
-            ));
-        }
         for (field, set) in [
             (
-                "failure_percentage_threshold",
-                o.failure_percentage_threshold.is_some(),
+                "enforcing_local_origin_success_rate",
+                o.enforcing_local_origin_success_rate
+                    .is_some_and(|v| v.value > 0),
             ),
             (
-                "enforcing_failure_percentage",
-                o.enforcing_failure_percentage.is_some_and(|v| v.value > 0),
+                "enforcing_failure_percentage_local_origin",
+                o.enforcing_failure_percentage_local_origin
+                    .is_some_and(|v| v.value > 0),
             ),
             (
                 "split_external_local_origin_errors",
@@ -62,7 +75,42 @@ impl OutlierConfig {
             .as_ref()
             .map(duration)
             .unwrap_or(Duration::from_secs(30));
+        let enforcing_sr = u(o.enforcing_success_rate.map(|v| v.value), 100).min(100);
+        let success_rate = (enforcing_sr > 0).then(|| RateRule {
+            minimum_hosts: u(o.success_rate_minimum_hosts.map(|v| v.value), 5),
+            request_volume: u(o.success_rate_request_volume.map(|v| v.value), 100),
+            threshold: f64::from(u(o.success_rate_stdev_factor.map(|v| v.value), 1900)),
+            enforcing: enforcing_sr,
+        });
+        let enforcing_fp = u(o.enforcing_failure_percentage.map(|v| v.value), 0).min(100);
+        let fp_threshold = u(o.failure_percentage_threshold.map(|v| v.value), 85);
+        if fp_threshold > 100 {
+            return Err((
+                "outlier_detection.failure_percentage_threshold".into(),
+                format!("{fp_threshold} is not a percentage"),
+            ));
+        }
+        let failure_percentage = (enforcing_fp > 0).then(|| RateRule {
+            minimum_hosts: u(o.failure_percentage_minimum_hosts.map(|v| v.value), 5),
+            request_volume: u(o.failure_percentage_request_volume.map(|v| v.value), 50),
+            threshold: f64::from(fp_threshold),
+            enforcing: enforcing_fp,
+        });
+        let interval = o
+            .interval
+            .as_ref()
+            .map(duration)
+            .unwrap_or(Duration::from_secs(10));
+        if interval.is_zero() {
+            return Err((
+                "outlier_detection.interval".into(),
+                "the interval must be above 0".into(),
+            ));
+        }
         Ok(OutlierConfig {
+            interval,
+            success_rate,
+            failure_percentage,
             consecutive_5xx: u(o.consecutive_5xx.map(|v| v.value), 5),
             enforcing_5xx: u(o.enforcing_consecutive_5xx.map(|v| v.value), 100) > 0,
             consecutive_gateway: u(o.consecutive_gateway_failure.map(|v| v.value), 5),
@@ -87,6 +135,9 @@ pub struct HostHealth {
     ejections: AtomicU32,
     /// Milliseconds since `epoch()` until which the host is ejected (0: not ejected).
     ejected_until_ms: AtomicU64,
+    /// Requests and successes in the current interval (success rate, failure percentage).
+    interval_total: AtomicU32,
+    interval_success: AtomicU32,
     /// Active health checking's verdict (see `health`).
     pub active: super::health::ActiveHealth,
 }
@@ -132,6 +183,12 @@ impl HostHealth {
 
     /// Records an outcome; true if the host crossed a threshold and should be ejected.
     pub fn record(&self, cfg: &OutlierConfig, outcome: Outcome) -> bool {
+        if cfg.success_rate.is_some() || cfg.failure_percentage.is_some() {
+            self.interval_total.fetch_add(1, Ordering::Relaxed);
+            if outcome == Outcome::Success {
+                self.interval_success.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let (five_xx, gateway) = match outcome {
             Outcome::Success => {
                 self.consecutive_5xx.store(0, Ordering::Relaxed);
@@ -168,6 +225,94 @@ impl HostHealth {
     }
 }
 
+/// One host's requests and success rate (percent) over the interval that just ended; the
+/// counters start over.
+fn take_interval(h: &HostHealth) -> (u32, f64) {
+    let total = h.interval_total.swap(0, Ordering::Relaxed);
+    let success = h.interval_success.swap(0, Ordering::Relaxed);
+    let rate = if total == 0 {
+        100.0
+    } else {
+        f64::from(success) * 100.0 / f64::from(total)
+    };
+    (total, rate)
+}
+
+/// The hosts (by index) that the interval's statistics say to eject: Envoy's success-rate rule
+/// (below mean - factor/1000 x stdev) and failure-percentage rule (failures >= threshold),
+/// each over the hosts with enough requests, when enough hosts have them. `roll` decides
+/// enforcement (a number in [0, 100)).
+pub fn interval_outliers(
+    cfg: &OutlierConfig,
+    hosts: &[(u32, f64)],
+    mut roll: impl FnMut() -> u32,
+) -> Vec<usize> {
+    let mut out = Vec::new();
+    if let Some(rule) = &cfg.success_rate {
+        let counted: Vec<(usize, f64)> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| *n >= rule.request_volume)
+            .map(|(i, (_, r))| (i, *r))
+            .collect();
+        if counted.len() >= rule.minimum_hosts.max(1) as usize {
+            let n = counted.len() as f64;
+            let mean = counted.iter().map(|(_, r)| r).sum::<f64>() / n;
+            let var = counted.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+            let limit = mean - rule.threshold / 1000.0 * var.sqrt();
+            for (i, r) in counted {
+                if r < limit && roll() < rule.enforcing {
+                    out.push(i);
+                }
+            }
+        }
+    }
+    if let Some(rule) = &cfg.failure_percentage {
+        let counted: Vec<(usize, f64)> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| *n >= rule.request_volume)
+            .map(|(i, (_, r))| (i, *r))
+            .collect();
+        if counted.len() >= rule.minimum_hosts.max(1) as usize {
+            for (i, r) in counted {
+                if 100.0 - r >= rule.threshold && !out.contains(&i) && roll() < rule.enforcing {
+                    out.push(i);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Evaluates success rates and failure percentages every `interval` while the cluster lives.
+pub fn start(cluster: &std::sync::Arc<super::Cluster>) {
+    let Some(cfg) = cluster.outlier.clone() else {
+        return;
+    };
+    if cfg.success_rate.is_none() && cfg.failure_percentage.is_none() {
+        return;
+    }
+    let weak = std::sync::Arc::downgrade(cluster);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(c) = weak.upgrade() else { return };
+            let set = c.endpoints.load_full();
+            let all = set.all();
+            let stats: Vec<(u32, f64)> = all.iter().map(|e| take_interval(&e.health)).collect();
+            for i in interval_outliers(&cfg, &stats, || fastrand::u32(..100)) {
+                if !all[i].health.is_ejected() {
+                    c.eject_if_allowed(&all[i], &cfg);
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +326,57 @@ mod tests {
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
             max_ejection_percent: 100,
+            interval: Duration::from_secs(10),
+            success_rate: None,
+            failure_percentage: None,
         }
+    }
+
+    #[test]
+    fn success_rate_and_failure_percentage_pick_the_outlier() {
+        let mut c = cfg();
+        c.success_rate = Some(RateRule {
+            minimum_hosts: 5,
+            request_volume: 10,
+            threshold: 1900.0,
+            enforcing: 100,
+        });
+        // Four perfect hosts and one that always fails: mean 80, stdev 40, limit 4.
+        let hosts = [
+            (20, 100.0),
+            (20, 100.0),
+            (20, 100.0),
+            (20, 100.0),
+            (20, 0.0),
+        ];
+        assert_eq!(interval_outliers(&c, &hosts, || 0), vec![4]);
+        // Too few hosts with enough requests: no verdict.
+        let quiet = [(20, 100.0), (20, 100.0), (20, 100.0), (9, 100.0), (20, 0.0)];
+        assert!(interval_outliers(&c, &quiet, || 0).is_empty());
+        // A host at 90% among perfect ones: the limit is 98 - 1.9 x 4 = 90.4, so it goes;
+        // with a factor of 3 the limit is 86 and it stays.
+        let mild = [
+            (20, 100.0),
+            (20, 100.0),
+            (20, 100.0),
+            (20, 100.0),
+            (20, 90.0),
+        ];
+        assert_eq!(interval_outliers(&c, &mild, || 0), vec![4]);
+        c.success_rate.as_mut().unwrap().threshold = 3000.0;
+        assert!(interval_outliers(&c, &mild, || 0).is_empty());
+        // Not enforced when the roll is above the enforcing percentage.
+        c.success_rate.as_mut().unwrap().enforcing = 50;
+        assert!(interval_outliers(&c, &hosts, || 60).is_empty());
+        c.success_rate = None;
+        c.failure_percentage = Some(RateRule {
+            minimum_hosts: 5,
+            request_volume: 10,
+            threshold: 50.0,
+            enforcing: 100,
+        });
+        let half = [(20, 100.0), (20, 100.0), (20, 50.0), (20, 60.0), (20, 0.0)];
+        assert_eq!(interval_outliers(&c, &half, || 0), vec![2, 4]);
     }
 
     #[test]
@@ -198,8 +393,30 @@ mod tests {
     }
 
     #[test]
-    fn success_rate_detection_must_be_off() {
-        let err = OutlierConfig::from_xds(&XdsOutlier::default()).unwrap_err();
-        assert!(err.1.contains("enforcing_success_rate"), "{err:?}");
+    fn envoy_defaults_enforce_success_rate_only() {
+        let c = OutlierConfig::from_xds(&XdsOutlier::default()).unwrap();
+        assert_eq!(
+            c.success_rate,
+            Some(RateRule {
+                minimum_hosts: 5,
+                request_volume: 100,
+                threshold: 1900.0,
+                enforcing: 100
+            })
+        );
+        assert_eq!(
+            c.failure_percentage, None,
+            "enforcing_failure_percentage is 0 by default"
+        );
+        assert_eq!(c.interval, Duration::from_secs(10));
+        let split = XdsOutlier {
+            split_external_local_origin_errors: true,
+            ..Default::default()
+        };
+        let err = OutlierConfig::from_xds(&split).unwrap_err();
+        assert_eq!(
+            err.0,
+            "outlier_detection.split_external_local_origin_errors"
+        );
     }
 }

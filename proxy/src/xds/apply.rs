@@ -177,6 +177,7 @@ impl Applier {
                     }
                     let built = Arc::new(built);
                     crate::cluster::health::start(&built);
+                    crate::cluster::outlier::start(&built);
                     if matches!(built.discovery, Discovery::Dns(_)) {
                         fresh_dns.push(built.clone());
                     }
