@@ -3,7 +3,8 @@
 //! route by path and host, unbound hosts get 404. Then an HTTPS server with certificate files:
 //! both terminate TLS with the certificate files, two HTTPS servers share a port (the SNI picks
 //! the certificate), checked with curl and with a client sidecar of the same kind originating
-//! TLS to the gateway per a DestinationRule `tls: SIMPLE`.
+//! TLS to the gateway per a DestinationRule `tls: SIMPLE`. Last, a TCP server and a TLS server
+//! that terminates TLS, both sending their bytes where a VirtualService `tcp` route says.
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,6 +14,51 @@ use weft_e2e::{Client, Quickstart, wait_until};
 const GATEWAY_IP_HOST: u8 = 30;
 const HTTP_PORT: u16 = 18080;
 const HTTPS_PORT: u16 = 18443;
+const TCP_PORT: u16 = 18090;
+const TLS_PORT: u16 = 18091;
+
+fn tcp_config(dir: &std::path::Path) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: tcp-gateway, namespace: default }}
+spec:
+  selector: {{ istio: ingressgateway }}
+  servers:
+  - port: {{ number: {TCP_PORT}, name: tcp, protocol: TCP }}
+    hosts: ["*"]
+  - port: {{ number: {TLS_PORT}, name: tls, protocol: TLS }}
+    hosts: [secure.example.com]
+    tls: {{ mode: SIMPLE, serverCertificate: {d}/cert.pem, privateKey: {d}/key.pem }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: hello-tcp-ingress, namespace: default }}
+spec:
+  hosts: ["*"]
+  gateways: [tcp-gateway]
+  tcp:
+  - match: [{{ port: {TCP_PORT} }}]
+    route: [{{ destination: {{ host: hello-tcp, port: {{ number: 7070 }} }} }}]
+  - match: [{{ port: {TLS_PORT} }}]
+    route: [{{ destination: {{ host: hello-tcp, port: {{ number: 7070 }} }} }}]
+"#,
+        d = dir.display()
+    )
+}
+
+/// An HTTP/1.1 request written raw into the gateway's TCP server; what came back before the
+/// backend closed.
+fn raw_tcp(q: &Quickstart) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((q.ip(GATEWAY_IP_HOST).as_str(), TCP_PORT)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /raw HTTP/1.1\r\nhost: raw\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains("x-echo-name").then_some(out)
+}
 
 fn http_config(q: &Quickstart) -> String {
     format!(
@@ -258,6 +304,36 @@ spec:
         .expect("the client sidecar originates TLS to the gateway");
         assert_eq!(r.header("x-echo-name"), Some("hello-v1"));
         q.assert_client_nacked_nothing();
+    }
+    {
+        // A TCP server and a TLS server that terminates TLS, both routed by `tcp` routes to
+        // the TCP service behind the hello sidecars.
+        q.write_file("tcp-gateway.yaml", &tcp_config(&certs));
+        let raw = wait_until(Duration::from_secs(10), || raw_tcp(&q))
+            .unwrap_or_else(|| panic!("{name}: the gateway's TCP server reaches hello-tcp"));
+        assert!(raw.contains("path: /raw"), "{raw}");
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "3", "--http1.1"])
+            .arg("--resolve")
+            .arg(format!(
+                "secure.example.com:{TLS_PORT}:{}",
+                q.ip(GATEWAY_IP_HOST)
+            ))
+            .arg("--cacert")
+            .arg(certs.join("cert.pem"))
+            .arg(format!("https://secure.example.com:{TLS_PORT}/through-tls"))
+            .output()
+            .expect("curl runs");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && body.contains("path: /through-tls"),
+            "{name}: the TLS server terminates TLS and passes the bytes on: {body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = sync(&q);
+        for (t, st) in s["types"].as_object().into_iter().flatten() {
+            assert_eq!(st["nacks"], 0, "{name}: {t}: {}", st["last_nack"]);
+        }
     }
     seen
 }

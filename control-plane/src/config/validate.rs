@@ -806,11 +806,24 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                     // TLS passed through to the destination, picked by SNI (VirtualService
                     // tls routes bound to the Gateway).
                     ServerTlsMode::Passthrough => {}
+                    // The gateway's own workload certificate; mesh clients only.
+                    ServerTlsMode::IstioMutual => {
+                        if t.server_certificate.is_some()
+                            || t.private_key.is_some()
+                            || t.ca_certificates.is_some()
+                            || t.credential_name.is_some()
+                        {
+                            return bad(
+                                format!("{at}.tls"),
+                                "ISTIO_MUTUAL uses the gateway's workload certificate: serverCertificate, privateKey, caCertificates and credentialName must not be set",
+                            );
+                        }
+                    }
                     other => {
                         return bad(
                             format!("{at}.tls.mode"),
                             format!(
-                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL and PASSTHROUGH are)"
+                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL, ISTIO_MUTUAL and PASSTHROUGH are)"
                             ),
                         );
                     }
@@ -818,23 +831,10 @@ pub fn gateway(g: &GatewaySpec) -> Check {
             }
             _ => {}
         }
-        let passthrough = srv
-            .tls
-            .as_ref()
-            .and_then(|t| t.mode)
-            .is_none_or(|m| m == ServerTlsMode::Passthrough);
-        if proto == "TLS" && !passthrough {
-            return bad(
-                format!("{at}.tls.mode"),
-                "a TLS server that terminates TLS needs VirtualService tcp routes on gateways, which this weftd version does not translate yet; use PASSTHROUGH with tls routes, or an HTTPS server",
-            );
-        }
-        if matches!(proto.as_str(), "TCP" | "MONGO" | "REDIS" | "MYSQL" | "UDP") {
+        if proto == "UDP" {
             return bad(
                 format!("{at}.port.protocol"),
-                format!(
-                    "{proto} servers need VirtualService tcp/tls routes, which this weftd version does not translate yet"
-                ),
+                "UDP is not proxied (gateways carry HTTP, HTTPS, TLS and TCP)",
             );
         }
     }

@@ -367,20 +367,14 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     svc.hostname
                 ));
             }
-            match tcp_route(mesh, scope, svc, port.number) {
-                Some(spec) => Filter {
-                    name: "envoy.filters.network.tcp_proxy".into(),
-                    config_type: Some(filter::ConfigType::TypedConfig(pack(&TcpProxy {
-                        stat_prefix: stat_prefix.clone(),
-                        cluster_specifier: Some(spec),
-                        ..Default::default()
-                    }))),
-                },
-                None => tcp_proxy_filter(
-                    &stat_prefix,
-                    &outbound_cluster_name(port.number, "", &svc.hostname),
-                ),
-            }
+            let spec = tcp_route(mesh, scope, svc, port.number).unwrap_or_else(|| {
+                tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(
+                    port.number,
+                    "",
+                    &svc.hostname,
+                ))
+            });
+            tcp_proxy_filter(&stat_prefix, spec)
         };
         let mut egress = listener(&listener_name, &bind, port.number, network_filter);
         if !protocol.is_http() {
@@ -502,7 +496,10 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
             )
         } else {
-            tcp_proxy_filter(&stat_prefix, &cluster_name)
+            tcp_proxy_filter(
+                &stat_prefix,
+                tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()),
+            )
         };
         // AuthorizationPolicy: RBAC filters in front of the connection manager's, or of the
         // TCP proxy.
@@ -685,7 +682,7 @@ pub(super) fn http_connection_manager(
 
 /// The destination(s) of the first VirtualService `tcp` route for `svc` that applies on this
 /// port to this proxy; None when no VirtualService routes its TCP traffic.
-fn tcp_route(
+pub(super) fn tcp_route(
     mesh: &Mesh,
     scope: &Scope<'_>,
     svc: &Service,
@@ -797,10 +794,11 @@ fn tls_routes(
     out
 }
 
-pub(super) fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+/// A TCP proxy to one cluster or weighted clusters.
+pub(super) fn tcp_proxy_filter(stat_prefix: &str, to: tcp_proxy::ClusterSpecifier) -> Filter {
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
-        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        cluster_specifier: Some(to),
         ..Default::default()
     };
     Filter {

@@ -153,10 +153,69 @@ fn tls_version(v: Option<TlsVersion>) -> i32 {
     }) as i32
 }
 
-/// TLS termination for a SIMPLE or MUTUAL server (validation guarantees the files are named).
-fn downstream_tls(srv: &GatewayServer) -> Option<TransportSocket> {
+/// A server that carries plain TCP, or TLS it terminates (not PASSTHROUGH): its bytes follow
+/// VirtualService `tcp` routes.
+fn is_l4(srv: &GatewayServer) -> bool {
+    let proto = srv
+        .port
+        .protocol
+        .as_deref()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    let terminates = srv
+        .tls
+        .as_ref()
+        .and_then(|t| t.mode)
+        .is_some_and(|m| m != ServerTlsMode::Passthrough);
+    matches!(proto.as_str(), "TCP" | "MONGO" | "REDIS" | "MYSQL") || (proto == "TLS" && terminates)
+}
+
+/// Where the first `tcp` route of a VirtualService bound to these servers' Gateways sends a
+/// port's connections (a match on another port or another gateway does not apply).
+fn tcp_destination(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    port: u32,
+    servers: &[ServerOf<'_>],
+) -> Option<
+    weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
+> {
+    let (via, bound) = bound_to(mesh, scope, servers);
+    bound.into_iter().find_map(|vs| {
+        let route = vs.spec.tcp.iter().find(|r| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && super::build::match_applies_via(&m.gateways, &vs.namespace, &via)
+                })
+        })?;
+        Some(super::build::l4_destinations(
+            mesh,
+            &vs.namespace,
+            &route.route,
+            port,
+        ))
+    })
+}
+
+/// TLS termination for a SIMPLE or MUTUAL server (validation guarantees the files are named),
+/// or an ISTIO_MUTUAL one (the gateway's workload certificate, mesh clients only). `http`:
+/// the server speaks HTTP inside (ALPN h2 and http/1.1).
+fn downstream_tls(srv: &GatewayServer, http: bool) -> Option<TransportSocket> {
     let tls = srv.tls.as_ref()?;
     let mode = tls.mode?;
+    let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { &[] };
+    if mode == ServerTlsMode::IstioMutual {
+        let ctx = DownstreamTlsContext {
+            common_tls_context: Some(super::security::mesh_tls_context(alpn, Vec::new())),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..Default::default()
+        };
+        return Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&ctx))),
+        });
+    }
     if !matches!(mode, ServerTlsMode::Simple | ServerTlsMode::Mutual) {
         return None;
     }
@@ -167,7 +226,7 @@ fn downstream_tls(srv: &GatewayServer) -> Option<TransportSocket> {
             ..Default::default()
         }],
         // A gateway serves both HTTP versions, as Istio's do.
-        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+        alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
     if tls.min_protocol_version.is_some()
@@ -253,9 +312,42 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 &listener_name,
                 &bind,
                 port,
-                super::build::tcp_proxy_filter(&stat_prefix, "unused"),
+                super::build::tcp_proxy_filter(&stat_prefix, chains[0].1.clone()),
             );
             super::security::add_sni_chains(&mut l, chains, &stat_prefix);
+            out.add(type_url::LISTENER, listener_name, &l);
+            continue;
+        }
+        // TCP servers, and TLS servers that terminate TLS: the bytes (decrypted) go where the
+        // first VirtualService `tcp` route bound to the Gateway sends them.
+        let l4: Vec<_> = servers.iter().filter(|(_, s)| is_l4(s)).copied().collect();
+        if let Some(&(g, srv)) = l4.first() {
+            if l4.len() < servers.len() {
+                out.warnings.push(format!(
+                    "port {port}: HTTP servers next to TCP or TLS servers on one port are not served; only the first TCP or TLS server is"
+                ));
+            } else if l4.len() > 1 {
+                out.warnings.push(format!(
+                    "Gateway/{}/{}: port {port} has {} TCP or TLS servers; only the first is served",
+                    g.namespace,
+                    g.name(),
+                    l4.len()
+                ));
+            }
+            let Some(to) = tcp_destination(mesh, scope, port, &l4[..1]) else {
+                out.warnings.push(format!(
+                    "port {port}: no VirtualService tcp route is bound to its {} server; the port is not served",
+                    srv.port.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase()
+                ));
+                continue;
+            };
+            let mut l = listener(
+                &listener_name,
+                &bind,
+                port,
+                super::build::tcp_proxy_filter(&stat_prefix, to),
+            );
+            l.filter_chains[0].transport_socket = downstream_tls(srv, false);
             out.add(type_url::LISTENER, listener_name, &l);
             continue;
         }
@@ -291,7 +383,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                         server_names: names,
                         ..Default::default()
                     }),
-                    transport_socket: downstream_tls(srv),
+                    transport_socket: downstream_tls(srv, true),
                     filters: vec![http_connection_manager(
                         mesh,
                         &stat_prefix,
@@ -335,7 +427,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             (
                 vec![(g, srv)],
                 https_route_name(port, g, srv),
-                downstream_tls(srv),
+                downstream_tls(srv, true),
             )
         };
         let rc = route_config(mesh, scope, &route_name, port, &chosen);

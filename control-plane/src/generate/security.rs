@@ -142,7 +142,10 @@ fn san_matchers(sans: &[String], prefix: Option<&str>) -> Vec<SubjectAltNameMatc
 }
 
 /// The mesh certificate, the mesh roots, TLS 1.2-1.3, and the peer SANs to expect.
-fn mesh_tls_context(alpn: &[&str], sans: Vec<SubjectAltNameMatcher>) -> CommonTlsContext {
+pub(super) fn mesh_tls_context(
+    alpn: &[&str],
+    sans: Vec<SubjectAltNameMatcher>,
+) -> CommonTlsContext {
     CommonTlsContext {
         tls_params: Some(TlsParameters {
             tls_minimum_protocol_version: TlsProtocol::TlSv12 as i32,
@@ -345,25 +348,15 @@ pub fn add_sni_chains(
     )>,
     stat_prefix: &str,
 ) {
-    use weft_xds_proto::envoy::config::listener::v3::filter;
-    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
     let mut chains = Vec::new();
     for (i, (names, destinations)) in routes.into_iter().enumerate() {
-        let tcp = TcpProxy {
-            stat_prefix: stat_prefix.to_string(),
-            cluster_specifier: Some(destinations),
-            ..Default::default()
-        };
         chains.push(FilterChain {
             name: format!("{}/sni-{i}", l.name),
             filter_chain_match: Some(FilterChainMatch {
                 server_names: names,
                 ..Default::default()
             }),
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack(&tcp))),
-            }],
+            filters: vec![super::build::tcp_proxy_filter(stat_prefix, destinations)],
             ..Default::default()
         });
     }
