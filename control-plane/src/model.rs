@@ -655,10 +655,9 @@ fn entry_endpoint(name: &str, we: &WorkloadEntrySpec, ports: &[ServicePort]) -> 
         workload: name.to_string(),
         address: we.address.clone(),
         labels: we.labels.clone(),
-        service_account: we
-            .service_account
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        // As Istio: an endpoint that names no service account adds no SAN to the identities
+        // its clients expect (a service whose endpoints name none accepts any mesh identity).
+        service_account: we.service_account.clone().unwrap_or_default(),
         weight: we.weight.unwrap_or(1).max(1),
         ports: by_port,
     }

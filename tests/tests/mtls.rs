@@ -638,3 +638,113 @@ fn xds_over_tls_is_authenticated_by_the_workload_certificate() {
     let audit = q.weftd.as_ref().unwrap().logs();
     assert!(audit.contains("xDS refused"), "{audit}");
 }
+
+/// An ingress gateway whose HTTPS server is `tls.mode: ISTIO_MUTUAL`, run as weft-proxy or as
+/// a stock Envoy (with its agent): a client sidecar of the same kind reaches it with a
+/// DestinationRule `ISTIO_MUTUAL`; openssl without a certificate is refused, with a mesh
+/// certificate served. Returns (status through the client, backend, refused, served).
+fn istio_mutual_gateway(name: &str, net: u8, envoy: bool) -> (u16, String, bool, bool) {
+    const GW: u8 = 30;
+    const PORT: u16 = 18443;
+    let mut q = Quickstart::new(name, net);
+    q.enable_identities();
+    q.write_file(
+        "gateway.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: ingress, namespace: default }}
+spec: {{ address: {gw}, labels: {{ istio: ingressgateway }}, serviceAccount: ingress }}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: mesh-gateway, namespace: default }}
+spec:
+  selector: {{ istio: ingressgateway }}
+  servers:
+  - port: {{ number: {PORT}, name: https-mesh, protocol: HTTPS }}
+    hosts: ["*"]
+    tls: {{ mode: ISTIO_MUTUAL }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: through-gateway, namespace: default }}
+spec:
+  hosts: ["*"]
+  gateways: [mesh-gateway]
+  http:
+  - route: [{{ destination: {{ host: hello, subset: v1 }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: gateway, namespace: default }}
+spec:
+  hosts: [gateway.mesh.example]
+  location: MESH_INTERNAL
+  ports: [{{ number: 8080, name: http, protocol: HTTP, targetPort: {PORT} }}]
+  resolution: STATIC
+  endpoints: [{{ address: {gw} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: gateway, namespace: default }}
+spec:
+  host: gateway.mesh.example
+  trafficPolicy: {{ tls: {{ mode: ISTIO_MUTUAL }} }}
+"#,
+            gw = q.ip(GW)
+        ),
+    );
+    q.start_weftd();
+    q.start_hello();
+    let node = format!(
+        "router~{}~ingress.default~default.svc.cluster.local",
+        q.ip(GW)
+    );
+    if envoy {
+        q.start_envoy_as(GW, "ingress", &node, "{ istio: ingressgateway }");
+    } else {
+        q.start_weft_proxy_as(GW, "ingress", &node);
+    }
+    q.start_client(envoy);
+    let mut c = Client::new(q.egress());
+    let mut last = None;
+    let r = wait_until(Duration::from_secs(15), || {
+        let r = c.get("gateway.mesh.example", "/").ok();
+        last = r.as_ref().map(|r| {
+            format!(
+                "{} {:?} {}",
+                r.status,
+                r.header("x-weft-response-flags"),
+                r.body
+            )
+        });
+        r.filter(|r| r.status == 200)
+    })
+    .unwrap_or_else(|| {
+        panic!("{name}: the client sidecar reaches the ISTIO_MUTUAL gateway; last answer {last:?}")
+    });
+    let addr = format!("{}:{PORT}", q.ip(GW));
+    let root = q.state_dir().join("root-cert.pem");
+    let refused = !s_client(&addr, None, &root).contains("HTTP/1.1 200");
+    let cert = q.mesh_certificate("default", "client");
+    let served = s_client(&addr, Some(&cert), &root).contains("HTTP/1.1 200");
+    q.assert_client_nacked_nothing();
+    let gw = q.sync_of(&node).expect("gateway connected");
+    for (t, st) in gw["types"].as_object().into_iter().flatten() {
+        assert_eq!(st["nacks"], 0, "{name}: gateway {t}: {}", st["last_nack"]);
+    }
+    (
+        r.status,
+        r.header("x-echo-name").unwrap_or("").to_string(),
+        refused,
+        served,
+    )
+}
+
+#[test]
+fn an_istio_mutual_gateway_admits_mesh_clients_only() {
+    let expected = (200, "hello-v1".to_string(), true, true);
+    assert_eq!(istio_mutual_gateway("gw-mutual-weft", 79, false), expected);
+    assert_eq!(istio_mutual_gateway("gw-mutual-envoy", 80, true), expected);
+}
