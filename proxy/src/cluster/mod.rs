@@ -95,8 +95,9 @@ pub struct Cluster {
     pub panic_threshold: f64,
     /// TLS towards the endpoints (transport_socket and transport_socket_matches).
     pub transport: Transport,
-    /// The xDS resource this was built from, to tell whether an update changes anything.
-    pub source: XdsCluster,
+    /// The xDS resource this was built from, encoded, to tell whether an update changes
+    /// anything (the decoded resource is several times larger).
+    pub source: Vec<u8>,
 }
 
 /// How a cluster's endpoints are connected to: the first `transport_socket_matches` entry
@@ -475,7 +476,7 @@ impl Cluster {
             limits,
             panic_threshold,
             transport,
-            source: c.clone(),
+            source: prost::Message::encode_to_vec(c),
         };
         if cluster.discovery == Discovery::Static
             && let Some(cla) = &c.load_assignment

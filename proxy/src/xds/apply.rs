@@ -27,11 +27,13 @@ pub struct Applier {
     proxy: Arc<Proxy>,
     /// The bootstrap's `static_resources` (less the clusters that carry xDS itself): part of
     /// every cluster and listener set, and never replaced over xDS.
-    static_clusters: Vec<XdsCluster>,
+    /// Static clusters, encoded (as resources from xDS arrive), by name.
+    static_clusters: Vec<(String, Vec<u8>)>,
     static_listeners: Vec<XdsListener>,
-    /// Last load assignment per EDS service name: a cluster created later (or re-created by a
-    /// CDS update) starts with its endpoints instead of empty.
-    eds_cache: HashMap<String, ClusterLoadAssignment>,
+    /// Last load assignment per EDS service name, encoded (a tenth of its decoded size): a
+    /// cluster created later (or re-created by a CDS update) starts with its endpoints instead
+    /// of empty, and a state-of-the-world response's unchanged assignments are skipped.
+    eds_cache: HashMap<String, Vec<u8>>,
     rds_names: BTreeSet<String>,
 }
 
@@ -47,6 +49,45 @@ fn decode<M: Message + Name + Default>(
         out.push(m);
     }
     Ok(out)
+}
+
+/// The encoded resources of a response, each checked to be of the response's type.
+fn typed<'a>(
+    kind: &'static str,
+    type_url: &str,
+    resp: &'a DiscoveryResponse,
+) -> Result<Vec<&'a [u8]>, Rejection> {
+    resp.resources
+        .iter()
+        .enumerate()
+        .map(|(i, any)| {
+            if any.type_url == type_url {
+                Ok(any.value.as_slice())
+            } else {
+                Err(Rejection::new(
+                    kind,
+                    &format!("resources[{i}]"),
+                    "type_url",
+                    format!("expected {type_url}, got {}", any.type_url),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A response's resources by name, as received (for `/config_dump`); only the name is decoded
+/// (the response was validated before this is called).
+fn named<M: Message + Default>(
+    resp: &DiscoveryResponse,
+    name: fn(&M) -> &String,
+) -> Vec<(String, weft_xds_proto::wkt::Any)> {
+    resp.resources
+        .iter()
+        .filter_map(|any| {
+            let m = M::decode(any.value.as_slice()).ok()?;
+            Some((name(&m).clone(), any.clone()))
+        })
+        .collect()
 }
 
 fn no_duplicates<'a>(
@@ -76,6 +117,7 @@ impl Applier {
                 .clusters
                 .into_iter()
                 .filter(|c| !infra.contains(&c.name))
+                .map(|c| (c.name.clone(), c.encode_to_vec()))
                 .collect(),
             static_listeners: statics.listeners,
             proxy,
@@ -129,13 +171,12 @@ impl Applier {
     }
 
     async fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
-        let xds: Vec<XdsCluster> = decode("Cluster", resp)?;
-        let eds_names = self.set_clusters(&xds).await?;
+        let dynamic = typed("Cluster", type_url::CLUSTER, resp)?;
+        let eds_names = self.set_clusters(&dynamic).await?;
         self.proxy.record_accepted(
             type_url::CLUSTER,
             &resp.version_info,
-            xds.iter()
-                .map(|c| (c.name.clone(), weft_xds_proto::pack(c))),
+            named::<XdsCluster>(resp, |c| &c.name),
             true,
         );
         Ok(Applied {
@@ -143,37 +184,57 @@ impl Applier {
         })
     }
 
-    /// Replaces the cluster set with the static clusters plus `dynamic`; returns the EDS
-    /// service names it needs.
-    async fn set_clusters(
-        &mut self,
-        dynamic: &[XdsCluster],
-    ) -> Result<BTreeSet<String>, Rejection> {
-        no_duplicates("Cluster", dynamic.iter().map(|c| c.name.as_str()))?;
-        if let Some(c) = dynamic
-            .iter()
-            .find(|c| self.static_clusters.iter().any(|s| s.name == c.name))
-        {
-            return Err(Rejection::new(
-                "Cluster",
-                &c.name,
-                "name",
-                "a static cluster of the bootstrap has this name; static clusters cannot be replaced over CDS",
-            ));
-        }
-        let xds: Vec<&XdsCluster> = self.static_clusters.iter().chain(dynamic).collect();
+    /// Replaces the cluster set with the static clusters plus `dynamic` (encoded resources);
+    /// returns the EDS service names it needs. Resources are decoded one at a time, and only
+    /// those that differ from the running cluster of their name are rebuilt.
+    async fn set_clusters(&mut self, dynamic: &[&[u8]]) -> Result<BTreeSet<String>, Rejection> {
         let current = self.proxy.snapshot();
-        let mut clusters = HashMap::with_capacity(xds.len());
+        let mut clusters: HashMap<String, Arc<Cluster>> =
+            HashMap::with_capacity(self.static_clusters.len() + dynamic.len());
         let mut fresh_dns = Vec::new();
-        for c in xds {
+        let statics = self
+            .static_clusters
+            .iter()
+            .map(|(_, b)| (b.as_slice(), true));
+        for (i, (bytes, is_static)) in statics
+            .chain(dynamic.iter().map(|b| (*b, false)))
+            .enumerate()
+        {
+            let c = XdsCluster::decode(bytes).map_err(|e| {
+                Rejection::new(
+                    "Cluster",
+                    &format!("resources[{i}]"),
+                    "type_url",
+                    e.to_string(),
+                )
+            })?;
+            if !is_static && self.static_clusters.iter().any(|(n, _)| *n == c.name) {
+                return Err(Rejection::new(
+                    "Cluster",
+                    &c.name,
+                    "name",
+                    "a static cluster of the bootstrap has this name; static clusters cannot be replaced over CDS",
+                ));
+            }
+            if clusters.contains_key(&c.name) {
+                return Err(Rejection::new(
+                    "Cluster",
+                    &c.name,
+                    "name",
+                    "duplicate resource name in one response",
+                ));
+            }
             let cluster = match current.clusters.get(&c.name) {
-                Some(existing) if existing.source == *c => existing.clone(),
+                Some(existing) if existing.source == bytes => existing.clone(),
                 _ => {
-                    let built = Cluster::from_xds(c)?;
+                    let built = Cluster::from_xds(&c)?;
                     if let Discovery::Eds(service) = &built.discovery
                         && let Some(cla) = self.eds_cache.get(service)
                     {
-                        built.assign(cla)?;
+                        let cla = ClusterLoadAssignment::decode(cla.as_slice()).map_err(|e| {
+                            Rejection::new("ClusterLoadAssignment", service, "", e.to_string())
+                        })?;
+                        built.assign(&cla)?;
                     }
                     let built = Arc::new(built);
                     crate::cluster::health::start(&built);
@@ -184,7 +245,7 @@ impl Applier {
                     built
                 }
             };
-            clusters.insert(c.name.clone(), cluster);
+            clusters.insert(c.name, cluster);
         }
         // New DNS clusters resolve before they serve (Envoy warms them the same way), all at
         // once and for at most a few seconds; after that they refresh in the background.
@@ -211,40 +272,73 @@ impl Applier {
     }
 
     fn endpoints(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
-        let xds: Vec<ClusterLoadAssignment> = decode("ClusterLoadAssignment", resp)?;
-        no_duplicates(
+        let resources = typed(
             "ClusterLoadAssignment",
-            xds.iter().map(|c| c.cluster_name.as_str()),
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            resp,
         )?;
         let snapshot = self.proxy.snapshot();
-        let by_service: BTreeMap<&str, &ClusterLoadAssignment> =
-            xds.iter().map(|c| (c.cluster_name.as_str(), c)).collect();
-        // Translate everything first; only then swap endpoint sets in.
-        let mut updates = Vec::new();
+        // The EDS clusters of each service name (subset clusters have names of their own).
+        let mut by_service: HashMap<&str, Vec<&Arc<Cluster>>> = HashMap::new();
         for cluster in snapshot.clusters.values() {
-            if let Discovery::Eds(service) = &cluster.discovery
-                && let Some(cla) = by_service.get(service.as_str())
-                // A state-of-the-world response repeats every assignment: rebuild only the
-                // clusters whose assignment changed (a cluster created since got it from the
-                // cache already).
-                && self.eds_cache.get(service) != Some(*cla)
+            if let Discovery::Eds(service) = &cluster.discovery {
+                by_service
+                    .entry(service.as_str())
+                    .or_default()
+                    .push(cluster);
+            }
+        }
+        // Translate everything first, one assignment at a time; only then swap endpoint sets
+        // in. A state-of-the-world response repeats every assignment: only those whose bytes
+        // changed are decoded further than their name.
+        let mut seen = BTreeSet::new();
+        let mut updates = Vec::new();
+        let mut fresh: Vec<(String, &[u8])> = Vec::new();
+        for (i, bytes) in resources.iter().enumerate() {
+            let cla = ClusterLoadAssignment::decode(*bytes).map_err(|e| {
+                Rejection::new(
+                    "ClusterLoadAssignment",
+                    &format!("resources[{i}]"),
+                    "type_url",
+                    e.to_string(),
+                )
+            })?;
+            if !seen.insert(cla.cluster_name.clone()) {
+                return Err(Rejection::new(
+                    "ClusterLoadAssignment",
+                    &cla.cluster_name,
+                    "name",
+                    "duplicate resource name in one response",
+                ));
+            }
+            if self
+                .eds_cache
+                .get(&cla.cluster_name)
+                .is_some_and(|b| b.as_slice() == *bytes)
+            {
+                continue;
+            }
+            for cluster in by_service
+                .get(cla.cluster_name.as_str())
+                .into_iter()
+                .flatten()
             {
                 let existing = cluster.current_endpoints();
-                updates.push((cluster.clone(), cluster.endpoint_set(cla, &existing)?));
+                updates.push(((*cluster).clone(), cluster.endpoint_set(&cla, &existing)?));
             }
+            fresh.push((cla.cluster_name, bytes));
         }
         for (cluster, set) in updates {
             cluster.endpoints.store(Arc::new(set));
             cluster.stats.update_success.inc();
         }
-        for cla in &xds {
-            self.eds_cache.insert(cla.cluster_name.clone(), cla.clone());
+        for (name, bytes) in fresh {
+            self.eds_cache.insert(name, bytes.to_vec());
         }
         self.proxy.record_accepted(
             type_url::CLUSTER_LOAD_ASSIGNMENT,
             &resp.version_info,
-            xds.iter()
-                .map(|c| (c.cluster_name.clone(), weft_xds_proto::pack(c))),
+            named::<ClusterLoadAssignment>(resp, |c| &c.cluster_name),
             false,
         );
         Ok(Applied { subscribe: None })
@@ -346,5 +440,130 @@ impl Applier {
             tracing::info!("initial config applied; proxy is LIVE");
             self.proxy.set_state(ServerState::Live);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_xds_proto::envoy::config::bootstrap::v3::Bootstrap;
+
+    fn response(type_url: &str, version: &str, yaml: &[&str]) -> DiscoveryResponse {
+        let resources = yaml
+            .iter()
+            .map(|y| {
+                let bytes = match type_url {
+                    type_url::CLUSTER => weft_xds_proto::from_yaml::<XdsCluster>(y)
+                        .unwrap()
+                        .encode_to_vec(),
+                    _ => weft_xds_proto::from_yaml::<ClusterLoadAssignment>(y)
+                        .unwrap()
+                        .encode_to_vec(),
+                };
+                weft_xds_proto::wkt::Any {
+                    type_url: type_url.to_string(),
+                    value: bytes,
+                }
+            })
+            .collect();
+        DiscoveryResponse {
+            version_info: version.into(),
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        }
+    }
+
+    const EDS_CLUSTER: &str = "{ name: c, type: EDS, eds_cluster_config: { service_name: svc } }";
+
+    fn cla(port: u32) -> String {
+        format!(
+            "{{ cluster_name: svc, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}] }}"
+        )
+    }
+
+    #[tokio::test]
+    async fn unchanged_resources_are_kept_and_changed_ones_rebuilt() {
+        let proxy = Proxy::new(Bootstrap::default(), Vec::new());
+        let mut a = Applier::new(proxy.clone());
+        // Endpoints before their cluster: cached, then used when the cluster arrives.
+        a.endpoints(&response(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "1",
+            &[&cla(1000)],
+        ))
+        .unwrap();
+        a.clusters(&response(type_url::CLUSTER, "1", &[EDS_CLUSTER]))
+            .await
+            .unwrap();
+        let first = proxy.snapshot().clusters["c"].clone();
+        assert_eq!(first.current_endpoints().len(), 1);
+        // The same cluster again: the running one is kept (pools, stats, health).
+        a.clusters(&response(type_url::CLUSTER, "2", &[EDS_CLUSTER]))
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &proxy.snapshot().clusters["c"]));
+        // The same assignment again (state of the world) changes nothing; a new one does.
+        let updates = first.stats.update_success.get();
+        a.endpoints(&response(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "2",
+            &[&cla(1000)],
+        ))
+        .unwrap();
+        assert_eq!(first.stats.update_success.get(), updates);
+        a.endpoints(&response(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "3",
+            &[&cla(2000)],
+        ))
+        .unwrap();
+        assert_eq!(first.stats.update_success.get(), updates + 1);
+        let ports: Vec<u16> = first.current_endpoints().keys().map(|a| a.port()).collect();
+        assert_eq!(ports, [2000]);
+        // A changed cluster is rebuilt, with the cached endpoints.
+        a.clusters(&response(
+            type_url::CLUSTER,
+            "4",
+            &["{ name: c, type: EDS, connect_timeout: 2s, eds_cluster_config: { service_name: svc } }"],
+        ))
+        .await
+        .unwrap();
+        let second = proxy.snapshot().clusters["c"].clone();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.current_endpoints().len(), 1);
+        let dump = proxy.accepted.lock().unwrap();
+        assert_eq!(dump[type_url::CLUSTER]["c"].version, "4");
+        assert_eq!(dump[type_url::CLUSTER_LOAD_ASSIGNMENT]["svc"].version, "3");
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_wrong_types_are_refused_whole() {
+        let proxy = Proxy::new(Bootstrap::default(), Vec::new());
+        let mut a = Applier::new(proxy.clone());
+        let err = a
+            .clusters(&response(
+                type_url::CLUSTER,
+                "1",
+                &[EDS_CLUSTER, EDS_CLUSTER],
+            ))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let err = a
+            .endpoints(&response(
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+                "1",
+                &[&cla(1), &cla(2)],
+            ))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let mut wrong = response(type_url::CLUSTER, "1", &[EDS_CLUSTER]);
+        wrong.resources[0].type_url = type_url::LISTENER.into();
+        let err = a.clusters(&wrong).await.err().unwrap();
+        assert!(err.to_string().contains("expected"), "{err}");
+        assert!(proxy.snapshot().clusters.is_empty(), "nothing applied");
     }
 }
