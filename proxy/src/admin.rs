@@ -61,7 +61,7 @@ fn handle<B>(proxy: &Proxy, req: Request<B>) -> Response<Full<Bytes>> {
         },
         (_, "/server_info") => json(&server_info(proxy)),
         (_, "/config_dump") => match config_dump(proxy) {
-            Ok(v) => json(&v),
+            Ok(v) => reply(StatusCode::OK, "application/json", v),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot render config: {e}\n")),
         },
         (_, "/clusters") => text(clusters(proxy)),
@@ -119,7 +119,7 @@ fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
-fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonError> {
+fn config_dump(proxy: &Proxy) -> Result<String, weft_xds_proto::JsonError> {
     let accepted = proxy
         .accepted
         .lock()
@@ -222,7 +222,7 @@ fn config_dump(proxy: &Proxy) -> Result<serde_json::Value, weft_xds_proto::JsonE
             weft_xds_proto::pack(&secrets_dump()),
         ],
     };
-    weft_xds_proto::to_json(&dump)
+    weft_xds_proto::to_json_text(&dump)
 }
 
 /// The workload certificate and the trust bundle as Envoy's SecretsConfigDump shows SDS

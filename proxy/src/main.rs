@@ -119,6 +119,9 @@ fn workload_identity(args: &Args, node: &weft_xds_proto::envoy::config::core::v3
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    // The JSON mapping is needed for the bootstrap and /config_dump only: build it for each
+    // use rather than keep its ~7 MiB for the life of the sidecar.
+    weft_xds_proto::json::release_pool_after_use();
     let mut startup = match (&args.config_path, &args.xds_address, &args.node_id) {
         (Some(path), _, _) => weft_proxy::bootstrap::from_file(path)?,
         (None, Some(xds), Some(id)) => {

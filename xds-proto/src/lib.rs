@@ -16,4 +16,4 @@ pub use envoy_types::pb::google::protobuf as wkt;
 pub use prost;
 
 pub use any::{AnyError, pack, unpack};
-pub use json::{JsonError, from_json, from_yaml, to_json};
+pub use json::{JsonError, from_json, from_yaml, to_json, to_json_text};
