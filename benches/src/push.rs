@@ -51,8 +51,9 @@ fn parse_args() -> anyhow::Result<Args> {
         clients: 100,
         deployments: 10,
         rounds: 10,
-        poll_ms: 20,
-        debounce_ms: 100,
+        // weftd's defaults: changes are seen through inotify, the poll is the fallback.
+        poll_ms: 200,
+        debounce_ms: 20,
         bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
         work_dir: std::env::temp_dir().join(format!("weft-push-{}", std::process::id())),
         proxy_rss: None,

@@ -22,12 +22,15 @@ struct Args {
     /// Address of the monitoring/debug endpoints (istiod's port 15014).
     #[arg(long, default_value = "0.0.0.0:15014")]
     debug_address: SocketAddr,
-    /// How often the config folder is checked for changes, in milliseconds.
+    /// How often the config folder is also polled for changes, in milliseconds (changes are
+    /// seen at once through inotify where it works; polling covers where it does not).
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
-    /// After a change is seen, wait this long for the folder to settle (an editor's save, a
-    /// copy of several files) before reloading; Istio's PILOT_DEBOUNCE_AFTER is 100 ms too.
-    #[arg(long, default_value_t = 100)]
+    /// The folder must be quiet this long before a change is loaded, so a burst of writes (an
+    /// editor's save, a copy of several files) is one reload. With inotify the wait starts over
+    /// at each write (1 s at most in all); without it, it is a fixed wait after the change is
+    /// polled. Istio's PILOT_DEBOUNCE_AFTER is 100 ms, for bursts of Kubernetes API events.
+    #[arg(long, default_value_t = 20)]
     debounce_ms: u64,
     /// Have every proxy write access logs to this path (Istio's meshConfig.accessLogFile, e.g.
     /// /dev/stdout); off by default.

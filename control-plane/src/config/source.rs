@@ -1,6 +1,7 @@
 //! The universal-mode config source: a folder of YAML files, read on start and re-read when any
-//! file's size or modification time changes (polled, which works on every filesystem and inside
-//! containers where inotify is unavailable or exhausted).
+//! file's size or modification time changes. Changes are noticed at once through inotify, and by
+//! polling as well (which works on every filesystem, and inside containers where inotify is
+//! unavailable or exhausted).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -147,8 +148,73 @@ fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
         .collect())
 }
 
+/// inotify on the config folder (any file created, written, moved or deleted in it), read by
+/// a thread of its own that reports each batch of events; the thread ends when the folder
+/// itself goes away (the watch is then re-created on the new folder).
+struct DirEvents(tokio::sync::mpsc::Receiver<()>);
+
+impl DirEvents {
+    fn new(dir: &Path) -> std::io::Result<DirEvents> {
+        use nix::sys::inotify::{AddWatchFlags as F, InitFlags};
+        let ino = nix::sys::inotify::Inotify::init(InitFlags::IN_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        ino.add_watch(
+            dir,
+            F::IN_CREATE
+                | F::IN_MODIFY
+                | F::IN_CLOSE_WRITE
+                | F::IN_MOVED_TO
+                | F::IN_MOVED_FROM
+                | F::IN_DELETE
+                | F::IN_ATTRIB
+                | F::IN_DELETE_SELF
+                | F::IN_MOVE_SELF,
+        )
+        .map_err(std::io::Error::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        std::thread::Builder::new()
+            .name("weftd-config-watch".into())
+            .spawn(move || {
+                while let Ok(events) = ino.read_events() {
+                    // A full channel already holds a wake-up: that is enough.
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = tx.try_send(())
+                    {
+                        return;
+                    }
+                    if events.iter().any(|e| e.mask.contains(F::IN_IGNORED)) {
+                        return;
+                    }
+                }
+            })?;
+        Ok(DirEvents(rx))
+    }
+
+    /// Waits for the next batch of events; an error when the watch has ended.
+    async fn next(&mut self) -> std::io::Result<()> {
+        self.0.recv().await.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the folder's watch ended")
+        })
+    }
+}
+
+/// Waits until the folder has been quiet for `quiet` (each event starts the wait over), at
+/// most `MAX_SETTLE` in all: a burst of writes (an editor's save, a copy of several files)
+/// becomes one reload.
+async fn settle(events: &mut DirEvents, quiet: Duration) {
+    const MAX_SETTLE: Duration = Duration::from_secs(1);
+    let deadline = tokio::time::Instant::now() + MAX_SETTLE;
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(deadline);
+        match tokio::time::timeout_at(until, events.next()).await {
+            Ok(Ok(())) if tokio::time::Instant::now() < deadline => continue,
+            _ => return,
+        }
+    }
+}
+
 /// Loads `dir` once, publishes it, then keeps publishing a new snapshot whenever the folder's
-/// content changes. Changes are debounced: a burst of writes within `debounce` is one reload.
+/// content changes. Changes are debounced: the folder must be quiet for `debounce` (with
+/// inotify, measured from the last write; without, a fixed wait after the change is seen).
 pub async fn watch_dir(
     dir: PathBuf,
     tx: watch::Sender<Arc<ConfigSnapshot>>,
@@ -159,7 +225,19 @@ pub async fn watch_dir(
     let mut cache = FileCache::default();
     let mut generation = 0u64;
     let mut unreadable = false;
+    let mut events = None;
+    let mut told_no_inotify = false;
     loop {
+        if events.is_none() && dir.is_dir() {
+            match DirEvents::new(&dir) {
+                Ok(e) => events = Some(e),
+                Err(e) if !told_no_inotify => {
+                    told_no_inotify = true;
+                    tracing::warn!(dir = %dir.display(), "no inotify on the config folder ({e}); changes are seen by polling every {poll:?}");
+                }
+                Err(_) => {}
+            }
+        }
         let print = fingerprint(&dir);
         if print.is_ok() {
             unreadable = false;
@@ -168,7 +246,10 @@ pub async fn watch_dir(
             Ok(print) if Some(&print) != last_print.as_ref() => {
                 if last_print.is_some() {
                     // Let a burst of writes (an editor's save, `cp` of several files) settle.
-                    tokio::time::sleep(debounce).await;
+                    match &mut events {
+                        Some(ev) => settle(ev, debounce).await,
+                        None => tokio::time::sleep(debounce).await,
+                    }
                 }
                 last_print = fingerprint(&dir).ok();
                 let started = std::time::Instant::now();
@@ -204,15 +285,79 @@ pub async fn watch_dir(
                     tracing::error!(dir = %dir.display(), "cannot read config folder (serving the last config): {e}");
                     unreadable = true;
                 }
+                // The folder may come back as a new directory: watch that one then.
+                events = None;
             }
         }
-        tokio::time::sleep(poll).await;
+        match &mut events {
+            Some(ev) => {
+                if let Ok(Err(_)) = tokio::time::timeout(poll, ev.next()).await {
+                    // The folder was removed or replaced: watch the new one next round.
+                    events = None;
+                }
+            }
+            None => tokio::time::sleep(poll).await,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With polling as good as off (one minute), a change is still seen at once (inotify), and
+    /// a burst of writes within the quiet period is one reload.
+    #[tokio::test]
+    async fn changes_are_seen_through_inotify_and_bursts_become_one_reload() {
+        let dir = std::env::temp_dir().join(format!("weft-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vs.yaml"), GOOD).unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+        tokio::spawn(watch_dir(
+            dir.clone(),
+            tx,
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+        ));
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.synced))
+            .await
+            .unwrap()
+            .unwrap()
+            .generation;
+        // Three writes 10 ms apart (within the 50 ms quiet period): one new generation.
+        let started = std::time::Instant::now();
+        for hosts in ["[a, a1]", "[a, a2]", "[a, a3]"] {
+            std::fs::write(
+                dir.join("vs.yaml"),
+                GOOD.replacen("hosts: [a]", &format!("hosts: {hosts}"), 1),
+            )
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|s| s.generation > first),
+        )
+        .await
+        .expect("reloaded without waiting for the poll")
+        .unwrap()
+        .clone();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(next.generation, first + 1);
+        assert_eq!(
+            names(&next.config)[0],
+            "a:a,a3",
+            "the last write of the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            rx.borrow().generation,
+            first + 1,
+            "no second reload for the burst"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     const GOOD: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: a }\nspec:\n  hosts: [a]\n  http: [{ route: [{ destination: { host: a } }] }]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: b }\nspec:\n  hosts: [b]\n  http: [{ route: [{ destination: { host: b } }] }]\n";
 
