@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::http::{Client, get_json};
-use crate::procs::{Proc, bin, envoy_bin, free_port, wait_until};
+use crate::procs::{Proc, bin, free_port, wait_until};
 
 pub struct Quickstart {
     pub name: String,
@@ -538,22 +538,10 @@ spec:
 
     /// Starts Envoy on a bootstrap file and waits until its admin (on `host`) reports ready.
     fn launch_envoy(&mut self, name: &str, bootstrap: &std::path::Path, base_id: u32, host: u8) {
-        let path_s = bootstrap.display().to_string();
-        let base_id = base_id.to_string();
-        self.procs.push(Proc::start(
+        self.procs.push(crate::procs::start_envoy(
             name,
-            &envoy_bin(),
-            &[
-                "-c",
-                &path_s,
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--base-id",
-                &base_id,
-                "-l",
-                "info",
-            ],
+            bootstrap,
+            base_id,
             &self.log_dir,
         ));
         let admin = self.admin(host);

@@ -40,6 +40,29 @@ pub fn envoy_bin() -> PathBuf {
     PathBuf::from("envoy")
 }
 
+/// A stock Envoy on a bootstrap file, one worker, its hot-restart id `base_id` (unique among
+/// the Envoys running at once), logging at info into `log_dir/<name>.log`.
+pub fn start_envoy(name: &str, bootstrap: &Path, base_id: u32, log_dir: &Path) -> Proc {
+    let path_s = bootstrap.display().to_string();
+    let base_id = base_id.to_string();
+    Proc::start(
+        name,
+        &envoy_bin(),
+        &[
+            "-c",
+            &path_s,
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--base-id",
+            &base_id,
+            "-l",
+            "info",
+        ],
+        log_dir,
+    )
+}
+
 /// A port that was free (TCP and UDP) a moment ago, outside the kernel's ephemeral range
 /// (32768-60999), so the many outgoing connections of parallel tests never take it meanwhile.
 pub fn free_port(ip: &str) -> u16 {

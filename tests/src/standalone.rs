@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::procs::{Proc, bin, envoy_bin, free_port, wait_until};
+use crate::procs::{Proc, bin, free_port, wait_until};
 
 /// Which proxy runs the bootstrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,23 +109,7 @@ impl Standalone {
                 &self.dir,
             ),
             Flavor::Envoy => {
-                let base_id = (u32::from(self.net) * 10 + 7).to_string();
-                Proc::start(
-                    "envoy",
-                    &envoy_bin(),
-                    &[
-                        "-c",
-                        &path_s,
-                        "--disable-hot-restart",
-                        "--concurrency",
-                        "1",
-                        "--base-id",
-                        &base_id,
-                        "-l",
-                        "info",
-                    ],
-                    &self.dir,
-                )
+                crate::procs::start_envoy("envoy", &path, u32::from(self.net) * 10 + 7, &self.dir)
             }
         };
         self.procs.push(proc);
@@ -165,6 +149,27 @@ impl Standalone {
             .find_map(|l| l.strip_prefix(&key))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// `static_resources.listeners` with one HTTP listener on `ip:port`: an HTTP connection
+    /// manager whose body (`route_config`, `access_log`...; YAML at 10 spaces) is `hcm`, with
+    /// the `filters` (YAML list items at 10 spaces) ahead of the router.
+    pub fn http_listener(ip: &str, port: u16, hcm: &str, filters: &str) -> String {
+        format!(
+            r#"  listeners:
+  - name: http
+    address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+{hcm}          http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#
+        )
     }
 
     /// A STATIC cluster's `load_assignment` for these hosts (YAML flow style).

@@ -23,29 +23,23 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
     let send =
         hex("GET /echo/health/quiet HTTP/1.1\r\nhost: tcp-check\r\nconnection: close\r\n\r\n");
     let receive = hex("HTTP/1.1 200");
-    format!(
-        r#"  listeners:
-  - name: http
-    address: {{ socket_address: {{ address: {ip}, port_value: {HTTP_PORT} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
+    let listener = Standalone::http_listener(
+        ip,
+        HTTP_PORT,
+        r#"          route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
-              - match: {{ prefix: /tcp/ }}
-                route: {{ cluster: tcp-checked, prefix_rewrite: / }}
-              - match: {{ prefix: / }}
-                route: {{ cluster: http-checked }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+              - match: { prefix: /tcp/ }
+                route: { cluster: tcp-checked, prefix_rewrite: / }
+              - match: { prefix: / }
+                route: { cluster: http-checked }
+"#,
+        "",
+    );
+    format!(
+        r#"{listener}  clusters:
   - name: http-checked
     type: STATIC
     connect_timeout: 1s

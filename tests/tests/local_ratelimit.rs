@@ -38,17 +38,11 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
     let assignment = Standalone::load_assignment("backend", &[backend]);
-    format!(
-        r#"  listeners:
-  - name: http
-    address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
+    let listener = Standalone::http_listener(
+        ip,
+        PORT,
+        &format!(
+            r#"          route_config:
             virtual_hosts:
             - name: shared
               domains: [shared.local]
@@ -72,12 +66,16 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
                   envoy.filters.http.local_ratelimit: {shadow}
               - match: {{ prefix: / }}
                 route: {{ cluster: backend }}
-          http_filters:
-          - name: envoy.filters.http.local_ratelimit
+"#
+        ),
+        &format!(
+            r#"          - name: envoy.filters.http.local_ratelimit
             typed_config: {filter}
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+"#
+        ),
+    );
+    format!(
+        r#"{listener}  clusters:
   - name: backend
     type: STATIC
     connect_timeout: 1s

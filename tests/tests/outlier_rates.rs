@@ -39,29 +39,23 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
         ),
     ]
     .concat();
-    format!(
-        r#"  listeners:
-  - name: http
-    address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
+    let listener = Standalone::http_listener(
+        ip,
+        PORT,
+        r#"          route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
-              - match: {{ prefix: /fp/ }}
-                route: {{ cluster: failure-percentage, prefix_rewrite: / }}
-              - match: {{ prefix: / }}
-                route: {{ cluster: success-rate }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+              - match: { prefix: /fp/ }
+                route: { cluster: failure-percentage, prefix_rewrite: / }
+              - match: { prefix: / }
+                route: { cluster: success-rate }
+"#,
+        "",
+    );
+    format!(
+        r#"{listener}  clusters:
 {clusters}"#
     )
 }

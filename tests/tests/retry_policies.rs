@@ -39,17 +39,11 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
     ]
     .concat();
     let log = log.display();
-    format!(
-        r#"  listeners:
-  - name: http
-    address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          access_log:
+    let listener = Standalone::http_listener(
+        ip,
+        PORT,
+        &format!(
+            r#"          access_log:
           - name: envoy.access_loggers.file
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
@@ -86,10 +80,12 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
                 route:
                   cluster: plain
                   retry_policy: {{ retry_on: 5xx, num_retries: 1 }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
+"#
+        ),
+        "",
+    );
+    format!(
+        r#"{listener}  clusters:
 {clusters}"#
     )
 }
