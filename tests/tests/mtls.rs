@@ -748,3 +748,116 @@ fn an_istio_mutual_gateway_admits_mesh_clients_only() {
     assert_eq!(istio_mutual_gateway("gw-mutual-weft", 79, false), expected);
     assert_eq!(istio_mutual_gateway("gw-mutual-envoy", 80, true), expected);
 }
+
+/// An east-west gateway (`tls.mode: AUTO_PASSTHROUGH`), run as weft-proxy or as a stock Envoy:
+/// a client sidecar of the same kind sends its mesh mTLS for hello v1 to the gateway (a
+/// DestinationRule with ISTIO_MUTUAL, Istio's SNI for `outbound|8080|v1|hello` and hello's
+/// identity), the gateway passes it through untouched by its SNI, and hello-v1's sidecar
+/// terminates it. Returns the backend that answered, and whether an SNI no service has got
+/// through.
+fn auto_passthrough_gateway(name: &str, net: u8, envoy: bool) -> (u16, String, bool) {
+    const GW: u8 = 30;
+    const PORT: u16 = 15443;
+    let mut q = Quickstart::new(name, net);
+    q.enable_identities();
+    let hello_sni = "outbound_.8080_.v1_.hello.default.svc.cluster.local";
+    q.write_file(
+        "gateway.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: east-west, namespace: default }}
+spec: {{ address: {gw}, labels: {{ istio: eastwestgateway }}, serviceAccount: ingress }}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: cross-network, namespace: default }}
+spec:
+  selector: {{ istio: eastwestgateway }}
+  servers:
+  - port: {{ number: {PORT}, name: tls, protocol: TLS }}
+    hosts: ["*.local"]
+    tls: {{ mode: AUTO_PASSTHROUGH }}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: hello-remote, namespace: default }}
+spec:
+  hosts: [hello-remote.example]
+  location: MESH_INTERNAL
+  ports: [{{ number: 8080, name: http, protocol: HTTP, targetPort: {PORT} }}]
+  resolution: STATIC
+  endpoints: [{{ address: {gw} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: hello-remote, namespace: default }}
+spec:
+  host: hello-remote.example
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      sni: {hello_sni}
+      subjectAltNames: [spiffe://cluster.local/ns/default/sa/hello]
+"#,
+            gw = q.ip(GW)
+        ),
+    );
+    q.start_weftd();
+    q.start_hello();
+    let node = format!(
+        "router~{}~ingress.default~default.svc.cluster.local",
+        q.ip(GW)
+    );
+    if envoy {
+        q.start_envoy_as(GW, "ingress", &node, "{ istio: eastwestgateway }");
+    } else {
+        q.start_weft_proxy_as(GW, "ingress", &node);
+    }
+    q.start_client(envoy);
+    let mut c = Client::new(q.egress());
+    let mut last = None;
+    let r = wait_until(Duration::from_secs(15), || {
+        let r = c.get("hello-remote.example", "/").ok();
+        last = r.as_ref().map(|r| format!("{} {}", r.status, r.body));
+        r.filter(|r| r.status == 200)
+    })
+    .unwrap_or_else(|| panic!("{name}: through the east-west gateway; last answer {last:?}"));
+    // An SNI that names no service: the gateway has no chain for it and closes.
+    let cert = q.mesh_certificate("default", "client");
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("{}:{PORT}", q.ip(GW))])
+        .args([
+            "-servername",
+            "outbound_.8080_._.nowhere.default.svc.cluster.local",
+        ])
+        .args(["-cert", &cert.join("cert-chain.pem").display().to_string()])
+        .args(["-key", &cert.join("key.pem").display().to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    let stranger_through = String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE");
+    q.assert_client_nacked_nothing();
+    let gw = q.sync_of(&node).expect("gateway connected");
+    for (t, st) in gw["types"].as_object().into_iter().flatten() {
+        assert_eq!(st["nacks"], 0, "{name}: gateway {t}: {}", st["last_nack"]);
+    }
+    (
+        r.status,
+        r.header("x-echo-name").unwrap_or("").to_string(),
+        stranger_through,
+    )
+}
+
+#[test]
+fn an_auto_passthrough_gateway_passes_mesh_mtls_through_by_sni() {
+    let expected = (200, "hello-v1".to_string(), false);
+    assert_eq!(
+        auto_passthrough_gateway("gw-auto-weft", 81, false),
+        expected
+    );
+    assert_eq!(
+        auto_passthrough_gateway("gw-auto-envoy", 82, true),
+        expected
+    );
+}

@@ -535,10 +535,14 @@ fn client_tls(at: &str, t: &Option<ClientTls>) -> Check {
             "credentials from Kubernetes secrets need Kubernetes mode; in universal mode give the certificate files",
         );
     }
+    // A server name: DNS labels, underscores allowed (Istio's own `outbound_.PORT_.SUBSET_.HOST`).
     if let Some(sni) = &t.sni
-        && name(&sni.to_ascii_lowercase()).is_err()
+        && name(&sni.to_ascii_lowercase().replace('_', "x")).is_err()
     {
-        return bad(format!("{at}.sni"), format!("{sni:?} is not a DNS name"));
+        return bad(
+            format!("{at}.sni"),
+            format!("{sni:?} is not a server name (DNS labels, underscores allowed)"),
+        );
     }
     Ok(())
 }
@@ -806,6 +810,15 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                     // TLS passed through to the destination, picked by SNI (VirtualService
                     // tls routes bound to the Gateway).
                     ServerTlsMode::Passthrough => {}
+                    // Mesh mTLS passed through by its SNI (east-west gateways).
+                    ServerTlsMode::AutoPassthrough => {
+                        if proto != "TLS" {
+                            return bad(
+                                format!("{at}.tls.mode"),
+                                "AUTO_PASSTHROUGH needs a TLS server (port protocol TLS)",
+                            );
+                        }
+                    }
                     // The gateway's own workload certificate; mesh clients only.
                     ServerTlsMode::IstioMutual => {
                         if t.server_certificate.is_some()
@@ -823,7 +836,7 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                         return bad(
                             format!("{at}.tls.mode"),
                             format!(
-                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL, ISTIO_MUTUAL and PASSTHROUGH are)"
+                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL, ISTIO_MUTUAL, PASSTHROUGH and AUTO_PASSTHROUGH are)"
                             ),
                         );
                     }

@@ -128,7 +128,7 @@ fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
     c
 }
 
-fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
+pub(super) fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     Cluster {
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
@@ -170,7 +170,7 @@ fn dns_cluster(
 }
 
 /// The service's subsets: the whole service (`""`, no selector), then each DestinationRule subset.
-fn subsets_of(
+pub(super) fn subsets_of(
     rule: Option<&Object<crate::config::DestinationRuleSpec>>,
 ) -> Vec<(&str, Option<&crate::config::Labels>)> {
     let mut out = vec![("", None)];
@@ -811,7 +811,7 @@ pub(super) fn tcp_proxy_filter(stat_prefix: &str, to: tcp_proxy::ClusterSpecifie
 /// order: a rule in the proxy's namespace, else in the service's, else in the root namespace,
 /// else any other; only rules exported to the proxy count. Returns its index too (clusters are
 /// shared per rule).
-fn destination_rule_for<'a>(
+pub(super) fn destination_rule_for<'a>(
     mesh: &'a Mesh,
     proxy_ns: &str,
     svc: &Service,

@@ -286,6 +286,41 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for ((bind, port), servers) in ports {
         let listener_name = format!("{bind}_{port}");
         let stat_prefix = format!("gateway_{bind}_{port}");
+        // AUTO_PASSTHROUGH (Istio's east-west gateways): mesh mTLS passed through untouched to
+        // the service, port and subset its SNI names (`outbound_.PORT_.SUBSET_.HOST`), over a
+        // plaintext cluster of the same name that shares the subset's endpoints.
+        let auto: Vec<_> = servers
+            .iter()
+            .filter(|(_, s)| {
+                s.tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == Some(ServerTlsMode::AutoPassthrough))
+            })
+            .copied()
+            .collect();
+        if !auto.is_empty() {
+            if auto.len() < servers.len() {
+                out.warnings.push(format!(
+                    "port {port}: other servers next to AUTO_PASSTHROUGH servers on one port are not served; only the AUTO_PASSTHROUGH servers are"
+                ));
+            }
+            let chains = auto_passthrough(mesh, scope, &auto, out);
+            if chains.is_empty() {
+                out.warnings.push(format!(
+                    "port {port}: no service matches its AUTO_PASSTHROUGH servers' hosts; the port is not served"
+                ));
+                continue;
+            }
+            let mut l = listener(
+                &listener_name,
+                &bind,
+                port,
+                super::build::tcp_proxy_filter(&stat_prefix, chains[0].1.clone()),
+            );
+            super::security::add_sni_chains(&mut l, chains, &stat_prefix);
+            out.add(type_url::LISTENER, listener_name, &l);
+            continue;
+        }
         let passthrough: Vec<_> = servers
             .iter()
             .filter(|(_, s)| {
@@ -450,6 +485,47 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         }
         out.add(type_url::LISTENER, listener_name, &l);
     }
+}
+
+/// The SNI chains of AUTO_PASSTHROUGH servers: for every port and subset of every service the
+/// servers' hosts admit, `outbound_.PORT_.SUBSET_.HOST` to a plaintext EDS cluster of that
+/// name (added to `out`) over the subset's load assignment (`outbound|PORT|SUBSET|HOST`).
+fn auto_passthrough(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    servers: &[ServerOf<'_>],
+    out: &mut Generated,
+) -> Vec<(
+    Vec<String>,
+    weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
+)> {
+    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier;
+    let mut chains = Vec::new();
+    for svc in &scope.services {
+        if svc.discovery == crate::model::Discovery::Passthrough
+            || !servers.iter().any(|(g, srv)| {
+                srv.hosts
+                    .iter()
+                    .any(|h| server_admits(h, &g.namespace, &svc.namespace, &svc.hostname))
+            })
+        {
+            continue;
+        }
+        let rule = super::build::destination_rule_for(mesh, &scope.proxy.namespace, svc);
+        for port in &svc.ports {
+            for (subset, _) in super::build::subsets_of(rule.map(|(_, dr)| dr)) {
+                let sni = super::security::mesh_sni(port.port, subset, &svc.hostname);
+                let mut cluster = super::build::eds_cluster(&sni, crate::model::Protocol::Tcp);
+                if let Some(eds) = cluster.eds_cluster_config.as_mut() {
+                    eds.service_name =
+                        super::build::outbound_cluster_name(port.port, subset, &svc.hostname);
+                }
+                out.add(type_url::CLUSTER, sni.clone(), &cluster);
+                chains.push((vec![sni.clone()], ClusterSpecifier::Cluster(sni)));
+            }
+        }
+    }
+    chains
 }
 
 /// The RDS name of an HTTPS server's routes (one per server: each has its own hosts).
