@@ -356,3 +356,52 @@ spec:
     assert!(errors[0].reason.contains("SNI"), "{}", errors[0]);
     assert!(errors[2].reason.contains("70"), "{}", errors[2]);
 }
+
+#[test]
+fn gateway_tls_modes_are_checked_as_istio_does() {
+    let gateway = |server: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{ name: g }}\nspec:\n  selector: {{ istio: ingressgateway }}\n  servers:\n  - {server}\n"
+        )
+    };
+    for (server, field, reason) in [
+        (
+            "{ port: { number: 443, name: https, protocol: HTTPS }, hosts: [a.example], tls: { mode: OPTIONAL_MUTUAL, serverCertificate: /c, privateKey: /k } }",
+            "spec.servers[0].tls.caCertificates",
+            "caCertificates",
+        ),
+        (
+            "{ port: { number: 443, name: https, protocol: HTTPS }, hosts: [a.example], tls: { mode: ISTIO_MUTUAL, serverCertificate: /c } }",
+            "spec.servers[0].tls",
+            "workload certificate",
+        ),
+        (
+            "{ port: { number: 443, name: https, protocol: HTTPS }, hosts: [\"*.local\"], tls: { mode: AUTO_PASSTHROUGH } }",
+            "spec.servers[0].tls.mode",
+            "TLS server",
+        ),
+        (
+            "{ port: { number: 53, name: udp, protocol: UDP }, hosts: [\"*\"] }",
+            "spec.servers[0].port.protocol",
+            "UDP",
+        ),
+    ] {
+        let (_, errors) = parse(&gateway(server));
+        assert_eq!(errors.len(), 1, "{server}: {errors:?}");
+        assert_eq!(errors[0].field, field, "{server}");
+        assert!(
+            errors[0].reason.contains(reason),
+            "{server}: {}",
+            errors[0].reason
+        );
+    }
+    for ok in [
+        "{ port: { number: 443, name: https, protocol: HTTPS }, hosts: [a.example], tls: { mode: OPTIONAL_MUTUAL, serverCertificate: /c, privateKey: /k, caCertificates: /ca } }",
+        "{ port: { number: 15443, name: tls, protocol: TLS }, hosts: [\"*.local\"], tls: { mode: AUTO_PASSTHROUGH } }",
+        "{ port: { number: 27017, name: mongo, protocol: MONGO }, hosts: [\"*\"] }",
+        "{ port: { number: 443, name: tls, protocol: TLS }, hosts: [a.example], tls: { mode: ISTIO_MUTUAL } }",
+    ] {
+        let (_, errors) = parse(&gateway(ok));
+        assert!(errors.is_empty(), "{ok}: {errors:?}");
+    }
+}

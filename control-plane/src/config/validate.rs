@@ -787,7 +787,9 @@ pub fn gateway(g: &GatewaySpec) -> Check {
             (Some(t), true) => {
                 let mode = t.mode.unwrap_or(ServerTlsMode::Passthrough);
                 match mode {
-                    ServerTlsMode::Simple | ServerTlsMode::Mutual => {
+                    ServerTlsMode::Simple
+                    | ServerTlsMode::Mutual
+                    | ServerTlsMode::OptionalMutual => {
                         if t.credential_name.is_some() {
                             return bad(
                                 format!("{at}.tls.credentialName"),
@@ -797,13 +799,13 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                         if t.server_certificate.is_none() || t.private_key.is_none() {
                             return bad(
                                 format!("{at}.tls"),
-                                "SIMPLE and MUTUAL need serverCertificate and privateKey",
+                                "SIMPLE, MUTUAL and OPTIONAL_MUTUAL need serverCertificate and privateKey",
                             );
                         }
-                        if mode == ServerTlsMode::Mutual && t.ca_certificates.is_none() {
+                        if mode != ServerTlsMode::Simple && t.ca_certificates.is_none() {
                             return bad(
                                 format!("{at}.tls.caCertificates"),
-                                "MUTUAL needs caCertificates to verify clients with",
+                                "MUTUAL and OPTIONAL_MUTUAL need caCertificates to verify clients with",
                             );
                         }
                     }
@@ -831,14 +833,6 @@ pub fn gateway(g: &GatewaySpec) -> Check {
                                 "ISTIO_MUTUAL uses the gateway's workload certificate: serverCertificate, privateKey, caCertificates and credentialName must not be set",
                             );
                         }
-                    }
-                    other => {
-                        return bad(
-                            format!("{at}.tls.mode"),
-                            format!(
-                                "{other:?} is not supported on gateways yet (SIMPLE, MUTUAL, ISTIO_MUTUAL, PASSTHROUGH and AUTO_PASSTHROUGH are)"
-                            ),
-                        );
                     }
                 }
             }

@@ -198,7 +198,8 @@ fn tcp_destination(
     })
 }
 
-/// TLS termination for a SIMPLE or MUTUAL server (validation guarantees the files are named),
+/// TLS termination for a SIMPLE, MUTUAL or OPTIONAL_MUTUAL server (validation guarantees the
+/// files are named),
 /// or an ISTIO_MUTUAL one (the gateway's workload certificate, mesh clients only). `http`:
 /// the server speaks HTTP inside (ALPN h2 and http/1.1).
 fn downstream_tls(srv: &GatewayServer, http: bool) -> Option<TransportSocket> {
@@ -216,7 +217,10 @@ fn downstream_tls(srv: &GatewayServer, http: bool) -> Option<TransportSocket> {
             config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&ctx))),
         });
     }
-    if !matches!(mode, ServerTlsMode::Simple | ServerTlsMode::Mutual) {
+    if !matches!(
+        mode,
+        ServerTlsMode::Simple | ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual
+    ) {
         return None;
     }
     let mut common = CommonTlsContext {
@@ -240,7 +244,8 @@ fn downstream_tls(srv: &GatewayServer, http: bool) -> Option<TransportSocket> {
             ..Default::default()
         });
     }
-    if mode == ServerTlsMode::Mutual {
+    // OPTIONAL_MUTUAL: a client certificate is checked when one is sent, and not required.
+    if matches!(mode, ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual) {
         common.validation_context_type = Some(
             common_tls_context::ValidationContextType::ValidationContext(
                 CertificateValidationContext {
