@@ -639,6 +639,63 @@ fn xds_over_tls_is_authenticated_by_the_workload_certificate() {
     assert!(audit.contains("xDS refused"), "{audit}");
 }
 
+/// The gateway tests' mesh (identities on, weftd, hello v1/v2, a gateway proxy at host 30 with
+/// `labels`, a client sidecar, all weft-proxy or all Envoy), then one request through the client
+/// to `host`, retried until it answers 200; returns the answer and the gateway's node id.
+fn through_a_gateway(
+    q: &mut Quickstart,
+    envoy: bool,
+    labels: &str,
+    host: &str,
+) -> (weft_e2e::Response, String) {
+    q.start_weftd();
+    q.start_hello();
+    let node = format!(
+        "router~{}~ingress.default~default.svc.cluster.local",
+        q.ip(30)
+    );
+    if envoy {
+        q.start_envoy_as(30, "ingress", &node, labels);
+    } else {
+        q.start_weft_proxy_as(30, "ingress", &node);
+    }
+    q.start_client(envoy);
+    let mut c = Client::new(q.egress());
+    let mut last = None;
+    let r = wait_until(Duration::from_secs(15), || {
+        let r = c.get(host, "/").ok();
+        last = r.as_ref().map(|r| {
+            format!(
+                "{} {:?} {}",
+                r.status,
+                r.header("x-weft-response-flags"),
+                r.body
+            )
+        });
+        r.filter(|r| r.status == 200)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{}: the client sidecar reaches {host} through the gateway; last answer {last:?}",
+            q.name
+        )
+    });
+    (r, node)
+}
+
+/// Neither the client sidecar nor the gateway NACKed anything.
+fn assert_nothing_nacked(q: &Quickstart, gateway_node: &str) {
+    q.assert_client_nacked_nothing();
+    let gw = q.sync_of(gateway_node).expect("gateway connected");
+    for (t, st) in gw["types"].as_object().into_iter().flatten() {
+        assert_eq!(
+            st["nacks"], 0,
+            "{}: gateway {t}: {}",
+            q.name, st["last_nack"]
+        );
+    }
+}
+
 /// An ingress gateway whose HTTPS server is `tls.mode: ISTIO_MUTUAL`, run as weft-proxy or as
 /// a stock Envoy (with its agent): a client sidecar of the same kind reaches it with a
 /// DestinationRule `ISTIO_MUTUAL`; openssl without a certificate is refused, with a mesh
@@ -695,45 +752,18 @@ spec:
             gw = q.ip(GW)
         ),
     );
-    q.start_weftd();
-    q.start_hello();
-    let node = format!(
-        "router~{}~ingress.default~default.svc.cluster.local",
-        q.ip(GW)
+    let (r, node) = through_a_gateway(
+        &mut q,
+        envoy,
+        "{ istio: ingressgateway }",
+        "gateway.mesh.example",
     );
-    if envoy {
-        q.start_envoy_as(GW, "ingress", &node, "{ istio: ingressgateway }");
-    } else {
-        q.start_weft_proxy_as(GW, "ingress", &node);
-    }
-    q.start_client(envoy);
-    let mut c = Client::new(q.egress());
-    let mut last = None;
-    let r = wait_until(Duration::from_secs(15), || {
-        let r = c.get("gateway.mesh.example", "/").ok();
-        last = r.as_ref().map(|r| {
-            format!(
-                "{} {:?} {}",
-                r.status,
-                r.header("x-weft-response-flags"),
-                r.body
-            )
-        });
-        r.filter(|r| r.status == 200)
-    })
-    .unwrap_or_else(|| {
-        panic!("{name}: the client sidecar reaches the ISTIO_MUTUAL gateway; last answer {last:?}")
-    });
     let addr = format!("{}:{PORT}", q.ip(GW));
     let root = q.state_dir().join("root-cert.pem");
     let refused = !s_client(&addr, None, &root).contains("HTTP/1.1 200");
     let cert = q.mesh_certificate("default", "client");
     let served = s_client(&addr, Some(&cert), &root).contains("HTTP/1.1 200");
-    q.assert_client_nacked_nothing();
-    let gw = q.sync_of(&node).expect("gateway connected");
-    for (t, st) in gw["types"].as_object().into_iter().flatten() {
-        assert_eq!(st["nacks"], 0, "{name}: gateway {t}: {}", st["last_nack"]);
-    }
+    assert_nothing_nacked(&q, &node);
     (
         r.status,
         r.header("x-echo-name").unwrap_or("").to_string(),
@@ -803,26 +833,12 @@ spec:
             gw = q.ip(GW)
         ),
     );
-    q.start_weftd();
-    q.start_hello();
-    let node = format!(
-        "router~{}~ingress.default~default.svc.cluster.local",
-        q.ip(GW)
+    let (r, node) = through_a_gateway(
+        &mut q,
+        envoy,
+        "{ istio: eastwestgateway }",
+        "hello-remote.example",
     );
-    if envoy {
-        q.start_envoy_as(GW, "ingress", &node, "{ istio: eastwestgateway }");
-    } else {
-        q.start_weft_proxy_as(GW, "ingress", &node);
-    }
-    q.start_client(envoy);
-    let mut c = Client::new(q.egress());
-    let mut last = None;
-    let r = wait_until(Duration::from_secs(15), || {
-        let r = c.get("hello-remote.example", "/").ok();
-        last = r.as_ref().map(|r| format!("{} {}", r.status, r.body));
-        r.filter(|r| r.status == 200)
-    })
-    .unwrap_or_else(|| panic!("{name}: through the east-west gateway; last answer {last:?}"));
     // An SNI that names no service: the gateway has no chain for it and closes.
     let cert = q.mesh_certificate("default", "client");
     let out = Command::new("openssl")
@@ -837,11 +853,7 @@ spec:
         .output()
         .expect("openssl");
     let stranger_through = String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE");
-    q.assert_client_nacked_nothing();
-    let gw = q.sync_of(&node).expect("gateway connected");
-    for (t, st) in gw["types"].as_object().into_iter().flatten() {
-        assert_eq!(st["nacks"], 0, "{name}: gateway {t}: {}", st["last_nack"]);
-    }
+    assert_nothing_nacked(&q, &node);
     (
         r.status,
         r.header("x-echo-name").unwrap_or("").to_string(),

@@ -291,61 +291,47 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
     for ((bind, port), servers) in ports {
         let listener_name = format!("{bind}_{port}");
         let stat_prefix = format!("gateway_{bind}_{port}");
-        // AUTO_PASSTHROUGH (Istio's east-west gateways): mesh mTLS passed through untouched to
-        // the service, port and subset its SNI names (`outbound_.PORT_.SUBSET_.HOST`), over a
-        // plaintext cluster of the same name that shares the subset's endpoints.
-        let auto: Vec<_> = servers
-            .iter()
-            .filter(|(_, s)| {
-                s.tls
-                    .as_ref()
-                    .is_some_and(|t| t.mode == Some(ServerTlsMode::AutoPassthrough))
-            })
-            .copied()
-            .collect();
-        if !auto.is_empty() {
-            if auto.len() < servers.len() {
-                out.warnings.push(format!(
-                    "port {port}: other servers next to AUTO_PASSTHROUGH servers on one port are not served; only the AUTO_PASSTHROUGH servers are"
-                ));
-            }
-            let chains = auto_passthrough(mesh, scope, &auto, out);
-            if chains.is_empty() {
-                out.warnings.push(format!(
-                    "port {port}: no service matches its AUTO_PASSTHROUGH servers' hosts; the port is not served"
-                ));
-                continue;
-            }
-            let mut l = listener(
-                &listener_name,
-                &bind,
-                port,
-                super::build::tcp_proxy_filter(&stat_prefix, chains[0].1.clone()),
-            );
-            super::security::add_sni_chains(&mut l, chains, &stat_prefix);
-            out.add(type_url::LISTENER, listener_name, &l);
-            continue;
-        }
-        let passthrough: Vec<_> = servers
-            .iter()
-            .filter(|(_, s)| {
-                s.tls.as_ref().is_some_and(|t| {
-                    t.mode.unwrap_or(ServerTlsMode::Passthrough) == ServerTlsMode::Passthrough
+        // Servers that pass TLS through, picked by SNI: PASSTHROUGH (to the destinations of
+        // the `tls` routes bound to the Gateway) and AUTO_PASSTHROUGH (Istio's east-west
+        // gateways: mesh mTLS passed untouched to the service, port and subset its SNI names,
+        // `outbound_.PORT_.SUBSET_.HOST`, over a plaintext cluster of that name).
+        let with_mode = |mode: ServerTlsMode| -> Vec<ServerOf<'_>> {
+            servers
+                .iter()
+                .filter(|(_, s)| {
+                    s.tls
+                        .as_ref()
+                        .is_some_and(|t| t.mode.unwrap_or(ServerTlsMode::Passthrough) == mode)
                 })
-            })
-            .copied()
-            .collect();
-        if !passthrough.is_empty() {
-            if passthrough.len() < servers.len() {
+                .copied()
+                .collect()
+        };
+        let sni_only = [ServerTlsMode::AutoPassthrough, ServerTlsMode::Passthrough]
+            .into_iter()
+            .map(|mode| (mode, with_mode(mode)))
+            .find(|(_, chosen)| !chosen.is_empty());
+        if let Some((mode, chosen)) = sni_only {
+            let (label, chains, missing) = if mode == ServerTlsMode::AutoPassthrough {
+                (
+                    "AUTO_PASSTHROUGH",
+                    auto_passthrough(mesh, scope, &chosen, out),
+                    "no service matches its AUTO_PASSTHROUGH servers' hosts",
+                )
+            } else {
+                (
+                    "PASSTHROUGH",
+                    passthrough_chains(mesh, scope, port, &chosen),
+                    "no VirtualService tls route is bound to its PASSTHROUGH servers",
+                )
+            };
+            if chosen.len() < servers.len() {
                 out.warnings.push(format!(
-                    "port {port}: servers that terminate TLS or speak HTTP next to PASSTHROUGH servers on one port are not served; only the PASSTHROUGH servers are"
+                    "port {port}: other servers next to {label} servers on one port are not served; only the {label} servers are"
                 ));
             }
-            let chains = passthrough_chains(mesh, scope, port, &passthrough);
             if chains.is_empty() {
-                out.warnings.push(format!(
-                    "port {port}: no VirtualService tls route is bound to its PASSTHROUGH servers; the port is not served"
-                ));
+                out.warnings
+                    .push(format!("port {port}: {missing}; the port is not served"));
                 continue;
             }
             let mut l = listener(
