@@ -75,21 +75,6 @@ fn typed<'a>(
         .collect()
 }
 
-/// A response's resources by name, as received (for `/config_dump`); only the name is decoded
-/// (the response was validated before this is called).
-fn named<M: Message + Default>(
-    resp: &DiscoveryResponse,
-    name: fn(&M) -> &String,
-) -> Vec<(String, weft_xds_proto::wkt::Any)> {
-    resp.resources
-        .iter()
-        .filter_map(|any| {
-            let m = M::decode(any.value.as_slice()).ok()?;
-            Some((name(&m).clone(), any.clone()))
-        })
-        .collect()
-}
-
 fn no_duplicates<'a>(
     kind: &'static str,
     names: impl Iterator<Item = &'a str>,
@@ -172,11 +157,11 @@ impl Applier {
 
     async fn clusters(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
         let dynamic = typed("Cluster", type_url::CLUSTER, resp)?;
-        let eds_names = self.set_clusters(&dynamic).await?;
+        let (eds_names, names) = self.set_clusters(&dynamic).await?;
         self.proxy.record_accepted(
             type_url::CLUSTER,
             &resp.version_info,
-            named::<XdsCluster>(resp, |c| &c.name),
+            names.into_iter().zip(resp.resources.iter().cloned()),
             true,
         );
         Ok(Applied {
@@ -185,9 +170,13 @@ impl Applier {
     }
 
     /// Replaces the cluster set with the static clusters plus `dynamic` (encoded resources);
-    /// returns the EDS service names it needs. Resources are decoded one at a time, and only
+    /// returns the EDS service names it needs, and the names of the dynamic clusters in order. Resources are decoded one at a time, and only
     /// those that differ from the running cluster of their name are rebuilt.
-    async fn set_clusters(&mut self, dynamic: &[&[u8]]) -> Result<BTreeSet<String>, Rejection> {
+    async fn set_clusters(
+        &mut self,
+        dynamic: &[&[u8]],
+    ) -> Result<(BTreeSet<String>, Vec<String>), Rejection> {
+        let mut names = Vec::with_capacity(dynamic.len());
         let current = self.proxy.snapshot();
         let mut clusters: HashMap<String, Arc<Cluster>> =
             HashMap::with_capacity(self.static_clusters.len() + dynamic.len());
@@ -245,6 +234,9 @@ impl Applier {
                     built
                 }
             };
+            if !is_static {
+                names.push(c.name.clone());
+            }
             clusters.insert(c.name, cluster);
         }
         // New DNS clusters resolve before they serve (Envoy warms them the same way), all at
@@ -268,7 +260,7 @@ impl Applier {
             routes: s.routes.clone(),
         });
         self.eds_cache.retain(|k, _| eds_names.contains(k));
-        Ok(eds_names)
+        Ok((eds_names, names))
     }
 
     fn endpoints(&mut self, resp: &DiscoveryResponse) -> Result<Applied, Rejection> {
@@ -292,6 +284,7 @@ impl Applier {
         // in. A state-of-the-world response repeats every assignment: only those whose bytes
         // changed are decoded further than their name.
         let mut seen = BTreeSet::new();
+        let mut names = Vec::with_capacity(resources.len());
         let mut updates = Vec::new();
         let mut fresh: Vec<(String, &[u8])> = Vec::new();
         for (i, bytes) in resources.iter().enumerate() {
@@ -303,6 +296,7 @@ impl Applier {
                     e.to_string(),
                 )
             })?;
+            names.push(cla.cluster_name.clone());
             if !seen.insert(cla.cluster_name.clone()) {
                 return Err(Rejection::new(
                     "ClusterLoadAssignment",
@@ -338,7 +332,7 @@ impl Applier {
         self.proxy.record_accepted(
             type_url::CLUSTER_LOAD_ASSIGNMENT,
             &resp.version_info,
-            named::<ClusterLoadAssignment>(resp, |c| &c.cluster_name),
+            names.into_iter().zip(resp.resources.iter().cloned()),
             false,
         );
         Ok(Applied { subscribe: None })
