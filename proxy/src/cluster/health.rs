@@ -539,7 +539,7 @@ async fn http_check(
         http::HeaderValue::from_static("Envoy/HC"),
     );
     h.headers.apply(headers);
-    let status = if h.http2 {
+    let resp = if h.http2 {
         *req.uri_mut() = format!("http://{}{}", h.host, h.path)
             .parse()
             .map_err(|err: http::uri::InvalidUri| err.to_string())?;
@@ -548,12 +548,7 @@ async fn http_check(
                 .await
                 .map_err(|err| err.to_string())?;
         tokio::spawn(conn);
-        read_answer(
-            send.send_request(req)
-                .await
-                .map_err(|err| err.to_string())?,
-        )
-        .await?
+        send.send_request(req).await
     } else {
         *req.uri_mut() = h
             .path
@@ -571,13 +566,9 @@ async fn http_check(
             .await
             .map_err(|err| err.to_string())?;
         tokio::spawn(conn);
-        read_answer(
-            send.send_request(req)
-                .await
-                .map_err(|err| err.to_string())?,
-        )
-        .await?
+        send.send_request(req).await
     };
+    let status = read_answer(resp.map_err(|err| err.to_string())?).await?;
     let (code, immediate_fail) = status;
     let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
     Ok(if immediate_fail {

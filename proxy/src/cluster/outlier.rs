@@ -43,6 +43,20 @@ pub struct RateRule {
     pub enforcing: u32,
 }
 
+impl RateRule {
+    /// The hosts (index, success rate) with at least `request_volume` requests, when at least
+    /// `minimum_hosts` of them have; None otherwise (no verdict this interval).
+    fn counted(&self, hosts: &[(u32, f64)]) -> Option<Vec<(usize, f64)>> {
+        let counted: Vec<(usize, f64)> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| *n >= self.request_volume)
+            .map(|(i, (_, r))| (i, *r))
+            .collect();
+        (counted.len() >= self.minimum_hosts.max(1) as usize).then_some(counted)
+    }
+}
+
 impl OutlierConfig {
     pub fn from_xds(o: &XdsOutlier) -> Result<OutlierConfig, (String, String)> {
         let u = |v: Option<u32>, d: u32| v.unwrap_or(d);
@@ -248,37 +262,25 @@ pub fn interval_outliers(
     mut roll: impl FnMut() -> u32,
 ) -> Vec<usize> {
     let mut out = Vec::new();
-    if let Some(rule) = &cfg.success_rate {
-        let counted: Vec<(usize, f64)> = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, (n, _))| *n >= rule.request_volume)
-            .map(|(i, (_, r))| (i, *r))
-            .collect();
-        if counted.len() >= rule.minimum_hosts.max(1) as usize {
-            let n = counted.len() as f64;
-            let mean = counted.iter().map(|(_, r)| r).sum::<f64>() / n;
-            let var = counted.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
-            let limit = mean - rule.threshold / 1000.0 * var.sqrt();
-            for (i, r) in counted {
-                if r < limit && roll() < rule.enforcing {
-                    out.push(i);
-                }
+    if let Some(rule) = &cfg.success_rate
+        && let Some(counted) = rule.counted(hosts)
+    {
+        let n = counted.len() as f64;
+        let mean = counted.iter().map(|(_, r)| r).sum::<f64>() / n;
+        let var = counted.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+        let limit = mean - rule.threshold / 1000.0 * var.sqrt();
+        for (i, r) in counted {
+            if r < limit && roll() < rule.enforcing {
+                out.push(i);
             }
         }
     }
-    if let Some(rule) = &cfg.failure_percentage {
-        let counted: Vec<(usize, f64)> = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, (n, _))| *n >= rule.request_volume)
-            .map(|(i, (_, r))| (i, *r))
-            .collect();
-        if counted.len() >= rule.minimum_hosts.max(1) as usize {
-            for (i, r) in counted {
-                if 100.0 - r >= rule.threshold && !out.contains(&i) && roll() < rule.enforcing {
-                    out.push(i);
-                }
+    if let Some(rule) = &cfg.failure_percentage
+        && let Some(counted) = rule.counted(hosts)
+    {
+        for (i, r) in counted {
+            if 100.0 - r >= rule.threshold && !out.contains(&i) && roll() < rule.enforcing {
+                out.push(i);
             }
         }
     }
