@@ -217,11 +217,11 @@ async fn stop_workload(p: WorkloadProcs) {
 
 async fn reconcile(
     opts: &UpOptions,
-    workloads: &[Workload],
+    workloads: &[std::sync::Arc<Workload>],
     running: &mut BTreeMap<String, WorkloadProcs>,
 ) {
     let key = |w: &Workload| format!("{}.{}", w.name, w.namespace);
-    let wanted: BTreeMap<String, &Workload> = workloads.iter().map(|w| (key(w), w)).collect();
+    let wanted: BTreeMap<String, &Workload> = workloads.iter().map(|w| (key(w), &**w)).collect();
     let gone: Vec<String> = running
         .iter()
         .filter(|(k, p)| wanted.get(*k).is_none_or(|w| **w != p.workload))

@@ -107,7 +107,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         while config_rx.changed().await.is_ok() {
             let snapshot = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
-            let mut mesh = model::Mesh::build_shared(snapshot.config.clone());
+            let before = mesh_tx.borrow().clone();
+            let mut mesh = model::Mesh::build_after(&before.mesh, snapshot.config.clone());
             mesh.settings = settings.clone();
             tracing::debug!(
                 generation = snapshot.generation,
@@ -115,7 +116,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 took_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "mesh model built"
             );
-            let before = mesh_tx.borrow().clone();
             mesh_tx.send_replace(Arc::new(MeshSnapshot::after(
                 &before,
                 mesh,

@@ -1,8 +1,9 @@
 //! The mesh model derived from config: services with their ports, protocols and endpoints, and
 //! the workloads (WorkloadEntries) behind them. Built once per config change, off the xDS path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::config::{
     ConfigSet, EndpointPort, EndpointSliceBody, EndpointsBody, IntOrString, Labels, Location,
@@ -174,8 +175,13 @@ pub struct AccessLogSettings {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mesh {
     pub settings: MeshSettings,
-    pub services: Vec<Service>,
-    pub workloads: Vec<Workload>,
+    /// Shared with the next mesh when a change leaves them as they are.
+    pub services: Vec<Arc<Service>>,
+    /// WorkloadEntries in config order, then Pods with an IP.
+    pub workloads: Vec<Arc<Workload>>,
+    /// Workloads by (namespace, name) and by (namespace, address): a proxy finds its own in
+    /// O(1) on every push.
+    workload_index: WorkloadIndex,
     /// The config this was built from, shared with the config source's snapshot.
     pub config: std::sync::Arc<ConfigSet>,
     /// Service hostname -> the DestinationRules (indexes into `config.destination_rules`)
@@ -226,53 +232,38 @@ impl Mesh {
     /// Builds from a shared config without copying it.
     pub fn build_shared(shared: std::sync::Arc<ConfigSet>) -> Mesh {
         let config: &ConfigSet = &shared;
-        let workloads: Vec<Workload> = config
+        let workloads: Vec<Arc<Workload>> = config
             .workload_entries
             .iter()
-            .map(|we| Workload {
-                name: we.meta.name.clone(),
-                namespace: we.namespace.clone(),
-                address: we.spec.address.clone(),
-                labels: if we.spec.labels.is_empty() {
-                    we.meta.labels.clone()
-                } else {
-                    we.spec.labels.clone()
-                },
-                service_account: we
-                    .spec
-                    .service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                annotations: we.meta.annotations.clone(),
-            })
-            .chain(config.pods.iter().filter_map(|p| {
-                Some(Workload {
-                    name: p.meta.name.clone(),
-                    namespace: p.namespace.clone(),
-                    address: pod_ip(p)?,
-                    labels: p.meta.labels.clone(),
-                    service_account: pod_service_account(p),
-                    annotations: p.meta.annotations.clone(),
-                })
-            }))
+            .map(|we| Arc::new(entry_workload(we)))
+            .chain(
+                config
+                    .pods
+                    .iter()
+                    .filter_map(|p| pod_workload(p).map(Arc::new)),
+            )
             .collect();
-        let index = Index::new(config);
-        let mut services: Vec<Service> = config
-            .services
-            .iter()
-            .map(|s| build_service(s, &index))
+        let index = Index::new(config, |_| true);
+        let services: Vec<Arc<Service>> = service_sources(config)
+            .map(|source| Arc::new(source.build(&index)))
             .collect();
-        for se in &config.service_entries {
-            for host in &se.spec.hosts {
-                // A host declared twice (a Service and a ServiceEntry, or two entries) keeps the
-                // first declaration, as Istio does for conflicting registrations.
-                if services.iter().any(|s| &s.hostname == host) {
-                    continue;
-                }
-                services.push(build_service_entry(se, host, &index));
-            }
-        }
         let (rule_index, virtual_service_index) = index_rules(&services, config);
+        Mesh::assemble(
+            shared.clone(),
+            services,
+            workloads,
+            rule_index,
+            virtual_service_index,
+        )
+    }
+
+    fn assemble(
+        config: Arc<ConfigSet>,
+        services: Vec<Arc<Service>>,
+        workloads: Vec<Arc<Workload>>,
+        rule_index: HashMap<String, Vec<usize>>,
+        virtual_service_index: HashMap<String, Vec<usize>>,
+    ) -> Mesh {
         let service_index = services
             .iter()
             .enumerate()
@@ -280,14 +271,149 @@ impl Mesh {
             .collect();
         Mesh {
             settings: MeshSettings::default(),
+            workload_index: WorkloadIndex::new(&workloads),
             services,
             workloads,
-            config: shared.clone(),
+            config,
             rule_index,
             virtual_service_index,
             shared: Default::default(),
             service_index,
         }
+    }
+
+    /// The mesh for `shared`, the config that followed `prev`'s. When the change touched only
+    /// WorkloadEntries (a workload moved, came or went: the usual endpoint change), everything
+    /// else is shared with `prev` and only the services selecting a changed entry are derived
+    /// again; otherwise (or when many entries changed) it is built afresh. Either way the result
+    /// equals `Mesh::build_shared(shared)`.
+    pub fn build_after(prev: &Mesh, shared: Arc<ConfigSet>) -> Mesh {
+        match Mesh::rebuild_endpoints(prev, &shared) {
+            Some(mesh) => mesh,
+            None => Mesh::build_shared(shared),
+        }
+    }
+
+    fn rebuild_endpoints(prev: &Mesh, shared: &Arc<ConfigSet>) -> Option<Mesh> {
+        /// Beyond this many changed entries a full build is as quick.
+        const MOST: usize = 256;
+        let (a, b) = (&*prev.config, &**shared);
+        let same_but_entries = b.same_but_workload_entries(a);
+        if !same_but_entries || prev.workloads.len() < a.workload_entries.len() {
+            return None;
+        }
+        let before: HashMap<*const Object<WorkloadEntrySpec>, usize> = a
+            .workload_entries
+            .iter()
+            .enumerate()
+            .map(|(i, we)| (Arc::as_ptr(we), i))
+            .collect();
+        let now: HashSet<*const Object<WorkloadEntrySpec>> =
+            b.workload_entries.iter().map(Arc::as_ptr).collect();
+        let changed: Vec<&Object<WorkloadEntrySpec>> = a
+            .workload_entries
+            .iter()
+            .filter(|we| !now.contains(&Arc::as_ptr(we)))
+            .chain(
+                b.workload_entries
+                    .iter()
+                    .filter(|we| !before.contains_key(&Arc::as_ptr(we))),
+            )
+            .map(|we| &**we)
+            .collect();
+        if changed.len() > MOST {
+            return None;
+        }
+        let selects_changed = |ns: &str, selector: &Labels| {
+            !selector.is_empty()
+                && changed
+                    .iter()
+                    .any(|we| we.namespace == ns && selector_matches(selector, entry_labels(we)))
+        };
+        let sources: Vec<ServiceSource<'_>> = service_sources(b).collect();
+        if sources.len() != prev.services.len() {
+            return None;
+        }
+        let affected: Vec<bool> = sources
+            .iter()
+            .map(|source| {
+                source
+                    .selector()
+                    .is_some_and(|(ns, sel)| selects_changed(ns, sel))
+            })
+            .collect();
+        // Only the WorkloadEntries the affected services select by their first label are
+        // indexed (what `Index::entries` looks up).
+        let keys: HashSet<(&str, &str, &str)> = sources
+            .iter()
+            .zip(&affected)
+            .filter(|(_, a)| **a)
+            .filter_map(|(source, _)| {
+                let (ns, sel) = source.selector()?;
+                let (k, v) = sel.iter().next()?;
+                Some((ns, k.as_str(), v.as_str()))
+            })
+            .collect();
+        let index = Index::new(b, |key| keys.contains(&key));
+        let services: Vec<Arc<Service>> = sources
+            .iter()
+            .zip(&affected)
+            .zip(&prev.services)
+            .map(|((source, affected), old)| match affected {
+                true => Arc::new(source.build(&index)),
+                false => old.clone(),
+            })
+            .collect();
+        let workloads: Vec<Arc<Workload>> = b
+            .workload_entries
+            .iter()
+            .map(|we| match before.get(&Arc::as_ptr(we)) {
+                Some(i) => prev.workloads[*i].clone(),
+                None => Arc::new(entry_workload(we)),
+            })
+            .chain(prev.workloads[a.workload_entries.len()..].iter().cloned())
+            .collect();
+        let touched: HashSet<&str> = services
+            .iter()
+            .zip(&prev.services)
+            .filter(|(now, old)| !Arc::ptr_eq(now, old))
+            .map(|(_, old)| old.hostname.as_str())
+            .collect();
+        let mesh = Mesh::assemble(
+            shared.clone(),
+            services,
+            workloads,
+            prev.rule_index.clone(),
+            prev.virtual_service_index.clone(),
+        );
+        // The other services' clusters and load assignments are as they were: keep them
+        // encoded (their names are `outbound|port|subset|host`, maybe with a `#` suffix).
+        mesh.shared.keep_from(&prev.shared, |key| {
+            key.split('|')
+                .nth(3)
+                .and_then(|host| host.split('#').next())
+                .is_some_and(|host| !touched.contains(host))
+        });
+        Some(mesh)
+    }
+
+    /// The workload named `names[0]` or `names[1]` in `namespace` (the first in config order),
+    /// else the first there with address `ip`.
+    pub fn find_workload(
+        &self,
+        namespace: &str,
+        names: [&str; 2],
+        ip: Option<IpAddr>,
+    ) -> Option<&Arc<Workload>> {
+        let by_name = names
+            .iter()
+            .filter_map(|n| self.workload_index.named(&self.workloads, namespace, n))
+            .min();
+        let found = by_name.or_else(|| {
+            let ip = ip?;
+            self.workload_index.at(&self.workloads, namespace, ip)
+        })?;
+        Some(&self.workloads[found])
     }
 
     /// True when everything xDS generation reads, except EDS endpoints, is the same in both:
@@ -310,7 +436,9 @@ impl Mesh {
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Service> {
-        self.service_index.get(hostname).map(|i| &self.services[*i])
+        self.service_index
+            .get(hostname)
+            .map(|i| &*self.services[*i])
     }
 
     /// The Sidecar that applies to a workload: the namespace's Sidecar whose selector matches,
@@ -355,11 +483,17 @@ struct Index<'a> {
 
 type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<usize>>;
 
-fn label_index<'a>(items: impl Iterator<Item = (&'a str, &'a Labels)>) -> LabelIndex<'a> {
+fn label_index<'a>(
+    items: impl Iterator<Item = (&'a str, &'a Labels)>,
+    keep: &impl Fn((&str, &str, &str)) -> bool,
+) -> LabelIndex<'a> {
     let mut out: LabelIndex<'a> = HashMap::new();
     for (i, (ns, labels)) in items.enumerate() {
         for (k, v) in labels {
-            out.entry((ns, k.as_str(), v.as_str())).or_default().push(i);
+            let key = (ns, k.as_str(), v.as_str());
+            if keep(key) {
+                out.entry(key).or_default().push(i);
+            }
         }
     }
     out
@@ -385,7 +519,9 @@ fn select<'a>(
 }
 
 impl<'a> Index<'a> {
-    fn new(config: &'a ConfigSet) -> Index<'a> {
+    /// Indexes the config; WorkloadEntries and Pods only under the (namespace, label key,
+    /// value) triples `keep` accepts (those that selectors will look up).
+    fn new(config: &'a ConfigSet, keep: impl Fn((&str, &str, &str)) -> bool) -> Index<'a> {
         let mut endpoints_by_service: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
         for (i, e) in config.endpoints.iter().enumerate() {
             endpoints_by_service
@@ -409,12 +545,14 @@ impl<'a> Index<'a> {
                     .workload_entries
                     .iter()
                     .map(|w| (w.namespace.as_str(), entry_labels(w))),
+                &keep,
             ),
             pods_by_label: label_index(
                 config
                     .pods
                     .iter()
                     .map(|p| (p.namespace.as_str(), &p.meta.labels)),
+                &keep,
             ),
             pods_by_name: config
                 .pods
@@ -473,7 +611,7 @@ impl<'a> Index<'a> {
 /// Which DestinationRule and VirtualServices apply to each service, worked out once per config
 /// change instead of once per proxy and service.
 fn index_rules(
-    services: &[Service],
+    services: &[Arc<Service>],
     config: &ConfigSet,
 ) -> (HashMap<String, Vec<usize>>, HashMap<String, Vec<usize>>) {
     let rule_hosts: Vec<String> = config
@@ -516,6 +654,157 @@ fn index_rules(
         }
     }
     (rules, vss)
+}
+
+/// What a service of the mesh is derived from.
+enum ServiceSource<'a> {
+    Kubernetes(&'a Object<crate::config::ServiceSpec>),
+    /// One host of a ServiceEntry.
+    Entry(&'a Object<ServiceEntrySpec>, &'a str),
+}
+
+impl ServiceSource<'_> {
+    fn build(&self, index: &Index<'_>) -> Service {
+        match self {
+            ServiceSource::Kubernetes(s) => build_service(s, index),
+            ServiceSource::Entry(se, host) => build_service_entry(se, host, index),
+        }
+    }
+
+    /// The namespace and selector whose WorkloadEntries (and Pods) become its endpoints.
+    fn selector(&self) -> Option<(&str, &Labels)> {
+        match self {
+            ServiceSource::Kubernetes(s) => {
+                if s.spec.service_type.as_deref() == Some("ExternalName") {
+                    return None;
+                }
+                let sel = s.spec.selector.as_ref().filter(|sel| !sel.is_empty())?;
+                Some((s.namespace.as_str(), sel))
+            }
+            ServiceSource::Entry(se, _) => se
+                .spec
+                .workload_selector
+                .as_ref()
+                .map(|sel| (se.namespace.as_str(), &sel.labels)),
+        }
+    }
+}
+
+/// The mesh's services in order: each Kubernetes Service, then each ServiceEntry host not
+/// declared before (a host declared twice keeps the first declaration, as Istio does for
+/// conflicting registrations).
+fn service_sources(config: &ConfigSet) -> impl Iterator<Item = ServiceSource<'_>> {
+    let mut seen: HashSet<String> = config
+        .services
+        .iter()
+        .map(|s| fqdn(&s.meta.name, &s.namespace))
+        .collect();
+    let entries: Vec<ServiceSource<'_>> = config
+        .service_entries
+        .iter()
+        .flat_map(|se| se.spec.hosts.iter().map(move |h| (se, h)))
+        .filter(|(_, host)| seen.insert(host.to_string()))
+        .map(|(se, host)| ServiceSource::Entry(se, host.as_str()))
+        .collect();
+    config
+        .services
+        .iter()
+        .map(|s| ServiceSource::Kubernetes(s))
+        .chain(entries)
+}
+
+fn entry_workload(we: &Object<WorkloadEntrySpec>) -> Workload {
+    Workload {
+        name: we.meta.name.clone(),
+        namespace: we.namespace.clone(),
+        address: we.spec.address.clone(),
+        labels: entry_labels(we).clone(),
+        service_account: we
+            .spec
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        annotations: we.meta.annotations.clone(),
+    }
+}
+
+fn pod_workload(p: &Object<PodBody>) -> Option<Workload> {
+    Some(Workload {
+        name: p.meta.name.clone(),
+        namespace: p.namespace.clone(),
+        address: pod_ip(p)?,
+        labels: p.meta.labels.clone(),
+        service_account: pod_service_account(p),
+        annotations: p.meta.annotations.clone(),
+    })
+}
+
+/// The first workload (in order) by a hash of (namespace, name) and of (namespace, address).
+/// A lookup checks what it finds, and scans all workloads when that is another one (a hash
+/// collision).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct WorkloadIndex {
+    by_name: HashMap<u64, usize>,
+    by_ip: HashMap<u64, usize>,
+}
+
+fn key_of(namespace: &str, what: impl std::hash::Hash) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    namespace.hash(&mut h);
+    what.hash(&mut h);
+    h.finish()
+}
+
+fn address_of(w: &Workload) -> Option<IpAddr> {
+    w.address.parse().ok()
+}
+
+impl WorkloadIndex {
+    fn new(workloads: &[Arc<Workload>]) -> WorkloadIndex {
+        let mut index = WorkloadIndex {
+            by_name: HashMap::with_capacity(workloads.len()),
+            by_ip: HashMap::with_capacity(workloads.len()),
+        };
+        for (i, w) in workloads.iter().enumerate() {
+            index
+                .by_name
+                .entry(key_of(&w.namespace, &w.name))
+                .or_insert(i);
+            if let Some(ip) = address_of(w) {
+                index.by_ip.entry(key_of(&w.namespace, ip)).or_insert(i);
+            }
+        }
+        index
+    }
+
+    fn find(
+        map: &HashMap<u64, usize>,
+        key: u64,
+        workloads: &[Arc<Workload>],
+        is: impl Fn(&Workload) -> bool,
+    ) -> Option<usize> {
+        let i = *map.get(&key)?;
+        if is(&workloads[i]) {
+            Some(i)
+        } else {
+            workloads.iter().position(|w| is(w))
+        }
+    }
+
+    fn named(&self, workloads: &[Arc<Workload>], namespace: &str, name: &str) -> Option<usize> {
+        let key = key_of(namespace, name);
+        Self::find(&self.by_name, key, workloads, |w| {
+            w.namespace == namespace && w.name == name
+        })
+    }
+
+    fn at(&self, workloads: &[Arc<Workload>], namespace: &str, ip: IpAddr) -> Option<usize> {
+        let key = key_of(namespace, ip);
+        Self::find(&self.by_ip, key, workloads, |w| {
+            w.namespace == namespace && address_of(w) == Some(ip)
+        })
+    }
 }
 
 fn build_service(s: &Object<crate::config::ServiceSpec>, index: &Index<'_>) -> Service {
@@ -904,5 +1193,196 @@ mod tests {
             "reviews.bookinfo.svc.cluster.local"
         );
         assert_eq!(resolve_host("*.example.com", "x"), "*.example.com");
+    }
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: a, namespace: default }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: b, namespace: default }
+spec: { selector: { app: b }, ports: [{ name: http, port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: a, namespace: other }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80 }] }
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: vms, namespace: default }
+spec:
+  hosts: [vms.example.internal, a.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{ name: http, number: 80, protocol: HTTP }]
+  workloadSelector: { labels: { tier: vm } }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: b-pod, namespace: default, labels: { app: b } }
+spec: { containers: [{ name: app }] }
+status: { podIP: 10.0.0.9 }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: a-1, namespace: default }
+spec: { address: 10.0.0.1, labels: { app: a } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: a-2, namespace: default }
+spec: { address: 10.0.0.2, labels: { app: a, tier: vm } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: b-1, namespace: default }
+spec: { address: 10.0.0.3, labels: { app: b } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: a-1, namespace: other }
+spec: { address: 10.0.1.1, labels: { app: a } }
+"#;
+
+    fn config(yaml: &str) -> ConfigSet {
+        let mut set = ConfigSet::default();
+        let errors = set.add_file(std::path::Path::new("mesh.yaml"), yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        set.sort();
+        set
+    }
+
+    fn entry(yaml: &str) -> Arc<Object<WorkloadEntrySpec>> {
+        let mut set = config(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n{yaml}"
+        ));
+        set.workload_entries.remove(0)
+    }
+
+    /// An endpoint change (WorkloadEntries moved, added, removed, relabelled) gives the same
+    /// mesh as a full build, and shares what it did not touch with the mesh before.
+    #[test]
+    fn endpoint_changes_rebuild_only_the_services_they_touch() {
+        let before = Mesh::build(&config(MESH));
+        let service = |m: &Mesh, host: &str| m.services[m.service_index[host]].clone();
+        type Change = Box<dyn Fn(&mut ConfigSet)>;
+        let cases: Vec<(&str, Change, Vec<&str>)> = vec![
+            (
+                "address change",
+                Box::new(|c: &mut ConfigSet| {
+                    c.workload_entries[2] = entry(
+                        "metadata: { name: b-1, namespace: default }\nspec: { address: 10.0.0.30, labels: { app: b } }",
+                    )
+                }),
+                vec!["b.default.svc.cluster.local"],
+            ),
+            (
+                "relabelled into another service and the ServiceEntry",
+                Box::new(|c: &mut ConfigSet| {
+                    c.workload_entries[2] = entry(
+                        "metadata: { name: b-1, namespace: default }\nspec: { address: 10.0.0.3, labels: { app: a, tier: vm } }",
+                    )
+                }),
+                vec![
+                    "a.default.svc.cluster.local",
+                    "b.default.svc.cluster.local",
+                    "vms.example.internal",
+                ],
+            ),
+            (
+                "file re-read: the Service equal but parsed again",
+                Box::new(|c: &mut ConfigSet| {
+                    c.services[1] = config(MESH).services.remove(1);
+                    c.workload_entries[2] = entry(
+                        "metadata: { name: b-1, namespace: default }\nspec: { address: 10.0.0.31, labels: { app: b } }",
+                    )
+                }),
+                vec!["b.default.svc.cluster.local"],
+            ),
+            (
+                "removed",
+                Box::new(|c: &mut ConfigSet| {
+                    c.workload_entries.remove(1);
+                }),
+                vec!["a.default.svc.cluster.local", "vms.example.internal"],
+            ),
+            (
+                "added in another namespace",
+                Box::new(|c: &mut ConfigSet| {
+                    c.workload_entries.push(entry(
+                        "metadata: { name: a-2, namespace: other }\nspec: { address: 10.0.1.2, labels: { app: a } }",
+                    ));
+                    c.sort();
+                }),
+                vec!["a.other.svc.cluster.local"],
+            ),
+        ];
+        let node = weft_xds_proto::envoy::config::core::v3::Node {
+            id: "sidecar~10.0.0.1~a-1.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let proxy = crate::generate::ProxyNode::identify(&node, &before).unwrap();
+        // Fills `before`'s cache of encoded clusters and load assignments.
+        crate::generate::generate(&before, &proxy);
+        for (what, change, touched) in cases {
+            let mut next = (*before.config).clone();
+            change(&mut next);
+            let next = Arc::new(next);
+            let after = Mesh::build_after(&before, next.clone());
+            let fresh = Mesh::build_shared(next);
+            assert_eq!(after, fresh, "{what}");
+            // What was kept encoded is what the new mesh would encode.
+            assert_eq!(
+                crate::generate::generate(&after, &proxy),
+                crate::generate::generate(&fresh, &proxy),
+                "{what}"
+            );
+            for s in &before.services {
+                let shared = Arc::ptr_eq(s, &service(&after, &s.hostname));
+                assert_eq!(
+                    !shared,
+                    touched.contains(&s.hostname.as_str()),
+                    "{what}: {}",
+                    s.hostname
+                );
+            }
+            let found = after.find_workload("default", ["b-1", "x"], None).unwrap();
+            assert_eq!(found.name, "b-1", "{what}");
+        }
+    }
+
+    /// Any other change builds the whole mesh again.
+    #[test]
+    fn other_changes_build_afresh() {
+        let before = Mesh::build(&config(MESH));
+        let mut next = (*before.config).clone();
+        next.services.pop();
+        let next = Arc::new(next);
+        let after = Mesh::build_after(&before, next.clone());
+        assert_eq!(after, Mesh::build_shared(next));
+        assert!(!Arc::ptr_eq(&before.services[0], &after.services[0]));
+    }
+
+    #[test]
+    fn workloads_are_found_by_name_then_address() {
+        let mesh = Mesh::build(&config(MESH));
+        let by_name = mesh.find_workload("other", ["nope", "a-1"], None).unwrap();
+        assert_eq!(by_name.address, "10.0.1.1");
+        let ip = Some("10.0.0.9".parse().unwrap());
+        assert_eq!(
+            mesh.find_workload("default", ["x", "y"], ip).unwrap().name,
+            "b-pod"
+        );
+        assert!(mesh.find_workload("other", ["x", "y"], ip).is_none());
+        assert!(
+            mesh.find_workload("default", ["b-1", "a-1"], None)
+                .unwrap()
+                .name
+                == "a-1"
+        );
     }
 }

@@ -391,25 +391,24 @@ impl ConfigSet {
 
     /// Equal to `other`; objects shared with it (unchanged files) compare by pointer.
     pub fn same_as(&self, other: &ConfigSet) -> bool {
-        fn same<T: PartialEq>(a: &[Shared<T>], b: &[Shared<T>]) -> bool {
-            a.len() == b.len()
-                && a.iter()
-                    .zip(b)
-                    .all(|(x, y)| std::sync::Arc::ptr_eq(x, y) || x == y)
-        }
-        same(&self.services, &other.services)
-            && same(&self.workload_entries, &other.workload_entries)
-            && same(&self.virtual_services, &other.virtual_services)
-            && same(&self.destination_rules, &other.destination_rules)
-            && same(&self.sidecars, &other.sidecars)
-            && same(&self.service_entries, &other.service_entries)
-            && same(&self.gateways, &other.gateways)
-            && same(&self.pods, &other.pods)
-            && same(&self.endpoints, &other.endpoints)
-            && same(&self.endpoint_slices, &other.endpoint_slices)
-            && same(&self.namespaces, &other.namespaces)
-            && same(&self.peer_authentications, &other.peer_authentications)
-            && same(&self.authorization_policies, &other.authorization_policies)
+        same_objects(&self.workload_entries, &other.workload_entries)
+            && self.same_but_workload_entries(other)
+    }
+
+    /// `same_as`, leaving WorkloadEntries out (an endpoint change).
+    pub fn same_but_workload_entries(&self, other: &ConfigSet) -> bool {
+        same_objects(&self.services, &other.services)
+            && same_objects(&self.virtual_services, &other.virtual_services)
+            && same_objects(&self.destination_rules, &other.destination_rules)
+            && same_objects(&self.sidecars, &other.sidecars)
+            && same_objects(&self.service_entries, &other.service_entries)
+            && same_objects(&self.gateways, &other.gateways)
+            && same_objects(&self.pods, &other.pods)
+            && same_objects(&self.endpoints, &other.endpoints)
+            && same_objects(&self.endpoint_slices, &other.endpoint_slices)
+            && same_objects(&self.namespaces, &other.namespaces)
+            && same_objects(&self.peer_authentications, &other.peer_authentications)
+            && same_objects(&self.authorization_policies, &other.authorization_policies)
     }
 
     /// Appends every object of `other` (later files win on equal names once sorted).
@@ -470,6 +469,15 @@ fn parse_at<T: DeserializeOwned>(
         };
         (field, e.into_inner().to_string())
     })
+}
+
+/// Whether two lists hold the same objects: an unchanged file's objects are shared between
+/// config snapshots (compared by pointer), those of a changed file are compared by value.
+pub fn same_objects<T: PartialEq>(a: &[Shared<T>], b: &[Shared<T>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| std::sync::Arc::ptr_eq(x, y) || x == y)
 }
 
 #[cfg(test)]

@@ -83,6 +83,19 @@ impl SharedResources {
     }
 }
 
+impl SharedResources {
+    /// Takes over `other`'s resources whose cache key `keep` accepts.
+    pub fn keep_from(&self, other: &SharedResources, keep: impl Fn(&str) -> bool) {
+        let theirs = other.0.lock().expect("resource cache lock");
+        let mut ours = self.0.lock().expect("resource cache lock");
+        for (key, r) in theirs.iter() {
+            if keep(&key.1) {
+                ours.insert(key.clone(), r.clone());
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for SharedResources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SharedResources")
@@ -132,6 +145,16 @@ impl Generated {
         type_url: &str,
         names: Option<&std::collections::BTreeSet<String>>,
     ) -> String {
+        format!("{:016x}", self.type_sum(type_url, names))
+    }
+
+    /// `type_version` as a number: a change of some resources moves it by the difference of
+    /// their keys, so a push of a few of them can keep it without a pass over all.
+    pub fn type_sum(
+        &self,
+        type_url: &str,
+        names: Option<&std::collections::BTreeSet<String>>,
+    ) -> u64 {
         let mut sum = 0u64;
         if let Some(all) = self.of_type(type_url) {
             match names {
@@ -151,7 +174,7 @@ impl Generated {
                 }
             }
         }
-        format!("{sum:016x}")
+        sum
     }
 }
 

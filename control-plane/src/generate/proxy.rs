@@ -116,16 +116,8 @@ impl ProxyNode {
         let namespace = metadata_str(md, "NAMESPACE").unwrap_or(id_ns);
         let workload_name = metadata_str(md, "WORKLOAD_NAME").unwrap_or(id_name.clone());
         let matched = mesh
-            .workloads
-            .iter()
-            .find(|w| w.namespace == namespace && (w.name == id_name || w.name == workload_name))
-            .or_else(|| {
-                let ip = ip?;
-                mesh.workloads.iter().find(|w| {
-                    w.namespace == namespace && w.address.parse::<IpAddr>().ok() == Some(ip)
-                })
-            })
-            .cloned();
+            .find_workload(&namespace, [&id_name, &workload_name], ip)
+            .map(|w| (**w).clone());
         let mut labels = metadata_labels(md);
         if let Some(w) = &matched {
             for (k, v) in &w.labels {

@@ -26,6 +26,7 @@ impl<'a> Scope<'a> {
             Some(sc) => mesh
                 .services
                 .iter()
+                .map(|s| &**s)
                 .filter(exported)
                 .filter(|s| {
                     sc.spec
@@ -34,7 +35,12 @@ impl<'a> Scope<'a> {
                         .any(|l| egress_admits(l, &proxy.namespace, s))
                 })
                 .collect(),
-            None => mesh.services.iter().filter(exported).collect(),
+            None => mesh
+                .services
+                .iter()
+                .map(|s| &**s)
+                .filter(exported)
+                .collect(),
         };
         Scope {
             proxy,

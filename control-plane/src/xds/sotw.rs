@@ -5,7 +5,8 @@
 //! changed, as the protocol allows for those types (a proxy keeps the others), so an endpoint
 //! change costs one load assignment per proxy rather than all of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use tonic::Status;
 use weft_xds_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -13,6 +14,7 @@ use weft_xds_proto::type_url;
 
 use super::is_wildcard_type;
 use super::session::{Session, Stream};
+use crate::generate::{Generated, Resources};
 
 #[derive(Default)]
 struct Subscription {
@@ -20,13 +22,64 @@ struct Subscription {
     names: Option<BTreeSet<String>>,
     sent_version: String,
     sent_nonce: String,
-    /// (name, content) keys of the resources last sent, for EDS and RDS partial pushes.
-    sent: HashSet<u64>,
+    /// The type's resources as of the last response: the proxy holds these (those of them it
+    /// subscribed to). None when it may hold something else (nothing sent yet, or a NACK), so
+    /// that the next response is complete.
+    seen: Option<Resources>,
+    /// The version (`Generated::type_version`) of `seen` for `names`, as a number: a change of
+    /// a few resources updates it without a pass over all of them.
+    sum: u64,
+}
+
+/// What a push of one type carries.
+enum Push {
+    /// Every subscribed resource, with the type's version computed afresh.
+    Complete,
+    /// Only these (changed) resources, and the version that results.
+    Changed(Vec<weft_xds_proto::wkt::Any>, u64),
 }
 
 pub struct Sotw {
     session: Session<DiscoveryResponse>,
     subs: BTreeMap<String, Subscription>,
+}
+
+fn of_type(generated: &Generated, type_url: &str) -> Resources {
+    generated
+        .resources
+        .get(type_url)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The resources of `now` that differ from `before` among the subscribed `names` (EDS and
+/// RDS), and the version sum that results from `sum`. One pass over both maps comparing
+/// pointers (an unchanged resource is usually the same shared `Resource`); names and content
+/// keys are compared only where the pointers differ. None when the two maps do not hold the same names: the caller
+/// then sends a complete response.
+fn changed_resources(
+    before: &Resources,
+    now: &Resources,
+    names: &BTreeSet<String>,
+    mut sum: u64,
+) -> Option<(Vec<weft_xds_proto::wkt::Any>, u64)> {
+    if before.len() != now.len() {
+        return None;
+    }
+    let mut changed = Vec::new();
+    for ((old_name, old), (name, new)) in before.iter().zip(now.iter()) {
+        if Arc::ptr_eq(old, new) {
+            continue;
+        }
+        if old_name != name {
+            return None;
+        }
+        if old.key() != new.key() && names.contains(name) {
+            sum = sum.wrapping_sub(old.key()).wrapping_add(new.key());
+            changed.push(new.any.clone());
+        }
+    }
+    Some((changed, sum))
 }
 
 impl Sotw {
@@ -37,30 +90,27 @@ impl Sotw {
         }
     }
 
-    /// Sends the type's subscribed resources; with `partial` (EDS and RDS only), just those
-    /// whose version differs from what this proxy was last sent.
-    async fn send(&mut self, type_url: &str, partial: bool) -> Result<(), Status> {
+    /// Sends the type's subscribed resources, or with `Push::Changed` only those given.
+    async fn send(&mut self, type_url: &str, push: Push) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
-        let track = !is_wildcard_type(type_url);
-        let partial = partial && track;
         let generated = &self.session.generated;
-        let mut resources = Vec::new();
-        let mut sent = HashSet::new();
-        for (name, r) in generated.of_type(type_url).into_iter().flatten() {
-            if sub.names.as_ref().is_some_and(|n| !n.contains(name)) {
-                continue;
+        let current = of_type(generated, type_url);
+        let (resources, sum) = match push {
+            Push::Changed(resources, sum) => (resources, sum),
+            Push::Complete => {
+                let resources = current
+                    .iter()
+                    .filter(|(name, _)| sub.names.as_ref().is_none_or(|n| n.contains(*name)))
+                    .map(|(_, r)| r.any.clone())
+                    .collect();
+                (resources, generated.type_sum(type_url, sub.names.as_ref()))
             }
-            if !(partial && sub.sent.contains(&r.key())) {
-                resources.push(r.any.clone());
-            }
-            if track {
-                sent.insert(r.key());
-            }
-        }
-        sub.sent = sent;
-        let version = generated.type_version(type_url, sub.names.as_ref());
+        };
+        let version = format!("{sum:016x}");
+        sub.seen = Some(current);
+        sub.sum = sum;
         let nonce = self.session.next_nonce();
         sub.sent_version = version.clone();
         sub.sent_nonce = nonce.clone();
@@ -93,7 +143,7 @@ impl Stream for Sotw {
         let sub = self.subs.entry(type_url.clone()).or_default();
         if let Some(err) = &req.error_detail {
             // The proxy kept its previous resources: the next push of this type is complete.
-            sub.sent.clear();
+            sub.seen = None;
             self.session.record_nack(
                 &type_url,
                 &req.response_nonce,
@@ -126,7 +176,7 @@ impl Stream for Sotw {
         let changed = sub.names != names;
         sub.names = names;
         if initial || changed {
-            self.send(&type_url, false).await?;
+            self.send(&type_url, Push::Complete).await?;
         }
         Ok(())
     }
@@ -142,16 +192,48 @@ impl Stream for Sotw {
             let Some(sub) = self.subs.get(t) else {
                 continue;
             };
-            let current = self.session.generated.type_version(t, sub.names.as_ref());
             let dependent = force_next
                 && (t == type_url::CLUSTER_LOAD_ASSIGNMENT || t == type_url::ROUTE_CONFIGURATION);
-            let pushed = current != sub.sent_version || dependent;
-            if pushed {
-                // A re-warming dependent gets everything; a change of its own, what changed.
-                self.send(t, !dependent).await?;
+            let now = of_type(&self.session.generated, t);
+            let push = match &sub.seen {
+                // Same resources as last sent (shared between generations): nothing changed.
+                Some(seen) if Arc::ptr_eq(seen, &now) && !dependent => None,
+                // A change of its own (EDS, RDS): only what changed.
+                Some(seen) if !dependent && !is_wildcard_type(t) => {
+                    let names = sub
+                        .names
+                        .as_ref()
+                        .expect("EDS and RDS name their resources");
+                    match changed_resources(seen, &now, names, sub.sum) {
+                        // Same subscribed content: what changed is not subscribed (or was
+                        // re-encoded to the same bytes).
+                        Some((_, sum)) if sum == sub.sum => None,
+                        Some((changed, sum)) => Some(Push::Changed(changed, sum)),
+                        None => self.changed_version(t).then_some(Push::Complete),
+                    }
+                }
+                _ if dependent => Some(Push::Complete),
+                _ => self.changed_version(t).then_some(Push::Complete),
+            };
+            let pushed = push.is_some();
+            if let Some(push) = push {
+                self.send(t, push).await?;
             }
             force_next = pushed && (t == type_url::CLUSTER || t == type_url::LISTENER);
         }
         Ok(())
+    }
+}
+
+impl Sotw {
+    /// Whether the type's version for this subscription differs from the one last sent.
+    fn changed_version(&self, type_url: &str) -> bool {
+        self.subs.get(type_url).is_some_and(|sub| {
+            let sum = self
+                .session
+                .generated
+                .type_sum(type_url, sub.names.as_ref());
+            format!("{sum:016x}") != sub.sent_version
+        })
     }
 }
