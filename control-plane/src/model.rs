@@ -243,7 +243,7 @@ impl Mesh {
                     .filter_map(|p| pod_workload(p).map(Arc::new)),
             )
             .collect();
-        let index = Index::new(config, |_| true);
+        let index = Index::new(config, true);
         let services: Vec<Arc<Service>> = service_sources(config)
             .map(|source| Arc::new(source.build(&index)))
             .collect();
@@ -269,9 +269,10 @@ impl Mesh {
             .enumerate()
             .map(|(i, s)| (s.hostname.clone(), i))
             .collect();
+        let workload_index = WorkloadIndex::new(&workloads);
         Mesh {
             settings: MeshSettings::default(),
-            workload_index: WorkloadIndex::new(&workloads),
+            workload_index,
             services,
             workloads,
             config,
@@ -302,24 +303,38 @@ impl Mesh {
         if !same_but_entries || prev.workloads.len() < a.workload_entries.len() {
             return None;
         }
-        let before: HashMap<*const Object<WorkloadEntrySpec>, usize> = a
-            .workload_entries
+        // For each entry now, its position before when it is the very same object (an
+        // unchanged file's). Usually the lists line up; otherwise they are matched by pointer.
+        let (old, new) = (&a.workload_entries, &b.workload_entries);
+        let reused: Vec<Option<usize>> = if old.len() == new.len() {
+            (0..new.len())
+                .map(|i| Arc::ptr_eq(&old[i], &new[i]).then_some(i))
+                .collect()
+        } else {
+            let before: HashMap<*const Object<WorkloadEntrySpec>, usize> = old
+                .iter()
+                .enumerate()
+                .map(|(i, we)| (Arc::as_ptr(we), i))
+                .collect();
+            new.iter()
+                .map(|we| before.get(&Arc::as_ptr(we)).copied())
+                .collect()
+        };
+        let mut kept = vec![false; old.len()];
+        for i in reused.iter().flatten() {
+            kept[*i] = true;
+        }
+        let changed: Vec<&Object<WorkloadEntrySpec>> = old
             .iter()
-            .enumerate()
-            .map(|(i, we)| (Arc::as_ptr(we), i))
-            .collect();
-        let now: HashSet<*const Object<WorkloadEntrySpec>> =
-            b.workload_entries.iter().map(Arc::as_ptr).collect();
-        let changed: Vec<&Object<WorkloadEntrySpec>> = a
-            .workload_entries
-            .iter()
-            .filter(|we| !now.contains(&Arc::as_ptr(we)))
+            .zip(&kept)
+            .filter(|(_, kept)| !**kept)
+            .map(|(we, _)| &**we)
             .chain(
-                b.workload_entries
-                    .iter()
-                    .filter(|we| !before.contains_key(&Arc::as_ptr(we))),
+                new.iter()
+                    .zip(&reused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(we, _)| &**we),
             )
-            .map(|we| &**we)
             .collect();
         if changed.len() > MOST {
             return None;
@@ -342,19 +357,7 @@ impl Mesh {
                     .is_some_and(|(ns, sel)| selects_changed(ns, sel))
             })
             .collect();
-        // Only the WorkloadEntries the affected services select by their first label are
-        // indexed (what `Index::entries` looks up).
-        let keys: HashSet<(&str, &str, &str)> = sources
-            .iter()
-            .zip(&affected)
-            .filter(|(_, a)| **a)
-            .filter_map(|(source, _)| {
-                let (ns, sel) = source.selector()?;
-                let (k, v) = sel.iter().next()?;
-                Some((ns, k.as_str(), v.as_str()))
-            })
-            .collect();
-        let index = Index::new(b, |key| keys.contains(&key));
+        let index = Index::new(b, false);
         let services: Vec<Arc<Service>> = sources
             .iter()
             .zip(&affected)
@@ -364,14 +367,14 @@ impl Mesh {
                 false => old.clone(),
             })
             .collect();
-        let workloads: Vec<Arc<Workload>> = b
-            .workload_entries
+        let workloads: Vec<Arc<Workload>> = new
             .iter()
-            .map(|we| match before.get(&Arc::as_ptr(we)) {
+            .zip(&reused)
+            .map(|(we, reused)| match reused {
                 Some(i) => prev.workloads[*i].clone(),
                 None => Arc::new(entry_workload(we)),
             })
-            .chain(prev.workloads[a.workload_entries.len()..].iter().cloned())
+            .chain(prev.workloads[old.len()..].iter().cloned())
             .collect();
         let touched: HashSet<&str> = services
             .iter()
@@ -472,6 +475,8 @@ impl Mesh {
 /// O(N + objects) rather than O(N x objects).
 struct Index<'a> {
     config: &'a ConfigSet,
+    /// Whether the label indexes are built (else selection scans).
+    by_label: bool,
     /// (namespace, label key, label value) -> WorkloadEntries carrying it, in config order.
     entries_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     pods_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
@@ -483,17 +488,11 @@ struct Index<'a> {
 
 type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<usize>>;
 
-fn label_index<'a>(
-    items: impl Iterator<Item = (&'a str, &'a Labels)>,
-    keep: &impl Fn((&str, &str, &str)) -> bool,
-) -> LabelIndex<'a> {
+fn label_index<'a>(items: impl Iterator<Item = (&'a str, &'a Labels)>) -> LabelIndex<'a> {
     let mut out: LabelIndex<'a> = HashMap::new();
     for (i, (ns, labels)) in items.enumerate() {
         for (k, v) in labels {
-            let key = (ns, k.as_str(), v.as_str());
-            if keep(key) {
-                out.entry(key).or_default().push(i);
-            }
+            out.entry((ns, k.as_str(), v.as_str())).or_default().push(i);
         }
     }
     out
@@ -518,10 +517,34 @@ fn select<'a>(
         .collect()
 }
 
+/// `select` without an index: the objects in `ns` whose labels match the non-empty `selector`.
+fn scan<'a, T>(
+    all: &'a [Arc<Object<T>>],
+    ns: &str,
+    selector: &Labels,
+    labels_of: impl Fn(&Object<T>) -> &Labels,
+) -> Vec<&'a Object<T>> {
+    if selector.is_empty() {
+        return Vec::new();
+    }
+    all.iter()
+        .filter(|o| o.namespace == ns && selector_matches(selector, labels_of(o)))
+        .map(|o| &**o)
+        .collect()
+}
+
 impl<'a> Index<'a> {
-    /// Indexes the config; WorkloadEntries and Pods only under the (namespace, label key,
-    /// value) triples `keep` accepts (those that selectors will look up).
-    fn new(config: &'a ConfigSet, keep: impl Fn((&str, &str, &str)) -> bool) -> Index<'a> {
+    /// Indexes the config. Without `by_label`, selecting WorkloadEntries and Pods scans them
+    /// (quicker when only a few services are derived).
+    fn new(config: &'a ConfigSet, by_label: bool) -> Index<'a> {
+        let labels_of_entries = config
+            .workload_entries
+            .iter()
+            .map(|w| (w.namespace.as_str(), entry_labels(w)));
+        let labels_of_pods = config
+            .pods
+            .iter()
+            .map(|p| (p.namespace.as_str(), &p.meta.labels));
         let mut endpoints_by_service: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
         for (i, e) in config.endpoints.iter().enumerate() {
             endpoints_by_service
@@ -540,20 +563,15 @@ impl<'a> Index<'a> {
         }
         Index {
             config,
-            entries_by_label: label_index(
-                config
-                    .workload_entries
-                    .iter()
-                    .map(|w| (w.namespace.as_str(), entry_labels(w))),
-                &keep,
-            ),
-            pods_by_label: label_index(
-                config
-                    .pods
-                    .iter()
-                    .map(|p| (p.namespace.as_str(), &p.meta.labels)),
-                &keep,
-            ),
+            by_label,
+            entries_by_label: match by_label {
+                true => label_index(labels_of_entries),
+                false => HashMap::new(),
+            },
+            pods_by_label: match by_label {
+                true => label_index(labels_of_pods),
+                false => HashMap::new(),
+            },
             pods_by_name: config
                 .pods
                 .iter()
@@ -567,6 +585,9 @@ impl<'a> Index<'a> {
 
     fn entries(&self, ns: &str, selector: &Labels) -> Vec<&'a Object<WorkloadEntrySpec>> {
         let all = &self.config.workload_entries;
+        if !self.by_label {
+            return scan(all, ns, selector, entry_labels);
+        }
         select(&self.entries_by_label, ns, selector, |i| {
             entry_labels(&all[i])
         })
@@ -577,6 +598,9 @@ impl<'a> Index<'a> {
 
     fn pods(&self, ns: &str, selector: &Labels) -> Vec<&'a Object<PodBody>> {
         let all = &self.config.pods;
+        if !self.by_label {
+            return scan(all, ns, selector, |p| &p.meta.labels);
+        }
         select(&self.pods_by_label, ns, selector, |i| &all[i].meta.labels)
             .into_iter()
             .map(|i| &*all[i])
@@ -694,11 +718,14 @@ impl ServiceSource<'_> {
 /// declared before (a host declared twice keeps the first declaration, as Istio does for
 /// conflicting registrations).
 fn service_sources(config: &ConfigSet) -> impl Iterator<Item = ServiceSource<'_>> {
-    let mut seen: HashSet<String> = config
-        .services
-        .iter()
-        .map(|s| fqdn(&s.meta.name, &s.namespace))
-        .collect();
+    let mut seen: HashSet<String> = match config.service_entries.is_empty() {
+        true => HashSet::new(),
+        false => config
+            .services
+            .iter()
+            .map(|s| fqdn(&s.meta.name, &s.namespace))
+            .collect(),
+    };
     let entries: Vec<ServiceSource<'_>> = config
         .service_entries
         .iter()
@@ -750,7 +777,7 @@ struct WorkloadIndex {
 
 fn key_of(namespace: &str, what: impl std::hash::Hash) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = crate::generate::Fnv::default();
     namespace.hash(&mut h);
     what.hash(&mut h);
     h.finish()

@@ -108,6 +108,8 @@ fn parse_file(path: &Path) -> Parsed {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let errors = set.add_file(path, &text);
+            // Sorted per file, the folder's sort merges sorted runs.
+            set.sort();
             (set, errors)
         }
         Err(e) => (
