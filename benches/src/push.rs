@@ -474,6 +474,11 @@ async fn measure(
             let t0 = Instant::now();
             write_atomically(config, file, &text)?;
             let mut l = wait_all(&clients, t, &before, t0).await?;
+            if std::env::var_os("WEFT_PUSH_EACH").is_some() {
+                let max = l.iter().copied().fold(0.0, f64::max);
+                let min = l.iter().copied().fold(f64::MAX, f64::min);
+                eprintln!("round {round} {change}: first {min:.1} ms, last {max:.1} ms");
+            }
             lat.entry(change).or_default().append(&mut l);
             // Let stragglers (other types of the same push) land before the next change.
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -4,6 +4,7 @@
 //! pushes again whenever the mesh changes.
 
 mod delta;
+mod framing;
 mod session;
 mod sotw;
 pub mod status;
@@ -16,9 +17,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weft_xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
+use weft_xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use weft_xds_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
@@ -129,10 +128,9 @@ impl XdsServer {
         }
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<XdsServer> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+    /// The ADS service for tonic's router (see `framing` for why not the generated one).
+    pub fn into_service(self) -> framing::AdsService {
+        framing::AdsService(self)
     }
 }
 
