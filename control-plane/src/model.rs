@@ -422,20 +422,21 @@ impl Mesh {
     /// True when everything xDS generation reads, except EDS endpoints, is the same in both:
     /// then clusters, listeners and routes are unchanged and only endpoints need generating.
     pub fn same_structure(&self, other: &Mesh) -> bool {
+        use crate::config::same_objects;
         let (a, b) = (&self.config, &other.config);
-        a.virtual_services == b.virtual_services
-            && a.destination_rules == b.destination_rules
-            && a.sidecars == b.sidecars
-            && a.service_entries == b.service_entries
-            && a.gateways == b.gateways
-            && a.peer_authentications == b.peer_authentications
-            && a.authorization_policies == b.authorization_policies
+        same_objects(&a.virtual_services, &b.virtual_services)
+            && same_objects(&a.destination_rules, &b.destination_rules)
+            && same_objects(&a.sidecars, &b.sidecars)
+            && same_objects(&a.service_entries, &b.service_entries)
+            && same_objects(&a.gateways, &b.gateways)
+            && same_objects(&a.peer_authentications, &b.peer_authentications)
+            && same_objects(&a.authorization_policies, &b.authorization_policies)
             && self.services.len() == other.services.len()
             && self
                 .services
                 .iter()
                 .zip(&other.services)
-                .all(|(x, y)| x.same_structure(y))
+                .all(|(x, y)| Arc::ptr_eq(x, y) || x.same_structure(y))
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Service> {

@@ -220,30 +220,43 @@ pub fn endpoints(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         .iter()
         .filter(|s| s.discovery == Discovery::Eds)
     {
-        let rule = destination_rule_for(mesh, &scope.proxy.namespace, svc);
-        for port in &svc.ports {
-            for (subset, selector) in subsets_of(rule.map(|(_, dr)| dr)) {
-                let name = outbound_cluster_name(port.port, subset, &svc.hostname);
-                let key = shared_key(&name, rule);
-                let r = mesh
-                    .shared
-                    .get_or_add(type_url::CLUSTER_LOAD_ASSIGNMENT, &key, || {
-                        let lb_endpoints = lb_endpoints_for(svc, port.port, selector);
-                        ClusterLoadAssignment {
-                            cluster_name: name.clone(),
-                            endpoints: if lb_endpoints.is_empty() {
-                                vec![]
-                            } else {
-                                vec![LocalityLbEndpoints {
-                                    lb_endpoints,
-                                    ..Default::default()
-                                }]
-                            },
-                            ..Default::default()
-                        }
-                    });
-                out.add_shared(type_url::CLUSTER_LOAD_ASSIGNMENT, name, r);
-            }
+        service_endpoints(mesh, &scope.proxy.namespace, svc, |name, r| {
+            out.add_shared(type_url::CLUSTER_LOAD_ASSIGNMENT, name, r)
+        });
+    }
+}
+
+/// The load assignments of one service's clusters (per port and subset), as a proxy of
+/// `proxy_ns` sees them (its DestinationRule decides the subsets).
+pub(super) fn service_endpoints(
+    mesh: &Mesh,
+    proxy_ns: &str,
+    svc: &Service,
+    mut add: impl FnMut(String, std::sync::Arc<super::Resource>),
+) {
+    let rule = destination_rule_for(mesh, proxy_ns, svc);
+    for port in &svc.ports {
+        for (subset, selector) in subsets_of(rule.map(|(_, dr)| dr)) {
+            let name = outbound_cluster_name(port.port, subset, &svc.hostname);
+            let key = shared_key(&name, rule);
+            let r = mesh
+                .shared
+                .get_or_add(type_url::CLUSTER_LOAD_ASSIGNMENT, &key, || {
+                    let lb_endpoints = lb_endpoints_for(svc, port.port, selector);
+                    ClusterLoadAssignment {
+                        cluster_name: name.clone(),
+                        endpoints: if lb_endpoints.is_empty() {
+                            vec![]
+                        } else {
+                            vec![LocalityLbEndpoints {
+                                lb_endpoints,
+                                ..Default::default()
+                            }]
+                        },
+                        ..Default::default()
+                    }
+                });
+            add(name, r);
         }
     }
 }

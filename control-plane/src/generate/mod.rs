@@ -201,6 +201,42 @@ pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
 /// but EDS endpoints, see `Mesh::same_structure`) is unchanged since `previous` was generated.
 /// The other types are shared with `previous`, not copied.
 pub fn regenerate_endpoints(mesh: &Mesh, proxy: &ProxyNode, previous: &Generated) -> Generated {
+    regenerate_some_endpoints(mesh, proxy, previous, None)
+}
+
+/// `regenerate_endpoints` when only the endpoints of the services named in `touched` (by
+/// hostname) changed since `previous` was generated: the other load assignments are kept.
+/// Visibility and subsets cannot have changed (same structure), so the clusters `previous`
+/// holds are exactly those to update.
+pub fn regenerate_some_endpoints(
+    mesh: &Mesh,
+    proxy: &ProxyNode,
+    previous: &Generated,
+    touched: Option<&std::collections::HashSet<String>>,
+) -> Generated {
+    let Some(touched) = touched else {
+        return regenerate_all_endpoints(mesh, proxy, previous);
+    };
+    let mut out = previous.clone();
+    let eds = Arc::make_mut(
+        out.resources
+            .entry(type_url::CLUSTER_LOAD_ASSIGNMENT)
+            .or_default(),
+    );
+    for svc in touched.iter().filter_map(|host| mesh.service(host)) {
+        if svc.discovery != crate::model::Discovery::Eds {
+            continue;
+        }
+        build::service_endpoints(mesh, &proxy.namespace, svc, |name, r| {
+            if let Some(slot) = eds.get_mut(&name) {
+                *slot = r;
+            }
+        });
+    }
+    out
+}
+
+fn regenerate_all_endpoints(mesh: &Mesh, proxy: &ProxyNode, previous: &Generated) -> Generated {
     let mut out = previous.clone();
     out.resources
         .insert(type_url::CLUSTER_LOAD_ASSIGNMENT, Resources::default());

@@ -281,6 +281,22 @@ fn an_endpoint_only_change_regenerates_exactly_what_a_full_generation_would() {
     let proxy = ProxyNode::identify(&client, &after).unwrap();
     let incremental = regenerate_endpoints(&after, &proxy, &old);
     assert_eq!(incremental, generate(&after, &proxy));
+    // The mesh as weftd builds it after such a change shares the untouched services; updating
+    // only the load assignments of the others gives the same again.
+    let shared = Mesh::build_after(&before, std::sync::Arc::new(set.clone()));
+    let touched: std::collections::HashSet<String> = before
+        .services
+        .iter()
+        .zip(&shared.services)
+        .filter(|(a, b)| !std::sync::Arc::ptr_eq(a, b))
+        .map(|(_, b)| b.hostname.clone())
+        .collect();
+    assert_eq!(
+        touched,
+        ["hello.default.svc.cluster.local".to_string()].into()
+    );
+    let some = regenerate_some_endpoints(&shared, &proxy, &old, Some(&touched));
+    assert_eq!(some, generate(&shared, &proxy));
     assert_ne!(
         incremental.type_version(type_url::CLUSTER_LOAD_ASSIGNMENT, None),
         old.type_version(type_url::CLUSTER_LOAD_ASSIGNMENT, None)

@@ -36,9 +36,13 @@ pub struct MeshSnapshot {
     /// Generated xDS per proxy class, filled as proxies ask: every replica of a deployment shares
     /// one generation (and one copy in memory) per snapshot.
     generated: Mutex<HashMap<ProxyClass, Arc<Generated>>>,
-    /// The previous snapshot's generations, when only endpoints changed since: a class found
-    /// here regenerates its EDS only.
-    previous: HashMap<ProxyClass, Arc<Generated>>,
+    /// Earlier snapshots' generations (with the snapshot generation each was made for), when
+    /// only endpoints changed since: a class found here regenerates its EDS only.
+    previous: HashMap<ProxyClass, (Arc<Generated>, u64)>,
+    /// The services (hostnames) whose endpoints changed since the snapshot of generation `.0`
+    /// (the one just before), when they are few: a class generated for that snapshot updates
+    /// only their load assignments.
+    touched: Option<(u64, std::collections::HashSet<String>)>,
 }
 
 impl MeshSnapshot {
@@ -53,6 +57,7 @@ impl MeshSnapshot {
             errors,
             generated: Mutex::default(),
             previous: HashMap::new(),
+            touched: None,
         }
     }
 
@@ -73,9 +78,21 @@ impl MeshSnapshot {
                     .lock()
                     .expect("cache lock")
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
+                    .map(|(k, v)| (k.clone(), (v.clone(), before.generation))),
             );
             next.previous = previous;
+            // A service the new mesh shares with the old one has the same endpoints.
+            let touched: std::collections::HashSet<String> = before
+                .mesh
+                .services
+                .iter()
+                .zip(&next.mesh.services)
+                .filter(|(old, now)| !Arc::ptr_eq(old, now))
+                .map(|(_, now)| now.hostname.clone())
+                .collect();
+            if touched.len() <= next.mesh.services.len() / 4 {
+                next.touched = Some((before.generation, touched));
+            }
         }
         next
     }
@@ -89,10 +106,17 @@ impl MeshSnapshot {
         }
         let started = std::time::Instant::now();
         let (g, only) = match self.previous.get(&class) {
-            Some(before) => (
-                crate::generate::regenerate_endpoints(&self.mesh, proxy, before),
-                "endpoints",
-            ),
+            Some((before, made_for)) => {
+                let touched = self
+                    .touched
+                    .as_ref()
+                    .filter(|(since, _)| since == made_for)
+                    .map(|(_, t)| t);
+                (
+                    crate::generate::regenerate_some_endpoints(&self.mesh, proxy, before, touched),
+                    "endpoints",
+                )
+            }
             None => (crate::generate::generate(&self.mesh, proxy), "all"),
         };
         let g = Arc::new(g);
