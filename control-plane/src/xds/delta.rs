@@ -20,6 +20,8 @@ struct Subscription {
     sent: BTreeMap<String, String>,
     pending_nonce: String,
     pending_version: String,
+    /// The type's resources `sent` was last brought up to date with.
+    seen: Option<crate::generate::Resources>,
 }
 
 impl Subscription {
@@ -47,24 +49,48 @@ impl Delta {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
-        let empty = BTreeMap::new();
-        let current = self.session.generated.of_type(type_url).unwrap_or(&empty);
-        let resources: Vec<Resource> = current
-            .iter()
-            .filter(|(n, r)| sub.wants(n) && sub.sent.get(*n) != Some(&r.version))
-            .map(|(name, r)| Resource {
-                name: name.clone(),
-                version: r.version.clone(),
-                resource: Some(r.any.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = sub
-            .sent
-            .keys()
-            .filter(|n| !current.contains_key(*n) || !sub.wants(n))
+        let current = self
+            .session
+            .generated
+            .resources
+            .get(type_url)
             .cloned()
-            .collect();
+            .unwrap_or_default();
+        let to_resource = |name: &str, r: &crate::generate::Resource| Resource {
+            name: name.to_string(),
+            version: r.version.clone(),
+            resource: Some(r.any.clone()),
+            ..Default::default()
+        };
+        // Since the last diff, the same names with a few changed (an endpoint change): only
+        // those can differ from what the proxy holds, and nothing was removed.
+        let few = match &sub.seen {
+            Some(seen) if !always => super::changed(seen, &current),
+            _ => None,
+        };
+        let (resources, removed): (Vec<Resource>, Vec<String>) = match few {
+            Some(changed) => (
+                changed
+                    .into_iter()
+                    .filter(|(n, _, r)| sub.wants(n) && sub.sent.get(*n) != Some(&r.version))
+                    .map(|(n, _, r)| to_resource(n, r))
+                    .collect(),
+                Vec::new(),
+            ),
+            None => (
+                current
+                    .iter()
+                    .filter(|(n, r)| sub.wants(n) && sub.sent.get(*n) != Some(&r.version))
+                    .map(|(n, r)| to_resource(n, r))
+                    .collect(),
+                sub.sent
+                    .keys()
+                    .filter(|n| !current.contains_key(*n) || !sub.wants(n))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        sub.seen = Some(current);
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }

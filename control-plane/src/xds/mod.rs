@@ -40,8 +40,8 @@ pub struct MeshSnapshot {
     /// only endpoints changed since: a class found here regenerates its EDS only.
     previous: HashMap<ProxyClass, (Arc<Generated>, u64)>,
     /// The services (hostnames) whose endpoints changed since the snapshot of generation `.0`
-    /// (the one just before), when they are few: a class generated for that snapshot updates
-    /// only their load assignments.
+    /// (the one just before): a class generated for that snapshot updates only their load
+    /// assignments (never more work than generating all of them).
     touched: Option<(u64, std::collections::HashSet<String>)>,
 }
 
@@ -90,9 +90,7 @@ impl MeshSnapshot {
                 .filter(|(old, now)| !Arc::ptr_eq(old, now))
                 .map(|(_, now)| now.hostname.clone())
                 .collect();
-            if touched.len() <= next.mesh.services.len() / 4 {
-                next.touched = Some((before.generation, touched));
-            }
+            next.touched = Some((before.generation, touched));
         }
         next
     }
@@ -235,6 +233,41 @@ impl XdsServer {
         let generated = snapshot.generated_for(&proxy);
         Ok((proxy, generated))
     }
+}
+
+/// The resources of `now` whose content differs from `before`: (name, before, now). One pass
+/// over both maps comparing pointers (an unchanged resource is usually the very same shared
+/// `Resource`); names and content keys are compared only where the pointers differ. None when
+/// the two maps do not hold the same names.
+fn changed<'a>(
+    before: &'a crate::generate::Resources,
+    now: &'a crate::generate::Resources,
+) -> Option<
+    Vec<(
+        &'a str,
+        &'a crate::generate::Resource,
+        &'a crate::generate::Resource,
+    )>,
+> {
+    if Arc::ptr_eq(before, now) {
+        return Some(Vec::new());
+    }
+    if before.len() != now.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for ((old_name, old), (name, new)) in before.iter().zip(now.iter()) {
+        if Arc::ptr_eq(old, new) {
+            continue;
+        }
+        if old_name != name {
+            return None;
+        }
+        if old.key() != new.key() {
+            out.push((name.as_str(), &**old, &**new));
+        }
+    }
+    Some(out)
 }
 
 /// Types whose subscription is a wildcard when no names are given (Envoy's LDS and CDS).

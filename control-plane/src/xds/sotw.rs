@@ -53,33 +53,22 @@ fn of_type(generated: &Generated, type_url: &str) -> Resources {
 }
 
 /// The resources of `now` that differ from `before` among the subscribed `names` (EDS and
-/// RDS), and the version sum that results from `sum`. One pass over both maps comparing
-/// pointers (an unchanged resource is usually the same shared `Resource`); names and content
-/// keys are compared only where the pointers differ. None when the two maps do not hold the same names: the caller
-/// then sends a complete response.
+/// RDS), and the version sum that results from `sum`. None when the two maps do not hold the
+/// same names: the caller then sends a complete response.
 fn changed_resources(
     before: &Resources,
     now: &Resources,
     names: &BTreeSet<String>,
     mut sum: u64,
 ) -> Option<(Vec<weft_xds_proto::wkt::Any>, u64)> {
-    if before.len() != now.len() {
-        return None;
-    }
-    let mut changed = Vec::new();
-    for ((old_name, old), (name, new)) in before.iter().zip(now.iter()) {
-        if Arc::ptr_eq(old, new) {
-            continue;
-        }
-        if old_name != name {
-            return None;
-        }
-        if old.key() != new.key() && names.contains(name) {
+    let mut out = Vec::new();
+    for (name, old, new) in super::changed(before, now)? {
+        if names.contains(name) {
             sum = sum.wrapping_sub(old.key()).wrapping_add(new.key());
-            changed.push(new.any.clone());
+            out.push(new.any.clone());
         }
     }
-    Some((changed, sum))
+    Some((out, sum))
 }
 
 impl Sotw {

@@ -264,3 +264,80 @@ async fn a_node_without_an_istio_id_is_refused_with_the_expected_form() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("sidecar~<ip>~"), "{}", err.message());
 }
+
+/// The snapshot weftd makes after `before` for `yaml`: the mesh built incrementally when only
+/// endpoints changed, the generations of `before` reused.
+fn follow(before: &Arc<MeshSnapshot>, yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
+    let mut set = ConfigSet::default();
+    assert!(
+        set.add_file(std::path::Path::new("t.yaml"), yaml)
+            .is_empty()
+    );
+    set.sort();
+    let mesh = Mesh::build_after(&before.mesh, Arc::new(set));
+    Arc::new(MeshSnapshot::after(before, mesh, generation, vec![]))
+}
+
+#[tokio::test]
+async fn delta_pushes_an_endpoint_change_as_the_one_assignment_that_changed() {
+    let (url, _status, mesh) = start(QUICKSTART).await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(url)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let names = vec![
+        "outbound|8080||hello.default.svc.cluster.local".to_string(),
+        "outbound|8080|v1|hello.default.svc.cluster.local".to_string(),
+        "outbound|8080|v2|hello.default.svc.cluster.local".to_string(),
+    ];
+    tx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
+        resource_names_subscribe: names.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(first.resources.len(), 3);
+    tx.send(DeltaDiscoveryRequest {
+        response_nonce: first.nonce.clone(),
+        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    nothing(&mut stream).await;
+
+    // v2's endpoint moves: its assignment and the service-wide one change, v1's does not.
+    let before = mesh.borrow().clone();
+    let moved = QUICKSTART.replace("127.0.0.12", "127.0.0.14");
+    mesh.send(follow(&before, &moved, 2)).unwrap();
+    let push = next(&mut stream).await;
+    let mut got: Vec<&str> = push.resources.iter().map(|r| r.name.as_str()).collect();
+    got.sort();
+    let mut want = [names[0].as_str(), names[2].as_str()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(push.removed_resources.is_empty());
+    let v2 = push.resources.iter().find(|r| r.name == names[2]).unwrap();
+    let cla: weft_xds_proto::envoy::config::endpoint::v3::ClusterLoadAssignment =
+        weft_xds_proto::unpack(v2.resource.as_ref().unwrap()).unwrap();
+    assert!(format!("{cla:?}").contains("127.0.0.14"), "{cla:?}");
+    tx.send(DeltaDiscoveryRequest {
+        response_nonce: push.nonce.clone(),
+        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The same config again: a new snapshot, nothing to send.
+    let before = mesh.borrow().clone();
+    mesh.send(follow(&before, &moved, 3)).unwrap();
+    nothing(&mut stream).await;
+}
