@@ -17,6 +17,10 @@
 //! by `/echo/health?set=NNN` (200 at first) and counts the checks; `/echo/health/stats` reports
 //! `checks=N host=H user-agent=UA` (the count and the last check's headers);
 //! `/echo/health/quiet` answers the same status without counting (for a second checker).
+//! `grpc.health.v1.Health/Check` answers SERVING while that status is 200, NOT_SERVING
+//! otherwise; `/echo/health/grpc-stats` counts those checks and shows the last one's
+//! authority, user agent, `te`, whether it set `grpc-timeout`, its `x-check` metadata and the
+//! service asked about.
 //! A gRPC request (`content-type: application/grpc`) gets one message and `grpc-status` trailers,
 //! or a scripted trailers-only error (`x-grpc-status`, `x-grpc-fail`, `x-delay-ms` headers).
 //! A request with `upgrade: websocket` is answered `101 Switching Protocols`; the upgraded
@@ -62,10 +66,10 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
 
 type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn respond<B>(
+async fn respond(
     name: &'static str,
     attempts: &Attempts,
-    req: Request<B>,
+    req: Request<hyper::body::Incoming>,
 ) -> Response<EchoBody> {
     use http_body_util::BodyExt;
     let grpc = req
@@ -73,6 +77,9 @@ async fn respond<B>(
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc && req.uri().path() == "/grpc.health.v1.Health/Check" {
+        return grpc_health(req).await;
+    }
     if grpc {
         return grpc_reply(name, attempts, req).await;
     }
@@ -83,10 +90,10 @@ async fn respond<B>(
 /// trailers; or, scripted by request headers, a trailers-only error: `x-grpc-status: N`, or
 /// `x-grpc-fail: N` (UNAVAILABLE for the first N attempts of each `x-request-id`), after
 /// `x-delay-ms`.
-async fn grpc_reply<B>(
+async fn grpc_reply(
     name: &'static str,
     attempts: &Attempts,
-    req: Request<B>,
+    req: Request<hyper::body::Incoming>,
 ) -> Response<EchoBody> {
     use http_body_util::BodyExt;
     let header = |k: &str| {
@@ -147,6 +154,63 @@ async fn grpc_reply<B>(
     resp
 }
 
+/// `grpc.health.v1.Health/Check`: SERVING (1) while `/echo/health` answers 200, NOT_SERVING (2)
+/// otherwise; counted apart from the HTTP checks, with what the last one carried
+/// (`/echo/health/grpc-stats`).
+async fn grpc_health(req: Request<hyper::body::Incoming>) -> Response<EchoBody> {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let header = |k: &str| {
+        req.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| header("host"));
+    let seen = format!(
+        "authority={authority} user-agent={} te={} grpc-timeout={} x-check={}",
+        header("user-agent"),
+        header("te"),
+        !header("grpc-timeout").is_empty(),
+        header("x-check")
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    // HealthCheckRequest { string service = 1 }, after the 5-byte gRPC prefix.
+    let service = match body.get(5..) {
+        Some([0x0a, len, rest @ ..]) if rest.len() == *len as usize => {
+            String::from_utf8_lossy(rest).into_owned()
+        }
+        _ => String::new(),
+    };
+    HEALTH.grpc_checks.fetch_add(1, Ordering::Relaxed);
+    *HEALTH.grpc_last.lock().unwrap_or_else(|p| p.into_inner()) =
+        format!("{seen} service={service}");
+    let serving = HEALTH.status.load(Ordering::Relaxed) == 200;
+    let frame = [0u8, 0, 0, 0, 2, 0x08, if serving { 1 } else { 2 }];
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().expect("digit"));
+    let frames = futures::stream::iter(vec![
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(&frame))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ]);
+    let mut resp = Response::new(http_body_util::StreamBody::new(frames).boxed());
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/grpc".parse().expect("value"),
+    );
+    resp
+}
+
 /// Attempts seen per x-request-id (bounded: the oldest ids are forgotten).
 #[derive(Default)]
 struct Attempts(Mutex<(HashMap<String, u32>, VecDeque<String>)>);
@@ -180,12 +244,16 @@ struct Health {
     status: std::sync::atomic::AtomicU16,
     checks: std::sync::atomic::AtomicU64,
     last: Mutex<(String, String)>,
+    grpc_checks: std::sync::atomic::AtomicU64,
+    grpc_last: Mutex<String>,
 }
 
 static HEALTH: Health = Health {
     status: std::sync::atomic::AtomicU16::new(200),
     checks: std::sync::atomic::AtomicU64::new(0),
     last: Mutex::new((String::new(), String::new())),
+    grpc_checks: std::sync::atomic::AtomicU64::new(0),
+    grpc_last: Mutex::new(String::new()),
 };
 
 fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
@@ -205,6 +273,14 @@ fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
                 HEALTH.checks.load(Ordering::Relaxed),
                 last.0,
                 last.1
+            );
+            Some(Response::new(Full::new(Bytes::from(text))))
+        }
+        "/echo/health/grpc-stats" => {
+            let last = HEALTH.grpc_last.lock().unwrap_or_else(|p| p.into_inner());
+            let text = format!(
+                "checks={} {last}",
+                HEALTH.grpc_checks.load(Ordering::Relaxed)
             );
             Some(Response::new(Full::new(Bytes::from(text))))
         }

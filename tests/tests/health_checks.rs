@@ -1,8 +1,8 @@
-//! Active health checks (HTTP and TCP), run by weft-proxy and by a stock Envoy on the same
+//! Active health checks (HTTP, gRPC and TCP), run by weft-proxy and by a stock Envoy on the same
 //! static bootstrap, against two echo backends whose health is switched on command. The
 //! outcomes must be the same: which hosts serve, how many checks it takes to fail a host
-//! (once for an unexpected status, `unhealthy_threshold` times for a retriable one), the
-//! check's host header and user agent.
+//! (once for an unexpected status or a NOT_SERVING answer, `unhealthy_threshold` times for a
+//! retriable status), the checks' host/authority, user agent and gRPC metadata.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ fn hex(s: &str) -> String {
 fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
     let http_assignment = Standalone::load_assignment("http-checked", hosts);
     let tcp_assignment = Standalone::load_assignment("tcp-checked", hosts);
+    let grpc_assignment = Standalone::load_assignment("grpc-checked", hosts);
     // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
     let send =
         hex("GET /echo/health/quiet HTTP/1.1\r\nhost: tcp-check\r\nconnection: close\r\n\r\n");
@@ -33,6 +34,8 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
               routes:
               - match: { prefix: /tcp/ }
                 route: { cluster: tcp-checked, prefix_rewrite: / }
+              - match: { prefix: /grpc/ }
+                route: { cluster: grpc-checked, prefix_rewrite: / }
               - match: { prefix: / }
                 route: { cluster: http-checked }
 "#,
@@ -67,6 +70,24 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
       tcp_health_check:
         send: {{ text: "{send}" }}
         receive: [{{ text: "{receive}" }}]
+  - name: grpc-checked
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {grpc_assignment}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 3
+      healthy_threshold: 1
+      grpc_health_check:
+        service_name: echo.Echo
+        authority: grpc-health.local
+        initial_metadata: [{{ header: {{ key: x-check, value: weft }} }}]
 "#
     )
 }
@@ -81,10 +102,18 @@ struct Outcomes {
     checks_to_fail_retriable: u64,
     /// The HTTP check's Host header and user agent.
     check_headers: String,
+    /// gRPC checks b saw between being switched to NOT_SERVING and being marked failed.
+    grpc_checks_to_fail: u64,
+    /// What the gRPC check carried (authority, user agent, te, grpc-timeout set, service).
+    grpc_check: String,
 }
 
 fn checks(addr: SocketAddr) -> u64 {
-    let text = weft_e2e::get(addr, "/echo/health/stats").unwrap().body;
+    counted(addr, "/echo/health/stats")
+}
+
+fn counted(addr: SocketAddr, path: &str) -> u64 {
+    let text = weft_e2e::get(addr, path).unwrap().body;
     text.split_whitespace()
         .find_map(|w| w.strip_prefix("checks="))
         .and_then(|n| n.parse().ok())
@@ -149,13 +178,14 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
     let a = s.backend("a");
     let b = s.backend("b");
     s.start(&resources(&s.ip(), &[a, b]));
-    for cluster in ["http-checked", "tcp-checked"] {
+    for cluster in ["http-checked", "tcp-checked", "grpc-checked"] {
         wait_flags(&s, cluster, a, false);
         wait_flags(&s, cluster, b, false);
     }
     let mut served = vec![
         serving(&s, "/", &["a", "b"]),
         serving(&s, "/tcp/", &["a", "b"]),
+        serving(&s, "/grpc/", &["a", "b"]),
     ];
     // An unexpected status (500) fails the host at the first check, for both checkers (the
     // TCP check no longer reads a 200 status line).
@@ -171,6 +201,21 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
     // A retriable status (503) takes unhealthy_threshold (3) checks.
     let checks_to_fail_retriable = checks_until_failed(&s, b, 503);
     served.push(serving(&s, "/", &["a"]));
+    // gRPC: NOT_SERVING fails the host at the first check (threshold 3 notwithstanding), one
+    // SERVING answer brings it back.
+    set_health(b, 200);
+    wait_flags(&s, "grpc-checked", b, false);
+    served.push(serving(&s, "/grpc/", &["a", "b"]));
+    let before = counted(b, "/echo/health/grpc-stats");
+    set_health(b, 500);
+    wait_flags(&s, "grpc-checked", b, true);
+    let grpc_checks_to_fail = counted(b, "/echo/health/grpc-stats") - before;
+    served.push(serving(&s, "/grpc/", &["a"]));
+    let grpc_stats = weft_e2e::get(a, "/echo/health/grpc-stats").unwrap().body;
+    let grpc_check = grpc_stats
+        .split_once(' ')
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or_default();
     let stats = weft_e2e::get(a, "/echo/health/stats").unwrap().body;
     let check_headers = stats
         .split_once(' ')
@@ -181,6 +226,8 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         checks_to_fail_immediate,
         checks_to_fail_retriable,
         check_headers,
+        grpc_checks_to_fail,
+        grpc_check,
     };
     eprintln!("{}: {out:?}", flavor.name());
     let attempts = s.stat("cluster.http-checked.health_check.attempt");
@@ -204,7 +251,10 @@ fn weft_proxy_and_envoy_health_check_alike() {
             vec![
                 both.clone(),
                 both.clone(),
+                both.clone(),
                 only_a.clone(),
+                only_a.clone(),
+                both.clone(),
                 only_a.clone(),
                 both.clone(),
                 only_a.clone()
@@ -218,6 +268,12 @@ fn weft_proxy_and_envoy_health_check_alike() {
         );
         assert_eq!(
             o.check_headers, "host=health.local user-agent=Envoy/HC",
+            "{who}"
+        );
+        assert_eq!(o.grpc_checks_to_fail, 1, "{who}: NOT_SERVING fails at once");
+        assert_eq!(
+            o.grpc_check,
+            "authority=grpc-health.local user-agent=Envoy/HC te=trailers grpc-timeout=true x-check=weft service=echo.Echo",
             "{who}"
         );
     }

@@ -1,4 +1,4 @@
-//! Active health checking, as Envoy's `health_checks` (one HTTP or TCP checker per cluster):
+//! Active health checking, as Envoy's `health_checks` (one HTTP, gRPC or TCP checker per cluster):
 //! each host is checked on its own schedule; a host is taken out of load balancing after
 //! `unhealthy_threshold` failed checks (at once for an HTTP status that is neither expected nor
 //! retriable, or the `x-envoy-immediate-health-check-fail` header), and put back after
@@ -49,7 +49,34 @@ pub enum Kind {
         /// Each must be found in the response, in this order.
         receive: Vec<Vec<u8>>,
     },
+    Grpc(GrpcCheck),
 }
+
+/// `grpc.health.v1.Health/Check` over HTTP/2 (whatever the cluster's own protocol, as Envoy).
+#[derive(Debug, Clone)]
+pub struct GrpcCheck {
+    /// `authority`, else the cluster's name.
+    pub authority: String,
+    /// The `service` asked about (empty: the server as a whole).
+    pub service: String,
+    pub metadata: HeaderEdits,
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`: status 1 is SERVING.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const SERVING: i32 = 1;
 
 #[derive(Debug, Clone)]
 pub struct HttpCheck {
@@ -254,12 +281,16 @@ impl HealthCheck {
                         .collect::<Result<_, _>>()?,
                 }
             }
-            Some(health_check::HealthChecker::GrpcHealthCheck(_)) => {
-                return Err((
-                    f("grpc_health_check"),
-                    "gRPC health checks are not supported yet (HTTP and TCP are)".into(),
-                ));
-            }
+            Some(health_check::HealthChecker::GrpcHealthCheck(g)) => Kind::Grpc(GrpcCheck {
+                authority: if g.authority.is_empty() {
+                    cluster.to_string()
+                } else {
+                    g.authority.clone()
+                },
+                service: g.service_name.clone(),
+                metadata: HeaderEdits::from_xds(&g.initial_metadata, &[])
+                    .map_err(|r| (f("grpc_health_check.initial_metadata"), r))?,
+            }),
             Some(health_check::HealthChecker::CustomHealthCheck(_)) => {
                 return Err((
                     f("custom_health_check"),
@@ -269,7 +300,8 @@ impl HealthCheck {
             None => {
                 return Err((
                     f("health_checker"),
-                    "an http_health_check or tcp_health_check is required".into(),
+                    "an http_health_check, grpc_health_check or tcp_health_check is required"
+                        .into(),
                 ));
             }
         };
@@ -521,7 +553,91 @@ async fn check(e: &Endpoint, cfg: &HealthCheck) -> Result<CheckResult, String> {
     match &cfg.kind {
         Kind::Http(h) => http_check(stream, h).await,
         Kind::Tcp { send, receive } => tcp_check(stream, send, receive).await,
+        Kind::Grpc(g) => grpc_check(stream, g, cfg.timeout).await,
     }
+}
+
+/// One `grpc.health.v1.Health/Check` call. As Envoy: an answer other than grpc-status OK with
+/// one SERVING response (a non-200 status, another content type, NOT_SERVING, a gRPC error, a
+/// malformed or second message) fails the host at once; a connection that fails or resets
+/// counts toward `unhealthy_threshold` (the caller's `Err`).
+async fn grpc_check(
+    stream: super::pool::UpstreamStream,
+    g: &GrpcCheck,
+    timeout: Duration,
+) -> Result<CheckResult, String> {
+    use prost::Message;
+    let request = HealthCheckRequest {
+        service: g.service.clone(),
+    }
+    .encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + request.len());
+    frame.push(0);
+    frame.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&request);
+    let mut req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!(
+            "http://{}/grpc.health.v1.Health/Check",
+            g.authority
+        ))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "Envoy/HC")
+        .header("grpc-timeout", format!("{}m", timeout.as_millis().max(1)))
+        .body(http_body_util::Full::new(Bytes::from(frame)))
+        .map_err(|err| err.to_string())?;
+    g.metadata.apply(req.headers_mut());
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .map_err(|err| err.to_string())?;
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|err| err.to_string())?;
+    let failed = Ok(CheckResult::Unhealthy { immediate: true });
+    let grpc_ok = |h: &http::HeaderMap| h.get("grpc-status").is_some_and(|v| v == "0");
+    let is_grpc = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if resp.status() != http::StatusCode::OK
+        || !is_grpc
+        || resp.headers().contains_key("grpc-status")
+    {
+        // A trailers-only answer carries no message: whatever its status, not SERVING.
+        return failed;
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|err| err.to_string())?;
+    let trailers_ok = body.trailers().is_some_and(grpc_ok);
+    let mut data = body.to_bytes();
+    let mut responses = Vec::new();
+    while !data.is_empty() {
+        if data.len() < 5 || data[0] != 0 {
+            return failed;
+        }
+        let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+        if data.len() < 5 + len {
+            return failed;
+        }
+        let message = data.split_to(5 + len).split_off(5);
+        match HealthCheckResponse::decode(message) {
+            Ok(r) => responses.push(r.status),
+            Err(_) => return failed,
+        }
+    }
+    Ok(match (trailers_ok, responses.as_slice()) {
+        (true, [SERVING]) => CheckResult::Healthy,
+        _ => CheckResult::Unhealthy { immediate: true },
+    })
 }
 
 async fn http_check(
@@ -664,6 +780,35 @@ mod tests {
     }
 
     #[test]
+    fn grpc_check_defaults_follow_envoy() {
+        let hc = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, grpc_health_check: { service_name: pkg.Svc } }]",
+        )
+        .unwrap()
+        .unwrap();
+        let Kind::Grpc(g) = hc.kind else { panic!() };
+        assert_eq!(
+            g.authority, "c",
+            "the cluster's name is the default authority"
+        );
+        assert_eq!(g.service, "pkg.Svc");
+    }
+
+    #[test]
+    fn grpc_checks_need_an_http2_cluster_as_in_envoy() {
+        let check = "health_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, grpc_health_check: {} }]";
+        let h1: weft_xds_proto::envoy::config::cluster::v3::Cluster =
+            weft_xds_proto::from_yaml(&format!("name: c\n{check}")).unwrap();
+        let err = super::super::Cluster::from_xds(&h1).unwrap_err();
+        assert_eq!(err.field, "health_checks[0].grpc_health_check", "{err:?}");
+        let h2: weft_xds_proto::envoy::config::cluster::v3::Cluster = weft_xds_proto::from_yaml(&format!(
+            "name: c\n{check}\ntyped_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config: {{ http2_protocol_options: {{}} }}"
+        ))
+        .unwrap();
+        assert!(super::super::Cluster::from_xds(&h2).is_ok());
+    }
+
+    #[test]
     fn unsupported_or_invalid_checks_are_refused_by_field() {
         for (yaml, field) in [
             (
@@ -675,8 +820,12 @@ mod tests {
                 "health_checks[0].unhealthy_threshold",
             ),
             (
-                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {} }",
-                "health_checks[0].grpc_health_check",
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: { initial_metadata: [{ header: { key: 'bad key', value: x } }] } }",
+                "health_checks[0].grpc_health_check.initial_metadata",
+            ),
+            (
+                "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, custom_health_check: { name: x } }",
+                "health_checks[0].custom_health_check",
             ),
             (
                 "{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: { path: x } }",

@@ -456,6 +456,17 @@ impl Cluster {
             .map_err(|(f, r)| reject(&f, r))?;
         let health_check = health::HealthCheck::from_xds(&c.health_checks, &c.name)
             .map_err(|(f, r)| reject(&f, r))?;
+        if health_check
+            .as_ref()
+            .is_some_and(|h| matches!(h.kind, health::Kind::Grpc(_)))
+            && protocol != UpstreamProtocol::Http2
+        {
+            // As Envoy, which refuses the cluster the same way.
+            return Err(reject(
+                "health_checks[0].grpc_health_check",
+                "the cluster must support HTTP/2 for gRPC health checking (explicit_http_config with http2_protocol_options)".into(),
+            ));
+        }
         let connect_timeout = c
             .connect_timeout
             .as_ref()
