@@ -444,6 +444,9 @@ async fn measure(
         Some(envoy) => proxy_rss(a, envoy, xds_port).await?,
         None => Vec::new(),
     };
+    // weftd re-reads a file modified in the last 2 s even when its size and time look unchanged
+    // (timestamps are coarser than writes): start the changes once the big files have settled.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(start.elapsed())).await;
     let cpu_before = proc_stat(pid).2;
     let counts_before = response_counts(&clients);
     let (rss_synced, _, _) = proc_stat(pid);

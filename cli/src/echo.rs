@@ -16,7 +16,8 @@
 //! A health endpoint for active health checks: `/echo/health` answers with the status last set
 //! by `/echo/health?set=NNN` (200 at first) and counts the checks; `/echo/health/stats` reports
 //! `checks=N host=H user-agent=UA` (the count and the last check's headers);
-//! `/echo/health/quiet` answers the same status without counting (for a second checker).
+//! `/echo/health/quiet` answers the same status without counting (for a second checker);
+//! `/echo/health/connections` says over how many client connections the checks came.
 //! `grpc.health.v1.Health/Check` answers SERVING while that status is 200, NOT_SERVING
 //! otherwise; `/echo/health/grpc-stats` counts those checks and shows the last one's
 //! authority, user agent, `te`, whether it set `grpc-timeout`, its `x-check` metadata and the
@@ -44,7 +45,7 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
     let name: &'static str = Box::leak(name.into_boxed_str());
     let attempts: &'static Attempts = Box::leak(Box::default());
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("accept failed: {e}");
@@ -54,8 +55,9 @@ pub async fn run(address: SocketAddr, name: String) -> anyhow::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| async move {
-                Ok::<_, Infallible>(respond(name, attempts, req).await)
+            let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer);
+                async move { Ok::<_, Infallible>(respond(name, attempts, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -246,6 +248,8 @@ struct Health {
     last: Mutex<(String, String)>,
     grpc_checks: std::sync::atomic::AtomicU64,
     grpc_last: Mutex<String>,
+    /// The client connections `/echo/health` checks came over.
+    connections: Mutex<std::collections::BTreeSet<SocketAddr>>,
 }
 
 static HEALTH: Health = Health {
@@ -254,6 +258,7 @@ static HEALTH: Health = Health {
     last: Mutex::new((String::new(), String::new())),
     grpc_checks: std::sync::atomic::AtomicU64::new(0),
     grpc_last: Mutex::new(String::new()),
+    connections: Mutex::new(std::collections::BTreeSet::new()),
 };
 
 fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
@@ -275,6 +280,16 @@ fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
                 last.1
             );
             Some(Response::new(Full::new(Bytes::from(text))))
+        }
+        "/echo/health/connections" => {
+            let n = HEALTH
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            Some(Response::new(Full::new(Bytes::from(format!(
+                "connections={n}"
+            )))))
         }
         "/echo/health/grpc-stats" => {
             let last = HEALTH.grpc_last.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,6 +318,13 @@ fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
                 )))));
             }
             HEALTH.checks.fetch_add(1, Ordering::Relaxed);
+            if let Some(peer) = req.extensions().get::<SocketAddr>() {
+                HEALTH
+                    .connections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*peer);
+            }
             *HEALTH.last.lock().unwrap_or_else(|p| p.into_inner()) = (
                 header(hyper::header::HOST),
                 header(hyper::header::USER_AGENT),

@@ -106,6 +106,8 @@ struct Outcomes {
     grpc_checks_to_fail: u64,
     /// What the gRPC check carried (authority, user agent, te, grpc-timeout set, service).
     grpc_check: String,
+    /// Connections the HTTP checks of the always-healthy a came over (`reuse_connection`).
+    connections_to_a: u64,
 }
 
 fn checks(addr: SocketAddr) -> u64 {
@@ -115,7 +117,7 @@ fn checks(addr: SocketAddr) -> u64 {
 fn counted(addr: SocketAddr, path: &str) -> u64 {
     let text = weft_e2e::get(addr, path).unwrap().body;
     text.split_whitespace()
-        .find_map(|w| w.strip_prefix("checks="))
+        .find_map(|w| w.strip_prefix("checks=").or(w.strip_prefix("connections=")))
         .and_then(|n| n.parse().ok())
         .unwrap()
 }
@@ -228,6 +230,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         check_headers,
         grpc_checks_to_fail,
         grpc_check,
+        connections_to_a: counted(a, "/echo/health/connections"),
     };
     eprintln!("{}: {out:?}", flavor.name());
     let attempts = s.stat("cluster.http-checked.health_check.attempt");
@@ -271,6 +274,10 @@ fn weft_proxy_and_envoy_health_check_alike() {
             "{who}"
         );
         assert_eq!(o.grpc_checks_to_fail, 1, "{who}: NOT_SERVING fails at once");
+        assert_eq!(
+            o.connections_to_a, 1,
+            "{who}: every HTTP check of a healthy host over one connection (reuse_connection)"
+        );
         assert_eq!(
             o.grpc_check,
             "authority=grpc-health.local user-agent=Envoy/HC te=trailers grpc-timeout=true x-check=weft service=echo.Echo",

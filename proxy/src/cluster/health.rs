@@ -4,8 +4,8 @@
 //! retriable, or the `x-envoy-immediate-health-check-fail` header), and put back after
 //! `healthy_threshold` good ones. A host starts unhealthy until its first check passes (one
 //! success is enough then). Checks go over the endpoint's own transport (TLS when the cluster
-//! has it), on a new connection each time (`reuse_connection` is not honoured: see
-//! docs/envoy-differences.md).
+//! has it), over one connection kept between checks (`reuse_connection`, true by default as in
+//! Envoy) or a new one each time.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_xds_proto::envoy::config::core::v3::{HealthCheck as XdsHealthCheck, health_check};
 
@@ -38,6 +38,8 @@ pub struct HealthCheck {
     pub unhealthy_threshold: u32,
     pub healthy_threshold: u32,
     pub alt_port: Option<u16>,
+    /// Keep the connection between checks (Envoy's `reuse_connection`, default true).
+    pub reuse: bool,
     pub kind: Kind,
 }
 
@@ -173,10 +175,6 @@ impl HealthCheck {
             (
                 "transport_socket_match_criteria",
                 h.transport_socket_match_criteria.is_some(),
-            ),
-            (
-                "reuse_connection",
-                h.reuse_connection.is_some_and(|r| r.value),
             ),
         ] {
             if set {
@@ -327,6 +325,7 @@ impl HealthCheck {
             unhealthy_threshold: unhealthy.value.max(1),
             healthy_threshold: healthy.value.max(1),
             alt_port,
+            reuse: h.reuse_connection.is_none_or(|r| r.value),
             kind,
         }))
     }
@@ -470,12 +469,15 @@ async fn session(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, cfg: Arc<Heal
     if !cfg.initial_jitter.is_zero() {
         tokio::time::sleep(cfg.initial_jitter.mul_f64(fastrand::f64())).await;
     }
+    let mut kept = None;
     loop {
         let (Some(c), Some(e)) = (cluster.upgrade(), endpoint.upgrade()) else {
             return;
         };
         c.health_stats.attempt.inc();
-        let result = match tokio::time::timeout(cfg.timeout, check(&e, &cfg)).await {
+        // A check that fails or times out leaves no connection behind: the next one connects
+        // afresh (as Envoy closes the connection then).
+        let result = match tokio::time::timeout(cfg.timeout, check(&e, &cfg, &mut kept)).await {
             Ok(Ok(r)) => r,
             Ok(Err(reason)) => {
                 tracing::debug!(cluster = %c.name, host = %e.address, "health check failed: {reason}");
@@ -540,21 +542,186 @@ fn next_interval(
     base + jitter
 }
 
-/// One check of one host. Err: the host could not be reached or answered garbage.
-async fn check(e: &Endpoint, cfg: &HealthCheck) -> Result<CheckResult, String> {
-    let stream = match cfg.alt_port {
-        None => e.pool.connect().await.map_err(|err| err.to_string())?,
-        Some(port) => e
-            .pool
-            .connect_to(std::net::SocketAddr::new(e.address.ip(), port))
-            .await
-            .map_err(|err| err.to_string())?,
-    };
+/// A connection kept between a host's checks (`reuse_connection`).
+pub(crate) enum Kept {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    Tcp(super::pool::UpstreamStream),
+}
+
+/// One check of one host. Err: the host could not be reached or answered garbage. `kept` is
+/// the connection of the previous check, if it is to be reused; the check leaves its own
+/// there when `reuse_connection` says so.
+async fn check(
+    e: &Endpoint,
+    cfg: &HealthCheck,
+    kept: &mut Option<Kept>,
+) -> Result<CheckResult, String> {
+    let previous = kept.take();
     match &cfg.kind {
-        Kind::Http(h) => http_check(stream, h).await,
-        Kind::Tcp { send, receive } => tcp_check(stream, send, receive).await,
-        Kind::Grpc(g) => grpc_check(stream, g, cfg.timeout).await,
+        Kind::Http(h) if h.http2 => {
+            let send = h2_sender(e, cfg, previous).await?;
+            let req = http_request(h, cfg.reuse, true)?;
+            let answer = send.clone().send_request(req).await;
+            let result = http_result(h, answer).await?;
+            if cfg.reuse {
+                *kept = Some(Kept::Http2(send));
+            }
+            Ok(result)
+        }
+        Kind::Http(h) => {
+            let reusable = match previous {
+                Some(Kept::Http1(mut s)) => s.ready().await.is_ok().then_some(s),
+                _ => None,
+            };
+            let mut send = match reusable {
+                Some(s) => s,
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(connect(e, cfg).await?);
+                    let (send, conn) = hyper::client::conn::http1::handshake(io)
+                        .await
+                        .map_err(|err| err.to_string())?;
+                    tokio::spawn(conn);
+                    send
+                }
+            };
+            let req = http_request(h, cfg.reuse, false)?;
+            let answer = send.send_request(req).await;
+            let result = http_result(h, answer).await?;
+            if cfg.reuse {
+                *kept = Some(Kept::Http1(send));
+            }
+            Ok(result)
+        }
+        Kind::Tcp { send, receive } => {
+            let reusable = match previous {
+                Some(Kept::Tcp(mut s)) => still_open(&mut s).then_some(s),
+                _ => None,
+            };
+            let stream = match reusable {
+                Some(s) => s,
+                None => connect(e, cfg).await?,
+            };
+            let (result, stream) = tcp_check(stream, send, receive).await?;
+            if cfg.reuse && result == CheckResult::Healthy {
+                *kept = Some(Kept::Tcp(stream));
+            }
+            Ok(result)
+        }
+        Kind::Grpc(g) => {
+            let send = h2_sender(e, cfg, previous).await?;
+            let result = grpc_check(send.clone(), g, cfg.timeout).await?;
+            if cfg.reuse {
+                *kept = Some(Kept::Http2(send));
+            }
+            Ok(result)
+        }
     }
+}
+
+/// A new connection for a check (to `alt_port` when set).
+async fn connect(e: &Endpoint, cfg: &HealthCheck) -> Result<super::pool::UpstreamStream, String> {
+    match cfg.alt_port {
+        None => e.pool.connect().await,
+        Some(port) => {
+            e.pool
+                .connect_to(std::net::SocketAddr::new(e.address.ip(), port))
+                .await
+        }
+    }
+    .map_err(|err| err.to_string())
+}
+
+/// The kept HTTP/2 connection while it takes streams, else a new one.
+async fn h2_sender(
+    e: &Endpoint,
+    cfg: &HealthCheck,
+    previous: Option<Kept>,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
+    if let Some(Kept::Http2(mut s)) = previous
+        && !s.is_closed()
+        && s.ready().await.is_ok()
+    {
+        return Ok(s);
+    }
+    let io = hyper_util::rt::TokioIo::new(connect(e, cfg).await?);
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .map_err(|err| err.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// Whether a kept TCP connection is still open (the host may have closed it since); bytes it
+/// sent after the last check are dropped.
+fn still_open(s: &mut super::pool::UpstreamStream) -> bool {
+    use futures::FutureExt;
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match s.read(&mut buf).now_or_never() {
+            None => return true,
+            Some(Ok(0)) | Some(Err(_)) => return false,
+            Some(Ok(_)) => continue,
+        }
+    }
+    false
+}
+
+fn http_request(
+    h: &HttpCheck,
+    reuse: bool,
+    http2: bool,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    let mut req = http::Request::builder()
+        .method(h.method.clone())
+        .body(Full::new(Bytes::new()))
+        .map_err(|err| err.to_string())?;
+    let headers = req.headers_mut();
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("Envoy/HC"),
+    );
+    h.headers.apply(headers);
+    if http2 {
+        *req.uri_mut() = format!("http://{}{}", h.host, h.path)
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
+    } else {
+        *req.uri_mut() = h
+            .path
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&h.host).map_err(|err| err.to_string())?,
+        );
+        if !reuse {
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+    }
+    Ok(req)
+}
+
+async fn http_result(
+    h: &HttpCheck,
+    answer: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
+) -> Result<CheckResult, String> {
+    let status = read_answer(answer.map_err(|err| err.to_string())?).await?;
+    let (code, immediate_fail) = status;
+    let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
+    Ok(if immediate_fail {
+        CheckResult::Unhealthy { immediate: true }
+    } else if within(&h.expected) {
+        CheckResult::Healthy
+    } else {
+        CheckResult::Unhealthy {
+            immediate: !within(&h.retriable),
+        }
+    })
 }
 
 /// One `grpc.health.v1.Health/Check` call. As Envoy: an answer other than grpc-status OK with
@@ -562,7 +729,7 @@ async fn check(e: &Endpoint, cfg: &HealthCheck) -> Result<CheckResult, String> {
 /// malformed or second message) fails the host at once; a connection that fails or resets
 /// counts toward `unhealthy_threshold` (the caller's `Err`).
 async fn grpc_check(
-    stream: super::pool::UpstreamStream,
+    mut send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     g: &GrpcCheck,
     timeout: Duration,
 ) -> Result<CheckResult, String> {
@@ -585,15 +752,9 @@ async fn grpc_check(
         .header(http::header::TE, "trailers")
         .header(http::header::USER_AGENT, "Envoy/HC")
         .header("grpc-timeout", format!("{}m", timeout.as_millis().max(1)))
-        .body(http_body_util::Full::new(Bytes::from(frame)))
+        .body(Full::new(Bytes::from(frame)))
         .map_err(|err| err.to_string())?;
     g.metadata.apply(req.headers_mut());
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .map_err(|err| err.to_string())?;
-    tokio::spawn(conn);
     let resp = send
         .send_request(req)
         .await
@@ -640,64 +801,6 @@ async fn grpc_check(
     })
 }
 
-async fn http_check(
-    stream: super::pool::UpstreamStream,
-    h: &HttpCheck,
-) -> Result<CheckResult, String> {
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let mut req = http::Request::builder()
-        .method(h.method.clone())
-        .body(Empty::<Bytes>::new())
-        .map_err(|err| err.to_string())?;
-    let headers = req.headers_mut();
-    headers.insert(
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static("Envoy/HC"),
-    );
-    h.headers.apply(headers);
-    let resp = if h.http2 {
-        *req.uri_mut() = format!("http://{}{}", h.host, h.path)
-            .parse()
-            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .map_err(|err| err.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(req).await
-    } else {
-        *req.uri_mut() = h
-            .path
-            .parse()
-            .map_err(|err: http::uri::InvalidUri| err.to_string())?;
-        req.headers_mut().insert(
-            http::header::HOST,
-            http::HeaderValue::from_str(&h.host).map_err(|err| err.to_string())?,
-        );
-        req.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|err| err.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(req).await
-    };
-    let status = read_answer(resp.map_err(|err| err.to_string())?).await?;
-    let (code, immediate_fail) = status;
-    let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
-    Ok(if immediate_fail {
-        CheckResult::Unhealthy { immediate: true }
-    } else if within(&h.expected) {
-        CheckResult::Healthy
-    } else {
-        CheckResult::Unhealthy {
-            immediate: !within(&h.retriable),
-        }
-    })
-}
-
 /// The status and whether the host asked to fail at once; the body is read and dropped.
 async fn read_answer(resp: http::Response<hyper::body::Incoming>) -> Result<(u16, bool), String> {
     let immediate = resp
@@ -715,7 +818,7 @@ async fn tcp_check(
     mut stream: super::pool::UpstreamStream,
     send: &[u8],
     receive: &[Vec<u8>],
-) -> Result<CheckResult, String> {
+) -> Result<(CheckResult, super::pool::UpstreamStream), String> {
     if !send.is_empty() {
         stream
             .write_all(send)
@@ -723,17 +826,17 @@ async fn tcp_check(
             .map_err(|err| err.to_string())?;
     }
     if receive.is_empty() {
-        return Ok(CheckResult::Healthy);
+        return Ok((CheckResult::Healthy, stream));
     }
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         if contains_in_order(&got, receive) {
-            return Ok(CheckResult::Healthy);
+            return Ok((CheckResult::Healthy, stream));
         }
         let n = stream.read(&mut buf).await.map_err(|err| err.to_string())?;
         if n == 0 {
-            return Ok(CheckResult::Unhealthy { immediate: false });
+            return Ok((CheckResult::Unhealthy { immediate: false }, stream));
         }
         got.extend_from_slice(&buf[..n]);
     }
