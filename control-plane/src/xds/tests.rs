@@ -19,14 +19,43 @@ use crate::model::Mesh;
 
 const CLIENT: &str = "sidecar~127.0.0.10~client.default~default.svc.cluster.local";
 
-fn snapshot(yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
+fn config_of(yaml: &str) -> ConfigSet {
     let mut set = ConfigSet::default();
     assert!(
         set.add_file(std::path::Path::new("t.yaml"), yaml)
             .is_empty()
     );
     set.sort();
-    Arc::new(MeshSnapshot::new(Mesh::build(&set), generation, vec![]))
+    set
+}
+
+fn snapshot(yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
+    Arc::new(MeshSnapshot::new(
+        Mesh::build(&config_of(yaml)),
+        generation,
+        vec![],
+    ))
+}
+
+/// A delta ADS stream opened with `first`.
+async fn delta_stream(
+    url: String,
+    first: DeltaDiscoveryRequest,
+) -> (
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<weft_xds_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(url)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(first).await.unwrap();
+    let stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
 }
 
 async fn start(
@@ -177,22 +206,15 @@ async fn sotw_answers_records_acks_and_nacks_and_pushes_changes() {
 #[tokio::test]
 async fn delta_sends_only_changes_and_removals() {
     let (url, status, mesh) = start(QUICKSTART).await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(url)
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(DeltaDiscoveryRequest {
-        node: node(),
-        type_url: type_url::CLUSTER.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = delta_stream(
+        url,
+        DeltaDiscoveryRequest {
+            node: node(),
+            type_url: type_url::CLUSTER.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let first = next(&mut stream).await;
     assert_eq!(
         first.resources.len(),
@@ -268,41 +290,28 @@ async fn a_node_without_an_istio_id_is_refused_with_the_expected_form() {
 /// The snapshot weftd makes after `before` for `yaml`: the mesh built incrementally when only
 /// endpoints changed, the generations of `before` reused.
 fn follow(before: &Arc<MeshSnapshot>, yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
-    let mut set = ConfigSet::default();
-    assert!(
-        set.add_file(std::path::Path::new("t.yaml"), yaml)
-            .is_empty()
-    );
-    set.sort();
-    let mesh = Mesh::build_after(&before.mesh, Arc::new(set));
+    let mesh = Mesh::build_after(&before.mesh, Arc::new(config_of(yaml)));
     Arc::new(MeshSnapshot::after(before, mesh, generation, vec![]))
 }
 
 #[tokio::test]
 async fn delta_pushes_an_endpoint_change_as_the_one_assignment_that_changed() {
     let (url, _status, mesh) = start(QUICKSTART).await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(url)
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
     let names = vec![
         "outbound|8080||hello.default.svc.cluster.local".to_string(),
         "outbound|8080|v1|hello.default.svc.cluster.local".to_string(),
         "outbound|8080|v2|hello.default.svc.cluster.local".to_string(),
     ];
-    tx.send(DeltaDiscoveryRequest {
-        node: node(),
-        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
-        resource_names_subscribe: names.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = delta_stream(
+        url,
+        DeltaDiscoveryRequest {
+            node: node(),
+            type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.into(),
+            resource_names_subscribe: names.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
     let first = next(&mut stream).await;
     assert_eq!(first.resources.len(), 3);
     tx.send(DeltaDiscoveryRequest {
