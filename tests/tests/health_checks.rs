@@ -20,6 +20,8 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
     let http_assignment = Standalone::load_assignment("http-checked", hosts);
     let tcp_assignment = Standalone::load_assignment("tcp-checked", hosts);
     let grpc_assignment = Standalone::load_assignment("grpc-checked", hosts);
+    let body_assignment = Standalone::load_assignment("body-checked", hosts);
+    let (ping, healthy_body) = (hex("ping"), hex("health 200"));
     // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
     let send =
         hex("GET /echo/health/quiet HTTP/1.1\r\nhost: tcp-check\r\nconnection: close\r\n\r\n");
@@ -88,6 +90,22 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
         service_name: echo.Echo
         authority: grpc-health.local
         initial_metadata: [{{ header: {{ key: x-check, value: weft }} }}]
+  - name: body-checked
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {body_assignment}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 3
+      healthy_threshold: 1
+      http_health_check:
+        path: /echo/health/quiet
+        method: POST
+        send: {{ text: "{ping}" }}
+        receive: [{{ text: "{healthy_body}" }}]
+        expected_statuses: [{{ start: 200, end: 600 }}]
 "#
     )
 }
@@ -108,6 +126,9 @@ struct Outcomes {
     grpc_check: String,
     /// Connections the HTTP checks of the always-healthy a came over (`reuse_connection`).
     connections_to_a: u64,
+    /// Whether the TCP checker counted network failures: its check closes the connection after
+    /// each answer, and a kept connection closed by the host is one, as Envoy counts it.
+    tcp_closes_counted: bool,
 }
 
 fn checks(addr: SocketAddr) -> u64 {
@@ -180,7 +201,12 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
     let a = s.backend("a");
     let b = s.backend("b");
     s.start(&resources(&s.ip(), &[a, b]));
-    for cluster in ["http-checked", "tcp-checked", "grpc-checked"] {
+    for cluster in [
+        "http-checked",
+        "tcp-checked",
+        "grpc-checked",
+        "body-checked",
+    ] {
         wait_flags(&s, cluster, a, false);
         wait_flags(&s, cluster, b, false);
     }
@@ -193,12 +219,15 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
     // TCP check no longer reads a 200 status line).
     let checks_to_fail_immediate = checks_until_failed(&s, b, 500);
     wait_flags(&s, "tcp-checked", b, true);
+    // The body check accepts any status: "health 500" instead of "health 200" fails it.
+    wait_flags(&s, "body-checked", b, true);
     served.push(serving(&s, "/", &["a"]));
     served.push(serving(&s, "/tcp/", &["a"]));
     // Healthy again: two good checks (healthy_threshold) bring it back.
     set_health(b, 200);
     wait_flags(&s, "http-checked", b, false);
     wait_flags(&s, "tcp-checked", b, false);
+    wait_flags(&s, "body-checked", b, false);
     served.push(serving(&s, "/", &["a", "b"]));
     // A retriable status (503) takes unhealthy_threshold (3) checks.
     let checks_to_fail_retriable = checks_until_failed(&s, b, 503);
@@ -231,6 +260,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         grpc_checks_to_fail,
         grpc_check,
         connections_to_a: counted(a, "/echo/health/connections"),
+        tcp_closes_counted: s.stat("cluster.tcp-checked.health_check.network_failure") > 0,
     };
     eprintln!("{}: {out:?}", flavor.name());
     let attempts = s.stat("cluster.http-checked.health_check.attempt");
@@ -274,6 +304,10 @@ fn weft_proxy_and_envoy_health_check_alike() {
             "{who}"
         );
         assert_eq!(o.grpc_checks_to_fail, 1, "{who}: NOT_SERVING fails at once");
+        assert!(
+            o.tcp_closes_counted,
+            "{who}: closed TCP check connections count"
+        );
         assert_eq!(
             o.connections_to_a, 1,
             "{who}: every HTTP check of a healthy host over one connection (reuse_connection)"

@@ -90,6 +90,11 @@ pub struct HttpCheck {
     pub expected: Vec<Range<u16>>,
     pub retriable: Vec<Range<u16>>,
     pub headers: HeaderEdits,
+    /// The request body (`send`).
+    pub send: Option<Bytes>,
+    /// Blocks the first `buffer` bytes of the response body must hold, in order (`receive`).
+    pub receive: Vec<Vec<u8>>,
+    pub buffer: usize,
 }
 
 type Rejected = (String, String);
@@ -183,12 +188,6 @@ impl HealthCheck {
         }
         let kind = match &h.health_checker {
             Some(health_check::HealthChecker::HttpHealthCheck(x)) => {
-                if x.send.is_some() || !x.receive.is_empty() || x.response_buffer_size.is_some() {
-                    return Err((
-                        f("http_health_check.receive"),
-                        "HTTP payload send/receive checks are not supported yet".into(),
-                    ));
-                }
                 if x.service_name_matcher.is_some() {
                     return Err((
                         f("http_health_check.service_name_matcher"),
@@ -229,6 +228,26 @@ impl HealthCheck {
                         ));
                     }
                 };
+                let send = x
+                    .send
+                    .as_ref()
+                    .map(|p| payload(p, &f("http_health_check.send")))
+                    .transpose()?;
+                let with_body = [
+                    http::Method::POST,
+                    http::Method::PUT,
+                    http::Method::PATCH,
+                    http::Method::OPTIONS,
+                ];
+                if send.as_ref().is_some_and(|b| !b.is_empty()) && !with_body.contains(&method) {
+                    // Envoy refuses this configuration too.
+                    return Err((
+                        f("http_health_check.send"),
+                        format!(
+                            "a request payload needs a method with a body (POST, PUT, PATCH, OPTIONS), not {method}"
+                        ),
+                    ));
+                }
                 let mut expected = ranges(
                     &x.expected_statuses,
                     &f("http_health_check.expected_statuses"),
@@ -255,6 +274,16 @@ impl HealthCheck {
                         &x.request_headers_to_remove,
                     )
                     .map_err(|r| (f("http_health_check.request_headers_to_add"), r))?,
+                    send: send.filter(|b| !b.is_empty()).map(Bytes::from),
+                    receive: x
+                        .receive
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| payload(p, &f(&format!("http_health_check.receive[{i}]"))))
+                        .collect::<Result<_, _>>()?,
+                    buffer: x
+                        .response_buffer_size
+                        .map_or(1024, |v| usize::try_from(v.value).unwrap_or(usize::MAX)),
                 })
             }
             Some(health_check::HealthChecker::TcpHealthCheck(t)) => {
@@ -498,9 +527,38 @@ async fn session(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, cfg: Arc<Heal
         if changed {
             tracing::info!(cluster = %c.name, host = %e.address, healthy = !e.health.active.is_failed(), "active health check changed the host's state");
         }
-        let wait = next_interval(&cfg, &c, &e, changed, fastrand::f64());
+        let mut wait = next_interval(&cfg, &c, &e, changed, fastrand::f64());
         drop((c, e));
+        // As Envoy: a kept TCP connection the host closes between checks is a network failure
+        // at once, and the next check is scheduled from then.
+        if let Some(Kept::Tcp(stream)) = &mut kept {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = closed(stream) => {}
+            }
+            kept = None;
+            let (Some(c), Some(e)) = (cluster.upgrade(), endpoint.upgrade()) else {
+                return;
+            };
+            c.health_stats.network_failure.inc();
+            c.health_stats.failure.inc();
+            let changed = e
+                .health
+                .active
+                .record(&cfg, CheckResult::Unhealthy { immediate: false });
+            wait = next_interval(&cfg, &c, &e, changed, fastrand::f64());
+        }
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Resolves when the host closes the connection (bytes it sends are dropped).
+async fn closed(stream: &mut super::pool::UpstreamStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
     }
 }
 
@@ -675,7 +733,7 @@ fn http_request(
 ) -> Result<http::Request<Full<Bytes>>, String> {
     let mut req = http::Request::builder()
         .method(h.method.clone())
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(h.send.clone().unwrap_or_default()))
         .map_err(|err| err.to_string())?;
     let headers = req.headers_mut();
     headers.insert(
@@ -710,10 +768,11 @@ async fn http_result(
     h: &HttpCheck,
     answer: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
 ) -> Result<CheckResult, String> {
-    let status = read_answer(answer.map_err(|err| err.to_string())?).await?;
-    let (code, immediate_fail) = status;
+    let (code, immediate_fail, body) =
+        read_answer(answer.map_err(|err| err.to_string())?, h.buffer).await?;
     let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
-    Ok(if immediate_fail {
+    Ok(if immediate_fail || !contains_in_order(&body, &h.receive) {
+        // As Envoy: a body without the expected blocks fails at once, whatever the status.
         CheckResult::Unhealthy { immediate: true }
     } else if within(&h.expected) {
         CheckResult::Healthy
@@ -801,17 +860,26 @@ async fn grpc_check(
     })
 }
 
-/// The status and whether the host asked to fail at once; the body is read and dropped.
-async fn read_answer(resp: http::Response<hyper::body::Incoming>) -> Result<(u16, bool), String> {
+/// The status, whether the host asked to fail at once, and the first `keep` bytes of the body
+/// (the rest is read and dropped).
+async fn read_answer(
+    resp: http::Response<hyper::body::Incoming>,
+    keep: usize,
+) -> Result<(u16, bool, Vec<u8>), String> {
     let immediate = resp
         .headers()
         .contains_key("x-envoy-immediate-health-check-fail");
     let code = resp.status().as_u16();
-    resp.into_body()
-        .collect()
-        .await
-        .map_err(|err| err.to_string())?;
-    Ok((code, immediate))
+    let mut body = resp.into_body();
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| err.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            let room = keep.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+    Ok((code, immediate, kept))
 }
 
 async fn tcp_check(
@@ -895,6 +963,25 @@ mod tests {
             "the cluster's name is the default authority"
         );
         assert_eq!(g.service, "pkg.Svc");
+    }
+
+    #[test]
+    fn http_payloads_follow_envoy() {
+        let hc = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: { path: /h, method: POST, send: { text: '6869' }, receive: [{ text: '6f6b' }, { binary: 'IQ==' }] } }]",
+        )
+        .unwrap()
+        .unwrap();
+        let Kind::Http(h) = hc.kind else { panic!() };
+        assert_eq!(h.send.as_deref(), Some(&b"hi"[..]));
+        assert_eq!(h.receive, vec![b"ok".to_vec(), b"!".to_vec()]);
+        assert_eq!(h.buffer, 1024, "Envoy's default response_buffer_size");
+        // A payload on a method without a body is refused, as Envoy refuses it.
+        let err = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: { path: /h, send: { text: '6869' } } }]",
+        )
+        .unwrap_err();
+        assert_eq!(err.0, "health_checks[0].http_health_check.send", "{err:?}");
     }
 
     #[test]
