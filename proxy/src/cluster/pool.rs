@@ -1,6 +1,7 @@
-//! Upstream connection pools, one per endpoint: keep-alive HTTP/1.1 connections reused in LIFO
-//! order (the warmest first), or one multiplexed HTTP/2 connection. The request's authority is
-//! kept as the client sent it; the pool only decides which socket carries it.
+//! Upstream connection pools, one per endpoint: keep-alive HTTP/1.1 connections reused oldest
+//! first (see `take_idle`) and trimmed to the recent demand, or one multiplexed HTTP/2
+//! connection. The request's authority is kept as the client sent it; the pool only decides
+//! which socket carries it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -153,10 +154,68 @@ struct Idle {
     since: std::time::Instant,
 }
 
+/// A worker's idle HTTP/1.1 connections, and how many its requests held at once lately.
+#[derive(Debug, Default)]
+struct IdlePool {
+    queue: VecDeque<Idle>,
+    /// Connections out of the pool carrying a request now.
+    busy: usize,
+    /// The most `busy` reached in this window and in the one before.
+    peak: usize,
+    last_peak: usize,
+    window: Option<std::time::Instant>,
+}
+
+/// How long a burst's demand keeps its connections pooled.
+const DEMAND_WINDOW: Duration = Duration::from_secs(1);
+/// Connections kept beyond the recent peak.
+const SPARE: usize = 4;
+
+impl IdlePool {
+    fn roll(&mut self, now: std::time::Instant) {
+        match self.window {
+            Some(start) if now.duration_since(start) < DEMAND_WINDOW => {}
+            _ => {
+                self.last_peak = self.peak;
+                self.peak = self.busy;
+                self.window = Some(now);
+            }
+        }
+    }
+
+    /// How many connections (busy and idle) to keep: the recent peak and a few spare. After a
+    /// burst the pool shrinks to what the traffic uses instead of cycling through every
+    /// connection the burst opened.
+    fn keep(&self) -> usize {
+        (self.peak.max(self.last_peak) + SPARE).min(MAX_IDLE)
+    }
+}
+
+/// Counts a request as holding one of a worker's connections until dropped (also when the
+/// request is abandoned).
+struct Busy<'a>(&'a WorkerConnections);
+
+impl<'a> Busy<'a> {
+    fn start(w: &'a WorkerConnections) -> Busy<'a> {
+        let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
+        pool.roll(std::time::Instant::now());
+        pool.busy += 1;
+        pool.peak = pool.peak.max(pool.busy);
+        Busy(w)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.0.idle.lock().unwrap_or_else(|p| p.into_inner());
+        pool.busy = pool.busy.saturating_sub(1);
+    }
+}
+
 /// One worker's connections to the endpoint.
 #[derive(Debug, Default)]
 struct WorkerConnections {
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Mutex<IdlePool>,
     /// The shared HTTP/2 connection and how many streams it has carried.
     h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, u32)>>,
 }
@@ -226,16 +285,18 @@ impl Pool {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let worker = self.mine();
+        let _busy = Busy::start(worker);
         // A pooled connection the upstream has just closed fails before the request is
         // written; hyper hands the request back and we try the next connection.
         loop {
-            let (mut sender, uses, reused) = match self.take_idle() {
+            let (mut sender, uses, reused) = match self.take_idle(worker) {
                 Some((s, uses)) => (s, uses, true),
                 None => (self.connect_h1().await?, 0, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.put_idle(sender, uses + 1);
+                    self.put_idle(worker, sender, uses + 1);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -260,8 +321,9 @@ impl Pool {
     /// in the pool as soon as their response head arrives, while the body may still be
     /// streaming; taking from the oldest end finds a finished one almost always at once, where
     /// a stack would first walk past every still-busy connection.
-    fn take_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
-        let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
+    fn take_idle(&self, w: &WorkerConnections) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
+        let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = &mut pool.queue;
         for _ in 0..idle.len() {
             let entry = idle.pop_front()?;
             // Closed, or idle past idle_timeout: dropping the sender closes the connection.
@@ -280,17 +342,21 @@ impl Pool {
         None
     }
 
-    /// Returns a connection to the pool unless it has carried max_requests_per_connection.
-    fn put_idle(&self, sender: http1::SendRequest<UpstreamBody>, uses: u32) {
+    /// Returns a connection to the pool unless it has carried max_requests_per_connection or
+    /// the pool holds more than the recent demand needs (it is closed then).
+    fn put_idle(&self, w: &WorkerConnections, sender: http1::SendRequest<UpstreamBody>, uses: u32) {
         if self.limits.max_requests.is_some_and(|m| uses >= m) {
             return;
         }
-        let mut idle = self.mine().idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Idle {
+        let now = std::time::Instant::now();
+        let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
+        pool.roll(now);
+        // `busy` still counts this connection.
+        if pool.queue.len() + pool.busy <= pool.keep() {
+            pool.queue.push_back(Idle {
                 sender,
                 uses,
-                since: std::time::Instant::now(),
+                since: now,
             });
         }
     }
@@ -404,5 +470,36 @@ impl Pool {
                 addr: self.addr,
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a burst, the pool keeps what the recent traffic used: the burst's peak for the
+    /// rest of its window and the next one, then the new peak plus a few spare connections.
+    #[test]
+    fn the_idle_pool_shrinks_to_the_recent_demand() {
+        let t0 = std::time::Instant::now();
+        let mut pool = IdlePool::default();
+        pool.roll(t0);
+        pool.busy = 500;
+        pool.peak = 500;
+        assert_eq!(pool.keep(), 504);
+        pool.busy = 50;
+        pool.roll(t0 + DEMAND_WINDOW);
+        assert_eq!((pool.peak, pool.last_peak), (50, 500));
+        assert_eq!(
+            pool.keep(),
+            504,
+            "the burst still counts for one more window"
+        );
+        pool.roll(t0 + DEMAND_WINDOW * 2);
+        assert_eq!(pool.keep(), 54);
+        pool.roll(t0 + DEMAND_WINDOW * 2 + Duration::from_millis(10));
+        assert_eq!(pool.keep(), 54, "within a window nothing rolls");
+        pool.peak = 5000;
+        assert_eq!(pool.keep(), MAX_IDLE);
     }
 }
