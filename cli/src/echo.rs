@@ -16,7 +16,8 @@
 //! A health endpoint for active health checks: `/echo/health` answers with the status last set
 //! by `/echo/health?set=NNN` (200 at first) and counts the checks; `/echo/health/stats` reports
 //! `checks=N host=H user-agent=UA` (the count and the last check's headers);
-//! `/echo/health/quiet` answers the same status without counting (for a second checker);
+//! `/echo/health/quiet` answers the same status without counting (for a second checker), with
+//! `x-envoy-upstream-healthchecked-cluster: NAME` (this server's name);
 //! `/echo/health/connections` says over how many client connections the checks came.
 //! `grpc.health.v1.Health/Check` answers SERVING while that status is 200, NOT_SERVING
 //! otherwise; `/echo/health/grpc-stats` counts those checks and shows the last one's
@@ -261,7 +262,7 @@ static HEALTH: Health = Health {
     connections: Mutex::new(std::collections::BTreeSet::new()),
 };
 
-fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
+fn health<B>(name: &str, req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
     use std::sync::atomic::Ordering;
     let header = |name: hyper::header::HeaderName| {
         req.headers()
@@ -303,6 +304,11 @@ fn health<B>(req: &Request<B>, query: &str) -> Option<Response<Full<Bytes>>> {
             let code = HEALTH.status.load(Ordering::Relaxed);
             let mut resp = Response::new(Full::new(Bytes::from(format!("health {code}\n"))));
             *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+            // As Envoy's health check filter: the cluster (here: server) that answered.
+            if let Ok(v) = hyper::header::HeaderValue::from_str(name) {
+                resp.headers_mut()
+                    .insert("x-envoy-upstream-healthchecked-cluster", v);
+            }
             Some(resp)
         }
         "/echo/health" => {
@@ -386,7 +392,7 @@ async fn scripted<B>(
         );
         return resp;
     }
-    if let Some(resp) = health(&req, &query) {
+    if let Some(resp) = health(name, &req, &query) {
         return resp;
     }
     if req.uri().path() == "/echo/attempts" {

@@ -21,6 +21,7 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
     let tcp_assignment = Standalone::load_assignment("tcp-checked", hosts);
     let grpc_assignment = Standalone::load_assignment("grpc-checked", hosts);
     let body_assignment = Standalone::load_assignment("body-checked", hosts);
+    let name_assignment = Standalone::load_assignment("name-checked", hosts);
     let (ping, healthy_body) = (hex("ping"), hex("health 200"));
     // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
     let send =
@@ -106,6 +107,19 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
         send: {{ text: "{ping}" }}
         receive: [{{ text: "{healthy_body}" }}]
         expected_statuses: [{{ start: 200, end: 600 }}]
+  - name: name-checked
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {name_assignment}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 3
+      healthy_threshold: 1
+      http_health_check:
+        path: /echo/health/quiet
+        service_name_matcher: {{ exact: a }}
 "#
     )
 }
@@ -210,6 +224,20 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         wait_flags(&s, cluster, a, false);
         wait_flags(&s, cluster, b, false);
     }
+    // service_name_matcher: b answers 200 but as another cluster than the one wanted: once
+    // checked (no longer pending), it is failed.
+    wait_flags(&s, "name-checked", a, false);
+    wait_until(Duration::from_secs(10), || {
+        let f = s.health_flags("name-checked", b);
+        (f.contains("failed_active_hc") && !f.contains("pending_active_hc")).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{}: name-checked b flags {:?}",
+            flavor.name(),
+            s.health_flags("name-checked", b)
+        )
+    });
     let mut served = vec![
         serving(&s, "/", &["a", "b"]),
         serving(&s, "/tcp/", &["a", "b"]),

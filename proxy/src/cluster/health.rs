@@ -95,6 +95,8 @@ pub struct HttpCheck {
     /// Blocks the first `buffer` bytes of the response body must hold, in order (`receive`).
     pub receive: Vec<Vec<u8>>,
     pub buffer: usize,
+    /// `service_name_matcher`: the answer's `x-envoy-upstream-healthchecked-cluster` must match.
+    pub(crate) cluster_name: Option<crate::http::router::StringRule>,
 }
 
 type Rejected = (String, String);
@@ -188,12 +190,6 @@ impl HealthCheck {
         }
         let kind = match &h.health_checker {
             Some(health_check::HealthChecker::HttpHealthCheck(x)) => {
-                if x.service_name_matcher.is_some() {
-                    return Err((
-                        f("http_health_check.service_name_matcher"),
-                        "not supported by this weft-proxy version".into(),
-                    ));
-                }
                 if x.path.is_empty() || !x.path.starts_with('/') {
                     return Err((
                         f("http_health_check.path"),
@@ -284,6 +280,12 @@ impl HealthCheck {
                     buffer: x
                         .response_buffer_size
                         .map_or(1024, |v| usize::try_from(v.value).unwrap_or(usize::MAX)),
+                    cluster_name: x
+                        .service_name_matcher
+                        .as_ref()
+                        .map(crate::http::router::string_rule)
+                        .transpose()
+                        .map_err(|r| (f("http_health_check.service_name_matcher"), r))?,
                 })
             }
             Some(health_check::HealthChecker::TcpHealthCheck(t)) => {
@@ -660,6 +662,12 @@ async fn check(
                 Some(s) => s,
                 None => connect(e, cfg).await?,
             };
+            if receive.is_empty() {
+                // Connect-only: as Envoy, success once connected, nothing written, and the
+                // connection closed whatever reuse_connection says (each check proves the host
+                // still accepts connections).
+                return Ok(CheckResult::Healthy);
+            }
             let (result, stream) = tcp_check(stream, send, receive).await?;
             if cfg.reuse && result == CheckResult::Healthy {
                 *kept = Some(Kept::Tcp(stream));
@@ -768,14 +776,26 @@ async fn http_result(
     h: &HttpCheck,
     answer: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
 ) -> Result<CheckResult, String> {
-    let (code, immediate_fail, body) =
-        read_answer(answer.map_err(|err| err.to_string())?, h.buffer).await?;
+    let answer = answer.map_err(|err| err.to_string())?;
+    let checked_cluster = answer
+        .headers()
+        .get("x-envoy-upstream-healthchecked-cluster")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (code, immediate_fail, body) = read_answer(answer, h.buffer).await?;
     let within = |list: &[Range<u16>]| list.iter().any(|r| r.contains(&code));
     Ok(if immediate_fail || !contains_in_order(&body, &h.receive) {
         // As Envoy: a body without the expected blocks fails at once, whatever the status.
         CheckResult::Unhealthy { immediate: true }
     } else if within(&h.expected) {
-        CheckResult::Healthy
+        // A good status from another cluster than the matcher wants fails at once (Envoy).
+        match &h.cluster_name {
+            Some(rule) if !rule.matches(&checked_cluster) => {
+                CheckResult::Unhealthy { immediate: true }
+            }
+            _ => CheckResult::Healthy,
+        }
     } else {
         CheckResult::Unhealthy {
             immediate: !within(&h.retriable),
@@ -893,9 +913,6 @@ async fn tcp_check(
             .await
             .map_err(|err| err.to_string())?;
     }
-    if receive.is_empty() {
-        return Ok((CheckResult::Healthy, stream));
-    }
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -976,6 +993,15 @@ mod tests {
         assert_eq!(h.send.as_deref(), Some(&b"hi"[..]));
         assert_eq!(h.receive, vec![b"ok".to_vec(), b"!".to_vec()]);
         assert_eq!(h.buffer, 1024, "Envoy's default response_buffer_size");
+        assert!(h.cluster_name.is_none());
+        let hc = parse(
+            "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: { path: /h, service_name_matcher: { prefix: web } } }]",
+        )
+        .unwrap()
+        .unwrap();
+        let Kind::Http(h) = hc.kind else { panic!() };
+        let rule = h.cluster_name.unwrap();
+        assert!(rule.matches("web-v1") && !rule.matches("api"));
         // A payload on a method without a body is refused, as Envoy refuses it.
         let err = parse(
             "name: c\nhealth_checks: [{ timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: { path: /h, send: { text: '6869' } } }]",
