@@ -1198,6 +1198,7 @@ fn build_service_entry(se: &Object<ServiceEntrySpec>, host: &str, index: &Index<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::tests::config;
 
     #[test]
     fn protocol_from_port_names() {
@@ -1275,14 +1276,6 @@ kind: WorkloadEntry
 metadata: { name: a-1, namespace: other }
 spec: { address: 10.0.1.1, labels: { app: a } }
 "#;
-
-    fn config(yaml: &str) -> ConfigSet {
-        let mut set = ConfigSet::default();
-        let errors = set.add_file(std::path::Path::new("mesh.yaml"), yaml);
-        assert!(errors.is_empty(), "{errors:?}");
-        set.sort();
-        set
-    }
 
     fn entry(yaml: &str) -> Arc<Object<WorkloadEntrySpec>> {
         let mut set = config(&format!(

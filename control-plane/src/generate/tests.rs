@@ -68,12 +68,17 @@ spec:
   egress: [{ hosts: ["./*"] }]
 "#;
 
-fn mesh() -> Mesh {
+/// The config of `yaml` (one file), sorted as the folder loader sorts it; every object valid.
+pub(crate) fn config(yaml: &str) -> ConfigSet {
     let mut set = ConfigSet::default();
-    let errors = set.add_file(std::path::Path::new("quickstart.yaml"), QUICKSTART);
+    let errors = set.add_file(std::path::Path::new("test.yaml"), yaml);
     assert!(errors.is_empty(), "{errors:?}");
     set.sort();
-    Mesh::build(&set)
+    set
+}
+
+fn mesh() -> Mesh {
+    Mesh::build(&config(QUICKSTART))
 }
 
 fn node(id: &str) -> Node {
@@ -193,17 +198,11 @@ fn versions_change_only_with_content() {
 
 #[test]
 fn timeouts_retries_and_faults_translate_as_istio_does() {
-    let mut set = ConfigSet::default();
     let yaml = QUICKSTART.replace(
         "  - route:\n    - { destination: { host: hello, subset: v1 }, weight: 80 }",
         "  - match: [{ uri: { prefix: /f } }]\n    timeout: 1.5s\n    retries: { attempts: 3, perTryTimeout: 500ms, retryOn: \"gateway-error,409\" }\n    fault: { delay: { fixedDelay: 2s, percentage: { value: 12.5 } }, abort: { grpcStatus: UNAVAILABLE } }\n    route: [{ destination: { host: hello, subset: v1 } }]\n  - route:\n    - { destination: { host: hello, subset: v1 }, weight: 80 }",
     );
-    assert!(
-        set.add_file(std::path::Path::new("quickstart.yaml"), &yaml)
-            .is_empty()
-    );
-    set.sort();
-    let mesh = Mesh::build(&set);
+    let mesh = Mesh::build(&config(&yaml));
     let proxy = ProxyNode::identify(
         &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
         &mesh,
@@ -270,12 +269,7 @@ fn an_endpoint_only_change_regenerates_exactly_what_a_full_generation_would() {
     let proxy = ProxyNode::identify(&client, &before).unwrap();
     let old = generate(&before, &proxy);
     let moved = QUICKSTART.replace("address: 127.0.0.12", "address: 127.0.0.42");
-    let mut set = ConfigSet::default();
-    assert!(
-        set.add_file(std::path::Path::new("quickstart.yaml"), &moved)
-            .is_empty()
-    );
-    set.sort();
+    let set = config(&moved);
     let after = Mesh::build(&set);
     assert!(after.same_structure(&before), "only an endpoint moved");
     let proxy = ProxyNode::identify(&client, &after).unwrap();
@@ -312,12 +306,7 @@ fn an_endpoint_only_change_regenerates_exactly_what_a_full_generation_would() {
     let reweighted = QUICKSTART
         .replace("weight: 80", "weight: 70")
         .replace("weight: 20", "weight: 30");
-    let mut set = ConfigSet::default();
-    assert!(
-        set.add_file(std::path::Path::new("quickstart.yaml"), &reweighted)
-            .is_empty()
-    );
-    set.sort();
+    let set = config(&reweighted);
     assert!(!Mesh::build(&set).same_structure(&before));
 }
 
@@ -373,13 +362,7 @@ kind: WorkloadEntry
 metadata: { name: a-client, namespace: team-a }
 spec: { address: 127.0.0.50, labels: { app: a-client } }
 "#;
-    let mut set = ConfigSet::default();
-    let errors = set.add_file(
-        std::path::Path::new("quickstart.yaml"),
-        &format!("{QUICKSTART}{extra}"),
-    );
-    assert!(errors.is_empty(), "{errors:?}");
-    set.sort();
+    let set = config(&format!("{QUICKSTART}{extra}"));
     let mesh = Mesh::build(&set);
     let clusters = |id: &str| -> Vec<String> {
         let proxy = ProxyNode::identify(&node(id), &mesh).unwrap();

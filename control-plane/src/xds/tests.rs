@@ -13,25 +13,14 @@ use weft_xds_proto::pb::google::rpc::Status as RpcStatus;
 use weft_xds_proto::type_url;
 
 use super::*;
-use crate::config::ConfigSet;
-use crate::generate::tests::QUICKSTART;
+use crate::generate::tests::{QUICKSTART, config};
 use crate::model::Mesh;
 
 const CLIENT: &str = "sidecar~127.0.0.10~client.default~default.svc.cluster.local";
 
-fn config_of(yaml: &str) -> ConfigSet {
-    let mut set = ConfigSet::default();
-    assert!(
-        set.add_file(std::path::Path::new("t.yaml"), yaml)
-            .is_empty()
-    );
-    set.sort();
-    set
-}
-
 fn snapshot(yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
     Arc::new(MeshSnapshot::new(
-        Mesh::build(&config_of(yaml)),
+        Mesh::build(&config(yaml)),
         generation,
         vec![],
     ))
@@ -290,7 +279,7 @@ async fn a_node_without_an_istio_id_is_refused_with_the_expected_form() {
 /// The snapshot weftd makes after `before` for `yaml`: the mesh built incrementally when only
 /// endpoints changed, the generations of `before` reused.
 fn follow(before: &Arc<MeshSnapshot>, yaml: &str, generation: u64) -> Arc<MeshSnapshot> {
-    let mesh = Mesh::build_after(&before.mesh, Arc::new(config_of(yaml)));
+    let mesh = Mesh::build_after(&before.mesh, Arc::new(config(yaml)));
     Arc::new(MeshSnapshot::after(before, mesh, generation, vec![]))
 }
 
