@@ -376,12 +376,6 @@ impl Mesh {
             })
             .chain(prev.workloads[old.len()..].iter().cloned())
             .collect();
-        let touched: HashSet<&str> = services
-            .iter()
-            .zip(&prev.services)
-            .filter(|(now, old)| !Arc::ptr_eq(now, old))
-            .map(|(_, old)| old.hostname.as_str())
-            .collect();
         let mesh = Mesh::assemble(
             shared.clone(),
             services,
@@ -389,6 +383,7 @@ impl Mesh {
             prev.rule_index.clone(),
             prev.virtual_service_index.clone(),
         );
+        let touched = mesh.services_changed_since(prev);
         // The other services' clusters and load assignments are as they were: keep them
         // encoded (their names are `outbound|port|subset|host`, maybe with a `#` suffix).
         mesh.shared.keep_from(&prev.shared, |key| {
@@ -398,6 +393,17 @@ impl Mesh {
                 .is_some_and(|host| !touched.contains(host))
         });
         Some(mesh)
+    }
+
+    /// Hostnames of the services this mesh does not share with `before`, a mesh of the same
+    /// services in the same order (see `same_structure`): those whose endpoints may differ.
+    pub fn services_changed_since(&self, before: &Mesh) -> HashSet<&str> {
+        self.services
+            .iter()
+            .zip(&before.services)
+            .filter(|(now, old)| !Arc::ptr_eq(now, old))
+            .map(|(now, _)| now.hostname.as_str())
+            .collect()
     }
 
     /// The workload named `names[0]` or `names[1]` in `namespace` (the first in config order),

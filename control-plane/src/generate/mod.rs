@@ -81,9 +81,7 @@ impl SharedResources {
             .or_insert(r)
             .clone()
     }
-}
 
-impl SharedResources {
     /// Takes over `other`'s resources whose cache key `keep` accepts.
     pub fn keep_from(&self, other: &SharedResources, keep: impl Fn(&str) -> bool) {
         let theirs = other.0.lock().expect("resource cache lock");
@@ -135,6 +133,12 @@ impl Generated {
 
     pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
         self.resources.get(type_url).map(|m| &**m)
+    }
+
+    /// The type's resources as the shared map (empty when there are none): a stream keeps it
+    /// to tell, by pointer, whether a later generation changed them.
+    pub fn shared_of_type(&self, type_url: &str) -> Resources {
+        self.resources.get(type_url).cloned().unwrap_or_default()
     }
 
     /// A version for a whole set of resources of one type (state-of-the-world responses): the

@@ -278,12 +278,10 @@ fn an_endpoint_only_change_regenerates_exactly_what_a_full_generation_would() {
     // The mesh as weftd builds it after such a change shares the untouched services; updating
     // only the load assignments of the others gives the same again.
     let shared = Mesh::build_after(&before, std::sync::Arc::new(set.clone()));
-    let touched: std::collections::HashSet<String> = before
-        .services
-        .iter()
-        .zip(&shared.services)
-        .filter(|(a, b)| !std::sync::Arc::ptr_eq(a, b))
-        .map(|(_, b)| b.hostname.clone())
+    let touched: std::collections::HashSet<String> = shared
+        .services_changed_since(&before)
+        .into_iter()
+        .map(str::to_string)
         .collect();
     assert_eq!(
         touched,

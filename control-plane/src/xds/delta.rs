@@ -49,13 +49,7 @@ impl Delta {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
-        let current = self
-            .session
-            .generated
-            .resources
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default();
+        let current = self.session.generated.shared_of_type(type_url);
         let to_resource = |name: &str, r: &crate::generate::Resource| Resource {
             name: name.to_string(),
             version: r.version.clone(),

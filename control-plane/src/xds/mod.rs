@@ -82,13 +82,11 @@ impl MeshSnapshot {
             );
             next.previous = previous;
             // A service the new mesh shares with the old one has the same endpoints.
-            let touched: std::collections::HashSet<String> = before
+            let touched = next
                 .mesh
-                .services
-                .iter()
-                .zip(&next.mesh.services)
-                .filter(|(old, now)| !Arc::ptr_eq(old, now))
-                .map(|(_, now)| now.hostname.clone())
+                .services_changed_since(&before.mesh)
+                .into_iter()
+                .map(str::to_string)
                 .collect();
             next.touched = Some((before.generation, touched));
         }

@@ -14,7 +14,7 @@ use weft_xds_proto::type_url;
 
 use super::is_wildcard_type;
 use super::session::{Session, Stream};
-use crate::generate::{Generated, Resources};
+use crate::generate::Resources;
 
 #[derive(Default)]
 struct Subscription {
@@ -44,14 +44,6 @@ pub struct Sotw {
     subs: BTreeMap<String, Subscription>,
 }
 
-fn of_type(generated: &Generated, type_url: &str) -> Resources {
-    generated
-        .resources
-        .get(type_url)
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// The resources of `now` that differ from `before` among the subscribed `names` (EDS and
 /// RDS), and the version sum that results from `sum`. None when the two maps do not hold the
 /// same names: the caller then sends a complete response.
@@ -79,13 +71,24 @@ impl Sotw {
         }
     }
 
+    /// Whether the type's version for this subscription differs from the one last sent.
+    fn changed_version(&self, type_url: &str) -> bool {
+        self.subs.get(type_url).is_some_and(|sub| {
+            let sum = self
+                .session
+                .generated
+                .type_sum(type_url, sub.names.as_ref());
+            format!("{sum:016x}") != sub.sent_version
+        })
+    }
+
     /// Sends the type's subscribed resources, or with `Push::Changed` only those given.
     async fn send(&mut self, type_url: &str, push: Push) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Ok(());
         };
         let generated = &self.session.generated;
-        let current = of_type(generated, type_url);
+        let current = generated.shared_of_type(type_url);
         let (resources, sum) = match push {
             Push::Changed(resources, sum) => (resources, sum),
             Push::Complete => {
@@ -183,7 +186,7 @@ impl Stream for Sotw {
             };
             let dependent = force_next
                 && (t == type_url::CLUSTER_LOAD_ASSIGNMENT || t == type_url::ROUTE_CONFIGURATION);
-            let now = of_type(&self.session.generated, t);
+            let now = self.session.generated.shared_of_type(t);
             let push = match &sub.seen {
                 // Same resources as last sent (shared between generations): nothing changed.
                 Some(seen) if Arc::ptr_eq(seen, &now) && !dependent => None,
@@ -211,18 +214,5 @@ impl Stream for Sotw {
             force_next = pushed && (t == type_url::CLUSTER || t == type_url::LISTENER);
         }
         Ok(())
-    }
-}
-
-impl Sotw {
-    /// Whether the type's version for this subscription differs from the one last sent.
-    fn changed_version(&self, type_url: &str) -> bool {
-        self.subs.get(type_url).is_some_and(|sub| {
-            let sum = self
-                .session
-                .generated
-                .type_sum(type_url, sub.names.as_ref());
-            format!("{sum:016x}") != sub.sent_version
-        })
     }
 }
