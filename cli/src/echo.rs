@@ -129,16 +129,7 @@ async fn grpc_reply(
         h.insert("grpc-message", "scripted".parse().expect("value"));
         r
     } else {
-        let mut frame = vec![0u8];
-        frame.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        frame.extend_from_slice(name.as_bytes());
-        let mut trailers = hyper::HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().expect("digit"));
-        let frames = futures::stream::iter(vec![
-            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(frame))),
-            Ok(hyper::body::Frame::trailers(trailers)),
-        ]);
-        Response::new(http_body_util::StreamBody::new(frames).boxed())
+        grpc_ok(name.as_bytes())
     };
     let h = resp.headers_mut();
     h.insert(
@@ -199,11 +190,20 @@ async fn grpc_health(req: Request<hyper::body::Incoming>) -> Response<EchoBody> 
     *HEALTH.grpc_last.lock().unwrap_or_else(|p| p.into_inner()) =
         format!("{seen} service={service}");
     let serving = HEALTH.status.load(Ordering::Relaxed) == 200;
-    let frame = [0u8, 0, 0, 0, 2, 0x08, if serving { 1 } else { 2 }];
+    // HealthCheckResponse { status = 1 }: SERVING is 1, NOT_SERVING 2.
+    grpc_ok(&[0x08, if serving { 1 } else { 2 }])
+}
+
+/// A successful gRPC answer: `message` as one length-prefixed message, then `grpc-status: 0`.
+fn grpc_ok(message: &[u8]) -> Response<EchoBody> {
+    use http_body_util::BodyExt;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
     let mut trailers = hyper::HeaderMap::new();
     trailers.insert("grpc-status", "0".parse().expect("digit"));
     let frames = futures::stream::iter(vec![
-        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(&frame))),
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(frame))),
         Ok(hyper::body::Frame::trailers(trailers)),
     ]);
     let mut resp = Response::new(http_body_util::StreamBody::new(frames).boxed());
