@@ -16,12 +16,33 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A STATIC cluster of `hosts` checked every 0.2 s (also before it carries traffic) by
+/// `checker` (the checker's YAML, indented for its place under `health_checks`); `options`
+/// goes under the cluster.
+fn checked(
+    name: &str,
+    hosts: &[SocketAddr],
+    options: &str,
+    (unhealthy, healthy): (u32, u32),
+    checker: &str,
+) -> String {
+    let assignment = Standalone::load_assignment(name, hosts);
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {assignment}
+{options}    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: {unhealthy}
+      healthy_threshold: {healthy}
+{checker}"#
+    )
+}
+
 fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
-    let http_assignment = Standalone::load_assignment("http-checked", hosts);
-    let tcp_assignment = Standalone::load_assignment("tcp-checked", hosts);
-    let grpc_assignment = Standalone::load_assignment("grpc-checked", hosts);
-    let body_assignment = Standalone::load_assignment("body-checked", hosts);
-    let name_assignment = Standalone::load_assignment("name-checked", hosts);
     let (ping, healthy_body) = (hex("ping"), hex("health 200"));
     // The TCP check speaks HTTP/1.1 itself and expects a 200 status line back.
     let send =
@@ -44,84 +65,74 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
 "#,
         "",
     );
-    format!(
-        r#"{listener}  clusters:
-  - name: http-checked
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {http_assignment}
-    health_checks:
-    - timeout: 1s
-      interval: 0.2s
-      no_traffic_interval: 0.2s
-      unhealthy_threshold: 3
-      healthy_threshold: 2
-      http_health_check:
-        path: /echo/health
-        host: health.local
-        retriable_statuses: [{{ start: 503, end: 504 }}]
-  - name: tcp-checked
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {tcp_assignment}
-    health_checks:
-    - timeout: 1s
-      interval: 0.2s
-      no_traffic_interval: 0.2s
-      unhealthy_threshold: 2
-      healthy_threshold: 1
-      tcp_health_check:
-        send: {{ text: "{send}" }}
-        receive: [{{ text: "{receive}" }}]
-  - name: grpc-checked
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {grpc_assignment}
-    typed_extension_protocol_options:
+    let http2 = r#"    typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    health_checks:
-    - timeout: 1s
-      interval: 0.2s
-      no_traffic_interval: 0.2s
-      unhealthy_threshold: 3
-      healthy_threshold: 1
-      grpc_health_check:
+        explicit_http_config: { http2_protocol_options: {} }
+"#;
+    let clusters = [
+        checked(
+            "http-checked",
+            hosts,
+            "",
+            (3, 2),
+            r#"      http_health_check:
+        path: /echo/health
+        host: health.local
+        retriable_statuses: [{ start: 503, end: 504 }]
+"#,
+        ),
+        checked(
+            "tcp-checked",
+            hosts,
+            "",
+            (2, 1),
+            &format!(
+                r#"      tcp_health_check:
+        send: {{ text: "{send}" }}
+        receive: [{{ text: "{receive}" }}]
+"#
+            ),
+        ),
+        checked(
+            "grpc-checked",
+            hosts,
+            http2,
+            (3, 1),
+            r#"      grpc_health_check:
         service_name: echo.Echo
         authority: grpc-health.local
-        initial_metadata: [{{ header: {{ key: x-check, value: weft }} }}]
-  - name: body-checked
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {body_assignment}
-    health_checks:
-    - timeout: 1s
-      interval: 0.2s
-      no_traffic_interval: 0.2s
-      unhealthy_threshold: 3
-      healthy_threshold: 1
-      http_health_check:
+        initial_metadata: [{ header: { key: x-check, value: weft } }]
+"#,
+        ),
+        checked(
+            "body-checked",
+            hosts,
+            "",
+            (3, 1),
+            &format!(
+                r#"      http_health_check:
         path: /echo/health/quiet
         method: POST
         send: {{ text: "{ping}" }}
         receive: [{{ text: "{healthy_body}" }}]
         expected_statuses: [{{ start: 200, end: 600 }}]
-  - name: name-checked
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {name_assignment}
-    health_checks:
-    - timeout: 1s
-      interval: 0.2s
-      no_traffic_interval: 0.2s
-      unhealthy_threshold: 3
-      healthy_threshold: 1
-      http_health_check:
-        path: /echo/health/quiet
-        service_name_matcher: {{ exact: a }}
 "#
-    )
+            ),
+        ),
+        checked(
+            "name-checked",
+            hosts,
+            "",
+            (3, 1),
+            r#"      http_health_check:
+        path: /echo/health/quiet
+        service_name_matcher: { exact: a }
+"#,
+        ),
+    ]
+    .concat();
+    format!("{listener}  clusters:\n{clusters}")
 }
 
 /// What one proxy did.
