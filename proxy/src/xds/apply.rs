@@ -170,8 +170,9 @@ impl Applier {
     }
 
     /// Replaces the cluster set with the static clusters plus `dynamic` (encoded resources);
-    /// returns the EDS service names it needs, and the names of the dynamic clusters in order. Resources are decoded one at a time, and only
-    /// those that differ from the running cluster of their name are rebuilt.
+    /// returns the EDS service names it needs and the names of the dynamic clusters in order.
+    /// Resources are decoded one at a time, and only those that differ from the running
+    /// cluster of their name are rebuilt.
     async fn set_clusters(
         &mut self,
         dynamic: &[&[u8]],
