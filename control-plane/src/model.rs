@@ -195,6 +195,19 @@ pub struct Mesh {
     pub shared: crate::generate::SharedResources,
     /// Service hostname -> index into `services`.
     pub service_index: HashMap<String, usize>,
+    /// The addresses DNS gives services without their own (made on first use).
+    auto_addresses: AutoAddresses,
+}
+
+/// DNS's allocated addresses, computed once per mesh when a captured proxy first needs them.
+#[derive(Debug, Clone, Default)]
+struct AutoAddresses(std::sync::OnceLock<std::collections::BTreeMap<(String, String), IpAddr>>);
+
+impl PartialEq for AutoAddresses {
+    /// Derived from the config, which the meshes' equality already compares.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 pub fn fqdn(name: &str, namespace: &str) -> String {
@@ -280,7 +293,40 @@ impl Mesh {
             virtual_service_index,
             shared: Default::default(),
             service_index,
+            auto_addresses: Default::default(),
         }
+    }
+
+    /// The destination addresses a client's connection to `svc` has, as CIDRs: its
+    /// clusterIP, else the ServiceEntry's `addresses`, else the address weftd's DNS allocates
+    /// for it (the name a workload resolves is the address its captured connection carries).
+    pub fn service_addresses(&self, svc: &Service) -> Vec<String> {
+        let cidr = |ip: IpAddr| match ip {
+            IpAddr::V4(_) => format!("{ip}/32"),
+            IpAddr::V6(_) => format!("{ip}/128"),
+        };
+        if let Some(ip) = svc.cluster_ip {
+            return vec![cidr(ip)];
+        }
+        if !svc.addresses.is_empty() {
+            return svc
+                .addresses
+                .iter()
+                .filter_map(|a| match a.split_once('/') {
+                    Some(_) => Some(a.clone()),
+                    None => a.parse().ok().map(cidr),
+                })
+                .collect();
+        }
+        let key = match &svc.origin {
+            Origin::Kubernetes => (svc.namespace.clone(), svc.name.clone()),
+            Origin::ServiceEntry { .. } => (svc.namespace.clone(), format!("se:{}", svc.hostname)),
+        };
+        let vips = self
+            .auto_addresses
+            .0
+            .get_or_init(|| crate::dns::records::allocate_vips(&self.config));
+        vips.get(&key).map(|ip| vec![cidr(*ip)]).unwrap_or_default()
     }
 
     /// The mesh for `shared`, the config that followed `prev`'s. When the change touched only

@@ -32,6 +32,11 @@ pub enum NetworkFilter {
 /// One filter chain: what it matches, its TLS termination and its network filter.
 #[derive(Debug)]
 pub struct FilterChain {
+    /// `filter_chain_match.destination_port`: the (original) destination port; None: any.
+    pub destination_port: Option<u16>,
+    /// `filter_chain_match.prefix_ranges`: CIDRs the (original) destination address must fall
+    /// in; empty: any.
+    pub prefix_ranges: Vec<Cidr>,
     /// `filter_chain_match.transport_protocol`: "tls" or "raw_buffer" (None: any).
     pub transport_protocol: Option<String>,
     /// `filter_chain_match.server_names`: the SNI names (exact, or `*.suffix`) this chain
@@ -52,8 +57,49 @@ pub struct ListenerConfig {
     /// The TLS inspector listener filter: sniff whether a connection starts with a TLS
     /// ClientHello (PERMISSIVE mTLS serves TLS and plaintext on one port).
     pub inspect_tls: bool,
+    /// `default_filter_chain`: serves connections no chain matches.
+    pub default_chain: Option<FilterChain>,
+    /// The original destination listener filter (`envoy.filters.listener.original_dst`, or
+    /// implied by `use_original_dst`): a connection iptables redirected here is matched and
+    /// served as addressed to where its client sent it.
+    pub original_dst: bool,
+    /// `use_original_dst`: hand a redirected connection to the listener of its original
+    /// destination (that address and port, else the wildcard address with that port).
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true): false makes a listener that only takes connections
+    /// handed to it by a `use_original_dst` listener.
+    pub bind_to_port: bool,
     pub source: XdsListener,
 }
+
+/// An address prefix (`envoy.config.core.v3.CidrRange`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+const ORIGINAL_DST: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 
 const TLS_INSPECTOR: &str =
     "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
@@ -64,6 +110,8 @@ impl ListenerConfig {
             |field: &str, reason: String| Rejection::new("Listener", &l.name, field, reason);
         let address = socket_addr(l.address.as_ref()).map_err(|r| reject("address", r))?;
         let mut inspect_tls = false;
+        let use_original_dst = l.use_original_dst.is_some_and(|b| b.value);
+        let mut original_dst = use_original_dst;
         for (i, lf) in l.listener_filters.iter().enumerate() {
             use weft_xds_proto::envoy::config::listener::v3::listener_filter;
             match &lf.config_type {
@@ -72,11 +120,16 @@ impl ListenerConfig {
                 {
                     inspect_tls = true
                 }
+                Some(listener_filter::ConfigType::TypedConfig(any))
+                    if any.type_url == ORIGINAL_DST =>
+                {
+                    original_dst = true
+                }
                 _ => {
                     return Err(reject(
                         &format!("listener_filters[{i}]"),
                         format!(
-                            "listener filter {:?} is not supported (the TLS inspector is)",
+                            "listener filter {:?} is not supported (the TLS inspector and the original destination filter are)",
                             lf.name
                         ),
                     ));
@@ -89,14 +142,33 @@ impl ListenerConfig {
                 "not supported by this weft-proxy version".into(),
             ));
         }
-        if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
+        if l.filter_chain_matcher.is_some() {
             return Err(reject(
-                "default_filter_chain",
-                "only filter_chain_match on transport_protocol and server_names is supported"
-                    .into(),
+                "filter_chain_matcher",
+                "not supported: use filter_chain_match on the filter chains".into(),
             ));
         }
-        if l.filter_chains.is_empty() {
+        if let Some(t) = l.transparent
+            && t.value
+        {
+            return Err(reject(
+                "transparent",
+                "TPROXY interception is not supported (REDIRECT with use_original_dst is)".into(),
+            ));
+        }
+        let default_chain = match &l.default_filter_chain {
+            Some(c) => {
+                if c.filter_chain_match.is_some() {
+                    return Err(reject(
+                        "default_filter_chain.filter_chain_match",
+                        "the default filter chain matches nothing of its own".into(),
+                    ));
+                }
+                Some(filter_chain(l, "default_filter_chain", c)?)
+            }
+            None => None,
+        };
+        if l.filter_chains.is_empty() && default_chain.is_none() {
             return Err(reject(
                 "filter_chains",
                 "a listener needs a filter chain".into(),
@@ -104,11 +176,14 @@ impl ListenerConfig {
         }
         let mut chains = Vec::with_capacity(l.filter_chains.len());
         for (i, chain) in l.filter_chains.iter().enumerate() {
-            chains.push(filter_chain(l, i, chain)?);
+            chains.push(filter_chain(l, &format!("filter_chains[{i}]"), chain)?);
         }
         for (i, c) in chains.iter().enumerate() {
             if chains[..i].iter().any(|o| {
-                o.transport_protocol == c.transport_protocol && o.server_names == c.server_names
+                o.destination_port == c.destination_port
+                    && o.prefix_ranges == c.prefix_ranges
+                    && o.transport_protocol == c.transport_protocol
+                    && o.server_names == c.server_names
             }) {
                 return Err(reject(
                     &format!("filter_chains[{i}].filter_chain_match"),
@@ -121,6 +196,10 @@ impl ListenerConfig {
             address,
             chains,
             inspect_tls,
+            default_chain,
+            original_dst,
+            use_original_dst,
+            bind_to_port: l.bind_to_port.is_none_or(|b| b.value),
             source: l.clone(),
         })
     }
@@ -129,6 +208,7 @@ impl ListenerConfig {
     pub fn route_config_names(&self) -> Vec<&str> {
         self.chains
             .iter()
+            .chain(&self.default_chain)
             .filter_map(|c| match &c.filter {
                 NetworkFilter::Http(h) => h.route_config_name(),
                 NetworkFilter::Tcp(_) => None,
@@ -136,12 +216,57 @@ impl ListenerConfig {
             .collect()
     }
 
-    /// The chain for a connection whose transport protocol is `transport` ("tls" or
-    /// "raw_buffer"): an exact match first, then a chain that matches anything (Envoy's most
-    /// specific match).
-    pub fn chain_for(&self, transport: &str, sni: Option<&str>) -> Option<&FilterChain> {
-        // Envoy's order: server names (an exact name before the longest wildcard, a chain
-        // without names last), then the transport protocol.
+    /// The chain for a connection to `local` (its original destination when redirected)
+    /// whose transport protocol is `transport` ("tls" or "raw_buffer") and SNI `sni`, else
+    /// the default chain. Envoy's order, the most specific match winning at each step and no
+    /// step going back: destination port (a chain naming it before one without), destination
+    /// address (the longest prefix containing it, a chain without prefixes last), server
+    /// names (an exact name before the longest wildcard, a chain without names last), then
+    /// the transport protocol.
+    pub fn chain_for(
+        &self,
+        local: Option<SocketAddr>,
+        transport: &str,
+        sni: Option<&str>,
+    ) -> Option<&FilterChain> {
+        self.matching_chain(local, transport, sni)
+            .or(self.default_chain.as_ref())
+    }
+
+    fn matching_chain(
+        &self,
+        local: Option<SocketAddr>,
+        transport: &str,
+        sni: Option<&str>,
+    ) -> Option<&FilterChain> {
+        let port = local.map(|a| a.port());
+        let by_port = |c: &FilterChain| match c.destination_port {
+            None => Some(0),
+            Some(p) => (Some(p) == port).then_some(1),
+        };
+        let best_port = self.chains.iter().filter_map(by_port).max()?;
+        let by_prefix = |c: &FilterChain| -> Option<i32> {
+            if c.prefix_ranges.is_empty() {
+                return Some(-1);
+            }
+            let ip = local?.ip();
+            c.prefix_ranges
+                .iter()
+                .filter(|r| r.contains(ip))
+                .map(|r| i32::from(r.len))
+                .max()
+        };
+        let best_prefix = self
+            .chains
+            .iter()
+            .filter(|c| by_port(c) == Some(best_port))
+            .filter_map(by_prefix)
+            .max()?;
+        let candidates = || {
+            self.chains
+                .iter()
+                .filter(move |c| by_port(c) == Some(best_port) && by_prefix(c) == Some(best_prefix))
+        };
         let by_name = |c: &FilterChain| -> Option<usize> {
             if c.server_names.is_empty() {
                 return Some(0);
@@ -161,8 +286,8 @@ impl ListenerConfig {
                 })
                 .max()
         };
-        let best = self.chains.iter().filter_map(by_name).max()?;
-        let named = || self.chains.iter().filter(move |c| by_name(c) == Some(best));
+        let best = candidates().filter_map(by_name).max()?;
+        let named = || candidates().filter(move |c| by_name(c) == Some(best));
         named()
             .find(|c| c.transport_protocol.as_deref() == Some(transport))
             .or_else(|| named().find(|c| c.transport_protocol.is_none()))
@@ -185,22 +310,47 @@ impl ListenerConfig {
 
 fn filter_chain(
     l: &XdsListener,
-    i: usize,
+    path: &str,
     chain: &weft_xds_proto::envoy::config::listener::v3::FilterChain,
 ) -> Result<FilterChain, Rejection> {
-    let at = |f: &str| format!("filter_chains[{i}].{f}");
+    let at = |f: &str| format!("{path}.{f}");
     let reject = |field: String, reason: String| Rejection::new("Listener", &l.name, field, reason);
+    let mut destination_port = None;
+    let mut prefix_ranges = Vec::new();
     let transport_protocol = match &chain.filter_chain_match {
         None => None,
         Some(m) => {
             let mut rest = m.clone();
             rest.transport_protocol.clear();
             rest.server_names.clear();
+            rest.destination_port = None;
+            rest.prefix_ranges.clear();
             if rest != Default::default() {
                 return Err(reject(
                     at("filter_chain_match"),
-                    "only transport_protocol and server_names can be matched on".into(),
+                    "only destination_port, prefix_ranges, transport_protocol and server_names can be matched on".into(),
                 ));
+            }
+            if let Some(p) = m.destination_port {
+                destination_port = Some(
+                    u16::try_from(p.value)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            reject(
+                                at("filter_chain_match.destination_port"),
+                                format!("{} is not a port (1-65535)", p.value),
+                            )
+                        })?,
+                );
+            }
+            for (k, r) in m.prefix_ranges.iter().enumerate() {
+                prefix_ranges.push(cidr(r).map_err(|reason| {
+                    reject(
+                        at(&format!("filter_chain_match.prefix_ranges[{k}]")),
+                        reason,
+                    )
+                })?);
             }
             match m.transport_protocol.as_str() {
                 "" => None,
@@ -278,11 +428,32 @@ fn filter_chain(
         .map(|m| m.server_names.clone())
         .unwrap_or_default();
     Ok(FilterChain {
+        destination_port,
+        prefix_ranges,
         transport_protocol,
         server_names,
         tls,
         rbac,
         filter,
+    })
+}
+
+/// A `CidrRange`: an IP literal and a prefix length no longer than the address.
+fn cidr(r: &weft_xds_proto::envoy::config::core::v3::CidrRange) -> Result<Cidr, String> {
+    let addr: std::net::IpAddr = r
+        .address_prefix
+        .parse()
+        .map_err(|_| format!("address_prefix {:?} is not an IP address", r.address_prefix))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = r.prefix_len.map(|l| l.value).unwrap_or(0);
+    if len > max {
+        return Err(format!(
+            "prefix_len {len} is longer than the address ({max} bits)"
+        ));
+    }
+    Ok(Cidr {
+        addr,
+        len: len as u8,
     })
 }
 
@@ -304,6 +475,8 @@ impl Active {
 #[derive(Default)]
 pub struct Listeners {
     active: Mutex<HashMap<String, Active>>,
+    /// The listeners by address, for `use_original_dst` hand-offs.
+    by_address: ArcSwap<HashMap<SocketAddr, Arc<ArcSwap<ListenerConfig>>>>,
 }
 
 impl Listeners {
@@ -315,14 +488,19 @@ impl Listeners {
         configs: Vec<ListenerConfig>,
     ) -> Result<(), Rejection> {
         let mut bound = HashMap::new();
+        let mut fresh = std::collections::HashSet::new();
         {
             let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             for c in &configs {
-                let keeps_socket = active
-                    .get(&c.name)
-                    .is_some_and(|a| a.config.load().address == c.address);
+                let keeps_socket = active.get(&c.name).is_some_and(|a| {
+                    let old = a.config.load();
+                    old.address == c.address && old.bind_to_port == c.bind_to_port
+                });
                 if !keeps_socket {
-                    bound.insert(c.name.clone(), c.address);
+                    fresh.insert(c.name.clone());
+                    if c.bind_to_port {
+                        bound.insert(c.name.clone(), c.address);
+                    }
                 }
             }
         }
@@ -374,6 +552,21 @@ impl Listeners {
                     }
                     active.insert(name, Active { config, tasks });
                 }
+                None if fresh.contains(&name) => {
+                    // Not bound to its port: served only through hand-offs.
+                    if let Some(old) = active.remove(&name) {
+                        old.stop();
+                    }
+                    tracing::info!(listener = %name, address = %c.address, "listener added (not bound to its port)");
+                    let config = Arc::new(ArcSwap::from_pointee(c));
+                    active.insert(
+                        name,
+                        Active {
+                            config,
+                            tasks: Vec::new(),
+                        },
+                    );
+                }
                 None => {
                     if let Some(a) = active.get(&name) {
                         let unchanged = a.config.load().source == c.source;
@@ -385,7 +578,31 @@ impl Listeners {
                 }
             }
         }
+        let mut by_address = HashMap::new();
+        for a in active.values() {
+            by_address
+                .entry(a.config.load().address)
+                .or_insert_with(|| a.config.clone());
+        }
+        self.by_address.store(Arc::new(by_address));
         Ok(())
+    }
+
+    /// The listener a connection redirected from `original` is handed to: the one on that
+    /// address and port, else the one on the wildcard address with that port.
+    pub fn for_original_destination(&self, original: SocketAddr) -> Option<Arc<ListenerConfig>> {
+        let map = self.by_address.load();
+        let wildcard = match original {
+            SocketAddr::V4(_) => {
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, original.port()))
+            }
+            SocketAddr::V6(_) => {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, original.port()))
+            }
+        };
+        map.get(&original)
+            .or_else(|| map.get(&wildcard))
+            .map(|c| c.load_full())
     }
 
     /// Names and addresses of the running listeners.
@@ -528,7 +745,34 @@ pub struct Downstream {
     pub sni: Option<Arc<str>>,
 }
 
+/// Where a connection iptables redirected (REDIRECT, `SO_ORIGINAL_DST`) was addressed to;
+/// None when it was not redirected.
+fn original_destination(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let sock = socket2::SockRef::from(stream);
+    let orig = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (orig != local).then_some(orig)
+}
+
 async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::net::TcpStream) {
+    let mut config = config;
+    let mut local = stream.local_addr().ok();
+    if config.original_dst
+        && let Some(orig) = original_destination(&stream)
+    {
+        local = Some(orig);
+        if config.use_original_dst
+            && let Some(to) = proxy.listeners.for_original_destination(orig)
+        {
+            tracing::trace!(from = %config.name, to = %to.name, original = %orig, "handing off");
+            config = to;
+        }
+    }
     let transport = if config.needs_sniffing() && starts_with_tls(&stream).await {
         "tls"
     } else {
@@ -537,7 +781,7 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     let _ = stream.set_nodelay(true);
     let down = Downstream {
         peer: stream.peer_addr().ok(),
-        local: stream.local_addr().ok(),
+        local,
         ..Default::default()
     };
     // The chain may depend on the SNI: read it from the ClientHello without consuming it, so
@@ -548,7 +792,7 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     } else {
         None
     };
-    let Some(chain) = config.chain_for(transport, sni.as_deref()) else {
+    let Some(chain) = config.chain_for(local, transport, sni.as_deref()) else {
         tracing::debug!(listener = %config.name, transport, "no filter chain matches; closing");
         return;
     };
@@ -600,7 +844,7 @@ where
         NetworkFilter::Http(hcm) => {
             crate::http::serve_connection(proxy.clone(), hcm.clone(), stream, down).await
         }
-        NetworkFilter::Tcp(tcp) => tcp.serve(proxy, stream).await,
+        NetworkFilter::Tcp(tcp) => tcp.serve(proxy, stream, &down).await,
     }
 }
 
@@ -672,7 +916,7 @@ mod tests {
     }
 
     fn picked(l: &ListenerConfig, sni: Option<&str>) -> Option<String> {
-        l.chain_for("tls", sni).map(|c| match &c.filter {
+        l.chain_for(None, "tls", sni).map(|c| match &c.filter {
             NetworkFilter::Tcp(t) => t.stat_prefix.clone(),
             NetworkFilter::Http(_) => "http".into(),
         })
@@ -711,7 +955,7 @@ mod tests {
         assert_eq!(picked(&l, Some("b.example")), None);
         // A match on anything else is refused by field.
         let mut bad = chain("x", &[], "");
-        bad.filter_chain_match.as_mut().unwrap().destination_port = Some(Default::default());
+        bad.filter_chain_match.as_mut().unwrap().source_type = 1;
         let e = ListenerConfig::from_xds(&listener(vec![bad])).unwrap_err();
         assert_eq!(e.field, "filter_chains[0].filter_chain_match");
     }

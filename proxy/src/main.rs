@@ -82,6 +82,76 @@ struct Args {
     /// --sds-socket this is what Istio's pilot-agent does for Envoy.
     #[arg(long, requires = "sds_socket")]
     agent_only: bool,
+    /// How the workload's traffic reaches this proxy, sent as the node's INTERCEPTION_MODE
+    /// metadata: REDIRECT after `weft-proxy iptables` (weftd then serves the captured
+    /// listeners: virtualOutbound on 15001 and a listener per destination port), NONE (the
+    /// default) when the workload calls the proxy's bound listeners itself.
+    #[arg(long, value_parser = ["NONE", "REDIRECT"])]
+    interception_mode: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Capture this network namespace's outbound TCP for the sidecar with iptables (REDIRECT
+    /// to the virtualOutbound port), as Istio's istio-iptables does. Run as root before the
+    /// workload starts; the proxy then runs as --proxy-uid and declares
+    /// `INTERCEPTION_MODE: REDIRECT` in its node metadata.
+    Iptables(IptablesArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct IptablesArgs {
+    /// The port connections are redirected to (the proxy's virtualOutbound listener).
+    #[arg(short = 'p', long, default_value_t = 15001)]
+    proxy_port: u16,
+    /// The uid the proxy runs as: its own connections are let through.
+    #[arg(short = 'u', long, default_value = "1337")]
+    proxy_uid: Option<u32>,
+    /// The gid the proxy runs as: its connections are let through too.
+    #[arg(short = 'g', long)]
+    proxy_gid: Option<u32>,
+    /// Destination ports never captured, comma-separated.
+    #[arg(short = 'o', long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Destination IPv4 ranges never captured, comma-separated CIDRs.
+    #[arg(short = 'x', long, value_delimiter = ',')]
+    exclude_outbound_ip_ranges: Vec<String>,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules this command set up.
+    #[arg(long)]
+    clean: bool,
+    /// The iptables program.
+    #[arg(long, default_value = "iptables")]
+    iptables: String,
+}
+
+fn iptables(a: &IptablesArgs) -> anyhow::Result<()> {
+    use weft_proxy::iptables::{Capture, run};
+    let capture = Capture {
+        proxy_port: a.proxy_port,
+        proxy_uid: a.proxy_uid,
+        proxy_gid: a.proxy_gid,
+        exclude_ports: a.exclude_outbound_ports.clone(),
+        exclude_ranges: a.exclude_outbound_ip_ranges.clone(),
+    };
+    let cleanup = Capture::cleanup();
+    let setup = if a.clean { Vec::new() } else { capture.rules() };
+    if !a.clean {
+        capture.check().map_err(|e| anyhow::anyhow!(e))?;
+    }
+    if a.dry_run {
+        for args in cleanup.iter().chain(&setup) {
+            println!("{} {}", a.iptables, args.join(" "));
+        }
+        return Ok(());
+    }
+    // Whatever an earlier run left is removed first, so running it twice is harmless.
+    run(&a.iptables, &cleanup, true)?;
+    run(&a.iptables, &setup, false)
 }
 
 /// The SPIFFE identity this proxy asks for.
@@ -118,6 +188,9 @@ fn workload_identity(args: &Args, node: &weft_xds_proto::envoy::config::core::v3
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Iptables(a)) = &args.command {
+        return iptables(a);
+    }
     init_tracing(&args.log_format);
     // The JSON mapping is needed for the bootstrap and /config_dump only: build it for each
     // use rather than keep its ~7 MiB for the life of the sidecar.
@@ -136,6 +209,18 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(xds) = &args.xds_address {
         startup.xds_address = Some(xds.clone());
+    }
+    if let Some(mode) = &args.interception_mode {
+        use weft_xds_proto::wkt::{Value, value::Kind};
+        let value = Value {
+            kind: Some(Kind::StringValue(mode.clone())),
+        };
+        for node in std::iter::once(&mut startup.node).chain(startup.bootstrap.node.as_mut()) {
+            node.metadata
+                .get_or_insert_with(Default::default)
+                .fields
+                .insert("INTERCEPTION_MODE".into(), value.clone());
+        }
     }
     let admin_address = args
         .admin_address

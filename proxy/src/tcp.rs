@@ -61,8 +61,12 @@ impl TcpProxy {
         })
     }
 
-    pub async fn serve<S>(&self, proxy: &Proxy, mut downstream: S)
-    where
+    pub async fn serve<S>(
+        &self,
+        proxy: &Proxy,
+        mut downstream: S,
+        down: &crate::listener::Downstream,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         self.stats.downstream_cx_total.inc();
@@ -73,7 +77,7 @@ impl TcpProxy {
                 tracing::debug!(stat_prefix = %self.stat_prefix, "tcp proxy: cluster not found");
                 return;
             };
-            let Some(endpoint) = cluster.lb.pick(&cluster.endpoints.load(), None) else {
+            let Some(endpoint) = cluster.pick(down.local, &[], 1, None) else {
                 cluster.stats.upstream_cx_none_healthy.inc();
                 return;
             };

@@ -329,7 +329,7 @@ metadata: { name: subnets }
 spec:
   hosts: [db]
   tcp:
-  - match: [{ destinationSubnets: [10.0.0.0/8] }]
+  - match: [{ destinationSubnets: [10.0.0.0/8, 10.1.2.3/33] }]
     route: [{ destination: { host: db } }]
 ---
 apiVersion: networking.istio.io/v1
@@ -349,7 +349,7 @@ spec:
         fields,
         [
             "spec.tls[0].match[0].sniHosts",
-            "spec.tcp[0].match[0].destinationSubnets",
+            "spec.tcp[0].match[0].destinationSubnets[1]",
             "spec.tcp[0].route"
         ]
     );

@@ -275,7 +275,7 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             if !m.destination_subnets.is_empty() {
                 return bad(
                     format!("{mat}.destinationSubnets"),
-                    "matching the original destination address needs traffic capture, which universal mode does not set up",
+                    "not supported on tls routes (TLS routes are told apart by sniHosts); use a tcp route to match on the destination address",
                 );
             }
             if let Some(p) = m.port {
@@ -293,11 +293,9 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Check {
             return bad(format!("{at}.route"), "a tcp route needs a destination");
         }
         for (j, m) in r.matches.iter().enumerate() {
-            if !m.destination_subnets.is_empty() {
-                return bad(
-                    format!("{at}.match[{j}].destinationSubnets"),
-                    "matching the original destination address needs traffic capture, which universal mode does not set up",
-                );
+            for (k, subnet) in m.destination_subnets.iter().enumerate() {
+                parse_cidr(subnet)
+                    .map_err(|r| (format!("{at}.match[{j}].destinationSubnets[{k}]"), r))?;
             }
             if let Some(p) = m.port {
                 port(&format!("{at}.match[{j}].port"), p)?;

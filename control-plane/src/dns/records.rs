@@ -604,7 +604,7 @@ fn endpoints_of(
 /// Stable addresses from 240.240.0.0/16 for Services without a clusterIP (universal mode) and
 /// for ServiceEntry hosts without addresses: a hash of the name picks the slot, collisions move
 /// to the next free one, in name order, so the same config always gets the same addresses.
-fn allocate_vips(config: &ConfigSet) -> BTreeMap<(String, String), IpAddr> {
+pub fn allocate_vips(config: &ConfigSet) -> BTreeMap<(String, String), IpAddr> {
     let mut wanted: Vec<(String, String)> = Vec::new();
     for s in &config.services {
         let needs =

@@ -57,7 +57,7 @@ use crate::model::{
 };
 
 /// Istio's default connect timeout for clusters.
-const CONNECT_TIMEOUT_SECS: i64 = 10;
+pub(super) const CONNECT_TIMEOUT_SECS: i64 = 10;
 
 pub fn outbound_cluster_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
@@ -264,7 +264,23 @@ pub(super) fn service_endpoints(
 /// Outbound: a cluster (and its load assignment) per visible service port and subset, then the
 /// Sidecar's egress listeners with their route configurations.
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
+    let captured = scope.proxy.captured() && !scope.proxy.router;
+    if let crate::generate::proxy::Interception::Unsupported(mode) = &scope.proxy.interception {
+        out.warnings.push(format!(
+            "node {}: INTERCEPTION_MODE {mode:?} is not supported (REDIRECT is); generated as without capture",
+            scope.proxy.id
+        ));
+    }
     for svc in &scope.services {
+        if svc.discovery == Discovery::Passthrough && captured {
+            // Resolution NONE: connections go where the client sent them.
+            for port in &svc.ports {
+                let name = outbound_cluster_name(port.port, "", &svc.hostname);
+                let cluster = super::capture::original_dst_cluster(&name);
+                out.add(type_url::CLUSTER, name, &cluster);
+            }
+            continue;
+        }
         if svc.discovery == Discovery::Passthrough {
             if let Origin::ServiceEntry { entry, .. } = &svc.origin {
                 out.warnings.push(format!(
@@ -311,9 +327,43 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             }
         }
     }
-    let Some(sidecar) = scope.sidecar else { return };
+    let mut taken = std::collections::HashSet::new();
+    let catch_all: Vec<&Service> = match scope.sidecar {
+        None => scope.services.clone(),
+        Some(sc) => scope
+            .services
+            .iter()
+            .copied()
+            .filter(|s| {
+                sc.spec.egress.iter().any(|l| {
+                    l.port.is_none() && super::scope::egress_admits(l, &scope.proxy.namespace, s)
+                })
+            })
+            .collect(),
+    };
+    if let Some(sidecar) = scope.sidecar {
+        ported_egress(mesh, scope, sidecar, captured, &mut taken, out);
+    }
+    if captured {
+        super::capture::outbound(mesh, scope, &catch_all, &taken, out);
+    }
+}
+
+/// The Sidecar's egress listeners with a port: bound to it (`bind`, else 0.0.0.0), where a
+/// captured proxy's hand-offs for that port also land.
+fn ported_egress(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    sidecar: &crate::config::Object<crate::config::SidecarSpec>,
+    captured: bool,
+    taken: &mut std::collections::HashSet<u32>,
+    out: &mut Generated,
+) {
     for (i, l) in sidecar.spec.egress.iter().enumerate() {
         let Some(port) = &l.port else {
+            if captured {
+                continue;
+            }
             out.warnings.push(format!(
                 "Sidecar/{}/{}: spec.egress[{i}] has no port: a catch-all egress listener needs traffic capture (port 15001), which universal mode does not set up",
                 sidecar.namespace,
@@ -321,6 +371,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             ));
             continue;
         };
+        taken.insert(port.number);
         let bind = l.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
         let on_port: Vec<&Service> = scope
             .services
@@ -695,6 +746,9 @@ pub(super) fn http_connection_manager(
 
 /// The destination(s) of the first VirtualService `tcp` route for `svc` that applies on this
 /// port to this proxy; None when no VirtualService routes its TCP traffic.
+/// The first VirtualService `tcp` route for the service on `port` that applies to this proxy
+/// whatever the destination address (matches on `destinationSubnets` are chains of their own
+/// on a captured proxy's listener, see `capture`).
 pub(super) fn tcp_route(
     mesh: &Mesh,
     scope: &Scope<'_>,
@@ -705,15 +759,34 @@ pub(super) fn tcp_route(
     let route = vs.spec.tcp.iter().find(|r| {
         r.matches.is_empty()
             || r.matches.iter().any(|m| {
-                m.port.is_none_or(|p| p == port)
-                    && match_applies_via(&m.gateways, &vs.namespace, &[])
-                    && m.source_namespace
-                        .as_ref()
-                        .is_none_or(|ns| *ns == scope.proxy.namespace)
-                    && selector_matches(&m.source_labels, &scope.proxy.labels)
+                m.destination_subnets.is_empty() && l4_match_applies(m, &vs.namespace, scope, port)
             })
     })?;
     Some(l4_destinations(mesh, &vs.namespace, &route.route, port))
+}
+
+/// Whether an L4 match's port, gateways, source namespace and source labels admit this proxy
+/// on `port`.
+pub(super) fn l4_match_applies(
+    m: &crate::config::L4MatchAttributes,
+    vs_namespace: &str,
+    scope: &Scope<'_>,
+    port: u32,
+) -> bool {
+    m.port.is_none_or(|p| p == port)
+        && match_applies_via(&m.gateways, vs_namespace, &[])
+        && m.source_namespace
+            .as_ref()
+            .is_none_or(|ns| *ns == scope.proxy.namespace)
+        && selector_matches(&m.source_labels, &scope.proxy.labels)
+}
+
+/// Whether the proxy's Sidecar says REGISTRY_ONLY (hosts the mesh does not know are refused).
+pub(super) fn registry_only(scope: &Scope<'_>) -> bool {
+    scope.sidecar.is_some_and(|s| {
+        s.spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode)
+            == Some(OutboundMode::RegistryOnly)
+    })
 }
 
 /// A TCP proxy's cluster(s) for an L4 route's destinations (weighted when several).
@@ -751,7 +824,7 @@ pub(super) fn l4_destinations(
 /// first route first; a name already taken by an earlier route is not repeated. When there are
 /// any, every other service on the port is reached by its own host name as the SNI (Istio's
 /// outbound TLS chains); other names match nothing.
-fn tls_routes(
+pub(super) fn tls_routes(
     mesh: &Mesh,
     scope: &Scope<'_>,
     on_port: &[&Service],
@@ -843,7 +916,7 @@ pub(super) fn destination_rule_for<'a>(
         })
 }
 
-fn virtual_service_for<'a>(
+pub(super) fn virtual_service_for<'a>(
     mesh: &'a Mesh,
     scope: &Scope<'_>,
     svc: &Service,
@@ -857,7 +930,7 @@ fn virtual_service_for<'a>(
 }
 
 /// The route configuration for one outbound port: a virtual host per service on that port.
-fn route_config(
+pub(super) fn route_config(
     mesh: &Mesh,
     scope: &Scope<'_>,
     name: &str,
@@ -897,11 +970,7 @@ fn route_config(
             ..Default::default()
         });
     }
-    let registry_only = scope.sidecar.is_some_and(|s| {
-        s.spec.outbound_traffic_policy.as_ref().and_then(|p| p.mode)
-            == Some(OutboundMode::RegistryOnly)
-    });
-    if registry_only {
+    if registry_only(scope) {
         // Istio's REGISTRY_ONLY: hosts the mesh does not know get a 502 from the sidecar.
         virtual_hosts.push(VirtualHost {
             name: "block_all".into(),
@@ -913,6 +982,21 @@ fn route_config(
                     status: 502,
                     ..Default::default()
                 })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    } else if scope.proxy.captured() {
+        // Istio's ALLOW_ANY on a captured sidecar: other hosts go where the client sent them.
+        virtual_hosts.push(VirtualHost {
+            name: "allow_any".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "allow_any".into(),
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::Route(cluster_action(
+                    super::capture::PASSTHROUGH,
+                ))),
                 ..Default::default()
             }],
             ..Default::default()

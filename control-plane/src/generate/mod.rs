@@ -6,6 +6,7 @@
 
 mod authz;
 mod build;
+mod capture;
 mod delegate;
 mod gateway;
 mod policy;

@@ -22,6 +22,30 @@ pub struct ProxyNode {
     pub service_account: Option<String>,
     /// The WorkloadEntry this proxy was matched to, if any.
     pub workload: Option<Workload>,
+    /// How its workload's traffic reaches it (Istio's `INTERCEPTION_MODE` node metadata).
+    pub interception: Interception,
+}
+
+/// Istio's `INTERCEPTION_MODE`: without it (universal mode's default) the workload calls the
+/// sidecar's bound listeners itself; REDIRECT means iptables sends its outbound TCP to port
+/// 15001 (`weft-proxy iptables`), so the proxy gets Istio's captured listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Interception {
+    #[default]
+    None,
+    Redirect,
+    /// A mode weft does not set up (TPROXY): generated as None, with a warning.
+    Unsupported(String),
+}
+
+impl Interception {
+    fn from_metadata(mode: Option<String>) -> Interception {
+        match mode.as_deref() {
+            None | Some("NONE") => Interception::None,
+            Some("REDIRECT") => Interception::Redirect,
+            Some(other) => Interception::Unsupported(other.to_string()),
+        }
+    }
 }
 
 /// What generation reads of a proxy. Proxies with equal keys (replicas of one deployment) get
@@ -35,6 +59,7 @@ pub struct ProxyClass {
     pub namespace: String,
     pub labels: Vec<(String, String)>,
     pub service_account: Option<String>,
+    pub interception: Interception,
 }
 
 impl ProxyNode {
@@ -49,7 +74,13 @@ impl ProxyNode {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             service_account: self.service_account.clone(),
+            interception: self.interception.clone(),
         }
+    }
+
+    /// Whether iptables redirects this proxy's outbound traffic to it.
+    pub fn captured(&self) -> bool {
+        self.interception == Interception::Redirect
     }
 }
 
@@ -135,6 +166,7 @@ impl ProxyNode {
             labels,
             service_account,
             workload: matched,
+            interception: Interception::from_metadata(metadata_str(md, "INTERCEPTION_MODE")),
         })
     }
 }

@@ -348,10 +348,23 @@ pub fn add_sni_chains(
     )>,
     stat_prefix: &str,
 ) {
+    l.filter_chains = sni_chains(&l.name, routes, stat_prefix);
+    l.listener_filters = vec![tls_inspector()];
+}
+
+/// A TCP proxy chain per TLS route, matched on its SNI names.
+pub fn sni_chains(
+    listener: &str,
+    routes: Vec<(
+        Vec<String>,
+        weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier,
+    )>,
+    stat_prefix: &str,
+) -> Vec<FilterChain> {
     let mut chains = Vec::new();
     for (i, (names, destinations)) in routes.into_iter().enumerate() {
         chains.push(FilterChain {
-            name: format!("{}/sni-{i}", l.name),
+            name: format!("{listener}/sni-{i}"),
             filter_chain_match: Some(FilterChainMatch {
                 server_names: names,
                 ..Default::default()
@@ -360,8 +373,7 @@ pub fn add_sni_chains(
             ..Default::default()
         });
     }
-    l.filter_chains = chains;
-    l.listener_filters = vec![tls_inspector()];
+    chains
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub enum Discovery {
     Static,
     /// Names in `load_assignment`, resolved by the proxy (STRICT_DNS, LOGICAL_DNS).
     Dns(dns::DnsConfig),
+    /// ORIGINAL_DST: the host is where the downstream connection was addressed before
+    /// iptables redirected it; hosts unused for `cleanup_interval` are forgotten.
+    OriginalDst { cleanup_interval: Duration },
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +101,8 @@ pub struct Cluster {
     /// The xDS resource this was built from, encoded, to tell whether an update changes
     /// anything (the decoded resource is several times larger).
     pub source: Vec<u8>,
+    /// ORIGINAL_DST hosts by address, with when each was last picked.
+    original_hosts: std::sync::Mutex<HashMap<SocketAddr, (Arc<Endpoint>, std::time::Instant)>>,
 }
 
 /// How a cluster's endpoints are connected to: the first `transport_socket_matches` entry
@@ -320,14 +325,8 @@ impl Cluster {
                         dns::DnsConfig::from_xds(c, t == cluster::DiscoveryType::LogicalDns)
                             .map_err(|(f, r)| reject(&f, r))?,
                     ),
-                    Ok(other) => {
-                        return Err(reject(
-                            "type",
-                            format!(
-                                "discovery type {} is not supported (STATIC, EDS, STRICT_DNS and LOGICAL_DNS are)",
-                                other.as_str_name()
-                            ),
-                        ));
+                    Ok(cluster::DiscoveryType::OriginalDst) => {
+                        original_dst_config(c).map_err(|(f, r)| reject(&f, r))?
                     }
                     Err(_) => return Err(reject("type", format!("unknown discovery type {t}"))),
                 }
@@ -339,7 +338,12 @@ impl Cluster {
                 ));
             }
         };
-        let lb = LbPolicy::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
+        let lb = if matches!(discovery, Discovery::OriginalDst { .. }) {
+            // CLUSTER_PROVIDED, checked above: the cluster picks its one host itself.
+            LbPolicy::RoundRobin
+        } else {
+            LbPolicy::from_xds(c).map_err(|(f, r)| reject(&f, r))?
+        };
         let transport = Transport::from_xds(c).map_err(|(f, r)| reject(&f, r))?;
         for (field, set) in [
             ("lb_subset_config", c.lb_subset_config.is_some()),
@@ -488,6 +492,7 @@ impl Cluster {
             panic_threshold,
             transport,
             source: prost::Message::encode_to_vec(c),
+            original_hosts: Default::default(),
         };
         if cluster.discovery == Discovery::Static
             && let Some(cla) = &c.load_assignment
@@ -579,12 +584,18 @@ impl Cluster {
     /// threshold are left), avoiding `tried` when
     /// another host can be had within `attempts` picks. `hash` is the request's hash for the
     /// consistent-hash balancers; further picks for the same request step it along.
+    /// `original` is the downstream connection's original destination: an ORIGINAL_DST
+    /// cluster's only possible host.
     pub fn pick(
         &self,
+        original: Option<SocketAddr>,
         tried: &[SocketAddr],
         attempts: u32,
         hash: Option<u64>,
     ) -> Option<Arc<Endpoint>> {
+        if let Discovery::OriginalDst { cleanup_interval } = self.discovery {
+            return original.map(|addr| self.original_host(addr, cleanup_interval));
+        }
         let set = self.endpoints.load();
         let all = set.all();
         // Without outlier detection or health checks every host is healthy: skip the scan.
@@ -610,6 +621,24 @@ impl Cluster {
             fallback.get_or_insert(e);
         }
         fallback.or_else(|| all.iter().find(|e| usable(e)).cloned())
+    }
+
+    /// The ORIGINAL_DST host for an address, made on first use (with its own pool); hosts
+    /// nothing holds and nothing picked for `cleanup` are dropped as new ones are made.
+    fn original_host(&self, addr: SocketAddr, cleanup: Duration) -> Arc<Endpoint> {
+        let now = std::time::Instant::now();
+        let mut hosts = self
+            .original_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((e, used)) = hosts.get_mut(&addr) {
+            *used = now;
+            return e.clone();
+        }
+        hosts.retain(|_, (e, used)| Arc::strong_count(e) > 1 || now - *used < cleanup);
+        let e = self.endpoint(addr, 1, None, &HashMap::new());
+        hosts.insert(addr, (e.clone(), now));
+        e
     }
 
     /// Feeds a request's outcome to outlier detection; ejects the host when it crosses a
@@ -651,6 +680,46 @@ impl Cluster {
         self.stats.update_success.inc();
         Ok(())
     }
+}
+
+/// An ORIGINAL_DST cluster's settings: Envoy's rules (lb_policy CLUSTER_PROVIDED, no
+/// endpoints of its own); the HTTP-header and port-override variants are refused.
+fn original_dst_config(c: &XdsCluster) -> Result<Discovery, (String, String)> {
+    use weft_xds_proto::envoy::config::cluster::v3::cluster::LbPolicy as XdsLb;
+    if c.lb_policy != XdsLb::ClusterProvided as i32 {
+        return Err((
+            "lb_policy".into(),
+            "an ORIGINAL_DST cluster must use CLUSTER_PROVIDED".into(),
+        ));
+    }
+    if c.load_assignment
+        .as_ref()
+        .is_some_and(|a| !a.endpoints.is_empty())
+    {
+        return Err((
+            "load_assignment".into(),
+            "an ORIGINAL_DST cluster takes its host from each connection, not from endpoints"
+                .into(),
+        ));
+    }
+    if let Some(cluster::LbConfig::OriginalDstLbConfig(o)) = &c.lb_config
+        && (o.use_http_header
+            || !o.http_header_name.is_empty()
+            || o.upstream_port_override.is_some()
+            || o.metadata_key.is_some())
+    {
+        return Err((
+            "original_dst_lb_config".into(),
+            "only the connection's original destination is supported (no HTTP header, metadata or port override)".into(),
+        ));
+    }
+    let cleanup_interval = c
+        .cleanup_interval
+        .as_ref()
+        .map(duration)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(5));
+    Ok(Discovery::OriginalDst { cleanup_interval })
 }
 
 /// A socket address from an Envoy `Address` (IP literals only: weft does not resolve here).

@@ -496,6 +496,11 @@ async fn route_rest(
         hash::compute(&action.hash_policy, &parts)
     };
     let authority = action.host_rewrite.as_deref().unwrap_or(authority);
+    // Where the client sent the connection: an ORIGINAL_DST cluster's host.
+    let original = parts
+        .extensions
+        .get::<Arc<crate::listener::Downstream>>()
+        .and_then(|d| d.local);
     if hcm.websocket && upgrade::is_websocket(parts.version, &parts.headers) {
         let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
         let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -505,7 +510,8 @@ async fn route_rest(
                 Ok(h) => h,
                 Err(resp) => return resp,
             };
-            let mut resp = upgrade::forward(&cluster, head, u, on_upgrade, action.timeout).await;
+            let mut resp =
+                upgrade::forward(&cluster, head, u, on_upgrade, action.timeout, original).await;
             route.response_headers.apply(resp.headers_mut());
             return resp;
         }
@@ -518,7 +524,11 @@ async fn route_rest(
         body,
         authority,
         mirrors,
-        Pick { hash, log },
+        Pick {
+            hash,
+            log,
+            original,
+        },
     )
     .await;
     if log {
@@ -623,7 +633,11 @@ async fn attempt_until_done(
     pick: Pick,
 ) -> Response<ProxyBody> {
     use crate::cluster::outlier::Outcome;
-    let Pick { hash, log } = pick;
+    let Pick {
+        hash,
+        log,
+        original,
+    } = pick;
     // For access logs: which host the answer (or the failure) came from.
     let mark = |mut resp: Response<ProxyBody>, host: std::net::SocketAddr| {
         if log {
@@ -650,6 +664,7 @@ async fn attempt_until_done(
             &[]
         };
         let Some(endpoint) = cluster.pick(
+            original,
             avoid,
             other_host.map(|r| r.host_selection_attempts).unwrap_or(1),
             hash,
@@ -837,7 +852,7 @@ fn shadow(
     };
     tokio::spawn(async move {
         use http_body_util::BodyExt as _;
-        let Some(endpoint) = m.cluster.pick(&[], 1, None) else {
+        let Some(endpoint) = m.cluster.pick(None, &[], 1, None) else {
             return;
         };
         m.cluster.stats.upstream_rq_total.inc();
@@ -1116,6 +1131,7 @@ fn request_id() -> HeaderValue {
 struct Pick {
     hash: Option<u64>,
     log: bool,
+    original: Option<std::net::SocketAddr>,
 }
 
 /// The upstream host and cluster that answered, for access logs.

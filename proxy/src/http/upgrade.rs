@@ -32,8 +32,9 @@ pub(crate) async fn forward(
     upgrade_header: HeaderValue,
     downstream: hyper::upgrade::OnUpgrade,
     timeout: Option<Duration>,
+    original: Option<std::net::SocketAddr>,
 ) -> Response<ProxyBody> {
-    let Some(endpoint) = cluster.pick(&[], 1, None) else {
+    let Some(endpoint) = cluster.pick(original, &[], 1, None) else {
         cluster.stats.upstream_cx_none_healthy.inc();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
     };

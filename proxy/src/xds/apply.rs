@@ -252,7 +252,7 @@ impl Applier {
             .values()
             .filter_map(|c| match &c.discovery {
                 Discovery::Eds(s) => Some(s.clone()),
-                Discovery::Static | Discovery::Dns(_) => None,
+                Discovery::Static | Discovery::Dns(_) | Discovery::OriginalDst { .. } => None,
             })
             .collect();
         drop(current);
