@@ -417,7 +417,7 @@ fn clusters(proxy: &Proxy) -> String {
     for name in names {
         let c = &snapshot.clusters[name];
         let _ = writeln!(out, "{name}::observability_name::{name}");
-        for e in c.endpoints.load().all() {
+        for e in c.hosts() {
             let a = e.address;
             let s = &e.stats;
             let p = &e.pool.stats;
@@ -433,7 +433,7 @@ fn clusters(proxy: &Proxy) -> String {
             let _ = writeln!(out, "{name}::{a}::rq_success::{}", s.rq_success.get());
             let _ = writeln!(out, "{name}::{a}::rq_total::{}", s.rq_total.get());
             let _ = writeln!(out, "{name}::{a}::hostname::");
-            let _ = writeln!(out, "{name}::{a}::health_flags::{}", health_flags(e));
+            let _ = writeln!(out, "{name}::{a}::health_flags::{}", health_flags(&e));
             let _ = writeln!(out, "{name}::{a}::weight::{}", e.weight);
         }
     }
@@ -458,8 +458,13 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
         let c = &snapshot.clusters[name];
         let s = &c.stats;
         let eps = c.endpoints.load();
-        let cx_total: u64 = eps.all().iter().map(|e| e.pool.stats.cx_total.get()).sum();
-        let cx_active: i64 = eps.all().iter().map(|e| e.pool.stats.cx_active.get()).sum();
+        let hosts = c.hosts();
+        let cx_total: u64 = c.retired_cx_total.get()
+            + hosts
+                .iter()
+                .map(|e| e.pool.stats.cx_total.get())
+                .sum::<u64>();
+        let cx_active: i64 = hosts.iter().map(|e| e.pool.stats.cx_active.get()).sum();
         let lb = || vec![("envoy_cluster_name", name.clone())];
         for (stat, value, counter) in [
             ("upstream_rq_total", s.upstream_rq_total.get() as i64, true),

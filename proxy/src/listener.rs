@@ -959,4 +959,117 @@ mod tests {
         let e = ListenerConfig::from_xds(&listener(vec![bad])).unwrap_err();
         assert_eq!(e.field, "filter_chains[0].filter_chain_match");
     }
+
+    /// A plaintext TCP chain matching a destination port and prefixes.
+    fn addressed(name: &str, port: Option<u32>, prefixes: &[(&str, u32)]) -> XdsChain {
+        use weft_xds_proto::envoy::config::core::v3::CidrRange;
+        let mut c = chain(name, &[], "");
+        c.transport_socket = None;
+        let m = c.filter_chain_match.as_mut().unwrap();
+        m.destination_port = port.map(|value| weft_xds_proto::wkt::UInt32Value { value });
+        m.prefix_ranges = prefixes
+            .iter()
+            .map(|(a, l)| CidrRange {
+                address_prefix: a.to_string(),
+                prefix_len: Some(weft_xds_proto::wkt::UInt32Value { value: *l }),
+            })
+            .collect();
+        c
+    }
+
+    fn picked_for(l: &ListenerConfig, to: &str) -> Option<String> {
+        l.chain_for(Some(to.parse().unwrap()), "raw_buffer", None)
+            .map(|c| match &c.filter {
+                NetworkFilter::Tcp(t) => t.stat_prefix.clone(),
+                NetworkFilter::Http(_) => "http".into(),
+            })
+    }
+
+    /// Envoy's order: the destination port first (a chain naming it wins over one that does
+    /// not, even when the other has a longer prefix), then the longest prefix containing the
+    /// address, a chain without prefixes last; nothing matching falls to the default chain.
+    #[test]
+    fn destination_port_then_longest_prefix_then_the_default_chain() {
+        let mut l = listener(vec![
+            addressed("vip", None, &[("10.96.0.20", 32)]),
+            addressed("cidr", None, &[("10.200.0.0", 16)]),
+            addressed("subnet", None, &[("10.200.5.0", 24), ("10.201.0.0", 16)]),
+            addressed("port", Some(9000), &[]),
+        ]);
+        let mut default = chain("default", &[], "");
+        default.filter_chain_match = None;
+        default.transport_socket = None;
+        l.default_filter_chain = Some(default);
+        let l = ListenerConfig::from_xds(&l).unwrap();
+        assert_eq!(picked_for(&l, "10.96.0.20:7070").as_deref(), Some("vip"));
+        assert_eq!(picked_for(&l, "10.200.1.1:7070").as_deref(), Some("cidr"));
+        assert_eq!(picked_for(&l, "10.200.5.9:7070").as_deref(), Some("subnet"));
+        assert_eq!(picked_for(&l, "10.201.3.3:7070").as_deref(), Some("subnet"));
+        assert_eq!(picked_for(&l, "10.96.0.20:9000").as_deref(), Some("port"));
+        assert_eq!(picked_for(&l, "192.0.2.1:7070").as_deref(), Some("default"));
+        // Without a default chain an unmatched connection gets none.
+        let l = ListenerConfig::from_xds(&listener(vec![addressed(
+            "vip",
+            None,
+            &[("10.96.0.20", 32)],
+        )]))
+        .unwrap();
+        assert_eq!(picked_for(&l, "10.96.0.21:7070"), None);
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicate_matches_are_refused_by_field() {
+        let e =
+            ListenerConfig::from_xds(&listener(vec![addressed("a", None, &[("10.0.0.0", 33)])]))
+                .unwrap_err();
+        assert_eq!(
+            e.field,
+            "filter_chains[0].filter_chain_match.prefix_ranges[0]"
+        );
+        let e = ListenerConfig::from_xds(&listener(vec![addressed("a", Some(70000), &[])]))
+            .unwrap_err();
+        assert_eq!(
+            e.field,
+            "filter_chains[0].filter_chain_match.destination_port"
+        );
+        let e = ListenerConfig::from_xds(&listener(vec![
+            addressed("a", None, &[("10.0.0.0", 8)]),
+            addressed("b", None, &[("10.0.0.0", 8)]),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.field, "filter_chains[1].filter_chain_match");
+        let mut tproxy = listener(vec![addressed("a", None, &[])]);
+        tproxy.transparent = Some(weft_xds_proto::wkt::BoolValue { value: true });
+        assert_eq!(
+            ListenerConfig::from_xds(&tproxy).unwrap_err().field,
+            "transparent"
+        );
+    }
+
+    #[test]
+    fn use_original_dst_implies_the_original_destination_filter() {
+        let mut l = listener(vec![addressed("a", None, &[])]);
+        l.use_original_dst = Some(weft_xds_proto::wkt::BoolValue { value: true });
+        l.bind_to_port = Some(weft_xds_proto::wkt::BoolValue { value: false });
+        let c = ListenerConfig::from_xds(&l).unwrap();
+        assert!(c.original_dst && c.use_original_dst && !c.bind_to_port);
+        let c = ListenerConfig::from_xds(&listener(vec![addressed("a", None, &[])])).unwrap();
+        assert!(!c.original_dst && !c.use_original_dst && c.bind_to_port);
+    }
+
+    #[test]
+    fn cidrs_contain_their_addresses_only() {
+        let c = |a: &str, len| Cidr {
+            addr: a.parse().unwrap(),
+            len,
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c("10.200.0.0", 16).contains(ip("10.200.255.1")));
+        assert!(!c("10.200.0.0", 16).contains(ip("10.201.0.1")));
+        assert!(c("0.0.0.0", 0).contains(ip("192.0.2.1")));
+        assert!(!c("0.0.0.0", 0).contains(ip("::1")));
+        assert!(c("fd00::", 8).contains(ip("fd12::1")));
+        assert!(c("10.0.0.1", 32).contains(ip("10.0.0.1")));
+        assert!(!c("10.0.0.1", 32).contains(ip("10.0.0.2")));
+    }
 }

@@ -266,3 +266,272 @@ fn port_listener(
     }
     Some(l)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{ProxyNode, generate, tests::config};
+    use weft_xds_proto::envoy::config::core::v3::Node;
+    use weft_xds_proto::envoy::config::listener::v3::filter;
+    use weft_xds_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    use weft_xds_proto::unpack;
+    use weft_xds_proto::wkt::{Struct, Value, value::Kind};
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: hello, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: hello }
+  ports: [{ name: http, port: 80 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: default }
+spec:
+  clusterIP: 10.96.0.20
+  selector: { app: db }
+  ports: [{ name: tcp, port: 7070 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: cache, namespace: default }
+spec:
+  selector: { app: cache }
+  ports: [{ name: tcp, port: 6379 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: client, namespace: default }
+spec: { address: 10.255.0.1, labels: { app: client } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db, namespace: default }
+spec:
+  host: db
+  subsets: [{ name: v2, labels: { version: v2 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: legacy, namespace: default }
+spec:
+  hosts: [legacy.internal]
+  addresses: [10.200.0.0/16]
+  ports: [{ number: 7070, name: tcp, protocol: TCP }]
+  resolution: STATIC
+  endpoints: [{ address: 127.0.0.1 }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: legacy, namespace: default }
+spec:
+  hosts: [legacy.internal]
+  tcp:
+  - match: [{ destinationSubnets: [10.200.5.0/24] }]
+    route: [{ destination: { host: db.default.svc.cluster.local, subset: v2 } }]
+  - route: [{ destination: { host: legacy.internal } }]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: direct, namespace: default }
+spec:
+  hosts: [direct.example]
+  addresses: [192.0.2.7]
+  ports: [{ number: 9998, name: tcp, protocol: TCP }]
+  resolution: NONE
+"#;
+
+    const REGISTRY_ONLY: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default, namespace: default }
+spec:
+  egress: [{ hosts: ["./*"] }]
+  outboundTrafficPolicy: { mode: REGISTRY_ONLY }
+"#;
+
+    fn generated(yaml: &str, mode: Option<&str>) -> Generated {
+        let mesh = Mesh::build(&config(yaml));
+        let mut node = Node {
+            id: "sidecar~10.255.0.1~client.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        if let Some(m) = mode {
+            let mut md = Struct::default();
+            md.fields.insert(
+                "INTERCEPTION_MODE".into(),
+                Value {
+                    kind: Some(Kind::StringValue(m.into())),
+                },
+            );
+            node.metadata = Some(md);
+        }
+        generate(&mesh, &ProxyNode::identify(&node, &mesh).unwrap())
+    }
+
+    fn listener_of(g: &Generated, name: &str) -> Listener {
+        unpack(&g.of_type(type_url::LISTENER).unwrap()[name].any).unwrap()
+    }
+
+    /// The cluster a chain's TCP proxy goes to (or the connection manager's marker).
+    fn target(c: &FilterChain) -> String {
+        let Some(filter::ConfigType::TypedConfig(any)) = &c.filters.last().unwrap().config_type
+        else {
+            panic!("untyped filter")
+        };
+        if any.type_url != type_url::TCP_PROXY {
+            return "http".into();
+        }
+        let t: TcpProxy = unpack(any).unwrap();
+        match t.cluster_specifier.unwrap() {
+            tcp_proxy::ClusterSpecifier::Cluster(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn prefixes(c: &FilterChain) -> Vec<String> {
+        c.filter_chain_match
+            .as_ref()
+            .map(|m| {
+                m.prefix_ranges
+                    .iter()
+                    .map(|r| format!("{}/{}", r.address_prefix, r.prefix_len.unwrap().value))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn allow_or_block(g: &Generated, port: &str) -> Vec<String> {
+        let rc: RouteConfiguration =
+            unpack(&g.of_type(type_url::ROUTE_CONFIGURATION).unwrap()[port].any).unwrap();
+        rc.virtual_hosts
+            .iter()
+            .filter(|v| v.domains == ["*"])
+            .map(|v| match &v.routes[0].action {
+                Some(route::Action::Route(a)) => match &a.cluster_specifier {
+                    Some(route_action::ClusterSpecifier::Cluster(c)) => format!("{}->{c}", v.name),
+                    other => panic!("{other:?}"),
+                },
+                Some(route::Action::DirectResponse(d)) => format!("{}->{}", v.name, d.status),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_captured_sidecar_gets_virtual_outbound_and_a_listener_per_port() {
+        let g = generated(MESH, Some("REDIRECT"));
+        let names: Vec<&String> = g.of_type(type_url::LISTENER).unwrap().keys().collect();
+        assert_eq!(
+            names,
+            [
+                "0.0.0.0_6379",
+                "0.0.0.0_7070",
+                "0.0.0.0_80",
+                "0.0.0.0_9998",
+                "virtualOutbound"
+            ]
+        );
+        let vo = listener_of(&g, "virtualOutbound");
+        assert_eq!(vo.use_original_dst, Some(BoolValue { value: true }));
+        assert_eq!(vo.bind_to_port, None, "virtualOutbound is bound to 15001");
+        assert_eq!(target(&vo.filter_chains[0]), PASSTHROUGH);
+
+        // TCP: a chain per destination, the destinationSubnets route first for its subnet,
+        // the rest to the original destination.
+        let tcp = listener_of(&g, "0.0.0.0_7070");
+        assert_eq!(tcp.bind_to_port, Some(BoolValue { value: false }));
+        let chains: Vec<(Vec<String>, String)> = tcp
+            .filter_chains
+            .iter()
+            .map(|c| (prefixes(c), target(c)))
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                (
+                    vec!["10.96.0.20/32".to_string()],
+                    "outbound|7070||db.default.svc.cluster.local".to_string()
+                ),
+                (
+                    vec!["10.200.5.0/24".to_string()],
+                    "outbound|7070|v2|db.default.svc.cluster.local".to_string()
+                ),
+                (
+                    vec!["10.200.0.0/16".to_string()],
+                    "outbound|7070||legacy.internal".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            target(tcp.default_filter_chain.as_ref().unwrap()),
+            PASSTHROUGH
+        );
+        // A Service without a clusterIP is matched on the address weftd's DNS gives it.
+        let cache = listener_of(&g, "0.0.0.0_6379");
+        let vip = prefixes(&cache.filter_chains[0]);
+        assert!(vip[0].starts_with("240.240."), "{vip:?}");
+
+        // HTTP: the connection manager, with ALLOW_ANY's pass-through virtual host.
+        let http = listener_of(&g, "0.0.0.0_80");
+        assert_eq!(target(http.filter_chains.last().unwrap()), "http");
+        assert_eq!(
+            allow_or_block(&g, "80"),
+            [format!("allow_any->{PASSTHROUGH}")]
+        );
+
+        let clusters = g.of_type(type_url::CLUSTER).unwrap();
+        for name in [PASSTHROUGH, "outbound|9998||direct.example"] {
+            let c: Cluster = unpack(&clusters[name].any).unwrap();
+            assert_eq!(
+                c.cluster_discovery_type,
+                Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::OriginalDst as i32
+                )),
+                "{name}"
+            );
+            assert_eq!(c.lb_policy, cluster::LbPolicy::ClusterProvided as i32);
+        }
+        assert!(clusters.contains_key(BLACKHOLE));
+    }
+
+    #[test]
+    fn registry_only_sends_unknown_destinations_to_the_black_hole() {
+        let g = generated(&format!("{MESH}{REGISTRY_ONLY}"), Some("REDIRECT"));
+        assert_eq!(
+            target(&listener_of(&g, "virtualOutbound").filter_chains[0]),
+            BLACKHOLE
+        );
+        let tcp = listener_of(&g, "0.0.0.0_7070");
+        assert_eq!(
+            target(tcp.default_filter_chain.as_ref().unwrap()),
+            BLACKHOLE
+        );
+        assert_eq!(allow_or_block(&g, "80"), ["block_all->502"]);
+    }
+
+    /// Without capture (universal mode's default) nothing of this is generated, and a mode
+    /// weft does not set up is said so.
+    #[test]
+    fn only_redirect_capture_gets_captured_listeners() {
+        for mode in [None, Some("NONE"), Some("TPROXY")] {
+            let g = generated(MESH, mode);
+            assert!(
+                g.of_type(type_url::LISTENER).unwrap().is_empty(),
+                "{mode:?}"
+            );
+            let clusters = g.of_type(type_url::CLUSTER).unwrap();
+            assert!(!clusters.contains_key(PASSTHROUGH));
+            assert!(!clusters.contains_key("outbound|9998||direct.example"));
+            let tproxy = g
+                .warnings
+                .iter()
+                .any(|w| w.contains("\"TPROXY\" is not supported"));
+            assert_eq!(tproxy, mode == Some("TPROXY"), "{:?}", g.warnings);
+        }
+    }
+}

@@ -103,6 +103,9 @@ pub struct Cluster {
     pub source: Vec<u8>,
     /// ORIGINAL_DST hosts by address, with when each was last picked.
     original_hosts: std::sync::Mutex<HashMap<SocketAddr, (Arc<Endpoint>, std::time::Instant)>>,
+    /// Connections made to ORIGINAL_DST hosts since forgotten (the cluster's counter keeps
+    /// counting them).
+    pub retired_cx_total: Counter,
 }
 
 /// How a cluster's endpoints are connected to: the first `transport_socket_matches` entry
@@ -493,6 +496,7 @@ impl Cluster {
             transport,
             source: prost::Message::encode_to_vec(c),
             original_hosts: Default::default(),
+            retired_cx_total: Counter::default(),
         };
         if cluster.discovery == Discovery::Static
             && let Some(cla) = &c.load_assignment
@@ -635,10 +639,27 @@ impl Cluster {
             *used = now;
             return e.clone();
         }
-        hosts.retain(|_, (e, used)| Arc::strong_count(e) > 1 || now - *used < cleanup);
+        hosts.retain(|_, (e, used)| {
+            let keep = Arc::strong_count(e) > 1 || now - *used < cleanup;
+            if !keep {
+                self.retired_cx_total.add(e.pool.stats.cx_total.get());
+            }
+            keep
+        });
         let e = self.endpoint(addr, 1, None, &HashMap::new());
         hosts.insert(addr, (e.clone(), now));
         e
+    }
+
+    /// Every host: the endpoint set, and the ORIGINAL_DST hosts made so far.
+    pub fn hosts(&self) -> Vec<Arc<Endpoint>> {
+        let mut all = self.endpoints.load().all().to_vec();
+        let original = self
+            .original_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        all.extend(original.values().map(|(e, _)| e.clone()));
+        all
     }
 
     /// Feeds a request's outcome to outlier detection; ejects the host when it crosses a
@@ -744,4 +765,62 @@ pub fn socket_addr(
         .parse()
         .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
     Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_xds_proto::envoy::config::cluster::v3::cluster::{
+        DiscoveryType, LbPolicy as XdsLb, OriginalDstLbConfig,
+    };
+
+    fn original_dst(lb: XdsLb) -> XdsCluster {
+        XdsCluster {
+            name: "PassthroughCluster".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                DiscoveryType::OriginalDst as i32,
+            )),
+            lb_policy: lb as i32,
+            ..Default::default()
+        }
+    }
+
+    /// The host is the connection's original destination, one host (and pool) per address;
+    /// without one there is no host.
+    #[test]
+    fn an_original_dst_cluster_picks_where_the_client_connected() {
+        let c = Cluster::from_xds(&original_dst(XdsLb::ClusterProvided)).unwrap();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let first = c.pick(Some(a), &[], 1, None).unwrap();
+        assert_eq!(first.address, a);
+        assert!(Arc::ptr_eq(&first, &c.pick(Some(a), &[], 1, None).unwrap()));
+        assert_eq!(c.pick(Some(b), &[], 1, None).unwrap().address, b);
+        assert!(c.pick(None, &[], 1, None).is_none());
+        let mut hosts: Vec<SocketAddr> = c.hosts().iter().map(|e| e.address).collect();
+        hosts.sort();
+        assert_eq!(hosts, [a, b]);
+    }
+
+    /// As Envoy: CLUSTER_PROVIDED only, no endpoints of its own; the variants weft does not
+    /// implement are refused by field.
+    #[test]
+    fn original_dst_clusters_are_checked_as_envoy_checks_them() {
+        let e = Cluster::from_xds(&original_dst(XdsLb::RoundRobin)).unwrap_err();
+        assert_eq!(e.field, "lb_policy");
+        let mut header = original_dst(XdsLb::ClusterProvided);
+        header.lb_config = Some(cluster::LbConfig::OriginalDstLbConfig(
+            OriginalDstLbConfig {
+                use_http_header: true,
+                ..Default::default()
+            },
+        ));
+        let e = Cluster::from_xds(&header).unwrap_err();
+        assert_eq!(e.field, "original_dst_lb_config");
+        let mut eds = original_dst(XdsLb::ClusterProvided);
+        eds.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            DiscoveryType::Eds as i32,
+        ));
+        assert_eq!(Cluster::from_xds(&eds).unwrap_err().field, "lb_policy");
+    }
 }

@@ -1,0 +1,421 @@
+//! Transparent interception, differential: in a network namespace of its own, `weft-proxy
+//! iptables` redirects the workload's outbound TCP to port 15001, and a captured sidecar
+//! (node metadata `INTERCEPTION_MODE: REDIRECT`, running as uid 1337 so its own connections
+//! are let through) gets Istio's captured listeners from weftd. The workload (curl, as root)
+//! then calls services by their addresses as if there were no proxy: HTTP by clusterIP and
+//! Host, a TCP service by clusterIP, a ServiceEntry's CIDR with a `destinationSubnets` route for
+//! part of it, a resolution NONE ServiceEntry (ORIGINAL_DST cluster), and destinations the mesh
+//! does not know (ALLOW_ANY passes them through; REGISTRY_ONLY refuses them). The same
+//! scenario runs once with weft-proxy and once with a stock Envoy 1.40 as the sidecar; both
+//! must see the same outcomes.
+//!
+//! Needs root (network namespaces, iptables); everything runs inside the namespace, so its
+//! addresses and ports are private to this test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use weft_e2e::{Proc, bin, envoy_bin, wait_until};
+
+const MESH: &str = r#"apiVersion: v1
+kind: Service
+metadata: { name: hello, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: hello }
+  ports: [{ name: http, port: 80, targetPort: 18081 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: default }
+spec:
+  clusterIP: 10.96.0.20
+  selector: { app: db }
+  ports: [{ name: tcp, port: 7070, targetPort: 17071 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: hello-v1, namespace: default }
+spec: { address: 127.0.0.1, labels: { app: hello, version: v1 }, ports: { http: 18081 } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: db-v1, namespace: default }
+spec: { address: 127.0.0.1, labels: { app: db, version: v1 }, ports: { tcp: 17071 } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: db-v2, namespace: default }
+spec: { address: 127.0.0.1, labels: { app: db, version: v2 }, ports: { tcp: 17072 } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: client, namespace: default }
+spec: { address: 10.255.0.1, labels: { app: client } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db, namespace: default }
+spec:
+  host: db
+  subsets:
+  - { name: v1, labels: { version: v1 } }
+  - { name: v2, labels: { version: v2 } }
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: legacy, namespace: default }
+spec:
+  hosts: [legacy.internal]
+  addresses: [10.200.0.0/16]
+  ports: [{ number: 7070, name: tcp, protocol: TCP }]
+  resolution: STATIC
+  endpoints: [{ address: 127.0.0.1, ports: { tcp: 17073 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: legacy, namespace: default }
+spec:
+  hosts: [legacy.internal]
+  tcp:
+  - match: [{ destinationSubnets: [10.200.5.0/24] }]
+    route: [{ destination: { host: db.default.svc.cluster.local, subset: v2 } }]
+  - route: [{ destination: { host: legacy.internal } }]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: direct, namespace: default }
+spec:
+  hosts: [direct.example]
+  addresses: [10.255.0.1]
+  ports: [{ number: 9998, name: tcp, protocol: TCP }]
+  location: MESH_EXTERNAL
+  resolution: NONE
+"#;
+
+const REGISTRY_ONLY: &str = r#"apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default, namespace: default }
+spec:
+  egress: [{ hosts: ["./*"] }]
+  outboundTrafficPolicy: { mode: REGISTRY_ONLY }
+"#;
+
+/// A network namespace with loopback up and a default route out of a veth whose address
+/// (10.255.0.1) stands for "somewhere outside the mesh"; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let ns = Netns { name: name.into() };
+        run("ip", &["netns", "add", name]);
+        for cmd in [
+            "ip link set lo up",
+            "ip link add v0 type veth peer name v1",
+            "ip link set v0 up",
+            "ip link set v1 up",
+            "ip addr add 10.255.0.1/24 dev v0",
+            "ip route add default dev v0",
+        ] {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            ns.run(&args);
+        }
+        ns
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = self.command(args).output().expect("ip netns exec");
+        assert!(
+            out.status.success(),
+            "{args:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A long-running process inside the namespace.
+    fn start(&self, name: &str, args: &[&str], logs: &Path) -> Proc {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        Proc::start(name, Path::new("ip"), &all, logs)
+    }
+
+    /// curl from the workload (root, so captured): the status (0: no HTTP answer) and the
+    /// name of the echo backend that answered.
+    fn fetch(&self, url: &str, host: Option<&str>) -> (u16, Option<String>) {
+        let mut args = vec!["curl", "-s", "-m", "5", "-w", "\n%{http_code}"];
+        let header;
+        if let Some(h) = host {
+            header = format!("Host: {h}");
+            args.extend(["-H", &header]);
+        }
+        args.push(url);
+        let out = self.command(&args).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let code = text
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("name: "))
+            .map(str::to_string);
+        (code, name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {} (this test needs root: network namespaces and iptables)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const BOOTSTRAP: &str = r#"node:
+  id: "sidecar~10.255.0.1~client.default~default.svc.cluster.local"
+  cluster: client
+  metadata: { INTERCEPTION_MODE: REDIRECT, NAMESPACE: default }
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{ envoy_grpc: { cluster_name: xds-grpc } }]
+  cds_config: { ads: {}, resource_api_version: V3 }
+  lds_config: { ads: {}, resource_api_version: V3 }
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } } }] }]
+"#;
+
+#[derive(Debug, PartialEq)]
+struct Seen {
+    http_by_cluster_ip: (u16, Option<String>),
+    tcp_by_cluster_ip: Vec<String>,
+    cidr_service_entry: Option<String>,
+    destination_subnet: Vec<Option<String>>,
+    resolution_none: Option<String>,
+    resolution_none_cluster_used: bool,
+    allow_any_tcp: Option<String>,
+    allow_any_http: (u16, Option<String>),
+    registry_only_http: u16,
+    registry_only_tcp: (u16, Option<String>),
+    registry_only_known: Option<String>,
+}
+
+fn dir(root: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("dir");
+    // The sidecar runs as uid 1337 and reads its bootstrap from here.
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+fn scenario(envoy: bool) -> Seen {
+    let kind = if envoy { "envoy" } else { "weft" };
+    let ns = Netns::new(&format!("weftcap-{kind}-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("weft-e2e-capture-{kind}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    dir(&root, "");
+    let (config, logs) = (dir(&root, "config"), root.join("logs"));
+    std::fs::write(config.join("mesh.yaml"), MESH).expect("mesh.yaml");
+    let bootstrap = root.join("bootstrap.yaml");
+    std::fs::write(&bootstrap, BOOTSTRAP).expect("bootstrap");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+
+    let weft_proxy = bin("weft-proxy").display().to_string();
+    ns.run(&[&weft_proxy, "iptables", "--proxy-uid", "1337"]);
+    let weftd = bin("weftd").display().to_string();
+    let config_s = config.display().to_string();
+    let state_s = root.join("state").display().to_string();
+    let mut procs = vec![ns.start(
+        "weftd",
+        &[
+            &weftd,
+            "--config-dir",
+            &config_s,
+            "--xds-address",
+            "127.0.0.1:15010",
+            "--debug-address",
+            "127.0.0.1:15014",
+            "--no-dns",
+            "--poll-ms",
+            "50",
+            "--state-dir",
+            &state_s,
+        ],
+        &logs,
+    )];
+    let weftctl = bin("weftctl").display().to_string();
+    for (name, address, port) in [
+        ("hello-v1", "127.0.0.1", "18081"),
+        ("db-v1", "127.0.0.1", "17071"),
+        ("db-v2", "127.0.0.1", "17072"),
+        ("legacy", "127.0.0.1", "17073"),
+        ("outside", "10.255.0.1", "9999"),
+        ("outside-80", "10.255.0.1", "80"),
+        ("direct", "10.255.0.1", "9998"),
+    ] {
+        procs.push(ns.start(
+            &format!("echo-{name}"),
+            &[
+                &weftctl,
+                "echo",
+                "--address",
+                address,
+                "--port",
+                port,
+                "--name",
+                name,
+            ],
+            &logs,
+        ));
+    }
+    let bootstrap_s = bootstrap.display().to_string();
+    let envoy_s = envoy_bin().display().to_string();
+    let as_proxy = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"];
+    let sidecar: Vec<&str> = if envoy {
+        [
+            &envoy_s,
+            "-c",
+            &bootstrap_s,
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "info",
+        ]
+        .to_vec()
+    } else {
+        [&weft_proxy, "-c", &bootstrap_s, "--concurrency", "1"].to_vec()
+    };
+    let args: Vec<&str> = as_proxy.iter().copied().chain(sidecar).collect();
+    procs.push(ns.start(kind, &args, &logs));
+    let dump = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(|p| format!("--- {}\n{}", p.name, p.logs()))
+            .collect::<String>()
+    };
+    // Ready once the HTTP listener serves the service by its clusterIP.
+    wait_until(Duration::from_secs(20), || {
+        (ns.fetch("http://10.96.0.10/", Some("hello")).0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{kind}: the captured sidecar never served\n{}",
+            dump(&procs)
+        )
+    });
+
+    let http_by_cluster_ip = ns.fetch("http://10.96.0.10/", Some("hello.default"));
+    let mut tcp_by_cluster_ip: Vec<String> = (0..4)
+        .filter_map(|_| ns.fetch("http://10.96.0.20:7070/", None).1)
+        .collect();
+    tcp_by_cluster_ip.sort();
+    tcp_by_cluster_ip.dedup();
+    let cidr_service_entry = ns.fetch("http://10.200.1.1:7070/", None).1;
+    let destination_subnet = (0..3)
+        .map(|_| ns.fetch("http://10.200.5.9:7070/", None).1)
+        .collect();
+    let resolution_none = ns.fetch("http://10.255.0.1:9998/", None).1;
+    let stats = String::from_utf8_lossy(
+        &ns.command(&["curl", "-s", "http://127.0.0.1:15000/stats"])
+            .output()
+            .expect("stats")
+            .stdout,
+    )
+    .to_string();
+    let resolution_none_cluster_used = stats.lines().any(|l| {
+        l.strip_prefix("cluster.outbound|9998||direct.example.upstream_cx_total: ")
+            .is_some_and(|n| n.trim().parse::<u64>().is_ok_and(|n| n >= 1))
+    });
+    let allow_any_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
+    let allow_any_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
+
+    std::fs::write(config.join("sidecar.yaml"), REGISTRY_ONLY).expect("sidecar.yaml");
+    wait_until(Duration::from_secs(10), || {
+        (ns.fetch("http://10.255.0.1/", Some("elsewhere.example")).0 == 502).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{kind}: REGISTRY_ONLY never applied\n{}", dump(&procs)));
+    let registry_only_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example")).0;
+    let registry_only_tcp = ns.fetch("http://10.255.0.1:9999/", None);
+    let registry_only_known = ns.fetch("http://10.96.0.10/", Some("hello")).1;
+    let seen = Seen {
+        http_by_cluster_ip,
+        tcp_by_cluster_ip,
+        cidr_service_entry,
+        destination_subnet,
+        resolution_none,
+        resolution_none_cluster_used,
+        allow_any_tcp,
+        allow_any_http,
+        registry_only_http,
+        registry_only_tcp,
+        registry_only_known,
+    };
+    eprintln!("{kind}: {seen:#?}");
+    if std::thread::panicking() {
+        eprintln!("{}", dump(&procs));
+    }
+    drop(procs);
+    seen
+}
+
+#[test]
+fn a_captured_sidecar_serves_the_workload_as_envoy_does() {
+    let weft = scenario(false);
+    let some = |s: &str| Some(s.to_string());
+    let expected = Seen {
+        http_by_cluster_ip: (200, some("hello-v1")),
+        tcp_by_cluster_ip: vec!["db-v1".into(), "db-v2".into()],
+        cidr_service_entry: some("legacy"),
+        destination_subnet: vec![some("db-v2"); 3],
+        resolution_none: some("direct"),
+        resolution_none_cluster_used: true,
+        allow_any_tcp: some("outside"),
+        allow_any_http: (200, some("outside-80")),
+        registry_only_http: 502,
+        registry_only_tcp: (0, None),
+        registry_only_known: some("hello-v1"),
+    };
+    assert_eq!(weft, expected, "weft-proxy");
+    let envoy = scenario(true);
+    assert_eq!(envoy, weft, "Envoy 1.40 and weft-proxy differ");
+}
