@@ -5,7 +5,8 @@
 //! then calls services by their addresses as if there were no proxy: HTTP by clusterIP and
 //! Host, a TCP service by clusterIP, a ServiceEntry's CIDR with a `destinationSubnets` route for
 //! part of it, a resolution NONE ServiceEntry (ORIGINAL_DST cluster), and destinations the mesh
-//! does not know (ALLOW_ANY passes them through; REGISTRY_ONLY refuses them). The same
+//! does not know (ALLOW_ANY passes them through, or hands them to the Sidecar's `egressProxy`;
+//! REGISTRY_ONLY refuses them). The same
 //! scenario runs once with weft-proxy and once with a stock Envoy 1.40 as the sidecar; both
 //! must see the same outcomes.
 //!
@@ -219,6 +220,14 @@ static_resources:
       endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } } }] }]
 "#;
 
+const EGRESS_PROXY: &str = r#"apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default, namespace: default }
+spec:
+  egress: [{ hosts: ["./*"] }]
+  outboundTrafficPolicy: { mode: ALLOW_ANY, egressProxy: { host: legacy.internal, port: { number: 7070 } } }
+"#;
+
 #[derive(Debug, PartialEq)]
 struct Seen {
     http_by_cluster_ip: (u16, Option<String>),
@@ -232,6 +241,8 @@ struct Seen {
     registry_only_http: u16,
     registry_only_tcp: (u16, Option<String>),
     registry_only_known: Option<String>,
+    egress_proxy_tcp: Option<String>,
+    egress_proxy_http: (u16, Option<String>),
 }
 
 fn dir(root: &Path, name: &str) -> PathBuf {
@@ -377,6 +388,14 @@ fn scenario(envoy: bool) -> Seen {
     let registry_only_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example")).0;
     let registry_only_tcp = ns.fetch("http://10.255.0.1:9999/", None);
     let registry_only_known = ns.fetch("http://10.96.0.10/", Some("hello")).1;
+
+    std::fs::write(config.join("sidecar.yaml"), EGRESS_PROXY).expect("sidecar.yaml");
+    wait_until(Duration::from_secs(10), || {
+        (ns.fetch("http://10.255.0.1:9999/", None).1.as_deref() == Some("legacy")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{kind}: the egress proxy never applied\n{}", dump(&procs)));
+    let egress_proxy_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
+    let egress_proxy_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
     let seen = Seen {
         http_by_cluster_ip,
         tcp_by_cluster_ip,
@@ -389,6 +408,8 @@ fn scenario(envoy: bool) -> Seen {
         registry_only_http,
         registry_only_tcp,
         registry_only_known,
+        egress_proxy_tcp,
+        egress_proxy_http,
     };
     eprintln!("{kind}: {seen:#?}");
     if std::thread::panicking() {
@@ -414,6 +435,8 @@ fn a_captured_sidecar_serves_the_workload_as_envoy_does() {
         registry_only_http: 502,
         registry_only_tcp: (0, None),
         registry_only_known: some("hello-v1"),
+        egress_proxy_tcp: some("legacy"),
+        egress_proxy_http: (200, some("legacy")),
     };
     assert_eq!(weft, expected, "weft-proxy");
     let envoy = scenario(true);

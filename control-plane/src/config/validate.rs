@@ -607,14 +607,22 @@ fn bind(field: &str, b: &Option<String>) -> Check {
 }
 
 pub fn sidecar(s: &SidecarSpec) -> Check {
-    if s.outbound_traffic_policy
-        .as_ref()
-        .is_some_and(|p| p.egress_proxy.is_some())
+    if let Some(p) = &s.outbound_traffic_policy
+        && let Some(d) = &p.egress_proxy
     {
-        return bad(
-            "spec.outboundTrafficPolicy.egressProxy",
-            "forwarding unknown destinations to an egress proxy needs traffic capture, which universal mode does not set up",
-        );
+        let at = "spec.outboundTrafficPolicy.egressProxy";
+        if p.mode == Some(OutboundMode::RegistryOnly) {
+            return bad(at, "an egress proxy is only valid with mode ALLOW_ANY");
+        }
+        if d.host.is_empty() || d.host.contains('*') {
+            return bad(
+                format!("{at}.host"),
+                "the egress proxy needs a host without wildcards",
+            );
+        }
+        if let Some(pn) = &d.port {
+            port(&format!("{at}.port.number"), pn.number)?;
+        }
     }
     for (i, l) in s.ingress.iter().enumerate() {
         let at = format!("spec.ingress[{i}]");

@@ -995,7 +995,7 @@ pub(super) fn route_config(
                 name: "allow_any".into(),
                 r#match: Some(prefix_match("/")),
                 action: Some(route::Action::Route(cluster_action(
-                    super::capture::PASSTHROUGH,
+                    &super::capture::fallback(mesh, scope),
                 ))),
                 ..Default::default()
             }],
@@ -1138,7 +1138,12 @@ fn route_match(m: &crate::config::HttpMatchRequest) -> RouteMatch {
 
 /// A destination's port: as written, else the service's only port, else the port the request
 /// came in on (Istio's defaulting).
-fn destination_port(mesh: &Mesh, host: &str, d: &crate::config::Destination, port: u32) -> u32 {
+pub(super) fn destination_port(
+    mesh: &Mesh,
+    host: &str,
+    d: &crate::config::Destination,
+    port: u32,
+) -> u32 {
     d.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
         match mesh.service(host).map(|s| s.ports.as_slice()) {
             Some([only]) => only.port,

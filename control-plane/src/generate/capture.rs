@@ -63,12 +63,29 @@ fn blackhole_cluster() -> Cluster {
     }
 }
 
-/// Where traffic to destinations the mesh does not know goes.
-fn fallback(scope: &Scope<'_>) -> &'static str {
+/// The cluster traffic to destinations the mesh does not know goes to: nowhere with
+/// REGISTRY_ONLY, else the Sidecar's `egressProxy` (Istio: an egress gateway that decides),
+/// else the original destination.
+pub(super) fn fallback(mesh: &Mesh, scope: &Scope<'_>) -> String {
     if super::build::registry_only(scope) {
-        BLACKHOLE
-    } else {
-        PASSTHROUGH
+        return BLACKHOLE.into();
+    }
+    let egress = scope.sidecar.and_then(|s| {
+        let d = s
+            .spec
+            .outbound_traffic_policy
+            .as_ref()?
+            .egress_proxy
+            .as_ref()?;
+        Some((s.namespace.as_str(), d))
+    });
+    match egress {
+        Some((ns, d)) => {
+            let host = crate::model::resolve_host(&d.host, ns);
+            let port = super::build::destination_port(mesh, &host, d, 0);
+            outbound_cluster_name(port, d.subset.as_deref().unwrap_or(""), &host)
+        }
+        None => PASSTHROUGH.into(),
     }
 }
 
@@ -126,14 +143,14 @@ pub fn outbound(
         &original_dst_cluster(PASSTHROUGH),
     );
     out.add(type_url::CLUSTER, BLACKHOLE.into(), &blackhole_cluster());
-    let fallback = fallback(scope);
+    let fallback = fallback(mesh, scope);
     let mut virtual_outbound = listener(
         "virtualOutbound",
         "0.0.0.0",
         VIRTUAL_OUTBOUND_PORT,
         tcp_proxy_filter(
-            fallback,
-            tcp_proxy::ClusterSpecifier::Cluster(fallback.into()),
+            &fallback,
+            tcp_proxy::ClusterSpecifier::Cluster(fallback.clone()),
         ),
     );
     virtual_outbound.use_original_dst = Some(BoolValue { value: true });
@@ -153,7 +170,7 @@ pub fn outbound(
         }
     }
     for (port, services) in by_port {
-        if let Some(l) = port_listener(mesh, scope, port, &services, fallback, out) {
+        if let Some(l) = port_listener(mesh, scope, port, &services, &fallback, out) {
             out.add(type_url::LISTENER, l.name.clone(), &l);
         }
     }
@@ -167,7 +184,7 @@ fn port_listener(
     scope: &Scope<'_>,
     port: u32,
     services: &[&Service],
-    fallback: &'static str,
+    fallback: &str,
     out: &mut Generated,
 ) -> Option<Listener> {
     let name = format!("0.0.0.0_{port}");
@@ -512,6 +529,61 @@ spec:
             BLACKHOLE
         );
         assert_eq!(allow_or_block(&g, "80"), ["block_all->502"]);
+    }
+
+    /// ALLOW_ANY with an `egressProxy`: unknown destinations go to that service's cluster
+    /// (its only port when the destination names none), TCP and HTTP alike.
+    #[test]
+    fn an_egress_proxy_takes_the_unknown_destinations() {
+        let sidecar = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default, namespace: default }
+spec:
+  egress: [{ hosts: ["./*"] }]
+  outboundTrafficPolicy: { mode: ALLOW_ANY, egressProxy: { host: db, subset: v2 } }
+"#;
+        let g = generated(&format!("{MESH}{sidecar}"), Some("REDIRECT"));
+        let egress = "outbound|7070|v2|db.default.svc.cluster.local";
+        assert_eq!(
+            target(&listener_of(&g, "virtualOutbound").filter_chains[0]),
+            egress
+        );
+        let tcp = listener_of(&g, "0.0.0.0_7070");
+        assert_eq!(target(tcp.default_filter_chain.as_ref().unwrap()), egress);
+        assert_eq!(allow_or_block(&g, "80"), [format!("allow_any->{egress}")]);
+        assert!(g.of_type(type_url::CLUSTER).unwrap().contains_key(egress));
+    }
+
+    #[test]
+    fn an_egress_proxy_needs_allow_any_and_a_host() {
+        let mut c = crate::config::ConfigSet::default();
+        let errors = c.add_file(
+            std::path::Path::new("t.yaml"),
+            r#"
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: a, namespace: default }
+spec:
+  outboundTrafficPolicy: { mode: REGISTRY_ONLY, egressProxy: { host: egress } }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: b, namespace: other }
+spec:
+  outboundTrafficPolicy: { egressProxy: { host: "*.example" } }
+"#,
+        );
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.outboundTrafficPolicy.egressProxy",
+                "spec.outboundTrafficPolicy.egressProxy.host"
+            ],
+            "{errors:?}"
+        );
     }
 
     /// Without capture (universal mode's default) nothing of this is generated, and a mode
