@@ -6,6 +6,7 @@
 //! A case is a folder with `case.yaml`:
 //!   config: [paths of YAML files or folders, relative to the case folder]
 //!   proxies: { file-stem: node id, ... }
+//!   metadata: { file-stem: { KEY: string value, ... } }   (optional node metadata)
 //! and one `<file-stem>.json` per proxy.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ use weft_xds_proto::{to_json, type_url, unpack};
 struct Case {
     config: Vec<PathBuf>,
     proxies: BTreeMap<String, String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 fn load(case_dir: &Path, case: &Case) -> ConfigSet {
@@ -55,9 +58,25 @@ fn load(case_dir: &Path, case: &Case) -> ConfigSet {
     set
 }
 
-fn render(mesh: &Mesh, node_id: &str) -> serde_json::Value {
+fn render(
+    mesh: &Mesh,
+    node_id: &str,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> serde_json::Value {
+    use weft_xds_proto::wkt::{Struct, Value, value::Kind};
     let node = Node {
         id: node_id.to_string(),
+        metadata: metadata.map(|m| Struct {
+            fields: m
+                .iter()
+                .map(|(k, v)| {
+                    let v = Value {
+                        kind: Some(Kind::StringValue(v.clone())),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        }),
         ..Default::default()
     };
     let proxy = ProxyNode::identify(&node, mesh).unwrap_or_else(|e| panic!("{node_id}: {e}"));
@@ -129,7 +148,8 @@ fn generated_xds_matches_the_reviewed_golden_files() {
         let mesh = Mesh::build(&load(&dir, &case));
         for (stem, node_id) in &case.proxies {
             let file = dir.join(format!("{stem}.json"));
-            let got = serde_json::to_string_pretty(&render(&mesh, node_id)).expect("JSON") + "\n";
+            let rendered = render(&mesh, node_id, case.metadata.get(stem));
+            let got = serde_json::to_string_pretty(&rendered).expect("JSON") + "\n";
             checked += 1;
             if bless {
                 std::fs::write(&file, &got).expect("write golden file");
