@@ -11,9 +11,14 @@ use http::HeaderValue;
 use weft_xds_proto::envoy::config::route::v3::route_action::HashPolicy as XdsHashPolicy;
 use weft_xds_proto::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
 
-/// The client's address, put in each request's extensions by the connection manager.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// The client's address: the connection the request came on, as the connection manager
+/// put it in the request's extensions.
+fn peer_of(parts: &http::request::Parts) -> Option<SocketAddr> {
+    parts
+        .extensions
+        .get::<std::sync::Arc<crate::listener::Downstream>>()?
+        .peer
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
@@ -156,8 +161,8 @@ pub fn compute(
                 None => ttl.and_then(|ttl| {
                     // A value derived from the client's address, so it lands where this
                     // client's later requests (carrying the cookie) will.
-                    let peer = parts.extensions.get::<Peer>()?;
-                    let value = format!("{:016x}", hash64(peer.0.to_string().as_bytes()));
+                    let peer = peer_of(parts)?;
+                    let value = format!("{:016x}", hash64(peer.to_string().as_bytes()));
                     let mut header = format!("{name}=\"{value}\"");
                     if !ttl.is_zero() {
                         header.push_str(&format!("; Max-Age={}", ttl.as_secs()));
@@ -170,10 +175,7 @@ pub fn compute(
                     Some(hash64(value.as_bytes()))
                 }),
             },
-            Key::SourceIp => parts
-                .extensions
-                .get::<Peer>()
-                .map(|p| hash64(p.0.ip().to_string().as_bytes())),
+            Key::SourceIp => peer_of(parts).map(|p| hash64(p.ip().to_string().as_bytes())),
             Key::QueryParameter(name) => {
                 query_param(&parts.uri, name).map(|v| hash64(v.as_bytes()))
             }
@@ -198,7 +200,11 @@ mod tests {
             b = b.header(*k, *v);
         }
         let (mut p, _) = b.body(()).unwrap().into_parts();
-        p.extensions.insert(Peer("10.0.0.7:41000".parse().unwrap()));
+        p.extensions
+            .insert(std::sync::Arc::new(crate::listener::Downstream {
+                peer: Some("10.0.0.7:41000".parse().unwrap()),
+                ..Default::default()
+            }));
         p
     }
 

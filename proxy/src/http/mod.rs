@@ -242,14 +242,11 @@ pub async fn serve_connection<S>(
     let stats = hcm.stats.clone();
     let _active = GaugeGuard::new(&stats.downstream_cx_active);
     let local = down.local;
-    let peer = down.peer.map(hash::Peer);
+    let peer = down.peer;
     let down = Arc::new(down);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
-        if let Some(p) = peer {
-            req.extensions_mut().insert(p);
-        }
         req.extensions_mut().insert(down.clone());
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
@@ -262,7 +259,7 @@ pub async fn serve_connection<S>(
                 let resp = proxy_request(&proxy, &hcm, req).await;
                 return Ok::<_, std::convert::Infallible>(resp.map(|b| LoggedBody::new(b, None)));
             };
-            let mut entry = request_entry(&req, peer.map(|p| p.0), local);
+            let mut entry = request_entry(&req, peer, local);
             let resp = proxy_request(&proxy, &hcm, req).await;
             response_entry(&mut entry, &resp);
             Ok(resp.map(|b| LoggedBody::new(b, Some((entry, loggers)))))
