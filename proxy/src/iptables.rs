@@ -1,13 +1,15 @@
-//! `weft-proxy iptables`: the netfilter rules that capture a workload's outbound TCP for its
-//! sidecar (what Istio's `istio-iptables` sets up for REDIRECT interception). In the `nat`
-//! table, OUTPUT sends TCP to the chain WEFT_OUTPUT, which lets through the proxy's own traffic
-//! (its uid or gid), loopback destinations and the excluded ports and ranges, and redirects the
-//! rest to the proxy's virtualOutbound port (15001), where `use_original_dst` hands each
-//! connection to the listener of its original destination. Run it in the workload's network
-//! namespace, as root, before the workload starts; `--clean` removes the rules again.
+//! `weft-proxy iptables`: the netfilter rules that capture a workload's TCP for its sidecar
+//! (what Istio's `istio-iptables` sets up for REDIRECT interception). In the `nat` table:
+//! - OUTPUT sends TCP to the chain WEFT_OUTPUT, which lets through the proxy's own traffic (its
+//!   uid or gid), loopback destinations and the excluded ports and ranges, and redirects the
+//!   rest to the proxy's virtualOutbound port (15001), where `use_original_dst` hands each
+//!   connection to the listener of its original destination;
+//! - PREROUTING sends TCP arriving from outside to WEFT_INBOUND, which redirects the inbound
+//!   ports (all, or a list) but the excluded ones to virtualInbound (15006), where the original
+//!   destination port picks the filter chain.
 //!
-//! Only outbound IPv4 is captured: inbound capture (Istio's port 15006) and ip6tables are not
-//! set up.
+//! Run it in the workload's network namespace, as root, before the workload starts; `--clean`
+//! removes the rules again. IPv4 only: ip6tables is not set up.
 
 use std::process::Command;
 
@@ -24,10 +26,18 @@ pub struct Capture {
     pub exclude_ports: Vec<u16>,
     /// Destination ranges never captured (CIDRs or addresses), e.g. the node's metadata server.
     pub exclude_ranges: Vec<String>,
+    /// The proxy's virtualInbound port.
+    pub inbound_port: u16,
+    /// Inbound ports captured: None captures none, an empty list every port.
+    pub inbound_ports: Option<Vec<u16>>,
+    /// Inbound ports never captured (e.g. 22, or the proxy's admin and metrics ports).
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 const OUTPUT_CHAIN: &str = "WEFT_OUTPUT";
 const REDIRECT_CHAIN: &str = "WEFT_REDIRECT";
+const INBOUND_CHAIN: &str = "WEFT_INBOUND";
+const IN_REDIRECT_CHAIN: &str = "WEFT_IN_REDIRECT";
 
 fn args(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
@@ -43,8 +53,8 @@ impl Capture {
                     .into(),
             );
         }
-        if self.proxy_port == 0 {
-            return Err("--proxy-port must be 1-65535".into());
+        if self.proxy_port == 0 || self.inbound_port == 0 {
+            return Err("--proxy-port and --inbound-capture-port must be 1-65535".into());
         }
         for r in &self.exclude_ranges {
             let (ip, len) = r.split_once('/').unwrap_or((r, "32"));
@@ -106,6 +116,54 @@ impl Capture {
             "-j",
             REDIRECT_CHAIN,
         ]));
+        let Some(ports) = &self.inbound_ports else {
+            return r;
+        };
+        let inbound = self.inbound_port.to_string();
+        r.extend([
+            args(&["-t", "nat", "-N", IN_REDIRECT_CHAIN]),
+            args(&[
+                "-t",
+                "nat",
+                "-A",
+                IN_REDIRECT_CHAIN,
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &inbound,
+            ]),
+            args(&["-t", "nat", "-N", INBOUND_CHAIN]),
+            args(&[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-j",
+                INBOUND_CHAIN,
+            ]),
+        ]);
+        let inbound_rule = |port: Option<u16>, target: &str| {
+            let mut a = args(&["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp"]);
+            if let Some(p) = port {
+                a.extend(args(&["--dport", &p.to_string()]));
+            }
+            a.extend(args(&["-j", target]));
+            a
+        };
+        for p in &self.exclude_inbound_ports {
+            r.push(inbound_rule(Some(*p), "RETURN"));
+        }
+        if ports.is_empty() {
+            r.push(inbound_rule(None, IN_REDIRECT_CHAIN));
+        } else {
+            for p in ports {
+                r.push(inbound_rule(Some(*p), IN_REDIRECT_CHAIN));
+            }
+        }
         r
     }
 
@@ -117,6 +175,20 @@ impl Capture {
             args(&["-t", "nat", "-X", OUTPUT_CHAIN]),
             args(&["-t", "nat", "-F", REDIRECT_CHAIN]),
             args(&["-t", "nat", "-X", REDIRECT_CHAIN]),
+            args(&[
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-j",
+                INBOUND_CHAIN,
+            ]),
+            args(&["-t", "nat", "-F", INBOUND_CHAIN]),
+            args(&["-t", "nat", "-X", INBOUND_CHAIN]),
+            args(&["-t", "nat", "-F", IN_REDIRECT_CHAIN]),
+            args(&["-t", "nat", "-X", IN_REDIRECT_CHAIN]),
         ]
     }
 }
@@ -151,6 +223,9 @@ mod tests {
             proxy_gid: None,
             exclude_ports: vec![22],
             exclude_ranges: vec!["169.254.169.254".into()],
+            inbound_port: 15006,
+            inbound_ports: Some(Vec::new()),
+            exclude_inbound_ports: vec![15000],
         }
     }
 
@@ -176,6 +251,34 @@ mod tests {
             lines.contains(&"-t nat -A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001".into())
         );
         assert!(at("-N WEFT_OUTPUT") < at("-A OUTPUT -p tcp -j WEFT_OUTPUT"));
+        // Inbound: every port but the excluded ones goes to 15006.
+        assert!(
+            at("-A WEFT_INBOUND -p tcp --dport 15000 -j RETURN")
+                < at("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT")
+        );
+        assert!(
+            lines
+                .contains(&"-t nat -A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006".into())
+        );
+        assert!(at("-A PREROUTING -p tcp -j WEFT_INBOUND") > at("-N WEFT_INBOUND"));
+    }
+
+    #[test]
+    fn inbound_capture_takes_the_ports_it_is_given_or_none() {
+        let mut c = capture();
+        c.inbound_ports = Some(vec![8080, 9090]);
+        let lines: Vec<String> = c.rules().iter().map(|a| a.join(" ")).collect();
+        for p in [8080, 9090] {
+            let rule = format!("-t nat -A WEFT_INBOUND -p tcp --dport {p} -j WEFT_IN_REDIRECT");
+            assert!(lines.contains(&rule), "{lines:#?}");
+        }
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.ends_with("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT"))
+        );
+        c.inbound_ports = None;
+        assert!(!c.rules().iter().any(|a| a.join(" ").contains("WEFT_IN")));
     }
 
     #[test]

@@ -118,6 +118,16 @@ struct IptablesArgs {
     /// Destination IPv4 ranges never captured, comma-separated CIDRs.
     #[arg(short = 'x', long, value_delimiter = ',')]
     exclude_outbound_ip_ranges: Vec<String>,
+    /// The port inbound connections are redirected to (the proxy's virtualInbound listener).
+    #[arg(long, default_value_t = 15006)]
+    inbound_capture_port: u16,
+    /// Inbound ports to capture: `*` for all (the default), a comma-separated list, or an
+    /// empty string for none.
+    #[arg(short = 'b', long, default_value = "*")]
+    inbound_ports: String,
+    /// Inbound ports never captured, comma-separated (e.g. 22).
+    #[arg(short = 'd', long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
     /// Print the iptables commands instead of running them.
     #[arg(long)]
     dry_run: bool,
@@ -131,7 +141,27 @@ struct IptablesArgs {
 
 fn iptables(a: &IptablesArgs) -> anyhow::Result<()> {
     use weft_proxy::iptables::{Capture, run};
+    let inbound_ports = match a.inbound_ports.trim() {
+        "" => None,
+        "*" => Some(Vec::new()),
+        list => Some(
+            list.split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("--inbound-ports: {p:?} is not a port (1-65535)")
+                        })
+                })
+                .collect::<anyhow::Result<Vec<u16>>>()?,
+        ),
+    };
     let capture = Capture {
+        inbound_port: a.inbound_capture_port,
+        inbound_ports,
+        exclude_inbound_ports: a.exclude_inbound_ports.clone(),
         proxy_port: a.proxy_port,
         proxy_uid: a.proxy_uid,
         proxy_gid: a.proxy_gid,

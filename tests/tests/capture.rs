@@ -10,7 +10,11 @@
 //! scenario runs once with weft-proxy and once with a stock Envoy 1.40 as the sidecar; both
 //! must see the same outcomes.
 //!
-//! Needs root (network namespaces, iptables); everything runs inside the namespace, so its
+//! A second scenario captures inbound traffic: a client in another namespace calls the
+//! workload's own port and gets the sidecar's inbound chain (its connection manager, the
+//! AuthorizationPolicy), and a port no service declares is passed through.
+//!
+//! Needs root (network namespaces, iptables); everything runs inside the namespaces, so their
 //! addresses and ports are private to this test.
 
 use std::path::{Path, PathBuf};
@@ -110,6 +114,35 @@ struct Netns {
 }
 
 impl Netns {
+    /// A namespace with only loopback up.
+    fn bare(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let ns = Netns { name: name.into() };
+        run("ip", &["netns", "add", name]);
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Links two namespaces with a veth pair, `a` on 10.255.3.1/24 and `b` on 10.255.3.2/24.
+    fn link(a: &Netns, b: &Netns) {
+        let (ea, eb) = (format!("{}-a", a.suffix()), format!("{}-b", b.suffix()));
+        run(
+            "ip",
+            &["link", "add", &ea, "type", "veth", "peer", "name", &eb],
+        );
+        run("ip", &["link", "set", &ea, "netns", &a.name]);
+        run("ip", &["link", "set", &eb, "netns", &b.name]);
+        for (ns, dev, ip) in [(a, &ea, "10.255.3.1/24"), (b, &eb, "10.255.3.2/24")] {
+            ns.run(&["ip", "link", "set", dev, "up"]);
+            ns.run(&["ip", "addr", "add", ip, "dev", dev]);
+        }
+    }
+
+    /// A short tag for interface names (at most 15 bytes with a suffix).
+    fn suffix(&self) -> String {
+        format!("w{}", std::process::id() % 100_000)
+    }
+
     fn new(name: &str) -> Netns {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
         let ns = Netns { name: name.into() };
@@ -154,6 +187,16 @@ impl Netns {
     /// curl from the workload (root, so captured): the status (0: no HTTP answer) and the
     /// name of the echo backend that answered.
     fn fetch(&self, url: &str, host: Option<&str>) -> (u16, Option<String>) {
+        let (code, text) = self.fetch_text(url, host);
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("name: "))
+            .map(str::to_string);
+        (code, name)
+    }
+
+    /// curl: the status (0: no HTTP answer) and the body.
+    fn fetch_text(&self, url: &str, host: Option<&str>) -> (u16, String) {
         let mut args = vec!["curl", "-s", "-m", "5", "-w", "\n%{http_code}"];
         let header;
         if let Some(h) = host {
@@ -162,17 +205,9 @@ impl Netns {
         }
         args.push(url);
         let out = self.command(&args).output().expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let code = text
-            .lines()
-            .last()
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(0);
-        let name = text
-            .lines()
-            .find_map(|l| l.strip_prefix("name: "))
-            .map(str::to_string);
-        (code, name)
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
     }
 }
 
@@ -243,6 +278,8 @@ struct Seen {
     registry_only_known: Option<String>,
     egress_proxy_tcp: Option<String>,
     egress_proxy_http: (u16, Option<String>),
+    /// A connection made to 15001 itself: closed, not passed through to itself.
+    direct_to_capture_port: u16,
 }
 
 fn dir(root: &Path, name: &str) -> PathBuf {
@@ -254,106 +291,150 @@ fn dir(root: &Path, name: &str) -> PathBuf {
     d
 }
 
+/// A captured workload's namespace: iptables set up by `weft-proxy iptables`, weftd reading
+/// `config`, echo backends, and the sidecar (weft-proxy or Envoy, as uid 1337) identified as
+/// `node`, all inside `ns`.
+struct CapturedMesh {
+    config: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl CapturedMesh {
+    fn start(
+        ns: &Netns,
+        tag: &str,
+        envoy: bool,
+        mesh: &str,
+        node: &str,
+        backends: &[(&str, &str, &str)],
+    ) -> CapturedMesh {
+        let kind = if envoy { "envoy" } else { "weft" };
+        let root = std::env::temp_dir().join(format!(
+            "weft-e2e-capture-{tag}-{kind}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        dir(&root, "");
+        let (config, logs) = (dir(&root, "config"), root.join("logs"));
+        std::fs::write(config.join("mesh.yaml"), mesh).expect("mesh.yaml");
+        let bootstrap = root.join("bootstrap.yaml");
+        let text = BOOTSTRAP.replace(
+            "sidecar~10.255.0.1~client.default~default.svc.cluster.local",
+            node,
+        );
+        std::fs::write(&bootstrap, text).expect("bootstrap");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+        }
+        let weft_proxy = bin("weft-proxy").display().to_string();
+        // Inbound too, but for the sidecar's admin port (read by the test).
+        ns.run(&[
+            &weft_proxy,
+            "iptables",
+            "--proxy-uid",
+            "1337",
+            "--exclude-inbound-ports",
+            "15000",
+        ]);
+        let weftd = bin("weftd").display().to_string();
+        let config_s = config.display().to_string();
+        let state_s = root.join("state").display().to_string();
+        let mut procs = vec![ns.start(
+            "weftd",
+            &[
+                &weftd,
+                "--config-dir",
+                &config_s,
+                "--xds-address",
+                "127.0.0.1:15010",
+                "--debug-address",
+                "127.0.0.1:15014",
+                "--no-dns",
+                "--poll-ms",
+                "50",
+                "--state-dir",
+                &state_s,
+            ],
+            &logs,
+        )];
+        let weftctl = bin("weftctl").display().to_string();
+        for (name, address, port) in backends {
+            procs.push(ns.start(
+                &format!("echo-{name}"),
+                &[
+                    &weftctl,
+                    "echo",
+                    "--address",
+                    address,
+                    "--port",
+                    port,
+                    "--name",
+                    name,
+                ],
+                &logs,
+            ));
+        }
+        let bootstrap_s = bootstrap.display().to_string();
+        let envoy_s = envoy_bin().display().to_string();
+        let as_proxy = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"];
+        let sidecar: Vec<&str> = if envoy {
+            [
+                &envoy_s,
+                "-c",
+                &bootstrap_s,
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "info",
+            ]
+            .to_vec()
+        } else {
+            [&weft_proxy, "-c", &bootstrap_s, "--concurrency", "1"].to_vec()
+        };
+        let args: Vec<&str> = as_proxy.iter().copied().chain(sidecar).collect();
+        procs.push(ns.start(kind, &args, &logs));
+        CapturedMesh { config, procs }
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        std::fs::write(self.config.join(file), text).expect("config file");
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("--- {}\n{}", p.name, p.logs()))
+            .collect()
+    }
+}
+
 fn scenario(envoy: bool) -> Seen {
     let kind = if envoy { "envoy" } else { "weft" };
     let ns = Netns::new(&format!("weftcap-{kind}-{}", std::process::id()));
-    let root = std::env::temp_dir().join(format!("weft-e2e-capture-{kind}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    dir(&root, "");
-    let (config, logs) = (dir(&root, "config"), root.join("logs"));
-    std::fs::write(config.join("mesh.yaml"), MESH).expect("mesh.yaml");
-    let bootstrap = root.join("bootstrap.yaml");
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("bootstrap");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod");
-    }
-
-    let weft_proxy = bin("weft-proxy").display().to_string();
-    ns.run(&[&weft_proxy, "iptables", "--proxy-uid", "1337"]);
-    let weftd = bin("weftd").display().to_string();
-    let config_s = config.display().to_string();
-    let state_s = root.join("state").display().to_string();
-    let mut procs = vec![ns.start(
-        "weftd",
+    let mesh = CapturedMesh::start(
+        &ns,
+        "out",
+        envoy,
+        MESH,
+        "sidecar~10.255.0.1~client.default~default.svc.cluster.local",
         &[
-            &weftd,
-            "--config-dir",
-            &config_s,
-            "--xds-address",
-            "127.0.0.1:15010",
-            "--debug-address",
-            "127.0.0.1:15014",
-            "--no-dns",
-            "--poll-ms",
-            "50",
-            "--state-dir",
-            &state_s,
+            ("hello-v1", "127.0.0.1", "18081"),
+            ("db-v1", "127.0.0.1", "17071"),
+            ("db-v2", "127.0.0.1", "17072"),
+            ("legacy", "127.0.0.1", "17073"),
+            ("outside", "10.255.0.1", "9999"),
+            ("outside-80", "10.255.0.1", "80"),
+            ("direct", "10.255.0.1", "9998"),
         ],
-        &logs,
-    )];
-    let weftctl = bin("weftctl").display().to_string();
-    for (name, address, port) in [
-        ("hello-v1", "127.0.0.1", "18081"),
-        ("db-v1", "127.0.0.1", "17071"),
-        ("db-v2", "127.0.0.1", "17072"),
-        ("legacy", "127.0.0.1", "17073"),
-        ("outside", "10.255.0.1", "9999"),
-        ("outside-80", "10.255.0.1", "80"),
-        ("direct", "10.255.0.1", "9998"),
-    ] {
-        procs.push(ns.start(
-            &format!("echo-{name}"),
-            &[
-                &weftctl,
-                "echo",
-                "--address",
-                address,
-                "--port",
-                port,
-                "--name",
-                name,
-            ],
-            &logs,
-        ));
-    }
-    let bootstrap_s = bootstrap.display().to_string();
-    let envoy_s = envoy_bin().display().to_string();
-    let as_proxy = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"];
-    let sidecar: Vec<&str> = if envoy {
-        [
-            &envoy_s,
-            "-c",
-            &bootstrap_s,
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "-l",
-            "info",
-        ]
-        .to_vec()
-    } else {
-        [&weft_proxy, "-c", &bootstrap_s, "--concurrency", "1"].to_vec()
-    };
-    let args: Vec<&str> = as_proxy.iter().copied().chain(sidecar).collect();
-    procs.push(ns.start(kind, &args, &logs));
-    let dump = |procs: &[Proc]| {
-        procs
-            .iter()
-            .map(|p| format!("--- {}\n{}", p.name, p.logs()))
-            .collect::<String>()
-    };
+    );
     // Ready once the HTTP listener serves the service by its clusterIP.
     wait_until(Duration::from_secs(20), || {
         (ns.fetch("http://10.96.0.10/", Some("hello")).0 == 200).then_some(())
     })
-    .unwrap_or_else(|| {
-        panic!(
-            "{kind}: the captured sidecar never served\n{}",
-            dump(&procs)
-        )
-    });
+    .unwrap_or_else(|| panic!("{kind}: the captured sidecar never served\n{}", mesh.logs()));
 
     let http_by_cluster_ip = ns.fetch("http://10.96.0.10/", Some("hello.default"));
     let mut tcp_by_cluster_ip: Vec<String> = (0..4)
@@ -380,22 +461,23 @@ fn scenario(envoy: bool) -> Seen {
     let allow_any_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
     let allow_any_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
 
-    std::fs::write(config.join("sidecar.yaml"), REGISTRY_ONLY).expect("sidecar.yaml");
+    mesh.write("sidecar.yaml", REGISTRY_ONLY);
     wait_until(Duration::from_secs(10), || {
         (ns.fetch("http://10.255.0.1/", Some("elsewhere.example")).0 == 502).then_some(())
     })
-    .unwrap_or_else(|| panic!("{kind}: REGISTRY_ONLY never applied\n{}", dump(&procs)));
+    .unwrap_or_else(|| panic!("{kind}: REGISTRY_ONLY never applied\n{}", mesh.logs()));
     let registry_only_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example")).0;
     let registry_only_tcp = ns.fetch("http://10.255.0.1:9999/", None);
     let registry_only_known = ns.fetch("http://10.96.0.10/", Some("hello")).1;
 
-    std::fs::write(config.join("sidecar.yaml"), EGRESS_PROXY).expect("sidecar.yaml");
+    mesh.write("sidecar.yaml", EGRESS_PROXY);
     wait_until(Duration::from_secs(10), || {
         (ns.fetch("http://10.255.0.1:9999/", None).1.as_deref() == Some("legacy")).then_some(())
     })
-    .unwrap_or_else(|| panic!("{kind}: the egress proxy never applied\n{}", dump(&procs)));
+    .unwrap_or_else(|| panic!("{kind}: the egress proxy never applied\n{}", mesh.logs()));
     let egress_proxy_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
     let egress_proxy_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
+    let direct_to_capture_port = ns.fetch("http://127.0.0.1:15001/", None).0;
     let seen = Seen {
         http_by_cluster_ip,
         tcp_by_cluster_ip,
@@ -410,12 +492,9 @@ fn scenario(envoy: bool) -> Seen {
         registry_only_known,
         egress_proxy_tcp,
         egress_proxy_http,
+        direct_to_capture_port,
     };
     eprintln!("{kind}: {seen:#?}");
-    if std::thread::panicking() {
-        eprintln!("{}", dump(&procs));
-    }
-    drop(procs);
     seen
 }
 
@@ -437,8 +516,107 @@ fn a_captured_sidecar_serves_the_workload_as_envoy_does() {
         registry_only_known: some("hello-v1"),
         egress_proxy_tcp: some("legacy"),
         egress_proxy_http: (200, some("legacy")),
+        direct_to_capture_port: 0,
     };
     assert_eq!(weft, expected, "weft-proxy");
     let envoy = scenario(true);
+    assert_eq!(envoy, weft, "Envoy 1.40 and weft-proxy differ");
+}
+
+const INBOUND_MESH: &str = r#"apiVersion: v1
+kind: Service
+metadata: { name: hello, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: hello }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: server, namespace: default }
+spec: { address: 10.255.3.2, labels: { app: hello } }
+"#;
+
+const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: no-admin, namespace: default }
+spec:
+  selector: { matchLabels: { app: hello } }
+  action: DENY
+  rules: [{ to: [{ operation: { paths: ["/admin"] } }] }]
+"#;
+
+#[derive(Debug, PartialEq)]
+struct InboundSeen {
+    /// The service's port, through the inbound connection manager (it adds x-request-id).
+    declared: (u16, Option<String>, bool),
+    denied_path: (u16, bool),
+    /// A port no service declares, while a DENY policy names HTTP paths: Istio makes such a
+    /// rule deny all of a TCP chain's connections.
+    undeclared_under_path_deny: (u16, Option<String>),
+    undeclared: (u16, Option<String>),
+}
+
+fn inbound_scenario(envoy: bool) -> InboundSeen {
+    let kind = if envoy { "envoy" } else { "weft" };
+    let id = std::process::id();
+    let (client, server) = (
+        Netns::bare(&format!("weftin-c-{kind}-{id}")),
+        Netns::bare(&format!("weftin-s-{kind}-{id}")),
+    );
+    Netns::link(&client, &server);
+    let mesh = CapturedMesh::start(
+        &server,
+        "in",
+        envoy,
+        &format!("{INBOUND_MESH}---\n{DENY_ADMIN}"),
+        "sidecar~10.255.3.2~server.default~default.svc.cluster.local",
+        &[("hello", "0.0.0.0", "8080"), ("other", "0.0.0.0", "9999")],
+    );
+    wait_until(Duration::from_secs(20), || {
+        (client.fetch("http://10.255.3.2:8080/ok", None).0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{kind}: inbound capture never served\n{}", mesh.logs()));
+    let (code, body) = client.fetch_text("http://10.255.3.2:8080/ok", None);
+    let name = body
+        .lines()
+        .find_map(|l| l.strip_prefix("name: "))
+        .map(str::to_string);
+    let declared = (code, name, body.contains("x-request-id"));
+    let (code, body) = client.fetch_text("http://10.255.3.2:8080/admin", None);
+    let denied_path = (code, body.contains("RBAC: access denied"));
+    let undeclared_under_path_deny = client.fetch("http://10.255.3.2:9999/", None);
+    mesh.write("mesh.yaml", INBOUND_MESH);
+    wait_until(Duration::from_secs(10), || {
+        (client.fetch("http://10.255.3.2:9999/", None).0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{kind}: the policy's removal never applied\n{}",
+            mesh.logs()
+        )
+    });
+    let undeclared = client.fetch("http://10.255.3.2:9999/", None);
+    let seen = InboundSeen {
+        declared,
+        denied_path,
+        undeclared_under_path_deny,
+        undeclared,
+    };
+    eprintln!("{kind}: {seen:#?}");
+    seen
+}
+
+#[test]
+fn a_captured_sidecar_serves_inbound_traffic_as_envoy_does() {
+    let weft = inbound_scenario(false);
+    let expected = InboundSeen {
+        declared: (200, Some("hello".into()), true),
+        denied_path: (403, true),
+        undeclared_under_path_deny: (0, None),
+        undeclared: (200, Some("other".into())),
+    };
+    assert_eq!(weft, expected, "weft-proxy");
+    let envoy = inbound_scenario(true);
     assert_eq!(envoy, weft, "Envoy 1.40 and weft-proxy differ");
 }

@@ -497,27 +497,87 @@ fn mesh_tls(
 
 /// Inbound: each Sidecar ingress listener forwards to its `defaultEndpoint` through the
 /// `inbound|PORT||` cluster.
+/// One port the sidecar receives its workload's traffic on.
+struct InboundPort {
+    port: u32,
+    protocol: Protocol,
+    /// Where a bound listener listens (Sidecar ingress `bind`).
+    bind: String,
+    /// Where the workload itself listens.
+    to_ip: String,
+    to_port: u32,
+}
+
+/// The inbound ports: the Sidecar's `ingress` listeners; for a captured sidecar without them,
+/// the ports the services selecting its workload send to (their target ports), forwarded to
+/// the workload on localhost, as Istio does.
+fn inbound_ports(mesh: &Mesh, scope: &Scope<'_>, captured: bool) -> Vec<InboundPort> {
+    let ingress = scope
+        .sidecar
+        .map(|s| s.spec.ingress.as_slice())
+        .unwrap_or(&[]);
+    if !ingress.is_empty() {
+        return ingress
+            .iter()
+            .filter_map(|l| {
+                let (ip, to_port) = parse_default_endpoint(l.default_endpoint.as_ref()?).ok()?;
+                Some(InboundPort {
+                    port: l.port.number,
+                    protocol: l
+                        .port
+                        .protocol
+                        .as_deref()
+                        .map(Protocol::from_name)
+                        .unwrap_or(Protocol::Tcp),
+                    bind: l.bind.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                    to_ip: if ip.is_unspecified() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        ip.to_string()
+                    },
+                    to_port,
+                })
+            })
+            .collect();
+    }
+    let (true, Some(w)) = (captured, &scope.proxy.workload) else {
+        return Vec::new();
+    };
+    let mut out: Vec<InboundPort> = Vec::new();
+    for svc in mesh.services.iter().filter(|s| s.namespace == w.namespace) {
+        for ep in svc.endpoints.iter().filter(|e| e.workload == w.name) {
+            for p in &svc.ports {
+                let Some(&target) = ep.ports.get(&p.port) else {
+                    continue;
+                };
+                if out.iter().all(|o| o.port != target) {
+                    out.push(InboundPort {
+                        port: target,
+                        protocol: p.protocol,
+                        bind: "0.0.0.0".into(),
+                        to_ip: "127.0.0.1".into(),
+                        to_port: target,
+                    });
+                }
+            }
+        }
+    }
+    out.sort_by_key(|p| p.port);
+    out
+}
+
 pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
-    let Some(sidecar) = scope.sidecar else { return };
-    for l in &sidecar.spec.ingress {
-        let Some(ep) = &l.default_endpoint else {
-            continue;
-        };
-        let Ok((ip, target)) = parse_default_endpoint(ep) else {
-            continue;
-        };
-        let protocol = l
-            .port
-            .protocol
-            .as_deref()
-            .map(Protocol::from_name)
-            .unwrap_or(Protocol::Tcp);
-        let cluster_name = inbound_cluster_name(l.port.number);
-        let ip = if ip.is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            ip.to_string()
-        };
+    let captured = scope.proxy.captured() && !scope.proxy.router;
+    let mut captured_chains = Vec::new();
+    let mut inspect_tls = false;
+    for l in inbound_ports(mesh, scope, captured) {
+        let InboundPort {
+            protocol,
+            to_ip: ip,
+            to_port: target,
+            ..
+        } = l;
+        let cluster_name = inbound_cluster_name(l.port);
         let cluster = Cluster {
             cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
                 cluster::DiscoveryType::Static as i32,
@@ -533,15 +593,15 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             ..base_cluster(&cluster_name, protocol)
         };
         out.add(type_url::CLUSTER, cluster_name.clone(), &cluster);
-        let bind = l.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
-        let listener_name = format!("{bind}_{}", l.port.number);
-        let stat_prefix = format!("inbound_{bind}_{}", l.port.number);
+        let bind = &l.bind;
+        let listener_name = format!("{bind}_{}", l.port);
+        let stat_prefix = format!("inbound_{bind}_{}", l.port);
         let network_filter = if protocol.is_http() {
             let rc = RouteConfiguration {
                 name: cluster_name.clone(),
                 validate_clusters: Some(BoolValue { value: false }),
                 virtual_hosts: vec![VirtualHost {
-                    name: format!("inbound|http|{}", l.port.number),
+                    name: format!("inbound|http|{}", l.port),
                     domains: vec!["*".into()],
                     routes: vec![Route {
                         name: "default".into(),
@@ -565,49 +625,70 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()),
             )
         };
-        // AuthorizationPolicy: RBAC filters in front of the connection manager's, or of the
-        // TCP proxy.
-        let rbac = super::authz::rbac_for(
+        let listener = inbound_listener_for(
             mesh,
-            &scope.proxy.namespace,
-            &scope.proxy.labels,
+            scope,
+            &listener_name,
+            socket(bind, l.port),
+            network_filter,
             protocol.is_http(),
+            &stat_prefix,
+            l.port,
         );
-        let mut network_filter = network_filter;
-        let mut filters = Vec::new();
-        if protocol.is_http() {
-            super::authz::add_http_rbac(&mut network_filter, &rbac);
-        } else {
-            filters = super::authz::network_rbac(&rbac, &stat_prefix);
+        if !captured {
+            out.add(type_url::LISTENER, listener_name.clone(), &listener);
+            continue;
         }
-        filters.push(network_filter);
-        let listener = if super::security::has_sidecar(&scope.proxy.labels) {
-            let mode = super::security::peer_mode(
-                mesh,
-                &scope.proxy.namespace,
-                &scope.proxy.labels,
-                l.port.number,
-            );
-            super::security::inbound_listener(
-                &listener_name,
-                socket(&bind, l.port.number),
-                filters,
-                protocol.is_http(),
-                mode,
-                mesh.settings.trust_domain(),
-            )
-        } else {
-            super::security::inbound_listener(
-                &listener_name,
-                socket(&bind, l.port.number),
-                filters,
-                protocol.is_http(),
-                crate::config::MtlsMode::Disable,
-                mesh.settings.trust_domain(),
-            )
-        };
-        out.add(type_url::LISTENER, listener_name.clone(), &listener);
+        // Captured: the port's chains go into virtualInbound, matched on the port.
+        inspect_tls |= !listener.listener_filters.is_empty();
+        for mut chain in listener.filter_chains {
+            chain.name = super::capture::chain_name(&cluster_name, &chain.name);
+            chain
+                .filter_chain_match
+                .get_or_insert_with(Default::default)
+                .destination_port = Some(UInt32Value { value: l.port });
+            captured_chains.push(chain);
+        }
     }
+    if captured {
+        super::capture::virtual_inbound(mesh, scope, captured_chains, inspect_tls, out);
+    }
+}
+
+/// An inbound listener: AuthorizationPolicy's RBAC in front of the connection manager's
+/// router or of the TCP proxy, and TLS as PeerAuthentication says (mesh workloads only).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn inbound_listener_for(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    name: &str,
+    address: Address,
+    mut network_filter: Filter,
+    http: bool,
+    stat_prefix: &str,
+    port: u32,
+) -> Listener {
+    let rbac = super::authz::rbac_for(mesh, &scope.proxy.namespace, &scope.proxy.labels, http);
+    let mut filters = Vec::new();
+    if http {
+        super::authz::add_http_rbac(&mut network_filter, &rbac);
+    } else {
+        filters = super::authz::network_rbac(&rbac, stat_prefix);
+    }
+    filters.push(network_filter);
+    let mode = if super::security::has_sidecar(&scope.proxy.labels) {
+        super::security::peer_mode(mesh, &scope.proxy.namespace, &scope.proxy.labels, port)
+    } else {
+        crate::config::MtlsMode::Disable
+    };
+    super::security::inbound_listener(
+        name,
+        address,
+        filters,
+        http,
+        mode,
+        mesh.settings.trust_domain(),
+    )
 }
 
 pub(super) fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listener {

@@ -30,8 +30,11 @@ use crate::model::{Mesh, Service};
 
 /// The port iptables redirects outbound TCP to (Istio's).
 pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
+/// The port iptables redirects inbound TCP to (Istio's).
+pub const VIRTUAL_INBOUND_PORT: u32 = 15006;
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
+pub const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
 
 /// An ORIGINAL_DST cluster: connections go where the client addressed them.
 pub fn original_dst_cluster(name: &str) -> Cluster {
@@ -155,6 +158,9 @@ pub fn outbound(
     );
     virtual_outbound.use_original_dst = Some(BoolValue { value: true });
     virtual_outbound.filter_chains[0].name = "virtualOutbound-catchall-tcp".into();
+    virtual_outbound
+        .filter_chains
+        .insert(0, blackhole_chain("virtualOutbound", VIRTUAL_OUTBOUND_PORT));
     out.add(
         type_url::LISTENER,
         "virtualOutbound".into(),
@@ -173,6 +179,96 @@ pub fn outbound(
         if let Some(l) = port_listener(mesh, scope, port, &services, &fallback, out) {
             out.add(type_url::LISTENER, l.name.clone(), &l);
         }
+    }
+}
+
+/// `virtualInbound` (0.0.0.0:15006): iptables sends the workload's inbound TCP here; the
+/// original destination filter restores the port it was sent to, and `chains` (each inbound
+/// port's, matched on `destination_port`) serve it as that port's inbound listener would. A
+/// port the workload declares nothing for is passed through to where it was sent
+/// (`InboundPassthroughCluster`), under the workload's PeerAuthentication and its
+/// connection-level authorization.
+pub fn virtual_inbound(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    mut chains: Vec<FilterChain>,
+    mut inspect_tls: bool,
+    out: &mut Generated,
+) {
+    use weft_xds_proto::envoy::config::listener::v3::{ListenerFilter, listener_filter};
+    use weft_xds_proto::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+    out.add(
+        type_url::CLUSTER,
+        INBOUND_PASSTHROUGH.into(),
+        &original_dst_cluster(INBOUND_PASSTHROUGH),
+    );
+    let passthrough = super::build::inbound_listener_for(
+        mesh,
+        scope,
+        "virtualInbound",
+        super::build::socket("0.0.0.0", VIRTUAL_INBOUND_PORT),
+        tcp_proxy_filter(
+            INBOUND_PASSTHROUGH,
+            tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
+        ),
+        false,
+        INBOUND_PASSTHROUGH,
+        0,
+    );
+    inspect_tls |= !passthrough.listener_filters.is_empty();
+    for mut c in passthrough.filter_chains {
+        c.name = chain_name(INBOUND_PASSTHROUGH, &c.name);
+        chains.push(c);
+    }
+    chains.push(blackhole_chain("virtualInbound", VIRTUAL_INBOUND_PORT));
+    let mut l = bare_listener("virtualInbound", VIRTUAL_INBOUND_PORT);
+    l.filter_chains = chains;
+    l.listener_filters = vec![ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(
+            weft_xds_proto::pack(&OriginalDst::default()),
+        )),
+        ..Default::default()
+    }];
+    if inspect_tls {
+        l.listener_filters.push(super::security::tls_inspector());
+    }
+    out.add(type_url::LISTENER, "virtualInbound".into(), &l);
+}
+
+/// A virtualInbound chain's name: what it serves, and the transport when PeerAuthentication
+/// split it (`inbound|8080||/tls`).
+pub(super) fn chain_name(serves: &str, inbound_chain: &str) -> String {
+    match inbound_chain.rsplit_once('/') {
+        Some((_, transport)) => format!("{serves}/{transport}"),
+        None => serves.to_string(),
+    }
+}
+
+/// A connection made to the capture port itself (not redirected there) has that port as its
+/// original destination: passing it through would connect the proxy to itself, so it is
+/// closed, as Istio's `*-blackhole` chains do.
+fn blackhole_chain(listener: &str, port: u32) -> FilterChain {
+    FilterChain {
+        name: format!("{listener}-blackhole"),
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: Some(UInt32Value { value: port }),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy_filter(
+            BLACKHOLE,
+            tcp_proxy::ClusterSpecifier::Cluster(BLACKHOLE.into()),
+        )],
+        ..Default::default()
+    }
+}
+
+/// A listener on 0.0.0.0:`port` without filter chains yet.
+fn bare_listener(name: &str, port: u32) -> Listener {
+    Listener {
+        name: name.into(),
+        address: Some(super::build::socket("0.0.0.0", port)),
+        ..Default::default()
     }
 }
 
@@ -450,13 +546,19 @@ spec:
                 "0.0.0.0_7070",
                 "0.0.0.0_80",
                 "0.0.0.0_9998",
+                "virtualInbound",
                 "virtualOutbound"
             ]
         );
         let vo = listener_of(&g, "virtualOutbound");
         assert_eq!(vo.use_original_dst, Some(BoolValue { value: true }));
         assert_eq!(vo.bind_to_port, None, "virtualOutbound is bound to 15001");
-        assert_eq!(target(&vo.filter_chains[0]), PASSTHROUGH);
+        assert_eq!(
+            target(&vo.filter_chains[0]),
+            BLACKHOLE,
+            "direct connections to 15001"
+        );
+        assert_eq!(target(&vo.filter_chains[1]), PASSTHROUGH);
 
         // TCP: a chain per destination, the destinationSubnets route first for its subnet,
         // the rest to the original destination.
@@ -520,7 +622,7 @@ spec:
     fn registry_only_sends_unknown_destinations_to_the_black_hole() {
         let g = generated(&format!("{MESH}{REGISTRY_ONLY}"), Some("REDIRECT"));
         assert_eq!(
-            target(&listener_of(&g, "virtualOutbound").filter_chains[0]),
+            target(&listener_of(&g, "virtualOutbound").filter_chains[1]),
             BLACKHOLE
         );
         let tcp = listener_of(&g, "0.0.0.0_7070");
@@ -547,7 +649,7 @@ spec:
         let g = generated(&format!("{MESH}{sidecar}"), Some("REDIRECT"));
         let egress = "outbound|7070|v2|db.default.svc.cluster.local";
         assert_eq!(
-            target(&listener_of(&g, "virtualOutbound").filter_chains[0]),
+            target(&listener_of(&g, "virtualOutbound").filter_chains[1]),
             egress
         );
         let tcp = listener_of(&g, "0.0.0.0_7070");
@@ -584,6 +686,66 @@ spec:
             ],
             "{errors:?}"
         );
+    }
+
+    /// Inbound: the ports the services selecting the workload send to become virtualInbound
+    /// chains matched on the port (forwarded to the workload on localhost); other ports pass
+    /// through; nothing is bound to the workload's own ports.
+    #[test]
+    fn a_captured_sidecar_gets_virtual_inbound_for_its_service_ports() {
+        let server = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: api, namespace: default }
+spec:
+  selector: { app: client }
+  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: tcp-db, port: 5432 }]
+"#;
+        let g = generated(&format!("{MESH}{server}"), Some("REDIRECT"));
+        let vi = listener_of(&g, "virtualInbound");
+        assert_eq!(vi.bind_to_port, None);
+        assert_eq!(
+            vi.listener_filters[0].name,
+            "envoy.filters.listener.original_dst"
+        );
+        let chains: Vec<(Option<u32>, String)> = vi
+            .filter_chains
+            .iter()
+            .map(|c| {
+                let port = c
+                    .filter_chain_match
+                    .as_ref()
+                    .and_then(|m| m.destination_port)
+                    .map(|p| p.value);
+                (port, target(c))
+            })
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                (Some(5432), "inbound|5432||".to_string()),
+                (Some(8080), "http".to_string()),
+                (None, INBOUND_PASSTHROUGH.to_string()),
+                (Some(VIRTUAL_INBOUND_PORT), BLACKHOLE.to_string()),
+            ]
+        );
+        // The only listeners bound to a port are the two virtual ones (0.0.0.0_5432 is the
+        // outbound listener for the api service, not bound).
+        let bound: Vec<String> = g
+            .of_type(type_url::LISTENER)
+            .unwrap()
+            .values()
+            .map(|r| unpack::<Listener>(&r.any).unwrap())
+            .filter(|l| l.bind_to_port.is_none_or(|b| b.value))
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(bound, ["virtualInbound", "virtualOutbound"]);
+        let clusters = g.of_type(type_url::CLUSTER).unwrap();
+        let inbound: Cluster = unpack(&clusters["inbound|8080||"].any).unwrap();
+        let ep = &inbound.load_assignment.unwrap().endpoints[0].lb_endpoints[0];
+        assert!(format!("{ep:?}").contains("127.0.0.1") && format!("{ep:?}").contains("8080"));
+        assert!(clusters.contains_key(INBOUND_PASSTHROUGH));
     }
 
     /// Without capture (universal mode's default) nothing of this is generated, and a mode
