@@ -922,7 +922,7 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
         .map(str::to_string)
 }
 
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -932,15 +932,32 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
+    // One pass over the (few) names present rather than a lookup per hop-by-hop name: most
+    // messages carry none of them, or only Connection.
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(k))
+        .cloned()
+        .collect();
+    // Headers named in Connection are hop-by-hop too ("close" and "keep-alive" are the usual
+    // tokens: no header, or one already listed).
+    for token in headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        .map(str::trim)
+    {
+        if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            && headers.contains_key(&name)
+        {
+            doomed.push(name);
+        }
+    }
+    for n in &doomed {
         headers.remove(n);
     }
 }
@@ -999,19 +1016,35 @@ fn upstream_head(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
     );
-    let path = parts
-        .uri
+    let uri = std::mem::take(&mut parts.uri);
+    let path = uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let (uri, version) = match protocol {
         UpstreamProtocol::Http1 => {
-            let host = HeaderValue::from_str(authority)
-                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE"))?;
-            parts.headers.insert(header::HOST, host);
-            let uri = Uri::try_from(path)
-                .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?;
+            // The client's Host is kept when it is the only one and names the authority.
+            let mut hosts = parts.headers.get_all(header::HOST).iter();
+            let same_host = hosts
+                .next()
+                .is_some_and(|h| h.as_bytes() == authority.as_bytes())
+                && hosts.next().is_none();
+            if !same_host {
+                let host = HeaderValue::from_str(authority).map_err(|_| {
+                    local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE")
+                })?;
+                parts.headers.insert(header::HOST, host);
+            }
+            // Origin form: an HTTP/1.1 client's URI already is; an HTTP/2 client's loses its
+            // scheme and authority.
+            let uri = if uri.scheme().is_none() && uri.authority().is_none() {
+                uri
+            } else {
+                let mut p = http::uri::Parts::default();
+                p.path_and_query = Some(path);
+                Uri::from_parts(p)
+                    .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?
+            };
             (uri, Version::HTTP_11)
         }
         UpstreamProtocol::Http2 => {
@@ -1327,6 +1360,30 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+            ("content-length", "3"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        super::strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "te", "x-kept"]);
+    }
+
     #[test]
     fn request_ids_are_version_4_uuids() {
         let a = super::request_id();
