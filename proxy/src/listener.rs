@@ -766,8 +766,14 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
         && let Some(orig) = original_destination(&stream)
     {
         local = Some(orig);
+        // As Envoy, a listener still warming (its route configurations not all here yet) is
+        // not handed connections: the receiving listener serves them meanwhile.
         if config.use_original_dst
             && let Some(to) = proxy.listeners.for_original_destination(orig)
+            && to
+                .route_config_names()
+                .iter()
+                .all(|n| proxy.snapshot().routes.contains_key(*n))
         {
             tracing::trace!(from = %config.name, to = %to.name, original = %orig, "handing off");
             config = to;
