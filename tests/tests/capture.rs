@@ -228,33 +228,6 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-const BOOTSTRAP: &str = r#"node:
-  id: "sidecar~10.255.0.1~client.default~default.svc.cluster.local"
-  cluster: client
-  metadata: { INTERCEPTION_MODE: REDIRECT, NAMESPACE: default }
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{ envoy_grpc: { cluster_name: xds-grpc } }]
-  cds_config: { ads: {}, resource_api_version: V3 }
-  lds_config: { ads: {}, resource_api_version: V3 }
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: { http2_protocol_options: {} }
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } } }] }]
-"#;
-
 const EGRESS_PROXY: &str = r#"apiVersion: networking.istio.io/v1
 kind: Sidecar
 metadata: { name: default, namespace: default }
@@ -318,9 +291,13 @@ impl CapturedMesh {
         let (config, logs) = (dir(&root, "config"), root.join("logs"));
         std::fs::write(config.join("mesh.yaml"), mesh).expect("mesh.yaml");
         let bootstrap = root.join("bootstrap.yaml");
-        let text = BOOTSTRAP.replace(
-            "sidecar~10.255.0.1~client.default~default.svc.cluster.local",
+        let text = weft_e2e::envoy::bootstrap(
             node,
+            "captured",
+            "{ INTERCEPTION_MODE: REDIRECT, NAMESPACE: default }",
+            "127.0.0.1:15000".parse().expect("admin"),
+            "127.0.0.1:15010".parse().expect("xds"),
+            false,
         );
         std::fs::write(&bootstrap, text).expect("bootstrap");
         {

@@ -397,21 +397,7 @@ fn ported_egress(
         let listener_name = format!("{bind}_{}", port.number);
         let stat_prefix = format!("outbound_{bind}_{}", port.number);
         let network_filter = if protocol.is_http() {
-            let route_name = port.number.to_string();
-            out.add(
-                type_url::ROUTE_CONFIGURATION,
-                route_name.clone(),
-                &route_config(mesh, scope, &route_name, port.number, &on_port),
-            );
-            http_connection_manager(
-                mesh,
-                &stat_prefix,
-                true,
-                http_connection_manager::RouteSpecifier::Rds(Rds {
-                    config_source: Some(ads()),
-                    route_config_name: route_name,
-                }),
-            )
+            outbound_http(mesh, scope, port.number, &on_port, &stat_prefix, out)
         } else {
             let Some(svc) = on_port.first() else {
                 out.warnings.push(format!(
@@ -449,6 +435,33 @@ fn ported_egress(
         }
         out.add(type_url::LISTENER, listener_name.clone(), &egress);
     }
+}
+
+/// An outbound HTTP port: its route config (`PORT`, a virtual host per service) and the
+/// connection manager that reads it over RDS.
+pub(super) fn outbound_http(
+    mesh: &Mesh,
+    scope: &Scope<'_>,
+    port: u32,
+    services: &[&Service],
+    stat_prefix: &str,
+    out: &mut Generated,
+) -> Filter {
+    let route_name = port.to_string();
+    out.add(
+        type_url::ROUTE_CONFIGURATION,
+        route_name.clone(),
+        &route_config(mesh, scope, &route_name, port, services),
+    );
+    http_connection_manager(
+        mesh,
+        stat_prefix,
+        true,
+        http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name,
+        }),
+    )
 }
 
 /// Auto mTLS, or the DestinationRule's ISTIO_MUTUAL/DISABLE, on a mesh client's cluster.
@@ -1011,7 +1024,7 @@ pub(super) fn virtual_service_for<'a>(
 }
 
 /// The route configuration for one outbound port: a virtual host per service on that port.
-pub(super) fn route_config(
+fn route_config(
     mesh: &Mesh,
     scope: &Scope<'_>,
     name: &str,

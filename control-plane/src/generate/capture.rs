@@ -12,18 +12,14 @@ use std::collections::{BTreeMap, HashSet};
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::CidrRange;
 use weft_xds_proto::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
-use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
-    Rds, http_connection_manager,
-};
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use weft_xds_proto::type_url;
 use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
 
 use super::Generated;
 use super::build::{
-    ads, http_connection_manager, l4_destinations, l4_match_applies, listener,
-    outbound_cluster_name, route_config, tcp_proxy_filter, tcp_route, tls_routes,
-    virtual_service_for,
+    l4_destinations, l4_match_applies, listener, outbound_cluster_name, tcp_proxy_filter,
+    tcp_route, tls_routes, virtual_service_for,
 };
 use super::scope::Scope;
 use crate::model::{Mesh, Service};
@@ -340,21 +336,7 @@ fn port_listener(
             tcp_proxy::ClusterSpecifier::Cluster(fallback.into()),
         )
     } else {
-        let route_name = port.to_string();
-        out.add(
-            type_url::ROUTE_CONFIGURATION,
-            route_name.clone(),
-            &route_config(mesh, scope, &route_name, port, &http),
-        );
-        http_connection_manager(
-            mesh,
-            &stat_prefix,
-            true,
-            http_connection_manager::RouteSpecifier::Rds(Rds {
-                config_source: Some(ads()),
-                route_config_name: route_name,
-            }),
-        )
+        super::build::outbound_http(mesh, scope, port, &http, &stat_prefix, out)
     };
     let mut l = listener(&name, "0.0.0.0", port, default);
     l.bind_to_port = Some(BoolValue { value: false });
