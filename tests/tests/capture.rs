@@ -39,6 +39,18 @@ spec:
   selector: { app: db }
   ports: [{ name: tcp, port: 7070, targetPort: 17071 }]
 ---
+apiVersion: v1
+kind: Service
+metadata: { name: cache, namespace: default }
+spec:
+  selector: { app: cache }
+  ports: [{ name: tcp, port: 6379, targetPort: 16379 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: cache-1, namespace: default }
+spec: { address: 127.0.0.1, labels: { app: cache }, ports: { tcp: 16379 } }
+---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: { name: hello-v1, namespace: default }
@@ -143,6 +155,18 @@ impl Netns {
         format!("w{}", std::process::id() % 100_000)
     }
 
+    /// Has the namespace resolve names with weftd's DNS (on its loopback), with a pod's search
+    /// list: `ip netns exec` mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
+    fn use_mesh_dns(&self) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+        )
+        .expect("resolv.conf");
+    }
+
     fn new(name: &str) -> Netns {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
         let ns = Netns { name: name.into() };
@@ -213,6 +237,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
@@ -249,6 +274,11 @@ struct Seen {
     registry_only_http: u16,
     registry_only_tcp: (u16, Option<String>),
     registry_only_known: Option<String>,
+    /// By name, through weftd's DNS: the short name of an HTTP service, and the full name of
+    /// a TCP service without a clusterIP (the address DNS allocates is the one its chain
+    /// matches).
+    by_short_name: (u16, Option<String>),
+    by_name_allocated_address: Option<String>,
     egress_proxy_tcp: Option<String>,
     egress_proxy_http: (u16, Option<String>),
     /// A connection made to 15001 itself: closed, not passed through to itself.
@@ -317,6 +347,14 @@ impl CapturedMesh {
         ]);
         let weftd = bin("weftd").display().to_string();
         let config_s = config.display().to_string();
+        // DNS for the mesh on the namespace's port 53 (UDP: not captured).
+        let corefile = root.join("Corefile");
+        std::fs::write(
+            &corefile,
+            "cluster.local:53 {\n    kubernetes cluster.local\n}\n",
+        )
+        .expect("Corefile");
+        let corefile_s = corefile.display().to_string();
         let state_s = root.join("state").display().to_string();
         let mut procs = vec![ns.start(
             "weftd",
@@ -328,7 +366,8 @@ impl CapturedMesh {
                 "127.0.0.1:15010",
                 "--debug-address",
                 "127.0.0.1:15014",
-                "--no-dns",
+                "--corefile",
+                &corefile_s,
                 "--poll-ms",
                 "50",
                 "--state-dir",
@@ -405,8 +444,10 @@ fn scenario(envoy: bool) -> Seen {
             ("outside", "10.255.0.1", "9999"),
             ("outside-80", "10.255.0.1", "80"),
             ("direct", "10.255.0.1", "9998"),
+            ("cache", "127.0.0.1", "16379"),
         ],
     );
+    ns.use_mesh_dns();
     // Ready once the HTTP listener serves the service by its clusterIP.
     wait_until(Duration::from_secs(20), || {
         (ns.fetch("http://10.96.0.10/", Some("hello")).0 == 200).then_some(())
@@ -435,6 +476,10 @@ fn scenario(envoy: bool) -> Seen {
         l.strip_prefix("cluster.outbound|9998||direct.example.upstream_cx_total: ")
             .is_some_and(|n| n.trim().parse::<u64>().is_ok_and(|n| n >= 1))
     });
+    let by_short_name = ns.fetch("http://hello/", None);
+    let by_name_allocated_address = ns
+        .fetch("http://cache.default.svc.cluster.local:6379/", None)
+        .1;
     let allow_any_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
     let allow_any_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
 
@@ -467,6 +512,8 @@ fn scenario(envoy: bool) -> Seen {
         registry_only_http,
         registry_only_tcp,
         registry_only_known,
+        by_short_name,
+        by_name_allocated_address,
         egress_proxy_tcp,
         egress_proxy_http,
         direct_to_capture_port,
@@ -491,6 +538,8 @@ fn a_captured_sidecar_serves_the_workload_as_envoy_does() {
         registry_only_http: 502,
         registry_only_tcp: (0, None),
         registry_only_known: some("hello-v1"),
+        by_short_name: (200, some("hello-v1")),
+        by_name_allocated_address: some("cache"),
         egress_proxy_tcp: some("legacy"),
         egress_proxy_http: (200, some("legacy")),
         direct_to_capture_port: 0,
