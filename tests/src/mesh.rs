@@ -25,6 +25,9 @@ pub struct Quickstart {
     /// weft-proxy sidecars get xDS from weftd's TLS port (15012), authenticated with their
     /// workload certificates (needs `enable_identities`).
     pub secure_xds: bool,
+    /// The client's sidecar says `INTERCEPTION_MODE: REDIRECT` (weftd then generates the
+    /// captured listeners for it; nothing redirects traffic on the test's loopback).
+    pub client_captured: bool,
 }
 
 /// The service port, which is also the client's egress listener port.
@@ -56,6 +59,7 @@ impl Quickstart {
             identities: false,
             proxy_args: Vec::new(),
             secure_xds: false,
+            client_captured: false,
         };
         std::fs::write(q.dir.join("mesh.yaml"), q.mesh_yaml()).expect("write mesh.yaml");
         q.set_split(80, 20);
@@ -505,11 +509,18 @@ spec:
     /// Writes an Envoy bootstrap for the client's sidecar, over SotW (`GRPC`) or delta
     /// (`DELTA_GRPC`) ADS, and returns its path.
     pub fn client_bootstrap(&self, delta: bool) -> PathBuf {
-        let metadata = "{ NAMESPACE: default, WORKLOAD_NAME: client, LABELS: { app: client } }";
+        let capture = if self.client_captured {
+            ", INTERCEPTION_MODE: REDIRECT"
+        } else {
+            ""
+        };
+        let metadata = format!(
+            "{{ NAMESPACE: default, WORKLOAD_NAME: client, LABELS: {{ app: client }}{capture} }}"
+        );
         let bootstrap = crate::envoy::bootstrap(
             &self.node_id(10, "client"),
             "client",
-            metadata,
+            &metadata,
             self.admin(10),
             self.xds(),
             delta,
@@ -623,6 +634,12 @@ spec:
     pub fn start_client(&mut self, envoy: bool) {
         if envoy {
             self.start_envoy_client(false);
+        } else if self.client_captured {
+            let mut args = self.proxy_args.clone();
+            self.proxy_args
+                .extend(["--interception-mode".to_string(), "REDIRECT".to_string()]);
+            self.start_weft_proxy(10, "client");
+            std::mem::swap(&mut self.proxy_args, &mut args);
         } else {
             self.start_weft_proxy(10, "client");
         }

@@ -1,10 +1,13 @@
 //! Property test: generated combinations of valid Istio objects (Services, WorkloadEntries,
 //! DestinationRules with every traffic policy, VirtualServices with every match, action and
-//! route option, delegates and TCP routes, ServiceEntries, exportTo, a REGISTRY_ONLY Sidecar) are loaded by weftd without rejection, and the xDS weftd
-//! generates from each is accepted (ACKed, never NACKed) by a live stock Envoy 1.40 and by
-//! weft-proxy, each the client sidecar of its own mesh. The cases come from a seeded generator,
-//! so a failure names its case and seed and can be replayed; WEFT_GENERATED_CASES sets how many
-//! (default 60 per proxy), WEFT_GENERATED_SEED the seed.
+//! route option, delegates and TCP routes with `destinationSubnets`, ServiceEntries, exportTo,
+//! a REGISTRY_ONLY or ALLOW_ANY Sidecar, with or without an `egressProxy`) are loaded by weftd
+//! without rejection, and the xDS weftd generates from each is accepted (ACKed, never NACKed) by
+//! a live stock Envoy 1.40 and by weft-proxy, each the client sidecar of its own mesh, once as a
+//! plain sidecar and once as a captured one (INTERCEPTION_MODE REDIRECT). The cases come from a
+//! seeded generator, so a failure names its case and seed and can be replayed;
+//! WEFT_GENERATED_CASES sets how many (default 60 per proxy, half that captured),
+//! WEFT_GENERATED_SEED the seed.
 
 use std::time::Duration;
 
@@ -366,8 +369,13 @@ fn generate(r: &mut Rng, net: u8) -> String {
         // TCP routes for the quickstart's TCP service, which the client has a listener for.
         let w = r.below(101);
         y.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  host: hello-tcp\n  subsets: [{{ name: v1, labels: {{ version: v1 }} }}, {{ name: v2, labels: {{ version: v2 }} }}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  hosts: [hello-tcp]\n  tcp:\n  - match: [{{ port: {} }}]\n    route:\n    - {{ destination: {{ host: hello-tcp, subset: v1 }}, weight: {w} }}\n    - {{ destination: {{ host: hello-tcp, subset: v2 }}, weight: {} }}\n---\n",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  host: hello-tcp\n  subsets: [{{ name: v1, labels: {{ version: v1 }} }}, {{ name: v2, labels: {{ version: v2 }} }}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{ name: hello-tcp, namespace: default }}\nspec:\n  hosts: [hello-tcp]\n  tcp:\n  - match: [{{ port: {}{} }}]\n    route:\n    - {{ destination: {{ host: hello-tcp, subset: v1 }}, weight: {w} }}\n    - {{ destination: {{ host: hello-tcp, subset: v2 }}, weight: {} }}\n---\n",
             r.pick(&["7070", "7071"]),
+            if r.chance(50) {
+                ", destinationSubnets: [10.96.0.0/16, 192.0.2.7]"
+            } else {
+                ""
+            },
             100 - w
         ));
     }
@@ -375,8 +383,12 @@ fn generate(r: &mut Rng, net: u8) -> String {
     // policy), with inbound HTTP and TCP listeners for PeerAuthentication and
     // AuthorizationPolicy to shape.
     y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ mode: {} }}\n  ingress:\n  - port: {{ number: 9090, protocol: HTTP, name: in-http }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  - port: {{ number: 9091, protocol: TCP, name: in-tcp }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n  - port: {{ number: 7070, protocol: TCP, name: egress-tcp }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n---\n",
-        r.pick(&["REGISTRY_ONLY", "ALLOW_ANY"])
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{ name: client, namespace: default }}\nspec:\n  workloadSelector: {{ labels: {{ app: client }} }}\n  outboundTrafficPolicy: {{ {} }}\n  ingress:\n  - port: {{ number: 9090, protocol: HTTP, name: in-http }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  - port: {{ number: 9091, protocol: TCP, name: in-tcp }}\n    bind: 127.{net}.0.10\n    defaultEndpoint: 127.0.0.1:9\n  egress:\n  - port: {{ number: 8080, protocol: HTTP, name: egress-http }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n  - port: {{ number: 7070, protocol: TCP, name: egress-tcp }}\n    bind: 127.{net}.0.10\n    hosts: [\"./*\"]\n---\n",
+        r.pick(&[
+            "mode: REGISTRY_ONLY",
+            "mode: ALLOW_ANY",
+            "mode: ALLOW_ANY, egressProxy: { host: hello, port: { number: 8080 } }"
+        ])
     ));
     y.push_str(&security(r));
     y
@@ -541,8 +553,12 @@ fn wait_acked(q: &Quickstart, case: &str, yaml: &str) {
     );
 }
 
-fn run(name: &str, net: u8, envoy: bool, seed: u64, cases: usize) {
+fn run(name: &str, net: u8, envoy: bool, seed: u64, cases: usize, captured: bool) {
     let mut q = Quickstart::new(name, net);
+    // A captured client gets Istio's captured listeners instead (virtualOutbound and
+    // virtualInbound bound on 0.0.0.0:15001 and :15006 with SO_REUSEPORT, so the halves can
+    // run side by side); nothing is redirected here, only acceptance is checked.
+    q.client_captured = captured;
     // The client runs with a mesh identity, so mTLS chains and auto mTLS clusters (SDS
     // secrets) are generated for it and must be accepted too.
     q.enable_identities();
@@ -557,6 +573,15 @@ fn run(name: &str, net: u8, envoy: bool, seed: u64, cases: usize) {
         q.write_file("generated.yaml", &yaml);
         generation = next_generation(&q, generation, &label);
         wait_acked(&q, &label, &yaml);
+    }
+    if captured {
+        // The captured listeners were what the client ACKed.
+        let listeners = weft_e2e::get(q.admin(10), "/listeners").expect("client admin");
+        assert!(
+            listeners.body.contains("virtualOutbound") && listeners.body.contains("virtualInbound"),
+            "{name}: the captured client has no captured listeners: {}",
+            listeners.body
+        );
     }
     eprintln!("{name}: {cases} generated configs, all ACKed");
 }
@@ -574,11 +599,27 @@ fn every_generated_config_is_accepted_by_envoy_and_by_weft_proxy() {
     // WEFT_GENERATED_ONLY=envoy|weft runs one half (when replaying a failure).
     let only = std::env::var("WEFT_GENERATED_ONLY").unwrap_or_default();
     let envoy = (only != "weft")
-        .then(|| std::thread::spawn(move || run("generated-envoy", 54, true, seed, cases)));
+        .then(|| std::thread::spawn(move || run("generated-envoy", 54, true, seed, cases, false)));
+    // The same generator for a captured client (Istio's INTERCEPTION_MODE REDIRECT), half as
+    // many cases, on other nets.
+    let captured = cases / 2;
+    let envoy_captured = (only != "weft").then(|| {
+        std::thread::spawn(move || run("generated-envoy-cap", 83, true, seed ^ 1, captured, true))
+    });
+    let weft_captured = (only != "envoy").then(|| {
+        std::thread::spawn(move || run("generated-weft-cap", 84, false, seed ^ 1, captured, true))
+    });
     if only != "envoy" {
-        run("generated-weft", 55, false, seed, cases);
+        run("generated-weft", 55, false, seed, cases, false);
     }
-    if let Some(envoy) = envoy {
-        envoy.join().expect("the Envoy half passed");
+    for (half, handle) in [
+        ("Envoy", envoy),
+        ("captured Envoy", envoy_captured),
+        ("captured weft-proxy", weft_captured),
+    ] {
+        if let Some(h) = handle {
+            h.join()
+                .unwrap_or_else(|_| panic!("the {half} half failed"));
+        }
     }
 }
