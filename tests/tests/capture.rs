@@ -4,7 +4,8 @@
 //! are let through) gets Istio's captured listeners from weftd. The workload (curl, as root)
 //! then calls services by their addresses as if there were no proxy: HTTP by clusterIP and
 //! Host, a TCP service by clusterIP, a ServiceEntry's CIDR with a `destinationSubnets` route for
-//! part of it, a resolution NONE ServiceEntry (ORIGINAL_DST cluster), and destinations the mesh
+//! part of it, a resolution NONE ServiceEntry and a DestinationRule PASSTHROUGH (ORIGINAL_DST
+//! clusters), and destinations the mesh
 //! does not know (ALLOW_ANY passes them through, or hands them to the Sidecar's `egressProxy`;
 //! REGISTRY_ONLY refuses them). The same
 //! scenario runs once with weft-proxy and once with a stock Envoy 1.40 as the sidecar; both
@@ -38,6 +39,26 @@ spec:
   clusterIP: 10.96.0.20
   selector: { app: db }
   ports: [{ name: tcp, port: 7070, targetPort: 17071 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: pt, namespace: default }
+spec:
+  clusterIP: 10.255.0.1
+  selector: { app: pt }
+  ports: [{ name: tcp, port: 9997, targetPort: 17074 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: pt-1, namespace: default }
+spec: { address: 127.0.0.1, labels: { app: pt }, ports: { tcp: 17074 } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: pt, namespace: default }
+spec:
+  host: pt
+  trafficPolicy: { loadBalancer: { simple: PASSTHROUGH } }
 ---
 apiVersion: v1
 kind: Service
@@ -279,6 +300,9 @@ struct Seen {
     /// matches).
     by_short_name: (u16, Option<String>),
     by_name_allocated_address: Option<String>,
+    /// DestinationRule PASSTHROUGH: the connection goes where it was sent (here the service's
+    /// own address, where another server listens), not to the service's endpoint.
+    passthrough_load_balancer: Option<String>,
     egress_proxy_tcp: Option<String>,
     egress_proxy_http: (u16, Option<String>),
     /// A connection made to 15001 itself: closed, not passed through to itself.
@@ -445,6 +469,8 @@ fn scenario(envoy: bool) -> Seen {
             ("outside-80", "10.255.0.1", "80"),
             ("direct", "10.255.0.1", "9998"),
             ("cache", "127.0.0.1", "16379"),
+            ("pt-endpoint", "127.0.0.1", "17074"),
+            ("pt-original", "10.255.0.1", "9997"),
         ],
     );
     ns.use_mesh_dns();
@@ -480,6 +506,7 @@ fn scenario(envoy: bool) -> Seen {
     let by_name_allocated_address = ns
         .fetch("http://cache.default.svc.cluster.local:6379/", None)
         .1;
+    let passthrough_load_balancer = ns.fetch("http://10.255.0.1:9997/", None).1;
     let allow_any_tcp = ns.fetch("http://10.255.0.1:9999/", None).1;
     let allow_any_http = ns.fetch("http://10.255.0.1/", Some("elsewhere.example"));
 
@@ -514,6 +541,7 @@ fn scenario(envoy: bool) -> Seen {
         registry_only_known,
         by_short_name,
         by_name_allocated_address,
+        passthrough_load_balancer,
         egress_proxy_tcp,
         egress_proxy_http,
         direct_to_capture_port,
@@ -540,6 +568,7 @@ fn a_captured_sidecar_serves_the_workload_as_envoy_does() {
         registry_only_known: some("hello-v1"),
         by_short_name: (200, some("hello-v1")),
         by_name_allocated_address: some("cache"),
+        passthrough_load_balancer: some("pt-original"),
         egress_proxy_tcp: some("legacy"),
         egress_proxy_http: (200, some("legacy")),
         direct_to_capture_port: 0,

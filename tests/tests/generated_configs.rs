@@ -46,7 +46,13 @@ fn load_balancer(r: &mut Rng) -> String {
     if r.chance(60) {
         format!(
             "{{ simple: {} }}",
-            r.pick(&["ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM"])
+            r.pick(&[
+                "ROUND_ROBIN",
+                "LEAST_REQUEST",
+                "LEAST_CONN",
+                "RANDOM",
+                "PASSTHROUGH"
+            ])
         )
     } else {
         let key = match r.below(4) {

@@ -361,12 +361,6 @@ fn policy_parts(
     pool: &Option<ConnectionPoolSettings>,
     od: &Option<OutlierDetection>,
 ) -> Check {
-    if let Some(SimpleLb::Passthrough) = lb.as_ref().and_then(|l| l.simple) {
-        return bad(
-            format!("{at}.loadBalancer.simple"),
-            "PASSTHROUGH needs traffic capture to the original destination, which universal mode does not set up",
-        );
-    }
     if let Some(l) = lb
         && let Some(ch) = &l.consistent_hash
     {

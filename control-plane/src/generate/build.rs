@@ -284,7 +284,7 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         if svc.discovery == Discovery::Passthrough {
             if let Origin::ServiceEntry { entry, .. } = &svc.origin {
                 out.warnings.push(format!(
-                    "ServiceEntry/{}/{entry}: host {}: resolution NONE forwards to the original destination, which needs traffic capture; universal mode generates no cluster for it (use STATIC or DNS)",
+                    "ServiceEntry/{}/{entry}: host {}: resolution NONE forwards to the original destination, which needs traffic capture (INTERCEPTION_MODE REDIRECT); this sidecar is not captured, so no cluster is generated for it (use STATIC or DNS, or capture)",
                     svc.namespace, svc.hostname
                 ));
             }
@@ -303,6 +303,21 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 if mesh_client {
                     key.push_str("#mtls");
                 }
+                let effective = super::policy::Effective::of(rule, subset, port.port);
+                // PASSTHROUGH: Istio's ORIGINAL_DST cluster, where there is an original
+                // destination (a captured sidecar); elsewhere the default balancer, said so.
+                let original_dst = effective.passthrough() && captured;
+                if effective.passthrough() && !captured {
+                    if let Some((_, dr)) = chosen {
+                        out.warnings.push(format!(
+                            "DestinationRule/{}/{}: loadBalancer PASSTHROUGH for {name} needs traffic capture (INTERCEPTION_MODE REDIRECT); this sidecar keeps the default balancer",
+                            dr.namespace,
+                            dr.name()
+                        ));
+                    }
+                } else if original_dst {
+                    key.push_str("#original-dst");
+                }
                 let r = mesh.shared.get_or_add(type_url::CLUSTER, &key, || {
                     let mut cluster = match svc.discovery {
                         Discovery::StrictDns | Discovery::LogicalDns => {
@@ -314,10 +329,15 @@ pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                             }
                             dns_cluster(&name, port.protocol, logical, lb_endpoints)
                         }
+                        _ if original_dst => super::capture::original_dst_cluster(&name),
                         _ => eds_cluster(&name, port.protocol),
                     };
-                    let effective = super::policy::Effective::of(rule, subset, port.port);
                     super::policy::apply(&mut cluster, &effective);
+                    if original_dst {
+                        // The balancer is the cluster's own (Envoy requires it).
+                        cluster.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
+                        cluster.lb_config = None;
+                    }
                     if mesh_client {
                         mesh_tls(mesh, svc, &mut cluster, effective.tls(), port.port, subset);
                     }
@@ -365,7 +385,7 @@ fn ported_egress(
                 continue;
             }
             out.warnings.push(format!(
-                "Sidecar/{}/{}: spec.egress[{i}] has no port: a catch-all egress listener needs traffic capture (port 15001), which universal mode does not set up",
+                "Sidecar/{}/{}: spec.egress[{i}] has no port: a catch-all egress listener needs traffic capture (port 15001, INTERCEPTION_MODE REDIRECT); this sidecar is not captured",
                 sidecar.namespace,
                 sidecar.name()
             ));

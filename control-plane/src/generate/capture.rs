@@ -730,6 +730,63 @@ spec:
         assert!(clusters.contains_key(INBOUND_PASSTHROUGH));
     }
 
+    /// DestinationRule `loadBalancer: PASSTHROUGH`: an ORIGINAL_DST cluster on a captured
+    /// sidecar (the subset without it keeps EDS); without capture the default balancer, with a
+    /// warning naming the rule.
+    #[test]
+    fn a_passthrough_load_balancer_is_an_original_dst_cluster_when_captured() {
+        let rule = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db-direct, namespace: default }
+spec:
+  host: db
+  trafficPolicy: { loadBalancer: { simple: PASSTHROUGH } }
+  subsets: [{ name: v2, labels: { version: v2 }, trafficPolicy: { loadBalancer: { simple: ROUND_ROBIN } } }]
+"#;
+        // The rule replaces MESH's own rule for db.
+        let mesh_yaml = MESH.replace(
+            "name: db, namespace: default }\nspec:\n  host: db",
+            "name: db-old, namespace: other }\nspec:\n  host: nothing",
+        );
+        let kind = |g: &Generated, name: &str| {
+            let c: Cluster = unpack(&g.of_type(type_url::CLUSTER).unwrap()[name].any).unwrap();
+            (c.cluster_discovery_type, c.lb_policy)
+        };
+        let original = (
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            cluster::LbPolicy::ClusterProvided as i32,
+        );
+        let eds = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        ));
+        let g = generated(&format!("{mesh_yaml}{rule}"), Some("REDIRECT"));
+        assert_eq!(
+            kind(&g, "outbound|7070||db.default.svc.cluster.local"),
+            original
+        );
+        assert_eq!(
+            kind(&g, "outbound|7070|v2|db.default.svc.cluster.local").0,
+            eds
+        );
+        let g = generated(&format!("{mesh_yaml}{rule}"), None);
+        assert_eq!(
+            kind(&g, "outbound|7070||db.default.svc.cluster.local").0,
+            eds
+        );
+        assert!(
+            g.warnings
+                .iter()
+                .any(|w| w.contains("DestinationRule/default/db-direct")
+                    && w.contains("PASSTHROUGH")),
+            "{:?}",
+            g.warnings
+        );
+    }
+
     /// Without capture (universal mode's default) nothing of this is generated, and a mode
     /// weft does not set up is said so.
     #[test]

@@ -54,6 +54,11 @@ impl<'a> Effective<'a> {
         }
     }
 
+    /// `loadBalancer.simple: PASSTHROUGH`: connections go to the original destination.
+    pub fn passthrough(&self) -> bool {
+        self.lb.and_then(|l| l.simple) == Some(SimpleLb::Passthrough)
+    }
+
     /// The `tls` mode in force (None: the rule says nothing, auto mTLS decides).
     pub fn tls(&self) -> Option<&'a crate::config::ClientTls> {
         self.tls
@@ -221,7 +226,8 @@ pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
             c.lb_policy = cluster::LbPolicy::LeastRequest as i32
         }
         Some(SimpleLb::Random) => c.lb_policy = cluster::LbPolicy::Random as i32,
-        // PASSTHROUGH is rejected by validation; unspecified keeps the default.
+        // PASSTHROUGH changes the cluster's type (see `build::outbound`); unspecified keeps
+        // the default.
         Some(SimpleLb::Passthrough | SimpleLb::Unspecified) | None => {}
     }
     if let Some(ch) = e.lb.and_then(|l| l.consistent_hash.as_ref()) {
