@@ -35,6 +35,9 @@ struct Args {
     /// Clients are replicas of this many deployments (distinct label sets).
     deployments: usize,
     rounds: usize,
+    /// Clients are captured sidecars (INTERCEPTION_MODE REDIRECT, a catch-all egress): they
+    /// get virtualOutbound/virtualInbound and a listener per destination port.
+    captured: bool,
     poll_ms: u64,
     debounce_ms: u64,
     bin_dir: PathBuf,
@@ -51,6 +54,7 @@ fn parse_args() -> anyhow::Result<Args> {
         clients: 100,
         deployments: 10,
         rounds: 10,
+        captured: false,
         // weftd's defaults: changes are seen through inotify, the poll is the fallback.
         poll_ms: 200,
         debounce_ms: 20,
@@ -68,11 +72,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--clients" => a.clients = val()?.parse()?,
             "--deployments" => a.deployments = val()?.parse()?,
             "--rounds" => a.rounds = val()?.parse()?,
+            "--captured" => a.captured = true,
             "--poll-ms" => a.poll_ms = val()?.parse()?,
             "--debounce-ms" => a.debounce_ms = val()?.parse()?,
             "--proxy-rss" => a.proxy_rss = Some(PathBuf::from(val()?)),
             other => bail!(
-                "unknown flag {other}; flags: --services N --endpoints N --clients N --deployments N --rounds N --poll-ms MS --debounce-ms MS --proxy-rss ENVOY"
+                "unknown flag {other}; flags: --services N --endpoints N --clients N --deployments N --rounds N --captured --poll-ms MS --debounce-ms MS --proxy-rss ENVOY"
             ),
         }
     }
@@ -157,9 +162,11 @@ fn rule_yaml(round: usize) -> String {
 }
 
 fn clients_yaml(a: &Args) -> String {
-    let mut s = String::from(
-        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: clients, namespace: default }\nspec:\n  workloadSelector: { labels: { app: client } }\n  egress:\n  - port: { number: 8080, protocol: HTTP, name: egress-http }\n    bind: 127.0.0.1\n    hosts: [\"./*\"]\n---\n",
-    );
+    let mut s = String::from(if a.captured {
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: clients, namespace: default }\nspec:\n  workloadSelector: { labels: { app: client } }\n  egress:\n  - hosts: [\"./*\"]\n---\n"
+    } else {
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: clients, namespace: default }\nspec:\n  workloadSelector: { labels: { app: client } }\n  egress:\n  - port: { number: 8080, protocol: HTTP, name: egress-http }\n    bind: 127.0.0.1\n    hosts: [\"./*\"]\n---\n"
+    });
     for k in 0..a.clients {
         s.push_str(&format!(
             "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: client-{k}, namespace: default }}\nspec: {{ address: {}, labels: {{ app: client, deployment: d{} }} }}\n---\n",
@@ -196,13 +203,25 @@ fn static_type(t: &str) -> Option<&'static str> {
     TYPES.iter().copied().find(|x| *x == t)
 }
 
-async fn run_client(xds: String, k: usize, seen: Shared) -> anyhow::Result<()> {
+async fn run_client(xds: String, k: usize, seen: Shared, captured: bool) -> anyhow::Result<()> {
     use weft_xds_proto::envoy::config::cluster::v3::Cluster;
+    use weft_xds_proto::wkt::{Struct, Value, value::Kind};
+    let metadata = captured.then(|| Struct {
+        fields: [(
+            "INTERCEPTION_MODE".to_string(),
+            Value {
+                kind: Some(Kind::StringValue("REDIRECT".into())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    });
     let node = Node {
         id: format!(
             "sidecar~{}~client-{k}.default~default.svc.cluster.local",
             client_ip(k)
         ),
+        metadata,
         ..Default::default()
     };
     let mut client = AggregatedDiscoveryServiceClient::connect(xds)
@@ -428,8 +447,9 @@ async fn measure(
     for (k, seen) in clients.iter().enumerate() {
         let xds = format!("http://127.0.0.1:{xds_port}");
         let seen = seen.clone();
+        let captured = a.captured;
         tokio::spawn(async move {
-            if let Err(e) = run_client(xds, k, seen).await {
+            if let Err(e) = run_client(xds, k, seen, captured).await {
                 eprintln!("{e:#}");
             }
         });
@@ -491,8 +511,15 @@ async fn measure(
     let counts_after = response_counts(&clients);
 
     println!(
-        "weftd push benchmark: {} services x {} endpoints, {} ADS clients (SotW) from {} deployments, {} rounds, weftd --poll-ms {} --debounce-ms {} on CPU 0, clients on CPU 1",
-        a.services, a.endpoints, a.clients, a.deployments, a.rounds, a.poll_ms, a.debounce_ms
+        "weftd push benchmark: {} services x {} endpoints, {} {}ADS clients (SotW) from {} deployments, {} rounds, weftd --poll-ms {} --debounce-ms {} on CPU 0, clients on CPU 1",
+        a.services,
+        a.endpoints,
+        a.clients,
+        if a.captured { "captured " } else { "" },
+        a.deployments,
+        a.rounds,
+        a.poll_ms,
+        a.debounce_ms
     );
     println!("config load to ready: {load_ms:.0} ms; RSS {rss_loaded:.1} MiB");
     println!(
