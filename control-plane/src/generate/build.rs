@@ -57,7 +57,7 @@ use crate::model::{
 };
 
 /// Istio's default connect timeout for clusters.
-pub(super) const CONNECT_TIMEOUT_SECS: i64 = 10;
+const CONNECT_TIMEOUT_SECS: i64 = 10;
 
 pub fn outbound_cluster_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
@@ -98,7 +98,7 @@ fn lb_endpoint(ip: &str, port: u32, weight: u32) -> LbEndpoint {
     }
 }
 
-fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
+pub(super) fn base_cluster(name: &str, protocol: Protocol) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         connect_timeout: Some(Duration {
@@ -264,7 +264,7 @@ pub(super) fn service_endpoints(
 /// Outbound: a cluster (and its load assignment) per visible service port and subset, then the
 /// Sidecar's egress listeners with their route configurations.
 pub fn outbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
-    let captured = scope.proxy.captured() && !scope.proxy.router;
+    let captured = scope.proxy.captured();
     if let crate::generate::proxy::Interception::Unsupported(mode) = &scope.proxy.interception {
         out.warnings.push(format!(
             "node {}: INTERCEPTION_MODE {mode:?} is not supported (REDIRECT is); generated as without capture",
@@ -437,14 +437,7 @@ fn ported_egress(
                     svc.hostname
                 ));
             }
-            let spec = tcp_route(mesh, scope, svc, port.number).unwrap_or_else(|| {
-                tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(
-                    port.number,
-                    "",
-                    &svc.hostname,
-                ))
-            });
-            tcp_proxy_filter(&stat_prefix, spec)
+            tcp_proxy_filter(&stat_prefix, tcp_route(mesh, scope, svc, port.number))
         };
         let mut egress = listener(&listener_name, &bind, port.number, network_filter);
         if !protocol.is_http() {
@@ -528,8 +521,6 @@ fn mesh_tls(
     super::security::apply_mesh_tls(cluster, forced, &sni, &sans, td);
 }
 
-/// Inbound: each Sidecar ingress listener forwards to its `defaultEndpoint` through the
-/// `inbound|PORT||` cluster.
 /// One port the sidecar receives its workload's traffic on.
 struct InboundPort {
     port: u32,
@@ -599,8 +590,10 @@ fn inbound_ports(mesh: &Mesh, scope: &Scope<'_>, captured: bool) -> Vec<InboundP
     out
 }
 
+/// Inbound: each inbound port forwards to the workload through the `inbound|PORT||` cluster,
+/// on a listener of its own, or, on a captured sidecar, as chains of `virtualInbound`.
 pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
-    let captured = scope.proxy.captured() && !scope.proxy.router;
+    let captured = scope.proxy.captured();
     let mut captured_chains = Vec::new();
     let mut inspect_tls = false;
     for l in inbound_ports(mesh, scope, captured) {
@@ -858,25 +851,29 @@ pub(super) fn http_connection_manager(
     }
 }
 
-/// The destination(s) of the first VirtualService `tcp` route for `svc` that applies on this
-/// port to this proxy; None when no VirtualService routes its TCP traffic.
-/// The first VirtualService `tcp` route for the service on `port` that applies to this proxy
-/// whatever the destination address (matches on `destinationSubnets` are chains of their own
-/// on a captured proxy's listener, see `capture`).
+/// Where the service's TCP traffic on `port` goes for this proxy: the destinations of the first
+/// VirtualService `tcp` route that applies whatever the destination address (matches on
+/// `destinationSubnets` are chains of their own on a captured proxy's listener, see
+/// `capture`), else the service's own cluster.
 pub(super) fn tcp_route(
     mesh: &Mesh,
     scope: &Scope<'_>,
     svc: &Service,
     port: u32,
-) -> Option<tcp_proxy::ClusterSpecifier> {
-    let vs = virtual_service_for(mesh, scope, svc)?;
-    let route = vs.spec.tcp.iter().find(|r| {
-        r.matches.is_empty()
-            || r.matches.iter().any(|m| {
-                m.destination_subnets.is_empty() && l4_match_applies(m, &vs.namespace, scope, port)
-            })
-    })?;
-    Some(l4_destinations(mesh, &vs.namespace, &route.route, port))
+) -> tcp_proxy::ClusterSpecifier {
+    let routed = virtual_service_for(mesh, scope, svc).and_then(|vs| {
+        let route = vs.spec.tcp.iter().find(|r| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    m.destination_subnets.is_empty()
+                        && l4_match_applies(m, &vs.namespace, scope, port)
+                })
+        })?;
+        Some(l4_destinations(mesh, &vs.namespace, &route.route, port))
+    });
+    routed.unwrap_or_else(|| {
+        tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(port, "", &svc.hostname))
+    })
 }
 
 /// Whether an L4 match's port, gateways, source namespace and source labels admit this proxy

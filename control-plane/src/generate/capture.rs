@@ -14,15 +14,15 @@ use weft_xds_proto::envoy::config::core::v3::CidrRange;
 use weft_xds_proto::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use weft_xds_proto::type_url;
-use weft_xds_proto::wkt::{BoolValue, Duration, UInt32Value};
+use weft_xds_proto::wkt::{BoolValue, UInt32Value};
 
 use super::Generated;
 use super::build::{
-    l4_destinations, l4_match_applies, listener, outbound_cluster_name, tcp_proxy_filter,
-    tcp_route, tls_routes, virtual_service_for,
+    base_cluster, l4_destinations, l4_match_applies, listener, outbound_cluster_name,
+    tcp_proxy_filter, tcp_route, tls_routes, virtual_service_for,
 };
 use super::scope::Scope;
-use crate::model::{Mesh, Service};
+use crate::model::{Mesh, Protocol, Service};
 
 /// The port iptables redirects outbound TCP to (Istio's).
 pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
@@ -35,30 +35,21 @@ pub const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
 /// An ORIGINAL_DST cluster: connections go where the client addressed them.
 pub fn original_dst_cluster(name: &str) -> Cluster {
     Cluster {
-        name: name.to_string(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::OriginalDst as i32,
         )),
         lb_policy: cluster::LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(Duration {
-            seconds: super::build::CONNECT_TIMEOUT_SECS,
-            nanos: 0,
-        }),
-        ..Default::default()
+        ..base_cluster(name, Protocol::Tcp)
     }
 }
 
+/// A cluster without hosts: connections to it are closed.
 fn blackhole_cluster() -> Cluster {
     Cluster {
-        name: BLACKHOLE.into(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Static as i32,
         )),
-        connect_timeout: Some(Duration {
-            seconds: super::build::CONNECT_TIMEOUT_SECS,
-            nanos: 0,
-        }),
-        ..Default::default()
+        ..base_cluster(BLACKHOLE, Protocol::Tcp)
     }
 }
 
@@ -313,9 +304,7 @@ fn port_listener(
             ));
             continue;
         }
-        let to = tcp_route(mesh, scope, svc, port).unwrap_or_else(|| {
-            tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(port, "", &svc.hostname))
-        });
+        let to = tcp_route(mesh, scope, svc, port);
         chains.extend(prefix_chain(
             format!("{name}/{}", svc.hostname),
             &addresses,
@@ -330,34 +319,29 @@ fn port_listener(
     };
     let has_sni = !sni.is_empty();
     chains.extend(super::security::sni_chains(&name, sni, &stat_prefix));
-    let default = if http.is_empty() {
-        tcp_proxy_filter(
-            &stat_prefix,
-            tcp_proxy::ClusterSpecifier::Cluster(fallback.into()),
-        )
-    } else {
-        super::build::outbound_http(mesh, scope, port, &http, &stat_prefix, out)
-    };
-    let mut l = listener(&name, "0.0.0.0", port, default);
-    l.bind_to_port = Some(BoolValue { value: false });
-    let default_chain = l.filter_chains.pop().map(|mut c| {
-        c.name = format!("{name}/default");
-        c
-    });
-    if http.is_empty() {
-        // TCP only: whatever no chain matches goes to the fallback.
-        l.default_filter_chain = default_chain;
-    } else {
-        // The connection manager takes every destination no TCP chain claims.
-        l.filter_chains.extend(default_chain);
-    }
     if http.is_empty() && chains.is_empty() {
         // Nothing to tell apart: virtualOutbound's own fallback serves the port.
         return None;
     }
-    l.filter_chains.splice(0..0, chains);
+    let mut l = bare_listener(&name, port);
+    l.bind_to_port = Some(BoolValue { value: false });
+    l.filter_chains = chains;
     if has_sni {
         l.listener_filters = vec![super::security::tls_inspector()];
+    }
+    let default = |filter| FilterChain {
+        name: format!("{name}/default"),
+        filters: vec![filter],
+        ..Default::default()
+    };
+    if http.is_empty() {
+        // TCP only: whatever no chain matches goes to the fallback.
+        let to = tcp_proxy::ClusterSpecifier::Cluster(fallback.into());
+        l.default_filter_chain = Some(default(tcp_proxy_filter(&stat_prefix, to)));
+    } else {
+        // The connection manager takes every destination no TCP chain claims.
+        let hcm = super::build::outbound_http(mesh, scope, port, &http, &stat_prefix, out);
+        l.filter_chains.push(default(hcm));
     }
     Some(l)
 }

@@ -78,9 +78,10 @@ impl ProxyNode {
         }
     }
 
-    /// Whether iptables redirects this proxy's outbound traffic to it.
+    /// Whether iptables redirects this sidecar's traffic to it (gateways are not captured:
+    /// they listen on their own ports).
     pub fn captured(&self) -> bool {
-        self.interception == Interception::Redirect
+        self.interception == Interception::Redirect && !self.router
     }
 }
 
