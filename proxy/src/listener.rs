@@ -16,6 +16,7 @@ use weft_xds_proto::type_url;
 use crate::Rejection;
 use crate::cluster::socket_addr;
 use crate::http::ConnectionManager;
+use crate::rbac::Cidr;
 use crate::state::Proxy;
 use crate::tcp::TcpProxy;
 
@@ -70,32 +71,6 @@ pub struct ListenerConfig {
     /// handed to it by a `use_original_dst` listener.
     pub bind_to_port: bool,
     pub source: XdsListener,
-}
-
-/// An address prefix (`envoy.config.core.v3.CidrRange`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: std::net::IpAddr,
-    pub len: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        use std::net::IpAddr;
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
 }
 
 const ORIGINAL_DST: &str =
@@ -293,6 +268,14 @@ impl ListenerConfig {
             .or_else(|| named().find(|c| c.transport_protocol.is_none()))
     }
 
+    /// Whether every route configuration its HTTP chains use has arrived (until then the
+    /// listener is warming, as in Envoy).
+    pub fn warmed(&self, snapshot: &crate::state::Snapshot) -> bool {
+        self.route_config_names()
+            .iter()
+            .all(|n| snapshot.routes.contains_key(*n))
+    }
+
     /// Whether choosing a chain needs to look at the connection's first bytes.
     fn needs_sniffing(&self) -> bool {
         self.inspect_tls
@@ -345,7 +328,7 @@ fn filter_chain(
                 );
             }
             for (k, r) in m.prefix_ranges.iter().enumerate() {
-                prefix_ranges.push(cidr(r).map_err(|reason| {
+                prefix_ranges.push(Cidr::from_xds(r).map_err(|reason| {
                     reject(
                         at(&format!("filter_chain_match.prefix_ranges[{k}]")),
                         reason,
@@ -435,25 +418,6 @@ fn filter_chain(
         tls,
         rbac,
         filter,
-    })
-}
-
-/// A `CidrRange`: an IP literal and a prefix length no longer than the address.
-fn cidr(r: &weft_xds_proto::envoy::config::core::v3::CidrRange) -> Result<Cidr, String> {
-    let addr: std::net::IpAddr = r
-        .address_prefix
-        .parse()
-        .map_err(|_| format!("address_prefix {:?} is not an IP address", r.address_prefix))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len = r.prefix_len.map(|l| l.value).unwrap_or(0);
-    if len > max {
-        return Err(format!(
-            "prefix_len {len} is longer than the address ({max} bits)"
-        ));
-    }
-    Ok(Cidr {
-        addr,
-        len: len as u8,
     })
 }
 
@@ -654,19 +618,10 @@ async fn accept_loop(
     // route configuration has arrived (at most Envoy's 15 s initial fetch timeout), so no early
     // request is answered 404. The socket is already listening: connections made meanwhile
     // wait in the backlog.
-    let rds: Vec<String> = config
-        .load()
-        .route_config_names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    if !rds.is_empty() {
-        let deadline = tokio::time::Instant::now() + WARMING_TIMEOUT;
-        while !rds.iter().all(|n| proxy.snapshot().routes.contains_key(n))
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+    let warming = config.load_full();
+    let deadline = tokio::time::Instant::now() + WARMING_TIMEOUT;
+    while !warming.warmed(&proxy.snapshot()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     loop {
         let (stream, _peer) = match socket.accept().await {
@@ -747,8 +702,7 @@ pub struct Downstream {
 
 /// Where a connection iptables redirected (REDIRECT, `SO_ORIGINAL_DST`) was addressed to;
 /// None when it was not redirected.
-fn original_destination(stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
+fn original_destination(stream: &tokio::net::TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
     let orig = match local {
         SocketAddr::V4(_) => sock.original_dst_v4(),
@@ -763,17 +717,14 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     let mut config = config;
     let mut local = stream.local_addr().ok();
     if config.original_dst
-        && let Some(orig) = original_destination(&stream)
+        && let Some(orig) = local.and_then(|l| original_destination(&stream, l))
     {
         local = Some(orig);
         // As Envoy, a listener still warming (its route configurations not all here yet) is
         // not handed connections: the receiving listener serves them meanwhile.
         if config.use_original_dst
             && let Some(to) = proxy.listeners.for_original_destination(orig)
-            && to
-                .route_config_names()
-                .iter()
-                .all(|n| proxy.snapshot().routes.contains_key(*n))
+            && to.warmed(&proxy.snapshot())
         {
             tracing::trace!(from = %config.name, to = %to.name, original = %orig, "handing off");
             config = to;
@@ -1066,7 +1017,7 @@ mod tests {
     #[test]
     fn cidrs_contain_their_addresses_only() {
         let c = |a: &str, len| Cidr {
-            addr: a.parse().unwrap(),
+            ip: a.parse().unwrap(),
             len,
         };
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();

@@ -33,14 +33,15 @@ impl Input<'_> {
     }
 }
 
+/// An address prefix (`CidrRange`): RBAC's address rules and listeners' `prefix_ranges`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Cidr {
-    ip: IpAddr,
-    len: u8,
+pub struct Cidr {
+    pub ip: IpAddr,
+    pub len: u8,
 }
 
 impl Cidr {
-    fn from_xds(c: &CidrRange) -> Result<Cidr, String> {
+    pub fn from_xds(c: &CidrRange) -> Result<Cidr, String> {
         let ip: IpAddr = c
             .address_prefix
             .parse()
@@ -53,7 +54,7 @@ impl Cidr {
         Ok(Cidr { ip, len: len as u8 })
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
+    pub fn contains(&self, ip: IpAddr) -> bool {
         // An IPv4-mapped IPv6 peer matches IPv4 ranges, as Envoy does.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
