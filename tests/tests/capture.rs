@@ -158,7 +158,9 @@ impl Netns {
 
     /// Links two namespaces with a veth pair, `a` on 10.255.3.1/24 and `b` on 10.255.3.2/24.
     fn link(a: &Netns, b: &Netns) {
-        let (ea, eb) = (format!("{}-a", a.suffix()), format!("{}-b", b.suffix()));
+        // Interface names are at most 15 bytes; made in the host namespace, so per process.
+        let tag = format!("w{}", std::process::id() % 100_000);
+        let (ea, eb) = (format!("{tag}-a"), format!("{tag}-b"));
         run(
             "ip",
             &["link", "add", &ea, "type", "veth", "peer", "name", &eb],
@@ -169,11 +171,6 @@ impl Netns {
             ns.run(&["ip", "link", "set", dev, "up"]);
             ns.run(&["ip", "addr", "add", ip, "dev", dev]);
         }
-    }
-
-    /// A short tag for interface names (at most 15 bytes with a suffix).
-    fn suffix(&self) -> String {
-        format!("w{}", std::process::id() % 100_000)
     }
 
     /// Has the namespace resolve names with weftd's DNS (on its loopback), with a pod's search
@@ -189,11 +186,8 @@ impl Netns {
     }
 
     fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
-        let ns = Netns { name: name.into() };
-        run("ip", &["netns", "add", name]);
+        let ns = Netns::bare(name);
         for cmd in [
-            "ip link set lo up",
             "ip link add v0 type veth peer name v1",
             "ip link set v0 up",
             "ip link set v1 up",
