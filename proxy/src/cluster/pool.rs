@@ -292,7 +292,9 @@ impl Pool {
         loop {
             let (mut sender, uses, reused) = match self.take_idle(worker) {
                 Some((s, uses)) => (s, uses, true),
-                None => (self.connect_h1().await?, 0, false),
+                // Boxed: a new connection's state (connect, TLS handshake) is large and rare;
+                // inline it would grow every request's future.
+                None => (Box::pin(self.connect_h1()).await?, 0, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -411,6 +413,17 @@ impl Pool {
         Ok(sender)
     }
 
+    async fn connect_h2(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| self.handshake_failed(source))?;
+        self.drive(conn);
+        *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), 1));
+        Ok(sender)
+    }
+
     fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {
         UpstreamError::Handshake {
             addr: self.addr,
@@ -451,17 +464,7 @@ impl Pool {
         };
         let mut sender = match existing {
             Some(s) => s,
-            None => {
-                let stream = self.connect().await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|source| self.handshake_failed(source))?;
-                self.drive(conn);
-                *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((sender.clone(), 1));
-                sender
-            }
+            None => Box::pin(self.connect_h2()).await?,
         };
         sender
             .send_request(req)

@@ -250,9 +250,8 @@ pub async fn serve_connection<S>(
         req.extensions_mut().insert(down.clone());
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
-        if !req.headers().contains_key("x-request-id") {
-            req.headers_mut()
-                .insert(HeaderName::from_static("x-request-id"), request_id());
+        if !req.headers().contains_key(names::X_REQUEST_ID) {
+            req.headers_mut().insert(names::X_REQUEST_ID, request_id());
         }
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
@@ -383,8 +382,7 @@ async fn route_and_forward(
         && cors::is_preflight(req.method(), req.headers())
     {
         let mut resp = local_reply(StatusCode::OK, "", "-");
-        resp.headers_mut()
-            .remove(HeaderName::from_static("x-weft-response-flags"));
+        resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
         policy.preflight_headers(origin.clone(), resp.headers_mut());
         return resp;
     }
@@ -432,8 +430,7 @@ async fn route_rest(
                 "",
                 "-",
             );
-            resp.headers_mut()
-                .remove(HeaderName::from_static("x-weft-response-flags"));
+            resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
             if let Ok(v) = HeaderValue::from_str(&r.location(authority, path)) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
@@ -507,8 +504,17 @@ async fn route_rest(
                 Ok(h) => h,
                 Err(resp) => return resp,
             };
-            let mut resp =
-                upgrade::forward(&cluster, head, u, on_upgrade, action.timeout, original).await;
+            // Boxed: upgrades are rare, and the splice's state would otherwise make every
+            // request's future larger.
+            let mut resp = Box::pin(upgrade::forward(
+                &cluster,
+                head,
+                u,
+                on_upgrade,
+                action.timeout,
+                original,
+            ))
+            .await;
             route.response_headers.apply(resp.headers_mut());
             return resp;
         }
@@ -599,21 +605,26 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    let attempts = attempt_until_done(cluster, retry, head, &mut body, pick);
+    // The attempts' future is built inside each arm, not bound first: a future held in a local
+    // and then awaited through a wrapper takes room twice in this function's own future.
     match action.timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
-            Ok(resp) => resp,
-            Err(_) => {
-                cluster.stats.upstream_rq_timeout.inc();
-                cluster.stats.upstream_rq_xx.record(504);
-                local_reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                    "UT",
-                )
+        Some(t) => {
+            match tokio::time::timeout(t, attempt_until_done(cluster, retry, head, &mut body, pick))
+                .await
+            {
+                Ok(resp) => resp,
+                Err(_) => {
+                    cluster.stats.upstream_rq_timeout.inc();
+                    cluster.stats.upstream_rq_xx.record(504);
+                    local_reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                        "UT",
+                    )
+                }
             }
-        },
-        None => attempts.await,
+        }
+        None => attempt_until_done(cluster, retry, head, &mut body, pick).await,
     }
 }
 
@@ -695,11 +706,10 @@ async fn attempt_until_done(
             // Unreachable: the head is taken only by the last attempt, after which we return.
             return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "", "-");
         };
-        let send = endpoint.pool.send(req);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let outcome = match per_try {
-            Some(t) => tokio::time::timeout(t, send).await.ok(),
-            None => Some(send.await),
+            Some(t) => tokio::time::timeout(t, endpoint.pool.send(req)).await.ok(),
+            None => Some(endpoint.pool.send(req).await),
         };
         let again = |why: &str| {
             tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
@@ -899,12 +909,9 @@ fn fault_abort(abort: fault::Abort) -> Response<ProxyBody> {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
+            h.insert(names::GRPC_STATUS, HeaderValue::from(code));
             h.insert(
-                HeaderName::from_static("grpc-status"),
-                HeaderValue::from(code),
-            );
-            h.insert(
-                HeaderName::from_static("grpc-message"),
+                names::GRPC_MESSAGE,
                 HeaderValue::from_static("fault filter abort"),
             );
             resp
@@ -922,6 +929,18 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Header names the request path looks up on every request, built at compile time (a name
+/// given as `&str`, or `from_static` called at run time, is parsed on each use).
+pub(crate) mod names {
+    use http::HeaderName;
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_WEFT_RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-weft-response-flags");
+    pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+}
+
 static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -932,33 +951,46 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names present rather than a lookup per hop-by-hop name: most
-    // messages carry none of them, or only Connection.
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(k))
-        .cloned()
-        .collect();
-    // Headers named in Connection are hop-by-hop too ("close" and "keep-alive" are the usual
-    // tokens: no header, or one already listed).
-    for token in headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-    {
-        if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
-            continue;
-        }
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            && headers.contains_key(&name)
-        {
-            doomed.push(name);
+    // One pass over the (few) names present, without allocating: most messages carry none of
+    // them, or only Connection.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+            any = true;
         }
     }
-    for n in &doomed {
-        headers.remove(n);
+    if !any {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too ("close" and "keep-alive" are the usual
+    // tokens: no header, or one already listed).
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present[0] {
+        for token in headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                && !HOP_BY_HOP.contains(&name)
+                && headers.contains_key(&name)
+            {
+                named.push(name);
+            }
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(name);
+    }
+    for name in &named {
+        headers.remove(name);
     }
 }
 
@@ -1001,7 +1033,7 @@ fn upstream_head(
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
     parts.headers.remove(header::TE);
-    if parts.headers.get("grpc-timeout").is_some() || is_grpc(&parts.headers) {
+    if parts.headers.contains_key(names::GRPC_TIMEOUT) || is_grpc(&parts.headers) {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
@@ -1012,10 +1044,9 @@ fn upstream_head(
         .get::<Arc<crate::listener::Downstream>>()
         .is_some_and(|d| d.tls);
     let proto = if secure { "https" } else { "http" };
-    parts.headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    parts
+        .headers
+        .insert(names::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let uri = std::mem::take(&mut parts.uri);
     let path = uri
         .path_and_query()
@@ -1137,19 +1168,21 @@ fn is_grpc(h: &HeaderMap) -> bool {
 /// stack buffer since it runs on every request.
 fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bits = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
-    // Version 4 and the RFC 4122 variant.
-    bits = (bits & !(0xf << 76)) | (0x4 << 76);
-    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
-    let mut out = [0u8; 36];
-    let mut nibble = 32;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *slot = b'-';
-        } else {
-            nibble -= 1;
-            *slot = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    // Version 4 (high nibble of byte 6) and the RFC 4122 variant (top bits of byte 8).
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    bytes[8..].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
     }
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
@@ -1209,7 +1242,7 @@ fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
     e.status = resp.status().as_u16();
     e.flags = resp
         .headers()
-        .get("x-weft-response-flags")
+        .get(names::X_WEFT_RESPONSE_FLAGS)
         .and_then(|v| v.to_str().ok())
         .or_else(|| resp.extensions().get::<ResponseFlag>().map(|f| f.0))
         .unwrap_or("-")
@@ -1286,10 +1319,7 @@ pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Respon
     if !body.is_empty() {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
-    h.insert(
-        HeaderName::from_static("x-weft-response-flags"),
-        HeaderValue::from_static(flag),
-    );
+    h.insert(names::X_WEFT_RESPONSE_FLAGS, HeaderValue::from_static(flag));
     resp.extensions_mut().insert(LocalReply(body.to_string()));
     resp
 }
@@ -1322,7 +1352,7 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Some(LocalReply(message)) = resp.extensions().get::<LocalReply>().cloned() else {
         return resp;
     };
-    if resp.headers().contains_key("grpc-status") {
+    if resp.headers().contains_key(names::GRPC_STATUS) {
         return resp;
     }
     let grpc = grpc_status_of(resp.status());
@@ -1333,10 +1363,9 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    parts.headers.insert(
-        HeaderName::from_static("grpc-status"),
-        HeaderValue::from(grpc),
-    );
+    parts
+        .headers
+        .insert(names::GRPC_STATUS, HeaderValue::from(grpc));
     if !message.is_empty() {
         // gRPC percent-encodes grpc-message; local reply texts are plain ASCII.
         let encoded: String = message
@@ -1350,9 +1379,7 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
             })
             .collect();
         if let Ok(v) = HeaderValue::from_str(&encoded) {
-            parts
-                .headers
-                .insert(HeaderName::from_static("grpc-message"), v);
+            parts.headers.insert(names::GRPC_MESSAGE, v);
         }
     }
     Response::from_parts(parts, Either::Right(Full::default()))

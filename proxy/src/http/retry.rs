@@ -31,6 +31,12 @@ impl RetryOn {
     pub const GRPC_RESOURCE_EXHAUSTED: u32 = 1 << 10;
     pub const GRPC_UNAVAILABLE: u32 = 1 << 11;
     pub const RETRIABLE_HEADERS: u32 = 1 << 12;
+    /// The conditions read from a response's `grpc-status`.
+    pub const GRPC_CONDITIONS: u32 = Self::GRPC_CANCELLED
+        | Self::GRPC_DEADLINE_EXCEEDED
+        | Self::GRPC_INTERNAL
+        | Self::GRPC_RESOURCE_EXHAUSTED
+        | Self::GRPC_UNAVAILABLE;
 
     pub fn parse(s: &str) -> Result<RetryOn, String> {
         let mut bits = 0;
@@ -237,10 +243,11 @@ impl RetryPolicy {
             return true;
         }
         // gRPC conditions look at a trailers-only response's grpc-status.
-        if let Some(code) = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok())
+        if on.has(RetryOn::GRPC_CONDITIONS)
+            && let Some(code) = headers
+                .get(crate::http::names::GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
         {
             let bit = match code {
                 1 => RetryOn::GRPC_CANCELLED,

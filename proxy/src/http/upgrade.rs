@@ -21,8 +21,8 @@ pub fn is_websocket(version: http::Version, headers: &HeaderMap) -> bool {
         })
     };
     version == http::Version::HTTP_11
-        && has(header::CONNECTION, "upgrade")
         && has(header::UPGRADE, "websocket")
+        && has(header::CONNECTION, "upgrade")
 }
 
 /// Forwards an upgrade request and, on 101, splices the two connections.
