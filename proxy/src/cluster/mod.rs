@@ -3,6 +3,7 @@
 //! anything this version cannot honour rejected (NACKed) by field name.
 
 pub mod dns;
+pub mod h1;
 pub mod health;
 pub mod lb;
 pub mod outlier;
@@ -24,7 +25,9 @@ use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
 use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
-pub use pool::{ConnectionLimits, Pool, UpstreamBody, UpstreamError, UpstreamProtocol};
+pub use pool::{
+    ConnectionLimits, Pool, UpstreamBody, UpstreamError, UpstreamProtocol, UpstreamResponseBody,
+};
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 

@@ -1,6 +1,6 @@
-//! Upstream connection pools, one per endpoint: keep-alive HTTP/1.1 connections reused oldest
-//! first (see `take_idle`) and trimmed to the recent demand, or one multiplexed HTTP/2
-//! connection. The request's authority is kept as the client sent it; the pool only decides
+//! Upstream connection pools, one per endpoint: keep-alive HTTP/1.1 connections (driven by the
+//! requests themselves, see `h1`) reused oldest first and trimmed to the recent demand, or one
+//! multiplexed HTTP/2 connection. The request's authority is kept as the client sent it; the pool only decides
 //! which socket carries it.
 
 use std::collections::VecDeque;
@@ -9,16 +9,55 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use super::h1::{self, Home as _};
 use crate::stats::{Counter, Gauge};
 
 /// What goes upstream: the client's body streamed through, or a buffered copy that a retry
 /// can send again.
 pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
+/// An upstream's response body: read by hyper's HTTP/2 client, or straight from an HTTP/1.1
+/// connection.
+pub enum UpstreamResponseBody {
+    Hyper(Incoming),
+    H1(h1::ResponseBody),
+}
+
+impl hyper::body::Body for UpstreamResponseBody {
+    type Data = bytes::Bytes;
+    type Error = h1::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, h1::BoxError>>> {
+        match self.get_mut() {
+            UpstreamResponseBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
+            UpstreamResponseBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamResponseBody::Hyper(b) => b.is_end_stream(),
+            UpstreamResponseBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamResponseBody::Hyper(b) => b.size_hint(),
+            UpstreamResponseBody::H1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Most HTTP/1.1 connections kept per endpoint and worker (Envoy's default max_connections).
 const MAX_IDLE: usize = 1024;
@@ -51,7 +90,12 @@ pub enum UpstreamError {
     #[error("upstream {addr} reset the request: {source}")]
     Reset {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: h1::BoxError,
+    },
+    #[error("upstream {addr} broke HTTP/1.1: {source}")]
+    Protocol {
+        addr: SocketAddr,
+        source: h1::BoxError,
     },
 }
 
@@ -147,15 +191,13 @@ pub struct PoolStats {
 }
 
 /// A pooled HTTP/1.1 connection: how many requests it carried and since when it waits.
-#[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
-    uses: u32,
+    conn: h1::Conn,
     since: std::time::Instant,
 }
 
 /// A worker's idle HTTP/1.1 connections, and how many its requests held at once lately.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct IdlePool {
     queue: VecDeque<Idle>,
     /// Connections out of the pool carrying a request now.
@@ -192,32 +234,87 @@ impl IdlePool {
 }
 
 /// Counts a request as holding one of a worker's connections until dropped (also when the
-/// request is abandoned).
-struct Busy<'a>(&'a WorkerConnections);
+/// request is abandoned), or until its response body takes over (`h1::Home`).
+struct Busy(Option<Arc<WorkerConnections>>);
 
-impl<'a> Busy<'a> {
-    fn start(w: &'a WorkerConnections) -> Busy<'a> {
+impl Busy {
+    fn start(w: Arc<WorkerConnections>) -> Busy {
         let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
         pool.roll(std::time::Instant::now());
         pool.busy += 1;
         pool.peak = pool.peak.max(pool.busy);
-        Busy(w)
+        drop(pool);
+        Busy(Some(w))
+    }
+
+    /// The response body now holds the connection: it reports back through `h1::Home`.
+    fn hand_over(mut self) -> Arc<WorkerConnections> {
+        self.0.take().expect("a Busy is handed over once")
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        let mut pool = self.0.idle.lock().unwrap_or_else(|p| p.into_inner());
-        pool.busy = pool.busy.saturating_sub(1);
+        if let Some(w) = self.0.take() {
+            w.done(None);
+        }
     }
 }
 
 /// One worker's connections to the endpoint.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct WorkerConnections {
     idle: Mutex<IdlePool>,
+    limits: ConnectionLimits,
     /// The shared HTTP/2 connection and how many streams it has carried.
     h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, u32)>>,
+}
+
+impl std::fmt::Debug for WorkerConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("WorkerConnections")
+            .field("idle", &idle.queue.len())
+            .field("busy", &idle.busy)
+            .finish()
+    }
+}
+
+impl WorkerConnections {
+    /// The connection returned longest ago that is still open and not idle past
+    /// `idle_timeout` (the others are closed on the way).
+    fn take_idle(&self) -> Option<h1::Conn> {
+        let mut pool = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(entry) = pool.queue.pop_front() {
+            let expired = self
+                .limits
+                .idle_timeout
+                .is_some_and(|t| entry.since.elapsed() >= t);
+            if !expired && entry.conn.idle_ok() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+}
+
+impl h1::Home for WorkerConnections {
+    /// A request let go of its connection: pooled again unless it has carried
+    /// max_requests_per_connection or the pool holds more than the recent demand needs (it is
+    /// closed then).
+    fn done(&self, conn: Option<h1::Conn>) {
+        let now = std::time::Instant::now();
+        let mut pool = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        pool.roll(now);
+        if let Some(conn) = conn
+            && self.limits.max_requests.is_none_or(|m| conn.uses < m)
+            && pool.queue.len() + pool.busy <= pool.keep()
+        {
+            // `busy` still counts this connection.
+            pool.queue.push_back(Idle { conn, since: now });
+        }
+        pool.busy = pool.busy.saturating_sub(1);
+    }
 }
 
 /// Per-connection limits (the cluster's `common_http_protocol_options`).
@@ -240,7 +337,7 @@ pub struct Pool {
     /// TLS towards this endpoint (the cluster's transport socket, or the transport socket
     /// match the endpoint's metadata selects).
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
-    workers: Box<[WorkerConnections]>,
+    workers: Box<[Arc<WorkerConnections>]>,
     pub stats: PoolStats,
 }
 
@@ -259,7 +356,12 @@ impl Pool {
             limits,
             tls,
             workers: (0..=crate::worker::count())
-                .map(|_| WorkerConnections::default())
+                .map(|_| {
+                    Arc::new(WorkerConnections {
+                        limits,
+                        ..Default::default()
+                    })
+                })
                 .collect(),
             stats: PoolStats::default(),
         }
@@ -274,7 +376,7 @@ impl Pool {
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
             UpstreamProtocol::Http2 => self.send_h2(req).await,
@@ -283,84 +385,51 @@ impl Pool {
 
     async fn send_h1(
         &self,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         let worker = self.mine();
-        let _busy = Busy::start(worker);
-        // A pooled connection the upstream has just closed fails before the request is
-        // written; hyper hands the request back and we try the next connection.
+        let busy = Busy::start(worker.clone());
+        let (parts, body) = req.into_parts();
+        let mut body = h1::Outgoing::of(body);
+        let head = h1::RequestHead::encode(&parts, &body);
+        // A pooled connection the upstream closed just now fails before any answer; the
+        // request starts over on the next connection when it safely can (`stale`).
         loop {
-            let (mut sender, uses, reused) = match self.take_idle(worker) {
-                Some((s, uses)) => (s, uses, true),
-                // Boxed: a new connection's state (connect, TLS handshake) is large and rare;
-                // inline it would grow every request's future.
-                None => (Box::pin(self.connect_h1()).await?, 0, false),
+            let (mut conn, reused) = match worker.take_idle() {
+                Some(c) => (c, true),
+                None => (Box::pin(self.connect_h1()).await?, false),
             };
-            match sender.try_send_request(req).await {
+            conn.uses += 1;
+            match h1::exchange(&mut conn, &head, &mut body).await {
                 Ok(resp) => {
-                    self.put_idle(worker, sender, uses + 1);
-                    return Ok(resp);
+                    let home: Arc<dyn h1::Home> = busy.hand_over();
+                    let body = h1::ResponseBody::new(conn, &resp, home);
+                    let mut out = Response::new(UpstreamResponseBody::H1(body));
+                    *out.status_mut() = resp.status;
+                    *out.version_mut() = resp.version;
+                    *out.headers_mut() = resp.headers;
+                    return Ok(out);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if reused => req = back,
-                    _ => {
-                        return Err(UpstreamError::Reset {
-                            addr: self.addr,
-                            source: e.into_error(),
-                        });
-                    }
-                },
+                Err(e) if reused && e.stale(&head, &body) => continue,
+                Err(e) if e.protocol => {
+                    return Err(UpstreamError::Protocol {
+                        addr: self.addr,
+                        source: e.source,
+                    });
+                }
+                Err(e) => {
+                    return Err(UpstreamError::Reset {
+                        addr: self.addr,
+                        source: e.source,
+                    });
+                }
             }
         }
     }
 
-    fn mine(&self) -> &WorkerConnections {
+    fn mine(&self) -> &Arc<WorkerConnections> {
         let i = crate::worker::current();
         &self.workers[i.min(self.workers.len() - 1)]
-    }
-
-    /// The connection returned longest ago that is ready for a request. Connections go back
-    /// in the pool as soon as their response head arrives, while the body may still be
-    /// streaming; taking from the oldest end finds a finished one almost always at once, where
-    /// a stack would first walk past every still-busy connection.
-    fn take_idle(&self, w: &WorkerConnections) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
-        let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = &mut pool.queue;
-        for _ in 0..idle.len() {
-            let entry = idle.pop_front()?;
-            // Closed, or idle past idle_timeout: dropping the sender closes the connection.
-            let expired = self
-                .limits
-                .idle_timeout
-                .is_some_and(|t| entry.since.elapsed() >= t);
-            if entry.sender.is_closed() || expired {
-                continue;
-            }
-            if entry.sender.is_ready() {
-                return Some((entry.sender, entry.uses));
-            }
-            idle.push_back(entry);
-        }
-        None
-    }
-
-    /// Returns a connection to the pool unless it has carried max_requests_per_connection or
-    /// the pool holds more than the recent demand needs (it is closed then).
-    fn put_idle(&self, w: &WorkerConnections, sender: http1::SendRequest<UpstreamBody>, uses: u32) {
-        if self.limits.max_requests.is_some_and(|m| uses >= m) {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let mut pool = w.idle.lock().unwrap_or_else(|p| p.into_inner());
-        pool.roll(now);
-        // `busy` still counts this connection.
-        if pool.queue.len() + pool.busy <= pool.keep() {
-            pool.queue.push_back(Idle {
-                sender,
-                uses,
-                since: now,
-            });
-        }
     }
 
     /// A new connection to the endpoint (TLS when the cluster says so), counted in the pool's
@@ -403,14 +472,9 @@ impl Pool {
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    async fn connect_h1(&self) -> Result<h1::Conn, UpstreamError> {
         let stream = self.connect().await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| self.handshake_failed(source))?;
-        self.drive(conn);
-        Ok(sender)
+        Ok(h1::Conn::new(stream, self.stats.cx_active.clone()))
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
@@ -444,7 +508,7 @@ impl Pool {
     async fn send_h2(
         &self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         // Take the shared connection and count this stream on it; after
         // max_requests_per_connection streams the next request opens a fresh connection.
         let existing = {
@@ -469,9 +533,10 @@ impl Pool {
         sender
             .send_request(req)
             .await
+            .map(|resp| resp.map(UpstreamResponseBody::Hyper))
             .map_err(|source| UpstreamError::Reset {
                 addr: self.addr,
-                source,
+                source: source.into(),
             })
     }
 }

@@ -31,7 +31,7 @@ use crate::state::Proxy;
 use crate::stats::{GaugeGuard, HttpStats};
 use router::{Action, RouteTable};
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<crate::cluster::UpstreamResponseBody, Full<Bytes>>;
 
 /// Where a connection manager gets its routes.
 #[derive(Debug)]
@@ -767,7 +767,15 @@ async fn attempt_until_done(
             }
             Some(Err(e)) => {
                 endpoint.stats.rq_error.inc();
-                cluster.stats.upstream_rq_xx.record(503);
+                // As Envoy: an upstream that broke the protocol is a bad gateway (`UPE`), any
+                // other failure before a response an unavailable service.
+                let protocol = matches!(e, crate::cluster::UpstreamError::Protocol { .. });
+                let status = if protocol {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                cluster.stats.upstream_rq_xx.record(status.as_u16());
                 cluster.observe(&endpoint, Outcome::LocalFailure);
                 if e.is_connect_failure() {
                     cluster.stats.upstream_cx_connect_fail.inc();
@@ -776,16 +784,15 @@ async fn attempt_until_done(
                     tracing::debug!(cluster = %cluster.name, "upstream failure: {e}");
                     let (reason, flag) = if e.is_connect_failure() {
                         ("connection failure", "UF")
+                    } else if protocol {
+                        ("protocol error", "UPE")
                     } else {
                         ("connection termination", "UC")
                     };
                     let body = format!(
                         "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
                     );
-                    return mark(
-                        local_reply(StatusCode::SERVICE_UNAVAILABLE, &body, flag),
-                        endpoint.address,
-                    );
+                    return mark(local_reply(status, &body, flag), endpoint.address);
                 }
                 again(&e.to_string());
             }

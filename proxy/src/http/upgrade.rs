@@ -98,7 +98,10 @@ pub(crate) async fn forward(
     cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
-        return Response::from_parts(parts, Either::Left(body));
+        return Response::from_parts(
+            parts,
+            Either::Left(crate::cluster::UpstreamResponseBody::Hyper(body)),
+        );
     }
     let upstream = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {

@@ -1,0 +1,969 @@
+//! HTTP/1.1 towards upstreams, driven by the request's own task: the request head is written
+//! and the response head read by the future that asked for them, and the response body is
+//! read by whoever polls it (the downstream connection writing it out). No task per
+//! connection, no channel between the request and its connection; a connection whose response
+//! is complete goes back to its pool from the body itself.
+//!
+//! Framing follows RFC 9112: requests carry `content-length` when their size is known and are
+//! chunked otherwise; responses are delimited by `transfer-encoding: chunked`, by
+//! `content-length` (all values equal), or by the connection's close, and have no body for HEAD
+//! requests and 1xx/204/304 statuses. Interim 1xx responses are skipped. A response whose
+//! framing is ambiguous or invalid is an error, never passed on as something else.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body as _, Frame};
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::pool::UpstreamStream;
+use crate::stats::Gauge;
+
+/// Most header lines a response head may carry (Envoy's default `max_headers_count`).
+const MAX_HEADERS: usize = 100;
+/// Largest response head (and trailer block), as the downstream side allows.
+const MAX_HEAD: usize = 96 * 1024;
+/// Bytes read from the upstream at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Request bodies up to this size are written with their head in one write.
+const COALESCE: usize = 16 * 1024;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An open HTTP/1.1 connection to an upstream: the stream and what was read past the last
+/// response. Counted in the pool's active connections while it exists.
+pub struct Conn {
+    io: UpstreamStream,
+    read: BytesMut,
+    /// Requests this connection has carried.
+    pub uses: u32,
+    _active: Active,
+}
+
+struct Active(Arc<Gauge>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Conn {
+    pub fn new(io: UpstreamStream, active: Arc<Gauge>) -> Conn {
+        active.inc();
+        Conn {
+            io,
+            read: BytesMut::new(),
+            uses: 0,
+            _active: Active(active),
+        }
+    }
+
+    /// True when nothing happened on the idle connection since its last response: the upstream
+    /// neither closed it nor sent unsolicited bytes. Reads readiness only (no system call: a
+    /// drained socket has its readiness cleared, and a close or new bytes set it again).
+    pub fn idle_ok(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let tcp = match &self.io {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tcp.poll_read_ready(&mut cx).is_pending()
+    }
+}
+
+/// The request body as the exchange sends it: bytes that can be sent again on another
+/// connection, or the client's stream, sent once.
+pub enum Outgoing {
+    Bytes(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl Outgoing {
+    /// The body an attempt carries: bytes kept for retries, or the client's stream.
+    pub fn of(body: super::UpstreamBody) -> Outgoing {
+        match body {
+            http_body_util::Either::Left(stream) => Outgoing::Stream(Some(stream)),
+            // `Full` yields its one frame at once, and cannot fail.
+            http_body_util::Either::Right(mut full) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let bytes = match Pin::new(&mut full).poll_frame(&mut cx) {
+                    Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+                    _ => Bytes::new(),
+                };
+                Outgoing::Bytes(bytes)
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Outgoing::Bytes(_))
+    }
+}
+
+/// How the request body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestFraming {
+    Length(u64),
+    Chunked,
+}
+
+/// The request head in wire form, written again as is when a stale pooled connection makes
+/// the exchange start over.
+pub struct RequestHead {
+    bytes: Vec<u8>,
+    framing: RequestFraming,
+    /// HEAD requests' responses have no body whatever their headers say.
+    head_method: bool,
+    idempotent: bool,
+}
+
+impl RequestHead {
+    /// Encodes the request line and headers (the URI already in origin form, Host set), adding
+    /// the body's framing when the client's headers do not give it.
+    pub fn encode(parts: &http::request::Parts, body: &Outgoing) -> RequestHead {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(parts.method.as_str().as_bytes());
+        out.push(b' ');
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        out.extend_from_slice(if target.is_empty() {
+            b"/"
+        } else {
+            target.as_bytes()
+        });
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let declared = content_length(&parts.headers).ok().flatten();
+        let framing = match (declared, body) {
+            (Some(n), _) => RequestFraming::Length(n),
+            (None, Outgoing::Bytes(b)) => {
+                // As hyper and Envoy: a known empty body is only announced for methods that
+                // usually carry one.
+                if !b.is_empty()
+                    || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+                {
+                    push_header(&mut out, "content-length", b.len().to_string().as_bytes());
+                }
+                RequestFraming::Length(b.len() as u64)
+            }
+            (None, Outgoing::Stream(s)) => {
+                if s.as_ref().is_none_or(|s| s.is_end_stream()) {
+                    RequestFraming::Length(0)
+                } else {
+                    push_header(&mut out, "transfer-encoding", b"chunked");
+                    RequestFraming::Chunked
+                }
+            }
+        };
+        out.extend_from_slice(b"\r\n");
+        RequestHead {
+            bytes: out,
+            framing,
+            head_method: parts.method == Method::HEAD,
+            idempotent: parts.method.is_idempotent(),
+        }
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The one `content-length` of a message: `Ok(None)` without one, an error when the values
+/// disagree or are not numbers.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err("invalid content-length");
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(m) if m != n => return Err("conflicting content-length values"),
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Why an exchange failed, and whether it can start over on another connection.
+#[derive(Debug)]
+pub struct ExchangeError {
+    /// No byte of a response arrived: on a reused connection the upstream had closed it (or was
+    /// closing it) before reading this request.
+    pub nothing_received: bool,
+    /// The request was not completely written.
+    pub unsent: bool,
+    /// The upstream's answer is not valid HTTP/1.1.
+    pub protocol: bool,
+    pub source: BoxError,
+}
+
+impl ExchangeError {
+    /// A pooled connection turned out to be closed: the request may go out again on a new one
+    /// when its body can be sent again and the upstream cannot have acted on it (it was not
+    /// written, or it is idempotent and no answer began).
+    pub fn stale(&self, head: &RequestHead, body: &Outgoing) -> bool {
+        self.nothing_received && body.replayable() && (self.unsent || head.idempotent)
+    }
+}
+
+fn io_error(unsent: bool, nothing_received: bool, e: io::Error) -> ExchangeError {
+    failure(unsent, nothing_received, e)
+}
+
+/// A failure of the request's side (its body) or of the connection.
+fn failure(unsent: bool, nothing_received: bool, e: impl Into<BoxError>) -> ExchangeError {
+    ExchangeError {
+        nothing_received,
+        unsent,
+        protocol: false,
+        source: e.into(),
+    }
+}
+
+fn protocol_error(reason: &str) -> ExchangeError {
+    ExchangeError {
+        nothing_received: false,
+        unsent: false,
+        protocol: true,
+        source: format!("invalid HTTP/1.1 response from upstream: {reason}").into(),
+    }
+}
+
+/// A response head, with how its body is delimited and whether the connection can carry
+/// another request after it.
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    framing: Decode,
+    keep_alive: bool,
+}
+
+/// Writes the request (head and body) and reads the response head.
+pub async fn exchange(
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: &mut Outgoing,
+) -> Result<ResponseHead, ExchangeError> {
+    write_request(conn, head, body).await?;
+    loop {
+        let parsed = read_head(conn, head.head_method).await?;
+        // Interim answers (100 Continue, 103 Early Hints) are not passed on.
+        if parsed.status.is_informational() && parsed.status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        return Ok(parsed);
+    }
+}
+
+async fn write_request(
+    conn: &mut Conn,
+    head: &RequestHead,
+    body: &mut Outgoing,
+) -> Result<(), ExchangeError> {
+    let err = |e| io_error(true, true, e);
+    match body {
+        Outgoing::Bytes(b) => {
+            if let RequestFraming::Length(n) = head.framing
+                && n != b.len() as u64
+            {
+                return Err(failure(
+                    true,
+                    true,
+                    "request body does not match its content-length",
+                ));
+            }
+            if b.is_empty() {
+                conn.io.write_all(&head.bytes).await.map_err(err)?;
+            } else if b.len() <= COALESCE {
+                let mut out = Vec::with_capacity(head.bytes.len() + b.len());
+                out.extend_from_slice(&head.bytes);
+                out.extend_from_slice(b);
+                conn.io.write_all(&out).await.map_err(err)?;
+            } else {
+                conn.io.write_all(&head.bytes).await.map_err(err)?;
+                conn.io.write_all(b).await.map_err(err)?;
+            }
+        }
+        Outgoing::Stream(stream) => {
+            conn.io.write_all(&head.bytes).await.map_err(err)?;
+            if let Some(stream) = stream.take() {
+                write_stream(conn, head.framing, stream).await?;
+            }
+        }
+    }
+    conn.io.flush().await.map_err(err)
+}
+
+/// Streams the client's body: as it comes when its length is declared (and no more than that),
+/// chunk by chunk otherwise, trailers included.
+async fn write_stream(
+    conn: &mut Conn,
+    framing: RequestFraming,
+    mut stream: Incoming,
+) -> Result<(), ExchangeError> {
+    use http_body_util::BodyExt as _;
+    let err = |e| io_error(true, true, e);
+    let mut sent = 0u64;
+    while let Some(frame) = stream.frame().await {
+        let frame = frame.map_err(|e| failure(true, true, e))?;
+        match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                match framing {
+                    RequestFraming::Length(n) if sent > n => {
+                        return Err(failure(
+                            true,
+                            true,
+                            "request body longer than its content-length",
+                        ));
+                    }
+                    RequestFraming::Length(_) => conn.io.write_all(&data).await.map_err(err)?,
+                    RequestFraming::Chunked => {
+                        let mut chunk = Vec::with_capacity(data.len() + 12);
+                        chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        chunk.extend_from_slice(&data);
+                        chunk.extend_from_slice(b"\r\n");
+                        conn.io.write_all(&chunk).await.map_err(err)?;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let (Ok(trailers), RequestFraming::Chunked) = (frame.into_trailers(), framing) {
+                    let mut end = b"0\r\n".to_vec();
+                    for (name, value) in &trailers {
+                        push_header(&mut end, name.as_str(), value.as_bytes());
+                    }
+                    end.extend_from_slice(b"\r\n");
+                    conn.io.write_all(&end).await.map_err(err)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    match framing {
+        RequestFraming::Chunked => conn.io.write_all(b"0\r\n\r\n").await.map_err(err),
+        RequestFraming::Length(n) if sent < n => Err(failure(
+            true,
+            true,
+            "client's request body ended before its content-length",
+        )),
+        RequestFraming::Length(_) => Ok(()),
+    }
+}
+
+/// Reads until a whole response head is buffered, then parses it.
+async fn read_head(conn: &mut Conn, head_method: bool) -> Result<ResponseHead, ExchangeError> {
+    let mut first = true;
+    loop {
+        if !first || !conn.read.is_empty() {
+            if let Some(parsed) = parse_head(&mut conn.read, head_method)? {
+                return Ok(parsed);
+            }
+            if conn.read.len() >= MAX_HEAD {
+                return Err(protocol_error("response head too large"));
+            }
+        }
+        first = false;
+        conn.read.reserve(READ_CHUNK);
+        let received = !conn.read.is_empty();
+        match conn.io.read_buf(&mut conn.read).await {
+            Ok(0) => {
+                return Err(failure(
+                    false,
+                    !received,
+                    "upstream closed the connection before a complete response head",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(io_error(false, !received, e)),
+        }
+    }
+}
+
+/// Parses the response head at the start of `buf` and takes it out: `None` when incomplete.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<Option<ResponseHead>, ExchangeError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        .map_err(|e| protocol_error(&e.to_string()))?;
+    let httparse::Status::Complete(len) = parsed else {
+        return Ok(None);
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| protocol_error("invalid status code"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Header values are kept as slices of the head's bytes rather than copied: note where each
+    // header sits, then take the head out of the buffer.
+    let base = buf.as_ptr() as usize;
+    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
+        *slot = (
+            (h.name.as_ptr() as usize - base) as u32,
+            h.name.len() as u32,
+            (h.value.as_ptr() as usize - base) as u32,
+            h.value.len() as u32,
+        );
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, nl, vs, vl) in &at[..count] {
+        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+        let name = HeaderName::from_bytes(&bytes[ns..ns + nl])
+            .map_err(|_| protocol_error("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs..vs + vl))
+            .map_err(|_| protocol_error("invalid header value"))?;
+        headers.append(name, value);
+    }
+    // After 101 the connection speaks another protocol: it never goes back to the pool.
+    let mut keep_alive =
+        status != StatusCode::SWITCHING_PROTOCOLS && connection_allows_reuse(version, &headers);
+    let framing = if head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Decode::Length(0)
+    } else if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .cloned()
+    {
+        // A message with both is a smuggling attempt or a broken server (RFC 9112 6.3): refused,
+        // as Envoy refuses it.
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(protocol_error("both transfer-encoding and content-length"));
+        }
+        keep_alive = false;
+        let last = te
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .unwrap_or_default();
+        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            if headers.get_all(header::TRANSFER_ENCODING).iter().count() == 1
+                && !te.as_bytes().contains(&b',')
+            {
+                // Plain `chunked`, the usual case: the connection stays usable.
+                keep_alive = connection_allows_reuse(version, &headers);
+            }
+            Decode::Chunked(Chunk::Size)
+        } else {
+            Decode::Close
+        }
+    } else {
+        match content_length(&headers).map_err(protocol_error)? {
+            Some(n) => Decode::Length(n),
+            None => {
+                keep_alive = false;
+                Decode::Close
+            }
+        }
+    };
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// HTTP/1.1 connections persist unless `Connection: close`; HTTP/1.0 ones only with
+/// `Connection: keep-alive`.
+fn connection_allows_reuse(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    match version {
+        Version::HTTP_10 => has("keep-alive"),
+        _ => !has("close"),
+    }
+}
+
+/// Where the body stands.
+#[derive(Debug, Clone, Copy)]
+enum Decode {
+    /// Bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// Where a response's connection goes when the response is over.
+pub trait Home: Send + Sync + 'static {
+    /// Called once per response: with the connection when it can carry another request,
+    /// `None` when it was closed (failed, dropped early, not reusable).
+    fn done(&self, conn: Option<Conn>);
+}
+
+/// A response body read straight from the upstream connection; the connection goes home once
+/// the body is complete (and is closed when the body is dropped before that).
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: Decode,
+    keep_alive: bool,
+    home: Option<Arc<dyn Home>>,
+}
+
+impl ResponseBody {
+    /// The body of `head` read from `conn`; `home` takes the connection back when it can carry
+    /// another request.
+    pub fn new(conn: Conn, head: &ResponseHead, home: Arc<dyn Home>) -> ResponseBody {
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            state: head.framing,
+            keep_alive: head.keep_alive,
+            home: Some(home),
+        };
+        if matches!(body.state, Decode::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body is complete: the connection goes home if it can carry another request.
+    fn finish(&mut self) {
+        self.state = Decode::Done;
+        let keep = self.keep_alive;
+        let conn = self.conn.take().filter(|c| keep && c.read.is_empty());
+        if let Some(home) = self.home.take() {
+            home.done(conn);
+        }
+    }
+
+    /// The body cannot complete: the connection is closed.
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.keep_alive = false;
+        self.finish();
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    /// Reads more from the upstream: `Ok(false)` at the end of the stream.
+    fn fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        conn.read.reserve(READ_CHUNK);
+        let before = conn.read.len();
+        // One `read` call: the future holds nothing across polls.
+        let mut fut = std::pin::pin!(conn.io.read_buf(&mut conn.read));
+        ready!(fut.as_mut().poll(cx))?;
+        Poll::Ready(Ok(conn.read.len() > before))
+    }
+}
+
+use std::future::Future as _;
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.state {
+                Decode::Done => return Poll::Ready(None),
+                Decode::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Decode::Length(rest) => {
+                    if conn.read.is_empty() {
+                        match ready!(Self::fill(conn, cx)) {
+                            Ok(true) => continue,
+                            Ok(false) => {
+                                return this.fail("upstream closed the connection mid-body");
+                            }
+                            Err(e) => return this.fail(e),
+                        }
+                    }
+                    let take = rest.min(conn.read.len() as u64) as usize;
+                    let data = conn.read.split_to(take).freeze();
+                    this.state = Decode::Length(rest - take as u64);
+                    if rest == take as u64 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::Close => {
+                    if conn.read.is_empty() {
+                        match ready!(Self::fill(conn, cx)) {
+                            Ok(true) => continue,
+                            Ok(false) => {
+                                this.keep_alive = false;
+                                this.finish();
+                                return Poll::Ready(None);
+                            }
+                            Err(e) => return this.fail(e),
+                        }
+                    }
+                    let data = conn.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::Chunked(chunk) => match step_chunk(&mut conn.read, chunk) {
+                    Ok(Step::Frame(next, frame)) => {
+                        this.state = next;
+                        if matches!(next, Decode::Done) {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Ok(Step::Next(next)) => {
+                        this.state = next;
+                        if matches!(next, Decode::Done) {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                    }
+                    Ok(Step::NeedMore) => {
+                        if conn.read.len() >= MAX_HEAD {
+                            return this.fail("chunk header or trailers too large");
+                        }
+                        match ready!(Self::fill(conn, cx)) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return this.fail("upstream closed the connection mid-body");
+                            }
+                            Err(e) => return this.fail(e),
+                        }
+                    }
+                    Err(reason) => return this.fail(reason),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, Decode::Done)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.state {
+            Decode::Length(n) => http_body::SizeHint::with_exact(n),
+            Decode::Done => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the rest of the response is still on the wire.
+        self.conn = None;
+        if let Some(home) = self.home.take() {
+            home.done(None);
+        }
+    }
+}
+
+enum Step {
+    /// A frame to hand out, and the state after it.
+    Frame(Decode, Frame<Bytes>),
+    /// Framing consumed, nothing to hand out.
+    Next(Decode),
+    NeedMore,
+}
+
+/// One step of the chunked decoder over what is buffered.
+fn step_chunk(buf: &mut BytesMut, chunk: Chunk) -> Result<Step, &'static str> {
+    match chunk {
+        Chunk::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                Ok(Step::Next(Decode::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                })))
+            }
+            Ok(httparse::Status::Partial) => Ok(Step::NeedMore),
+            Err(_) => Err("invalid chunk size line"),
+        },
+        Chunk::Data(rest) => {
+            if buf.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let take = rest.min(buf.len() as u64) as usize;
+            let data = buf.split_to(take).freeze();
+            let next = if rest == take as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(rest - take as u64)
+            };
+            Ok(Step::Frame(Decode::Chunked(next), Frame::data(data)))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF");
+            }
+            buf.advance(2);
+            Ok(Step::Next(Decode::Chunked(Chunk::Size)))
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::Next(Decode::Done));
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(buf, &mut slots) {
+                Ok(httparse::Status::Complete((used, parsed))) => {
+                    let mut trailers = HeaderMap::with_capacity(parsed.len());
+                    for h in parsed {
+                        let name = HeaderName::from_bytes(h.name.as_bytes())
+                            .map_err(|_| "invalid trailer name")?;
+                        let value = HeaderValue::from_bytes(h.value)
+                            .map_err(|_| "invalid trailer value")?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(used);
+                    Ok(Step::Frame(Decode::Done, Frame::trailers(trailers)))
+                }
+                Ok(httparse::Status::Partial) => Ok(Step::NeedMore),
+                Err(_) => Err("invalid trailers"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8], head_method: bool) -> Result<Option<ResponseHead>, ExchangeError> {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, head_method)
+    }
+
+    /// Runs the chunked decoder over `raw` fed in pieces of `step` bytes.
+    fn dechunk(raw: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>), &'static str> {
+        let mut buf = BytesMut::new();
+        let mut input = raw.chunks(step);
+        let mut state = Chunk::Size;
+        let mut data = Vec::new();
+        loop {
+            match step_chunk(&mut buf, state)? {
+                Step::Frame(next, frame) => {
+                    match frame.into_data() {
+                        Ok(d) => data.extend_from_slice(&d),
+                        Err(f) => return Ok((data, f.into_trailers().ok())),
+                    }
+                    match next {
+                        Decode::Chunked(c) => state = c,
+                        _ => return Ok((data, None)),
+                    }
+                }
+                Step::Next(Decode::Chunked(c)) => state = c,
+                Step::Next(_) => return Ok((data, None)),
+                Step::NeedMore => match input.next() {
+                    Some(piece) => buf.extend_from_slice(piece),
+                    None => return Err("incomplete"),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn response_heads_and_their_framing() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.status, 200);
+        assert!(matches!(head.framing, Decode::Length(5)));
+        assert!(head.keep_alive);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+                .unwrap()
+                .is_none()
+        );
+
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(head.framing, Decode::Length(0)),
+            "HEAD has no body"
+        );
+        let head = parse(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(head.framing, Decode::Length(0)));
+
+        let head = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert!(matches!(head.framing, Decode::Close));
+        assert!(
+            !head.keep_alive,
+            "read to close: the connection ends with the body"
+        );
+
+        let head = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(!head.keep_alive);
+        let head = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.keep_alive);
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!head.keep_alive);
+    }
+
+    #[test]
+    fn ambiguous_or_invalid_framing_is_refused_or_made_safe() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(head.framing, Decode::Chunked(Chunk::Size)));
+        assert!(head.keep_alive);
+
+        let head = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(head.framing, Decode::Close));
+
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: a\x01b\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad, false).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Repeated but equal lengths are one length.
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(head.framing, Decode::Length(3)));
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\ngrpc-status: 0\r\n\r\n";
+        for step in [1, 2, 3, 7, raw.len()] {
+            let (data, trailers) = dechunk(raw, step).unwrap();
+            assert_eq!(data, b"hello world", "step {step}");
+            assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+        }
+        let (data, trailers) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 1).unwrap();
+        assert_eq!(data, b"abc");
+        assert!(trailers.is_none());
+        assert!(dechunk(b"zz\r\n", 4).is_err());
+        assert!(dechunk(b"3\r\nabcX\r\n", 9).is_err());
+        assert!(dechunk(b"ffffffffffffffffff\r\n", 20).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_their_framing() {
+        let req = http::Request::post("/p?q=1")
+            .header("host", "a")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let head = RequestHead::encode(&parts, &Outgoing::Bytes(Bytes::from_static(b"abc")));
+        assert_eq!(
+            String::from_utf8(head.bytes).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
+        );
+        assert_eq!(head.framing, RequestFraming::Length(3));
+        assert!(!head.idempotent);
+
+        let req = http::Request::get("/")
+            .header("host", "a")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let head = RequestHead::encode(&parts, &Outgoing::Bytes(Bytes::new()));
+        assert_eq!(
+            String::from_utf8(head.bytes).unwrap(),
+            "GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+        );
+        assert!(head.idempotent);
+    }
+}
