@@ -143,6 +143,11 @@ impl Quickstart {
 
     /// A join token for `namespace`/`service_account`, written to a file.
     pub fn token_file_in(&self, namespace: &str, service_account: &str) -> PathBuf {
+        // weftd writes its signing key (atomically) shortly after it starts listening: a test
+        // that asks for a token right away waits for the key instead of racing it.
+        let key = self.state_dir().join("join-token-key");
+        wait_until(Duration::from_secs(10), || key.exists().then_some(()))
+            .unwrap_or_else(|| panic!("weftd wrote {}", key.display()));
         let out = std::process::Command::new(bin("weftctl"))
             .args(["token", "create", "-n", namespace])
             .args(["--service-account", service_account, "--state-dir"])

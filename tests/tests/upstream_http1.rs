@@ -128,6 +128,24 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
     )
 }
 
+/// Sends `bytes` on a new connection and returns what comes back within a second of quiet.
+fn raw_exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
+    use std::io::Read;
+    let mut s = TcpStream::connect(proxy).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    s.write_all(bytes).expect("send");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// What the client saw for each path, and the access log's flags.
 #[derive(Debug, PartialEq)]
 struct Outcomes {
@@ -185,12 +203,50 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
         opened as u16,
         String::new(),
     ));
+    // The client's side of HTTP/1.1: raw exchanges on one connection each, the statuses read
+    // off whatever came back.
+    let downstream: &[(&str, &[u8])] = &[
+        (
+            "pipelined",
+            b"GET /length HTTP/1.1\r\nHost: raw\r\n\r\nGET /chunked HTTP/1.1\r\nHost: raw\r\n\r\n",
+        ),
+        ("http/1.0", b"GET /length HTTP/1.0\r\nHost: raw\r\n\r\n"),
+        ("head", b"HEAD /length HTTP/1.1\r\nHost: raw\r\n\r\n"),
+        (
+            "post with a body, then a get",
+            b"POST /length HTTP/1.1\r\nHost: raw\r\nContent-Length: 4\r\n\r\nbodyGET /length HTTP/1.1\r\nHost: raw\r\n\r\n",
+        ),
+        (
+            "chunked post, then a get",
+            b"POST /length HTTP/1.1\r\nHost: raw\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\nGET /length HTTP/1.1\r\nHost: raw\r\n\r\n",
+        ),
+        ("malformed", b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n"),
+        (
+            "conflicting lengths",
+            b"POST / HTTP/1.1\r\nHost: raw\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        ),
+    ];
+    for (case, bytes) in downstream {
+        let got = raw_exchange(proxy, bytes);
+        let statuses: Vec<&str> = got
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &got[i + 9..(i + 12).min(got.len())])
+            .collect();
+        let hellos = got.matches("hello").count();
+        answers.push((
+            format!("{case}: statuses {statuses:?}"),
+            hellos as u16,
+            String::new(),
+        ));
+    }
     // Envoy flushes its access log every second.
     let flags = weft_e2e::wait_until(Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&log).ok()?;
         let lines: Vec<String> = text
             .lines()
-            .filter(|l| !l.starts_with("/then-close") && !l.starts_with("/length"))
+            .filter(|l| {
+                l.starts_with("/") && !l.starts_with("/then-close") && !l.starts_with("/length")
+            })
             .map(str::to_string)
             .collect();
         (lines.len() >= paths.len() - 2).then_some(lines)

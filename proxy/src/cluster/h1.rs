@@ -16,11 +16,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use super::DownstreamBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body as _, Frame};
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::pool::UpstreamStream;
@@ -86,7 +86,7 @@ impl Conn {
 /// connection, or the client's stream, sent once.
 pub enum Outgoing {
     Bytes(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<DownstreamBody>),
 }
 
 impl Outgoing {
@@ -327,7 +327,7 @@ async fn write_request(
 async fn write_stream(
     conn: &mut Conn,
     framing: RequestFraming,
-    mut stream: Incoming,
+    mut stream: DownstreamBody,
 ) -> Result<(), ExchangeError> {
     use http_body_util::BodyExt as _;
     let err = |e| io_error(true, true, e);

@@ -19,7 +19,47 @@ use crate::stats::{Counter, Gauge};
 
 /// What goes upstream: the client's body streamed through, or a buffered copy that a retry
 /// can send again.
-pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type UpstreamBody = http_body_util::Either<DownstreamBody, http_body_util::Full<bytes::Bytes>>;
+
+/// A request body as the client sends it: read by hyper (HTTP/2, streamed HTTP/1.1 bodies), or
+/// already read whole by weft-proxy's own HTTP/1.1 server.
+pub enum DownstreamBody {
+    Hyper(Incoming),
+    Full(http_body_util::Full<bytes::Bytes>),
+}
+
+impl hyper::body::Body for DownstreamBody {
+    type Data = bytes::Bytes;
+    type Error = h1::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, h1::BoxError>>> {
+        match self.get_mut() {
+            DownstreamBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
+            DownstreamBody::Full(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|e| match e {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownstreamBody::Hyper(b) => b.is_end_stream(),
+            DownstreamBody::Full(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            DownstreamBody::Hyper(b) => b.size_hint(),
+            DownstreamBody::Full(b) => b.size_hint(),
+        }
+    }
+}
 
 /// An upstream's response body: read by hyper's HTTP/2 client, or straight from an HTTP/1.1
 /// connection.

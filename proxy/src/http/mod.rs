@@ -10,16 +10,17 @@ pub mod local_ratelimit;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
+mod server;
 pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::DownstreamBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
@@ -53,6 +54,9 @@ pub struct ConnectionManager {
     pub stats: Arc<HttpStats>,
     /// `upgrade_configs` allows WebSocket upgrades.
     pub websocket: bool,
+    /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else refused with
+    /// 426, as Envoy does by default).
+    pub accept_http_10: bool,
     /// `access_log`: where each request is logged (None: not logged).
     pub access_logs: Option<access_log::Loggers>,
     /// RBAC filters, in chain order (AuthorizationPolicy: DENY, then ALLOW).
@@ -214,6 +218,10 @@ impl ConnectionManager {
             local_rate_limit,
             cors_filter,
             websocket,
+            accept_http_10: hcm
+                .http_protocol_options
+                .as_ref()
+                .is_some_and(|o| o.accept_http_10),
             access_logs,
             routes,
             stats: Arc::new(HttpStats::default()),
@@ -244,7 +252,9 @@ pub async fn serve_connection<S>(
     let local = down.local;
     let peer = down.peer;
     let down = Arc::new(down);
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let accept_http_10 = hcm.accept_http_10;
+    // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
+    let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         req.extensions_mut().insert(down.clone());
@@ -256,13 +266,23 @@ pub async fn serve_connection<S>(
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
                 let resp = proxy_request(&proxy, &hcm, req).await;
-                return Ok::<_, std::convert::Infallible>(resp.map(|b| LoggedBody::new(b, None)));
+                return resp.map(|b| LoggedBody::new(b, None));
             };
             let mut entry = request_entry(&req, peer, local);
             let resp = proxy_request(&proxy, &hcm, req).await;
             response_entry(&mut entry, &resp);
-            Ok(resp.map(|b| LoggedBody::new(b, Some((entry, loggers)))))
+            resp.map(|b| LoggedBody::new(b, Some((entry, loggers))))
         }
+    };
+    // Plain HTTP/1.1 requests are served by weft-proxy's own loop; HTTP/2, upgrades and
+    // streamed request bodies by hyper, from the first request that needs it.
+    let stream = match server::serve(stream, accept_http_10, &handle).await {
+        server::End::Closed => return,
+        server::End::Handoff(stream) => stream,
+    };
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let resp = handle(req.map(DownstreamBody::Hyper));
+        async move { Ok::<_, std::convert::Infallible>(resp.await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -286,7 +306,7 @@ pub async fn serve_connection<S>(
 pub async fn proxy_request(
     proxy: &Proxy,
     hcm: &ConnectionManager,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
@@ -302,7 +322,7 @@ pub async fn proxy_request(
 async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 1. Route: virtual host by authority, then the first matching route.
@@ -398,7 +418,7 @@ async fn route_and_forward(
 async fn route_rest(
     hcm: &ConnectionManager,
     route: &router::Route,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     authority: &str,
     snapshot: arc_swap::Guard<Arc<crate::state::Snapshot>>,
 ) -> Response<ProxyBody> {
@@ -551,7 +571,7 @@ async fn forward(
     cluster: &crate::cluster::Cluster,
     action: &router::RouteAction,
     parts: http::request::Parts,
-    body: Incoming,
+    body: DownstreamBody,
     authority: &str,
     mirrors: Vec<Mirror>,
     pick: Pick,
@@ -1113,12 +1133,12 @@ const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 /// The body of every attempt: replayable bytes, or the client's stream for a single attempt.
 enum AttemptBody {
     Replay(Bytes),
-    Once(Option<Incoming>),
+    Once(Option<DownstreamBody>),
 }
 
 impl AttemptBody {
     async fn new(
-        body: Incoming,
+        body: DownstreamBody,
         headers: &HeaderMap,
         replay: bool,
     ) -> Result<AttemptBody, Response<ProxyBody>> {
@@ -1213,7 +1233,7 @@ struct Upstream(std::net::SocketAddr, String);
 struct RouteName(String);
 
 fn request_entry(
-    req: &Request<Incoming>,
+    req: &Request<DownstreamBody>,
     peer: Option<std::net::SocketAddr>,
     local: Option<std::net::SocketAddr>,
 ) -> access_log::Entry {

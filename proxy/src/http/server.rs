@@ -1,0 +1,662 @@
+//! weft-proxy's own HTTP/1.1 server loop for the requests a mesh sees most: no body, or a
+//! `content-length` body of at most 64 KiB (read whole before routing, which retries need
+//! anyway). One loop per connection reads a head, routes it through the same request path as
+//! every other request, and writes the answer as it streams, head and small bodies in one
+//! write. Everything else goes to hyper for the rest of the connection, the bytes already read
+//! included: HTTP/2 (by its preface), chunked or larger request bodies, `Upgrade`, `CONNECT`
+//! and `Expect`.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt as _, Full};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::cluster::DownstreamBody;
+
+/// Most header lines in a request head (Envoy's default `max_headers_count`).
+const MAX_HEADERS: usize = 100;
+/// Largest request head; larger is answered 431.
+const MAX_HEAD: usize = 96 * 1024;
+/// Largest body this loop reads itself; larger ones stream through hyper.
+const MAX_BODY: u64 = 64 * 1024;
+/// How long a started request head (or its body) may take to arrive.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Response bytes gathered before a write.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// How the loop ended.
+pub enum End<S> {
+    Closed,
+    /// The rest of the connection is hyper's, starting with the bytes already read.
+    Handoff(Prefixed<S>),
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A request head this loop serves itself.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body_len: u64,
+    /// The client asked for the connection to end after this exchange.
+    close: bool,
+}
+
+// Returned once per request and matched at once: boxing the head would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Partial,
+    /// The head and its length in the buffer.
+    Complete(Head, usize),
+    /// Not for this loop: hyper takes the connection from this request on.
+    Handoff,
+    /// Refused with this status; the connection closes.
+    Invalid(StatusCode, &'static str),
+}
+
+/// Serves requests on `io` until it closes or a request needs hyper.
+pub async fn serve<S, F, Fut, B>(mut io: S, accept_http_10: bool, handle: F) -> End<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Request<DownstreamBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out = Vec::with_capacity(4 * 1024);
+    loop {
+        // 1. A whole head. Waiting for a request on an idle connection has no deadline here
+        //    (as Envoy, idle connections are the listener's business); once a head has begun,
+        //    it must arrive within HEAD_TIMEOUT.
+        let (head, len) = loop {
+            if !buf.is_empty() {
+                match parse(&buf, accept_http_10) {
+                    Parsed::Complete(head, len) => break (head, len),
+                    Parsed::Partial if buf.len() >= MAX_HEAD => {
+                        let _ = reply_error(
+                            &mut io,
+                            StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
+                            "request header fields too large",
+                        )
+                        .await;
+                        return End::Closed;
+                    }
+                    Parsed::Partial => {}
+                    Parsed::Handoff => {
+                        return End::Handoff(Prefixed {
+                            prefix: buf.freeze(),
+                            inner: io,
+                        });
+                    }
+                    Parsed::Invalid(status, why) => {
+                        let _ = reply_error(&mut io, status, why).await;
+                        return End::Closed;
+                    }
+                }
+            }
+            let started = !buf.is_empty();
+            match read_more(&mut io, &mut buf, started).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return End::Closed,
+            }
+        };
+        buf.advance(len);
+        // 2. Its body, when it has one.
+        while (buf.len() as u64) < head.body_len {
+            match read_more(&mut io, &mut buf, true).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return End::Closed,
+            }
+        }
+        let body = if head.body_len == 0 {
+            Bytes::new()
+        } else {
+            buf.split_to(head.body_len as usize).freeze()
+        };
+        let head_method = head.method == Method::HEAD;
+        let version = head.version;
+        let mut close = head.close;
+        let mut req = Request::new(DownstreamBody::Full(Full::new(body)));
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers;
+        // 3. The request path, then the answer as it streams.
+        let resp = handle(req).await;
+        match write_response(&mut io, &mut out, resp, version, head_method, &mut close).await {
+            Ok(()) if !close => {}
+            _ => {
+                let _ = io.shutdown().await;
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Reads once more into `buf`: `Ok(false)` at the end of the stream. Within a request the read
+/// is bounded by HEAD_TIMEOUT.
+async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    started: bool,
+) -> io::Result<bool> {
+    buf.reserve(8 * 1024);
+    let n = if started {
+        tokio::time::timeout(HEAD_TIMEOUT, io.read_buf(buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head timeout"))??
+    } else {
+        io.read_buf(buf).await?
+    };
+    Ok(n > 0)
+}
+
+/// Parses the request head at the start of `buf` (without taking it out).
+fn parse(buf: &BytesMut, accept_http_10: bool) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // HTTP/2's preface reads as a request line with version 2.0.
+        Err(_) if buf.starts_with(b"PRI * HTTP/2.0") => return Parsed::Handoff,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Invalid(
+                StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
+                "too many headers",
+            );
+        }
+        Err(_) => return Parsed::Invalid(StatusCode::BAD_REQUEST, "malformed request"),
+    };
+    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+        return Parsed::Invalid(StatusCode::BAD_REQUEST, "malformed request");
+    };
+    if minor == 0 && !accept_http_10 {
+        return Parsed::Invalid(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not accepted");
+    }
+    if method == "CONNECT" {
+        return Parsed::Handoff;
+    }
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // What decides whether this loop serves the request, read off the raw header lines.
+    let mut body_len: Option<u64> = None;
+    let mut keep_alive_token = false;
+    let mut close_token = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in h.value.split(|b| *b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                    return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid content-length");
+                }
+                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if body_len.is_some_and(|m| m != n) {
+                    return Parsed::Invalid(StatusCode::BAD_REQUEST, "conflicting content-length");
+                }
+                body_len = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Parsed::Handoff;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                close_token |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+    let body_len = body_len.unwrap_or(0);
+    if body_len > MAX_BODY {
+        return Parsed::Handoff;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid method");
+    };
+    let Ok(uri) = Uri::try_from(path) else {
+        return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid request target");
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid header");
+        };
+        headers.append(name, value);
+    }
+    let close = match version {
+        Version::HTTP_10 => !keep_alive_token,
+        _ => close_token,
+    };
+    Parsed::Complete(
+        Head {
+            method,
+            uri,
+            version,
+            headers,
+            body_len,
+            close,
+        },
+        len,
+    )
+}
+
+/// The request could not be read: a plain answer, then the connection closes.
+async fn reply_error<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: StatusCode,
+    why: &str,
+) -> io::Result<()> {
+    let text = format!(
+        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{why}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        why.len()
+    );
+    io.write_all(text.as_bytes()).await?;
+    io.flush().await
+}
+
+/// How the response body is delimited.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 client, unknown length: until the connection closes.
+    Close,
+}
+
+/// Writes the answer: head and body in as few writes as the body's pace allows. Sets `close`
+/// when the connection cannot carry another request.
+async fn write_response<S, B>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    resp: Response<B>,
+    version: Version,
+    head_method: bool,
+    close: &mut bool,
+) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut declared = None;
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            declared = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            // Framing and connection handling are this hop's.
+            continue;
+        } else if name == header::DATE {
+            has_date = true;
+        }
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !has_date {
+        push_header(out, b"date", &http_date());
+    }
+    let bodiless = head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        // A HEAD answer still tells the length a GET would have had.
+        if head_method
+            && declared.is_none()
+            && let Some(n) = body.size_hint().exact()
+        {
+            push_header(out, b"content-length", n.to_string().as_bytes());
+        }
+        Framing::None
+    } else if let Some(n) = declared {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        push_header(out, b"content-length", n.to_string().as_bytes());
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        push_header(out, b"transfer-encoding", b"chunked");
+        Framing::Chunked
+    } else {
+        *close = true;
+        Framing::Close
+    };
+    if *close {
+        push_header(out, b"connection", b"close");
+    } else if version == Version::HTTP_10 {
+        push_header(out, b"connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+    if framing == Framing::None {
+        // The body (empty for these) is dropped unread; its access log line is written then.
+        drop(body);
+        return io.write_all(out).await;
+    }
+    let mut sent = 0u64;
+    loop {
+        // Gather what the body has ready; write before waiting for more.
+        let frame = match body.frame().now_or_never() {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(_)) => {
+                // The upstream failed mid-body: what was sent stands, the connection ends so
+                // that the client sees the answer incomplete.
+                if !out.is_empty() {
+                    let _ = io.write_all(out).await;
+                }
+                *close = true;
+                return Ok(());
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    match framing {
+                        Framing::Length(n) if sent > n => {
+                            // More than declared: never passed on.
+                            *close = true;
+                            break;
+                        }
+                        Framing::Chunked => {
+                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                            out.extend_from_slice(&data);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        _ => out.extend_from_slice(&data),
+                    }
+                    if out.len() >= WRITE_BATCH {
+                        io.write_all(out).await?;
+                        out.clear();
+                    }
+                }
+                Err(frame) => {
+                    if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), framing) {
+                        out.extend_from_slice(b"0\r\n");
+                        for (name, value) in &trailers {
+                            push_header(out, name.as_str().as_bytes(), value.as_bytes());
+                        }
+                        out.extend_from_slice(b"\r\n");
+                        io.write_all(out).await?;
+                        out.clear();
+                        return Ok(());
+                    }
+                }
+            },
+        }
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(n) if sent != n => *close = true,
+        _ => {}
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `date` header's value, formatted once a second per thread.
+fn http_date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHE.with(|c| {
+        let (at, text) = c.get();
+        if at == secs {
+            return text;
+        }
+        let mut fresh = [0u8; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let n = formatted.len().min(29);
+        fresh[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        c.set((secs, fresh));
+        fresh
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8]) -> Parsed {
+        parse(&BytesMut::from(raw), true)
+    }
+
+    #[test]
+    fn heads_this_loop_serves_and_those_it_hands_to_hyper() {
+        let Parsed::Complete(h, len) = head(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\nrest") else {
+            panic!("complete");
+        };
+        assert_eq!(len, 32);
+        assert_eq!(h.method, Method::GET);
+        assert_eq!(h.uri, "/a?b=1");
+        assert_eq!(h.headers.get("host").unwrap(), "x");
+        assert_eq!(h.body_len, 0);
+        assert!(!h.close);
+        let Parsed::Complete(h, _) =
+            head(b"POST / HTTP/1.0\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n")
+        else {
+            panic!("complete");
+        };
+        assert_eq!(h.body_len, 3);
+        assert!(!h.close, "HTTP/1.0 with keep-alive");
+        let Parsed::Complete(h, _) = head(b"GET / HTTP/1.0\r\n\r\n") else {
+            panic!("complete");
+        };
+        assert!(h.close, "HTTP/1.0 closes by default");
+        assert!(
+            matches!(
+                parse(&BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]), false),
+                Parsed::Invalid(StatusCode::UPGRADE_REQUIRED, _)
+            ),
+            "HTTP/1.0 refused unless accept_http_10, as Envoy"
+        );
+        assert!(matches!(
+            head(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parsed::Partial
+        ));
+        for handoff in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(handoff), Parsed::Handoff),
+                "{}",
+                String::from_utf8_lossy(handoff)
+            );
+        }
+        for bad in [
+            &b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+            b"G@T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(bad), Parsed::Invalid(..)),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// Serves `input` on an in-memory connection with a handler answering `answer`, returns
+    /// what the client received.
+    async fn exchange(
+        input: &[u8],
+        answer: fn(&Request<DownstreamBody>) -> Response<Full<Bytes>>,
+    ) -> String {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            serve(server, true, |req| {
+                let resp = answer(&req);
+                async move {
+                    // The body was read whole.
+                    let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                    let mut resp = resp;
+                    if let Ok(b) = body
+                        && !b.is_empty()
+                    {
+                        *resp.body_mut() = Full::new(b);
+                    }
+                    resp
+                }
+            })
+            .await
+        });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        wr.write_all(input).await.unwrap();
+        wr.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        let _ = task.await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    fn ok(_: &Request<DownstreamBody>) -> Response<Full<Bytes>> {
+        Response::new(Full::new(Bytes::from_static(b"hello")))
+    }
+
+    #[tokio::test]
+    async fn keep_alive_pipelining_bodies_and_closing() {
+        let got = exchange(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\necho",
+            ok,
+        )
+        .await;
+        assert_eq!(got.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{got}");
+        assert!(got.contains("content-length: 5\r\n"), "{got}");
+        assert!(got.contains("date: "), "{got}");
+        assert!(got.ends_with("\r\n\r\necho"), "{got}");
+
+        let got = exchange(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n", ok).await;
+        assert_eq!(
+            got.matches("HTTP/1.1 200").count(),
+            1,
+            "HTTP/1.0 closes: {got}"
+        );
+        assert!(got.contains("connection: close\r\n"), "{got}");
+
+        let got = exchange(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", ok).await;
+        assert!(got.contains("content-length: 5\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\n"), "no body for HEAD: {got}");
+
+        let got = exchange(
+            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            ok,
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got}");
+    }
+}
