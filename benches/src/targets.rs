@@ -114,11 +114,23 @@ impl Environment {
         let nginx = PathBuf::from("nginx");
         let body: String = "x".repeat(body_bytes);
         let mut env = Environment { procs: Vec::new() };
+        // nginx's `return` takes a few KiB at most: larger bodies are served from a file.
+        let answer = if body_bytes <= 1024 {
+            format!("return 200 \"{body}\";")
+        } else {
+            let www = dir.join("www");
+            std::fs::create_dir_all(&www)?;
+            std::fs::write(www.join("body.txt"), &body)?;
+            format!(
+                "default_type text/plain; root {}; try_files /body.txt =404;",
+                www.display()
+            )
+        };
         let backend = nginx_conf(
             dir,
             "backend",
             &format!(
-                "  server {{ listen 127.0.0.1:{BACKEND_H1}; keepalive_requests 1000000; location / {{ return 200 \"{body}\"; }} }}\n  server {{ listen 127.0.0.1:{BACKEND_H2} http2; keepalive_requests 1000000; http2_max_requests 1000000; location / {{ return 200 \"{body}\"; }} }}"
+                "  server {{ listen 127.0.0.1:{BACKEND_H1}; keepalive_requests 1000000; location / {{ {answer} }} }}\n  server {{ listen 127.0.0.1:{BACKEND_H2} http2; keepalive_requests 1000000; http2_max_requests 1000000; location / {{ {answer} }} }}"
             ),
         )?;
         let proxy = nginx_conf(
