@@ -161,7 +161,7 @@ impl RequestHead {
                 if !b.is_empty()
                     || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
                 {
-                    push_header(&mut out, "content-length", b.len().to_string().as_bytes());
+                    push_header(&mut out, b"content-length", b.len().to_string().as_bytes());
                 }
                 RequestFraming::Length(b.len() as u64)
             }
@@ -169,7 +169,7 @@ impl RequestHead {
                 if s.as_ref().is_none_or(|s| s.is_end_stream()) {
                     RequestFraming::Length(0)
                 } else {
-                    push_header(&mut out, "transfer-encoding", b"chunked");
+                    push_header(&mut out, b"transfer-encoding", b"chunked");
                     RequestFraming::Chunked
                 }
             }
@@ -184,29 +184,55 @@ impl RequestHead {
     }
 }
 
-fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+/// Wire helpers shared by the upstream client and the downstream server.
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
-/// The one `content-length` of a message: `Ok(None)` without one, an error when the values
-/// disagree or are not numbers.
+/// One chunk of a chunked body.
+pub(crate) fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked body, with its trailers.
+pub(crate) fn push_last_chunk(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Folds one `content-length` field value (a list of equal numbers, as some senders repeat
+/// it) into the length found so far; an error when a value is not a number or disagrees.
+pub(crate) fn fold_content_length(
+    value: &[u8],
+    found: &mut Option<u64>,
+) -> Result<(), &'static str> {
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err("invalid content-length");
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        match *found {
+            Some(m) if m != n => return Err("conflicting content-length values"),
+            _ => *found = Some(n),
+        }
+    }
+    Ok(())
+}
+
+/// The one `content-length` of a message: `Ok(None)` without one.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err("invalid content-length");
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            match found {
-                Some(m) if m != n => return Err("conflicting content-length values"),
-                _ => found = Some(n),
-            }
-        }
+        fold_content_length(v.as_bytes(), &mut found)?;
     }
     Ok(found)
 }
@@ -351,20 +377,15 @@ async fn write_stream(
                     RequestFraming::Length(_) => conn.io.write_all(&data).await.map_err(err)?,
                     RequestFraming::Chunked => {
                         let mut chunk = Vec::with_capacity(data.len() + 12);
-                        chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                        chunk.extend_from_slice(&data);
-                        chunk.extend_from_slice(b"\r\n");
+                        push_chunk(&mut chunk, &data);
                         conn.io.write_all(&chunk).await.map_err(err)?;
                     }
                 }
             }
             Err(frame) => {
                 if let (Ok(trailers), RequestFraming::Chunked) = (frame.into_trailers(), framing) {
-                    let mut end = b"0\r\n".to_vec();
-                    for (name, value) in &trailers {
-                        push_header(&mut end, name.as_str(), value.as_bytes());
-                    }
-                    end.extend_from_slice(b"\r\n");
+                    let mut end = Vec::new();
+                    push_last_chunk(&mut end, &trailers);
                     conn.io.write_all(&end).await.map_err(err)?;
                     return Ok(());
                 }

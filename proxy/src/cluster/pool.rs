@@ -21,83 +21,13 @@ use crate::stats::{Counter, Gauge};
 /// can send again.
 pub type UpstreamBody = http_body_util::Either<DownstreamBody, http_body_util::Full<bytes::Bytes>>;
 
-/// A request body as the client sends it: read by hyper (HTTP/2, streamed HTTP/1.1 bodies), or
-/// already read whole by weft-proxy's own HTTP/1.1 server.
-pub enum DownstreamBody {
-    Hyper(Incoming),
-    Full(http_body_util::Full<bytes::Bytes>),
-}
+/// A request body as the client sends it: read by hyper (`Left`: HTTP/2, streamed HTTP/1.1
+/// bodies), or already read whole by weft-proxy's own HTTP/1.1 server (`Right`).
+pub type DownstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
-impl hyper::body::Body for DownstreamBody {
-    type Data = bytes::Bytes;
-    type Error = h1::BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, h1::BoxError>>> {
-        match self.get_mut() {
-            DownstreamBody::Hyper(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(Into::into))),
-            DownstreamBody::Full(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(|e| match e {}))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            DownstreamBody::Hyper(b) => b.is_end_stream(),
-            DownstreamBody::Full(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            DownstreamBody::Hyper(b) => b.size_hint(),
-            DownstreamBody::Full(b) => b.size_hint(),
-        }
-    }
-}
-
-/// An upstream's response body: read by hyper's HTTP/2 client, or straight from an HTTP/1.1
-/// connection.
-pub enum UpstreamResponseBody {
-    Hyper(Incoming),
-    H1(h1::ResponseBody),
-}
-
-impl hyper::body::Body for UpstreamResponseBody {
-    type Data = bytes::Bytes;
-    type Error = h1::BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, h1::BoxError>>> {
-        match self.get_mut() {
-            UpstreamResponseBody::Hyper(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(Into::into))),
-            UpstreamResponseBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamResponseBody::Hyper(b) => b.is_end_stream(),
-            UpstreamResponseBody::H1(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            UpstreamResponseBody::Hyper(b) => b.size_hint(),
-            UpstreamResponseBody::H1(b) => b.size_hint(),
-        }
-    }
-}
+/// An upstream's response body: read by hyper's HTTP/2 client (`Left`), or straight from an
+/// HTTP/1.1 connection (`Right`).
+pub type UpstreamResponseBody = http_body_util::Either<Incoming, h1::ResponseBody>;
 
 /// Most HTTP/1.1 connections kept per endpoint and worker (Envoy's default max_connections).
 const MAX_IDLE: usize = 1024;
@@ -444,7 +374,7 @@ impl Pool {
                 Ok(resp) => {
                     let home: Arc<dyn h1::Home> = busy.hand_over();
                     let body = h1::ResponseBody::new(conn, &resp, home);
-                    let mut out = Response::new(UpstreamResponseBody::H1(body));
+                    let mut out = Response::new(http_body_util::Either::Right(body));
                     *out.status_mut() = resp.status;
                     *out.version_mut() = resp.version;
                     *out.headers_mut() = resp.headers;
@@ -573,7 +503,7 @@ impl Pool {
         sender
             .send_request(req)
             .await
-            .map(|resp| resp.map(UpstreamResponseBody::Hyper))
+            .map(|resp| resp.map(http_body_util::Either::Left))
             .map_err(|source| UpstreamError::Reset {
                 addr: self.addr,
                 source: source.into(),

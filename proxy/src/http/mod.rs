@@ -281,7 +281,7 @@ pub async fn serve_connection<S>(
         server::End::Handoff(stream) => stream,
     };
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let resp = handle(req.map(DownstreamBody::Hyper));
+        let resp = handle(req.map(Either::Left));
         async move { Ok::<_, std::convert::Infallible>(resp.await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt as _, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cluster::DownstreamBody;
+use crate::cluster::h1::{self, push_header};
 
 /// Most header lines in a request head (Envoy's default `max_headers_count`).
 const MAX_HEADERS: usize = 100;
@@ -178,7 +179,7 @@ where
         let head_method = head.method == Method::HEAD;
         let version = head.version;
         let mut close = head.close;
-        let mut req = Request::new(DownstreamBody::Full(Full::new(body)));
+        let mut req = Request::new(http_body_util::Either::Right(Full::new(body)));
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
@@ -253,16 +254,8 @@ fn parse(buf: &BytesMut, accept_http_10: bool) -> Parsed {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in h.value.split(|b| *b == b',') {
-                let part = part.trim_ascii();
-                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                    return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid content-length");
-                }
-                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                if body_len.is_some_and(|m| m != n) {
-                    return Parsed::Invalid(StatusCode::BAD_REQUEST, "conflicting content-length");
-                }
-                body_len = Some(n);
+            if let Err(why) = h1::fold_content_length(h.value, &mut body_len) {
+                return Parsed::Invalid(StatusCode::BAD_REQUEST, why);
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
@@ -451,11 +444,7 @@ where
                             *close = true;
                             break;
                         }
-                        Framing::Chunked => {
-                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                            out.extend_from_slice(&data);
-                            out.extend_from_slice(b"\r\n");
-                        }
+                        Framing::Chunked => h1::push_chunk(out, &data),
                         _ => out.extend_from_slice(&data),
                     }
                     if out.len() >= WRITE_BATCH {
@@ -465,11 +454,7 @@ where
                 }
                 Err(frame) => {
                     if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), framing) {
-                        out.extend_from_slice(b"0\r\n");
-                        for (name, value) in &trailers {
-                            push_header(out, name.as_str().as_bytes(), value.as_bytes());
-                        }
-                        out.extend_from_slice(b"\r\n");
+                        h1::push_last_chunk(out, &trailers);
                         io.write_all(out).await?;
                         out.clear();
                         return Ok(());
@@ -488,13 +473,6 @@ where
         out.clear();
     }
     Ok(())
-}
-
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The `date` header's value, formatted once a second per thread.

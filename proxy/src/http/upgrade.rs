@@ -98,10 +98,7 @@ pub(crate) async fn forward(
     cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
-        return Response::from_parts(
-            parts,
-            Either::Left(crate::cluster::UpstreamResponseBody::Hyper(body)),
-        );
+        return Response::from_parts(parts, Either::Left(Either::Left(body)));
     }
     let upstream = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {
