@@ -228,6 +228,49 @@ pub(crate) fn fold_content_length(
     Ok(())
 }
 
+/// Where each header line of a parsed head sits in its buffer, so that the header map can
+/// hold slices of the head's bytes instead of copies.
+pub(crate) struct HeaderSpans {
+    /// Name start and length, value start and length.
+    at: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+}
+
+impl HeaderSpans {
+    /// `headers` as parsed from `buf`.
+    pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderSpans {
+        let base = buf.as_ptr() as usize;
+        let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+        let mut spans = HeaderSpans {
+            at: [(0, 0, 0, 0); MAX_HEADERS],
+            count: headers.len().min(MAX_HEADERS),
+        };
+        for (slot, h) in spans.at.iter_mut().zip(headers) {
+            *slot = (
+                offset(h.name.as_bytes()),
+                h.name.len() as u32,
+                offset(h.value),
+                h.value.len() as u32,
+            );
+        }
+        spans
+    }
+
+    /// The header map, its values sharing `head` (the buffer's bytes, taken out of it).
+    pub(crate) fn header_map(&self, head: &Bytes) -> Result<HeaderMap, &'static str> {
+        let mut headers = HeaderMap::with_capacity(self.count);
+        for &(ns, nl, vs, vl) in &self.at[..self.count] {
+            let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+            let name =
+                HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| "invalid header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                .map_err(|_| "invalid header value")?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
 /// The one `content-length` of a message: `Ok(None)` without one.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut found = None;
@@ -452,29 +495,9 @@ fn parse_head(
     } else {
         Version::HTTP_11
     };
-    // Header values are kept as slices of the head's bytes rather than copied: note where each
-    // header sits, then take the head out of the buffer.
-    let base = buf.as_ptr() as usize;
-    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-        *slot = (
-            (h.name.as_ptr() as usize - base) as u32,
-            h.name.len() as u32,
-            (h.value.as_ptr() as usize - base) as u32,
-            h.value.len() as u32,
-        );
-    }
-    let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(ns, nl, vs, vl) in &at[..count] {
-        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-        let name = HeaderName::from_bytes(&bytes[ns..ns + nl])
-            .map_err(|_| protocol_error("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(vs..vs + vl))
-            .map_err(|_| protocol_error("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let spans = HeaderSpans::of(buf, resp.headers);
+    let head = buf.split_to(len).freeze();
+    let headers = spans.header_map(&head).map_err(protocol_error)?;
     // After 101 the connection speaks another protocol: it never goes back to the pool.
     let mut keep_alive =
         status != StatusCode::SWITCHING_PROTOCOLS && connection_allows_reuse(version, &headers);

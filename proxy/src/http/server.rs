@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt as _;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt as _, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -109,8 +109,8 @@ struct Head {
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
     Partial,
-    /// The head and its length in the buffer.
-    Complete(Head, usize),
+    /// The head, taken out of the buffer.
+    Complete(Head),
     /// Not for this loop: hyper takes the connection from this request on.
     Handoff,
     /// Refused with this status; the connection closes.
@@ -131,10 +131,10 @@ where
         // 1. A whole head. Waiting for a request on an idle connection has no deadline here
         //    (as Envoy, idle connections are the listener's business); once a head has begun,
         //    it must arrive within HEAD_TIMEOUT.
-        let (head, len) = loop {
+        let head = loop {
             if !buf.is_empty() {
-                match parse(&buf, accept_http_10) {
-                    Parsed::Complete(head, len) => break (head, len),
+                match parse(&mut buf, accept_http_10) {
+                    Parsed::Complete(head) => break head,
                     Parsed::Partial if buf.len() >= MAX_HEAD => {
                         let _ = reply_error(
                             &mut io,
@@ -163,7 +163,6 @@ where
                 Ok(false) | Err(_) => return End::Closed,
             }
         };
-        buf.advance(len);
         // 2. Its body, when it has one.
         while (buf.len() as u64) < head.body_len {
             match read_more(&mut io, &mut buf, true).await {
@@ -214,8 +213,8 @@ async fn read_more<S: AsyncRead + Unpin>(
     Ok(n > 0)
 }
 
-/// Parses the request head at the start of `buf` (without taking it out).
-fn parse(buf: &BytesMut, accept_http_10: bool) -> Parsed {
+/// Parses the request head at the start of `buf`, taking it out when this loop serves it.
+fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
@@ -279,31 +278,23 @@ fn parse(buf: &BytesMut, accept_http_10: bool) -> Parsed {
     let Ok(uri) = Uri::try_from(path) else {
         return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid request target");
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
-            return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid header");
-        };
-        headers.append(name, value);
-    }
+    let spans = h1::HeaderSpans::of(buf, req.headers);
+    let head = buf.split_to(len).freeze();
+    let Ok(headers) = spans.header_map(&head) else {
+        return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid header");
+    };
     let close = match version {
         Version::HTTP_10 => !keep_alive_token,
         _ => close_token,
     };
-    Parsed::Complete(
-        Head {
-            method,
-            uri,
-            version,
-            headers,
-            body_len,
-            close,
-        },
-        len,
-    )
+    Parsed::Complete(Head {
+        method,
+        uri,
+        version,
+        headers,
+        body_len,
+        close,
+    })
 }
 
 /// The request could not be read: a plain answer, then the connection closes.
@@ -505,34 +496,39 @@ mod tests {
     use super::*;
 
     fn head(raw: &[u8]) -> Parsed {
-        parse(&BytesMut::from(raw), true)
+        parse(&mut BytesMut::from(raw), true)
     }
 
     #[test]
     fn heads_this_loop_serves_and_those_it_hands_to_hyper() {
-        let Parsed::Complete(h, len) = head(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\nrest") else {
+        let mut buf = BytesMut::from(&b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\nrest"[..]);
+        let Parsed::Complete(h) = parse(&mut buf, true) else {
             panic!("complete");
         };
-        assert_eq!(len, 32);
+        assert_eq!(
+            &buf[..],
+            b"rest",
+            "the head is taken out, what follows stays"
+        );
         assert_eq!(h.method, Method::GET);
         assert_eq!(h.uri, "/a?b=1");
         assert_eq!(h.headers.get("host").unwrap(), "x");
         assert_eq!(h.body_len, 0);
         assert!(!h.close);
-        let Parsed::Complete(h, _) =
+        let Parsed::Complete(h) =
             head(b"POST / HTTP/1.0\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n")
         else {
             panic!("complete");
         };
         assert_eq!(h.body_len, 3);
         assert!(!h.close, "HTTP/1.0 with keep-alive");
-        let Parsed::Complete(h, _) = head(b"GET / HTTP/1.0\r\n\r\n") else {
+        let Parsed::Complete(h) = head(b"GET / HTTP/1.0\r\n\r\n") else {
             panic!("complete");
         };
         assert!(h.close, "HTTP/1.0 closes by default");
         assert!(
             matches!(
-                parse(&BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]), false),
+                parse(&mut BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]), false),
                 Parsed::Invalid(StatusCode::UPGRADE_REQUIRED, _)
             ),
             "HTTP/1.0 refused unless accept_http_10, as Envoy"
