@@ -111,18 +111,20 @@ impl Outgoing {
     }
 }
 
-/// How the request body is delimited on the wire.
+/// How a body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestFraming {
+pub(crate) enum BodyFraming {
     Length(u64),
     Chunked,
+    /// Until the connection closes (responses to HTTP/1.0 clients).
+    Close,
 }
 
 /// The request head in wire form, written again as is when a stale pooled connection makes
 /// the exchange start over.
 pub struct RequestHead {
     bytes: Vec<u8>,
-    framing: RequestFraming,
+    framing: BodyFraming,
     /// HEAD requests' responses have no body whatever their headers say.
     head_method: bool,
     idempotent: bool,
@@ -154,7 +156,7 @@ impl RequestHead {
         }
         let declared = content_length(&parts.headers).ok().flatten();
         let framing = match (declared, body) {
-            (Some(n), _) => RequestFraming::Length(n),
+            (Some(n), _) => BodyFraming::Length(n),
             (None, Outgoing::Bytes(b)) => {
                 // As hyper and Envoy: a known empty body is only announced for methods that
                 // usually carry one.
@@ -163,14 +165,14 @@ impl RequestHead {
                 {
                     push_header(&mut out, b"content-length", b.len().to_string().as_bytes());
                 }
-                RequestFraming::Length(b.len() as u64)
+                BodyFraming::Length(b.len() as u64)
             }
             (None, Outgoing::Stream(s)) => {
                 if s.as_ref().is_none_or(|s| s.is_end_stream()) {
-                    RequestFraming::Length(0)
+                    BodyFraming::Length(0)
                 } else {
                     push_header(&mut out, b"transfer-encoding", b"chunked");
-                    RequestFraming::Chunked
+                    BodyFraming::Chunked
                 }
             }
         };
@@ -271,6 +273,92 @@ impl HeaderSpans {
     }
 }
 
+/// Response or request bytes gathered before a write.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// How writing a body ended, I/O errors aside.
+pub(crate) enum BodyEnd {
+    Complete,
+    /// The body's source failed (a reset upstream or client).
+    Failed(BoxError),
+    /// The body was longer or shorter than its declared length; what fitted was written.
+    WrongLength,
+}
+
+/// Writes `body` in `framing` after what `out` already holds (a head): frames that are ready
+/// are gathered and written together, what is gathered is written before waiting for more,
+/// and a chunked body ends with its trailers. `out` is left empty.
+pub(crate) async fn write_body<W, B>(
+    io: &mut W,
+    out: &mut Vec<u8>,
+    body: &mut B,
+    framing: BodyFraming,
+) -> io::Result<BodyEnd>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    use futures::FutureExt as _;
+    use http_body_util::BodyExt as _;
+    let mut sent = 0u64;
+    let end = loop {
+        let frame = match body.frame().now_or_never() {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        match frame {
+            None => {
+                break match framing {
+                    BodyFraming::Chunked => {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        BodyEnd::Complete
+                    }
+                    BodyFraming::Length(n) if sent != n => BodyEnd::WrongLength,
+                    _ => BodyEnd::Complete,
+                };
+            }
+            Some(Err(e)) => break BodyEnd::Failed(e.into()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    match framing {
+                        // More than declared is never passed on.
+                        BodyFraming::Length(n) if sent > n => break BodyEnd::WrongLength,
+                        BodyFraming::Chunked => push_chunk(out, &data),
+                        _ => out.extend_from_slice(&data),
+                    }
+                    if out.len() >= WRITE_BATCH {
+                        io.write_all(out).await?;
+                        out.clear();
+                    }
+                }
+                Err(frame) => {
+                    if let (Ok(trailers), BodyFraming::Chunked) = (frame.into_trailers(), framing) {
+                        push_last_chunk(out, &trailers);
+                        break BodyEnd::Complete;
+                    }
+                }
+            },
+        }
+    };
+    if !out.is_empty() {
+        let written = io.write_all(out).await;
+        out.clear();
+        written?;
+    }
+    Ok(end)
+}
+
 /// The one `content-length` of a message: `Ok(None)` without one.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut found = None;
@@ -360,7 +448,7 @@ async fn write_request(
     let err = |e| io_error(true, true, e);
     match body {
         Outgoing::Bytes(b) => {
-            if let RequestFraming::Length(n) = head.framing
+            if let BodyFraming::Length(n) = head.framing
                 && n != b.len() as u64
             {
                 return Err(failure(
@@ -382,68 +470,29 @@ async fn write_request(
             }
         }
         Outgoing::Stream(stream) => {
-            conn.io.write_all(&head.bytes).await.map_err(err)?;
-            if let Some(stream) = stream.take() {
-                write_stream(conn, head.framing, stream).await?;
+            let mut out = Vec::with_capacity(head.bytes.len() + 1024);
+            out.extend_from_slice(&head.bytes);
+            let Some(mut stream) = stream.take() else {
+                conn.io.write_all(&out).await.map_err(err)?;
+                return conn.io.flush().await.map_err(err);
+            };
+            match write_body(&mut conn.io, &mut out, &mut stream, head.framing)
+                .await
+                .map_err(err)?
+            {
+                BodyEnd::Complete => {}
+                BodyEnd::Failed(e) => return Err(failure(true, true, e)),
+                BodyEnd::WrongLength => {
+                    return Err(failure(
+                        true,
+                        true,
+                        "the client's request body does not match its content-length",
+                    ));
+                }
             }
         }
     }
     conn.io.flush().await.map_err(err)
-}
-
-/// Streams the client's body: as it comes when its length is declared (and no more than that),
-/// chunk by chunk otherwise, trailers included.
-async fn write_stream(
-    conn: &mut Conn,
-    framing: RequestFraming,
-    mut stream: DownstreamBody,
-) -> Result<(), ExchangeError> {
-    use http_body_util::BodyExt as _;
-    let err = |e| io_error(true, true, e);
-    let mut sent = 0u64;
-    while let Some(frame) = stream.frame().await {
-        let frame = frame.map_err(|e| failure(true, true, e))?;
-        match frame.into_data() {
-            Ok(data) => {
-                if data.is_empty() {
-                    continue;
-                }
-                sent += data.len() as u64;
-                match framing {
-                    RequestFraming::Length(n) if sent > n => {
-                        return Err(failure(
-                            true,
-                            true,
-                            "request body longer than its content-length",
-                        ));
-                    }
-                    RequestFraming::Length(_) => conn.io.write_all(&data).await.map_err(err)?,
-                    RequestFraming::Chunked => {
-                        let mut chunk = Vec::with_capacity(data.len() + 12);
-                        push_chunk(&mut chunk, &data);
-                        conn.io.write_all(&chunk).await.map_err(err)?;
-                    }
-                }
-            }
-            Err(frame) => {
-                if let (Ok(trailers), RequestFraming::Chunked) = (frame.into_trailers(), framing) {
-                    let mut end = Vec::new();
-                    push_last_chunk(&mut end, &trailers);
-                    conn.io.write_all(&end).await.map_err(err)?;
-                    return Ok(());
-                }
-            }
-        }
-    }
-    match framing {
-        RequestFraming::Chunked => conn.io.write_all(b"0\r\n\r\n").await.map_err(err),
-        RequestFraming::Length(n) if sent < n => Err(failure(
-            true,
-            true,
-            "client's request body ended before its content-length",
-        )),
-        RequestFraming::Length(_) => Ok(()),
-    }
 }
 
 /// Reads until a whole response head is buffered, then parses it.
@@ -995,7 +1044,7 @@ mod tests {
             String::from_utf8(head.bytes).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
         );
-        assert_eq!(head.framing, RequestFraming::Length(3));
+        assert_eq!(head.framing, BodyFraming::Length(3));
         assert!(!head.idempotent);
 
         let req = http::Request::get("/")

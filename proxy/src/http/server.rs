@@ -14,14 +14,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::FutureExt as _;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cluster::DownstreamBody;
-use crate::cluster::h1::{self, push_header};
+use crate::cluster::h1::{self, BodyEnd, BodyFraming, push_header};
 
 /// Most header lines in a request head (Envoy's default `max_headers_count`).
 const MAX_HEADERS: usize = 100;
@@ -31,8 +30,6 @@ const MAX_HEAD: usize = 96 * 1024;
 const MAX_BODY: u64 = 64 * 1024;
 /// How long a started request head (or its body) may take to arrive.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// Response bytes gathered before a write.
-const WRITE_BATCH: usize = 16 * 1024;
 
 /// How the loop ended.
 pub enum End<S> {
@@ -124,6 +121,7 @@ where
     F: Fn(Request<DownstreamBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
     B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<h1::BoxError>,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(4 * 1024);
@@ -313,16 +311,6 @@ async fn reply_error<S: AsyncWrite + Unpin>(
     io.flush().await
 }
 
-/// How the response body is delimited.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-    /// HTTP/1.0 client, unknown length: until the connection closes.
-    Close,
-}
-
 /// Writes the answer: head and body in as few writes as the body's pace allows. Sets `close`
 /// when the connection cannot carry another request.
 async fn write_response<S, B>(
@@ -336,6 +324,7 @@ async fn write_response<S, B>(
 where
     S: AsyncWrite + Unpin,
     B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<h1::BoxError>,
 {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -375,18 +364,18 @@ where
         {
             push_header(out, b"content-length", n.to_string().as_bytes());
         }
-        Framing::None
+        None
     } else if let Some(n) = declared {
-        Framing::Length(n)
+        Some(BodyFraming::Length(n))
     } else if let Some(n) = body.size_hint().exact() {
         push_header(out, b"content-length", n.to_string().as_bytes());
-        Framing::Length(n)
+        Some(BodyFraming::Length(n))
     } else if version == Version::HTTP_11 {
         push_header(out, b"transfer-encoding", b"chunked");
-        Framing::Chunked
+        Some(BodyFraming::Chunked)
     } else {
         *close = true;
-        Framing::Close
+        Some(BodyFraming::Close)
     };
     if *close {
         push_header(out, b"connection", b"close");
@@ -394,74 +383,16 @@ where
         push_header(out, b"connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");
-    if framing == Framing::None {
+    let Some(framing) = framing else {
         // The body (empty for these) is dropped unread; its access log line is written then.
         drop(body);
         return io.write_all(out).await;
-    }
-    let mut sent = 0u64;
-    loop {
-        // Gather what the body has ready; write before waiting for more.
-        let frame = match body.frame().now_or_never() {
-            Some(f) => f,
-            None => {
-                if !out.is_empty() {
-                    io.write_all(out).await?;
-                    out.clear();
-                }
-                body.frame().await
-            }
-        };
-        match frame {
-            None => break,
-            Some(Err(_)) => {
-                // The upstream failed mid-body: what was sent stands, the connection ends so
-                // that the client sees the answer incomplete.
-                if !out.is_empty() {
-                    let _ = io.write_all(out).await;
-                }
-                *close = true;
-                return Ok(());
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if data.is_empty() {
-                        continue;
-                    }
-                    sent += data.len() as u64;
-                    match framing {
-                        Framing::Length(n) if sent > n => {
-                            // More than declared: never passed on.
-                            *close = true;
-                            break;
-                        }
-                        Framing::Chunked => h1::push_chunk(out, &data),
-                        _ => out.extend_from_slice(&data),
-                    }
-                    if out.len() >= WRITE_BATCH {
-                        io.write_all(out).await?;
-                        out.clear();
-                    }
-                }
-                Err(frame) => {
-                    if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), framing) {
-                        h1::push_last_chunk(out, &trailers);
-                        io.write_all(out).await?;
-                        out.clear();
-                        return Ok(());
-                    }
-                }
-            },
-        }
-    }
-    match framing {
-        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
-        Framing::Length(n) if sent != n => *close = true,
-        _ => {}
-    }
-    if !out.is_empty() {
-        io.write_all(out).await?;
-        out.clear();
+    };
+    match h1::write_body(io, out, &mut body, framing).await? {
+        BodyEnd::Complete => {}
+        // The upstream failed mid-body, or sent more or less than it declared: what was sent
+        // stands, the connection ends so that the client sees the answer incomplete.
+        BodyEnd::Failed(_) | BodyEnd::WrongLength => *close = true,
     }
     Ok(())
 }
@@ -494,6 +425,7 @@ fn http_date() -> [u8; 29] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt as _;
 
     fn head(raw: &[u8]) -> Parsed {
         parse(&mut BytesMut::from(raw), true)
