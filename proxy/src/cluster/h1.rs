@@ -133,36 +133,35 @@ pub struct RequestHead {
 impl RequestHead {
     /// Encodes the request line and headers (the URI already in origin form, Host set), adding
     /// the body's framing when the client's headers do not give it.
-    pub fn encode(parts: &http::request::Parts, body: &Outgoing) -> RequestHead {
+    pub fn encode(
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        body: &Outgoing,
+    ) -> RequestHead {
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(parts.method.as_str().as_bytes());
+        out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
-        let target = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         out.extend_from_slice(if target.is_empty() {
             b"/"
         } else {
             target.as_bytes()
         });
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
+        for (name, value) in headers {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        let declared = content_length(&parts.headers).ok().flatten();
+        let declared = content_length(headers).ok().flatten();
         let framing = match (declared, body) {
             (Some(n), _) => BodyFraming::Length(n),
             (None, Outgoing::Bytes(b)) => {
                 // As hyper and Envoy: a known empty body is only announced for methods that
                 // usually carry one.
-                if !b.is_empty()
-                    || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
-                {
+                if !b.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
                     push_header(&mut out, b"content-length", b.len().to_string().as_bytes());
                 }
                 BodyFraming::Length(b.len() as u64)
@@ -180,8 +179,8 @@ impl RequestHead {
         RequestHead {
             bytes: out,
             framing,
-            head_method: parts.method == Method::HEAD,
-            idempotent: parts.method.is_idempotent(),
+            head_method: *method == Method::HEAD,
+            idempotent: method.is_idempotent(),
         }
     }
 }
@@ -1039,7 +1038,12 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let head = RequestHead::encode(&parts, &Outgoing::Bytes(Bytes::from_static(b"abc")));
+        let head = RequestHead::encode(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &Outgoing::Bytes(Bytes::from_static(b"abc")),
+        );
         assert_eq!(
             String::from_utf8(head.bytes).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
@@ -1052,7 +1056,12 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let head = RequestHead::encode(&parts, &Outgoing::Bytes(Bytes::new()));
+        let head = RequestHead::encode(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &Outgoing::Bytes(Bytes::new()),
+        );
         assert_eq!(
             String::from_utf8(head.bytes).unwrap(),
             "GET / HTTP/1.1\r\nhost: a\r\n\r\n"

@@ -26,8 +26,8 @@ use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
 pub use pool::{
-    ConnectionLimits, DownstreamBody, Pool, UpstreamBody, UpstreamError, UpstreamProtocol,
-    UpstreamResponseBody,
+    ConnectionLimits, DownstreamBody, Pool, UpstreamBody, UpstreamError, UpstreamHead,
+    UpstreamProtocol, UpstreamResponseBody,
 };
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -29,6 +29,32 @@ pub type DownstreamBody = http_body_util::Either<Incoming, http_body_util::Full<
 /// HTTP/1.1 connection (`Right`).
 pub type UpstreamResponseBody = http_body_util::Either<Incoming, h1::ResponseBody>;
 
+/// The upstream request's head, in the upstream's HTTP version with the client's authority;
+/// built once per request and sent by each attempt.
+#[derive(Debug, Clone)]
+pub struct UpstreamHead {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+}
+
+impl UpstreamHead {
+    /// A request with this head: copied when borrowed, taken when owned.
+    pub fn request(
+        head: std::borrow::Cow<'_, UpstreamHead>,
+        body: UpstreamBody,
+    ) -> Request<UpstreamBody> {
+        let head = head.into_owned();
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers;
+        req
+    }
+}
+
 /// Most HTTP/1.1 connections kept per endpoint and worker (Envoy's default max_connections).
 const MAX_IDLE: usize = 1024;
 
@@ -341,27 +367,29 @@ impl Pool {
         self.protocol
     }
 
-    /// Sends a request (already in the upstream's form: origin-form URI and Host header for
-    /// HTTP/1.1, absolute URI for HTTP/2) and returns the response head.
+    /// Sends a request (its head already in the upstream's form: origin-form URI and Host
+    /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head. HTTP/1.1
+    /// writes a borrowed head as it is; HTTP/2 (hyper) needs a request of its own.
     pub async fn send(
         &self,
-        req: Request<UpstreamBody>,
+        head: std::borrow::Cow<'_, UpstreamHead>,
+        body: UpstreamBody,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         match self.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req).await,
-            UpstreamProtocol::Http2 => self.send_h2(req).await,
+            UpstreamProtocol::Http1 => self.send_h1(&head, body).await,
+            UpstreamProtocol::Http2 => self.send_h2(UpstreamHead::request(head, body)).await,
         }
     }
 
     async fn send_h1(
         &self,
-        req: Request<UpstreamBody>,
+        head: &UpstreamHead,
+        body: UpstreamBody,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         let worker = self.mine();
         let busy = Busy::start(worker.clone());
-        let (parts, body) = req.into_parts();
         let mut body = h1::Outgoing::of(body);
-        let head = h1::RequestHead::encode(&parts, &body);
+        let head = h1::RequestHead::encode(&head.method, &head.uri, &head.headers, &body);
         // A pooled connection the upstream closed just now fails before any answer; the
         // request starts over on the next connection when it safely can (`stale`).
         loop {

@@ -16,7 +16,7 @@ pub mod upgrade;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::DownstreamBody;
+use crate::cluster::{DownstreamBody, UpstreamHead};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -717,10 +717,11 @@ async fn attempt_until_done(
         };
         endpoint.stats.rq_total.inc();
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+        // Attempts that may be retried lend the head; the last one gives it away.
         let req = if may_retry {
-            head.as_ref().map(|h| h.request(body.next()))
+            head.as_ref().map(std::borrow::Cow::Borrowed)
         } else {
-            head.take().map(|h| h.into_request(body.next()))
+            head.take().map(std::borrow::Cow::Owned)
         };
         let Some(req) = req else {
             // Unreachable: the head is taken only by the last attempt, after which we return.
@@ -728,8 +729,10 @@ async fn attempt_until_done(
         };
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let outcome = match per_try {
-            Some(t) => tokio::time::timeout(t, endpoint.pool.send(req)).await.ok(),
-            None => Some(endpoint.pool.send(req).await),
+            Some(t) => tokio::time::timeout(t, endpoint.pool.send(req, body.next()))
+                .await
+                .ok(),
+            None => Some(endpoint.pool.send(req, body.next()).await),
         };
         let again = |why: &str| {
             tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
@@ -894,7 +897,10 @@ fn shadow(
         let send = async {
             if let Ok(resp) = endpoint
                 .pool
-                .send(head.request(Either::Right(Full::new(body))))
+                .send(
+                    std::borrow::Cow::Borrowed(&head),
+                    Either::Right(Full::new(body)),
+                )
                 .await
             {
                 m.cluster
@@ -1018,36 +1024,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in &named {
         headers.remove(name);
-    }
-}
-
-/// The upstream request's head, in the upstream's HTTP version with the client's authority;
-/// built once and stamped out for each attempt.
-pub(crate) struct UpstreamHead {
-    method: http::Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-impl UpstreamHead {
-    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-
-    /// The last attempt takes the head instead of copying it.
-    fn into_request(self, body: UpstreamBody) -> Request<UpstreamBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
-        req
     }
 }
 

@@ -9,8 +9,9 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 
-use super::{ProxyBody, UpstreamHead, local_reply};
+use super::{ProxyBody, local_reply};
 use crate::cluster::Cluster;
+use crate::cluster::UpstreamHead;
 
 /// Is this an HTTP/1.1 WebSocket upgrade request?
 pub fn is_websocket(version: http::Version, headers: &HeaderMap) -> bool {
