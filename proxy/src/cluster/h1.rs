@@ -21,6 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body as _, Frame};
+use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::pool::UpstreamStream;
@@ -32,8 +33,6 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 96 * 1024;
 /// Bytes read from the upstream at a time.
 const READ_CHUNK: usize = 16 * 1024;
-/// Request bodies up to this size are written with their head in one write.
-const COALESCE: usize = 16 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -389,10 +388,6 @@ impl ExchangeError {
     }
 }
 
-fn io_error(unsent: bool, nothing_received: bool, e: io::Error) -> ExchangeError {
-    failure(unsent, nothing_received, e)
-}
-
 /// A failure of the request's side (its body) or of the connection.
 fn failure(unsent: bool, nothing_received: bool, e: impl Into<BoxError>) -> ExchangeError {
     ExchangeError {
@@ -444,51 +439,31 @@ async fn write_request(
     head: &RequestHead,
     body: &mut Outgoing,
 ) -> Result<(), ExchangeError> {
-    let err = |e| io_error(true, true, e);
-    match body {
+    let err = |e| failure(true, true, e);
+    // The head and as much of the body as is at hand go out together.
+    let mut out = Vec::with_capacity(head.bytes.len() + 1024);
+    out.extend_from_slice(&head.bytes);
+    let io = &mut conn.io;
+    let end = match body {
         Outgoing::Bytes(b) => {
-            if let BodyFraming::Length(n) = head.framing
-                && n != b.len() as u64
-            {
-                return Err(failure(
-                    true,
-                    true,
-                    "request body does not match its content-length",
-                ));
-            }
-            if b.is_empty() {
-                conn.io.write_all(&head.bytes).await.map_err(err)?;
-            } else if b.len() <= COALESCE {
-                let mut out = Vec::with_capacity(head.bytes.len() + b.len());
-                out.extend_from_slice(&head.bytes);
-                out.extend_from_slice(b);
-                conn.io.write_all(&out).await.map_err(err)?;
-            } else {
-                conn.io.write_all(&head.bytes).await.map_err(err)?;
-                conn.io.write_all(b).await.map_err(err)?;
-            }
+            write_body(io, &mut out, &mut Full::new(b.clone()), head.framing).await
         }
-        Outgoing::Stream(stream) => {
-            let mut out = Vec::with_capacity(head.bytes.len() + 1024);
-            out.extend_from_slice(&head.bytes);
-            let Some(mut stream) = stream.take() else {
-                conn.io.write_all(&out).await.map_err(err)?;
-                return conn.io.flush().await.map_err(err);
-            };
-            match write_body(&mut conn.io, &mut out, &mut stream, head.framing)
-                .await
-                .map_err(err)?
-            {
-                BodyEnd::Complete => {}
-                BodyEnd::Failed(e) => return Err(failure(true, true, e)),
-                BodyEnd::WrongLength => {
-                    return Err(failure(
-                        true,
-                        true,
-                        "the client's request body does not match its content-length",
-                    ));
-                }
-            }
+        Outgoing::Stream(stream) => match stream.take() {
+            Some(mut stream) => write_body(io, &mut out, &mut stream, head.framing).await,
+            // Already sent once (a stream is never replayed): nothing more to send.
+            None => write_body(io, &mut out, &mut Full::new(Bytes::new()), head.framing).await,
+        },
+    }
+    .map_err(err)?;
+    match end {
+        BodyEnd::Complete => {}
+        BodyEnd::Failed(e) => return Err(failure(true, true, e)),
+        BodyEnd::WrongLength => {
+            return Err(failure(
+                true,
+                true,
+                "request body does not match its content-length",
+            ));
         }
     }
     conn.io.flush().await.map_err(err)
@@ -496,9 +471,8 @@ async fn write_request(
 
 /// Reads until a whole response head is buffered, then parses it.
 async fn read_head(conn: &mut Conn, head_method: bool) -> Result<ResponseHead, ExchangeError> {
-    let mut first = true;
     loop {
-        if !first || !conn.read.is_empty() {
+        if !conn.read.is_empty() {
             if let Some(parsed) = parse_head(&mut conn.read, head_method)? {
                 return Ok(parsed);
             }
@@ -506,7 +480,6 @@ async fn read_head(conn: &mut Conn, head_method: bool) -> Result<ResponseHead, E
                 return Err(protocol_error("response head too large"));
             }
         }
-        first = false;
         conn.read.reserve(READ_CHUNK);
         let received = !conn.read.is_empty();
         match conn.io.read_buf(&mut conn.read).await {
@@ -518,7 +491,7 @@ async fn read_head(conn: &mut Conn, head_method: bool) -> Result<ResponseHead, E
                 ));
             }
             Ok(_) => {}
-            Err(e) => return Err(io_error(false, !received, e)),
+            Err(e) => return Err(failure(false, !received, e)),
         }
     }
 }

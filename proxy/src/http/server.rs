@@ -338,9 +338,11 @@ where
     let mut has_date = false;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
-            declared = std::str::from_utf8(value.as_bytes())
+            // A value that is not a length is not trusted: the body's own size decides.
+            let mut n = None;
+            declared = h1::fold_content_length(value.as_bytes(), &mut n)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and(n);
         } else if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
             // Framing and connection handling are this hop's.
             continue;
