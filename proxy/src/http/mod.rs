@@ -281,7 +281,9 @@ pub async fn serve_connection<S>(
         server::End::Handoff(stream) => stream,
     };
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let resp = handle(req.map(Either::Left));
+        // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
+        // among others); moving a pointer is cheap, moving the request path's state is not.
+        let resp = Box::pin(handle(req.map(Either::Left)));
         async move { Ok::<_, std::convert::Infallible>(resp.await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
