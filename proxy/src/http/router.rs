@@ -2,7 +2,6 @@
 //! translated from Envoy `RouteConfiguration`s. What a route asks for that this version cannot
 //! do is rejected by field name, never served wrongly.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -26,7 +25,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct RouteTable {
     pub name: String,
     virtual_hosts: Vec<VirtualHost>,
-    exact: HashMap<String, usize>,
+    exact: crate::state::NameMap<usize>,
     /// `*.example.com` -> ".example.com", longest suffix first.
     suffixes: Vec<(String, usize)>,
     /// `example.*` -> "example.", longest prefix first.
@@ -691,7 +690,7 @@ impl RouteTable {
         let mut table = RouteTable {
             name: rc.name.clone(),
             virtual_hosts: Vec::new(),
-            exact: HashMap::new(),
+            exact: Default::default(),
             suffixes: Vec::new(),
             prefixes: Vec::new(),
             any: None,

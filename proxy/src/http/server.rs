@@ -278,7 +278,9 @@ fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
     };
     let spans = h1::HeaderSpans::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    let Ok(headers) = spans.header_map(&head) else {
+    // The request path adds `x-request-id`, `x-forwarded-proto`, sometimes `te` and a route's
+    // additions.
+    let Ok(headers) = spans.header_map(&head, 4) else {
         return Parsed::Invalid(StatusCode::BAD_REQUEST, "invalid header");
     };
     let close = match version {

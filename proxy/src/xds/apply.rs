@@ -179,8 +179,10 @@ impl Applier {
     ) -> Result<(BTreeSet<String>, Vec<String>), Rejection> {
         let mut names = Vec::with_capacity(dynamic.len());
         let current = self.proxy.snapshot();
-        let mut clusters: HashMap<String, Arc<Cluster>> =
-            HashMap::with_capacity(self.static_clusters.len() + dynamic.len());
+        let mut clusters: crate::state::NameMap<Arc<Cluster>> = HashMap::with_capacity_and_hasher(
+            self.static_clusters.len() + dynamic.len(),
+            Default::default(),
+        );
         let mut fresh_dns = Vec::new();
         let statics = self
             .static_clusters
@@ -396,7 +398,7 @@ impl Applier {
             .collect::<Result<Vec<_>, _>>()?;
         let wanted = self.rds_names.clone();
         self.proxy.update(|s| {
-            let mut routes: HashMap<_, _> = s
+            let mut routes: crate::state::NameMap<_> = s
                 .routes
                 .iter()
                 .filter(|(n, _)| wanted.contains(*n))
