@@ -11,15 +11,6 @@ use http::HeaderValue;
 use weft_xds_proto::envoy::config::route::v3::route_action::HashPolicy as XdsHashPolicy;
 use weft_xds_proto::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
 
-/// The client's address: the connection the request came on, as the connection manager
-/// put it in the request's extensions.
-fn peer_of(parts: &http::request::Parts) -> Option<SocketAddr> {
-    parts
-        .extensions
-        .get::<std::sync::Arc<crate::listener::Downstream>>()?
-        .peer
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
     Header(http::HeaderName),
@@ -133,9 +124,11 @@ fn query_param<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
 
 /// The request's hash (None when no policy applies: the balancer then picks at random) and a
 /// `Set-Cookie` value when a cookie had to be generated.
+/// `peer`: the client's address, for the source IP policy and generated cookies.
 pub fn compute(
     policies: &[HashPolicy],
     parts: &http::request::Parts,
+    peer: Option<SocketAddr>,
 ) -> (Option<u64>, Option<HeaderValue>) {
     let mut hash: Option<u64> = None;
     let mut set_cookie = None;
@@ -161,7 +154,7 @@ pub fn compute(
                 None => ttl.and_then(|ttl| {
                     // A value derived from the client's address, so it lands where this
                     // client's later requests (carrying the cookie) will.
-                    let peer = peer_of(parts)?;
+                    let peer = peer?;
                     let value = format!("{:016x}", hash64(peer.to_string().as_bytes()));
                     let mut header = format!("{name}=\"{value}\"");
                     if !ttl.is_zero() {
@@ -175,7 +168,7 @@ pub fn compute(
                     Some(hash64(value.as_bytes()))
                 }),
             },
-            Key::SourceIp => peer_of(parts).map(|p| hash64(p.ip().to_string().as_bytes())),
+            Key::SourceIp => peer.map(|p| hash64(p.ip().to_string().as_bytes())),
             Key::QueryParameter(name) => {
                 query_param(&parts.uri, name).map(|v| hash64(v.as_bytes()))
             }
@@ -199,13 +192,12 @@ mod tests {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let (mut p, _) = b.body(()).unwrap().into_parts();
-        p.extensions
-            .insert(std::sync::Arc::new(crate::listener::Downstream {
-                peer: Some("10.0.0.7:41000".parse().unwrap()),
-                ..Default::default()
-            }));
-        p
+        b.body(()).unwrap().into_parts().0
+    }
+
+    /// The client's address.
+    fn peer() -> Option<SocketAddr> {
+        Some("10.0.0.7:41000".parse().unwrap())
     }
 
     fn policy(key: Key) -> Vec<HashPolicy> {
@@ -218,15 +210,24 @@ mod tests {
     #[test]
     fn each_key_hashes_its_own_part_of_the_request() {
         let h = policy(Key::Header(http::HeaderName::from_static("x-user")));
-        let a = compute(&h, &parts("/", &[("x-user", "jason")])).0;
-        assert_eq!(a, compute(&h, &parts("/other", &[("x-user", "jason")])).0);
-        assert_ne!(a, compute(&h, &parts("/", &[("x-user", "bob")])).0);
-        assert_eq!(compute(&h, &parts("/", &[])).0, None);
+        let a = compute(&h, &parts("/", &[("x-user", "jason")]), peer()).0;
+        assert_eq!(
+            a,
+            compute(&h, &parts("/other", &[("x-user", "jason")]), peer()).0
+        );
+        assert_ne!(a, compute(&h, &parts("/", &[("x-user", "bob")]), peer()).0);
+        assert_eq!(compute(&h, &parts("/", &[]), peer()).0, None);
         let q = policy(Key::QueryParameter("u".into()));
-        assert_eq!(compute(&q, &parts("/?a=1&u=7", &[])).0, Some(hash64(b"7")));
-        assert_eq!(compute(&q, &parts("/?a=1", &[])).0, None);
+        assert_eq!(
+            compute(&q, &parts("/?a=1&u=7", &[]), peer()).0,
+            Some(hash64(b"7"))
+        );
+        assert_eq!(compute(&q, &parts("/?a=1", &[]), peer()).0, None);
         let ip = policy(Key::SourceIp);
-        assert_eq!(compute(&ip, &parts("/", &[])).0, Some(hash64(b"10.0.0.7")));
+        assert_eq!(
+            compute(&ip, &parts("/", &[]), peer()).0,
+            Some(hash64(b"10.0.0.7"))
+        );
     }
 
     #[test]
@@ -236,7 +237,7 @@ mod tests {
             path: "/".into(),
             ttl: Some(Duration::from_secs(60)),
         });
-        let (first, set) = compute(&c, &parts("/", &[]));
+        let (first, set) = compute(&c, &parts("/", &[]), peer());
         let set = set.expect("a cookie is set").to_str().unwrap().to_string();
         assert!(
             set.starts_with("session=\"") && set.contains("Max-Age=60; Path=/; HttpOnly"),
@@ -244,7 +245,7 @@ mod tests {
         );
         let value = set.split('"').nth(1).unwrap();
         let cookie = format!("other=1; session=\"{value}\"");
-        let (again, none) = compute(&c, &parts("/", &[("cookie", &cookie)]));
+        let (again, none) = compute(&c, &parts("/", &[("cookie", &cookie)]), peer());
         assert_eq!(first, again);
         assert!(none.is_none());
         let no_ttl = policy(Key::Cookie {
@@ -252,7 +253,7 @@ mod tests {
             path: String::new(),
             ttl: None,
         });
-        assert_eq!(compute(&no_ttl, &parts("/", &[])), (None, None));
+        assert_eq!(compute(&no_ttl, &parts("/", &[]), peer()), (None, None));
     }
 
     #[test]
@@ -267,9 +268,9 @@ mod tests {
                 terminal: false,
             },
         ];
-        let only_a = compute(&both, &parts("/", &[("x-a", "1"), ("x-b", "2")])).0;
+        let only_a = compute(&both, &parts("/", &[("x-a", "1"), ("x-b", "2")]), peer()).0;
         assert_eq!(only_a, Some(hash64(b"1")));
-        let only_b = compute(&both, &parts("/", &[("x-b", "2")])).0;
+        let only_b = compute(&both, &parts("/", &[("x-b", "2")]), peer()).0;
         assert_eq!(only_b, Some(hash64(b"2")));
     }
 }

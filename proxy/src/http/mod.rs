@@ -237,7 +237,7 @@ impl ConnectionManager {
 }
 
 /// Serves one downstream connection (plain TCP, or TLS already terminated) until it closes.
-/// Every request carries what the connection proved (`Downstream`) as an extension.
+/// Every request's path is given what the connection proved (`Downstream`).
 pub async fn serve_connection<S>(
     proxy: Arc<Proxy>,
     hcm: Arc<ConnectionManager>,
@@ -257,7 +257,7 @@ pub async fn serve_connection<S>(
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
-        req.extensions_mut().insert(down.clone());
+        let down = down.clone();
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
         if !req.headers().contains_key(names::X_REQUEST_ID) {
@@ -265,11 +265,13 @@ pub async fn serve_connection<S>(
         }
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
-                let resp = proxy_request(&proxy, &hcm, req).await;
+                let resp = proxy_request(&proxy, &hcm, &down, req).await;
                 return resp.map(|b| LoggedBody::new(b, None));
             };
-            let mut entry = request_entry(&req, peer, local);
-            let resp = proxy_request(&proxy, &hcm, req).await;
+            // Boxed, here and in the body: the entry is ~500 bytes, which every request's
+            // future and response would otherwise carry (and move) with logs off too.
+            let mut entry = Box::new(request_entry(&req, peer, local));
+            let resp = proxy_request(&proxy, &hcm, &down, req).await;
             response_entry(&mut entry, &resp);
             resp.map(|b| LoggedBody::new(b, Some((entry, loggers))))
         }
@@ -308,12 +310,13 @@ pub async fn serve_connection<S>(
 pub async fn proxy_request(
     proxy: &Proxy,
     hcm: &ConnectionManager,
+    down: &crate::listener::Downstream,
     req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
     let grpc = is_grpc(req.headers());
-    let mut resp = route_and_forward(proxy, hcm, req).await;
+    let mut resp = route_and_forward(proxy, hcm, down, req).await;
     if grpc {
         resp = grpc_local_reply(resp);
     }
@@ -324,6 +327,7 @@ pub async fn proxy_request(
 async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
+    down: &crate::listener::Downstream,
     req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
@@ -342,11 +346,6 @@ async fn route_and_forward(
         .unwrap_or("/");
     // 0. Authorization (RBAC filters, in order), before anything else looks at the request.
     if !hcm.rbac.is_empty() {
-        let down = req
-            .extensions()
-            .get::<Arc<crate::listener::Downstream>>()
-            .cloned()
-            .unwrap_or_default();
         let view = router::RequestView {
             method: req.method().as_str(),
             authority: &authority,
@@ -354,7 +353,7 @@ async fn route_and_forward(
             headers: req.headers(),
         };
         let input = crate::rbac::Input {
-            down: &down,
+            down,
             request: Some(&view),
         };
         if !hcm.rbac.iter().all(|e| e.allows(&input)) {
@@ -408,7 +407,7 @@ async fn route_and_forward(
         policy.preflight_headers(origin.clone(), resp.headers_mut());
         return resp;
     }
-    let mut resp = route_rest(hcm, route, req, &authority, snapshot).await;
+    let mut resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
     if let (Some(policy), Some(origin)) = (cors, cors_origin) {
         policy.response_headers(origin, resp.headers_mut());
     }
@@ -423,6 +422,7 @@ async fn route_rest(
     req: Request<DownstreamBody>,
     authority: &str,
     snapshot: arc_swap::Guard<Arc<crate::state::Snapshot>>,
+    down: &crate::listener::Downstream,
 ) -> Response<ProxyBody> {
     // 3. Faults, when the chain has the fault filter: the route's config, else the filter's.
     if let Some(filter) = &hcm.fault_filter {
@@ -509,20 +509,17 @@ async fn route_rest(
     let (hash, set_cookie) = if action.hash_policy.is_empty() {
         (None, None)
     } else {
-        hash::compute(&action.hash_policy, &parts)
+        hash::compute(&action.hash_policy, &parts, down.peer)
     };
     let authority = action.host_rewrite.as_deref().unwrap_or(authority);
     // Where the client sent the connection: an ORIGINAL_DST cluster's host.
-    let original = parts
-        .extensions
-        .get::<Arc<crate::listener::Downstream>>()
-        .and_then(|d| d.local);
+    let original = down.local;
     if hcm.websocket && upgrade::is_websocket(parts.version, &parts.headers) {
         let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
         let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         if let (Some(u), Some(on_upgrade)) = (upgrade_header, on_upgrade) {
             drop(body);
-            let head = match upstream_head(parts, authority, UpstreamProtocol::Http1) {
+            let head = match upstream_head(parts, authority, UpstreamProtocol::Http1, down.tls) {
                 Ok(h) => h,
                 Err(resp) => return resp,
             };
@@ -553,6 +550,7 @@ async fn route_rest(
             hash,
             log,
             original,
+            secure: down.tls,
         },
     )
     .await;
@@ -598,7 +596,7 @@ async fn forward(
             headers: &parts.headers,
         })
     });
-    let head = match upstream_head(parts, authority, cluster.protocol) {
+    let head = match upstream_head(parts, authority, cluster.protocol, pick.secure) {
         Ok(h) => h,
         Err(resp) => return resp,
     };
@@ -618,6 +616,7 @@ async fn forward(
                 authority,
                 bytes.clone(),
                 action.timeout,
+                pick.secure,
             );
         }
     }
@@ -667,6 +666,7 @@ async fn attempt_until_done(
         hash,
         log,
         original,
+        ..
     } = pick;
     // For access logs: which host the answer (or the failure) came from.
     let mark = |mut resp: Response<ProxyBody>, host: std::net::SocketAddr| {
@@ -875,6 +875,7 @@ fn shadow(
     authority: &str,
     body: Bytes,
     timeout: Option<Duration>,
+    secure: bool,
 ) {
     let authority = if m.shadow_suffix {
         shadow_authority(authority)
@@ -886,7 +887,7 @@ fn shadow(
     *req.uri_mut() = uri.clone();
     *req.headers_mut() = headers.clone();
     let (parts, ()) = req.into_parts();
-    let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol) else {
+    let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol, secure) else {
         return;
     };
     tokio::spawn(async move {
@@ -1030,10 +1031,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 #[allow(clippy::result_large_err)]
+/// `secure`: the client's connection was TLS (`x-forwarded-proto`).
 fn upstream_head(
     mut parts: http::request::Parts,
     authority: &str,
     protocol: UpstreamProtocol,
+    secure: bool,
 ) -> Result<UpstreamHead, Response<ProxyBody>> {
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
@@ -1044,10 +1047,6 @@ fn upstream_head(
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // `x-request-id` is already set: the connection manager gives every request one.
-    let secure = parts
-        .extensions
-        .get::<Arc<crate::listener::Downstream>>()
-        .is_some_and(|d| d.tls);
     let proto = if secure { "https" } else { "http" };
     parts
         .headers
@@ -1192,14 +1191,15 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// A response generated by the proxy itself, with Envoy's body text and response flag header.
-/// How a request picks its upstream host: the consistent-hash key, and whether the host that
-/// answered is recorded for the access log.
+/// How a request goes upstream: the consistent-hash key, whether the host that answered is
+/// recorded for the access log, where the client's connection was addressed (ORIGINAL_DST),
+/// and whether it was TLS (`x-forwarded-proto`).
 #[derive(Debug, Clone, Copy)]
 struct Pick {
     hash: Option<u64>,
     log: bool,
     original: Option<std::net::SocketAddr>,
+    secure: bool,
 }
 
 /// The upstream host and cluster that answered, for access logs.
@@ -1264,12 +1264,15 @@ fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
 /// log lines of its request.
 pub struct LoggedBody {
     inner: ProxyBody,
-    log: Option<(access_log::Entry, access_log::Loggers)>,
+    log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
     sent: u64,
 }
 
 impl LoggedBody {
-    fn new(inner: ProxyBody, log: Option<(access_log::Entry, access_log::Loggers)>) -> LoggedBody {
+    fn new(
+        inner: ProxyBody,
+        log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
+    ) -> LoggedBody {
         LoggedBody {
             inner,
             log,
