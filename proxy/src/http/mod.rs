@@ -606,13 +606,11 @@ async fn forward(
         Err(resp) => return resp,
     };
     // Shadows need the body again: only requests whose body was kept are mirrored.
-    if let (Some((method, uri, headers)), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
+    if let (Some(original), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
         for m in mirrors {
             shadow(
                 m,
-                &method,
-                &uri,
-                &headers,
+                &original,
                 authority,
                 bytes.clone(),
                 action.timeout,
@@ -867,11 +865,10 @@ fn shadow_authority(authority: &str) -> String {
 
 /// Sends a copy of the request to a mirror cluster and forgets it: the answer is read and
 /// dropped, failures only show in the mirror cluster's stats.
+/// `original`: the client's method, URI and headers.
 fn shadow(
     m: Mirror,
-    method: &http::Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    original: &(http::Method, Uri, HeaderMap),
     authority: &str,
     body: Bytes,
     timeout: Option<Duration>,
@@ -883,6 +880,7 @@ fn shadow(
         authority.to_string()
     };
     let mut req = Request::new(());
+    let (method, uri, headers) = original;
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri.clone();
     *req.headers_mut() = headers.clone();
