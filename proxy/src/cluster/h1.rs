@@ -231,9 +231,9 @@ pub(crate) fn fold_content_length(
 /// Where each header line of a parsed head sits in its buffer, so that the header map can
 /// hold slices of the head's bytes instead of copies.
 pub(crate) struct HeaderSpans {
-    /// Name start and length, value start and length.
-    at: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
+    /// Name start and length, value start and length. A vector sized to the head: a fixed
+    /// array for MAX_HEADERS lines cost more to clear and move than the allocation.
+    at: Vec<(u32, u32, u32, u32)>,
 }
 
 impl HeaderSpans {
@@ -241,19 +241,18 @@ impl HeaderSpans {
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderSpans {
         let base = buf.as_ptr() as usize;
         let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        let mut spans = HeaderSpans {
-            at: [(0, 0, 0, 0); MAX_HEADERS],
-            count: headers.len().min(MAX_HEADERS),
-        };
-        for (slot, h) in spans.at.iter_mut().zip(headers) {
-            *slot = (
-                offset(h.name.as_bytes()),
-                h.name.len() as u32,
-                offset(h.value),
-                h.value.len() as u32,
-            );
-        }
-        spans
+        let at = headers
+            .iter()
+            .map(|h| {
+                (
+                    offset(h.name.as_bytes()),
+                    h.name.len() as u32,
+                    offset(h.value),
+                    h.value.len() as u32,
+                )
+            })
+            .collect();
+        HeaderSpans { at }
     }
 
     /// The header map, its values sharing `head` (the buffer's bytes, taken out of it), with
@@ -262,8 +261,8 @@ impl HeaderSpans {
     /// more room than needed either: glibc serves small allocations from its per-thread
     /// cache, larger ones take a slower path.
     pub(crate) fn header_map(&self, head: &Bytes, added: usize) -> Result<HeaderMap, &'static str> {
-        let mut headers = HeaderMap::with_capacity(self.count + added);
-        for &(ns, nl, vs, vl) in &self.at[..self.count] {
+        let mut headers = HeaderMap::with_capacity(self.at.len() + added);
+        for &(ns, nl, vs, vl) in &self.at {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
             let name =
                 HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| "invalid header name")?;

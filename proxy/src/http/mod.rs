@@ -700,7 +700,8 @@ async fn attempt_until_done(
             cluster.stats.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
         };
-        if max_retries > 0 {
+        // Kept only for `previous_hosts` (retries on another host): the vector allocates.
+        if max_retries > 0 && retry.is_some_and(|r| r.other_host) {
             tried.push(endpoint.address);
         }
         // HTTP/1.1 carries one request per connection: wait for a connection slot as a pending
