@@ -10,6 +10,11 @@ pub struct Result {
     /// For h2load, which reports no percentiles: the mean request time.
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Requests completed.
+    pub requests: f64,
+    /// CPU time of the target's own processes per request, in microseconds (filled in by the
+    /// caller, which knows the processes).
+    pub cpu_us: f64,
 }
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -69,10 +74,18 @@ pub fn wrk((url, authority): (String, Option<&str>), duration_s: u64) -> anyhow:
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+    let requests = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no request count in wrk output:\n{out}"))?;
     Ok(Result {
         rps,
         p50_ms: pct("50%").unwrap_or(f64::NAN),
         p99_ms: pct("99%").unwrap_or(f64::NAN),
+        requests,
+        cpu_us: f64::NAN,
     })
 }
 
@@ -109,6 +122,8 @@ pub fn h2load((url, authority): (String, Option<&str>), requests: u64) -> anyhow
         rps,
         p50_ms: mean,
         p99_ms: f64::NAN,
+        requests: requests as f64,
+        cpu_us: f64::NAN,
     })
 }
 

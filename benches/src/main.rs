@@ -80,24 +80,33 @@ fn main() -> anyhow::Result<()> {
     let mut env =
         targets::Environment::start(&args.work_dir, &args.bin_dir, &args.envoy, args.body_bytes)?;
     let idle_rss = env.rss_by_target();
+    let hz = weft_benches::clock_ticks_per_second();
+    // CPU microseconds per request of the target's own processes during a run.
+    let cpu_us = |before: u64, after: u64, requests: f64| {
+        after.saturating_sub(before) as f64 * 1e6 / hz / requests
+    };
 
     // results[(protocol, target)] = per-round measurements
     let mut results: BTreeMap<(&'static str, &'static str), Vec<load::Result>> = BTreeMap::new();
     for round in 1..=args.rounds {
         eprintln!("round {round}/{}", args.rounds);
         for t in targets::TARGETS {
-            let r = load::wrk(env.http1_url(t), args.duration_s)?;
+            let before = env.cpu_ticks(t);
+            let mut r = load::wrk(env.http1_url(t), args.duration_s)?;
+            r.cpu_us = cpu_us(before, env.cpu_ticks(t), r.requests);
             eprintln!(
-                "  http1 {:<14} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms",
-                t, r.rps, r.p50_ms, r.p99_ms
+                "  http1 {:<14} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>6.1} us/req",
+                t, r.rps, r.p50_ms, r.p99_ms, r.cpu_us
             );
             results.entry(("http1", t)).or_default().push(r);
         }
         for t in targets::TARGETS {
-            let r = load::h2load(env.h2_url(t), args.h2_requests)?;
+            let before = env.cpu_ticks(t);
+            let mut r = load::h2load(env.h2_url(t), args.h2_requests)?;
+            r.cpu_us = cpu_us(before, env.cpu_ticks(t), r.requests);
             eprintln!(
-                "  h2c   {:<14} {:>9.0} req/s  mean {:>7.3} ms",
-                t, r.rps, r.p50_ms
+                "  h2c   {:<14} {:>9.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req",
+                t, r.rps, r.p50_ms, r.cpu_us
             );
             results.entry(("h2c", t)).or_default().push(r);
         }
@@ -113,14 +122,14 @@ fn main() -> anyhow::Result<()> {
         println!("\n{proto}:\n");
         if proto == "http1" {
             println!(
-                "| target | req/s | p50 ms | p99 ms | vs direct | RSS idle MiB | RSS after load MiB |"
+                "| target | req/s | p50 ms | p99 ms | vs direct | CPU us/req | RSS idle MiB | RSS after load MiB |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         } else {
             println!(
-                "| target | req/s | mean latency ms | vs direct | RSS idle MiB | RSS after load MiB |"
+                "| target | req/s | mean latency ms | vs direct | CPU us/req | RSS idle MiB | RSS after load MiB |"
             );
-            println!("| --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- |");
         }
         let direct = &results[&(proto, "direct")];
         for t in targets::TARGETS {
@@ -131,22 +140,25 @@ fn main() -> anyhow::Result<()> {
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_else(|| "-".into())
             };
+            let cpu = median(rs.iter().map(|r| r.cpu_us).collect());
             if proto == "http1" {
                 println!(
-                    "| {t} | {:.0} | {:.3} | {:.3} | {:.2} | {} | {} |",
+                    "| {t} | {:.0} | {:.3} | {:.3} | {:.2} | {:.1} | {} | {} |",
                     median(rs.iter().map(|r| r.rps).collect()),
                     median(rs.iter().map(|r| r.p50_ms).collect()),
                     median(rs.iter().map(|r| r.p99_ms).collect()),
                     vs_direct,
+                    cpu,
                     rss(&idle_rss),
                     rss(&loaded_rss)
                 );
             } else {
                 println!(
-                    "| {t} | {:.0} | {:.3} | {:.2} | {} | {} |",
+                    "| {t} | {:.0} | {:.3} | {:.2} | {:.1} | {} | {} |",
                     median(rs.iter().map(|r| r.rps).collect()),
                     median(rs.iter().map(|r| r.p50_ms).collect()),
                     vs_direct,
+                    cpu,
                     rss(&idle_rss),
                     rss(&loaded_rss)
                 );
@@ -165,6 +177,23 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>(),
             median(per_round.clone()),
             median(vs_nginx)
+        );
+        // The proxies share CPU 0 with the backend, whose own cost is in every request/s figure;
+        // CPU per request is the proxy's cost alone.
+        let cpu_ratio: Vec<f64> = weft
+            .iter()
+            .zip(envoy)
+            .map(|(w, e)| e.cpu_us / w.cpu_us)
+            .collect();
+        let cpu_vs_nginx: Vec<f64> = weft
+            .iter()
+            .zip(nginx)
+            .map(|(w, n)| n.cpu_us / w.cpu_us)
+            .collect();
+        println!(
+            "CPU per request, Envoy/weft: median {:.2}; nginx-proxy/weft: median {:.2}",
+            median(cpu_ratio),
+            median(cpu_vs_nginx)
         );
         if proto == "http1" {
             let p99: Vec<f64> = weft

@@ -260,15 +260,38 @@ impl Environment {
             .map(|(_, c)| c.id())
     }
 
+    /// CPU ticks used so far by a target's own processes (for `direct`, the backend; for a
+    /// proxy, the proxy alone, not the backend behind it; nginx: master plus its worker).
+    pub fn cpu_ticks(&self, target: &str) -> u64 {
+        let Some(proc_name) = Self::process_of(target) else {
+            return 0;
+        };
+        self.pid_of(proc_name).map_or(0, |pid| {
+            weft_benches::cpu_ticks(pid)
+                + children(pid)
+                    .into_iter()
+                    .map(weft_benches::cpu_ticks)
+                    .sum::<u64>()
+        })
+    }
+
+    fn process_of(target: &str) -> Option<&'static str> {
+        Some(match target {
+            "weft-proxy" => "weft-proxy",
+            "envoy" => "envoy",
+            "nginx-proxy" => "nginx-proxy",
+            "direct" => "backend",
+            _ => return None,
+        })
+    }
+
     /// VmRSS in MiB of each proxy process (nginx: master plus its worker).
     pub fn rss_by_target(&self) -> BTreeMap<&'static str, f64> {
         let mut m = BTreeMap::new();
-        for (target, proc_name) in [
-            ("weft-proxy", "weft-proxy"),
-            ("envoy", "envoy"),
-            ("nginx-proxy", "nginx-proxy"),
-            ("direct", "backend"),
-        ] {
+        for target in TARGETS {
+            let Some(proc_name) = Self::process_of(target) else {
+                continue;
+            };
             if let Some(pid) = self.pid_of(proc_name) {
                 // taskset execs the program, so the pid is the proxy's own.
                 let mut kib = weft_benches::rss_kib(pid);
