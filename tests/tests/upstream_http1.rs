@@ -18,6 +18,10 @@ const PORT: u16 = 8080;
 fn answer(path: &str) -> (&'static [u8], bool) {
     match path {
         "/length" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false),
+        "/server" => (
+            b"HTTP/1.1 200 OK\r\nServer: raw-backend\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
         "/chunked" => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
             false,
@@ -100,7 +104,8 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
         ip,
         PORT,
         &format!(
-            r#"          access_log:
+            r#"          server_name: istio-envoy
+          access_log:
           - name: envoy.access_loggers.file
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
@@ -181,6 +186,16 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
         // Envoy's and weft's local reply texts are compared through the flags instead.
         let body = if status >= 500 { String::new() } else { body };
         answers.push((path.to_string(), status, body));
+    }
+    // The connection manager's `server_name` replaces the upstream's `server` header (Envoy's
+    // default transformation, OVERWRITE) and is set on answers without one and local replies.
+    for path in ["/server", "/length", "/garbage"] {
+        let r = Client::new(proxy).get("raw", path).expect("an answer");
+        answers.push((
+            format!("{path}: server {:?}", r.header("server")),
+            r.status,
+            String::new(),
+        ));
     }
     // Pooled connections the backend closed after answering: every request still succeeds.
     let mut c = Client::new(proxy);
@@ -265,6 +280,18 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
 #[test]
 fn upstream_http1_framing_and_failures_match_envoy() {
     let weft = scenario(Flavor::Weft, 77);
+    for (case, status) in [
+        ("/server: server Some(\"istio-envoy\")", 200),
+        ("/length: server Some(\"istio-envoy\")", 200),
+        ("/garbage: server Some(\"istio-envoy\")", 502),
+    ] {
+        assert!(
+            weft.answers
+                .iter()
+                .any(|(p, s, _)| p == case && *s == status),
+            "{case}: {weft:#?}"
+        );
+    }
     let expected = [
         ("/length", 200, "hello"),
         ("/chunked", 200, "hello world"),

@@ -470,6 +470,7 @@ pub(super) fn outbound_http(
         mesh,
         stat_prefix,
         true,
+        None,
         http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_name,
@@ -643,6 +644,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 mesh,
                 &stat_prefix,
                 false,
+                Some(ISTIO_SERVER_NAME),
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
             )
         } else {
@@ -804,10 +806,17 @@ fn access_log(settings: &crate::model::AccessLogSettings) -> AccessLog {
     }
 }
 
+/// The `server` header Istio's inbound listeners and gateways answer with (outbound listeners
+/// keep Envoy's default, "envoy", as Istio's do).
+pub(super) const ISTIO_SERVER_NAME: &str = "istio-envoy";
+
+/// `server_name`: None for Envoy's default; the header overwrites the application's either way
+/// (Envoy's default transformation, which Istio keeps).
 pub(super) fn http_connection_manager(
     mesh: &Mesh,
     stat_prefix: &str,
     with_fault: bool,
+    server_name: Option<&str>,
     routes: http_connection_manager::RouteSpecifier,
 ) -> Filter {
     let mut http_filters = Vec::new();
@@ -835,6 +844,7 @@ pub(super) fn http_connection_manager(
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
+        server_name: server_name.unwrap_or_default().to_string(),
         route_specifier: Some(routes),
         http_filters,
         access_log: mesh.settings.access_log.iter().map(access_log).collect(),

@@ -20,7 +20,9 @@ use weft_xds_proto::wkt::BoolValue;
 use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
-use super::build::{ads, http_connection_manager, http_routes, listener, qualified_gateway};
+use super::build::{
+    ISTIO_SERVER_NAME, ads, http_connection_manager, http_routes, listener, qualified_gateway,
+};
 use super::policy::file;
 use super::scope::{Scope, host_matches};
 use crate::config::{
@@ -414,6 +416,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                         mesh,
                         &stat_prefix,
                         true,
+                        Some(ISTIO_SERVER_NAME),
                         http_connection_manager::RouteSpecifier::Rds(Rds {
                             config_source: Some(ads()),
                             route_config_name: name,
@@ -430,6 +433,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     mesh,
                     &stat_prefix,
                     true,
+                    Some(ISTIO_SERVER_NAME),
                     http_connection_manager::RouteSpecifier::Rds(Rds::default()),
                 ),
             );
@@ -462,6 +466,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             mesh,
             &stat_prefix,
             true,
+            Some(ISTIO_SERVER_NAME),
             http_connection_manager::RouteSpecifier::Rds(Rds {
                 config_source: Some(ads()),
                 route_config_name: route_name,

@@ -389,3 +389,48 @@ spec: { address: 127.0.0.50, labels: { app: a-client } }
     assert!(!team_a.iter().any(|c| c.contains("|v2|")), "{team_a:?}");
     assert!(team_a.contains(&"outbound|80||hidden.example.com".to_string()));
 }
+
+/// The `server_name` of the HTTP connection manager in a generated listener's first chain.
+fn server_name(g: &Generated, listener: &str) -> String {
+    use weft_xds_proto::envoy::config::listener::v3::{Listener, filter};
+    use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    let l: Listener = unpack(&g.of_type(type_url::LISTENER).unwrap()[listener].any).unwrap();
+    let chain = l
+        .filter_chains
+        .first()
+        .or(l.default_filter_chain.as_ref())
+        .unwrap();
+    let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else {
+        panic!("{listener}: no typed config");
+    };
+    unpack::<HttpConnectionManager>(any).unwrap().server_name
+}
+
+#[test]
+fn inbound_listeners_answer_as_istio_envoy_outbound_as_envoy() {
+    let mesh = mesh();
+    let server = ProxyNode::identify(
+        &node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    assert_eq!(
+        server_name(&generate(&mesh, &server), "127.0.0.11_9080"),
+        "istio-envoy"
+    );
+    let client = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    let g = generate(&mesh, &client);
+    let outbound = g
+        .of_type(type_url::LISTENER)
+        .unwrap()
+        .keys()
+        .find(|k| k.starts_with("0.0.0.0_") || k.contains("_8080"))
+        .cloned()
+        .expect("an outbound listener");
+    // Envoy's default ("envoy"), as Istio leaves it on outbound listeners.
+    assert_eq!(server_name(&g, &outbound), "");
+}

@@ -64,6 +64,59 @@ pub struct ConnectionManager {
     /// Present when the chain has the local rate limit filter: its own config (routes and
     /// virtual hosts may replace it).
     pub local_rate_limit: Option<Arc<local_ratelimit::LocalRateLimit>>,
+    /// `server_name` and `server_header_transformation`: the `server` header of every answer.
+    pub server_header: ServerHeader,
+}
+
+/// What the connection manager does with a response's `server` header, as Envoy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerHeader {
+    /// OVERWRITE (the default): always this value.
+    Overwrite(HeaderValue),
+    /// APPEND_IF_ABSENT: this value when the response has none.
+    AppendIfAbsent(HeaderValue),
+    /// PASS_THROUGH: the upstream's, or none.
+    PassThrough,
+}
+
+impl ServerHeader {
+    fn from_xds(hcm: &HttpConnectionManager) -> Result<ServerHeader, (&'static str, String)> {
+        use http_connection_manager::ServerHeaderTransformation as T;
+        let name = if hcm.server_name.is_empty() {
+            "envoy"
+        } else {
+            &hcm.server_name
+        };
+        let value = HeaderValue::from_str(name).map_err(|_| {
+            (
+                "server_name",
+                format!("{name:?} is not a valid header value"),
+            )
+        })?;
+        match T::try_from(hcm.server_header_transformation) {
+            Ok(T::Overwrite) => Ok(ServerHeader::Overwrite(value)),
+            Ok(T::AppendIfAbsent) => Ok(ServerHeader::AppendIfAbsent(value)),
+            Ok(T::PassThrough) => Ok(ServerHeader::PassThrough),
+            Err(_) => Err((
+                "server_header_transformation",
+                format!("unknown value {}", hcm.server_header_transformation),
+            )),
+        }
+    }
+
+    fn apply(&self, headers: &mut HeaderMap) {
+        match self {
+            ServerHeader::Overwrite(v) => {
+                headers.insert(header::SERVER, v.clone());
+            }
+            ServerHeader::AppendIfAbsent(v) => {
+                if !headers.contains_key(header::SERVER) {
+                    headers.insert(header::SERVER, v.clone());
+                }
+            }
+            ServerHeader::PassThrough => {}
+        }
+    }
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -211,7 +264,9 @@ impl ConnectionManager {
                 ));
             }
         };
+        let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         Ok(ConnectionManager {
+            server_header,
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
             rbac,
@@ -320,6 +375,7 @@ pub async fn proxy_request(
     if grpc {
         resp = grpc_local_reply(resp);
     }
+    hcm.server_header.apply(resp.headers_mut());
     hcm.stats.downstream_rq_xx.record(resp.status().as_u16());
     resp
 }
@@ -1404,6 +1460,56 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_server_header_is_overwritten_added_or_passed_as_configured() {
+        use super::{HttpConnectionManager, ServerHeader, http_connection_manager};
+        use http_connection_manager::ServerHeaderTransformation as T;
+        let with = |name: &str, t: T| HttpConnectionManager {
+            server_name: name.into(),
+            server_header_transformation: t as i32,
+            ..Default::default()
+        };
+        let upstream = || {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::SERVER, "nginx".parse().unwrap());
+            h
+        };
+        let run = |hcm: &HttpConnectionManager, mut h: http::HeaderMap| {
+            ServerHeader::from_xds(hcm).unwrap().apply(&mut h);
+            h.get(http::header::SERVER)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        // Envoy's defaults: "envoy", overwriting.
+        let default = HttpConnectionManager::default();
+        assert_eq!(run(&default, upstream()).as_deref(), Some("envoy"));
+        assert_eq!(
+            run(&default, http::HeaderMap::new()).as_deref(),
+            Some("envoy")
+        );
+        let istio = with("istio-envoy", T::Overwrite);
+        assert_eq!(run(&istio, upstream()).as_deref(), Some("istio-envoy"));
+        let absent = with("istio-envoy", T::AppendIfAbsent);
+        assert_eq!(run(&absent, upstream()).as_deref(), Some("nginx"));
+        assert_eq!(
+            run(&absent, http::HeaderMap::new()).as_deref(),
+            Some("istio-envoy")
+        );
+        let pass = with("istio-envoy", T::PassThrough);
+        assert_eq!(run(&pass, upstream()).as_deref(), Some("nginx"));
+        assert_eq!(run(&pass, http::HeaderMap::new()), None);
+        // Bad values are named.
+        let bad = with("bad\nname", T::Overwrite);
+        assert_eq!(ServerHeader::from_xds(&bad).unwrap_err().0, "server_name");
+        let unknown = HttpConnectionManager {
+            server_header_transformation: 9,
+            ..Default::default()
+        };
+        assert_eq!(
+            ServerHeader::from_xds(&unknown).unwrap_err().0,
+            "server_header_transformation"
+        );
+    }
+
     #[test]
     fn hop_by_hop_lengths_are_those_of_the_names() {
         for h in &super::HOP_BY_HOP {
