@@ -188,11 +188,15 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
         answers.push((path.to_string(), status, body));
     }
     // The connection manager's `server_name` replaces the upstream's `server` header (Envoy's
-    // default transformation, OVERWRITE) and is set on answers without one and local replies.
+    // default transformation, OVERWRITE) and is set on answers without one and local replies;
+    // the router times upstream answers (`x-envoy-upstream-service-time`), not local replies.
     for path in ["/server", "/length", "/garbage"] {
         let r = Client::new(proxy).get("raw", path).expect("an answer");
+        let timed = r
+            .header("x-envoy-upstream-service-time")
+            .map(|v| v.parse::<u64>().is_ok());
         answers.push((
-            format!("{path}: server {:?}", r.header("server")),
+            format!("{path}: server {:?}, timed {timed:?}", r.header("server")),
             r.status,
             String::new(),
         ));
@@ -281,9 +285,15 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
 fn upstream_http1_framing_and_failures_match_envoy() {
     let weft = scenario(Flavor::Weft, 77);
     for (case, status) in [
-        ("/server: server Some(\"istio-envoy\")", 200),
-        ("/length: server Some(\"istio-envoy\")", 200),
-        ("/garbage: server Some(\"istio-envoy\")", 502),
+        (
+            "/server: server Some(\"istio-envoy\"), timed Some(true)",
+            200,
+        ),
+        (
+            "/length: server Some(\"istio-envoy\"), timed Some(true)",
+            200,
+        ),
+        ("/garbage: server Some(\"istio-envoy\"), timed None", 502),
     ] {
         assert!(
             weft.answers

@@ -66,6 +66,9 @@ pub struct ConnectionManager {
     pub local_rate_limit: Option<Arc<local_ratelimit::LocalRateLimit>>,
     /// `server_name` and `server_header_transformation`: the `server` header of every answer.
     pub server_header: ServerHeader,
+    /// The router's `suppress_envoy_headers` is off: upstream answers carry
+    /// `x-envoy-upstream-service-time`.
+    pub envoy_headers: bool,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -120,6 +123,7 @@ impl ServerHeader {
 }
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+use weft_xds_proto::envoy::extensions::filters::http::router::v3::Router as RouterConfig;
 
 impl ConnectionManager {
     pub fn from_xds(
@@ -151,6 +155,7 @@ impl ConnectionManager {
         let mut cors_filter = false;
         let mut local_rate_limit = None;
         let mut router = false;
+        let mut envoy_headers = true;
         for (i, f) in hcm.http_filters.iter().enumerate() {
             let field = format!("http_filters[{i}]");
             let any = match &f.config_type {
@@ -167,6 +172,12 @@ impl ConnectionManager {
             if type_url == ROUTER || (type_url.is_empty() && f.name == "envoy.filters.http.router")
             {
                 router = true;
+                let cfg: RouterConfig = any
+                    .map(weft_xds_proto::unpack)
+                    .transpose()
+                    .map_err(|e| reject(&field, e.to_string()))?
+                    .unwrap_or_default();
+                envoy_headers = !cfg.suppress_envoy_headers;
             } else if type_url == local_ratelimit::TYPE_URL {
                 // weft runs its filters in one order: RBAC, local rate limit, CORS, fault.
                 if cors_filter || fault_filter.is_some() {
@@ -267,6 +278,7 @@ impl ConnectionManager {
         let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         Ok(ConnectionManager {
             server_header,
+            envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
             fault_filter,
             rbac,
@@ -607,6 +619,7 @@ async fn route_rest(
             log,
             original,
             secure: down.tls,
+            since: hcm.envoy_headers.then(std::time::Instant::now),
         },
     )
     .await;
@@ -661,6 +674,11 @@ async fn forward(
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    // Envoy times the upstream from the moment the router has the whole request.
+    let mut pick = pick;
+    if let Some(since) = &mut pick.since {
+        *since = std::time::Instant::now();
+    }
     // Shadows need the body again: only requests whose body was kept are mirrored.
     if let (Some(original), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
         for m in mirrors {
@@ -720,6 +738,7 @@ async fn attempt_until_done(
         hash,
         log,
         original,
+        since,
         ..
     } = pick;
     // For access logs: which host the answer (or the failure) came from.
@@ -841,6 +860,12 @@ async fn attempt_until_done(
                     strip_hop_by_hop(resp.headers_mut());
                     if let Some(flag) = refused {
                         resp.extensions_mut().insert(ResponseFlag(flag));
+                    }
+                    if let Some(t) = since {
+                        resp.headers_mut().insert(
+                            names::X_ENVOY_UPSTREAM_SERVICE_TIME,
+                            HeaderValue::from(t.elapsed().as_millis() as u64),
+                        );
                     }
                     return mark(resp.map(Either::Left), endpoint.address);
                 }
@@ -1030,6 +1055,8 @@ pub(crate) mod names {
     pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
     pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
     pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+        HeaderName::from_static("x-envoy-upstream-service-time");
 }
 
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -1265,6 +1292,9 @@ struct Pick {
     log: bool,
     original: Option<std::net::SocketAddr>,
     secure: bool,
+    /// When the request was complete and went to the attempts, for
+    /// `x-envoy-upstream-service-time` (None when the router suppresses Envoy's headers).
+    since: Option<std::time::Instant>,
 }
 
 /// The upstream host and cluster that answered, for access logs.
@@ -1508,6 +1538,40 @@ mod tests {
             ServerHeader::from_xds(&unknown).unwrap_err().0,
             "server_header_transformation"
         );
+    }
+
+    #[test]
+    fn the_router_may_suppress_envoys_headers() {
+        use super::{
+            ConnectionManager, HttpConnectionManager, RouterConfig, http_connection_manager,
+        };
+        use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+            HttpFilter, http_filter,
+        };
+        let with = |router: RouterConfig| HttpConnectionManager {
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(
+                Default::default(),
+            )),
+            http_filters: vec![HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(weft_xds_proto::pack(
+                    &router,
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let on = ConnectionManager::from_xds("l", &with(RouterConfig::default())).unwrap();
+        assert!(on.envoy_headers);
+        let off = ConnectionManager::from_xds(
+            "l",
+            &with(RouterConfig {
+                suppress_envoy_headers: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        assert!(!off.envoy_headers);
     }
 
     #[test]
