@@ -90,12 +90,17 @@ impl ServerHeader {
         } else {
             &hcm.server_name
         };
-        let value = HeaderValue::from_str(name).map_err(|_| {
-            (
-                "server_name",
-                format!("{name:?} is not a valid header value"),
-            )
-        })?;
+        // The usual names are static values, which clone without touching a reference count.
+        let value = match name {
+            "envoy" => HeaderValue::from_static("envoy"),
+            "istio-envoy" => HeaderValue::from_static("istio-envoy"),
+            other => HeaderValue::from_str(other).map_err(|_| {
+                (
+                    "server_name",
+                    format!("{other:?} is not a valid header value"),
+                )
+            })?,
+        };
         match T::try_from(hcm.server_header_transformation) {
             Ok(T::Overwrite) => Ok(ServerHeader::Overwrite(value)),
             Ok(T::AppendIfAbsent) => Ok(ServerHeader::AppendIfAbsent(value)),
@@ -619,7 +624,8 @@ async fn route_rest(
             log,
             original,
             secure: down.tls,
-            since: hcm.envoy_headers.then(std::time::Instant::now),
+            timed: hcm.envoy_headers,
+            since: None,
         },
     )
     .await;
@@ -676,9 +682,7 @@ async fn forward(
     };
     // Envoy times the upstream from the moment the router has the whole request.
     let mut pick = pick;
-    if let Some(since) = &mut pick.since {
-        *since = std::time::Instant::now();
-    }
+    pick.since = pick.timed.then(std::time::Instant::now);
     // Shadows need the body again: only requests whose body was kept are mirrored.
     if let (Some(original), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
         for m in mirrors {
@@ -864,7 +868,7 @@ async fn attempt_until_done(
                     if let Some(t) = since {
                         resp.headers_mut().insert(
                             names::X_ENVOY_UPSTREAM_SERVICE_TIME,
-                            HeaderValue::from(t.elapsed().as_millis() as u64),
+                            milliseconds(t.elapsed()),
                         );
                     }
                     return mark(resp.map(Either::Left), endpoint.address);
@@ -1283,6 +1287,18 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// A duration in whole milliseconds as a header value: under 100 ms (nearly every answer) a
+/// slice of a static string, which needs no allocation; `HeaderValue::from(u64)` allocates.
+fn milliseconds(d: Duration) -> HeaderValue {
+    const DIGITS: &str = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+    let ms = d.as_millis();
+    match usize::try_from(ms) {
+        Ok(n @ 0..=9) => HeaderValue::from_static(&DIGITS[2 * n + 1..2 * n + 2]),
+        Ok(n @ 10..=99) => HeaderValue::from_static(&DIGITS[2 * n..2 * n + 2]),
+        _ => HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
+    }
+}
+
 /// How a request goes upstream: the consistent-hash key, whether the host that answered is
 /// recorded for the access log, where the client's connection was addressed (ORIGINAL_DST),
 /// and whether it was TLS (`x-forwarded-proto`).
@@ -1292,8 +1308,10 @@ struct Pick {
     log: bool,
     original: Option<std::net::SocketAddr>,
     secure: bool,
-    /// When the request was complete and went to the attempts, for
-    /// `x-envoy-upstream-service-time` (None when the router suppresses Envoy's headers).
+    /// Upstream answers carry `x-envoy-upstream-service-time` (the router does not suppress
+    /// Envoy's headers).
+    timed: bool,
+    /// When the request was complete and went to the attempts (set by `forward` when timed).
     since: Option<std::time::Instant>,
 }
 
@@ -1538,6 +1556,27 @@ mod tests {
             ServerHeader::from_xds(&unknown).unwrap_err().0,
             "server_header_transformation"
         );
+    }
+
+    #[test]
+    fn milliseconds_are_written_in_decimal() {
+        use std::time::Duration;
+        for (ms, text) in [
+            (0, "0"),
+            (7, "7"),
+            (10, "10"),
+            (42, "42"),
+            (99, "99"),
+            (100, "100"),
+        ] {
+            assert_eq!(super::milliseconds(Duration::from_millis(ms)), text);
+        }
+        assert_eq!(
+            super::milliseconds(Duration::from_micros(12_999)),
+            "12",
+            "whole milliseconds"
+        );
+        assert_eq!(super::milliseconds(Duration::from_secs(86_400)), "86400000");
     }
 
     #[test]
