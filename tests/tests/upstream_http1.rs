@@ -80,7 +80,10 @@ fn serve(conn: TcpStream) {
             return;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        // The requests here have no body: skip the head.
+        // The head, then the body (by content-length, or chunked) read and dropped: what is
+        // left of a body would read as the next request on this connection.
+        let mut length = 0usize;
+        let mut chunked = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -88,6 +91,42 @@ fn serve(conn: TcpStream) {
             }
             if h == "\r\n" {
                 break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+        }
+        if chunked {
+            loop {
+                let mut size = String::new();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                    .unwrap_or(0);
+                if n == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        let mut t = String::new();
+                        if reader.read_line(&mut t).unwrap_or(0) == 0 || t == "\r\n" {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                // The chunk and its CRLF.
+                let mut chunk = vec![0u8; n + 2];
+                if std::io::Read::read_exact(&mut reader, &mut chunk).is_err() {
+                    return;
+                }
+            }
+        } else if length > 0 {
+            let mut body = vec![0u8; length];
+            if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+                return;
             }
         }
         let (bytes, close) = answer(&path);
