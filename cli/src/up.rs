@@ -158,6 +158,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             opts.log_dir.display()
         );
     }
+    // weftd answers /ready while its CA may still be creating the join-token key (a slow
+    // machine, a debug build): sidecars started before the key exists get no identity.
+    let key = opts.log_dir.join("state").join("join-token-key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !key.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!(
         "weftd          xDS {}   debug http://{}/debug/syncz",
         opts.xds_address, opts.debug_address
