@@ -3,6 +3,7 @@
 //! `proxy_request` is the whole request path in one function.
 
 pub mod access_log;
+mod coalesce;
 pub mod cors;
 pub mod fault;
 pub mod hash;
@@ -360,6 +361,20 @@ pub async fn serve_connection<S>(
         let resp = Box::pin(handle(req.map(Either::Left)));
         async move { Ok::<_, std::convert::Infallible>(resp.await) }
     });
+    if stream.is_http2() {
+        // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
+        let (io, drain) = coalesce::coalesce(stream);
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .max_header_list_size(96 * 1024);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = coalesce::drive(conn, drain).await {
+            tracing::debug!("downstream connection ended: {e}");
+        }
+        return;
+    }
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -44,6 +44,13 @@ pub struct Prefixed<S> {
     inner: S,
 }
 
+impl<S> Prefixed<S> {
+    /// The connection opened with HTTP/2's preface.
+    pub fn is_http2(&self) -> bool {
+        self.prefix.starts_with(b"PRI * HTTP/2.0")
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -1,0 +1,299 @@
+//! Write coalescing for downstream HTTP/2 connections.
+//!
+//! hyper's HTTP/2 codec flushes the connection after every DATA frame larger than a few hundred
+//! bytes, so a connection answering ten streams with 10 KB bodies made ten `writev` calls, each
+//! a full trip through the kernel's TCP stack (and a wake-up of the client). Here the frames a
+//! connection produces in one poll of its task are gathered and written together once that
+//! poll is over: [`Coalesced`] is the I/O hyper sees, its `poll_flush` only notes that a write
+//! is owed, and [`drive`] polls the connection and then writes what was gathered. No byte
+//! waits longer than the poll that produced it; a full buffer is written at once, and a socket
+//! that cannot take more holds the connection back as before.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Gathered bytes written before more are accepted.
+const HIGH_WATER: usize = 64 * 1024;
+/// A buffer grown past this is released once written (idle connections keep little).
+const KEEP: usize = 8 * 1024;
+
+struct State<S> {
+    io: S,
+    pending: Vec<u8>,
+    /// How much of `pending` is written.
+    written: usize,
+    /// A write of gathered bytes failed: the connection's next write or flush reports it.
+    failed: Option<io::ErrorKind>,
+}
+
+impl<S: AsyncWrite + Unpin> State<S> {
+    /// Writes what is gathered, then flushes the stream (a TLS stream holds records until then).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        while self.written < self.pending.len() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.written..])) {
+                Ok(0) => return self.fail(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) => return self.fail(e),
+            }
+        }
+        if !self.pending.is_empty() {
+            self.written = 0;
+            if self.pending.capacity() > KEEP {
+                self.pending = Vec::new();
+            } else {
+                self.pending.clear();
+            }
+        }
+        match ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<io::Result<()>> {
+        self.failed = Some(e.kind());
+        self.pending = Vec::new();
+        self.written = 0;
+        Poll::Ready(Err(e))
+    }
+}
+
+/// The connection's I/O as hyper sees it: reads pass through, writes are gathered.
+pub struct Coalesced<S> {
+    state: Arc<Mutex<State<S>>>,
+}
+
+/// Writes what a [`Coalesced`] stream gathered; see [`drive`].
+pub struct Drain<S> {
+    state: Arc<Mutex<State<S>>>,
+}
+
+/// Wraps `io`: the stream to hand to the connection, and what [`drive`] writes its bytes with.
+pub fn coalesce<S>(io: S) -> (Coalesced<S>, Drain<S>) {
+    let state = Arc::new(Mutex::new(State {
+        io,
+        pending: Vec::new(),
+        written: 0,
+        failed: None,
+    }));
+    (
+        Coalesced {
+            state: state.clone(),
+        },
+        Drain { state },
+    )
+}
+
+fn lock<S>(state: &Mutex<State<S>>) -> MutexGuard<'_, State<S>> {
+    // Only ever locked by the connection's own task, one poll at a time: never contended, and
+    // a panic while it was held leaves nothing half-done that the next poll could not take up.
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `conn` (the connection served over the [`Coalesced`] half of `drain`'s pair), writing
+/// what each of its polls gathered before that poll ends; its output once everything it wrote
+/// is out (or could not be written).
+pub async fn drive<S, F>(conn: F, drain: Drain<S>) -> F::Output
+where
+    S: AsyncWrite + Unpin,
+    F: Future,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut done = None;
+    std::future::poll_fn(|cx| {
+        if done.is_none()
+            && let Poll::Ready(out) = conn.as_mut().poll(cx)
+        {
+            done = Some(out);
+        }
+        let mut state = lock(&drain.state);
+        // After a failed write nothing more is written; the connection ends on its own (it
+        // was told once, below, and its reads fail too).
+        let drained = if state.failed.is_some() {
+            Poll::Ready(Ok(()))
+        } else {
+            state.poll_drain(cx)
+        };
+        drop(state);
+        match drained {
+            Poll::Pending => Poll::Pending,
+            // The connection learns of the failure on its next write or flush: wake it so
+            // that there is one even when it was only waiting to read.
+            Poll::Ready(Err(_)) if done.is_none() => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(_) => match done.take() {
+                Some(out) => Poll::Ready(out),
+                None => Poll::Pending,
+            },
+        }
+    })
+    .await
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut lock(&self.state).io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Coalesced<S> {
+    /// Room for more: what is gathered is written first when it reached the high-water mark.
+    fn poll_room(state: &mut State<S>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(kind) = state.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        if state.pending.len() >= HIGH_WATER {
+            ready!(state.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = lock(&self.state);
+        ready!(Self::poll_room(&mut state, cx))?;
+        state.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = lock(&self.state);
+        ready!(Self::poll_room(&mut state, cx))?;
+        let mut n = 0;
+        for buf in bufs {
+            state.pending.extend_from_slice(buf);
+            n += buf.len();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Owed, not done: [`drive`] writes once the connection's poll is over.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match lock(&self.state).failed {
+            Some(kind) => Poll::Ready(Err(kind.into())),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = lock(&self.state);
+        ready!(state.poll_drain(cx))?;
+        Pin::new(&mut state.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection that writes and flushes twice in one poll, then waits for a read.
+    async fn two_writes_then_read<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) -> Vec<u8> {
+        io.write_all(b"first ").await.unwrap();
+        io.flush().await.unwrap();
+        io.write_all(b"second").await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = vec![0; 4];
+        io.read_exact(&mut got).await.unwrap();
+        io.shutdown().await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn writes_of_one_poll_leave_together_before_the_connection_waits() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (io, drain) = coalesce(near);
+        let conn = tokio::spawn(drive(two_writes_then_read(io), drain));
+        // Both writes arrive although the connection never returned to a flush of its own
+        // before it began waiting to read.
+        let mut got = vec![0; 12];
+        tokio::time::timeout(Duration::from_secs(5), far.read_exact(&mut got))
+            .await
+            .expect("the owed write was never made")
+            .unwrap();
+        assert_eq!(&got, b"first second");
+        far.write_all(b"pong").await.unwrap();
+        assert_eq!(conn.await.unwrap(), b"pong");
+        // Shut down after the read: nothing more, then the end of the stream.
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
+        // The pipe holds 4 KiB: 1 MiB has to wait for the reader, in order.
+        let (near, mut far) = tokio::io::duplex(4096);
+        let (mut io, drain) = coalesce(near);
+        let data: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(drive(
+            async move {
+                for piece in sent.chunks(10_000) {
+                    io.write_all(piece).await.unwrap();
+                    io.flush().await.unwrap();
+                }
+                io.shutdown().await.unwrap();
+            },
+            drain,
+        ));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), far.read_to_end(&mut got))
+            .await
+            .expect("the writer stalled")
+            .unwrap();
+        writer.await.unwrap();
+        assert!(got == data, "{} bytes arrived of {}", got.len(), data.len());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_reaches_the_connection() {
+        let (near, far) = tokio::io::duplex(64);
+        drop(far);
+        let (mut io, drain) = coalesce(near);
+        let result = drive(
+            async move {
+                io.write_all(b"into a closed pipe").await?;
+                io.flush().await?;
+                // The write owed above fails once this poll is over; the connection hears of
+                // it on its next write (it is woken for it).
+                tokio::task::yield_now().await;
+                std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, b"more")).await?;
+                io.flush().await
+            },
+            drain,
+        )
+        .await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+}
