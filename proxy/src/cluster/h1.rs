@@ -307,6 +307,9 @@ fn common_name(raw: &[u8]) -> Option<HeaderName> {
 
 /// Response or request bytes gathered before a write.
 const WRITE_BATCH: usize = 16 * 1024;
+/// Body chunks at least this large are written from where they are (a vectored write after
+/// the bytes gathered before them) instead of being copied into the gathered bytes.
+const COPY_LIMIT: usize = 2048;
 
 /// How writing a body ended, I/O errors aside.
 pub(crate) enum BodyEnd {
@@ -334,14 +337,14 @@ where
     use futures::FutureExt as _;
     use http_body_util::BodyExt as _;
     let mut sent = 0u64;
+    // A large chunk waiting to be written after `out`.
+    let mut held: Option<Bytes> = None;
+    let vectored = io.is_write_vectored();
     let end = loop {
         let frame = match body.frame().now_or_never() {
             Some(f) => f,
             None => {
-                if !out.is_empty() {
-                    io.write_all(out).await?;
-                    out.clear();
-                }
+                write_gathered(io, out, held.take()).await?;
                 body.frame().await
             }
         };
@@ -363,15 +366,22 @@ where
                         continue;
                     }
                     sent += data.len() as u64;
-                    match framing {
+                    if let BodyFraming::Length(n) = framing
+                        && sent > n
+                    {
                         // More than declared is never passed on.
-                        BodyFraming::Length(n) if sent > n => break BodyEnd::WrongLength,
+                        break BodyEnd::WrongLength;
+                    }
+                    if held.is_some() {
+                        write_gathered(io, out, held.take()).await?;
+                    }
+                    match framing {
                         BodyFraming::Chunked => push_chunk(out, &data),
+                        _ if vectored && data.len() >= COPY_LIMIT => held = Some(data),
                         _ => out.extend_from_slice(&data),
                     }
                     if out.len() >= WRITE_BATCH {
-                        io.write_all(out).await?;
-                        out.clear();
+                        write_gathered(io, out, held.take()).await?;
                     }
                 }
                 Err(frame) => {
@@ -383,12 +393,37 @@ where
             },
         }
     };
-    if !out.is_empty() {
-        let written = io.write_all(out).await;
-        out.clear();
-        written?;
-    }
+    let written = write_gathered(io, out, held).await;
+    out.clear();
+    written?;
     Ok(end)
+}
+
+/// Writes `out`, then `held` (a large chunk that was not copied into it), and empties `out`.
+async fn write_gathered<W>(io: &mut W, out: &mut Vec<u8>, held: Option<Bytes>) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Some(mut held) = held else {
+        if !out.is_empty() {
+            io.write_all(out).await?;
+            out.clear();
+        }
+        return Ok(());
+    };
+    let mut done = 0;
+    while done < out.len() {
+        let slices = [io::IoSlice::new(&out[done..]), io::IoSlice::new(&held)];
+        let n = io.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_out = n.min(out.len() - done);
+        done += from_out;
+        held.advance(n - from_out);
+    }
+    out.clear();
+    io.write_all(&held).await
 }
 
 /// The one `content-length` of a message: `Ok(None)` without one.
@@ -1071,6 +1106,131 @@ mod tests {
         assert!(dechunk(b"zz\r\n", 4).is_err());
         assert!(dechunk(b"3\r\nabcX\r\n", 9).is_err());
         assert!(dechunk(b"ffffffffffffffffff\r\n", 20).is_err());
+    }
+
+    /// Takes at most `max` bytes per write, vectored or not.
+    struct Trickle {
+        got: Vec<u8>,
+        max: usize,
+        vectored: bool,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.max - n);
+                self.got.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn frames(
+        sizes: &[usize],
+    ) -> (
+        Vec<u8>,
+        impl http_body::Body<Data = Bytes, Error = BoxError>,
+    ) {
+        let chunks: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![b'a' + i as u8; n]))
+            .collect();
+        let all = chunks.concat();
+        let stream = futures::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, BoxError>(Frame::data(c))),
+        );
+        (all, http_body_util::StreamBody::new(stream))
+    }
+
+    #[tokio::test]
+    async fn bodies_are_written_whole_and_in_order_whatever_the_writes_take() {
+        // Small chunks are copied after the head, large ones written from where they are:
+        // either way the bytes arrive in order, through partial and vectored writes.
+        let sizes = [100, 5000, 3000, 10, 2500, 2048, 1];
+        for (max, vectored) in [(1000, true), (7, true), (1 << 20, true), (1000, false)] {
+            let (all, body) = frames(&sizes);
+            let mut body = std::pin::pin!(body);
+            let mut io = Trickle {
+                got: Vec::new(),
+                max,
+                vectored,
+            };
+            let mut out = b"HEAD\r\n\r\n".to_vec();
+            let framing = BodyFraming::Length(all.len() as u64);
+            let end = write_body(&mut io, &mut out, &mut body, framing)
+                .await
+                .unwrap();
+            assert!(matches!(end, BodyEnd::Complete));
+            assert!(out.is_empty());
+            assert_eq!(io.got[..8], *b"HEAD\r\n\r\n");
+            assert!(io.got[8..] == all[..], "max {max}, vectored {vectored}");
+
+            // Chunked framing: each chunk framed, large ones too.
+            let (all, body) = frames(&sizes);
+            let mut body = std::pin::pin!(body);
+            let mut io = Trickle {
+                got: Vec::new(),
+                max,
+                vectored,
+            };
+            write_body(&mut io, &mut Vec::new(), &mut body, BodyFraming::Chunked)
+                .await
+                .unwrap();
+            let (data, trailers) = dechunk(&io.got, 13).unwrap();
+            assert!(
+                data == all && trailers.is_none(),
+                "max {max}, vectored {vectored}"
+            );
+        }
+        // A large chunk past the declared length is not passed on; what fitted was written.
+        let (_, body) = frames(&[100, 5000]);
+        let mut body = std::pin::pin!(body);
+        let mut io = Trickle {
+            got: Vec::new(),
+            max: 1000,
+            vectored: true,
+        };
+        let end = write_body(
+            &mut io,
+            &mut Vec::new(),
+            &mut body,
+            BodyFraming::Length(4000),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(end, BodyEnd::WrongLength));
+        assert_eq!(io.got, vec![b'a'; 100]);
     }
 
     #[test]
