@@ -509,8 +509,16 @@ async fn write_request(
     body: &mut Outgoing,
 ) -> Result<(), ExchangeError> {
     let err = |e| failure(true, true, e);
-    // The head and as much of the body as is at hand go out together.
-    let mut out = Vec::with_capacity(head.bytes.len() + 1024);
+    // The head and as much of the body as is at hand go out together. Sized to what is
+    // copied: a bodiless request's buffer stays small enough for the allocator's per-thread
+    // cache (a fixed kilobyte of room made every request take and free a larger block, ~1,000
+    // instructions).
+    let room = match body {
+        Outgoing::Bytes(b) if b.len() < COPY_LIMIT => b.len(),
+        Outgoing::Bytes(_) => 0,
+        Outgoing::Stream(_) => 1024,
+    };
+    let mut out = Vec::with_capacity(head.bytes.len() + room);
     out.extend_from_slice(&head.bytes);
     let io = &mut conn.io;
     let end = match body {
