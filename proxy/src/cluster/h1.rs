@@ -1123,6 +1123,16 @@ mod tests {
         vectored: bool,
     }
 
+    impl Trickle {
+        fn new(max: usize, vectored: bool) -> Trickle {
+            Trickle {
+                got: Vec::new(),
+                max,
+                vectored,
+            }
+        }
+    }
+
     impl tokio::io::AsyncWrite for Trickle {
         fn poll_write(
             mut self: Pin<&mut Self>,
@@ -1189,11 +1199,7 @@ mod tests {
         for (max, vectored) in [(1000, true), (7, true), (1 << 20, true), (1000, false)] {
             let (all, body) = frames(&sizes);
             let mut body = std::pin::pin!(body);
-            let mut io = Trickle {
-                got: Vec::new(),
-                max,
-                vectored,
-            };
+            let mut io = Trickle::new(max, vectored);
             let mut out = b"HEAD\r\n\r\n".to_vec();
             let framing = BodyFraming::Length(all.len() as u64);
             let end = write_body(&mut io, &mut out, &mut body, framing)
@@ -1207,11 +1213,7 @@ mod tests {
             // Chunked framing: each chunk framed, large ones too.
             let (all, body) = frames(&sizes);
             let mut body = std::pin::pin!(body);
-            let mut io = Trickle {
-                got: Vec::new(),
-                max,
-                vectored,
-            };
+            let mut io = Trickle::new(max, vectored);
             write_body(&mut io, &mut Vec::new(), &mut body, BodyFraming::Chunked)
                 .await
                 .unwrap();
@@ -1224,11 +1226,7 @@ mod tests {
         // A large chunk past the declared length is not passed on; what fitted was written.
         let (_, body) = frames(&[100, 5000]);
         let mut body = std::pin::pin!(body);
-        let mut io = Trickle {
-            got: Vec::new(),
-            max: 1000,
-            vectored: true,
-        };
+        let mut io = Trickle::new(1000, true);
         let end = write_body(
             &mut io,
             &mut Vec::new(),
