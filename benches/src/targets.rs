@@ -263,16 +263,21 @@ impl Environment {
     /// CPU ticks used so far by a target's own processes (for `direct`, the backend; for a
     /// proxy, the proxy alone, not the backend behind it; nginx: master plus its worker).
     pub fn cpu_ticks(&self, target: &str) -> u64 {
-        let Some(proc_name) = Self::process_of(target) else {
-            return 0;
+        self.processes(target)
+            .into_iter()
+            .map(weft_benches::cpu_ticks)
+            .sum()
+    }
+
+    /// A target's own processes: the one started for it (taskset execs the program, so the pid
+    /// is the program's own) and its children (nginx's worker); none when it is not running.
+    fn processes(&self, target: &str) -> Vec<u32> {
+        let Some(pid) = Self::process_of(target).and_then(|name| self.pid_of(name)) else {
+            return Vec::new();
         };
-        self.pid_of(proc_name).map_or(0, |pid| {
-            weft_benches::cpu_ticks(pid)
-                + children(pid)
-                    .into_iter()
-                    .map(weft_benches::cpu_ticks)
-                    .sum::<u64>()
-        })
+        let mut all = vec![pid];
+        all.extend(children(pid));
+        all
     }
 
     fn process_of(target: &str) -> Option<&'static str> {
@@ -289,15 +294,9 @@ impl Environment {
     pub fn rss_by_target(&self) -> BTreeMap<&'static str, f64> {
         let mut m = BTreeMap::new();
         for target in TARGETS {
-            let Some(proc_name) = Self::process_of(target) else {
-                continue;
-            };
-            if let Some(pid) = self.pid_of(proc_name) {
-                // taskset execs the program, so the pid is the proxy's own.
-                let mut kib = weft_benches::rss_kib(pid);
-                for child in children(pid) {
-                    kib += weft_benches::rss_kib(child);
-                }
+            let pids = self.processes(target);
+            if !pids.is_empty() {
+                let kib: u64 = pids.into_iter().map(weft_benches::rss_kib).sum();
                 m.insert(target, kib as f64 / 1024.0);
             }
         }

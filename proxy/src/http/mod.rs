@@ -664,7 +664,7 @@ async fn forward(
     body: DownstreamBody,
     authority: &str,
     mirrors: Vec<Mirror>,
-    pick: Pick,
+    mut pick: Pick,
 ) -> Response<ProxyBody> {
     let shadow_parts = (!mirrors.is_empty()).then(|| {
         (
@@ -696,7 +696,6 @@ async fn forward(
         Err(resp) => return resp,
     };
     // Envoy times the upstream from the moment the router has the whole request.
-    let mut pick = pick;
     pick.since = pick.timed.then(std::time::Instant::now);
     // Shadows need the body again: only requests whose body was kept are mirrored.
     if let (Some(original), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
