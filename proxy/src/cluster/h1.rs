@@ -261,6 +261,16 @@ impl HeaderSpans {
     /// more room than needed either: glibc serves small allocations from its per-thread
     /// cache, larger ones take a slower path.
     pub(crate) fn header_map(&self, head: &Bytes, added: usize) -> Result<HeaderMap, &'static str> {
+        self.header_map_keeping(head, added, |_, _| true)
+    }
+
+    /// The header map of the lines `keep` accepts (it sees each line's name and value).
+    fn header_map_keeping<'h>(
+        &self,
+        head: &'h Bytes,
+        added: usize,
+        mut keep: impl FnMut(&HeaderName, &'h [u8]) -> bool,
+    ) -> Result<HeaderMap, &'static str> {
         let mut headers = HeaderMap::with_capacity(self.at.len() + added);
         for &(ns, nl, vs, vl) in &self.at {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
@@ -269,6 +279,9 @@ impl HeaderSpans {
                 Some(n) => n,
                 None => HeaderName::from_bytes(raw).map_err(|_| "invalid header name")?,
             };
+            if !keep(&name, &head[vs..vs + vl]) {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| "invalid header value")?;
             headers.append(name, value);
@@ -298,6 +311,7 @@ fn common_name(raw: &[u8]) -> Option<HeaderName> {
         (14, b'c') => header::CONTENT_LENGTH,
         (15, b'a') => header::ACCEPT_ENCODING,
         (17, b'x') => crate::http::names::X_FORWARDED_PROTO,
+        (17, b't') => header::TRANSFER_ENCODING,
         _ => return None,
     };
     let lower = candidate.as_str().as_bytes();
@@ -595,48 +609,49 @@ fn parse_head(
     };
     let spans = HeaderSpans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
+    // The connection-level headers are read here and left out of the map: they are this
+    // hop's (the answer goes on without them, as Envoy's codec drops them), and leaving them
+    // out spares inserting, looking up and removing them again on every response.
+    let mut hop = HopHeaders::default();
     // A response gets few headers on its way back (a `set-cookie` from a hash policy, a
     // route's additions).
-    let headers = spans.header_map(&head, 1).map_err(protocol_error)?;
+    let mut headers = spans
+        .header_map_keeping(&head, 1, |name, value| hop.take(name, value))
+        .map_err(protocol_error)?;
+    for name in &hop.named {
+        headers.remove(name);
+    }
+    let reuse = match version {
+        Version::HTTP_10 => hop.keep_alive,
+        _ => !hop.close,
+    };
     // After 101 the connection speaks another protocol: it never goes back to the pool.
-    let mut keep_alive =
-        status != StatusCode::SWITCHING_PROTOCOLS && connection_allows_reuse(version, &headers);
+    let mut keep_alive = status != StatusCode::SWITCHING_PROTOCOLS && reuse;
     let framing = if head_method
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Decode::Length(0)
-    } else if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .cloned()
-    {
+    } else if let Some(te) = hop.transfer_encoding {
         // A message with both is a smuggling attempt or a broken server (RFC 9112 6.3): refused,
         // as Envoy refuses it.
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if hop.content_length != Ok(None) {
             return Err(protocol_error("both transfer-encoding and content-length"));
         }
         keep_alive = false;
-        let last = te
-            .as_bytes()
-            .rsplit(|b| *b == b',')
-            .next()
-            .unwrap_or_default();
+        let last = te.rsplit(|b| *b == b',').next().unwrap_or_default();
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            if headers.get_all(header::TRANSFER_ENCODING).iter().count() == 1
-                && !te.as_bytes().contains(&b',')
-            {
+            if hop.transfer_encodings == 1 && !te.contains(&b',') {
                 // Plain `chunked`, the usual case: the connection stays usable.
-                keep_alive = connection_allows_reuse(version, &headers);
+                keep_alive = reuse;
             }
             Decode::Chunked(Chunk::Size)
         } else {
             Decode::Close
         }
     } else {
-        match content_length(&headers).map_err(protocol_error)? {
+        match hop.content_length.map_err(protocol_error)? {
             Some(n) => Decode::Length(n),
             None => {
                 keep_alive = false;
@@ -653,19 +668,65 @@ fn parse_head(
     }))
 }
 
-/// HTTP/1.1 connections persist unless `Connection: close`; HTTP/1.0 ones only with
-/// `Connection: keep-alive`.
-fn connection_allows_reuse(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
-    };
-    match version {
-        Version::HTTP_10 => has("keep-alive"),
-        _ => !has("close"),
+/// What a response head's connection-level lines say. HTTP/1.1 connections persist unless
+/// `Connection: close`; HTTP/1.0 ones only with `Connection: keep-alive`.
+struct HopHeaders<'a> {
+    close: bool,
+    keep_alive: bool,
+    /// Other headers the `Connection` lines name: hop-by-hop too.
+    named: Vec<HeaderName>,
+    /// The last `transfer-encoding` line, and how many there were.
+    transfer_encoding: Option<&'a [u8]>,
+    transfer_encodings: usize,
+    /// The one length all `content-length` values agree on, or why there is none. Judged
+    /// only where the length delimits the body (a HEAD or 304 answer's is not read).
+    content_length: Result<Option<u64>, &'static str>,
+}
+
+impl Default for HopHeaders<'_> {
+    fn default() -> Self {
+        HopHeaders {
+            close: false,
+            keep_alive: false,
+            named: Vec::new(),
+            transfer_encoding: None,
+            transfer_encodings: 0,
+            content_length: Ok(None),
+        }
+    }
+}
+
+impl<'a> HopHeaders<'a> {
+    /// Reads one header line; true when it belongs in the message's header map.
+    fn take(&mut self, name: &HeaderName, value: &'a [u8]) -> bool {
+        if *name == header::CONTENT_LENGTH {
+            if let Ok(found) = &mut self.content_length
+                && let Err(e) = fold_content_length(value, found)
+            {
+                self.content_length = Err(e);
+            }
+            return true;
+        }
+        if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = Some(value);
+            self.transfer_encodings += 1;
+            return false;
+        }
+        if *name == header::CONNECTION {
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if let Ok(other) = HeaderName::from_bytes(token)
+                    && !crate::http::is_hop_by_hop(&other)
+                {
+                    self.named.push(other);
+                }
+            }
+            return false;
+        }
+        !crate::http::is_hop_by_hop(name)
     }
 }
 
@@ -1063,6 +1124,40 @@ mod tests {
     }
 
     #[test]
+    fn connection_level_headers_stay_out_of_the_response_map() {
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n\
+              X-Private: 1\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
+              Proxy-Connection: x\r\nTE: trailers\r\nX-Kept: 1\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let mut left: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["te", "x-kept"]);
+        assert!(matches!(head.framing, Decode::Chunked(Chunk::Size)));
+        assert!(head.keep_alive);
+
+        let head = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.headers.get("content-length").unwrap(), "2");
+        assert!(head.headers.get("connection").is_none());
+        assert!(!head.keep_alive);
+
+        // A length that delimits nothing (a HEAD answer's) is passed on, not judged.
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(head.framing, Decode::Length(0)));
+        assert!(head.keep_alive);
+    }
+
+    #[test]
     fn ambiguous_or_invalid_framing_is_refused_or_made_safe() {
         let head = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1081,6 +1176,7 @@ mod tests {
         for bad in [
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",

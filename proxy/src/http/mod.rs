@@ -1091,6 +1091,11 @@ fn hop_by_hop_length(len: usize) -> bool {
     matches!(len, 7 | 10 | 16 | 17 | 18)
 }
 
+/// Whether `name` is one of the connection-level headers no proxy passes on.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_length(name.as_str().len()) && HOP_BY_HOP.contains(name)
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) names present, without allocating: most messages carry none of
     // them, or only Connection.
