@@ -22,6 +22,10 @@ struct Args {
     body_bytes: usize,
     envoy: PathBuf,
     bin_dir: PathBuf,
+    /// The weft-proxy binary under test (default: next to weft-load).
+    weft_proxy: Option<PathBuf>,
+    /// Only load weft-proxy, then stop it cleanly: the training run of a profile-guided build.
+    train: bool,
     work_dir: PathBuf,
 }
 
@@ -34,6 +38,8 @@ fn parse_args() -> anyhow::Result<Args> {
         body_bytes: 100,
         envoy: PathBuf::from(std::env::var("WEFT_ENVOY").unwrap_or_else(|_| "envoy".into())),
         bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
+        weft_proxy: None,
+        train: false,
         work_dir: std::env::temp_dir().join(format!("weft-load-{}", std::process::id())),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,6 +52,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--h2-requests" => a.h2_requests = val()?.parse()?,
             "--body-bytes" => a.body_bytes = val()?.parse()?,
             "--envoy" => a.envoy = PathBuf::from(val()?),
+            "--weft-proxy" => a.weft_proxy = Some(PathBuf::from(val()?)),
+            "--train" => a.train = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -57,9 +65,11 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 const USAGE: &str = "usage: weft-load [--rounds N] [--duration SECS] [--h2-requests N] \
-[--body-bytes N] [--envoy PATH]\n\
+[--body-bytes N] [--envoy PATH] [--weft-proxy PATH] [--train]\n\
 Direct vs weft-proxy vs Envoy vs nginx as a reverse proxy, pinned, in rounds (defaults: 3 \
-rounds, 10 s, 200000 h2 requests, 100-byte bodies, envoy from WEFT_ENVOY or PATH).";
+rounds, 10 s, 200000 h2 requests, 100-byte bodies, envoy from WEFT_ENVOY or PATH, weft-proxy \
+next to weft-load). --train loads weft-proxy alone (HTTP/1.1, then h2c) and stops it with \
+SIGTERM: the training run of scripts/build-proxy-pgo.sh.";
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -77,8 +87,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     std::fs::create_dir_all(&args.work_dir)?;
-    let mut env =
-        targets::Environment::start(&args.work_dir, &args.bin_dir, &args.envoy, args.body_bytes)?;
+    let weft_proxy = args
+        .weft_proxy
+        .clone()
+        .unwrap_or_else(|| args.bin_dir.join("weft-proxy"));
+    let envoy = (!args.train).then_some(args.envoy.as_path());
+    let mut env = targets::Environment::start(
+        &args.work_dir,
+        &args.bin_dir,
+        &weft_proxy,
+        envoy,
+        args.body_bytes,
+    )?;
+    if args.train {
+        let t = "weft-proxy";
+        let r = load::wrk(env.http1_url(t), args.duration_s)?;
+        eprintln!("training: http1 {:.0} req/s", r.rps);
+        let r = load::h2load(env.h2_url(t), args.h2_requests)?;
+        eprintln!("training: h2c {:.0} req/s", r.rps);
+        env.stop();
+        return Ok(());
+    }
     let idle_rss = env.rss_by_target();
     let hz = weft_benches::clock_ticks_per_second();
     // CPU microseconds per request of the target's own processes during a run.

@@ -105,10 +105,13 @@ spec:
 }
 
 impl Environment {
+    /// Starts the backend, nginx as a proxy, weftd and the sidecars: `weft_proxy` and, when
+    /// given, `envoy`.
     pub fn start(
         dir: &Path,
         bin_dir: &Path,
-        envoy: &Path,
+        weft_proxy: &Path,
+        envoy: Option<&Path>,
         body_bytes: usize,
     ) -> anyhow::Result<Environment> {
         let nginx = PathBuf::from("nginx");
@@ -193,7 +196,7 @@ impl Environment {
         let node = format!("sidecar~{WEFT_IP}~bench-weft.default~default.svc.cluster.local");
         env.procs.push(spawn(
             "weft-proxy",
-            pinned(&bin_dir.join("weft-proxy"))
+            pinned(weft_proxy)
                 .args([
                     "--xds-address",
                     XDS,
@@ -206,25 +209,28 @@ impl Environment {
                 .arg(format!("{WEFT_IP}:15000")),
             dir,
         )?);
-        env.procs.push(spawn(
-            "envoy",
-            pinned(envoy).arg("-c").arg(&bootstrap).args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--base-id",
-                "77",
-            ]),
-            dir,
-        )?);
-        for addr in [
+        let mut listening = vec![
             format!("127.0.0.1:{BACKEND_H1}"),
             format!("127.0.0.1:{NGINX_PROXY_H1}"),
             format!("{WEFT_IP}:{SERVICE_PORT}"),
-            format!("{ENVOY_IP}:{SERVICE_PORT}"),
-        ] {
+        ];
+        if let Some(envoy) = envoy {
+            env.procs.push(spawn(
+                "envoy",
+                pinned(envoy).arg("-c").arg(&bootstrap).args([
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    "1",
+                    "-l",
+                    "warning",
+                    "--base-id",
+                    "77",
+                ]),
+                dir,
+            )?);
+            listening.push(format!("{ENVOY_IP}:{SERVICE_PORT}"));
+        }
+        for addr in listening {
             wait_port(&addr, Duration::from_secs(20))
                 .with_context(|| format!("see logs in {}", dir.display()))?;
         }
@@ -303,8 +309,21 @@ impl Environment {
         m
     }
 
+    /// Stops every process: SIGTERM first, so that each ends as it would in a deployment (an
+    /// instrumented weft-proxy writes its profile then), SIGKILL for any still running 10 s
+    /// later.
     pub fn stop(&mut self) {
+        for (_, c) in &self.procs {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
         for (_, c) in &mut self.procs {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
