@@ -18,8 +18,14 @@ fn target_dir() -> PathBuf {
 }
 
 /// Path of a workspace binary; the test command builds them (`cargo build --workspace`) first.
+/// `WEFT_PROXY_BIN` runs the tests against another weft-proxy build (the profile-guided one:
+/// `WEFT_PROXY_BIN=$PWD/target/pgo/weft-proxy`, an absolute path).
 pub fn bin(name: &str) -> PathBuf {
-    let p = target_dir().join(name);
+    let chosen = (name == "weft-proxy")
+        .then(|| std::env::var_os("WEFT_PROXY_BIN"))
+        .flatten()
+        .map(PathBuf::from);
+    let p = chosen.unwrap_or_else(|| target_dir().join(name));
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace` before the end-to-end tests",
