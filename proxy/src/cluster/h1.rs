@@ -718,9 +718,7 @@ impl<'a> HopHeaders<'a> {
                     self.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     self.keep_alive = true;
-                } else if let Ok(other) = HeaderName::from_bytes(token)
-                    && !crate::http::is_hop_by_hop(&other)
-                {
+                } else if let Some(other) = crate::http::connection_named(token) {
                     self.named.push(other);
                 }
             }

@@ -1096,6 +1096,17 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_by_hop_length(name.as_str().len()) && HOP_BY_HOP.contains(name)
 }
 
+/// The header a `Connection` token names as hop-by-hop besides the fixed ones: none for
+/// `close`, `keep-alive` or a token that is no header name.
+pub(crate) fn connection_named(token: &[u8]) -> Option<HeaderName> {
+    if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
+        return None;
+    }
+    HeaderName::from_bytes(token)
+        .ok()
+        .filter(|name| !is_hop_by_hop(name))
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) names present, without allocating: most messages carry none of
     // them, or only Connection.
@@ -1126,11 +1137,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .map(str::trim)
         {
-            if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-                && !HOP_BY_HOP.contains(&name)
+            if let Some(name) = connection_named(token.as_bytes())
                 && headers.contains_key(&name)
             {
                 named.push(name);

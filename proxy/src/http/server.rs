@@ -44,10 +44,13 @@ pub struct Prefixed<S> {
     inner: S,
 }
 
+/// How HTTP/2's connection preface begins (it reads as a request line with version 2.0).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 impl<S> Prefixed<S> {
     /// The connection opened with HTTP/2's preface.
     pub fn is_http2(&self) -> bool {
-        self.prefix.starts_with(b"PRI * HTTP/2.0")
+        self.prefix.starts_with(H2_PREFACE)
     }
 }
 
@@ -231,7 +234,7 @@ fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         // HTTP/2's preface reads as a request line with version 2.0.
-        Err(_) if buf.starts_with(b"PRI * HTTP/2.0") => return Parsed::Handoff,
+        Err(_) if buf.starts_with(H2_PREFACE) => return Parsed::Handoff,
         Err(httparse::Error::TooManyHeaders) => {
             return Parsed::Invalid(
                 StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
