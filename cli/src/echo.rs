@@ -5,6 +5,8 @@
 //! Scripted behaviour for resilience tests, by query parameter:
 //! - `status=NNN`: answer with that status;
 //! - `delay_ms=N`: wait before answering;
+//! - `body_delay_ms=N`: send the head and the echo at once, then, N ms later, a last chunk
+//!   `tail` (the body is chunked);
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
 //!   across retries), then succeed; the reply's `x-echo-attempt` says which attempt it was;
 //! - `fail_on=NAME`: answer 500 when this server is NAME (one bad host among several);
@@ -86,7 +88,32 @@ async fn respond(
     if grpc {
         return grpc_reply(name, attempts, req).await;
     }
-    scripted(name, attempts, req).await.map(|b| b.boxed())
+    let body_delay = req
+        .uri()
+        .query()
+        .and_then(|q| query_param(q, "body_delay_ms"))
+        .and_then(|v| v.parse::<u64>().ok());
+    let resp = scripted(name, attempts, req).await;
+    match body_delay {
+        Some(ms) => resp.map(|b| delayed_tail(b, ms)),
+        None => resp.map(|b| b.boxed()),
+    }
+}
+
+/// `body` at once, then after `ms` milliseconds a last chunk, `tail\n`: an answer whose head
+/// arrives in time and whose body does not (for timeouts that cover the whole response).
+fn delayed_tail(body: Full<Bytes>, ms: u64) -> EchoBody {
+    use futures::StreamExt;
+    use http_body_util::BodyExt;
+    let head = futures::stream::once(async move {
+        let bytes = body.collect().await?.to_bytes();
+        Ok(hyper::body::Frame::data(bytes))
+    });
+    let tail = futures::stream::once(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+        Ok(hyper::body::Frame::data(Bytes::from_static(b"tail\n")))
+    });
+    BodyExt::boxed(http_body_util::StreamBody::new(head.chain(tail)))
 }
 
 /// A gRPC answer: one length-prefixed message (the server's name) and `grpc-status: 0` in the

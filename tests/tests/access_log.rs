@@ -30,7 +30,21 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
         "--access-log-encoding".into(),
         "JSON".into(),
     ];
-    q.set_split(100, 0);
+    // `/cut`: a route timeout that runs out while the body streams.
+    q.write_file(
+        "virtual-service.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: hello, namespace: default }
+spec:
+  hosts: [hello]
+  http:
+  - match: [{ uri: { prefix: /cut } }]
+    timeout: 300ms
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - route: [{ destination: { host: hello, subset: v1 } }]
+"#,
+    );
     q.start_weftd();
     q.start_hello();
     q.start_client(envoy);
@@ -45,6 +59,9 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
     }
     c.request("POST", "hello", "/post", &[ua, ("content-length", "0")])
         .expect("post");
+    // The answer's head arrives, its body is cut at the route timeout: the client's read fails.
+    let cut = Client::new(q.egress()).request("GET", "hello", "/cut?body_delay_ms=3000", &[ua]);
+    assert!(cut.is_err(), "{name}: the late body was not cut: {cut:?}");
     // Every sidecar of the mesh logs to the path weftd gave: keep the client's lines.
     let egress = q.egress().to_string();
     let lines: Vec<serde_json::Value> = wait_until(Duration::from_secs(10), || {
@@ -54,7 +71,7 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["downstream_local_address"] == egress.as_str())
             .collect();
-        (lines.len() >= 4).then_some(lines)
+        (lines.len() >= 5).then_some(lines)
     })
     .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
     q.assert_client_nacked_nothing();
@@ -79,7 +96,7 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
         .collect();
     assert_eq!(
         upstream_hosts,
-        [true, true, false, true],
+        [true, true, false, true, true],
         "{name}: {lines:#?}"
     );
     lines
@@ -96,6 +113,11 @@ fn weft_proxy_and_envoy_write_the_same_access_log_fields() {
     assert_eq!(
         (weft[2][3].as_str(), weft[2][4].as_str()),
         ("404", "\"NR\"")
+    );
+    // The cut answer: the upstream's status, flagged as timed out.
+    assert_eq!(
+        (weft[4][3].as_str(), weft[4][4].as_str()),
+        ("200", "\"UT\"")
     );
     let envoy = run("access-log-envoy", 69, true);
     for (i, (w, e)) in weft.iter().zip(&envoy).enumerate() {

@@ -2,6 +2,8 @@
 //! once with weft-proxy as the client sidecar, once with a stock Envoy, both fed by weftd. The
 //! outcomes (status codes, attempts each backend saw) must be the same.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use weft_e2e::{Client, Quickstart};
@@ -22,6 +24,14 @@ spec:
   - match: [{ uri: { prefix: /delay } }]
     fault: { delay: { fixedDelay: 300ms, percentage: { value: 100 } } }
     route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /slow-body } }]
+    timeout: 300ms
+    retries: { attempts: 0 }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /slow-try-body } }]
+    timeout: 5s
+    retries: { attempts: 2, perTryTimeout: 300ms, retryOn: 5xx }
+    route: [{ destination: { host: hello, subset: v1 } }]
   - match: [{ uri: { prefix: /slow } }]
     timeout: 300ms
     retries: { attempts: 0 }
@@ -39,9 +49,64 @@ struct Outcomes {
     half_abort_503s_in_200: usize,
     delay: (u16, bool),
     slow: (u16, String),
+    slow_body: Cut,
+    slow_try_body: Cut,
     flaky_recovers: (u16, String, String),
     flaky_gives_up: (u16, String),
     default_policy: (u16, String),
+}
+
+/// What a client saw of an answer whose head came in time and whose body did not.
+#[derive(Debug, Clone, PartialEq)]
+struct Cut {
+    status: u16,
+    /// The part of the body the backend sent at once arrived.
+    first_part: bool,
+    /// The chunked body ended properly (its last chunk and the terminating empty one).
+    complete: bool,
+    /// The proxy closed the connection before the backend's late chunk was due (Envoy closes
+    /// it a second after cutting the answer, its `delayed_close_timeout`; weft at once).
+    closed_early: bool,
+}
+
+/// A request on a fresh connection, read until the proxy closes it (or 4 s without a byte).
+fn cut_short(addr: SocketAddr, path: &str) -> Cut {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: hello\r\n\r\n").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut closed = false;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // Reset by the proxy: closed as well.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                closed = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&raw);
+    Cut {
+        status: text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        first_part: text.contains("name: hello-v1"),
+        complete: text.contains("tail\n") && text.ends_with("0\r\n\r\n"),
+        // The late chunk is due after 3 s; the timeouts are 300 ms.
+        closed_early: closed && elapsed < Duration::from_millis(2500),
+    }
 }
 
 fn attempts_seen(q: &Quickstart, id: &str) -> String {
@@ -61,6 +126,8 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
     let delay = (delayed, started.elapsed() >= Duration::from_millis(280));
     let slow = c.get("hello", "/slow?delay_ms=3000").unwrap();
     let slow = (slow.status, slow.body);
+    let slow_body = cut_short(q.egress(), "/slow-body?body_delay_ms=3000");
+    let slow_try_body = cut_short(q.egress(), "/slow-try-body?body_delay_ms=3000");
     let id = format!("{tag}-flaky-ok");
     let ok = c
         .request("GET", "hello", "/flaky?fail=2", &[("x-request-id", &id)])
@@ -85,6 +152,8 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         half_abort_503s_in_200,
         delay,
         slow,
+        slow_body,
+        slow_try_body,
         flaky_recovers,
         flaky_gives_up,
         default_policy,
@@ -116,6 +185,25 @@ fn check(o: &Outcomes, who: &str) {
         (504, "upstream request timeout".to_string()),
         "{who}: route timeout"
     );
+    // Envoy's route timeout runs until the response is complete: an answer whose body is late
+    // is cut (its head already went out, so no 504 can replace it). Its per-try timeout stops
+    // at the response head: the late body arrives whole.
+    let cut = Cut {
+        status: 200,
+        first_part: true,
+        complete: false,
+        closed_early: true,
+    };
+    assert_eq!(o.slow_body, cut, "{who}: route timeout during the body");
+    let whole = Cut {
+        complete: true,
+        closed_early: false,
+        ..cut
+    };
+    assert_eq!(
+        o.slow_try_body, whole,
+        "{who}: per-try timeout during the body"
+    );
     assert_eq!(
         o.flaky_recovers,
         (200, "3".into(), "3".into()),
@@ -145,6 +233,8 @@ fn weft_proxy_and_envoy_agree_on_timeouts_retries_and_faults() {
             o.abort,
             o.delay,
             o.slow.clone(),
+            o.slow_body.clone(),
+            o.slow_try_body.clone(),
             o.flaky_recovers.clone(),
             o.flaky_gives_up.clone(),
             o.default_policy.clone(),

@@ -14,7 +14,10 @@ pub mod router;
 mod server;
 pub mod upgrade;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::cluster::{DownstreamBody, UpstreamHead};
@@ -338,15 +341,17 @@ pub async fn serve_connection<S>(
         }
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
-                let resp = proxy_request(&proxy, &hcm, &down, req).await;
-                return resp.map(|b| LoggedBody::new(b, None));
+                let mut resp = proxy_request(&proxy, &hcm, &down, req).await;
+                let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+                return resp.map(|b| LoggedBody::new(b, None, deadline));
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
             let mut entry = Box::new(request_entry(&req, peer, local));
-            let resp = proxy_request(&proxy, &hcm, &down, req).await;
+            let mut resp = proxy_request(&proxy, &hcm, &down, req).await;
             response_entry(&mut entry, &resp);
-            resp.map(|b| LoggedBody::new(b, Some((entry, loggers))))
+            let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+            resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline))
         }
     };
     // Plain HTTP/1.1 requests are served by weft-proxy's own loop; HTTP/2, upgrades and
@@ -658,9 +663,9 @@ async fn route_rest(
 /// the body kept for retries when the route retries and it is small; every attempt within the
 /// route's timeout.
 async fn forward(
-    cluster: &crate::cluster::Cluster,
+    cluster: &Arc<crate::cluster::Cluster>,
     action: &router::RouteAction,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: DownstreamBody,
     authority: &str,
     mirrors: Vec<Mirror>,
@@ -686,6 +691,20 @@ async fn forward(
             headers: &parts.headers,
         })
     });
+    // As Envoy's router (unless `suppress_envoy_headers`): the upstream learns how long it has,
+    // the per-try timeout when the route has one, else the route's.
+    if pick.timed
+        && let Some(t) = action
+            .retry
+            .as_ref()
+            .and_then(|r| r.per_try_timeout)
+            .or(action.timeout)
+            .filter(|t| !t.is_zero())
+    {
+        parts
+            .headers
+            .insert(names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, milliseconds(t));
+    }
     let head = match upstream_head(parts, authority, cluster.protocol, pick.secure) {
         Ok(h) => h,
         Err(resp) => return resp,
@@ -720,10 +739,15 @@ async fn forward(
     // and then awaited through a wrapper takes room twice in this function's own future.
     match action.timeout {
         Some(t) => {
-            match tokio::time::timeout(t, attempt_until_done(cluster, retry, head, &mut body, pick))
-                .await
+            let at = tokio::time::Instant::now() + t;
+            match tokio::time::timeout_at(
+                at,
+                attempt_until_done(cluster, retry, head, &mut body, pick),
+            )
+            .await
             {
-                Ok(resp) => resp,
+                // The route's timeout runs on until the body is complete, as Envoy's does.
+                Ok(resp) => BodyDeadline::arm(resp, at, cluster),
                 Err(_) => {
                     cluster.stats.upstream_rq_timeout.inc();
                     cluster.stats.upstream_rq_xx.record(504);
@@ -737,6 +761,42 @@ async fn forward(
         }
         None => attempt_until_done(cluster, retry, head, &mut body, pick).await,
     }
+}
+
+/// When an upstream answer's body must be complete: Envoy's route timeout runs until the end
+/// of the response, not only until its head (its per-try timeout does stop at the head, and so
+/// does weft's). The head has gone to the client by then, so a late body is cut: the client
+/// sees the answer end early, as from Envoy, the upstream request is abandoned (its connection
+/// closed) and counted in `upstream_rq_timeout`, and the access log says `UT`. Carried in the
+/// response's extensions from the request path to [`LoggedBody`]; only answers whose route has
+/// a timeout carry one.
+#[derive(Clone)]
+struct BodyDeadline {
+    at: tokio::time::Instant,
+    cluster: Arc<crate::cluster::Cluster>,
+}
+
+impl BodyDeadline {
+    /// Gives an answer from `cluster` the deadline `at`; local replies are complete already.
+    fn arm(
+        mut resp: Response<ProxyBody>,
+        at: tokio::time::Instant,
+        cluster: &Arc<crate::cluster::Cluster>,
+    ) -> Response<ProxyBody> {
+        if matches!(resp.body(), Either::Left(_)) {
+            resp.extensions_mut().insert(BodyDeadline {
+                at,
+                cluster: cluster.clone(),
+            });
+        }
+        resp
+    }
+}
+
+/// A [`BodyDeadline`] running under a response body.
+struct BodyTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    deadline: BodyDeadline,
 }
 
 /// Sends the request, retrying per the route's policy: each attempt on an endpoint the load
@@ -1075,6 +1135,8 @@ pub(crate) mod names {
     pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
     pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
         HeaderName::from_static("x-envoy-upstream-service-time");
+    pub const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+        HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 }
 
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -1405,34 +1467,74 @@ pub struct LoggedBody {
     inner: ProxyBody,
     log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
     sent: u64,
+    /// Boxed: most answers have none, and every response carries this body.
+    timer: Option<Box<BodyTimer>>,
 }
 
 impl LoggedBody {
     fn new(
         inner: ProxyBody,
         log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
+        deadline: Option<BodyDeadline>,
     ) -> LoggedBody {
         LoggedBody {
             inner,
             log,
             sent: 0,
+            timer: deadline.map(|deadline| {
+                Box::new(BodyTimer {
+                    sleep: Box::pin(tokio::time::sleep_until(deadline.at)),
+                    deadline,
+                })
+            }),
         }
     }
+
+    /// The deadline passed before the body's end: the upstream side is dropped (its connection
+    /// closed), the timeout counted and logged, and the client's stream ends with an error
+    /// (its connection closed, or the HTTP/2 stream reset).
+    fn cut(&mut self) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if let Some(timer) = self.timer.take() {
+            timer.deadline.cluster.stats.upstream_rq_timeout.inc();
+        }
+        self.inner = Either::Right(Full::new(Bytes::new()));
+        if let Some((entry, _)) = &mut self.log {
+            entry.flags = "UT".to_string();
+        }
+        Poll::Ready(Some(Err("upstream request timeout".into())))
+    }
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl hyper::body::Body for LoggedBody {
     type Data = Bytes;
     type Error = <ProxyBody as hyper::body::Body>::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            self.sent += d.len() as u64;
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        // A body that never waits is cut too once the timer has fired.
+        if this.timer.as_ref().is_some_and(|t| t.sleep.is_elapsed()) {
+            return this.cut();
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(_) => this.timer = None,
+            Poll::Pending => {
+                if let Some(timer) = &mut this.timer
+                    && timer.sleep.as_mut().poll(cx).is_ready()
+                {
+                    return this.cut();
+                }
+            }
         }
         polled
     }
