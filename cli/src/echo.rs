@@ -5,6 +5,7 @@
 //! Scripted behaviour for resilience tests, by query parameter:
 //! - `status=NNN`: answer with that status;
 //! - `delay_ms=N`: wait before answering;
+//! - `echo_body`: read the request's body and add it to the answer (`body (N bytes): ...`);
 //! - `body_delay_ms=N`: send the head and the echo at once, then, N ms later, a last chunk
 //!   `tail` (the body is chunked);
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
@@ -88,12 +89,28 @@ async fn respond(
     if grpc {
         return grpc_reply(name, attempts, req).await;
     }
-    let body_delay = req
-        .uri()
-        .query()
-        .and_then(|q| query_param(q, "body_delay_ms"))
-        .and_then(|v| v.parse::<u64>().ok());
-    let resp = scripted(name, attempts, req).await;
+    let query = req.uri().query().unwrap_or("");
+    let body_delay = query_param(query, "body_delay_ms").and_then(|v| v.parse::<u64>().ok());
+    let resp = if query_param(query, "echo_body").is_some() {
+        // The request's body read whole, and its size and text appended to the answer.
+        let (parts, body) = req.into_parts();
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => Bytes::from(format!("<body failed: {e}>")),
+        };
+        let resp = scripted(name, attempts, Request::from_parts(parts, ())).await;
+        let (parts, answer) = resp.into_parts();
+        let mut text = match answer.collect().await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(never) => match never {},
+        };
+        text.extend_from_slice(format!("body ({} bytes): ", bytes.len()).as_bytes());
+        text.extend_from_slice(&bytes);
+        text.push(b'\n');
+        Response::from_parts(parts, Full::new(Bytes::from(text)))
+    } else {
+        scripted(name, attempts, req).await
+    };
     match body_delay {
         Some(ms) => resp.map(|b| delayed_tail(b, ms)),
         None => resp.map(|b| b.boxed()),

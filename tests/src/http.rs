@@ -54,6 +54,28 @@ impl Client {
         }
     }
 
+    /// The open connection, or a new one.
+    fn connection(&mut self) -> std::io::Result<&mut BufReader<TcpStream>> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            self.conn = Some(BufReader::new(s));
+        }
+        Ok(self.conn.as_mut().expect("connected"))
+    }
+
+    /// Sends `raw` (a whole request, head and body, as written) and reads the answer.
+    pub fn send_raw(&mut self, raw: &[u8]) -> std::io::Result<Response> {
+        let conn = self.connection()?;
+        conn.get_mut().write_all(raw)?;
+        let resp = read_response(conn);
+        if resp.is_err() {
+            self.conn = None;
+        }
+        resp
+    }
+
     fn try_request(
         &mut self,
         method: &str,
@@ -61,13 +83,7 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> std::io::Result<Response> {
-        if self.conn.is_none() {
-            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.set_nodelay(true)?;
-            self.conn = Some(BufReader::new(s));
-        }
-        let conn = self.conn.as_mut().expect("connected");
+        let conn = self.connection()?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));

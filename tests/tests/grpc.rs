@@ -74,8 +74,11 @@ fn call(q: &Quickstart, path: &str, id: &str, headers: &[(&str, &str)]) -> Outco
     // A request the proxy answers without reading it (a fault abort) may be reset while curl
     // is still sending its body: those go out without one.
     if !path.starts_with("/pkg.Faults/") {
+        // Without `content-length`, as gRPC clients send their messages: the proxy cannot know
+        // the body is small, yet must keep it for a retry.
         cmd.arg("--data-binary")
-            .arg(format!("@{}", frame.display()));
+            .arg(format!("@{}", frame.display()))
+            .args(["-H", "content-length:"]);
     } else {
         cmd.args(["-X", "POST"]);
     }

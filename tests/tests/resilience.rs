@@ -54,6 +54,9 @@ struct Outcomes {
     flaky_recovers: (u16, String, String),
     flaky_gives_up: (u16, String),
     default_policy: (u16, String),
+    /// A chunked body (no length known up front) under the default policy: status, attempts
+    /// the backend saw, and the body the last attempt delivered.
+    streamed_retry: (u16, String, String),
 }
 
 /// What a client saw of an answer whose head came in time and whose body did not.
@@ -147,6 +150,19 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         .request("GET", "hello", "/other?fail=1", &[("x-request-id", &id)])
         .unwrap();
     let default_policy = (d.status, attempts_seen(q, &id));
+    let id = format!("{tag}-streamed");
+    let raw = format!(
+        "POST /other?fail=1&echo_body=1 HTTP/1.1\r\nhost: hello\r\nx-request-id: {id}\r\n\
+         transfer-encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+    );
+    let s = Client::new(q.egress()).send_raw(raw.as_bytes()).unwrap();
+    let delivered = s
+        .body
+        .lines()
+        .find(|l| l.starts_with("body ("))
+        .unwrap_or("")
+        .to_string();
+    let streamed_retry = (s.status, attempts_seen(q, &id), delivered);
     Outcomes {
         abort,
         half_abort_503s_in_200,
@@ -157,6 +173,7 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         flaky_recovers,
         flaky_gives_up,
         default_policy,
+        streamed_retry,
     }
 }
 
@@ -219,6 +236,11 @@ fn check(o: &Outcomes, who: &str) {
         (200, "2".into()),
         "{who}: Istio's default policy retries a 503 once more"
     );
+    assert_eq!(
+        o.streamed_retry,
+        (200, "2".into(), "body (11 bytes): hello world".into()),
+        "{who}: a streamed body is kept for the retry and sent whole again"
+    );
 }
 
 #[test]
@@ -238,6 +260,7 @@ fn weft_proxy_and_envoy_agree_on_timeouts_retries_and_faults() {
             o.flaky_recovers.clone(),
             o.flaky_gives_up.clone(),
             o.default_policy.clone(),
+            o.streamed_retry.clone(),
         )
     };
     assert_eq!(strip(&weft), strip(&envoy));

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use super::DownstreamBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -85,7 +84,7 @@ impl Conn {
 /// connection, or the client's stream, sent once.
 pub enum Outgoing {
     Bytes(Bytes),
-    Stream(Option<DownstreamBody>),
+    Stream(Option<super::StreamedBody>),
 }
 
 impl Outgoing {

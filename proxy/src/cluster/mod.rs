@@ -8,6 +8,7 @@ pub mod health;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
+pub mod tee;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,8 +27,8 @@ use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
 pub use pool::{
-    ConnectionLimits, DownstreamBody, Pool, UpstreamBody, UpstreamError, UpstreamHead,
-    UpstreamProtocol, UpstreamResponseBody,
+    ConnectionLimits, DownstreamBody, Pool, StreamedBody, UpstreamBody, UpstreamError,
+    UpstreamHead, UpstreamProtocol, UpstreamResponseBody,
 };
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

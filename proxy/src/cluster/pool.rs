@@ -17,9 +17,13 @@ use tokio::net::TcpStream;
 use super::h1::{self, Home as _};
 use crate::stats::{Counter, Gauge};
 
-/// What goes upstream: the client's body streamed through, or a buffered copy that a retry
-/// can send again.
-pub type UpstreamBody = http_body_util::Either<DownstreamBody, http_body_util::Full<bytes::Bytes>>;
+/// What goes upstream: a body streamed through, or a buffered copy that a retry can send
+/// again.
+pub type UpstreamBody = http_body_util::Either<StreamedBody, http_body_util::Full<bytes::Bytes>>;
+
+/// A body streamed upstream: the client's as it comes (`Left`), or, for a request that may be
+/// retried, the client's with a copy kept for the next attempt (`Right`, see [`super::tee`]).
+pub type StreamedBody = http_body_util::Either<DownstreamBody, super::tee::TeeBody>;
 
 /// A request body as the client sends it: read by hyper (`Left`: HTTP/2, streamed HTTP/1.1
 /// bodies), or already read whole by weft-proxy's own HTTP/1.1 server (`Right`).

@@ -827,7 +827,7 @@ async fn attempt_until_done(
         }
         resp
     };
-    let max_retries = if body.can_retry() {
+    let max_retries = if body.may_retry() {
         retry.map(|r| r.num_retries).unwrap_or(0)
     } else {
         0
@@ -896,7 +896,9 @@ async fn attempt_until_done(
         // `UO` when the circuit breaker refused one.
         let mut refused: Option<&'static str> = None;
         let mut retry_allowed = |wanted: bool| {
-            if !wanted {
+            // A streamed body that grew past what is kept cannot be sent again (Envoy's
+            // `retry_or_shadow_abandoned`): the outcome stands, without a flag.
+            if !wanted || !body.can_retry() {
                 return false;
             }
             if !may_retry {
@@ -1287,13 +1289,15 @@ fn upstream_head(
     })
 }
 
-/// Largest request body kept in memory so that a retry can resend it (Envoy buffers for
-/// retries too). Larger or unsized bodies stream through once, without retries.
+/// Largest request body read whole before the first attempt so that a retry can resend it.
+/// Larger or unsized bodies stream through, a copy kept for retries up to the tee's limit.
 const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
-/// The body of every attempt: replayable bytes, or the client's stream for a single attempt.
+/// The body of every attempt: replayable bytes, the client's stream with a copy kept for
+/// retries, or the client's stream for a single attempt.
 enum AttemptBody {
     Replay(Bytes),
+    Tee(crate::cluster::tee::Tee),
     Once(Option<DownstreamBody>),
 }
 
@@ -1313,13 +1317,20 @@ impl AttemptBody {
                 AttemptBody::Once(Some(body))
             });
         }
-        let small = headers
+        if !replay {
+            return Ok(AttemptBody::Once(Some(body)));
+        }
+        let length = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
-        if !(replay && small) {
-            return Ok(AttemptBody::Once(Some(body)));
+            .and_then(|v| v.parse::<u64>().ok());
+        match length {
+            Some(n) if n <= RETRY_BUFFER_LIMIT => {}
+            // Could never be kept whole: sent once, as Envoy does past its buffer limit.
+            Some(n) if n > crate::cluster::tee::KEEP_LIMIT as u64 => {
+                return Ok(AttemptBody::Once(Some(body)));
+            }
+            _ => return Ok(AttemptBody::Tee(crate::cluster::tee::Tee::new(body))),
         }
         match body.collect().await {
             Ok(b) => Ok(AttemptBody::Replay(b.to_bytes())),
@@ -1331,15 +1342,27 @@ impl AttemptBody {
         }
     }
 
+    /// Whether the request may be retried at all.
+    fn may_retry(&self) -> bool {
+        !matches!(self, AttemptBody::Once(_))
+    }
+
+    /// Whether another attempt can send the whole body now (a streamed one may have grown
+    /// past what is kept).
     fn can_retry(&self) -> bool {
-        matches!(self, AttemptBody::Replay(_))
+        match self {
+            AttemptBody::Replay(_) => true,
+            AttemptBody::Tee(t) => t.replayable(),
+            AttemptBody::Once(_) => false,
+        }
     }
 
     fn next(&mut self) -> UpstreamBody {
         match self {
             AttemptBody::Replay(b) => Either::Right(Full::new(b.clone())),
+            AttemptBody::Tee(t) => Either::Left(Either::Right(t.attempt())),
             AttemptBody::Once(b) => match b.take() {
-                Some(incoming) => Either::Left(incoming),
+                Some(incoming) => Either::Left(Either::Left(incoming)),
                 None => Either::Right(Full::new(Bytes::new())),
             },
         }
