@@ -5,7 +5,8 @@
 //! Scripted behaviour for resilience tests, by query parameter:
 //! - `status=NNN`: answer with that status;
 //! - `delay_ms=N`: wait before answering;
-//! - `echo_body`: read the request's body and add it to the answer (`body (N bytes): ...`);
+//! - `echo_body`: read the request's body and add it to the answer (`body (N bytes): ...`, the
+//!   text only up to 1 KiB);
 //! - `body_delay_ms=N`: send the head and the echo at once, then, N ms later, a last chunk
 //!   `tail` (the body is chunked);
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
@@ -105,7 +106,9 @@ async fn respond(
             Err(never) => match never {},
         };
         text.extend_from_slice(format!("body ({} bytes): ", bytes.len()).as_bytes());
-        text.extend_from_slice(&bytes);
+        if bytes.len() <= 1024 {
+            text.extend_from_slice(&bytes);
+        }
         text.push(b'\n');
         Response::from_parts(parts, Full::new(Bytes::from(text)))
     } else {

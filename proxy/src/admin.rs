@@ -486,6 +486,11 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 true,
             ),
             (
+                "retry_or_shadow_abandoned",
+                s.retry_or_shadow_abandoned.get() as i64,
+                true,
+            ),
+            (
                 "upstream_rq_retry_overflow",
                 s.upstream_rq_retry_overflow.get() as i64,
                 true,
@@ -715,6 +720,7 @@ prom_names!(
         "upstream_rq_retry",
         "upstream_rq_pending_overflow",
         "upstream_rq_retry_overflow",
+        "retry_or_shadow_abandoned",
         "outlier_detection_ejections_total",
         "upstream_cx_total",
         "upstream_cx_active",

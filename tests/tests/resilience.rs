@@ -57,6 +57,9 @@ struct Outcomes {
     /// A chunked body (no length known up front) under the default policy: status, attempts
     /// the backend saw, and the body the last attempt delivered.
     streamed_retry: (u16, String, String),
+    /// The same with a body past what a proxy keeps (1.5 MiB, read whole by the backend
+    /// before it fails the attempt): status and attempts.
+    streamed_too_big: (u16, String),
 }
 
 /// What a client saw of an answer whose head came in time and whose body did not.
@@ -163,6 +166,20 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         .unwrap_or("")
         .to_string();
     let streamed_retry = (s.status, attempts_seen(q, &id), delivered);
+    let id = format!("{tag}-streamed-big");
+    let mut raw = format!(
+        "POST /other?fail=1&echo_body=1 HTTP/1.1\r\nhost: hello\r\nx-request-id: {id}\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..24 {
+        raw.extend_from_slice(b"10000\r\n");
+        raw.extend_from_slice(&[b'x'; 0x10000]);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let s = Client::new(q.egress()).send_raw(&raw).unwrap();
+    let streamed_too_big = (s.status, attempts_seen(q, &id));
     Outcomes {
         abort,
         half_abort_503s_in_200,
@@ -174,6 +191,7 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         flaky_gives_up,
         default_policy,
         streamed_retry,
+        streamed_too_big,
     }
 }
 
@@ -241,6 +259,11 @@ fn check(o: &Outcomes, who: &str) {
         (200, "2".into(), "body (11 bytes): hello world".into()),
         "{who}: a streamed body is kept for the retry and sent whole again"
     );
+    assert_eq!(
+        o.streamed_too_big,
+        (503, "1".into()),
+        "{who}: a body past the retry buffer is not retried"
+    );
 }
 
 #[test]
@@ -261,6 +284,7 @@ fn weft_proxy_and_envoy_agree_on_timeouts_retries_and_faults() {
             o.flaky_gives_up.clone(),
             o.default_policy.clone(),
             o.streamed_retry.clone(),
+            o.streamed_too_big.clone(),
         )
     };
     assert_eq!(strip(&weft), strip(&envoy));

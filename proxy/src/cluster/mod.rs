@@ -80,6 +80,8 @@ pub struct ClusterStats {
     pub update_success: Counter,
     pub upstream_rq_pending_overflow: Counter,
     pub upstream_rq_retry_overflow: Counter,
+    /// Retries given up because the request body was not kept (past the tee's limit).
+    pub retry_or_shadow_abandoned: Counter,
     pub outlier_ejections: Counter,
 }
 

@@ -896,15 +896,19 @@ async fn attempt_until_done(
         // `UO` when the circuit breaker refused one.
         let mut refused: Option<&'static str> = None;
         let mut retry_allowed = |wanted: bool| {
-            // A streamed body that grew past what is kept cannot be sent again (Envoy's
-            // `retry_or_shadow_abandoned`): the outcome stands, without a flag.
-            if !wanted || !body.can_retry() {
+            if !wanted {
                 return false;
             }
             if !may_retry {
                 if max_retries > 0 {
                     refused = Some("URX");
                 }
+                return false;
+            }
+            // A streamed body that grew past what is kept cannot be sent again (Envoy's
+            // `retry_or_shadow_abandoned`): the outcome stands, without a flag.
+            if !body.can_retry() {
+                cluster.stats.retry_or_shadow_abandoned.inc();
                 return false;
             }
             match cluster
