@@ -1498,7 +1498,18 @@ pub struct LoggedBody {
     timer: Option<Box<BodyTimer>>,
 }
 
+impl BodyTimer {
+    #[cold]
+    fn start(deadline: BodyDeadline) -> Box<BodyTimer> {
+        Box::new(BodyTimer {
+            sleep: Box::pin(tokio::time::sleep_until(deadline.at)),
+            deadline,
+        })
+    }
+}
+
 impl LoggedBody {
+    #[inline]
     fn new(
         inner: ProxyBody,
         log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
@@ -1508,13 +1519,48 @@ impl LoggedBody {
             inner,
             log,
             sent: 0,
-            timer: deadline.map(|deadline| {
-                Box::new(BodyTimer {
-                    sleep: Box::pin(tokio::time::sleep_until(deadline.at)),
-                    deadline,
-                })
-            }),
+            timer: deadline.map(BodyTimer::start),
         }
+    }
+
+    /// `poll_frame` of a body with a deadline (rare: only routes with a timeout set one).
+    #[cold]
+    #[inline(never)]
+    fn poll_timed(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        // A body that never waits is cut too once the timer has fired.
+        if self.timer.as_ref().is_some_and(|t| t.sleep.is_elapsed()) {
+            return self.cut();
+        }
+        let polled = self.poll_counted(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {}
+            Poll::Ready(_) => self.timer = None,
+            Poll::Pending => {
+                if let Some(timer) = &mut self.timer
+                    && timer.sleep.as_mut().poll(cx).is_ready()
+                {
+                    return self.cut();
+                }
+            }
+        }
+        polled
+    }
+
+    #[inline]
+    fn poll_counted(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = hyper::body::Body::poll_frame(Pin::new(&mut self.inner), cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.sent += d.len() as u64;
+        }
+        polled
     }
 
     /// The deadline passed before the body's end: the upstream side is dropped (its connection
@@ -1538,32 +1584,16 @@ impl hyper::body::Body for LoggedBody {
     type Data = Bytes;
     type Error = <ProxyBody as hyper::body::Body>::Error;
 
+    #[inline]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        // A body that never waits is cut too once the timer has fired.
-        if this.timer.as_ref().is_some_and(|t| t.sleep.is_elapsed()) {
-            return this.cut();
+        if this.timer.is_some() {
+            return this.poll_timed(cx);
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.sent += d.len() as u64;
-                }
-            }
-            Poll::Ready(_) => this.timer = None,
-            Poll::Pending => {
-                if let Some(timer) = &mut this.timer
-                    && timer.sleep.as_mut().poll(cx).is_ready()
-                {
-                    return this.cut();
-                }
-            }
-        }
-        polled
+        this.poll_counted(cx)
     }
 
     fn is_end_stream(&self) -> bool {
