@@ -62,6 +62,22 @@ spec:
     // The answer's head arrives, its body is cut at the route timeout: the client's read fails.
     let cut = Client::new(q.egress()).request("GET", "hello", "/cut?body_delay_ms=3000", &[ua]);
     assert!(cut.is_err(), "{name}: the late body was not cut: {cut:?}");
+    // Refused before the request path: a header line without a colon, and HTTP/1.0.
+    for (raw, status) in [
+        (
+            &b"GET /bad HTTP/1.1\r\nhost: hello\r\nno colon here\r\n\r\n"[..],
+            400,
+        ),
+        (b"GET /old HTTP/1.0\r\nhost: hello\r\n\r\n", 426),
+    ] {
+        let got = Client::new(q.egress()).send_raw(raw).expect("refused");
+        assert_eq!(
+            got.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(raw)
+        );
+    }
     // Every sidecar of the mesh logs to the path weftd gave: keep the client's lines.
     let egress = q.egress().to_string();
     let lines: Vec<serde_json::Value> = wait_until(Duration::from_secs(10), || {
@@ -71,7 +87,7 @@ spec:
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["downstream_local_address"] == egress.as_str())
             .collect();
-        (lines.len() >= 5).then_some(lines)
+        (lines.len() >= 7).then_some(lines)
     })
     .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
     q.assert_client_nacked_nothing();
@@ -80,8 +96,10 @@ spec:
             l["start_time"].as_str().is_some_and(|t| t.ends_with('Z')),
             "{l}"
         );
+        // A request refused before its head was read has no id yet.
         assert!(
-            l["request_id"].as_str().is_some_and(|id| id.len() == 36),
+            l["request_id"].as_str().is_some_and(|id| id.len() == 36)
+                || l["response_flags"] == "DPE",
             "{l}"
         );
         assert!(l["duration"].is_u64(), "{l}");
@@ -96,7 +114,7 @@ spec:
         .collect();
     assert_eq!(
         upstream_hosts,
-        [true, true, false, true, true],
+        [true, true, false, true, true, false, false],
         "{name}: {lines:#?}"
     );
     lines

@@ -219,11 +219,15 @@ impl AccessLog {
     /// The value of one operator, `None` for Envoy's `-`.
     fn value(op: &Op, e: &Entry) -> Option<String> {
         let header = |map: &HeaderMap, main: &str, alt: &Option<String>, max: &Option<usize>| {
-            let pseudo = |name: &str| match name {
-                ":method" => Some(e.method.clone()),
-                ":path" => Some(e.path.clone()),
-                ":authority" => Some(e.authority.clone()),
-                _ => None,
+            let pseudo = |name: &str| {
+                match name {
+                    ":method" => Some(e.method.clone()),
+                    ":path" => Some(e.path.clone()),
+                    ":authority" => Some(e.authority.clone()),
+                    _ => None,
+                }
+                // Not known (a request refused before its head was read): Envoy's `-`.
+                .filter(|v| !v.is_empty())
             };
             let get = |name: &str| {
                 pseudo(name).or_else(|| {

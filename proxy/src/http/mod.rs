@@ -329,6 +329,9 @@ pub async fn serve_connection<S>(
     let peer = down.peer;
     let down = Arc::new(down);
     let accept_http_10 = hcm.accept_http_10;
+    // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
+    // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
+    let refused = refused_logger(hcm.access_logs.clone(), peer, local);
     // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
@@ -356,7 +359,7 @@ pub async fn serve_connection<S>(
     };
     // Plain HTTP/1.1 requests are served by weft-proxy's own loop; HTTP/2, upgrades and
     // streamed request bodies by hyper, from the first request that needs it.
-    let stream = match server::serve(stream, accept_http_10, &handle).await {
+    let stream = match server::serve(stream, accept_http_10, &handle, refused).await {
         server::End::Closed => return,
         server::End::Handoff(stream) => stream,
     };
@@ -1468,6 +1471,34 @@ fn request_entry(
         downstream_remote: peer,
         downstream_local: local,
         ..Default::default()
+    }
+}
+
+/// Writes the access log line of a request weft-proxy's HTTP/1.1 loop refused (`status`, an
+/// answer body of `sent` bytes).
+fn refused_logger(
+    loggers: Option<access_log::Loggers>,
+    peer: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
+) -> impl Fn(StatusCode, usize) {
+    move |status, sent| {
+        let Some(loggers) = &loggers else {
+            return;
+        };
+        let entry = access_log::Entry {
+            start: Some(std::time::SystemTime::now()),
+            started: Some(std::time::Instant::now()),
+            protocol: "HTTP/1.1",
+            status: status.as_u16(),
+            flags: "DPE".to_string(),
+            bytes_sent: sent as u64,
+            downstream_remote: peer,
+            downstream_local: local,
+            ..Default::default()
+        };
+        for l in loggers.iter() {
+            l.write(&entry);
+        }
     }
 }
 

@@ -125,7 +125,12 @@ enum Parsed {
 }
 
 /// Serves requests on `io` until it closes or a request needs hyper.
-pub async fn serve<S, F, Fut, B>(mut io: S, accept_http_10: bool, handle: F) -> End<S>
+pub async fn serve<S, F, Fut, B>(
+    mut io: S,
+    accept_http_10: bool,
+    handle: F,
+    refused: impl Fn(StatusCode, usize),
+) -> End<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<DownstreamBody>) -> Fut,
@@ -144,12 +149,9 @@ where
                 match parse(&mut buf, accept_http_10) {
                     Parsed::Complete(head) => break head,
                     Parsed::Partial if buf.len() >= MAX_HEAD => {
-                        let _ = reply_error(
-                            &mut io,
-                            StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
-                            "request header fields too large",
-                        )
-                        .await;
+                        let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                        tracing::debug!("refused a request: its head is over {MAX_HEAD} bytes");
+                        refused(status, reply_error(&mut io, status).await);
                         return End::Closed;
                     }
                     Parsed::Partial => {}
@@ -160,7 +162,8 @@ where
                         });
                     }
                     Parsed::Invalid(status, why) => {
-                        let _ = reply_error(&mut io, status, why).await;
+                        tracing::debug!("refused a request: {why}");
+                        refused(status, reply_error(&mut io, status).await);
                         return End::Closed;
                     }
                 }
@@ -310,20 +313,20 @@ fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
     })
 }
 
-/// The request could not be read: a plain answer, then the connection closes.
-async fn reply_error<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    status: StatusCode,
-    why: &str,
-) -> io::Result<()> {
+/// The request could not be read: a plain answer, its body the status's reason phrase as
+/// Envoy's (`Bad Request`), then the connection closes. Returns the body's length (for the
+/// access log), whether or not the client took it.
+async fn reply_error<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode) -> usize {
+    let reason = status.canonical_reason().unwrap_or("");
     let text = format!(
-        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{why}",
+        "HTTP/1.1 {} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{reason}",
         status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        why.len()
+        reason.len()
     );
-    io.write_all(text.as_bytes()).await?;
-    io.flush().await
+    if io.write_all(text.as_bytes()).await.is_ok() {
+        let _ = io.flush().await;
+    }
+    reason.len()
 }
 
 /// Writes the answer: head and body in as few writes as the body's pace allows. Sets `close`
@@ -522,20 +525,25 @@ mod tests {
     ) -> String {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(async move {
-            serve(server, true, |req| {
-                let resp = answer(&req);
-                async move {
-                    // The body was read whole.
-                    let body = req.into_body().collect().await.map(|c| c.to_bytes());
-                    let mut resp = resp;
-                    if let Ok(b) = body
-                        && !b.is_empty()
-                    {
-                        *resp.body_mut() = Full::new(b);
+            serve(
+                server,
+                true,
+                |req| {
+                    let resp = answer(&req);
+                    async move {
+                        // The body was read whole.
+                        let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                        let mut resp = resp;
+                        if let Ok(b) = body
+                            && !b.is_empty()
+                        {
+                            *resp.body_mut() = Full::new(b);
+                        }
+                        resp
                     }
-                    resp
-                }
-            })
+                },
+                |_, _| {},
+            )
             .await
         });
         let (mut rd, mut wr) = tokio::io::split(client);
