@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use weft_e2e::Quickstart;
 
-/// (status line, the backend's name line, whether every message came back intact)
-fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool) {
+/// (status line, the backend's name line, whether every message came back intact, whether the
+/// answer had `x-envoy-upstream-service-time`)
+fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool, bool) {
     let s = TcpStream::connect(q.egress()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -21,15 +22,19 @@ fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool) {
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status).expect("status line");
+    let mut timed = false;
     loop {
         let mut line = String::new();
         r.read_line(&mut line).expect("header line");
         if line == "\r\n" || line.is_empty() {
             break;
         }
+        timed |= line
+            .to_ascii_lowercase()
+            .starts_with("x-envoy-upstream-service-time:");
     }
     if !status.contains(" 101 ") {
-        return (status.trim().to_string(), String::new(), false);
+        return (status.trim().to_string(), String::new(), false, timed);
     }
     let mut name = String::new();
     r.read_line(&mut name).expect("the backend's greeting");
@@ -41,18 +46,23 @@ fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool) {
         r.read_exact(&mut back).expect("echo");
         intact &= back == msg.as_bytes();
     }
-    (status.trim().to_string(), name.trim().to_string(), intact)
+    (
+        status.trim().to_string(),
+        name.trim().to_string(),
+        intact,
+        timed,
+    )
 }
 
-fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, bool, bool)> {
+fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, bool, bool, bool)> {
     let mut q = Quickstart::new(name, net);
     q.start_weftd();
     q.start_hello();
     q.start_client(envoy);
     let seen = (0..5)
         .map(|_| {
-            let (status, backend, intact) = upgrade_round_trip(&q);
-            (status, backend.starts_with("hello-v"), intact)
+            let (status, backend, intact, timed) = upgrade_round_trip(&q);
+            (status, backend.starts_with("hello-v"), intact, timed)
         })
         .collect();
     q.assert_client_nacked_nothing();
@@ -64,7 +74,15 @@ fn weft_proxy_and_envoy_carry_websocket_upgrades_alike() {
     let weft = run("ws-weft", 64, false);
     assert_eq!(
         weft,
-        vec![("HTTP/1.1 101 Switching Protocols".to_string(), true, true); 5]
+        vec![
+            (
+                "HTTP/1.1 101 Switching Protocols".to_string(),
+                true,
+                true,
+                true
+            );
+            5
+        ]
     );
     let envoy = run("ws-envoy", 65, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");

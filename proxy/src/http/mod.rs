@@ -628,6 +628,7 @@ async fn route_rest(
                 on_upgrade,
                 action.timeout,
                 original,
+                hcm.envoy_headers,
             ))
             .await;
             route.response_headers.apply(resp.headers_mut());

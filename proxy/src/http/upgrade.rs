@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 
-use super::{ProxyBody, local_reply};
+use super::{ProxyBody, local_reply, milliseconds, names};
 use crate::cluster::Cluster;
 use crate::cluster::UpstreamHead;
 
@@ -34,7 +34,15 @@ pub(crate) async fn forward(
     downstream: hyper::upgrade::OnUpgrade,
     timeout: Option<Duration>,
     original: Option<std::net::SocketAddr>,
+    timed: bool,
 ) -> Response<ProxyBody> {
+    // As on other requests (unless `suppress_envoy_headers`): the upstream is told its time,
+    // the answer says how long the upstream took.
+    let since = timed.then(std::time::Instant::now);
+    if timed && let Some(t) = timeout.filter(|t| !t.is_zero()) {
+        head.headers
+            .insert(names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, milliseconds(t));
+    }
     let Some(endpoint) = cluster.pick(original, &[], 1, None) else {
         cluster.stats.upstream_cx_none_healthy.inc();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
@@ -97,6 +105,12 @@ pub(crate) async fn forward(
         }
     };
     cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
+    if let Some(t) = since {
+        resp.headers_mut().insert(
+            names::X_ENVOY_UPSTREAM_SERVICE_TIME,
+            milliseconds(t.elapsed()),
+        );
+    }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, Either::Left(Either::Left(body)));
