@@ -17,11 +17,10 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 
 use super::DownstreamBody;
+use super::h1::BoxError;
 
 /// Envoy's default request buffer limit (`per_connection_buffer_limit_bytes`, 1 MiB).
 pub const KEEP_LIMIT: usize = 1024 * 1024;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A frame kept for the next attempt.
 enum Kept {

@@ -664,8 +664,9 @@ async fn route_rest(
 }
 
 /// Upstream request in the upstream's HTTP version with the (possibly rewritten) authority;
-/// the body kept for retries when the route retries and it is small; every attempt within the
-/// route's timeout.
+/// the body kept for retries when the route retries (read whole when small, else kept as it
+/// streams, up to the tee's limit); every attempt, and the answer's body, within the route's
+/// timeout.
 async fn forward(
     cluster: &Arc<crate::cluster::Cluster>,
     action: &router::RouteAction,
@@ -1610,7 +1611,7 @@ impl LoggedBody {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::cluster::h1::BoxError;
 
 impl hyper::body::Body for LoggedBody {
     type Data = Bytes;
