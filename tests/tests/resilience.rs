@@ -50,6 +50,7 @@ struct Outcomes {
     delay: (u16, bool),
     slow: (u16, String),
     slow_body: Cut,
+    slow_body_h2: Cut,
     slow_try_body: Cut,
     flaky_recovers: (u16, String, String),
     flaky_gives_up: (u16, String),
@@ -115,6 +116,40 @@ fn cut_short(addr: SocketAddr, path: &str) -> Cut {
     }
 }
 
+/// The same over h2c, with curl: the proxy ends a cut answer's stream with a reset.
+fn cut_short_h2(addr: SocketAddr, path: &str) -> Cut {
+    let dir = std::env::temp_dir().join(format!("weft-cut-{}-{}", std::process::id(), addr.port()));
+    let started = Instant::now();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "6",
+            "-H",
+            "host: hello",
+        ])
+        .args(["-o"])
+        .arg(&dir)
+        .args(["-w", "%{http_code}"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl runs");
+    let elapsed = started.elapsed();
+    let body = std::fs::read_to_string(&dir).unwrap_or_default();
+    let _ = std::fs::remove_file(&dir);
+    Cut {
+        status: String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
+        first_part: body.contains("name: hello-v1"),
+        // curl fails a stream that was reset (or cut) before its end.
+        complete: out.status.success() && body.ends_with("tail\n"),
+        closed_early: !out.status.success() && elapsed < Duration::from_millis(2500),
+    }
+}
+
 fn attempts_seen(q: &Quickstart, id: &str) -> String {
     weft_e2e::get(q.echo_addr(0), &format!("/echo/attempts?id={id}"))
         .unwrap()
@@ -133,6 +168,7 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
     let slow = c.get("hello", "/slow?delay_ms=3000").unwrap();
     let slow = (slow.status, slow.body);
     let slow_body = cut_short(q.egress(), "/slow-body?body_delay_ms=3000");
+    let slow_body_h2 = cut_short_h2(q.egress(), "/slow-body?body_delay_ms=3000");
     let slow_try_body = cut_short(q.egress(), "/slow-try-body?body_delay_ms=3000");
     let id = format!("{tag}-flaky-ok");
     let ok = c
@@ -186,6 +222,7 @@ fn scenario(q: &Quickstart, tag: &str) -> Outcomes {
         delay,
         slow,
         slow_body,
+        slow_body_h2,
         slow_try_body,
         flaky_recovers,
         flaky_gives_up,
@@ -230,6 +267,10 @@ fn check(o: &Outcomes, who: &str) {
         closed_early: true,
     };
     assert_eq!(o.slow_body, cut, "{who}: route timeout during the body");
+    assert_eq!(
+        o.slow_body_h2, cut,
+        "{who}: route timeout during the body, HTTP/2"
+    );
     let whole = Cut {
         complete: true,
         closed_early: false,
@@ -279,6 +320,7 @@ fn weft_proxy_and_envoy_agree_on_timeouts_retries_and_faults() {
             o.delay,
             o.slow.clone(),
             o.slow_body.clone(),
+            o.slow_body_h2.clone(),
             o.slow_try_body.clone(),
             o.flaky_recovers.clone(),
             o.flaky_gives_up.clone(),
