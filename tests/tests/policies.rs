@@ -1,8 +1,8 @@
 //! DestinationRule traffic policies, run against weft-proxy and against a stock Envoy as the
 //! client sidecar (both fed by weftd): a circuit breaker that trips, and outlier detection that
-//! ejects a failing host.
+//! ejects a failing host and lets it back on an interval tick once its ejection time is up.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weft_e2e::{Client, Quickstart};
 
@@ -12,7 +12,7 @@ metadata: { name: hello, namespace: default }
 spec:
   host: hello
   trafficPolicy:
-    outlierDetection: { consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100 }
+    outlierDetection: { consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100 }
   subsets:
   - name: v1
     labels: { version: v1 }
@@ -47,6 +47,9 @@ struct Outcomes {
     failures_before_ejection: usize,
     /// After ejection, every request is served by hello-v2.
     then_only_v2: bool,
+    /// From the ejecting failure until hello-v1 serves again (ejection time 2 s, interval 1 s:
+    /// Envoy lets a host back on the first interval tick after its time).
+    returned_after: Duration,
 }
 
 fn scenario(q: &Quickstart) -> Outcomes {
@@ -70,21 +73,33 @@ fn scenario(q: &Quickstart) -> Outcomes {
     let mut c = Client::new(egress);
     let mut failures = 0;
     let mut names = Vec::new();
+    let mut ejected_at = Instant::now();
     for _ in 0..20 {
         let r = c.get("hello", "/od?fail_on=hello-v1").unwrap();
         if r.status == 500 {
             failures += 1;
+            ejected_at = Instant::now();
         }
         names.push(r.header("x-echo-name").unwrap_or("").to_string());
         // Envoy applies an ejection from its main thread: let it land before the next request.
         std::thread::sleep(Duration::from_millis(20));
     }
     let then_only_v2 = names[10..].iter().all(|n| n == "hello-v2");
+    let returned_after = loop {
+        let r = c.get("hello", "/od").unwrap();
+        if r.header("x-echo-name") == Some("hello-v1")
+            || ejected_at.elapsed() > Duration::from_secs(10)
+        {
+            break ejected_at.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     Outcomes {
         breaker: (ok, overflow.len()),
         overflow_marked,
         failures_before_ejection: failures,
         then_only_v2,
+        returned_after,
     }
 }
 
@@ -115,6 +130,11 @@ fn check(o: &Outcomes, who: &str) {
         "{who}: 3 consecutive 5xx eject hello-v1"
     );
     assert!(o.then_only_v2, "{who}: the ejected host gets no traffic");
+    assert!(
+        (Duration::from_millis(1900)..Duration::from_millis(3600)).contains(&o.returned_after),
+        "{who}: hello-v1 back after {:?} (ejection time 2 s, then the next 1 s tick)",
+        o.returned_after
+    );
 }
 
 #[test]

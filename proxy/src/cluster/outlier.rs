@@ -146,9 +146,12 @@ impl OutlierConfig {
 pub struct HostHealth {
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
-    ejections: AtomicU32,
-    /// Milliseconds since `epoch()` until which the host is ejected (0: not ejected).
-    ejected_until_ms: AtomicU64,
+    /// Envoy's ejection-time backoff: an ejection lasts `base_ejection_time` times this (at most
+    /// `max_ejection_time`); it grows with each ejection and shrinks by one every interval the
+    /// host spends not ejected.
+    backoff: AtomicU32,
+    /// Milliseconds since `epoch()` (at least 1) at which the host was ejected; 0: not ejected.
+    ejected_at_ms: AtomicU64,
     /// Requests and successes in the current interval (success rate, failure percentage).
     interval_total: AtomicU32,
     interval_success: AtomicU32,
@@ -191,8 +194,7 @@ impl HostHealth {
     }
 
     pub fn is_ejected(&self) -> bool {
-        let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
+        self.ejected_at_ms.load(Ordering::Relaxed) != 0
     }
 
     /// Records an outcome; true if the host crossed a threshold and should be ejected.
@@ -228,14 +230,49 @@ impl HostHealth {
         eject && !self.is_ejected()
     }
 
-    /// Ejects the host for base_ejection_time x (number of ejections), capped.
+    /// Ejects the host; it returns on the first interval tick after its ejection time
+    /// (`tick`), as in Envoy.
     pub fn eject(&self, cfg: &OutlierConfig) {
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let time = cfg.base_ejection.saturating_mul(n).min(cfg.max_ejection);
-        self.ejected_until_ms
-            .store(now_ms() + time.as_millis() as u64 + 1, Ordering::Relaxed);
+        self.eject_at(cfg, now_ms());
+    }
+
+    fn eject_at(&self, cfg: &OutlierConfig, now: u64) {
+        let backoff = self.backoff.load(Ordering::Relaxed);
+        // Envoy stops growing the backoff once base x backoff passes max + base.
+        if cfg.base_ejection.saturating_mul(backoff) < cfg.max_ejection + cfg.base_ejection {
+            self.backoff.store(backoff + 1, Ordering::Relaxed);
+        }
+        self.ejected_at_ms.store(now.max(1), Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);
+    }
+
+    /// The interval timer's look at the host (Envoy's `checkHostForUneject`): a host not ejected
+    /// has its backoff lowered by one; an ejected one returns once `base_ejection_time` times
+    /// its backoff (at most `max_ejection_time`) has passed since its ejection. True when it
+    /// returned.
+    pub fn tick(&self, cfg: &OutlierConfig, now: u64) -> bool {
+        let at = self.ejected_at_ms.load(Ordering::Relaxed);
+        if at == 0 {
+            let backoff = self.backoff.load(Ordering::Relaxed);
+            if backoff > 0 {
+                self.backoff.store(backoff - 1, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let backoff = self.backoff.load(Ordering::Relaxed);
+        let time = cfg
+            .base_ejection
+            .saturating_mul(backoff)
+            .min(cfg.max_ejection);
+        if now.saturating_sub(at) < time.as_millis() as u64 {
+            return false;
+        }
+        // The counters start over: a few new errors must not eject the host again at once.
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.ejected_at_ms.store(0, Ordering::Relaxed);
+        true
     }
 }
 
@@ -287,14 +324,14 @@ pub fn interval_outliers(
     out
 }
 
-/// Evaluates success rates and failure percentages every `interval` while the cluster lives.
+/// Envoy's interval timer, every `interval` while the cluster lives: ejected hosts whose time
+/// is up return, the others' backoff shrinks, then success rates and failure percentages are
+/// evaluated.
 pub fn start(cluster: &std::sync::Arc<super::Cluster>) {
     let Some(cfg) = cluster.outlier.clone() else {
         return;
     };
-    if cfg.success_rate.is_none() && cfg.failure_percentage.is_none() {
-        return;
-    }
+    let statistics = cfg.success_rate.is_some() || cfg.failure_percentage.is_some();
     let weak = std::sync::Arc::downgrade(cluster);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg.interval);
@@ -305,6 +342,15 @@ pub fn start(cluster: &std::sync::Arc<super::Cluster>) {
             let Some(c) = weak.upgrade() else { return };
             let set = c.endpoints.load_full();
             let all = set.all();
+            let now = now_ms();
+            for e in all {
+                if e.health.tick(&cfg, now) {
+                    tracing::info!(cluster = %c.name, host = %e.address, "outlier detection: host returned");
+                }
+            }
+            if !statistics {
+                continue;
+            }
             let stats: Vec<(u32, f64)> = all.iter().map(|e| take_interval(&e.health)).collect();
             for i in interval_outliers(&cfg, &stats, || fastrand::u32(..100)) {
                 if !all[i].health.is_ejected() {
@@ -392,6 +438,48 @@ mod tests {
         assert!(h.record(&cfg(), Outcome::Status(502)));
         h.eject(&cfg());
         assert!(h.is_ejected());
+    }
+
+    /// As Envoy's interval timer: an ejected host returns on the first tick after
+    /// base_ejection_time x backoff; each ejection raises the backoff, each interval spent not
+    /// ejected lowers it.
+    #[test]
+    fn an_ejected_host_returns_on_a_tick_and_its_backoff_decays() {
+        let c = cfg(); // base 30 s, max 300 s
+        let h = HostHealth::default();
+        h.eject_at(&c, 1_000);
+        assert!(h.is_ejected());
+        assert!(!h.tick(&c, 30_999), "30 s are not up");
+        assert!(h.is_ejected());
+        assert!(h.tick(&c, 31_000));
+        assert!(!h.is_ejected());
+        // Ejected again at once: twice as long.
+        h.eject_at(&c, 40_000);
+        assert!(!h.tick(&c, 99_999));
+        assert!(h.tick(&c, 100_000));
+        // Two intervals without an ejection: the backoff is back to none, the next ejection
+        // lasts 30 s again.
+        assert!(!h.tick(&c, 110_000));
+        assert!(!h.tick(&c, 120_000));
+        h.eject_at(&c, 130_000);
+        assert!(!h.tick(&c, 159_999));
+        assert!(h.tick(&c, 160_000));
+    }
+
+    /// The backoff stops growing past max + base, and an ejection lasts at most
+    /// max_ejection_time.
+    #[test]
+    fn ejection_time_is_capped() {
+        let c = cfg();
+        let h = HostHealth::default();
+        for _ in 0..20 {
+            h.eject_at(&c, 1);
+            assert!(h.tick(&c, 10_000_000));
+        }
+        assert_eq!(h.backoff.load(Ordering::Relaxed), 11);
+        h.eject_at(&c, 1_000);
+        assert!(!h.tick(&c, 300_999));
+        assert!(h.tick(&c, 301_000));
     }
 
     #[test]
