@@ -2,9 +2,10 @@
 //! Envoy does it (local-origin failures count as both when they are not split out), and, every
 //! `interval`, by success rate (hosts below the mean by `success_rate_stdev_factor` standard
 //! deviations) and failure percentage (hosts at or above `failure_percentage_threshold`),
-//! ejecting a host for `base_ejection_time` x its ejection count, never more than
-//! `max_ejection_percent` of the cluster at once. Ejected hosts are skipped by the load balancer unless too few hosts are
-//! left (the panic threshold).
+//! never ejecting more than `max_ejection_percent` of the cluster at once. An ejected host
+//! returns on the first `interval` tick after `base_ejection_time` x its backoff (see
+//! [`HostHealth::tick`]). Ejected hosts are skipped by the load balancer unless too few hosts
+//! are left (the panic threshold).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
