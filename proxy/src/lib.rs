@@ -26,6 +26,13 @@ pub mod tls;
 pub mod worker;
 pub mod xds;
 
+/// Locks a mutex that only one task uses at a time (a connection's or a request's own state,
+/// shared between the futures of that one task): a panic while it was held left no half-done
+/// update the next user could not take up, so poisoning is ignored.
+pub(crate) fn lock_own<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Envoy's duration to std's, treating negative values as zero.
 pub(crate) fn duration(d: &weft_xds_proto::wkt::Duration) -> std::time::Duration {
     std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)

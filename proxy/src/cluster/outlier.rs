@@ -254,14 +254,13 @@ impl HostHealth {
     /// returned.
     pub fn tick(&self, cfg: &OutlierConfig, now: u64) -> bool {
         let at = self.ejected_at_ms.load(Ordering::Relaxed);
+        let backoff = self.backoff.load(Ordering::Relaxed);
         if at == 0 {
-            let backoff = self.backoff.load(Ordering::Relaxed);
             if backoff > 0 {
                 self.backoff.store(backoff - 1, Ordering::Relaxed);
             }
             return false;
         }
-        let backoff = self.backoff.load(Ordering::Relaxed);
         let time = cfg
             .base_ejection
             .saturating_mul(backoff)

@@ -9,7 +9,7 @@
 //! whole first (`AttemptBody::Replay`), which costs less.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use http_body::{Body, Frame};
 
 use super::DownstreamBody;
 use super::h1::BoxError;
+use crate::lock_own as lock;
 
 /// Envoy's default request buffer limit (`per_connection_buffer_limit_bytes`, 1 MiB).
 pub const KEEP_LIMIT: usize = 1024 * 1024;
@@ -42,10 +43,10 @@ struct State {
     kept_bytes: usize,
     /// Frames read from the client so far.
     read: usize,
-    /// Frames are still kept: not past the limit, and another attempt may follow.
+    /// Frames are still kept: not past the limit, and another attempt may follow. Once a frame
+    /// was read and not kept (`kept` shorter than `read`), no new attempt can send the body
+    /// whole.
     keeping: bool,
-    /// A frame was read and not kept: no new attempt can send the body whole.
-    lost: bool,
     end: End,
     /// The attempt whose body this is; an earlier attempt's body reads nothing more.
     attempt: u64,
@@ -54,14 +55,6 @@ struct State {
 /// The client's body and what was kept of it; one per request.
 pub struct Tee {
     state: Arc<Mutex<State>>,
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Locked only by the request's own tasks, one poll at a time; a panic while it was held
-    // leaves the state consistent (each field is updated in one step).
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Tee {
@@ -73,7 +66,6 @@ impl Tee {
                 kept_bytes: 0,
                 read: 0,
                 keeping: true,
-                lost: false,
                 end: End::Open,
                 attempt: 0,
             })),
@@ -84,7 +76,7 @@ impl Tee {
     /// the client's body did not fail.
     pub fn replayable(&self) -> bool {
         let s = lock(&self.state);
-        !s.lost && s.end != End::Failed
+        s.kept.len() == s.read && s.end != End::Failed
     }
 
     /// The body of the next attempt: what was kept, then the rest as the client sends it. The
@@ -164,21 +156,14 @@ impl Body for TeeBody {
                         Some(d) => Some(Kept::Data(d.clone())),
                         None => frame.trailers_ref().cloned().map(Kept::Trailers),
                     };
-                    if let Some(k) = kept {
-                        s.kept.push(k);
-                    } else {
-                        // A frame of another kind: nothing to send again, but the count of
-                        // frames must match what is kept.
-                        s.lost = true;
-                    }
-                } else {
-                    // Past the limit (or no retry can follow): nothing more is kept, and what
-                    // was is of no use to a retry.
-                    if s.keeping {
-                        s.kept = Vec::new();
-                        s.keeping = false;
-                    }
-                    s.lost = true;
+                    // A frame of another kind is not kept: `kept` falls behind `read`, and
+                    // the body can no longer be sent whole.
+                    s.kept.extend(kept);
+                } else if s.keeping {
+                    // Past the limit: nothing more is kept, and what was is of no use to a
+                    // retry.
+                    s.kept = Vec::new();
+                    s.keeping = false;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -117,12 +117,9 @@ pub fn coalesce<S>(io: S) -> (Coalesced<S>, Drain<S>) {
     )
 }
 
+/// Only ever locked by the connection's own task, one poll at a time: never contended.
 fn lock<S>(state: &Mutex<State<S>>) -> MutexGuard<'_, State<S>> {
-    // Only ever locked by the connection's own task, one poll at a time: never contended, and
-    // a panic while it was held leaves nothing half-done that the next poll could not take up.
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::lock_own(state)
 }
 
 /// Runs `conn` (the connection served over the [`Coalesced`] half of `drain`'s pair), writing

@@ -696,19 +696,16 @@ async fn forward(
             headers: &parts.headers,
         })
     });
-    // As Envoy's router (unless `suppress_envoy_headers`): the upstream learns how long it has,
-    // the per-try timeout when the route has one, else the route's.
-    if pick.timed
-        && let Some(t) = action
-            .retry
-            .as_ref()
-            .and_then(|r| r.per_try_timeout)
-            .or(action.timeout)
-            .filter(|t| !t.is_zero())
-    {
-        parts
-            .headers
-            .insert(names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, milliseconds(t));
+    // The per-try timeout when the route has one, else the route's.
+    if pick.timed {
+        tell_timeout(
+            &mut parts.headers,
+            action
+                .retry
+                .as_ref()
+                .and_then(|r| r.per_try_timeout)
+                .or(action.timeout),
+        );
     }
     let head = match upstream_head(parts, authority, cluster.protocol, pick.secure) {
         Ok(h) => h,
@@ -1409,6 +1406,14 @@ fn request_id() -> HeaderValue {
 
 /// A duration in whole milliseconds as a header value: under 100 ms (nearly every answer) a
 /// slice of a static string, which needs no allocation; `HeaderValue::from(u64)` allocates.
+/// As Envoy's router (unless `suppress_envoy_headers`): the upstream learns how long it has
+/// (`x-envoy-expected-rq-timeout-ms`), when there is a limit.
+fn tell_timeout(headers: &mut HeaderMap, timeout: Option<Duration>) {
+    if let Some(t) = timeout.filter(|t| !t.is_zero()) {
+        headers.insert(names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, milliseconds(t));
+    }
+}
+
 fn milliseconds(d: Duration) -> HeaderValue {
     const DIGITS: &str = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
     let ms = d.as_millis();

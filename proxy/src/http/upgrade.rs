@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 
-use super::{ProxyBody, local_reply, milliseconds, names};
+use super::{ProxyBody, local_reply, milliseconds, names, tell_timeout};
 use crate::cluster::Cluster;
 use crate::cluster::UpstreamHead;
 
@@ -39,9 +39,8 @@ pub(crate) async fn forward(
     // As on other requests (unless `suppress_envoy_headers`): the upstream is told its time,
     // the answer says how long the upstream took.
     let since = timed.then(std::time::Instant::now);
-    if timed && let Some(t) = timeout.filter(|t| !t.is_zero()) {
-        head.headers
-            .insert(names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, milliseconds(t));
+    if timed {
+        tell_timeout(&mut head.headers, timeout);
     }
     let Some(endpoint) = cluster.pick(original, &[], 1, None) else {
         cluster.stats.upstream_cx_none_healthy.inc();
