@@ -316,12 +316,18 @@ impl Engine {
         })
     }
 
-    /// Whether the filter lets the request (or connection) through; also counts it. Returns
-    /// the name of the deciding policy for logs.
+    /// Whether the filter lets the request (or connection) through; also counts it.
     pub fn allows(&self, input: &Input<'_>) -> bool {
+        self.denies(input).is_none()
+    }
+
+    /// None when the filter lets the request (or connection) through, else the policy that
+    /// denied it as Envoy names it in response code details: the matching DENY policy, or
+    /// `none` when no ALLOW policy matched. Counts the decision.
+    pub fn denies(&self, input: &Input<'_>) -> Option<&str> {
         let Some(policies) = &self.policies else {
             self.allowed.inc();
-            return true;
+            return None;
         };
         let matched = policies.iter().find(|(_, p)| p.matches(input));
         let allowed = match self.action {
@@ -331,15 +337,16 @@ impl Engine {
         };
         if allowed {
             self.allowed.inc();
-        } else {
-            self.denied.inc();
-            tracing::debug!(
-                policy = matched.map(|(n, _)| n.as_str()).unwrap_or("(none matched)"),
-                principal = input.down.principal.as_deref().unwrap_or(""),
-                "RBAC: access denied"
-            );
+            return None;
         }
-        allowed
+        self.denied.inc();
+        let policy = matched.map(|(n, _)| n.as_str()).unwrap_or("none");
+        tracing::debug!(
+            policy,
+            principal = input.down.principal.as_deref().unwrap_or(""),
+            "RBAC: access denied"
+        );
+        Some(policy)
     }
 }
 

@@ -1,17 +1,23 @@
-//! Access logs (weftd `--access-log-file`, JSON encoding with Istio's keys) written by the client
-//! sidecar, weft-proxy and a stock Envoy fed the same config: the same requests must give the
-//! same fields (timings, ids and ports aside).
+//! Access logs (weftd `--access-log-file`, Istio's JSON encoding and keys) written by the client
+//! sidecar, in a mesh of weft-proxies and in the same mesh of stock Envoys fed the same config:
+//! the same requests (answered, refused, timed out, aborted, redirected, failed to connect, with
+//! no endpoint, preflighted, malformed) must give the same fields, response code details
+//! included (timings, ids and ports aside).
 
 use std::time::Duration;
 
 use weft_e2e::{Client, Quickstart, wait_until};
 
-const FIELDS: [&str; 12] = [
+/// Istio's JSON access log keys compared between the two proxies.
+const FIELDS: [&str; 17] = [
     "method",
     "path",
     "protocol",
     "response_code",
     "response_flags",
+    "response_code_details",
+    "connection_termination_details",
+    "upstream_transport_failure_reason",
     "bytes_received",
     "bytes_sent",
     "authority",
@@ -19,6 +25,9 @@ const FIELDS: [&str; 12] = [
     "upstream_cluster",
     "route_name",
     "x_forwarded_for",
+    "requested_server_name",
+    // The upstream connection's local IP (its port differs from run to run).
+    "upstream_local_ip",
 ];
 
 fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
@@ -42,11 +51,61 @@ spec:
   - match: [{ uri: { prefix: /cut } }]
     timeout: 300ms
     route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /slow } }]
+    timeout: 300ms
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /abort } }]
+    fault: { abort: { httpStatus: 418, percentage: { value: 100 } } }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /moved } }]
+    redirect: { uri: /elsewhere }
+  - match: [{ uri: { prefix: /try } }]
+    retries: { attempts: 1, perTryTimeout: 200ms, retryOn: gateway-error }
+    route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /cors } }]
+    corsPolicy: { allowOrigins: [{ exact: "http://a.example" }], allowMethods: [GET] }
+    route: [{ destination: { host: hello, subset: v1 } }]
   - route: [{ destination: { host: hello, subset: v1 } }]
 "#,
     );
+    // `refused.example`: one endpoint where nothing listens; `empty.example`: no endpoint.
+    q.write_file(
+        "service-entries.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: refused, namespace: default }
+spec:
+  hosts: [refused.example]
+  ports: [{ number: 8080, name: http, protocol: HTTP }]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{ address: 127.0.0.1, ports: { http: 1 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: empty, namespace: default }
+spec:
+  hosts: [empty.example]
+  ports: [{ number: 8080, name: http, protocol: HTTP }]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  workloadSelector: { labels: { app: nobody } }
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: refused, namespace: default }
+spec:
+  hosts: [refused.example]
+  http:
+  - match: [{ uri: { prefix: /once } }]
+    retries: { attempts: 0 }
+    route: [{ destination: { host: refused.example } }]
+  - route: [{ destination: { host: refused.example } }]
+"#,
+    );
     q.start_weftd();
-    q.start_hello();
+    // The same proxy on every side: the client's answers pass through hello's sidecar too.
+    q.start_hello_with([envoy, envoy]);
     q.start_client(envoy);
     let mut c = Client::new(q.egress());
     let ua = ("user-agent", "weft-e2e/1");
@@ -54,9 +113,23 @@ spec:
         ("hello", "/ok?x=1"),
         ("hello", "/boom?status=500"),
         ("nobody", "/"),
+        ("hello", "/slow?delay_ms=2000"),
+        ("hello", "/abort"),
+        ("hello", "/moved"),
+        ("refused.example", "/"),
+        ("empty.example", "/"),
+        ("hello", "/try?delay_ms=1000"),
+        ("refused.example", "/once"),
     ] {
         c.request("GET", host, path, &[ua]).expect("request");
     }
+    let preflight = [
+        ua,
+        ("origin", "http://a.example"),
+        ("access-control-request-method", "GET"),
+    ];
+    c.request("OPTIONS", "hello", "/cors", &preflight)
+        .expect("preflight");
     c.request("POST", "hello", "/post", &[ua, ("content-length", "0")])
         .expect("post");
     // The answer's head arrives, its body is cut at the route timeout: the client's read fails.
@@ -87,7 +160,7 @@ spec:
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["downstream_local_address"] == egress.as_str())
             .collect();
-        (lines.len() >= 7).then_some(lines)
+        (lines.len() >= 15).then_some(lines)
     })
     .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
     q.assert_client_nacked_nothing();
@@ -114,31 +187,82 @@ spec:
         .collect();
     assert_eq!(
         upstream_hosts,
-        [true, true, false, true, true, false, false],
+        [
+            true, true, false, true, false, false, false, false, true, false, false, true, true,
+            false, false
+        ],
         "{name}: {lines:#?}"
     );
     lines
         .iter()
-        .map(|l| FIELDS.iter().map(|f| l[*f].to_string()).collect())
+        .map(|l| {
+            FIELDS
+                .iter()
+                .map(|f| match *f {
+                    "upstream_local_ip" => l["upstream_local_address"]
+                        .as_str()
+                        .and_then(|a| a.rsplit_once(':'))
+                        .map(|(ip, _)| ip.to_string())
+                        .unwrap_or_else(|| l["upstream_local_address"].to_string()),
+                    f => l[f].to_string(),
+                })
+                .collect()
+        })
         .collect()
 }
 
 #[test]
 fn weft_proxy_and_envoy_write_the_same_access_log_fields() {
     let weft = run("access-log-weft", 68, false);
-    assert_eq!(weft[0][3], "200");
-    assert_eq!(weft[1][3], "500");
-    assert_eq!(
-        (weft[2][3].as_str(), weft[2][4].as_str()),
-        ("404", "\"NR\"")
-    );
-    // The cut answer: the upstream's status, flagged as timed out.
-    assert_eq!(
-        (weft[4][3].as_str(), weft[4][4].as_str()),
-        ("200", "\"UT\"")
-    );
     let envoy = run("access-log-envoy", 69, true);
-    for (i, (w, e)) in weft.iter().zip(&envoy).enumerate() {
-        assert_eq!(w, e, "line {i}: weft-proxy and Envoy differ ({FIELDS:?})");
-    }
+    let differ: Vec<String> = weft
+        .iter()
+        .zip(&envoy)
+        .enumerate()
+        .flat_map(|(i, (w, e))| {
+            FIELDS
+                .iter()
+                .zip(w.iter().zip(e))
+                .filter(|(_, (w, e))| w != e)
+                .map(move |(f, (w, e))| format!("line {i} {f}: weft-proxy {w}, Envoy {e}"))
+        })
+        .collect();
+    assert!(differ.is_empty(), "{differ:#?}");
+    // What both wrote, as Istio users read it: status, flags and details per scenario.
+    let seen: Vec<(&str, &str, &str)> = weft
+        .iter()
+        .map(|l| {
+            (
+                l[3].as_str(),
+                l[4].trim_matches('"'),
+                l[5].trim_matches('"'),
+            )
+        })
+        .collect();
+    let refused = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
+    assert_eq!(
+        seen,
+        [
+            ("200", "-", "via_upstream"),
+            ("500", "-", "via_upstream"),
+            ("404", "NR", "route_not_found"),
+            ("504", "UT", "response_timeout"),
+            ("418", "FI", "fault_filter_abort"),
+            ("301", "-", "direct_response"),
+            ("503", "URX,UF", refused),
+            ("503", "UH", "no_healthy_upstream"),
+            ("504", "URX,UT", "upstream_per_try_timeout"),
+            ("503", "UF", refused),
+            ("200", "-", "cors_response"),
+            ("200", "-", "via_upstream"),
+            ("200", "UT", "response_timeout"),
+            ("400", "DPE", "http1.codec_error"),
+            ("426", "DPE", "low_version"),
+        ]
+    );
+    assert_eq!(
+        weft[6][7], "\"delayed_connect_error:_Connection_refused\"",
+        "{:?}",
+        weft[6]
+    );
 }

@@ -731,12 +731,10 @@ pub(super) fn listener(name: &str, bind: &str, port: u32, network_filter: Filter
     }
 }
 
-/// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
-/// on with their per-route config), as Istio's sidecar outbound listeners do.
-/// Envoy's default access log line (weft-proxy fills every operator of it).
-const TEXT_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %ROUTE_NAME%\n";
+/// Istio's default access log line (`meshConfig.accessLogEncoding: TEXT`), operator for operator.
+const TEXT_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
 
-/// The JSON log's keys, as Istio names them.
+/// Istio's default JSON access log (`accessLogEncoding: JSON`): its keys and operators.
 const JSON_LOG_FIELDS: &[(&str, &str)] = &[
     ("start_time", "%START_TIME%"),
     ("method", "%REQ(:METHOD)%"),
@@ -744,6 +742,15 @@ const JSON_LOG_FIELDS: &[(&str, &str)] = &[
     ("protocol", "%PROTOCOL%"),
     ("response_code", "%RESPONSE_CODE%"),
     ("response_flags", "%RESPONSE_FLAGS%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    (
+        "connection_termination_details",
+        "%CONNECTION_TERMINATION_DETAILS%",
+    ),
+    (
+        "upstream_transport_failure_reason",
+        "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    ),
     ("bytes_received", "%BYTES_RECEIVED%"),
     ("bytes_sent", "%BYTES_SENT%"),
     ("duration", "%DURATION%"),
@@ -756,9 +763,11 @@ const JSON_LOG_FIELDS: &[(&str, &str)] = &[
     ("request_id", "%REQ(X-REQUEST-ID)%"),
     ("authority", "%REQ(:AUTHORITY)%"),
     ("upstream_host", "%UPSTREAM_HOST%"),
-    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"),
+    ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"),
     ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
     ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
     ("route_name", "%ROUTE_NAME%"),
 ];
 
@@ -810,6 +819,8 @@ fn access_log(settings: &crate::model::AccessLogSettings) -> AccessLog {
 /// keep Envoy's default, "envoy", as Istio's do).
 pub(super) const ISTIO_SERVER_NAME: &str = "istio-envoy";
 
+/// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
+/// on with their per-route config), as Istio's sidecar outbound listeners do.
 /// `server_name`: None for Envoy's default; the header overwrites the application's either way
 /// (Envoy's default transformation, which Istio keeps).
 pub(super) fn http_connection_manager(

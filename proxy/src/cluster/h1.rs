@@ -40,6 +40,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Conn {
     io: UpstreamStream,
     read: BytesMut,
+    /// The connection's local address, for access logs.
+    pub local: Option<std::net::SocketAddr>,
     /// Requests this connection has carried.
     pub uses: u32,
     _active: Active,
@@ -57,6 +59,7 @@ impl Conn {
     pub fn new(io: UpstreamStream, active: Arc<Gauge>) -> Conn {
         active.inc();
         Conn {
+            local: io.local_addr(),
             io,
             read: BytesMut::new(),
             uses: 0,

@@ -27,7 +27,7 @@ use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
 pub use pool::{
-    ConnectionLimits, DownstreamBody, Pool, StreamedBody, UpstreamBody, UpstreamError,
+    Attempted, ConnectionLimits, DownstreamBody, Pool, StreamedBody, UpstreamBody, UpstreamError,
     UpstreamHead, UpstreamProtocol, UpstreamResponseBody,
 };
 

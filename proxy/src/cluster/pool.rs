@@ -100,6 +100,31 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Envoy's words for the failure: the stream's reset reason, the response flag, and the
+    /// connection's failure reason when it has one (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`).
+    pub fn reset_reason(&self) -> (&'static str, &'static str, Option<String>) {
+        match self {
+            UpstreamError::ConnectTimeout(_) => ("connection timeout", "UF", None),
+            UpstreamError::Connect { source, .. } => (
+                "remote connection failure",
+                "UF",
+                Some(format!("delayed connect error: {}", os_message(source))),
+            ),
+            UpstreamError::Handshake { source, .. } => (
+                "remote connection failure",
+                "UF",
+                Some(format!("HTTP/2 handshake error: {source}")),
+            ),
+            UpstreamError::Tls { source, .. } => (
+                "remote connection failure",
+                "UF",
+                Some(format!("TLS error: {source}")),
+            ),
+            UpstreamError::Reset { .. } => ("connection termination", "UC", None),
+            UpstreamError::Protocol { .. } => ("protocol error", "UPE", None),
+        }
+    }
+
     /// True when no byte reached the upstream (Envoy's `UF`, connect-failure).
     pub fn is_connect_failure(&self) -> bool {
         matches!(
@@ -112,10 +137,30 @@ impl UpstreamError {
     }
 }
 
+/// The system's message for an I/O error, without Rust's " (os error N)" suffix
+/// ("Connection refused").
+fn os_message(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
 /// An upstream connection: plain TCP, or TLS over it (the cluster's transport socket).
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// The connection's local address (one `getsockname`).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            UpstreamStream::Plain(s) => s.local_addr().ok(),
+            UpstreamStream::Tls(s) => s.get_ref().0.local_addr().ok(),
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for UpstreamStream {
@@ -267,7 +312,8 @@ struct WorkerConnections {
     idle: Mutex<IdlePool>,
     limits: ConnectionLimits,
     /// The shared HTTP/2 connection and how many streams it has carried.
-    h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, u32)>>,
+    /// The worker's HTTP/2 connection: its sender, the streams it carried, its local address.
+    h2: Mutex<Option<H2Conn>>,
 }
 
 impl std::fmt::Debug for WorkerConnections {
@@ -315,6 +361,23 @@ impl h1::Home for WorkerConnections {
         }
         pool.busy = pool.busy.saturating_sub(1);
     }
+}
+
+/// What an attempt got so far, for access logs when a timeout drops it midway: the host
+/// picked and the local address of the connection carrying the request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Attempted {
+    pub host: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+}
+
+/// A worker's HTTP/2 connection to the endpoint.
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    /// Streams it has carried.
+    uses: u32,
+    local: Option<SocketAddr>,
 }
 
 /// Per-connection limits (the cluster's `common_http_protocol_options`).
@@ -372,16 +435,19 @@ impl Pool {
     }
 
     /// Sends a request (its head already in the upstream's form: origin-form URI and Host
-    /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head. HTTP/1.1
-    /// writes a borrowed head as it is; HTTP/2 (hyper) needs a request of its own.
+    /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head with the
+    /// local address of the connection that carried it. HTTP/1.1 writes a borrowed head as it
+    /// is; HTTP/2 (hyper) needs a request of its own.
+    /// `seen` learns the connection's local address as soon as the request has one.
     pub async fn send(
         &self,
         head: std::borrow::Cow<'_, UpstreamHead>,
         body: UpstreamBody,
-    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
+        seen: Option<&Mutex<Attempted>>,
+    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
         match self.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(&head, body).await,
-            UpstreamProtocol::Http2 => self.send_h2(UpstreamHead::request(head, body)).await,
+            UpstreamProtocol::Http1 => self.send_h1(&head, body, seen).await,
+            UpstreamProtocol::Http2 => self.send_h2(UpstreamHead::request(head, body), seen).await,
         }
     }
 
@@ -389,7 +455,8 @@ impl Pool {
         &self,
         head: &UpstreamHead,
         body: UpstreamBody,
-    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
+        seen: Option<&Mutex<Attempted>>,
+    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
         let worker = self.mine();
         let busy = Busy::start(worker.clone());
         let mut body = h1::Outgoing::of(body);
@@ -402,15 +469,19 @@ impl Pool {
                 None => (Box::pin(self.connect_h1()).await?, false),
             };
             conn.uses += 1;
+            if let Some(s) = seen {
+                crate::lock_own(s).local = conn.local;
+            }
             match h1::exchange(&mut conn, &head, &mut body).await {
                 Ok(resp) => {
+                    let local = conn.local;
                     let home: Arc<dyn h1::Home> = busy.hand_over();
                     let body = h1::ResponseBody::new(conn, &resp, home);
                     let mut out = Response::new(http_body_util::Either::Right(body));
                     *out.status_mut() = resp.status;
                     *out.version_mut() = resp.version;
                     *out.headers_mut() = resp.headers;
-                    return Ok(out);
+                    return Ok((out, local));
                 }
                 Err(e) if reused && e.stale(&head, &body) => continue,
                 Err(e) if e.protocol => {
@@ -479,15 +550,22 @@ impl Pool {
         Ok(h1::Conn::new(stream, self.stats.cx_active.clone()))
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+    async fn connect_h2(
+        &self,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
         let stream = self.connect().await?;
+        let local = stream.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| self.handshake_failed(source))?;
         self.drive(conn);
-        *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), 1));
-        Ok(sender)
+        *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Conn {
+            sender: sender.clone(),
+            uses: 1,
+            local,
+        });
+        Ok((sender, local))
     }
 
     fn handshake_failed(&self, source: hyper::Error) -> UpstreamError {
@@ -510,32 +588,36 @@ impl Pool {
     async fn send_h2(
         &self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
+        seen: Option<&Mutex<Attempted>>,
+    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
         // Take the shared connection and count this stream on it; after
         // max_requests_per_connection streams the next request opens a fresh connection.
         let existing = {
             let mut h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
-            let usable = h2.as_ref().is_some_and(|(s, uses)| {
-                !s.is_closed() && self.limits.max_requests.is_none_or(|m| *uses < m)
+            let usable = h2.as_ref().is_some_and(|c| {
+                !c.sender.is_closed() && self.limits.max_requests.is_none_or(|m| c.uses < m)
             });
             if usable {
-                h2.as_mut().map(|(s, uses)| {
-                    *uses += 1;
-                    s.clone()
+                h2.as_mut().map(|c| {
+                    c.uses += 1;
+                    (c.sender.clone(), c.local)
                 })
             } else {
                 *h2 = None;
                 None
             }
         };
-        let mut sender = match existing {
+        let (mut sender, local) = match existing {
             Some(s) => s,
             None => Box::pin(self.connect_h2()).await?,
         };
+        if let Some(s) = seen {
+            crate::lock_own(s).local = local;
+        }
         sender
             .send_request(req)
             .await
-            .map(|resp| resp.map(http_body_util::Either::Left))
+            .map(|resp| (resp.map(http_body_util::Either::Left), local))
             .map_err(|source| UpstreamError::Reset {
                 addr: self.addr,
                 source: source.into(),

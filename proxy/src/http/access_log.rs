@@ -33,6 +33,11 @@ enum Op {
     Duration,
     UpstreamHost,
     UpstreamCluster,
+    UpstreamLocalAddress,
+    UpstreamTransportFailureReason,
+    ResponseCodeDetails,
+    ConnectionTerminationDetails,
+    RequestedServerName,
     RouteName,
     DownstreamRemoteAddress,
     DownstreamLocalAddress,
@@ -48,6 +53,11 @@ enum Piece {
 enum Format {
     Text(Vec<Piece>),
     Json(Vec<(String, Vec<Piece>)>),
+}
+
+/// A value with its spaces as underscores, as Envoy logs details and failure reasons.
+fn no_spaces(v: &str) -> String {
+    v.replace(' ', "_")
 }
 
 /// What one request and its response left for the log.
@@ -67,6 +77,15 @@ pub struct Entry {
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
     pub upstream_cluster: Option<String>,
+    /// The local address of the upstream connection that carried the answer.
+    pub upstream_local: Option<SocketAddr>,
+    /// Why the connection to the upstream failed, as Envoy words it ("delayed connect error:
+    /// Connection refused").
+    pub transport_failure: Option<String>,
+    /// Envoy's response code details: `via_upstream`, or why the proxy answered itself.
+    pub details: std::borrow::Cow<'static, str>,
+    /// The SNI of the downstream TLS connection.
+    pub requested_server_name: Option<Arc<str>>,
     pub route_name: Option<String>,
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
@@ -110,7 +129,13 @@ fn parse_op(name: &str) -> Result<Op, String> {
         "BYTES_SENT" => Op::BytesSent,
         "DURATION" => Op::Duration,
         "UPSTREAM_HOST" => Op::UpstreamHost,
-        "UPSTREAM_CLUSTER" => Op::UpstreamCluster,
+        // weft-proxy has no `alt_stat_name`: the raw name is the name.
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Op::UpstreamCluster,
+        "UPSTREAM_LOCAL_ADDRESS" => Op::UpstreamLocalAddress,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => Op::UpstreamTransportFailureReason,
+        "RESPONSE_CODE_DETAILS" => Op::ResponseCodeDetails,
+        "CONNECTION_TERMINATION_DETAILS" => Op::ConnectionTerminationDetails,
+        "REQUESTED_SERVER_NAME" => Op::RequestedServerName,
         "ROUTE_NAME" => Op::RouteName,
         "DOWNSTREAM_REMOTE_ADDRESS" => Op::DownstreamRemoteAddress,
         "DOWNSTREAM_LOCAL_ADDRESS" => Op::DownstreamLocalAddress,
@@ -261,6 +286,16 @@ impl AccessLog {
             Op::Duration => e.started.map(|s| s.elapsed().as_millis().to_string()),
             Op::UpstreamHost => e.upstream_host.map(|a| a.to_string()),
             Op::UpstreamCluster => e.upstream_cluster.clone(),
+            Op::UpstreamLocalAddress => e.upstream_local.map(|a| a.to_string()),
+            // Envoy writes these two with their spaces as underscores.
+            Op::UpstreamTransportFailureReason => e.transport_failure.as_deref().map(no_spaces),
+            Op::ResponseCodeDetails => Some(e.details.as_ref())
+                .filter(|d| !d.is_empty())
+                .map(no_spaces),
+            // Set by network filters that close a connection (Envoy's RBAC network filter);
+            // weft-proxy's closes it before any HTTP request exists.
+            Op::ConnectionTerminationDetails => None,
+            Op::RequestedServerName => e.requested_server_name.as_deref().map(str::to_string),
             Op::RouteName => e.route_name.clone(),
             Op::DownstreamRemoteAddress => e.downstream_remote.map(|a| a.to_string()),
             Op::DownstreamLocalAddress => e.downstream_local.map(|a| a.to_string()),
@@ -361,6 +396,46 @@ mod tests {
         assert_eq!(
             AccessLog::render(&parse_text("%REQ(X-A?X-B):3%").unwrap(), &e2),
             "abc"
+        );
+    }
+
+    /// Istio's default line: details and failure reasons with underscores for spaces, the
+    /// upstream connection's local address, the SNI, `-` for what is not known.
+    #[test]
+    fn istios_default_line_renders_every_operator() {
+        let format = "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% \
+                      %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" \
+                      %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %REQUESTED_SERVER_NAME%";
+        let pieces = parse_text(format).unwrap();
+        let failed = Entry {
+            status: 503,
+            flags: "UF".into(),
+            details: "upstream_reset_before_response_started{remote_connection_failure}".into(),
+            transport_failure: Some("delayed connect error: Connection refused".into()),
+            upstream_cluster: Some("outbound|80||a".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            AccessLog::render(&pieces, &failed),
+            "503 UF upstream_reset_before_response_started{remote_connection_failure} - \
+             \"delayed_connect_error:_Connection_refused\" outbound|80||a - -"
+        );
+        let answered = Entry {
+            status: 200,
+            details: "via_upstream".into(),
+            upstream_cluster: Some("outbound|80||a".into()),
+            upstream_local: Some("10.0.0.1:40000".parse().unwrap()),
+            requested_server_name: Some("a.example".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            AccessLog::render(&pieces, &answered),
+            "200 - via_upstream - \"-\" outbound|80||a 10.0.0.1:40000 a.example"
+        );
+        // Nothing known (the default entry): `-` everywhere but the status.
+        assert_eq!(
+            AccessLog::render(&pieces, &Entry::default()),
+            "0 - - - \"-\" - - -"
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod router;
 mod server;
 pub mod upgrade;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -337,6 +338,7 @@ pub async fn serve_connection<S>(
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         let down = down.clone();
+        strip_envoy_controls(req.headers_mut());
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
         if !req.headers().contains_key(names::X_REQUEST_ID) {
@@ -350,7 +352,7 @@ pub async fn serve_connection<S>(
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
-            let mut entry = Box::new(request_entry(&req, peer, local));
+            let mut entry = Box::new(request_entry(&req, peer, local, &down));
             let mut resp = proxy_request(&proxy, &hcm, &down, req).await;
             response_entry(&mut entry, &resp);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
@@ -429,12 +431,23 @@ async fn route_and_forward(
     let snapshot = proxy.snapshot();
     // 1. Route: virtual host by authority, then the first matching route.
     let Some(authority) = authority_of(&req) else {
-        return local_reply(StatusCode::BAD_REQUEST, "missing host header", "DPE");
+        return local_reply(
+            StatusCode::BAD_REQUEST,
+            "missing host header",
+            "DPE",
+            "missing_host_header",
+        );
     };
     let table = match &hcm.routes {
         RouteSource::Static(t) => Some(t.clone()),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
+    let mut req = req;
+    if let Some(t) = table.as_deref() {
+        for name in &t.internal_only {
+            req.headers_mut().remove(name);
+        }
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -452,9 +465,14 @@ async fn route_and_forward(
             down,
             request: Some(&view),
         };
-        if !hcm.rbac.iter().all(|e| e.allows(&input)) {
+        if let Some(denied) = hcm.rbac.iter().find_map(|e| e.denies(&input)) {
             hcm.stats.rbac_denied.inc();
-            return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied", "RBAC");
+            return local_reply(
+                StatusCode::FORBIDDEN,
+                "RBAC: access denied",
+                "RBAC",
+                format!("rbac_access_denied_matched_policy[{denied}]"),
+            );
         }
     }
     let Some(route) = table.as_deref().and_then(|t| {
@@ -466,7 +484,7 @@ async fn route_and_forward(
         })
     }) else {
         hcm.stats.no_route.inc();
-        return local_reply(StatusCode::NOT_FOUND, "", "NR");
+        return local_reply(StatusCode::NOT_FOUND, "", "NR", "route_not_found");
     };
     // 1b. Local rate limit, when the chain has the filter: the route's (or its virtual host's)
     //     config, else the filter's.
@@ -485,9 +503,10 @@ async fn route_and_forward(
                     StatusCode::from_u16(limit.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 // Envoy 1.40 sends no `x-envoy-ratelimited` for local limits (its older docs
                 // said it did): the configured response headers only.
-                let mut resp = local_reply(status, "local_rate_limited", "RL");
+                let mut resp =
+                    local_reply(status, "local_rate_limited", "RL", "local_rate_limited");
                 limit.response_headers.apply(resp.headers_mut());
-                return resp;
+                return routed(hcm, route, resp);
             }
         }
     }
@@ -498,15 +517,66 @@ async fn route_and_forward(
     if let (Some(policy), Some(origin)) = (cors, &cors_origin)
         && cors::is_preflight(req.method(), req.headers())
     {
-        let mut resp = local_reply(StatusCode::OK, "", "-");
+        let mut resp = local_reply(StatusCode::OK, "", "-", "cors_response");
         resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
         policy.preflight_headers(origin.clone(), resp.headers_mut());
-        return resp;
+        return routed(hcm, route, resp);
     }
-    let mut resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
+    let resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
+    let mut resp = routed(hcm, route, resp);
     if let (Some(policy), Some(origin)) = (cors, cors_origin) {
         policy.response_headers(origin, resp.headers_mut());
     }
+    resp
+}
+
+/// Removes the `x-envoy-*` headers that steer a proxy (retries, timeouts, tracing) from a
+/// request: Envoy's connection manager removes them from every request it does not count as
+/// internal (one whose `x-forwarded-for` holds a single internal address), and weft-proxy
+/// counts none as internal, so a client cannot set its own retries or timeouts through them.
+fn strip_envoy_controls(headers: &mut HeaderMap) {
+    const CONTROLS: [&str; 10] = [
+        "x-envoy-retry-on",
+        "x-envoy-retry-grpc-on",
+        "x-envoy-max-retries",
+        "x-envoy-upstream-alt-stat-name",
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "x-envoy-upstream-rq-timeout-alt-response",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-envoy-force-trace",
+        "x-envoy-ip-tags",
+    ];
+    // Most requests carry none: one pass over the names instead of ten lookups.
+    if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
+        return;
+    }
+    for name in CONTROLS {
+        headers.remove(name);
+    }
+}
+
+/// For access logs: the route that matched, and its cluster when the answer is the proxy's own
+/// (Envoy knows the cluster from the moment the route is chosen).
+fn routed(
+    hcm: &ConnectionManager,
+    route: &router::Route,
+    mut resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if hcm.access_logs.is_none() {
+        return resp;
+    }
+    if let Action::Forward(a) = &route.action
+        && resp.extensions().get::<LocalReply>().is_some()
+        && resp.extensions().get::<Upstream>().is_none()
+    {
+        resp.extensions_mut().insert(Upstream {
+            host: None,
+            cluster: a.cluster.pick().to_string(),
+            local: None,
+        });
+    }
+    resp.extensions_mut().insert(RouteName(route.name.clone()));
     resp
 }
 
@@ -547,6 +617,7 @@ async fn route_rest(
                 StatusCode::from_u16(r.status()).unwrap_or(StatusCode::MOVED_PERMANENTLY),
                 "",
                 "-",
+                "direct_response",
             );
             resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
             if let Ok(v) = HeaderValue::from_str(&r.location(authority, path)) {
@@ -558,6 +629,11 @@ async fn route_rest(
         Action::Direct { status, body } => {
             let mut resp = Response::new(Either::Right(Full::new(body.clone())));
             *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            resp.extensions_mut().insert(LocalReply {
+                message: String::new(),
+                details: Cow::Borrowed("direct_response"),
+                transport: None,
+            });
             if !body.is_empty() {
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -569,7 +645,12 @@ async fn route_rest(
     };
     let Some(cluster) = snapshot.clusters.get(action.cluster.pick()).cloned() else {
         hcm.stats.no_cluster.inc();
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "", "NC");
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "",
+            "NC",
+            "cluster_not_found",
+        );
     };
     let mirrors: Vec<Mirror> = action
         .mirrors
@@ -653,9 +734,6 @@ async fn route_rest(
         },
     )
     .await;
-    if log {
-        resp.extensions_mut().insert(RouteName(route.name.clone()));
-    }
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -737,6 +815,10 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
+    // Access logs name the host and connection a timeout cut short, as Envoy's do.
+    let seen = (pick.log
+        && (action.timeout.is_some() || retry.is_some_and(|r| r.per_try_timeout.is_some())))
+    .then(|| std::sync::Mutex::new(crate::cluster::Attempted::default()));
     // The attempts' future is built inside each arm, not bound first: a future held in a local
     // and then awaited through a wrapper takes room twice in this function's own future.
     match action.timeout {
@@ -744,7 +826,7 @@ async fn forward(
             let at = tokio::time::Instant::now() + t;
             match tokio::time::timeout_at(
                 at,
-                attempt_until_done(cluster, retry, head, &mut body, pick),
+                attempt_until_done(cluster, retry, head, &mut body, pick, seen.as_ref()),
             )
             .await
             {
@@ -753,15 +835,25 @@ async fn forward(
                 Err(_) => {
                     cluster.stats.upstream_rq_timeout.inc();
                     cluster.stats.upstream_rq_xx.record(504);
-                    local_reply(
+                    let mut resp = local_reply(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream request timeout",
                         "UT",
-                    )
+                        "response_timeout",
+                    );
+                    if let Some(s) = &seen {
+                        let tried = crate::lock_own(s);
+                        resp.extensions_mut().insert(Upstream {
+                            host: tried.host,
+                            cluster: cluster.name.clone(),
+                            local: tried.local,
+                        });
+                    }
+                    resp
                 }
             }
         }
-        None => attempt_until_done(cluster, retry, head, &mut body, pick).await,
+        None => attempt_until_done(cluster, retry, head, &mut body, pick, seen.as_ref()).await,
     }
 }
 
@@ -806,12 +898,15 @@ struct BodyTimer {
 /// `previous_hosts`), within the circuit breakers (a connection slot per HTTP/1.1 request,
 /// at most `max_retries` retries in flight), bounded by the per-try timeout, with jittered
 /// exponential backoff between attempts. Every outcome feeds outlier detection.
+/// `seen` (access logs, when a timeout may drop the attempt midway): the host and connection
+/// the current attempt uses.
 async fn attempt_until_done(
     cluster: &crate::cluster::Cluster,
     retry: Option<&retry::RetryPolicy>,
     head: UpstreamHead,
     body: &mut AttemptBody,
     pick: Pick,
+    seen: Option<&std::sync::Mutex<crate::cluster::Attempted>>,
 ) -> Response<ProxyBody> {
     use crate::cluster::outlier::Outcome;
     let Pick {
@@ -822,10 +917,15 @@ async fn attempt_until_done(
         ..
     } = pick;
     // For access logs: which host the answer (or the failure) came from.
-    let mark = |mut resp: Response<ProxyBody>, host: std::net::SocketAddr| {
+    let mark = |mut resp: Response<ProxyBody>,
+                host: Option<std::net::SocketAddr>,
+                local: Option<std::net::SocketAddr>| {
         if log {
-            resp.extensions_mut()
-                .insert(Upstream(host, cluster.name.clone()));
+            resp.extensions_mut().insert(Upstream {
+                host,
+                cluster: cluster.name.clone(),
+                local,
+            });
         }
         resp
     };
@@ -853,8 +953,14 @@ async fn attempt_until_done(
             hash,
         ) else {
             cluster.stats.upstream_cx_none_healthy.inc();
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+            return mark(no_healthy_upstream(), None, None);
         };
+        if let Some(s) = seen {
+            *crate::lock_own(s) = crate::cluster::Attempted {
+                host: Some(endpoint.address),
+                local: None,
+            };
+        }
         // Kept only for `previous_hosts` (retries on another host): the vector allocates.
         if max_retries > 0 && retry.is_some_and(|r| r.other_host) {
             tried.push(endpoint.address);
@@ -881,14 +987,14 @@ async fn attempt_until_done(
         };
         let Some(req) = req else {
             // Unreachable: the head is taken only by the last attempt, after which we return.
-            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "", "-");
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "", "-", "internal_error");
         };
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let outcome = match per_try {
-            Some(t) => tokio::time::timeout(t, endpoint.pool.send(req, body.next()))
+            Some(t) => tokio::time::timeout(t, endpoint.pool.send(req, body.next(), seen))
                 .await
                 .ok(),
-            None => Some(endpoint.pool.send(req, body.next()).await),
+            None => Some(endpoint.pool.send(req, body.next(), seen).await),
         };
         let again = |why: &str| {
             tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
@@ -929,7 +1035,7 @@ async fn attempt_until_done(
             }
         };
         match outcome {
-            Some(Ok(mut resp)) => {
+            Some(Ok((mut resp, local))) => {
                 let status = resp.status().as_u16();
                 cluster.stats.upstream_rq_xx.record(status);
                 if status >= 500 {
@@ -953,7 +1059,7 @@ async fn attempt_until_done(
                             milliseconds(t.elapsed()),
                         );
                     }
-                    return mark(resp.map(Either::Left), endpoint.address);
+                    return mark(resp.map(Either::Left), Some(endpoint.address), local);
                 }
             }
             Some(Err(e)) => {
@@ -973,17 +1079,8 @@ async fn attempt_until_done(
                 }
                 if !retry_allowed(retry.is_some_and(|r| r.retries_error(&e))) {
                     tracing::debug!(cluster = %cluster.name, "upstream failure: {e}");
-                    let (reason, flag) = if e.is_connect_failure() {
-                        ("connection failure", "UF")
-                    } else if protocol {
-                        ("protocol error", "UPE")
-                    } else {
-                        ("connection termination", "UC")
-                    };
-                    let body = format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
-                    );
-                    return mark(local_reply(status, &body, flag), endpoint.address);
+                    let resp = upstream_failure(&e, attempt > 0, refused);
+                    return mark(resp, Some(endpoint.address), None);
                 }
                 again(&e.to_string());
             }
@@ -993,11 +1090,20 @@ async fn attempt_until_done(
                 cluster.observe(&endpoint, Outcome::LocalFailure);
                 if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
                     cluster.stats.upstream_rq_xx.record(504);
-                    return local_reply(
+                    let mut resp = local_reply(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream request timeout",
                         "UT",
+                        "upstream_per_try_timeout",
                     );
+                    if let Some(flag) = refused {
+                        resp.headers_mut().insert(
+                            names::X_WEFT_RESPONSE_FLAGS,
+                            HeaderValue::from_static(with_retry_flag(flag, "UT")),
+                        );
+                    }
+                    let local = seen.and_then(|s| crate::lock_own(s).local);
+                    return mark(resp, Some(endpoint.address), local);
                 }
                 again("per-try timeout");
             }
@@ -1064,11 +1170,12 @@ fn shadow(
         m.cluster.stats.upstream_rq_total.inc();
         endpoint.stats.rq_total.inc();
         let send = async {
-            if let Ok(resp) = endpoint
+            if let Ok((resp, _)) = endpoint
                 .pool
                 .send(
                     std::borrow::Cow::Borrowed(&head),
                     Either::Right(Full::new(body)),
+                    None,
                 )
                 .await
             {
@@ -1089,6 +1196,7 @@ fn overflow() -> Response<ProxyBody> {
         StatusCode::SERVICE_UNAVAILABLE,
         "upstream connect error or disconnect/reset before headers. reset reason: overflow",
         "UO",
+        "upstream_reset_before_response_started{overflow}",
     );
     resp.headers_mut().insert(
         HeaderName::from_static("x-envoy-overloaded"),
@@ -1102,10 +1210,10 @@ fn fault_abort(abort: fault::Abort) -> Response<ProxyBody> {
     match abort {
         fault::Abort::Http(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            local_reply(status, "fault filter abort", "FI")
+            local_reply(status, "fault filter abort", "FI", FAULT_ABORT)
         }
         fault::Abort::Grpc(code) => {
-            let mut resp = local_reply(StatusCode::OK, "", "FI");
+            let mut resp = local_reply(StatusCode::OK, "", "FI", FAULT_ABORT);
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
@@ -1258,7 +1366,12 @@ fn upstream_head(
                 && hosts.next().is_none();
             if !same_host {
                 let host = HeaderValue::from_str(authority).map_err(|_| {
-                    local_reply(StatusCode::BAD_REQUEST, "invalid authority", "DPE")
+                    local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "invalid authority",
+                        "DPE",
+                        "invalid_authority",
+                    )
                 })?;
                 parts.headers.insert(header::HOST, host);
             }
@@ -1269,8 +1382,14 @@ fn upstream_head(
             } else {
                 let mut p = http::uri::Parts::default();
                 p.path_and_query = Some(path);
-                Uri::from_parts(p)
-                    .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "invalid path", "DPE"))?
+                Uri::from_parts(p).map_err(|_| {
+                    local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "invalid path",
+                        "DPE",
+                        "invalid_path",
+                    )
+                })?
             };
             (uri, Version::HTTP_11)
         }
@@ -1282,7 +1401,12 @@ fn upstream_head(
                 .path_and_query(path)
                 .build()
                 .map_err(|_| {
-                    local_reply(StatusCode::BAD_REQUEST, "invalid authority or path", "DPE")
+                    local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "invalid authority or path",
+                        "DPE",
+                        "invalid_authority_or_path",
+                    )
                 })?;
             (uri, Version::HTTP_2)
         }
@@ -1344,6 +1468,7 @@ impl AttemptBody {
                 StatusCode::BAD_REQUEST,
                 "downstream request body reset",
                 "DR",
+                "downstream_remote_disconnect",
             )),
         }
     }
@@ -1440,9 +1565,14 @@ struct Pick {
     since: Option<std::time::Instant>,
 }
 
-/// The upstream host and cluster that answered, for access logs.
+/// The upstream host and cluster that answered (or failed), and the local address of the
+/// connection that carried the answer, for access logs.
 #[derive(Debug, Clone)]
-struct Upstream(std::net::SocketAddr, String);
+struct Upstream {
+    host: Option<std::net::SocketAddr>,
+    cluster: String,
+    local: Option<std::net::SocketAddr>,
+}
 
 /// The route that matched, for access logs.
 #[derive(Debug, Clone)]
@@ -1452,8 +1582,10 @@ fn request_entry(
     req: &Request<DownstreamBody>,
     peer: Option<std::net::SocketAddr>,
     local: Option<std::net::SocketAddr>,
+    down: &crate::listener::Downstream,
 ) -> access_log::Entry {
     access_log::Entry {
+        requested_server_name: down.sni.clone(),
         start: Some(std::time::SystemTime::now()),
         started: Some(std::time::Instant::now()),
         method: req.method().as_str().to_string(),
@@ -1498,6 +1630,12 @@ fn refused_logger(
             protocol: "HTTP/1.1",
             status: status.as_u16(),
             flags: "DPE".to_string(),
+            // As Envoy's HTTP/1.1 codec names them.
+            details: Cow::Borrowed(match status {
+                StatusCode::UPGRADE_REQUIRED => "low_version",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "http1.headers_too_large",
+                _ => "http1.codec_error",
+            }),
             bytes_sent: sent as u64,
             downstream_remote: peer,
             downstream_local: local,
@@ -1519,9 +1657,17 @@ fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
         .unwrap_or("-")
         .to_string();
     e.response_headers = resp.headers().clone();
-    if let Some(Upstream(host, cluster)) = resp.extensions().get::<Upstream>() {
-        e.upstream_host = Some(*host);
-        e.upstream_cluster = Some(cluster.clone());
+    if let Some(u) = resp.extensions().get::<Upstream>() {
+        e.upstream_host = u.host;
+        e.upstream_cluster = Some(u.cluster.clone());
+        e.upstream_local = u.local;
+    }
+    match resp.extensions().get::<LocalReply>() {
+        Some(l) => {
+            e.details = l.details.clone();
+            e.transport_failure = l.transport.clone();
+        }
+        None => e.details = Cow::Borrowed("via_upstream"),
     }
     e.route_name = resp.extensions().get::<RouteName>().map(|r| r.0.clone());
 }
@@ -1611,6 +1757,7 @@ impl LoggedBody {
         self.inner = Either::Right(Full::new(Bytes::new()));
         if let Some((entry, _)) = &mut self.log {
             entry.flags = "UT".to_string();
+            entry.details = Cow::Borrowed("response_timeout");
         }
         Poll::Ready(Some(Err("upstream request timeout".into())))
     }
@@ -1654,7 +1801,14 @@ impl Drop for LoggedBody {
     }
 }
 
-pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Response<ProxyBody> {
+/// An answer the proxy makes itself: the status, a plain-text body, the response flag and
+/// Envoy's response code details for access logs.
+pub fn local_reply(
+    status: StatusCode,
+    body: &str,
+    flag: &'static str,
+    details: impl Into<Cow<'static, str>>,
+) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
         body.as_bytes(),
     ))));
@@ -1664,7 +1818,76 @@ pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Respon
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
     h.insert(names::X_WEFT_RESPONSE_FLAGS, HeaderValue::from_static(flag));
-    resp.extensions_mut().insert(LocalReply(body.to_string()));
+    resp.extensions_mut().insert(LocalReply {
+        message: body.to_string(),
+        details: details.into(),
+        transport: None,
+    });
+    resp
+}
+
+/// Envoy's details for the fault filter's aborts.
+const FAULT_ABORT: &str = "fault_filter_abort";
+
+/// No endpoint to send to (`UH`).
+fn no_healthy_upstream() -> Response<ProxyBody> {
+    local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no healthy upstream",
+        "UH",
+        "no_healthy_upstream",
+    )
+}
+
+/// `URX` (retries used up) or `UO` (a retry refused by the circuit breaker) together with the
+/// failure's own flag, in the order Envoy 1.40 logs them.
+fn with_retry_flag(retry: &'static str, flag: &'static str) -> &'static str {
+    match (retry, flag) {
+        ("URX", "UF") => "URX,UF",
+        ("URX", "UC") => "URX,UC",
+        ("URX", "UPE") => "URX,UPE",
+        ("URX", "UT") => "URX,UT",
+        ("UO", "UF") => "UO,UF",
+        ("UO", "UC") => "UO,UC",
+        ("UO", "UPE") => "UO,UPE",
+        ("UO", "UT") => "UO,UT",
+        _ => flag,
+    }
+}
+
+/// Envoy's answer when an upstream failed before any response: 503 (502 for a protocol
+/// error) whose body names the reset reason, with details that also carry the connection's
+/// failure reason (`%UPSTREAM_TRANSPORT_FAILURE_REASON%`) when there is one. `retried`: earlier attempts
+/// failed too; `retry_flag`: why no further attempt was made (`URX`, `UO`).
+fn upstream_failure(
+    e: &crate::cluster::UpstreamError,
+    retried: bool,
+    retry_flag: Option<&'static str>,
+) -> Response<ProxyBody> {
+    let (reason, flag, transport) = e.reset_reason();
+    let status = if flag == "UPE" {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = String::from("upstream connect error or disconnect/reset before headers. ");
+    if retried {
+        body.push_str("retried and the latest ");
+    }
+    body.push_str("reset reason: ");
+    body.push_str(reason);
+    let mut details = format!("upstream_reset_before_response_started{{{reason}");
+    // Envoy 1.40 leaves the transport failure reason out of the body.
+    if let Some(t) = &transport {
+        details.push('|');
+        details.push_str(t);
+    }
+    details.push('}');
+    let flags = retry_flag.map_or(flag, |r| with_retry_flag(r, flag));
+    let mut resp = local_reply(status, &body, flags, details.replace(' ', "_"));
+    if let Some(l) = resp.extensions_mut().get_mut::<LocalReply>() {
+        l.transport = transport;
+    }
     resp
 }
 
@@ -1673,9 +1896,16 @@ pub fn local_reply(status: StatusCode, body: &str, flag: &'static str) -> Respon
 #[derive(Debug, Clone, Copy)]
 struct ResponseFlag(&'static str);
 
-/// Marks a response the proxy made itself, with its message.
+/// Marks a response the proxy made itself.
 #[derive(Debug, Clone)]
-struct LocalReply(String);
+struct LocalReply {
+    /// The body's text (a gRPC client gets it as `grpc-message`).
+    message: String,
+    /// Envoy's response code details.
+    details: Cow<'static, str>,
+    /// Why the upstream connection failed, when that is the reason.
+    transport: Option<String>,
+}
 
 /// Envoy's mapping of an HTTP status to a gRPC status, for local replies to gRPC requests.
 fn grpc_status_of(status: StatusCode) -> u32 {
@@ -1693,7 +1923,7 @@ fn grpc_status_of(status: StatusCode) -> u32 {
 /// `grpc-status` from the HTTP status, the message as `grpc-message`), so gRPC clients see a
 /// gRPC error rather than a bare HTTP one.
 fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let Some(LocalReply(message)) = resp.extensions().get::<LocalReply>().cloned() else {
+    let Some(LocalReply { message, .. }) = resp.extensions().get::<LocalReply>().cloned() else {
         return resp;
     };
     if resp.headers().contains_key(names::GRPC_STATUS) {
@@ -1731,6 +1961,67 @@ fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    /// A client cannot steer retries or timeouts through Envoy's control headers; other
+    /// `x-envoy-*` headers and everything else pass.
+    #[test]
+    fn envoy_control_headers_are_removed_from_requests() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
+        h.insert("x-envoy-max-retries", "9".parse().unwrap());
+        h.insert("x-envoy-expected-rq-timeout-ms", "300".parse().unwrap());
+        h.insert("x-envoy-attempt-count", "2".parse().unwrap());
+        h.insert("x-request-id", "a".parse().unwrap());
+        super::strip_envoy_controls(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["x-envoy-attempt-count", "x-request-id"]);
+    }
+
+    /// Envoy's words for upstream failures: body, flags and details.
+    #[test]
+    fn upstream_failures_are_answered_as_envoy_words_them() {
+        use crate::cluster::UpstreamError;
+        let refused = UpstreamError::Connect {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::Error::from_raw_os_error(111),
+        };
+        let detail = |r: &http::Response<super::ProxyBody>| {
+            let l = r.extensions().get::<super::LocalReply>().unwrap();
+            (l.details.to_string(), l.transport.clone())
+        };
+        let flags = |r: &http::Response<super::ProxyBody>| {
+            r.headers()[super::names::X_WEFT_RESPONSE_FLAGS]
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let once = super::upstream_failure(&refused, false, None);
+        assert_eq!(once.status(), 503);
+        assert_eq!(flags(&once), "UF");
+        assert_eq!(
+            detail(&once),
+            (
+                "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}".to_string(),
+                Some("delayed connect error: Connection refused".to_string())
+            )
+        );
+        let retried = super::upstream_failure(&refused, true, Some("URX"));
+        assert_eq!(flags(&retried), "URX,UF");
+        let reset = UpstreamError::Protocol {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: "bad".into(),
+        };
+        let bad = super::upstream_failure(&reset, false, None);
+        assert_eq!((bad.status().as_u16(), flags(&bad)), (502, "UPE".into()));
+        assert_eq!(
+            detail(&bad),
+            (
+                "upstream_reset_before_response_started{protocol_error}".to_string(),
+                None
+            )
+        );
+    }
+
     #[test]
     fn the_server_header_is_overwritten_added_or_passed_as_configured() {
         use super::{HttpConnectionManager, ServerHeader, http_connection_manager};

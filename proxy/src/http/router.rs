@@ -24,6 +24,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct RouteTable {
     pub name: String,
+    /// Headers removed from every request (`internal_only_headers`: Envoy removes them from
+    /// requests it does not count as internal, and weft-proxy counts none as internal).
+    pub internal_only: Vec<http::HeaderName>,
     virtual_hosts: Vec<VirtualHost>,
     exact: crate::state::NameMap<usize>,
     /// `*.example.com` -> ".example.com", longest suffix first.
@@ -687,8 +690,19 @@ impl RouteTable {
         if rc.vhds.is_some() {
             return Err(reject("vhds".into(), "VHDS is not supported".into()));
         }
+        let mut internal_only = Vec::new();
+        for (i, h) in rc.internal_only_headers.iter().enumerate() {
+            let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                reject(
+                    format!("internal_only_headers[{i}]"),
+                    format!("{h:?} is not a valid header name"),
+                )
+            })?;
+            internal_only.push(name);
+        }
         let mut table = RouteTable {
             name: rc.name.clone(),
+            internal_only,
             virtual_hosts: Vec::new(),
             exact: Default::default(),
             suffixes: Vec::new(),

@@ -44,7 +44,7 @@ pub(crate) async fn forward(
     }
     let Some(endpoint) = cluster.pick(original, &[], 1, None) else {
         cluster.stats.upstream_cx_none_healthy.inc();
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+        return super::no_healthy_upstream();
     };
     // The hop-by-hop headers were stripped for the upstream; an upgrade needs them back.
     head.headers
@@ -53,13 +53,9 @@ pub(crate) async fn forward(
     head.version = http::Version::HTTP_11;
     let stream = match endpoint.pool.connect().await {
         Ok(s) => s,
-        Err(_) => {
+        Err(e) => {
             cluster.stats.upstream_cx_connect_fail.inc();
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers",
-                "UF",
-            );
+            return super::upstream_failure(&e, false, None);
         }
     };
     cluster.stats.upstream_cx_total.inc();
@@ -69,6 +65,7 @@ pub(crate) async fn forward(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream handshake failed",
             "UF",
+            "upstream_reset_before_response_started{remote_connection_failure}",
         );
     };
     tokio::spawn(async move {
@@ -88,6 +85,7 @@ pub(crate) async fn forward(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream request timeout",
                     "UT",
+                    "response_timeout",
                 );
             }
         },
@@ -98,8 +96,9 @@ pub(crate) async fn forward(
         Err(_) => {
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers",
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 "UC",
+                "upstream_reset_before_response_started{connection_termination}",
             );
         }
     };

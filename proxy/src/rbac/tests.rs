@@ -113,6 +113,11 @@ fn allow_deny_and_log() {
     assert!(deny.allows(&input(&other)));
     assert!(log.allows(&input(&me)) && log.allows(&input(&other)));
     assert_eq!(allow.denied.get(), 3);
+    // The policy named in Envoy's response code details: the DENY policy that matched, or
+    // `none` when no ALLOW policy did.
+    assert_eq!(deny.denies(&input(&me)), Some("p"));
+    assert_eq!(allow.denies(&input(&other)), Some("none"));
+    assert_eq!(allow.denies(&input(&me)), None);
     // An ALLOW filter without policies denies everything; a filter without rules allows.
     assert!(!engine(rbac::Action::Allow, vec![]).allows(&input(&me)));
     assert!(Engine::from_xds(None, "rules").unwrap().allows(&input(&me)));

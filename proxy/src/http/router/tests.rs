@@ -207,6 +207,20 @@ fn unsupported_route_features_are_rejected_by_field() {
 }
 
 #[test]
+fn internal_only_headers_are_read_and_checked() {
+    let mut rc = RouteConfiguration {
+        name: "80".into(),
+        internal_only_headers: vec!["x-internal".into()],
+        ..Default::default()
+    };
+    let table = RouteTable::from_xds(&rc).unwrap();
+    assert_eq!(table.internal_only, ["x-internal"]);
+    rc.internal_only_headers.push("bad header".into());
+    let err = RouteTable::from_xds(&rc).unwrap_err().to_string();
+    assert!(err.contains("internal_only_headers[1]"), "{err}");
+}
+
+#[test]
 fn zero_total_weight_and_duplicate_domains_are_rejected() {
     let wc = XdsRoute {
         r#match: Some(prefix("/")),
