@@ -435,16 +435,15 @@ impl Pool {
     }
 
     /// Sends a request (its head already in the upstream's form: origin-form URI and Host
-    /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head with the
-    /// local address of the connection that carried it. HTTP/1.1 writes a borrowed head as it
-    /// is; HTTP/2 (hyper) needs a request of its own.
-    /// `seen` learns the connection's local address as soon as the request has one.
+    /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head. HTTP/1.1
+    /// writes a borrowed head as it is; HTTP/2 (hyper) needs a request of its own. `seen`
+    /// (access logs) learns the local address of the connection as soon as the request has one.
     pub async fn send(
         &self,
         head: std::borrow::Cow<'_, UpstreamHead>,
         body: UpstreamBody,
         seen: Option<&Mutex<Attempted>>,
-    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_h1(&head, body, seen).await,
             UpstreamProtocol::Http2 => self.send_h2(UpstreamHead::request(head, body), seen).await,
@@ -456,7 +455,7 @@ impl Pool {
         head: &UpstreamHead,
         body: UpstreamBody,
         seen: Option<&Mutex<Attempted>>,
-    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         let worker = self.mine();
         let busy = Busy::start(worker.clone());
         let mut body = h1::Outgoing::of(body);
@@ -474,14 +473,13 @@ impl Pool {
             }
             match h1::exchange(&mut conn, &head, &mut body).await {
                 Ok(resp) => {
-                    let local = conn.local;
                     let home: Arc<dyn h1::Home> = busy.hand_over();
                     let body = h1::ResponseBody::new(conn, &resp, home);
                     let mut out = Response::new(http_body_util::Either::Right(body));
                     *out.status_mut() = resp.status;
                     *out.version_mut() = resp.version;
                     *out.headers_mut() = resp.headers;
-                    return Ok((out, local));
+                    return Ok(out);
                 }
                 Err(e) if reused && e.stale(&head, &body) => continue,
                 Err(e) if e.protocol => {
@@ -589,7 +587,7 @@ impl Pool {
         &self,
         req: Request<UpstreamBody>,
         seen: Option<&Mutex<Attempted>>,
-    ) -> Result<(Response<UpstreamResponseBody>, Option<SocketAddr>), UpstreamError> {
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         // Take the shared connection and count this stream on it; after
         // max_requests_per_connection streams the next request opens a fresh connection.
         let existing = {
@@ -617,7 +615,7 @@ impl Pool {
         sender
             .send_request(req)
             .await
-            .map(|resp| (resp.map(http_body_util::Either::Left), local))
+            .map(|resp| resp.map(http_body_util::Either::Left))
             .map_err(|source| UpstreamError::Reset {
                 addr: self.addr,
                 source: source.into(),

@@ -338,7 +338,6 @@ pub async fn serve_connection<S>(
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         let down = down.clone();
-        strip_envoy_controls(req.headers_mut());
         // As Envoy's connection manager: every request carries an id from here on (logs,
         // upstream, retries), the client's own when it sent one.
         if !req.headers().contains_key(names::X_REQUEST_ID) {
@@ -426,7 +425,7 @@ async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
-    req: Request<DownstreamBody>,
+    mut req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 1. Route: virtual host by authority, then the first matching route.
@@ -442,7 +441,7 @@ async fn route_and_forward(
         RouteSource::Static(t) => Some(t.clone()),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
-    let mut req = req;
+    strip_envoy_controls(req.headers_mut());
     if let Some(t) = table.as_deref() {
         for name in &t.internal_only {
             req.headers_mut().remove(name);
@@ -488,7 +487,6 @@ async fn route_and_forward(
     };
     // 1b. Local rate limit, when the chain has the filter: the route's (or its virtual host's)
     //     config, else the filter's.
-    let mut req = req;
     if let Some(filter) = &hcm.local_rate_limit {
         let limit = route.local_rate_limit.as_ref().unwrap_or(filter);
         match limit.check() {
@@ -506,7 +504,8 @@ async fn route_and_forward(
                 let mut resp =
                     local_reply(status, "local_rate_limited", "RL", "local_rate_limited");
                 limit.response_headers.apply(resp.headers_mut());
-                return routed(hcm, route, resp);
+                routed(hcm, route, &mut resp);
+                return resp;
             }
         }
     }
@@ -520,10 +519,11 @@ async fn route_and_forward(
         let mut resp = local_reply(StatusCode::OK, "", "-", "cors_response");
         resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
         policy.preflight_headers(origin.clone(), resp.headers_mut());
-        return routed(hcm, route, resp);
+        routed(hcm, route, &mut resp);
+        return resp;
     }
-    let resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
-    let mut resp = routed(hcm, route, resp);
+    let mut resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
+    routed(hcm, route, &mut resp);
     if let (Some(policy), Some(origin)) = (cors, cors_origin) {
         policy.response_headers(origin, resp.headers_mut());
     }
@@ -558,13 +558,9 @@ fn strip_envoy_controls(headers: &mut HeaderMap) {
 
 /// For access logs: the route that matched, and its cluster when the answer is the proxy's own
 /// (Envoy knows the cluster from the moment the route is chosen).
-fn routed(
-    hcm: &ConnectionManager,
-    route: &router::Route,
-    mut resp: Response<ProxyBody>,
-) -> Response<ProxyBody> {
+fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<ProxyBody>) {
     if hcm.access_logs.is_none() {
-        return resp;
+        return;
     }
     if let Action::Forward(a) = &route.action
         && resp.extensions().get::<LocalReply>().is_some()
@@ -577,7 +573,6 @@ fn routed(
         });
     }
     resp.extensions_mut().insert(RouteName(route.name.clone()));
-    resp
 }
 
 /// The rest of the request path once the route is known: faults, redirects and direct
@@ -815,10 +810,10 @@ async fn forward(
         return overflow();
     }
     let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
-    // Access logs name the host and connection a timeout cut short, as Envoy's do.
-    let seen = (pick.log
-        && (action.timeout.is_some() || retry.is_some_and(|r| r.per_try_timeout.is_some())))
-    .then(|| std::sync::Mutex::new(crate::cluster::Attempted::default()));
+    // Access logs name the host and connection that answered, or that a timeout cut short.
+    let seen = pick
+        .log
+        .then(|| std::sync::Mutex::new(crate::cluster::Attempted::default()));
     // The attempts' future is built inside each arm, not bound first: a future held in a local
     // and then awaited through a wrapper takes room twice in this function's own future.
     match action.timeout {
@@ -898,8 +893,8 @@ struct BodyTimer {
 /// `previous_hosts`), within the circuit breakers (a connection slot per HTTP/1.1 request,
 /// at most `max_retries` retries in flight), bounded by the per-try timeout, with jittered
 /// exponential backoff between attempts. Every outcome feeds outlier detection.
-/// `seen` (access logs, when a timeout may drop the attempt midway): the host and connection
-/// the current attempt uses.
+/// `seen` (access logs): the host and connection the current attempt uses, known even when a
+/// timeout drops the attempt midway.
 async fn attempt_until_done(
     cluster: &crate::cluster::Cluster,
     retry: Option<&retry::RetryPolicy>,
@@ -1035,7 +1030,7 @@ async fn attempt_until_done(
             }
         };
         match outcome {
-            Some(Ok((mut resp, local))) => {
+            Some(Ok(mut resp)) => {
                 let status = resp.status().as_u16();
                 cluster.stats.upstream_rq_xx.record(status);
                 if status >= 500 {
@@ -1059,6 +1054,7 @@ async fn attempt_until_done(
                             milliseconds(t.elapsed()),
                         );
                     }
+                    let local = seen.and_then(|s| crate::lock_own(s).local);
                     return mark(resp.map(Either::Left), Some(endpoint.address), local);
                 }
             }
@@ -1170,7 +1166,7 @@ fn shadow(
         m.cluster.stats.upstream_rq_total.inc();
         endpoint.stats.rq_total.inc();
         let send = async {
-            if let Ok((resp, _)) = endpoint
+            if let Ok(resp) = endpoint
                 .pool
                 .send(
                     std::borrow::Cow::Borrowed(&head),
