@@ -2,8 +2,10 @@
 //! bootstrap: retries on response headers (`retriable-headers`), only for requests with given
 //! headers (`retriable_request_headers`), a retry budget that allows no retry or one, and the
 //! response flags when retries stop (`URX`: the policy's retries are used up; `UO`: the
-//! circuit breaker refused one). Attempts seen by the backend, statuses and access log flags
-//! must be the same.
+//! circuit breaker refused one), and the attempt numbers the virtual host's
+//! `include_request_attempt_count` / `include_attempt_count_in_response` put on the upstream
+//! request and on the answer (`x-envoy-attempt-count`). Attempts seen by the backend, statuses,
+//! attempt headers and access log flags must be the same.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -53,6 +55,8 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
             virtual_hosts:
             - name: all
               domains: ["*"]
+              include_request_attempt_count: true
+              include_attempt_count_in_response: true
               routes:
               - match: {{ prefix: /headers }}
                 route:
@@ -90,8 +94,9 @@ fn resources(ip: &str, backend: SocketAddr, log: &Path) -> String {
     )
 }
 
-/// (name, status, attempts the backend saw, access log flags)
-type Case = (String, u16, String, String);
+/// (name, status, attempts the backend saw, access log flags, `x-envoy-attempt-count` of the
+/// last attempt as the backend saw it / of the answer)
+type Case = (String, u16, String, String, String);
 
 /// (name, path, extra request headers)
 type Request = (
@@ -124,13 +129,24 @@ fn run(flavor: Flavor, net: u8) -> (Vec<Case>, Vec<(String, u64)>) {
     let mut out = Vec::new();
     for (name, path, extra) in cases {
         let id = format!("{tag}-{name}");
-        let mut headers = vec![("x-request-id", id.as_str())];
+        let mut headers = vec![
+            ("x-request-id", id.as_str()),
+            ("x-envoy-attempt-count", "7"),
+        ];
         headers.extend_from_slice(extra);
         let r = c.request("GET", "svc", path, &headers).unwrap();
         let attempts = weft_e2e::get(backend, &format!("/echo/attempts?id={id}"))
             .unwrap()
             .body;
-        out.push((name.to_string(), r.status, attempts, String::new()));
+        // The client's own value is overwritten.
+        let sent = r
+            .body
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("x-envoy-attempt-count: "))
+            .unwrap_or("-");
+        let answered = r.header("x-envoy-attempt-count").unwrap_or("-");
+        let counts = format!("{sent}/{answered}");
+        out.push((name.to_string(), r.status, attempts, String::new(), counts));
         ids.push(id);
     }
     // Envoy flushes its access log every second.
@@ -164,15 +180,23 @@ fn run(flavor: Flavor, net: u8) -> (Vec<Case>, Vec<(String, u64)>) {
 fn weft_proxy_and_envoy_retry_alike() {
     let weft = run(Flavor::Weft, 94);
     let expected: Vec<Case> = [
-        ("headers-recover", 200, "3", "-"),
-        ("headers-give-up", 200, "4", "URX"),
-        ("opt-in-without-header", 503, "1", "-"),
-        ("opt-in-with-header", 200, "2", "-"),
-        ("no-budget", 503, "1", "UO"),
-        ("one-retry-budget", 200, "2", "-"),
-        ("retries-used-up", 503, "2", "URX"),
+        ("headers-recover", 200, "3", "-", "3/3"),
+        ("headers-give-up", 200, "4", "URX", "4/4"),
+        ("opt-in-without-header", 503, "1", "-", "1/1"),
+        ("opt-in-with-header", 200, "2", "-", "2/2"),
+        ("no-budget", 503, "1", "UO", "1/1"),
+        ("one-retry-budget", 200, "2", "-", "2/2"),
+        ("retries-used-up", 503, "2", "URX", "2/2"),
     ]
-    .map(|(n, s, a, f)| (n.to_string(), s, a.to_string(), f.to_string()))
+    .map(|(n, s, a, f, c)| {
+        (
+            n.to_string(),
+            s,
+            a.to_string(),
+            f.to_string(),
+            c.to_string(),
+        )
+    })
     .into();
     assert_eq!(weft.0, expected);
     let envoy = run(Flavor::Envoy, 95);

@@ -630,6 +630,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 virtual_hosts: vec![VirtualHost {
                     name: format!("inbound|http|{}", l.port),
                     domains: vec!["*".into()],
+                    include_request_attempt_count: true,
                     routes: vec![Route {
                         name: "default".into(),
                         r#match: Some(prefix_match("/")),
@@ -1099,6 +1100,7 @@ fn route_config(
             name: format!("{}:{port}", svc.hostname),
             domains: domains(svc, port, &scope.proxy.namespace),
             routes,
+            include_request_attempt_count: true,
             ..Default::default()
         });
     }
@@ -1107,6 +1109,7 @@ fn route_config(
         virtual_hosts.push(VirtualHost {
             name: "block_all".into(),
             domains: vec!["*".into()],
+            include_request_attempt_count: true,
             routes: vec![Route {
                 name: "block_all".into(),
                 r#match: Some(prefix_match("/")),
@@ -1123,6 +1126,7 @@ fn route_config(
         virtual_hosts.push(VirtualHost {
             name: "allow_any".into(),
             domains: vec!["*".into()],
+            include_request_attempt_count: true,
             routes: vec![Route {
                 name: "allow_any".into(),
                 r#match: Some(prefix_match("/")),

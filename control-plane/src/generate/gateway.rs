@@ -96,6 +96,7 @@ fn route_config(
                     VirtualHost {
                         name: format!("{host}:{port}"),
                         domains,
+                        include_request_attempt_count: true,
                         ..Default::default()
                     },
                 )

@@ -556,6 +556,15 @@ fn strip_envoy_controls(headers: &mut HeaderMap) {
     }
 }
 
+/// An attempt's number as a header value (the first few without an allocation).
+fn attempt_number(n: u32) -> HeaderValue {
+    const SMALL: [&str; 5] = ["1", "2", "3", "4", "5"];
+    match SMALL.get(n.wrapping_sub(1) as usize) {
+        Some(v) => HeaderValue::from_static(v),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// For access logs: the route that matched, and its cluster when the answer is the proxy's own
 /// (Envoy knows the cluster from the moment the route is chosen).
 fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<ProxyBody>) {
@@ -691,10 +700,15 @@ async fn route_rest(
         let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         if let (Some(u), Some(on_upgrade)) = (upgrade_header, on_upgrade) {
             drop(body);
-            let head = match upstream_head(parts, authority, UpstreamProtocol::Http1, down.tls) {
+            let mut head = match upstream_head(parts, authority, UpstreamProtocol::Http1, down.tls)
+            {
                 Ok(h) => h,
                 Err(resp) => return resp,
             };
+            if action.attempt_header {
+                head.headers
+                    .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(1));
+            }
             // Boxed: upgrades are rare, and the splice's state would otherwise make every
             // request's future larger.
             let mut resp = Box::pin(upgrade::forward(
@@ -726,6 +740,8 @@ async fn route_rest(
             secure: down.tls,
             timed: hcm.envoy_headers,
             since: None,
+            attempt_header: action.attempt_header,
+            attempts_in_response: action.attempts_in_response,
         },
     )
     .await;
@@ -909,6 +925,8 @@ async fn attempt_until_done(
         log,
         original,
         since,
+        attempt_header,
+        attempts_in_response,
         ..
     } = pick;
     // For access logs: which host the answer (or the failure) came from.
@@ -974,6 +992,11 @@ async fn attempt_until_done(
         };
         endpoint.stats.rq_total.inc();
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
+        // Envoy numbers the attempts from 1, over whatever the client sent.
+        if attempt_header && let Some(h) = head.as_mut() {
+            h.headers
+                .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(attempt + 1));
+        }
         // Attempts that may be retried lend the head; the last one gives it away.
         let req = if may_retry {
             head.as_ref().map(std::borrow::Cow::Borrowed)
@@ -1053,6 +1076,10 @@ async fn attempt_until_done(
                             names::X_ENVOY_UPSTREAM_SERVICE_TIME,
                             milliseconds(t.elapsed()),
                         );
+                    }
+                    if attempts_in_response {
+                        resp.headers_mut()
+                            .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(attempt + 1));
                     }
                     let local = seen.and_then(|s| crate::lock_own(s).local);
                     return mark(resp.map(Either::Left), Some(endpoint.address), local);
@@ -1247,6 +1274,7 @@ pub(crate) mod names {
     pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
     pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
         HeaderName::from_static("x-envoy-upstream-service-time");
+    pub const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
     pub const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
         HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 }
@@ -1559,6 +1587,9 @@ struct Pick {
     timed: bool,
     /// When the request was complete and went to the attempts (set by `forward` when timed).
     since: Option<std::time::Instant>,
+    /// Each attempt carries `x-envoy-attempt-count` upstream; the answer carries the count.
+    attempt_header: bool,
+    attempts_in_response: bool,
 }
 
 /// The upstream host and cluster that answered (or failed), and the local address of the

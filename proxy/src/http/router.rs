@@ -152,6 +152,12 @@ pub struct RouteAction {
     pub mirrors: Vec<Mirror>,
     /// How to hash the request for consistent-hash load balancers.
     pub hash_policy: Vec<super::hash::HashPolicy>,
+    /// Each attempt tells the upstream its number (`x-envoy-attempt-count`; the virtual host's
+    /// `include_request_attempt_count`, which Istio sets everywhere).
+    pub attempt_header: bool,
+    /// The answer tells the client how many attempts were made (the virtual host's
+    /// `include_attempt_count_in_response`).
+    pub attempts_in_response: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -438,6 +444,9 @@ fn route_action(
         mirrors,
         hash_policy: super::hash::from_xds(&a.hash_policy)
             .map_err(|(f, r)| (format!("route.{f}"), r))?,
+        // The virtual host's, set by `virtual_host`.
+        attempt_header: false,
+        attempts_in_response: false,
     })
 }
 
@@ -660,12 +669,18 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
         ));
     }
     let vh_rate_limit = local_rate_limit(&vh.typed_per_filter_config)?;
-    let routes = vh
+    let mut routes = vh
         .routes
         .iter()
         .enumerate()
         .map(|(i, r)| route(r, &vh_rate_limit).map_err(|(f, e)| (format!("routes[{i}].{f}"), e)))
         .collect::<Result<Vec<_>, _>>()?;
+    for r in &mut routes {
+        if let Action::Forward(a) = &mut r.action {
+            a.attempt_header = vh.include_request_attempt_count;
+            a.attempts_in_response = vh.include_attempt_count_in_response;
+        }
+    }
     Ok(VirtualHost {
         name: vh.name.clone(),
         routes,

@@ -207,6 +207,41 @@ fn unsupported_route_features_are_rejected_by_field() {
 }
 
 #[test]
+fn attempt_counts_come_from_the_virtual_host() {
+    let rc = |request: bool, response: bool| RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![rt(prefix("/"), "c")],
+            include_request_attempt_count: request,
+            include_attempt_count_in_response: response,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let flags = |request, response| {
+        let table = RouteTable::from_xds(&rc(request, response)).unwrap();
+        let h = http::HeaderMap::new();
+        let route = table
+            .route(&RequestView {
+                method: "GET",
+                authority: "a",
+                path_and_query: "/",
+                headers: &h,
+            })
+            .unwrap();
+        match &route.action {
+            Action::Forward(a) => (a.attempt_header, a.attempts_in_response),
+            _ => panic!("not a forward"),
+        }
+    };
+    assert_eq!(flags(true, false), (true, false));
+    assert_eq!(flags(false, true), (false, true));
+    assert_eq!(flags(false, false), (false, false));
+}
+
+#[test]
 fn internal_only_headers_are_read_and_checked() {
     let mut rc = RouteConfiguration {
         name: "80".into(),
