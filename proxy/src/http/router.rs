@@ -497,6 +497,8 @@ fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (S
     Ok((fault, cors))
 }
 
+// Deprecated fields are read to be rejected by name.
+#[allow(deprecated)]
 fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String, String)> {
     let m = r
         .r#match
@@ -541,6 +543,14 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
         });
     }
     for (field, set) in [
+        (
+            "per_request_buffer_limit_bytes",
+            r.per_request_buffer_limit_bytes.is_some(),
+        ),
+        (
+            "request_body_buffer_limit",
+            r.request_body_buffer_limit.is_some(),
+        ),
         ("match.runtime_fraction", m.runtime_fraction.is_some()),
         ("match.grpc", m.grpc.is_some()),
         ("match.tls_context", m.tls_context.is_some()),
@@ -636,6 +646,8 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
     })
 }
 
+// Deprecated fields are read to be rejected by name.
+#[allow(deprecated)]
 fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
     for (field, set) in [
         (
@@ -646,7 +658,38 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
             "response_headers_to_add",
             !vh.response_headers_to_add.is_empty(),
         ),
+        (
+            "request_headers_to_remove",
+            !vh.request_headers_to_remove.is_empty(),
+        ),
+        (
+            "response_headers_to_remove",
+            !vh.response_headers_to_remove.is_empty(),
+        ),
+        ("matcher", vh.matcher.is_some()),
+        ("cors", vh.cors.is_some()),
         ("retry_policy", vh.retry_policy.is_some()),
+        (
+            "retry_policy_typed_config",
+            vh.retry_policy_typed_config.is_some(),
+        ),
+        ("hedge_policy", vh.hedge_policy.is_some()),
+        (
+            "include_is_timeout_retry_header",
+            vh.include_is_timeout_retry_header,
+        ),
+        (
+            "per_request_buffer_limit_bytes",
+            vh.per_request_buffer_limit_bytes.is_some(),
+        ),
+        (
+            "request_body_buffer_limit",
+            vh.request_body_buffer_limit.is_some(),
+        ),
+        (
+            "request_mirror_policies",
+            !vh.request_mirror_policies.is_empty(),
+        ),
         ("rate_limits", !vh.rate_limits.is_empty()),
         (
             "typed_per_filter_config",

@@ -207,6 +207,37 @@ fn unsupported_route_features_are_rejected_by_field() {
 }
 
 #[test]
+fn unsupported_virtual_host_features_are_rejected_by_field() {
+    let with = |edit: &dyn Fn(&mut XdsVirtualHost)| {
+        let mut vh = XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![rt(prefix("/"), "c")],
+            ..Default::default()
+        };
+        edit(&mut vh);
+        let rc = RouteConfiguration {
+            name: "80".into(),
+            virtual_hosts: vec![vh],
+            ..Default::default()
+        };
+        RouteTable::from_xds(&rc).unwrap_err().to_string()
+    };
+    let err = with(&|vh| vh.hedge_policy = Some(Default::default()));
+    assert!(err.contains("virtual_hosts[0].hedge_policy"), "{err}");
+    let err = with(&|vh| vh.response_headers_to_remove = vec!["x-a".into()]);
+    assert!(
+        err.contains("virtual_hosts[0].response_headers_to_remove"),
+        "{err}"
+    );
+    let err = with(&|vh| vh.routes[0].request_body_buffer_limit = Some(Default::default()));
+    assert!(
+        err.contains("virtual_hosts[0].routes[0].request_body_buffer_limit"),
+        "{err}"
+    );
+}
+
+#[test]
 fn attempt_counts_come_from_the_virtual_host() {
     let rc = |request: bool, response: bool| RouteConfiguration {
         name: "80".into(),
