@@ -134,12 +134,8 @@ pub struct RequestHead {
 impl RequestHead {
     /// Encodes the request line and headers (the URI already in origin form, Host set), adding
     /// the body's framing when the client's headers do not give it.
-    pub fn encode(
-        method: &Method,
-        uri: &http::Uri,
-        headers: &HeaderMap,
-        body: &Outgoing,
-    ) -> RequestHead {
+    pub fn encode(head: &super::UpstreamHead, body: &Outgoing) -> RequestHead {
+        let (method, uri, headers) = (&head.method, &head.uri, &head.headers);
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
@@ -155,6 +151,17 @@ impl RequestHead {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        if let Some(n) = head.attempt {
+            let one = [b'0' + (n % 10) as u8];
+            let many;
+            let digits: &[u8] = if (1..10).contains(&n) {
+                &one
+            } else {
+                many = n.to_string();
+                many.as_bytes()
+            };
+            push_header(&mut out, b"x-envoy-attempt-count", digits);
         }
         let declared = content_length(headers).ok().flatten();
         let framing = match (declared, body) {
@@ -1343,14 +1350,18 @@ mod tests {
             .unwrap();
         let (parts, ()) = req.into_parts();
         let head = RequestHead::encode(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
+            &super::super::UpstreamHead {
+                method: parts.method,
+                uri: parts.uri,
+                version: http::Version::HTTP_11,
+                headers: parts.headers,
+                attempt: Some(2),
+            },
             &Outgoing::Bytes(Bytes::from_static(b"abc")),
         );
         assert_eq!(
             String::from_utf8(head.bytes).unwrap(),
-            "POST /p?q=1 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
+            "POST /p?q=1 HTTP/1.1\r\nhost: a\r\nx-envoy-attempt-count: 2\r\ncontent-length: 3\r\n\r\n"
         );
         assert_eq!(head.framing, BodyFraming::Length(3));
         assert!(!head.idempotent);
@@ -1361,9 +1372,13 @@ mod tests {
             .unwrap();
         let (parts, ()) = req.into_parts();
         let head = RequestHead::encode(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
+            &super::super::UpstreamHead {
+                method: parts.method,
+                uri: parts.uri,
+                version: http::Version::HTTP_11,
+                headers: parts.headers,
+                attempt: None,
+            },
             &Outgoing::Bytes(Bytes::new()),
         );
         assert_eq!(

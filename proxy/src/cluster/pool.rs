@@ -41,6 +41,9 @@ pub struct UpstreamHead {
     pub uri: http::Uri,
     pub version: http::Version,
     pub headers: http::HeaderMap,
+    /// This attempt's `x-envoy-attempt-count`, kept out of `headers`: the HTTP/1.1 encoder
+    /// writes it after them, so numbering an attempt costs no header map insert.
+    pub attempt: Option<u32>,
 }
 
 impl UpstreamHead {
@@ -55,6 +58,10 @@ impl UpstreamHead {
         *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
+        if let Some(n) = head.attempt {
+            req.headers_mut()
+                .insert("x-envoy-attempt-count", http::HeaderValue::from(n));
+        }
         req
     }
 }
@@ -459,7 +466,7 @@ impl Pool {
         let worker = self.mine();
         let busy = Busy::start(worker.clone());
         let mut body = h1::Outgoing::of(body);
-        let head = h1::RequestHead::encode(&head.method, &head.uri, &head.headers, &body);
+        let head = h1::RequestHead::encode(head, &body);
         // A pooled connection the upstream closed just now fails before any answer; the
         // request starts over on the next connection when it safely can (`stale`).
         loop {

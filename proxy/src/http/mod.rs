@@ -951,6 +951,13 @@ async fn attempt_until_done(
     let mut attempt = 0u32;
     let mut _retry_slot = None;
     let mut head = Some(head);
+    // The client's own count goes (a scan of the names: most requests have none to remove).
+    if attempt_header
+        && let Some(h) = head.as_mut()
+        && h.headers.keys().any(|k| k == names::X_ENVOY_ATTEMPT_COUNT)
+    {
+        h.headers.remove(names::X_ENVOY_ATTEMPT_COUNT);
+    }
     loop {
         let may_retry = attempt < max_retries;
         let other_host = retry.filter(|r| r.other_host && attempt > 0);
@@ -994,8 +1001,7 @@ async fn attempt_until_done(
         let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
         // Envoy numbers the attempts from 1, over whatever the client sent.
         if attempt_header && let Some(h) = head.as_mut() {
-            h.headers
-                .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(attempt + 1));
+            h.attempt = Some(attempt + 1);
         }
         // Attempts that may be retried lend the head; the last one gives it away.
         let req = if may_retry {
@@ -1440,6 +1446,7 @@ fn upstream_head(
         uri,
         version,
         headers: parts.headers,
+        attempt: None,
     })
 }
 
