@@ -62,6 +62,8 @@ spec:
   - match: [{ uri: { prefix: /try } }]
     retries: { attempts: 1, perTryTimeout: 200ms, retryOn: gateway-error }
     route: [{ destination: { host: hello, subset: v1 } }]
+  - match: [{ uri: { prefix: /ghost } }]
+    route: [{ destination: { host: ghost } }]
   - match: [{ uri: { prefix: /cors } }]
     corsPolicy: { allowOrigins: [{ exact: "http://a.example" }], allowMethods: [GET] }
     route: [{ destination: { host: hello, subset: v1 } }]
@@ -120,6 +122,7 @@ spec:
         ("empty.example", "/"),
         ("hello", "/try?delay_ms=1000"),
         ("refused.example", "/once"),
+        ("hello", "/ghost"),
     ] {
         c.request("GET", host, path, &[ua]).expect("request");
     }
@@ -160,7 +163,7 @@ spec:
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["downstream_local_address"] == egress.as_str())
             .collect();
-        (lines.len() >= 15).then_some(lines)
+        (lines.len() >= 16).then_some(lines)
     })
     .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
     q.assert_client_nacked_nothing();
@@ -188,8 +191,8 @@ spec:
     assert_eq!(
         upstream_hosts,
         [
-            true, true, false, true, false, false, false, false, true, false, false, true, true,
-            false, false
+            true, true, false, true, false, false, false, false, true, false, false, false, true,
+            true, false, false
         ],
         "{name}: {lines:#?}"
     );
@@ -253,6 +256,7 @@ fn weft_proxy_and_envoy_write_the_same_access_log_fields() {
             ("503", "UH", "no_healthy_upstream"),
             ("504", "URX,UT", "upstream_per_try_timeout"),
             ("503", "UF", refused),
+            ("503", "NC", "cluster_not_found"),
             ("200", "-", "cors_response"),
             ("200", "-", "via_upstream"),
             ("200", "UT", "response_timeout"),

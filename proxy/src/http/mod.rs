@@ -571,8 +571,12 @@ fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<Pr
     if hcm.access_logs.is_none() {
         return;
     }
+    // A cluster that does not exist is not named (Envoy has no cluster to log then).
     if let Action::Forward(a) = &route.action
-        && resp.extensions().get::<LocalReply>().is_some()
+        && resp
+            .extensions()
+            .get::<LocalReply>()
+            .is_some_and(|l| l.details != "cluster_not_found")
         && resp.extensions().get::<Upstream>().is_none()
     {
         resp.extensions_mut().insert(Upstream {
