@@ -59,8 +59,10 @@ impl UpstreamHead {
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
         if let Some(n) = head.attempt {
-            req.headers_mut()
-                .insert("x-envoy-attempt-count", http::HeaderValue::from(n));
+            req.headers_mut().insert(
+                crate::http::names::X_ENVOY_ATTEMPT_COUNT,
+                http::HeaderValue::from(n),
+            );
         }
         req
     }
@@ -318,7 +320,6 @@ impl Drop for Busy {
 struct WorkerConnections {
     idle: Mutex<IdlePool>,
     limits: ConnectionLimits,
-    /// The shared HTTP/2 connection and how many streams it has carried.
     /// The worker's HTTP/2 connection: its sender, the streams it carried, its local address.
     h2: Mutex<Option<H2Conn>>,
 }
