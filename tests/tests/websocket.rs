@@ -1,12 +1,13 @@
 //! WebSocket upgrades through the client sidecar (weftd puts Istio's `upgrade_configs:
 //! websocket` on every connection manager): through weft-proxy and through a stock Envoy, the
-//! upgrade request gets the backend's 101 and the connection then carries bytes both ways.
+//! upgrade request gets the backend's 101 and the connection then carries bytes both ways, and
+//! the access log names the same status, details, upstream host, cluster and route.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use weft_e2e::Quickstart;
+use weft_e2e::{Quickstart, wait_until};
 
 /// (status line, the backend's name line, whether every message came back intact, whether the
 /// answer had `x-envoy-upstream-service-time`)
@@ -54,8 +55,21 @@ fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool, bool) {
     )
 }
 
-fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, bool, bool, bool)> {
+/// The round trips, then the client's access log lines: (status, whether the upstream host is
+/// hello's sidecar, cluster, route, the upstream connection's local IP). The details differ by
+/// design (docs/envoy-differences.md): Envoy writes the line when the upgraded connection ends
+/// and says how it ended, weft-proxy when the 101 goes out (`via_upstream`).
+type Run = (Vec<(String, bool, bool, bool)>, Vec<Vec<String>>);
+
+fn run(name: &str, net: u8, envoy: bool) -> Run {
     let mut q = Quickstart::new(name, net);
+    let log = q.dir.parent().expect("root").join("access.log");
+    q.weftd_args = vec![
+        "--access-log-file".into(),
+        log.display().to_string(),
+        "--access-log-encoding".into(),
+        "JSON".into(),
+    ];
     q.start_weftd();
     q.start_hello();
     q.start_client(envoy);
@@ -66,14 +80,45 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<(String, bool, bool, bool)> {
         })
         .collect();
     q.assert_client_nacked_nothing();
-    seen
+    let egress = q.egress().to_string();
+    let lines: Vec<serde_json::Value> = wait_until(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["downstream_local_address"] == egress.as_str())
+            .collect();
+        (lines.len() >= 5).then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
+    let logged = lines
+        .iter()
+        .map(|l| {
+            vec![
+                l["response_code"].to_string(),
+                l["upstream_host"]
+                    .as_str()
+                    .is_some_and(|h| h.ends_with(":9080"))
+                    .to_string(),
+                l["upstream_cluster"].to_string(),
+                l["route_name"].to_string(),
+                l["upstream_local_address"]
+                    .as_str()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .map(|(ip, _)| ip.to_string())
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    (seen, logged)
 }
 
 #[test]
 fn weft_proxy_and_envoy_carry_websocket_upgrades_alike() {
     let weft = run("ws-weft", 64, false);
+    assert_eq!(weft.1[0][..2], ["101", "true"], "{:?}", weft.1);
     assert_eq!(
-        weft,
+        weft.0,
         vec![
             (
                 "HTTP/1.1 101 Switching Protocols".to_string(),

@@ -51,22 +51,33 @@ pub(crate) async fn forward(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     head.headers.insert(header::UPGRADE, upgrade_header);
     head.version = http::Version::HTTP_11;
+    // For access logs: the host and connection every answer from here on came through.
+    let mark = |mut resp: Response<ProxyBody>, local: Option<std::net::SocketAddr>| {
+        resp.extensions_mut().insert(super::Upstream {
+            host: Some(endpoint.address),
+            cluster: cluster.name.clone(),
+            local,
+        });
+        resp
+    };
     let stream = match endpoint.pool.connect().await {
         Ok(s) => s,
         Err(e) => {
             cluster.stats.upstream_cx_connect_fail.inc();
-            return super::upstream_failure(&e, false, None);
+            return mark(super::upstream_failure(&e, false, None), None);
         }
     };
+    let local = stream.local_addr();
     cluster.stats.upstream_cx_total.inc();
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     else {
-        return local_reply(
+        let resp = local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream handshake failed",
             "UF",
             "upstream_reset_before_response_started{remote_connection_failure}",
         );
+        return mark(resp, local);
     };
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
@@ -81,12 +92,13 @@ pub(crate) async fn forward(
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
             Err(_) => {
-                return local_reply(
+                let resp = local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream request timeout",
                     "UT",
                     "response_timeout",
                 );
+                return mark(resp, local);
             }
         },
         None => sent.await,
@@ -94,12 +106,13 @@ pub(crate) async fn forward(
     let mut resp = match resp {
         Ok(r) => r,
         Err(_) => {
-            return local_reply(
+            let resp = local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 "UC",
                 "upstream_reset_before_response_started{connection_termination}",
             );
+            return mark(resp, local);
         }
     };
     cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
@@ -111,7 +124,10 @@ pub(crate) async fn forward(
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
-        return Response::from_parts(parts, Either::Left(Either::Left(body)));
+        return mark(
+            Response::from_parts(parts, Either::Left(Either::Left(body))),
+            local,
+        );
     }
     let upstream = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {
@@ -121,5 +137,8 @@ pub(crate) async fn forward(
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
     });
     let (parts, _) = resp.into_parts();
-    Response::from_parts(parts, Either::Right(Full::default()))
+    mark(
+        Response::from_parts(parts, Either::Right(Full::default())),
+        local,
+    )
 }
