@@ -650,6 +650,35 @@ spec:
         }
     }
 
+    /// Has weftd give every sidecar Istio's JSON access log, in one file for the whole mesh
+    /// (call before `start_weftd`); returns the file.
+    pub fn json_access_log(&mut self) -> PathBuf {
+        let log = self.dir.parent().expect("root").join("access.log");
+        self.weftd_args.extend([
+            "--access-log-file".into(),
+            log.display().to_string(),
+            "--access-log-encoding".into(),
+            "JSON".into(),
+        ]);
+        log
+    }
+
+    /// The client sidecar's first `n` lines of that log (Envoy writes a line when a stream
+    /// ends and flushes every second: waits up to 10 s).
+    pub fn client_log_lines(&self, log: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+        let egress = self.egress().to_string();
+        wait_until(Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(log).ok()?;
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["downstream_local_address"] == egress.as_str())
+                .collect();
+            (lines.len() >= n).then_some(lines)
+        })
+        .unwrap_or_else(|| panic!("{}: no access log lines in {}", self.name, log.display()))
+    }
+
     /// Asserts that weftd recorded no NACK from the client's sidecar.
     pub fn assert_client_nacked_nothing(&self) {
         let s = self

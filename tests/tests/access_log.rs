@@ -4,9 +4,7 @@
 //! no endpoint, preflighted, malformed) must give the same fields, response code details
 //! included (timings, ids and ports aside).
 
-use std::time::Duration;
-
-use weft_e2e::{Client, Quickstart, wait_until};
+use weft_e2e::{Client, Quickstart};
 
 /// Istio's JSON access log keys compared between the two proxies.
 const FIELDS: [&str; 17] = [
@@ -32,13 +30,7 @@ const FIELDS: [&str; 17] = [
 
 fn run(name: &str, net: u8, envoy: bool) -> Vec<Vec<String>> {
     let mut q = Quickstart::new(name, net);
-    let log = q.dir.parent().expect("root").join("access.log");
-    q.weftd_args = vec![
-        "--access-log-file".into(),
-        log.display().to_string(),
-        "--access-log-encoding".into(),
-        "JSON".into(),
-    ];
+    let log = q.json_access_log();
     // `/cut`: a route timeout that runs out while the body streams.
     q.write_file(
         "virtual-service.yaml",
@@ -155,17 +147,7 @@ spec:
         );
     }
     // Every sidecar of the mesh logs to the path weftd gave: keep the client's lines.
-    let egress = q.egress().to_string();
-    let lines: Vec<serde_json::Value> = wait_until(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["downstream_local_address"] == egress.as_str())
-            .collect();
-        (lines.len() >= 16).then_some(lines)
-    })
-    .unwrap_or_else(|| panic!("{name}: no access log lines in {}", log.display()));
+    let lines = q.client_log_lines(&log, 16);
     q.assert_client_nacked_nothing();
     for l in &lines {
         assert!(
