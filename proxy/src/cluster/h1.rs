@@ -153,15 +153,8 @@ impl RequestHead {
             out.extend_from_slice(b"\r\n");
         }
         if let Some(n) = head.attempt {
-            let one = [b'0' + (n % 10) as u8];
-            let many;
-            let digits: &[u8] = if (1..10).contains(&n) {
-                &one
-            } else {
-                many = n.to_string();
-                many.as_bytes()
-            };
-            push_header(&mut out, b"x-envoy-attempt-count", digits);
+            let value = super::pool::attempt_count(n);
+            push_header(&mut out, b"x-envoy-attempt-count", value.as_bytes());
         }
         let declared = content_length(headers).ok().flatten();
         let framing = match (declared, body) {

@@ -28,7 +28,7 @@ use crate::{Rejection, duration};
 pub use lb::LbPolicy;
 pub use pool::{
     Attempted, ConnectionLimits, DownstreamBody, Pool, StreamedBody, UpstreamBody, UpstreamError,
-    UpstreamHead, UpstreamProtocol, UpstreamResponseBody,
+    UpstreamHead, UpstreamProtocol, UpstreamResponseBody, attempt_count,
 };
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -46,6 +46,16 @@ pub struct UpstreamHead {
     pub attempt: Option<u32>,
 }
 
+/// An attempt's number as `x-envoy-attempt-count`'s value (the first few without an
+/// allocation): the HTTP/1.1 encoder, HTTP/2 requests, upgrades and answers all write it so.
+pub fn attempt_count(n: u32) -> http::HeaderValue {
+    const SMALL: [&str; 5] = ["1", "2", "3", "4", "5"];
+    match SMALL.get(n.wrapping_sub(1) as usize) {
+        Some(v) => http::HeaderValue::from_static(v),
+        None => http::HeaderValue::from(n),
+    }
+}
+
 impl UpstreamHead {
     /// A request with this head: copied when borrowed, taken when owned.
     pub fn request(
@@ -59,10 +69,8 @@ impl UpstreamHead {
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
         if let Some(n) = head.attempt {
-            req.headers_mut().insert(
-                crate::http::names::X_ENVOY_ATTEMPT_COUNT,
-                http::HeaderValue::from(n),
-            );
+            req.headers_mut()
+                .insert(crate::http::names::X_ENVOY_ATTEMPT_COUNT, attempt_count(n));
         }
         req
     }

@@ -556,15 +556,6 @@ fn strip_envoy_controls(headers: &mut HeaderMap) {
     }
 }
 
-/// An attempt's number as a header value (the first few without an allocation).
-fn attempt_number(n: u32) -> HeaderValue {
-    const SMALL: [&str; 5] = ["1", "2", "3", "4", "5"];
-    match SMALL.get(n.wrapping_sub(1) as usize) {
-        Some(v) => HeaderValue::from_static(v),
-        None => HeaderValue::from(n),
-    }
-}
-
 /// For access logs: the route that matched, and its cluster when the answer is the proxy's own
 /// (Envoy knows the cluster from the moment the route is chosen).
 fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<ProxyBody>) {
@@ -579,11 +570,7 @@ fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<Pr
             .is_some_and(|l| l.details != "cluster_not_found")
         && resp.extensions().get::<Upstream>().is_none()
     {
-        resp.extensions_mut().insert(Upstream {
-            host: None,
-            cluster: a.cluster.pick().to_string(),
-            local: None,
-        });
+        Upstream::mark(resp, None, a.cluster.pick(), None);
     }
     resp.extensions_mut().insert(RouteName(route.name.clone()));
 }
@@ -710,8 +697,10 @@ async fn route_rest(
                 Err(resp) => return resp,
             };
             if action.attempt_header {
-                head.headers
-                    .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(1));
+                head.headers.insert(
+                    names::X_ENVOY_ATTEMPT_COUNT,
+                    crate::cluster::attempt_count(1),
+                );
             }
             // Boxed: upgrades are rare, and the splice's state would otherwise make every
             // request's future larger.
@@ -858,11 +847,7 @@ async fn forward(
                     );
                     if let Some(s) = &seen {
                         let tried = crate::lock_own(s);
-                        resp.extensions_mut().insert(Upstream {
-                            host: tried.host,
-                            cluster: cluster.name.clone(),
-                            local: tried.local,
-                        });
+                        Upstream::mark(&mut resp, tried.host, &cluster.name, tried.local);
                     }
                     resp
                 }
@@ -938,11 +923,7 @@ async fn attempt_until_done(
                 host: Option<std::net::SocketAddr>,
                 local: Option<std::net::SocketAddr>| {
         if log {
-            resp.extensions_mut().insert(Upstream {
-                host,
-                cluster: cluster.name.clone(),
-                local,
-            });
+            Upstream::mark(&mut resp, host, &cluster.name, local);
         }
         resp
     };
@@ -1088,8 +1069,10 @@ async fn attempt_until_done(
                         );
                     }
                     if attempts_in_response {
-                        resp.headers_mut()
-                            .insert(names::X_ENVOY_ATTEMPT_COUNT, attempt_number(attempt + 1));
+                        resp.headers_mut().insert(
+                            names::X_ENVOY_ATTEMPT_COUNT,
+                            crate::cluster::attempt_count(attempt + 1),
+                        );
                     }
                     let local = seen.and_then(|s| crate::lock_own(s).local);
                     return mark(resp.map(Either::Left), Some(endpoint.address), local);
@@ -1610,6 +1593,23 @@ struct Upstream {
     host: Option<std::net::SocketAddr>,
     cluster: String,
     local: Option<std::net::SocketAddr>,
+}
+
+impl Upstream {
+    /// Marks `resp` as having come from (or failed at) `host` of `cluster` over a connection
+    /// from `local`.
+    fn mark(
+        resp: &mut Response<ProxyBody>,
+        host: Option<std::net::SocketAddr>,
+        cluster: &str,
+        local: Option<std::net::SocketAddr>,
+    ) {
+        resp.extensions_mut().insert(Upstream {
+            host,
+            cluster: cluster.to_string(),
+            local,
+        });
+    }
 }
 
 /// The route that matched, for access logs.

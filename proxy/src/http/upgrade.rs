@@ -53,11 +53,7 @@ pub(crate) async fn forward(
     head.version = http::Version::HTTP_11;
     // For access logs: the host and connection every answer from here on came through.
     let mark = |mut resp: Response<ProxyBody>, local: Option<std::net::SocketAddr>| {
-        resp.extensions_mut().insert(super::Upstream {
-            host: Some(endpoint.address),
-            cluster: cluster.name.clone(),
-            local,
-        });
+        super::Upstream::mark(&mut resp, Some(endpoint.address), &cluster.name, local);
         resp
     };
     let stream = match endpoint.pool.connect().await {
@@ -105,14 +101,12 @@ pub(crate) async fn forward(
     };
     let mut resp = match resp {
         Ok(r) => r,
-        Err(_) => {
-            let resp = local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                "UC",
-                "upstream_reset_before_response_started{connection_termination}",
-            );
-            return mark(resp, local);
+        Err(e) => {
+            let reset = crate::cluster::UpstreamError::Reset {
+                addr: endpoint.address,
+                source: e.into(),
+            };
+            return mark(super::upstream_failure(&reset, false, None), local);
         }
     };
     cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
