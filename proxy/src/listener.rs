@@ -698,6 +698,18 @@ pub struct Downstream {
     pub principal: Option<Arc<str>>,
     /// The SNI the client sent.
     pub sni: Option<Arc<str>>,
+    /// The certificates of an mTLS connection (None without a client certificate).
+    pub tls_peer: Option<Arc<TlsPeer>>,
+}
+
+/// What an mTLS handshake showed: the client's chain and our own certificate, for
+/// `x-forwarded-client-cert`.
+#[derive(Debug)]
+pub struct TlsPeer {
+    /// The chain the client presented, its own certificate first.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The certificate this listener presented.
+    pub local: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Where a connection iptables redirected (REDIRECT, `SO_ORIGINAL_DST`) was addressed to;
@@ -774,11 +786,17 @@ async fn serve_tls(
 ) {
     let conn = s.get_ref().1;
     down.tls = true;
-    down.principal = conn
-        .peer_certificates()
+    let peer = conn.peer_certificates().filter(|c| !c.is_empty());
+    down.principal = peer
         .and_then(|c| c.first())
         .and_then(|c| crate::tls::spiffe_id(c))
         .map(Arc::from);
+    down.tls_peer = peer.map(|c| {
+        Arc::new(TlsPeer {
+            chain: c.iter().map(|c| c.clone().into_owned()).collect(),
+            local: chain.tls.as_ref().and_then(|t| t.local_certificate()),
+        })
+    });
     down.sni = conn.server_name().map(Arc::from);
     serve_filter(proxy, chain, s, down).await
 }
@@ -791,6 +809,7 @@ where
         let input = crate::rbac::Input {
             down: &down,
             request: None,
+            remote: None,
         };
         if !chain.rbac.iter().all(|e| e.allows(&input)) {
             tracing::debug!(peer = ?down.peer, principal = ?down.principal, "RBAC: connection denied");

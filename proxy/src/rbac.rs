@@ -24,6 +24,9 @@ pub struct Input<'a> {
     pub down: &'a Downstream,
     /// None on a TCP connection (network RBAC): header and path rules never match.
     pub request: Option<&'a RequestView<'a>>,
+    /// The trusted client address the connection manager found (`x-forwarded-for`): what
+    /// `remote_ip` matches. None: the connection's peer.
+    pub remote: Option<std::net::IpAddr>,
 }
 
 impl Input<'_> {
@@ -232,9 +235,11 @@ impl Who {
                 // Without a client certificate nothing is authenticated.
                 (None, _) => false,
             },
-            Who::DirectRemoteIp(c) | Who::RemoteIp(c) => {
-                ip(input.down.peer).is_some_and(|a| c.contains(a))
-            }
+            Who::DirectRemoteIp(c) => ip(input.down.peer).is_some_and(|a| c.contains(a)),
+            Who::RemoteIp(c) => input
+                .remote
+                .or_else(|| ip(input.down.peer))
+                .is_some_and(|a| c.contains(a)),
             Who::Header(h) => input.request.is_some_and(|r| h.matches(r)),
             Who::Path(m) => input.path().is_some_and(|p| m.matches(p)),
             Who::Metadata => false,

@@ -670,6 +670,8 @@ impl ServerCertVerifier for ServerVerifier {
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
     without_alpn: Arc<rustls::ServerConfig>,
+    /// The certificate the handshakes present (for `x-forwarded-client-cert`'s `By`).
+    own: OwnCert,
 }
 
 impl ServerTls {
@@ -684,6 +686,12 @@ impl ServerTls {
         } else {
             self.without_alpn.clone()
         }
+    }
+
+    /// The leaf certificate this listener presents now (the workload certificate follows its
+    /// renewals).
+    pub fn local_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.own.current().and_then(|k| k.cert.first().cloned())
     }
 
     /// Completes a TLS handshake on `stream`.
@@ -707,7 +715,7 @@ impl ServerTls {
 
 /// The TLS for a listener's transport socket (None: plaintext, a `RawBuffer` socket).
 pub fn server_tls(ts: &TransportSocket) -> Result<Option<Arc<ServerTls>>, Fail> {
-    let Some(config) = server_config(ts)? else {
+    let Some((config, own)) = server_parts(ts)? else {
         return Ok(None);
     };
     let mut without_alpn = (*config).clone();
@@ -715,12 +723,20 @@ pub fn server_tls(ts: &TransportSocket) -> Result<Option<Arc<ServerTls>>, Fail> 
     Ok(Some(Arc::new(ServerTls {
         config,
         without_alpn: Arc::new(without_alpn),
+        own,
     })))
 }
 
 /// The rustls server configuration for a listener's transport socket (None: plaintext, a
 /// `RawBuffer` socket).
 pub fn server_config(ts: &TransportSocket) -> Result<Option<Arc<rustls::ServerConfig>>, Fail> {
+    Ok(server_parts(ts)?.map(|(config, _)| config))
+}
+
+/// The server configuration and where its certificate comes from.
+fn server_parts(
+    ts: &TransportSocket,
+) -> Result<Option<(Arc<rustls::ServerConfig>, OwnCert)>, Fail> {
     let Some(any) = typed(ts, DOWNSTREAM_TLS)? else {
         return Ok(None);
     };
@@ -765,13 +781,13 @@ pub fn server_config(ts: &TransportSocket) -> Result<Option<Arc<rustls::ServerCo
             required: require,
         })),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(Resolver(own)));
+    let mut config = builder.with_cert_resolver(Arc::new(Resolver(own.clone())));
     config.alpn_protocols = common
         .alpn_protocols
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
-    Ok(Some(Arc::new(config)))
+    Ok(Some((Arc::new(config), own)))
 }
 
 /// TLS towards an upstream: the client configuration and the SNI to send.

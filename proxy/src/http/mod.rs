@@ -6,6 +6,7 @@ pub mod access_log;
 mod coalesce;
 pub mod cors;
 pub mod fault;
+pub mod forwarded;
 pub mod hash;
 pub mod local_ratelimit;
 pub mod retry;
@@ -74,6 +75,8 @@ pub struct ConnectionManager {
     /// The router's `suppress_envoy_headers` is off: upstream answers carry
     /// `x-envoy-upstream-service-time`.
     pub envoy_headers: bool,
+    /// `x-forwarded-*`, internal requests, `x-request-id` and `x-forwarded-client-cert`.
+    pub forwarding: forwarded::Forwarding,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -286,7 +289,9 @@ impl ConnectionManager {
             }
         };
         let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
+        let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         Ok(ConnectionManager {
+            forwarding,
             server_header,
             envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
@@ -333,26 +338,37 @@ pub async fn serve_connection<S>(
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
     let refused = refused_logger(hcm.access_logs.clone(), peer, local);
+    // This hop's `x-forwarded-client-cert` element: one per connection (one client
+    // certificate).
+    let element = down
+        .tls_peer
+        .as_ref()
+        .and_then(|p| hcm.forwarding.client_cert_element(p));
     // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
         let down = down.clone();
-        // As Envoy's connection manager: every request carries an id from here on (logs,
-        // upstream, retries), the client's own when it sent one.
-        if !req.headers().contains_key(names::X_REQUEST_ID) {
-            req.headers_mut().insert(names::X_REQUEST_ID, request_id());
-        }
+        // As Envoy's connection manager: the forwarding headers, and an id on every request
+        // from here on (logs, upstream, retries), the client's own when it may keep it.
+        let origin = hcm
+            .forwarding
+            .apply(req.headers_mut(), &down, element.as_ref());
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
-                let mut resp = proxy_request(&proxy, &hcm, &down, req).await;
+                let mut resp = proxy_request(&proxy, &hcm, &down, origin, req).await;
                 let deadline = resp.extensions_mut().remove::<BodyDeadline>();
                 return resp.map(|b| LoggedBody::new(b, None, deadline));
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
-            let mut entry = Box::new(request_entry(&req, peer, local, &down));
-            let mut resp = proxy_request(&proxy, &hcm, &down, req).await;
+            // Envoy logs the trusted client address (`x-forwarded-for`'s) as the remote one.
+            let remote = match (origin.remote, peer) {
+                (Some(ip), Some(p)) if ip != p.ip() => Some(std::net::SocketAddr::new(ip, 0)),
+                _ => peer,
+            };
+            let mut entry = Box::new(request_entry(&req, remote, local, &down));
+            let mut resp = proxy_request(&proxy, &hcm, &down, origin, req).await;
             response_entry(&mut entry, &resp);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
             resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline))
@@ -407,12 +423,13 @@ pub async fn proxy_request(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
+    origin: forwarded::Origin,
     req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
     let grpc = is_grpc(req.headers());
-    let mut resp = route_and_forward(proxy, hcm, down, req).await;
+    let mut resp = route_and_forward(proxy, hcm, down, origin, req).await;
     if grpc {
         resp = grpc_local_reply(resp);
     }
@@ -425,6 +442,7 @@ async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
+    origin: forwarded::Origin,
     mut req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
@@ -441,8 +459,10 @@ async fn route_and_forward(
         RouteSource::Static(t) => Some(t.clone()),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
-    strip_envoy_controls(req.headers_mut());
-    if let Some(t) = table.as_deref() {
+    strip_envoy_controls(req.headers_mut(), origin.internal);
+    if !origin.internal
+        && let Some(t) = table.as_deref()
+    {
         for name in &t.internal_only {
             req.headers_mut().remove(name);
         }
@@ -463,6 +483,7 @@ async fn route_and_forward(
         let input = crate::rbac::Input {
             down,
             request: Some(&view),
+            remote: origin.remote,
         };
         if let Some(denied) = hcm.rbac.iter().find_map(|e| e.denies(&input)) {
             hcm.stats.rbac_denied.inc();
@@ -530,12 +551,14 @@ async fn route_and_forward(
     resp
 }
 
-/// Removes the `x-envoy-*` headers that steer a proxy (retries, timeouts, tracing) from a
-/// request: Envoy's connection manager removes them from every request it does not count as
-/// internal (one whose `x-forwarded-for` holds a single internal address), and weft-proxy
-/// counts none as internal, so a client cannot set its own retries or timeouts through them.
-fn strip_envoy_controls(headers: &mut HeaderMap) {
-    const CONTROLS: [&str; 10] = [
+/// Removes the `x-envoy-*` headers that steer a proxy from a request. The router's own
+/// (retries, timeouts) go from every request: Envoy's router reads them on internal requests
+/// and removes them before forwarding, and weft-proxy does not honour them (written down in
+/// docs/envoy-differences.md). Tracing and IP tags go from requests that are not internal
+/// (one whose `x-forwarded-for` holds a single internal address, see `forwarded`), as Envoy's
+/// connection manager does, so an outside client cannot set them.
+fn strip_envoy_controls(headers: &mut HeaderMap, internal: bool) {
+    const ROUTER: [&str; 7] = [
         "x-envoy-retry-on",
         "x-envoy-retry-grpc-on",
         "x-envoy-max-retries",
@@ -543,6 +566,8 @@ fn strip_envoy_controls(headers: &mut HeaderMap) {
         "x-envoy-upstream-rq-timeout-ms",
         "x-envoy-upstream-rq-per-try-timeout-ms",
         "x-envoy-upstream-rq-timeout-alt-response",
+    ];
+    const EXTERNAL: [&str; 3] = [
         "x-envoy-expected-rq-timeout-ms",
         "x-envoy-force-trace",
         "x-envoy-ip-tags",
@@ -551,8 +576,13 @@ fn strip_envoy_controls(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
         return;
     }
-    for name in CONTROLS {
+    for name in ROUTER {
         headers.remove(name);
+    }
+    if !internal {
+        for name in EXTERNAL {
+            headers.remove(name);
+        }
     }
 }
 
@@ -691,8 +721,7 @@ async fn route_rest(
         let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         if let (Some(u), Some(on_upgrade)) = (upgrade_header, on_upgrade) {
             drop(body);
-            let mut head = match upstream_head(parts, authority, UpstreamProtocol::Http1, down.tls)
-            {
+            let mut head = match upstream_head(parts, authority, UpstreamProtocol::Http1) {
                 Ok(h) => h,
                 Err(resp) => return resp,
             };
@@ -730,7 +759,6 @@ async fn route_rest(
             hash,
             log,
             original,
-            secure: down.tls,
             timed: hcm.envoy_headers,
             since: None,
             attempt_header: action.attempt_header,
@@ -789,7 +817,7 @@ async fn forward(
                 .or(action.timeout),
         );
     }
-    let head = match upstream_head(parts, authority, cluster.protocol, pick.secure) {
+    let head = match upstream_head(parts, authority, cluster.protocol) {
         Ok(h) => h,
         Err(resp) => return resp,
     };
@@ -803,14 +831,7 @@ async fn forward(
     // Shadows need the body again: only requests whose body was kept are mirrored.
     if let (Some(original), AttemptBody::Replay(bytes)) = (shadow_parts, &body) {
         for m in mirrors {
-            shadow(
-                m,
-                &original,
-                authority,
-                bytes.clone(),
-                action.timeout,
-                pick.secure,
-            );
+            shadow(m, &original, authority, bytes.clone(), action.timeout);
         }
     }
     cluster.stats.upstream_rq_total.inc();
@@ -1162,7 +1183,6 @@ fn shadow(
     authority: &str,
     body: Bytes,
     timeout: Option<Duration>,
-    secure: bool,
 ) {
     let authority = if m.shadow_suffix {
         shadow_authority(authority)
@@ -1175,7 +1195,7 @@ fn shadow(
     *req.uri_mut() = uri.clone();
     *req.headers_mut() = headers.clone();
     let (parts, ()) = req.into_parts();
-    let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol, secure) else {
+    let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol) else {
         return;
     };
     tokio::spawn(async move {
@@ -1348,12 +1368,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 #[allow(clippy::result_large_err)]
-/// `secure`: the client's connection was TLS (`x-forwarded-proto`).
 fn upstream_head(
     mut parts: http::request::Parts,
     authority: &str,
     protocol: UpstreamProtocol,
-    secure: bool,
 ) -> Result<UpstreamHead, Response<ProxyBody>> {
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
@@ -1363,11 +1381,7 @@ fn upstream_head(
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    // `x-request-id` is already set: the connection manager gives every request one.
-    let proto = if secure { "https" } else { "http" };
-    parts
-        .headers
-        .insert(names::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // `x-request-id` and `x-forwarded-proto` are already set (see `forwarded`).
     let uri = std::mem::take(&mut parts.uri);
     let path = uri
         .path_and_query()
@@ -1568,14 +1582,13 @@ fn milliseconds(d: Duration) -> HeaderValue {
 }
 
 /// How a request goes upstream: the consistent-hash key, whether the host that answered is
-/// recorded for the access log, where the client's connection was addressed (ORIGINAL_DST),
-/// and whether it was TLS (`x-forwarded-proto`).
+/// recorded for the access log, and where the client's connection was addressed
+/// (ORIGINAL_DST).
 #[derive(Debug, Clone, Copy)]
 struct Pick {
     hash: Option<u64>,
     log: bool,
     original: Option<std::net::SocketAddr>,
-    secure: bool,
     /// Upstream answers carry `x-envoy-upstream-service-time` (the router does not suppress
     /// Envoy's headers).
     timed: bool,
@@ -2009,10 +2022,23 @@ mod tests {
         h.insert("x-envoy-expected-rq-timeout-ms", "300".parse().unwrap());
         h.insert("x-envoy-attempt-count", "2".parse().unwrap());
         h.insert("x-request-id", "a".parse().unwrap());
-        super::strip_envoy_controls(&mut h);
+        let mut internal = h.clone();
+        super::strip_envoy_controls(&mut h, false);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["x-envoy-attempt-count", "x-request-id"]);
+        // An internal request keeps what the router does not consume.
+        super::strip_envoy_controls(&mut internal, true);
+        let mut left: Vec<&str> = internal.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "x-envoy-attempt-count",
+                "x-envoy-expected-rq-timeout-ms",
+                "x-request-id"
+            ]
+        );
     }
 
     /// Envoy's words for upstream failures: body, flags and details.

@@ -33,6 +33,7 @@ fn down(principal: Option<&str>, peer: &str, local: &str) -> Downstream {
         tls: principal.is_some(),
         principal: principal.map(Into::into),
         sni: None,
+        tls_peer: None,
     }
 }
 
@@ -101,6 +102,7 @@ fn allow_deny_and_log() {
     let input = |d| Input {
         down: d,
         request: None,
+        remote: None,
     };
     assert!(allow.allows(&input(&me)));
     assert!(!allow.allows(&input(&other)));
@@ -167,18 +169,21 @@ fn combinators_and_http_rules() {
     assert!(
         !e.allows(&Input {
             down: &d,
-            request: Some(&admin)
+            request: Some(&admin),
+            remote: None,
         }),
         "path without query"
     );
     assert!(e.allows(&Input {
         down: &d,
-        request: Some(&other)
+        request: Some(&other),
+        remote: None,
     }));
     // On a TCP connection the path rule cannot match.
     assert!(e.allows(&Input {
         down: &d,
-        request: None
+        request: None,
+        remote: None,
     }));
 }
 
