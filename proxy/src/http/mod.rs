@@ -356,7 +356,7 @@ pub async fn serve_connection<S>(
             .apply(req.headers_mut(), &down, element.as_ref());
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
-                let mut resp = proxy_request(&proxy, &hcm, &down, origin, req).await;
+                let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
                 let deadline = resp.extensions_mut().remove::<BodyDeadline>();
                 return resp.map(|b| LoggedBody::new(b, None, deadline));
             };
@@ -368,7 +368,7 @@ pub async fn serve_connection<S>(
                 _ => peer,
             };
             let mut entry = Box::new(request_entry(&req, remote, local, &down));
-            let mut resp = proxy_request(&proxy, &hcm, &down, origin, req).await;
+            let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
             response_entry(&mut entry, &resp);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
             resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline))
@@ -423,7 +423,7 @@ pub async fn proxy_request(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
-    origin: forwarded::Origin,
+    origin: &forwarded::Origin,
     req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
@@ -442,7 +442,7 @@ async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
-    origin: forwarded::Origin,
+    origin: &forwarded::Origin,
     mut req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
