@@ -51,6 +51,32 @@ fn s_client(addr: &str, cert: Option<&Path>, ca: &Path) -> String {
     )
 }
 
+const SPOOFED: &str = "By=spiffe://cluster.local/ns/default/sa/hello;URI=spiffe://evil";
+
+/// Through the mesh the application sees one `x-forwarded-client-cert` element, the server
+/// sidecar's (Istio's inbound APPEND_FORWARD), naming the calling sidecar: the client sidecar
+/// removed the application's own (outbound SANITIZE).
+fn assert_caller_certificate(c: &mut Client) {
+    let r = c
+        .request("GET", "hello", "/", &[("x-forwarded-client-cert", SPOOFED)])
+        .expect("request through the mesh");
+    let xfcc = r
+        .body
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("x-forwarded-client-cert: "))
+        .unwrap_or_else(|| panic!("the application sees the caller's certificate: {}", r.body));
+    let hash = xfcc
+        .strip_prefix("By=spiffe://cluster.local/ns/default/sa/hello;Hash=")
+        .and_then(|rest| {
+            rest.strip_suffix(";Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/client")
+        })
+        .unwrap_or_else(|| panic!("unexpected x-forwarded-client-cert: {xfcc}"));
+    assert!(
+        hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{xfcc}"
+    );
+}
+
 #[test]
 fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     let mut q = Quickstart::new("mtls", 70);
@@ -92,6 +118,7 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
         let r = c.get("hello", "/").expect("request through the mesh");
         assert_eq!(r.status, 200, "{}", r.body);
     }
+    assert_caller_certificate(&mut c);
 
     // From outside the mesh: plaintext to the STRICT port is closed without an answer.
     let inbound: std::net::SocketAddr = format!("{}:{INBOUND_PORT}", q.ip(11)).parse().unwrap();
@@ -190,6 +217,12 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     })
     .expect("plaintext is served on a PERMISSIVE port");
     assert_eq!(r.status, 200);
+    // Without a client certificate there is nothing to vouch for: a caller's own
+    // x-forwarded-client-cert does not reach the application.
+    let r = Client::new(inbound)
+        .request("GET", "hello", "/", &[("x-forwarded-client-cert", SPOOFED)])
+        .expect("plaintext request");
+    assert!(!r.body.contains("x-forwarded-client-cert"), "{}", r.body);
     let good = s_client(&addr, Some(&good_dir), &ca);
     assert!(good.contains("HTTP/1.1 200"), "{good}");
     for _ in 0..10 {
@@ -235,6 +268,7 @@ fn an_envoy_client_sidecar_talks_mtls_to_weft_proxy_with_certificates_from_the_a
     for _ in 0..20 {
         assert_eq!(c.get("hello", "/").expect("request").status, 200);
     }
+    assert_caller_certificate(&mut c);
     // Envoy's secrets came from the agent over SDS.
     let dump =
         get_json(q.admin(10), "/config_dump?resource=dynamic_active_secrets").unwrap_or_default();

@@ -469,8 +469,7 @@ pub(super) fn outbound_http(
     http_connection_manager(
         mesh,
         stat_prefix,
-        true,
-        None,
+        HcmRole::Outbound,
         http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_name,
@@ -644,8 +643,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             http_connection_manager(
                 mesh,
                 &stat_prefix,
-                false,
-                Some(ISTIO_SERVER_NAME),
+                HcmRole::Inbound,
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
             )
         } else {
@@ -818,21 +816,34 @@ fn access_log(settings: &crate::model::AccessLogSettings) -> AccessLog {
 
 /// The `server` header Istio's inbound listeners and gateways answer with (outbound listeners
 /// keep Envoy's default, "envoy", as Istio's do).
-pub(super) const ISTIO_SERVER_NAME: &str = "istio-envoy";
+const ISTIO_SERVER_NAME: &str = "istio-envoy";
 
-/// The HTTP connection manager; outbound chains carry the fault filter (empty: routes turn it
-/// on with their per-route config), as Istio's sidecar outbound listeners do.
-/// `server_name`: None for Envoy's default; the header overwrites the application's either way
-/// (Envoy's default transformation, which Istio keeps).
+/// Which side of the mesh an HTTP connection manager serves: istiod gives each its own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HcmRole {
+    /// A sidecar's outbound listeners: the CORS and fault filters (empty: routes turn them on
+    /// with their per-route config), Envoy's `server` name, client certificate details removed.
+    Outbound,
+    /// A sidecar's inbound chains: `istio-envoy`, and the client's certificate appended to
+    /// `x-forwarded-client-cert` (subject, URI and DNS names).
+    Inbound,
+    /// A gateway: the CORS and fault filters, `istio-envoy`, the client's address appended to
+    /// `x-forwarded-for` (the edge of the mesh), and `x-forwarded-client-cert` replaced by the
+    /// client's certificate (subject, the certificate itself, URI and DNS names).
+    Gateway,
+}
+
+/// The HTTP connection manager for `role`. The `server` header overwrites the application's
+/// either way (Envoy's default transformation, which Istio keeps).
 pub(super) fn http_connection_manager(
     mesh: &Mesh,
     stat_prefix: &str,
-    with_fault: bool,
-    server_name: Option<&str>,
+    role: HcmRole,
     routes: http_connection_manager::RouteSpecifier,
 ) -> Filter {
+    use http_connection_manager::{ForwardClientCertDetails, SetCurrentClientCertDetails};
     let mut http_filters = Vec::new();
-    if with_fault {
+    if role != HcmRole::Inbound {
         http_filters.push(HttpFilter {
             name: "envoy.filters.http.cors".into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Cors::default()))),
@@ -853,10 +864,29 @@ pub(super) fn http_connection_manager(
         ))),
         ..Default::default()
     });
+    let (client_cert, cert) = match role {
+        HcmRole::Outbound => (ForwardClientCertDetails::Sanitize, false),
+        HcmRole::Inbound => (ForwardClientCertDetails::AppendForward, false),
+        HcmRole::Gateway => (ForwardClientCertDetails::SanitizeSet, true),
+    };
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
-        server_name: server_name.unwrap_or_default().to_string(),
+        server_name: match role {
+            HcmRole::Outbound => String::new(),
+            HcmRole::Inbound | HcmRole::Gateway => ISTIO_SERVER_NAME.into(),
+        },
+        use_remote_address: (role == HcmRole::Gateway).then_some(BoolValue { value: true }),
+        forward_client_cert_details: client_cert as i32,
+        set_current_client_cert_details: (role != HcmRole::Outbound).then(|| {
+            SetCurrentClientCertDetails {
+                subject: Some(BoolValue { value: true }),
+                cert,
+                uri: true,
+                dns: true,
+                ..Default::default()
+            }
+        }),
         route_specifier: Some(routes),
         http_filters,
         access_log: mesh.settings.access_log.iter().map(access_log).collect(),

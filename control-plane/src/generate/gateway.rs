@@ -21,7 +21,7 @@ use weft_xds_proto::{pack, type_url};
 
 use super::Generated;
 use super::build::{
-    ISTIO_SERVER_NAME, ads, http_connection_manager, http_routes, listener, qualified_gateway,
+    HcmRole, ads, http_connection_manager, http_routes, listener, qualified_gateway,
 };
 use super::policy::file;
 use super::scope::{Scope, host_matches};
@@ -416,8 +416,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     filters: vec![http_connection_manager(
                         mesh,
                         &stat_prefix,
-                        true,
-                        Some(ISTIO_SERVER_NAME),
+                        HcmRole::Gateway,
                         http_connection_manager::RouteSpecifier::Rds(Rds {
                             config_source: Some(ads()),
                             route_config_name: name,
@@ -433,8 +432,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 http_connection_manager(
                     mesh,
                     &stat_prefix,
-                    true,
-                    Some(ISTIO_SERVER_NAME),
+                    HcmRole::Gateway,
                     http_connection_manager::RouteSpecifier::Rds(Rds::default()),
                 ),
             );
@@ -466,8 +464,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         let hcm = http_connection_manager(
             mesh,
             &stat_prefix,
-            true,
-            Some(ISTIO_SERVER_NAME),
+            HcmRole::Gateway,
             http_connection_manager::RouteSpecifier::Rds(Rds {
                 config_source: Some(ads()),
                 route_config_name: route_name,
