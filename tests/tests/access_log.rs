@@ -127,6 +127,11 @@ spec:
         .expect("preflight");
     c.request("POST", "hello", "/post", &[ua, ("content-length", "0")])
         .expect("post");
+    // A streamed body (chunked): its bytes are counted as they go through.
+    let chunked = c
+        .send_raw(b"POST /chunked HTTP/1.1\r\nhost: hello\r\nuser-agent: weft-e2e/1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .expect("chunked post");
+    assert_eq!(chunked.status, 200, "{name}: {}", chunked.body);
     // The answer's head arrives, its body is cut at the route timeout: the client's read fails.
     let cut = Client::new(q.egress()).request("GET", "hello", "/cut?body_delay_ms=3000", &[ua]);
     assert!(cut.is_err(), "{name}: the late body was not cut: {cut:?}");
@@ -147,7 +152,7 @@ spec:
         );
     }
     // Every sidecar of the mesh logs to the path weftd gave: keep the client's lines.
-    let lines = q.client_log_lines(&log, 16);
+    let lines = q.client_log_lines(&log, 17);
     q.assert_client_nacked_nothing();
     for l in &lines {
         assert!(
@@ -174,7 +179,7 @@ spec:
         upstream_hosts,
         [
             true, true, false, true, false, false, false, false, true, false, false, false, true,
-            true, false, false
+            true, true, false, false
         ],
         "{name}: {lines:#?}"
     );
@@ -241,11 +246,14 @@ fn weft_proxy_and_envoy_write_the_same_access_log_fields() {
             ("503", "NC", "cluster_not_found"),
             ("200", "-", "cors_response"),
             ("200", "-", "via_upstream"),
+            ("200", "-", "via_upstream"),
             ("200", "UT", "response_timeout"),
             ("400", "DPE", "http1.codec_error"),
             ("426", "DPE", "low_version"),
         ]
     );
+    // The chunked POST's body: 11 bytes, counted (the declared length would say 0).
+    assert_eq!(weft[13][8], "11", "{:?}", weft[13]);
     assert_eq!(
         weft[6][7], "\"delayed_connect_error:_Connection_refused\"",
         "{:?}",

@@ -27,7 +27,57 @@ pub type StreamedBody = http_body_util::Either<DownstreamBody, super::tee::TeeBo
 
 /// A request body as the client sends it: read by hyper (`Left`: HTTP/2, streamed HTTP/1.1
 /// bodies), or already read whole by weft-proxy's own HTTP/1.1 server (`Right`).
-pub type DownstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type DownstreamBody = http_body_util::Either<CountedBody, http_body_util::Full<bytes::Bytes>>;
+
+/// A body hyper reads from the client, counting the bytes that came through when an access log
+/// wants them (`%BYTES_RECEIVED%`).
+#[derive(Debug)]
+pub struct CountedBody {
+    inner: Incoming,
+    count: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl CountedBody {
+    /// `counted`: keep a count (see [`CountedBody::counter`]).
+    pub fn new(inner: Incoming, counted: bool) -> CountedBody {
+        CountedBody {
+            inner,
+            count: counted.then(Default::default),
+        }
+    }
+
+    /// The bytes read so far, shared with whoever logs the request.
+    pub fn counter(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        self.count.clone()
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(count), std::task::Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            count.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// An upstream's response body: read by hyper's HTTP/2 client (`Left`), or straight from an
 /// HTTP/1.1 connection (`Right`).

@@ -74,6 +74,8 @@ pub struct Entry {
     pub status: u16,
     pub flags: String,
     pub bytes_received: u64,
+    /// The count of a streamed request body, read when the line is written.
+    pub received: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
     pub upstream_cluster: Option<String>,

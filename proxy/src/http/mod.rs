@@ -335,6 +335,7 @@ pub async fn serve_connection<S>(
     let peer = down.peer;
     let down = Arc::new(down);
     let accept_http_10 = hcm.accept_http_10;
+    let logged = hcm.access_logs.is_some();
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
     let refused = refused_logger(hcm.access_logs.clone(), peer, local);
@@ -380,10 +381,15 @@ pub async fn serve_connection<S>(
         server::End::Closed => return,
         server::End::Handoff(stream) => stream,
     };
+    // With access logs, streamed request bodies are counted (`%BYTES_RECEIVED%`).
+    let counted = logged;
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
         // among others); moving a pointer is cheap, moving the request path's state is not.
-        let resp = Box::pin(handle(req.map(Either::Left)));
+        let resp =
+            Box::pin(handle(req.map(|b| {
+                Either::Left(crate::cluster::CountedBody::new(b, counted))
+            })));
         async move { Ok::<_, std::convert::Infallible>(resp.await) }
     });
     if stream.is_http2() {
@@ -1652,12 +1658,15 @@ fn request_entry(
             _ => "HTTP/1.1",
         },
         request_headers: req.headers().clone(),
-        // Bodies are streamed: what the client declared is what was received.
-        bytes_received: req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0),
+        // A body read whole is its length; a streamed one is counted as it goes through.
+        bytes_received: match req.body() {
+            Either::Right(full) => http_body::Body::size_hint(full).exact().unwrap_or(0),
+            Either::Left(_) => 0,
+        },
+        received: match req.body() {
+            Either::Left(streamed) => streamed.counter(),
+            Either::Right(_) => None,
+        },
         downstream_remote: peer,
         downstream_local: local,
         ..Default::default()
@@ -1845,6 +1854,9 @@ impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some((mut entry, loggers)) = self.log.take() {
             entry.bytes_sent = self.sent;
+            if let Some(received) = &entry.received {
+                entry.bytes_received = received.load(std::sync::atomic::Ordering::Relaxed);
+            }
             for l in loggers.iter() {
                 l.write(&entry);
             }
