@@ -55,10 +55,9 @@ fn upgrade_round_trip(q: &Quickstart) -> (String, String, bool, bool) {
     )
 }
 
-/// The round trips, then the client's access log lines: (status, whether the upstream host is
-/// hello's sidecar, cluster, route, the upstream connection's local IP). The details differ by
-/// design (docs/envoy-differences.md): Envoy writes the line when the upgraded connection ends
-/// and says how it ended, weft-proxy when the 101 goes out (`via_upstream`).
+/// The round trips, then the client's access log lines, written when each upgraded connection
+/// ends: (status, flags, details, the session's bytes each way, whether the upstream host is
+/// hello's sidecar, cluster, route, the upstream connection's local IP).
 type Run = (Vec<(String, bool, bool, bool)>, Vec<Vec<String>>);
 
 fn run(name: &str, net: u8, envoy: bool) -> Run {
@@ -80,6 +79,10 @@ fn run(name: &str, net: u8, envoy: bool) -> Run {
         .map(|l| {
             vec![
                 l["response_code"].to_string(),
+                l["response_flags"].to_string(),
+                l["response_code_details"].to_string(),
+                l["bytes_received"].to_string(),
+                l["bytes_sent"].to_string(),
                 l["upstream_host"]
                     .as_str()
                     .is_some_and(|h| h.ends_with(":9080"))
@@ -104,7 +107,20 @@ fn run(name: &str, net: u8, envoy: bool) -> Run {
 #[test]
 fn weft_proxy_and_envoy_carry_websocket_upgrades_alike() {
     let weft = run("ws-weft", 64, false);
-    assert_eq!(weft.1[0][..2], ["101", "true"], "{:?}", weft.1);
+    // The client closed each session: 19,210 bytes sent, 19,219 back (the greeting too).
+    assert_eq!(
+        weft.1[0][..6],
+        [
+            "101",
+            "\"DC\"",
+            "\"downstream_remote_disconnect\"",
+            "19210",
+            "19219",
+            "true"
+        ],
+        "{:?}",
+        weft.1
+    );
     assert_eq!(
         weft.0,
         vec![

@@ -372,6 +372,11 @@ pub async fn serve_connection<S>(
             let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
             response_entry(&mut entry, &resp);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+            // An upgraded connection's line is written when its session ends.
+            if let Some(session) = resp.extensions_mut().remove::<upgrade::SessionLog>() {
+                session.hand_over(entry, loggers);
+                return resp.map(|b| LoggedBody::new(b, None, deadline));
+            }
             resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline))
         }
     };

@@ -1,17 +1,124 @@
 //! HTTP/1.1 upgrades (WebSocket), when the connection manager's `upgrade_configs` allows them:
 //! the request goes to one endpoint over a connection of its own (not the pool), and once the
 //! upstream answers `101 Switching Protocols` both sides are spliced byte for byte until either
-//! closes. Any other answer is passed back as a normal response.
+//! closes. Any other answer is passed back as a normal response. As Envoy's, the access log line
+//! of an upgraded connection is written when the session ends: the bytes each way, and `DC`
+//! (`downstream_remote_disconnect`) when the client ended it first.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 
-use super::{ProxyBody, local_reply, milliseconds, names, tell_timeout};
+use super::{ProxyBody, access_log, local_reply, milliseconds, names, tell_timeout};
 use crate::cluster::Cluster;
 use crate::cluster::UpstreamHead;
+
+/// Where the request path leaves an upgrade's access log entry (a `101`'s extension): the
+/// splice writes it when the session ends.
+#[derive(Clone, Default)]
+pub(crate) struct SessionLog(Arc<Mutex<Option<Pending>>>);
+
+/// A log entry waiting for its session's end, and where it goes.
+type Pending = (Box<access_log::Entry>, access_log::Loggers);
+
+impl SessionLog {
+    /// Leaves the entry for the splice (before the `101` goes out, so before the splice starts).
+    pub(crate) fn hand_over(&self, entry: Box<access_log::Entry>, loggers: access_log::Loggers) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some((entry, loggers));
+        }
+    }
+
+    /// Writes the line: `received` and `sent` are the session's bytes from the client and to it.
+    fn write(&self, received: u64, sent: u64, client_ended: bool) {
+        let Some((mut entry, loggers)) = self.0.lock().ok().and_then(|mut s| s.take()) else {
+            return;
+        };
+        entry.bytes_received += received;
+        entry.bytes_sent += sent;
+        if client_ended {
+            entry.flags = "DC".into();
+            entry.details = "downstream_remote_disconnect".into();
+        }
+        for l in loggers.iter() {
+            l.write(&entry);
+        }
+    }
+}
+
+/// Which side of a splice ended first (read its end or failed): 0 none yet.
+const CLIENT: u8 = 1;
+const UPSTREAM: u8 = 2;
+
+/// One side of a splice: counts what is read from it and notes whether it ended first.
+struct Watched<T> {
+    io: T,
+    side: u8,
+    read: u64,
+    first_end: Arc<AtomicU8>,
+}
+
+impl<T> Watched<T> {
+    fn ended(&self) {
+        let _ = self
+            .first_end
+            .compare_exchange(0, self.side, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn note<R>(&self, r: &Poll<std::io::Result<R>>) {
+        if let Poll::Ready(Err(_)) = r {
+            self.ended();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let n = buf.filled().len() - before;
+            if n == 0 {
+                self.ended();
+            }
+            self.read += n as u64;
+        }
+        self.note(&r);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(&r);
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Is this an HTTP/1.1 WebSocket upgrade request?
 pub fn is_websocket(version: http::Version, headers: &HeaderMap) -> bool {
@@ -124,15 +231,34 @@ pub(crate) async fn forward(
         );
     }
     let upstream = hyper::upgrade::on(&mut resp);
+    let log = SessionLog::default();
+    let session = log.clone();
     tokio::spawn(async move {
         let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+            session.write(0, 0, false);
             return;
         };
-        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+        let first_end = Arc::new(AtomicU8::new(0));
+        let watched = |io, side| Watched {
+            io: TokioIo::new(io),
+            side,
+            read: 0,
+            first_end: first_end.clone(),
+        };
+        let (mut down, mut up) = (watched(down, CLIENT), watched(up, UPSTREAM));
+        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        // What came from the upstream went to the client (all of it, unless the client left).
+        session.write(
+            down.read,
+            up.read,
+            first_end.load(Ordering::Relaxed) == CLIENT,
+        );
     });
     let (parts, _) = resp.into_parts();
-    mark(
+    let mut resp = mark(
         Response::from_parts(parts, Either::Right(Full::default())),
         local,
-    )
+    );
+    resp.extensions_mut().insert(log);
+    resp
 }
