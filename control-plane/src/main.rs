@@ -39,6 +39,11 @@ struct Args {
     /// Access log encoding: TEXT (Envoy's default line) or JSON (Istio's keys).
     #[arg(long, default_value = "TEXT", value_parser = ["TEXT", "JSON"])]
     access_log_encoding: String,
+    /// How proxies normalize request paths before authorization and routing (Istio's
+    /// meshConfig.pathNormalization): NONE, BASE (RFC 3986, the default), MERGE_SLASHES, or
+    /// DECODE_AND_MERGE_SLASHES.
+    #[arg(long, default_value = "BASE", value_parser = ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"])]
+    path_normalization: String,
     /// Corefile for the DNS server (default: the Corefile Kubernetes ships for CoreDNS).
     #[arg(long, conflicts_with = "no_dns")]
     corefile: Option<PathBuf>,
@@ -118,6 +123,10 @@ fn main() -> anyhow::Result<()> {
                         json: args.access_log_encoding == "JSON",
                     }),
                 trust_domain: args.trust_domain.clone(),
+                path_normalization: weft_control_plane::model::PathNormalization::parse(
+                    &args.path_normalization,
+                )
+                .unwrap_or_default(),
             },
             dns: dns.clone(),
             ca: (!args.no_ca).then(|| {

@@ -153,6 +153,37 @@ pub struct MeshSettings {
     pub access_log: Option<AccessLogSettings>,
     /// The trust domain of workload identities (empty: cluster.local).
     pub trust_domain: String,
+    /// How proxies normalize request paths (`meshConfig.pathNormalization`).
+    pub path_normalization: PathNormalization,
+}
+
+/// Istio's `meshConfig.pathNormalization.normalization`: what every HTTP connection manager
+/// does to a request's path before authorization and routing look at it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PathNormalization {
+    /// Paths pass as the client sent them.
+    None,
+    /// RFC 3986 normalization: dot segments, backslashes, escaped unreserved characters
+    /// (Istio's default, BASE).
+    #[default]
+    Base,
+    /// BASE, and runs of slashes merged.
+    MergeSlashes,
+    /// MERGE_SLASHES, with `%2F` and `%5C` decoded first.
+    DecodeAndMergeSlashes,
+}
+
+impl PathNormalization {
+    /// Istio's name for it (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES).
+    pub fn parse(name: &str) -> Option<PathNormalization> {
+        Some(match name {
+            "NONE" => PathNormalization::None,
+            "BASE" | "DEFAULT" => PathNormalization::Base,
+            "MERGE_SLASHES" => PathNormalization::MergeSlashes,
+            "DECODE_AND_MERGE_SLASHES" => PathNormalization::DecodeAndMergeSlashes,
+            _ => return None,
+        })
+    }
 }
 
 impl MeshSettings {

@@ -864,6 +864,10 @@ pub(super) fn http_connection_manager(
         ))),
         ..Default::default()
     });
+    // Istio's meshConfig.pathNormalization, on every connection manager.
+    use crate::model::PathNormalization as P;
+    use http_connection_manager::PathWithEscapedSlashesAction as Escaped;
+    let normalization = mesh.settings.path_normalization;
     let (client_cert, cert) = match role {
         HcmRole::Outbound => (ForwardClientCertDetails::Sanitize, false),
         HcmRole::Inbound => (ForwardClientCertDetails::AppendForward, false),
@@ -877,6 +881,15 @@ pub(super) fn http_connection_manager(
             HcmRole::Inbound | HcmRole::Gateway => ISTIO_SERVER_NAME.into(),
         },
         use_remote_address: (role == HcmRole::Gateway).then_some(BoolValue { value: true }),
+        normalize_path: Some(BoolValue {
+            value: normalization != P::None,
+        }),
+        merge_slashes: matches!(normalization, P::MergeSlashes | P::DecodeAndMergeSlashes),
+        path_with_escaped_slashes_action: if normalization == P::DecodeAndMergeSlashes {
+            Escaped::UnescapeAndForward
+        } else {
+            Escaped::KeepUnchanged
+        } as i32,
         forward_client_cert_details: client_cert as i32,
         set_current_client_cert_details: (role != HcmRole::Outbound).then(|| {
             SetCurrentClientCertDetails {

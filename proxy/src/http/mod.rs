@@ -9,6 +9,7 @@ pub mod fault;
 pub mod forwarded;
 pub mod hash;
 pub mod local_ratelimit;
+pub mod normalize;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
@@ -77,6 +78,8 @@ pub struct ConnectionManager {
     pub envoy_headers: bool,
     /// `x-forwarded-*`, internal requests, `x-request-id` and `x-forwarded-client-cert`.
     pub forwarding: forwarded::Forwarding,
+    /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
+    pub paths: normalize::PathNormalization,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -290,8 +293,10 @@ impl ConnectionManager {
         };
         let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
+        let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         Ok(ConnectionManager {
             forwarding,
+            paths,
             server_header,
             envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
@@ -355,6 +360,9 @@ pub async fn serve_connection<S>(
         let origin = hcm
             .forwarding
             .apply(req.headers_mut(), &down, element.as_ref());
+        if !hcm.paths.is_off() {
+            normalize_path(&hcm.paths, &mut req);
+        }
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
                 let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
@@ -457,6 +465,12 @@ async fn route_and_forward(
     mut req: Request<DownstreamBody>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
+    // 0. A path the connection manager refused (see `normalize_path`).
+    if !hcm.paths.is_off()
+        && let Some(refused) = req.extensions_mut().remove::<PathRefused>()
+    {
+        return refused.reply();
+    }
     // 1. Route: virtual host by authority, then the first matching route.
     let Some(authority) = authority_of(&req) else {
         return local_reply(
@@ -560,6 +574,61 @@ async fn route_and_forward(
         policy.response_headers(origin, resp.headers_mut());
     }
     resp
+}
+
+/// A request whose path normalization ends it: an escaped slash refused (`None`) or
+/// redirected (`Some(location)`).
+#[derive(Clone)]
+struct PathRefused(Option<String>);
+
+impl PathRefused {
+    fn reply(self) -> Response<ProxyBody> {
+        let status = match self.0 {
+            None => StatusCode::BAD_REQUEST,
+            Some(_) => StatusCode::TEMPORARY_REDIRECT,
+        };
+        let mut resp = local_reply(status, "", "-", "path_normalization_failed");
+        if let Some(v) = self.0.and_then(|to| HeaderValue::from_str(&to).ok()) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+}
+
+/// Normalizes the request's path in place, before anything (the access log included) reads it;
+/// a request it ends carries a `PathRefused` for the request path to answer.
+fn normalize_path(paths: &normalize::PathNormalization, req: &mut Request<DownstreamBody>) {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if !paths.may_change(target) {
+        return;
+    }
+    // A refused request keeps the path as it was when refused, for the access log.
+    let (normalized, refused) = match paths.apply(target) {
+        normalize::Normalized::Path(Cow::Borrowed(_)) => return,
+        normalize::Normalized::Path(Cow::Owned(p)) => (p, None),
+        normalize::Normalized::Reject(p) => (p, Some(PathRefused(None))),
+        normalize::Normalized::Redirect(to) => (to.clone(), Some(PathRefused(Some(to)))),
+    };
+    if let Some(refused) = refused {
+        req.extensions_mut().insert(refused);
+    }
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    let uri = http::uri::PathAndQuery::try_from(normalized)
+        .ok()
+        .and_then(|pq| {
+            parts.path_and_query = Some(pq);
+            Uri::from_parts(parts).ok()
+        });
+    match uri {
+        Some(uri) => *req.uri_mut() = uri,
+        None => {
+            req.extensions_mut().insert(PathRefused(None));
+        }
+    }
 }
 
 /// Removes the `x-envoy-*` headers that steer a proxy from a request. The router's own
