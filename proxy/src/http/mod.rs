@@ -291,6 +291,54 @@ impl ConnectionManager {
                 ));
             }
         };
+        // Fields that change what a request or an answer looks like, not implemented: refused
+        // rather than served as if absent.
+        for (field, set, what) in [
+            (
+                "local_reply_config",
+                hcm.local_reply_config.is_some(),
+                "custom local replies",
+            ),
+            (
+                "strip_matching_host_port",
+                hcm.strip_matching_host_port,
+                "stripping the host's port",
+            ),
+            (
+                "strip_any_host_port",
+                hcm.strip_port_mode.is_some(),
+                "stripping the host's port",
+            ),
+            (
+                "strip_trailing_host_dot",
+                hcm.strip_trailing_host_dot,
+                "stripping the host's trailing dot",
+            ),
+            (
+                "scheme_header_transformation",
+                hcm.scheme_header_transformation
+                    .as_ref()
+                    .is_some_and(|t| t.transformation.is_some() || t.match_upstream),
+                "rewriting the scheme",
+            ),
+            (
+                "proxy_status_config",
+                hcm.proxy_status_config.is_some(),
+                "the proxy-status header",
+            ),
+            (
+                "early_header_mutation_extensions",
+                !hcm.early_header_mutation_extensions.is_empty(),
+                "early header mutations",
+            ),
+        ] {
+            if set {
+                return Err(reject(
+                    field,
+                    format!("{what} is not supported by this weft-proxy version"),
+                ));
+            }
+        }
         let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
@@ -2275,6 +2323,19 @@ mod tests {
         )
         .unwrap();
         assert!(!off.envoy_headers);
+        // Connection manager fields that would change answers and are not implemented are
+        // refused by name.
+        let strip = HttpConnectionManager {
+            strip_matching_host_port: true,
+            ..with(RouterConfig::default())
+        };
+        let err = ConnectionManager::from_xds("l", &strip)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http_connection_manager.strip_matching_host_port"),
+            "{err}"
+        );
     }
 
     #[test]
