@@ -156,3 +156,88 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Runs `openssl` with `args` in `dir` (certificates for tests); panics with its complaint.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (apt install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed EC P-256 CA with `subject` in `dir`: `ca.key` and `ca.pem`, valid two days.
+pub fn openssl_ca(dir: &Path, subject: &str) {
+    std::fs::create_dir_all(dir).expect("certificate dir");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            subject,
+        ],
+    );
+}
+
+/// A certificate from `dir`'s CA (see [`openssl_ca`]): a new EC P-256 key in `key`, the
+/// certificate in `cert`, with `subject` and the extension lines `ext`
+/// (`subjectAltName=URI:...`).
+pub fn openssl_issue(dir: &Path, key: &str, cert: &str, subject: &str, ext: &str) {
+    let csr = format!("{cert}.csr");
+    let ext_file = format!("{cert}.ext");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            &csr,
+            "-subj",
+            subject,
+        ],
+    );
+    std::fs::write(dir.join(&ext_file), ext).expect("extension file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            cert,
+            "-extfile",
+            &ext_file,
+        ],
+    );
+}

@@ -156,19 +156,51 @@ impl Standalone {
     /// the `filters` (YAML list items at 10 spaces) ahead of the router.
     pub fn http_listener(ip: &str, port: u16, hcm: &str, filters: &str) -> String {
         format!(
-            r#"  listeners:
-  - name: http
+            "  listeners:\n{}",
+            Standalone::hcm_listener("http", ip, port, hcm, filters, "")
+        )
+    }
+
+    /// One listener (a YAML list item for `static_resources.listeners`) named `name`, its
+    /// connection manager's stat prefix too: `hcm` and `filters` as for
+    /// [`Standalone::http_listener`], `socket` the filter chain's `transport_socket` (YAML at 6
+    /// spaces, or empty for plaintext).
+    pub fn hcm_listener(
+        name: &str,
+        ip: &str,
+        port: u16,
+        hcm: &str,
+        filters: &str,
+        socket: &str,
+    ) -> String {
+        format!(
+            r#"  - name: {name}
     address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
+          stat_prefix: {name}
 {hcm}          http_filters:
 {filters}          - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-"#
+{socket}"#
+        )
+    }
+
+    /// An access log on the connection manager (YAML at 10 spaces, for `hcm`): lines of
+    /// `format` (a newline is added) to `path`.
+    pub fn access_log(path: &std::path::Path, format: &str) -> String {
+        format!(
+            r#"          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{ text_format_source: {{ inline_string: "{format}\n" }} }}
+"#,
+            path.display()
         )
     }
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use weft_e2e::standalone::{Flavor, Standalone};
-use weft_e2e::wait_until;
+use weft_e2e::{openssl_ca, openssl_issue, wait_until};
 
 /// The headers compared, as the backend saw them.
 const SEEN: [&str; 11] = [
@@ -113,7 +113,6 @@ fn listeners() -> Vec<(&'static str, u16, bool, &'static str, &'static str)> {
 
 fn resources(ip: &str, backend: std::net::SocketAddr, certs: &Path, logs: &Path) -> String {
     let d = certs.display();
-    let l = logs.display();
     let mut out = String::from("  listeners:\n");
     for (name, offset, tls, hcm, filters) in listeners() {
         let port = BASE + offset;
@@ -132,30 +131,15 @@ fn resources(ip: &str, backend: std::net::SocketAddr, certs: &Path, logs: &Path)
         } else {
             String::new()
         };
-        out.push_str(&format!(
-            r#"  - name: {name}
-    address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-{hcm}          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {l}/access-{name}.log
-              log_format: {{ text_format_source: {{ inline_string: "%REQ(X-CASE)% %DOWNSTREAM_REMOTE_ADDRESS% %RESPONSE_CODE%\n" }} }}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{ match: {{ prefix: / }}, route: {{ cluster: echo }} }}]
-          http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-{socket}"#
+        let log = Standalone::access_log(
+            &logs.join(format!("access-{name}.log")),
+            "%REQ(X-CASE)% %DOWNSTREAM_REMOTE_ADDRESS% %RESPONSE_CODE%",
+        );
+        let hcm = format!(
+            "{hcm}{log}          route_config:\n            virtual_hosts:\n            - name: all\n              domains: [\"*\"]\n              routes: [{{ match: {{ prefix: / }}, route: {{ cluster: echo }} }}]\n"
+        );
+        out.push_str(&Standalone::hcm_listener(
+            name, ip, port, &hcm, filters, &socket,
         ));
     }
     out.push_str(&format!(
@@ -165,94 +149,24 @@ fn resources(ip: &str, backend: std::net::SocketAddr, certs: &Path, logs: &Path)
     out
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (apt install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA, the proxy's certificate and a client's (a subject with characters RFC 2253 escapes, a
 /// URI and two DNS names), in `dir`.
 fn certificates(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("cert dir");
-    openssl(
+    openssl_ca(dir, "/CN=forwarding test CA");
+    openssl_issue(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=forwarding test CA",
-        ],
+        "server.key",
+        "server.pem",
+        "/CN=proxy",
+        "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/proxy,DNS:proxy.example",
     );
-    for (name, subject, sans) in [
-        (
-            "server",
-            "/CN=proxy",
-            "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/proxy,DNS:proxy.example",
-        ),
-        (
-            "client",
-            "/C=US/O=Acme, Inc./CN=client\\+one",
-            "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client,DNS:client.example,DNS:alt.example",
-        ),
-    ] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                subject,
-            ],
-        );
-        std::fs::write(dir.join(format!("{name}.ext")), sans).expect("ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
+    openssl_issue(
+        dir,
+        "client.key",
+        "client.pem",
+        "/C=US/O=Acme, Inc./CN=client\\+one",
+        "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client,DNS:client.example,DNS:alt.example",
+    );
 }
 
 /// One request through `curl` (TLS with or without the client certificate, or plaintext):

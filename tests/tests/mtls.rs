@@ -134,70 +134,14 @@ fn sidecars_talk_mtls_and_strict_ports_refuse_everything_else() {
     assert!(!none.contains("HTTP/1.1 200"), "{none}");
     // A certificate from another CA (openssl's own, for the right SPIFFE name): refused.
     let other = q.log_dir.join("other-ca");
-    std::fs::create_dir_all(&other).unwrap();
-    let o = |args: &[&str]| {
-        let r = Command::new("openssl")
-            .args(args)
-            .current_dir(&other)
-            .output()
-            .unwrap();
-        assert!(
-            r.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-    };
-    o(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/O=evil",
-    ]);
-    o(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    weft_e2e::openssl_ca(&other, "/O=evil");
+    weft_e2e::openssl_issue(
+        &other,
         "key.pem",
-        "-out",
-        "req.csr",
-        "-subj",
-        "/",
-        "-addext",
-        "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client",
-    ]);
-    std::fs::write(other.join("ext.cnf"), "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client\nextendedKeyUsage=clientAuth,serverAuth\n").unwrap();
-    o(&[
-        "x509",
-        "-req",
-        "-in",
-        "req.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
         "cert-chain.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
+        "/",
+        "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/client\nextendedKeyUsage=clientAuth,serverAuth\n",
+    );
     let forged = s_client(&addr, Some(&other), &ca);
     assert!(!forged.contains("HTTP/1.1 200"), "{forged}");
     // A certificate the mesh CA issued: served, and the server proves the hello identity.
@@ -361,8 +305,9 @@ fn the_ca_refuses_with_precise_errors() {
     // An openssl CSR for the right identity: signed (interop with a CSR weft did not make).
     let dir = q.log_dir.join("openssl-csr");
     std::fs::create_dir_all(&dir).unwrap();
-    let r = Command::new("openssl")
-        .args([
+    weft_e2e::openssl(
+        &dir,
+        &[
             "req",
             "-newkey",
             "ec",
@@ -377,11 +322,8 @@ fn the_ca_refuses_with_precise_errors() {
             "/",
             "-addext",
             "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/hello",
-        ])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        ],
+    );
     let (ok, err) = request(&[
         "--token-file",
         &token_s,

@@ -59,46 +59,39 @@ const TARGETS: [&str; 22] = [
     "/public/%2e%2e/admin?q=1",
 ];
 
-fn resources(ip: &str, backend: std::net::SocketAddr, logs: &std::path::Path) -> String {
-    let l = logs.display();
-    let mut out = String::from("  listeners:\n");
-    for (i, (name, hcm)) in LISTENERS.iter().enumerate() {
-        let port = BASE + i as u16;
-        out.push_str(&format!(
-            r#"  - name: {name}
-    address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-{hcm}          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {l}/access-{name}.log
-              log_format: {{ text_format_source: {{ inline_string: "%REQ(X-CASE)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\n" }} }}
-          route_config:
+/// A route on exactly `/admin`, the rest to the backend (YAML at 10 spaces).
+const ROUTES: &str = r#"          route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
-              - {{ match: {{ path: /admin }}, direct_response: {{ status: 418, body: {{ inline_string: "the admin route" }} }} }}
-              - {{ match: {{ prefix: / }}, route: {{ cluster: echo }} }}
-          http_filters:
-          - name: envoy.filters.http.rbac
+              - { match: { path: /admin }, direct_response: { status: 418, body: { inline_string: "the admin route" } } }
+              - { match: { prefix: / }, route: { cluster: echo } }
+"#;
+
+/// RBAC denying everything under `/admin/` (an HTTP filter, YAML at 10 spaces).
+const RBAC_ADMIN: &str = r#"          - name: envoy.filters.http.rbac
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
               rules:
                 action: DENY
                 policies:
                   admin-subtree:
-                    permissions: [{{ url_path: {{ path: {{ prefix: /admin/ }} }} }}]
-                    principals: [{{ any: true }}]
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-"#
+                    permissions: [{ url_path: { path: { prefix: /admin/ } } }]
+                    principals: [{ any: true }]
+"#;
+
+fn resources(ip: &str, backend: std::net::SocketAddr, logs: &std::path::Path) -> String {
+    let mut out = String::from("  listeners:\n");
+    for (i, (name, hcm)) in LISTENERS.iter().enumerate() {
+        let port = BASE + i as u16;
+        let log = Standalone::access_log(
+            &logs.join(format!("access-{name}.log")),
+            "%REQ(X-CASE)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS%",
+        );
+        let hcm = format!("{hcm}{log}{ROUTES}");
+        out.push_str(&Standalone::hcm_listener(
+            name, ip, port, &hcm, RBAC_ADMIN, "",
         ));
     }
     out.push_str(&format!(

@@ -15,27 +15,29 @@ const GATEWAY_PORT: u16 = 18443;
 const GATEWAY_HOST: u8 = 30;
 
 fn self_signed(dir: &std::path::Path, host: &str) {
-    let out = Command::new("openssl")
-        .args([
+    let (subject, san) = (format!("/CN={host}"), format!("subjectAltName=DNS:{host}"));
+    let (key, cert) = (format!("{host}.key"), format!("{host}.pem"));
+    weft_e2e::openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={host}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
-        .arg("-keyout")
-        .arg(dir.join(format!("{host}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{host}.pem")))
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &subject,
+            "-addext",
+            &san,
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+        ],
     );
 }
 
