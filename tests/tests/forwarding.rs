@@ -266,6 +266,8 @@ fn run(flavor: Flavor, net: u8, certs: &Path) -> Run {
                 ("xff-external", false, with_xff("203.0.113.5")),
                 ("xff-two", false, with_xff("203.0.113.5, 10.1.2.3")),
                 ("xff-garbage", false, with_xff("not-an-address")),
+                // The client's own address: still taken from the header (port 0 in the log).
+                ("xff-peer", false, with_xff("127.0.0.1")),
             ]
         };
         for (variant, cert, headers) in variants {

@@ -92,6 +92,8 @@ pub struct Origin {
     /// The trusted client address (from `x-forwarded-for`, else the connection's peer): RBAC's
     /// `remote_ip` and the access log's downstream remote address.
     pub remote: Option<IpAddr>,
+    /// `remote` came from `x-forwarded-for` (logged with port 0, as Envoy logs it).
+    pub forwarded: bool,
 }
 
 impl Forwarding {
@@ -245,7 +247,7 @@ impl Forwarding {
         let peer = down.peer.map(|p| p.ip());
         let proto = HeaderValue::from_static(if down.tls { "https" } else { "http" });
         let present = Present::of(headers);
-        let (remote, single) = if self.use_remote_address {
+        let (remote, single, forwarded) = if self.use_remote_address {
             let single = !present.xff;
             let trusted = match self.trusted_hops {
                 0 => None,
@@ -266,7 +268,8 @@ impl Forwarding {
             if self.trusted_hops == 0 || !present.xfp {
                 headers.insert(super::names::X_FORWARDED_PROTO, proto);
             }
-            (trusted.or(peer), single)
+            let forwarded = trusted.is_some();
+            (trusted.or(peer), single, forwarded)
         } else {
             let found = if present.xff {
                 last_xff(headers, self.trusted_hops)
@@ -276,7 +279,7 @@ impl Forwarding {
             if !present.xfp {
                 headers.insert(super::names::X_FORWARDED_PROTO, proto);
             }
-            found
+            (found.0, found.1, found.0.is_some())
         };
         let internal =
             single && remote.is_some_and(|ip| self.internal.iter().any(|c| c.contains(ip)));
@@ -307,7 +310,11 @@ impl Forwarding {
         if present.xfcc || element.is_some() {
             self.client_cert(headers, down, element);
         }
-        Origin { internal, remote }
+        Origin {
+            internal,
+            remote,
+            forwarded,
+        }
     }
 
     fn client_cert(
@@ -664,7 +671,7 @@ mod tests {
             ("x-envoy-internal", "false"),
         ]);
         let o = f.apply(&mut h, &down("127.0.0.1:5000", None), None);
-        assert!(o.internal);
+        assert!(o.internal && o.forwarded);
         assert_eq!(o.remote, Some("10.1.2.3".parse().unwrap()));
         assert_eq!(get(&h, "x-forwarded-for"), Some("10.1.2.3"));
         // A client's x-forwarded-proto is kept when the remote address is not used.

@@ -420,8 +420,8 @@ pub async fn serve_connection<S>(
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
             // Envoy logs the trusted client address (`x-forwarded-for`'s) as the remote one.
-            let remote = match (origin.remote, peer) {
-                (Some(ip), Some(p)) if ip != p.ip() => Some(std::net::SocketAddr::new(ip, 0)),
+            let remote = match origin.remote {
+                Some(ip) if origin.forwarded => Some(std::net::SocketAddr::new(ip, 0)),
                 _ => peer,
             };
             let mut entry = Box::new(request_entry(&req, remote, local, &down));
