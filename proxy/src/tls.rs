@@ -203,8 +203,18 @@ fn san_rule(m: &StringMatcher, field: &str) -> Result<StringRule, Fail> {
     }
 }
 
-/// The subject alternative names of a certificate, as strings (URIs, DNS names, IPs, emails).
-pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+/// A subject alternative name of a certificate, by kind.
+pub enum San {
+    Uri(String),
+    Dns(String),
+    /// An IP address or an email.
+    Other(String),
+}
+
+/// The subject alternative names of a certificate, in their order (URIs, DNS names, IPs,
+/// emails; other kinds are left out).
+pub fn sans(der: &[u8]) -> Vec<San> {
+    use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
@@ -215,19 +225,29 @@ pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-            x509_parser::extensions::GeneralName::RFC822Name(e) => Some(e.to_string()),
-            x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+            GeneralName::URI(u) => Some(San::Uri(u.to_string())),
+            GeneralName::DNSName(d) => Some(San::Dns(d.to_string())),
+            GeneralName::RFC822Name(e) => Some(San::Other(e.to_string())),
+            GeneralName::IPAddress(b) => match b.len() {
                 4 => <[u8; 4]>::try_from(*b)
                     .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                    .map(|a| San::Other(std::net::IpAddr::from(a).to_string())),
                 16 => <[u8; 16]>::try_from(*b)
                     .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                    .map(|a| San::Other(std::net::IpAddr::from(a).to_string())),
                 _ => None,
             },
             _ => None,
+        })
+        .collect()
+}
+
+/// The subject alternative names of a certificate, as strings (URIs, DNS names, IPs, emails).
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    sans(der)
+        .into_iter()
+        .map(|n| match n {
+            San::Uri(s) | San::Dns(s) | San::Other(s) => s,
         })
         .collect()
 }

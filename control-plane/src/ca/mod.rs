@@ -215,14 +215,8 @@ fn pem_certs(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, CaE
 }
 
 fn to_pem(der: &[u8]) -> String {
-    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
 fn not_after(der: &[u8], path: &Path) -> Result<OffsetDateTime, CaError> {

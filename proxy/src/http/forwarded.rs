@@ -94,6 +94,9 @@ pub struct Origin {
     pub remote: Option<IpAddr>,
     /// `remote` came from `x-forwarded-for` (logged with port 0, as Envoy logs it).
     pub forwarded: bool,
+    /// The client sent `x-envoy-*` headers (which the request path strips, see
+    /// `strip_envoy_controls`).
+    pub envoy_headers: bool,
 }
 
 impl Forwarding {
@@ -314,6 +317,7 @@ impl Forwarding {
             internal,
             remote,
             forwarded,
+            envoy_headers: present.envoy,
         }
     }
 
@@ -366,6 +370,8 @@ struct Present {
     xfcc: bool,
     internal: bool,
     request_id: bool,
+    /// Any `x-envoy-*` name.
+    envoy: bool,
 }
 
 impl Present {
@@ -376,8 +382,11 @@ impl Present {
                 "x-forwarded-for" => p.xff = true,
                 "x-forwarded-proto" => p.xfp = true,
                 "x-forwarded-client-cert" => p.xfcc = true,
-                "x-envoy-internal" => p.internal = true,
                 "x-request-id" => p.request_id = true,
+                n if n.starts_with("x-envoy-") => {
+                    p.envoy = true;
+                    p.internal |= n == "x-envoy-internal";
+                }
                 _ => {}
             }
         }
@@ -455,21 +464,18 @@ struct Sans {
     dns: Vec<String>,
 }
 
+/// A certificate's URI and DNS names, in their order.
 fn sans(der: &[u8]) -> Sans {
-    use x509_parser::extensions::GeneralName;
+    use crate::tls::San;
     let mut out = Sans {
         uris: Vec::new(),
         dns: Vec::new(),
     };
-    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der)
-        && let Ok(Some(san)) = cert.subject_alternative_name()
-    {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::URI(u) => out.uris.push(u.to_string()),
-                GeneralName::DNSName(d) => out.dns.push(d.to_string()),
-                _ => {}
-            }
+    for name in crate::tls::sans(der) {
+        match name {
+            San::Uri(u) => out.uris.push(u),
+            San::Dns(d) => out.dns.push(d),
+            San::Other(_) => {}
         }
     }
     out
@@ -485,15 +491,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A certificate in PEM, lines of 64 characters.
 fn pem(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        s.push_str(std::str::from_utf8(line).unwrap_or_default());
-        s.push('\n');
-    }
-    s.push_str("-----END CERTIFICATE-----\n");
-    s
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
 /// Percent-encodes all but RFC 3986's unreserved characters, upper-case hex (as Envoy's

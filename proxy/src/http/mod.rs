@@ -532,7 +532,9 @@ async fn route_and_forward(
         RouteSource::Static(t) => Some(t.clone()),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
-    strip_envoy_controls(req.headers_mut(), origin.internal);
+    if origin.envoy_headers {
+        strip_envoy_controls(req.headers_mut(), origin.internal);
+    }
     if !origin.internal
         && let Some(t) = table.as_deref()
     {
@@ -684,7 +686,8 @@ fn normalize_path(paths: &normalize::PathNormalization, req: &mut Request<Downst
 /// and removes them before forwarding, and weft-proxy does not honour them (written down in
 /// docs/envoy-differences.md). Tracing and IP tags go from requests that are not internal
 /// (one whose `x-forwarded-for` holds a single internal address, see `forwarded`), as Envoy's
-/// connection manager does, so an outside client cannot set them.
+/// connection manager does, so an outside client cannot set them. Called only for requests
+/// with `x-envoy-*` names (most have none: `forwarded` notes it in its one pass over the names).
 fn strip_envoy_controls(headers: &mut HeaderMap, internal: bool) {
     const ROUTER: [&str; 7] = [
         "x-envoy-retry-on",
@@ -700,10 +703,6 @@ fn strip_envoy_controls(headers: &mut HeaderMap, internal: bool) {
         "x-envoy-force-trace",
         "x-envoy-ip-tags",
     ];
-    // Most requests carry none: one pass over the names instead of ten lookups.
-    if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
-        return;
-    }
     for name in ROUTER {
         headers.remove(name);
     }
