@@ -11,5 +11,8 @@ pub mod standalone;
 
 pub use http::{Client, Response, get, get_json};
 pub use mesh::{Quickstart, binomial_bounds};
-pub use procs::{Proc, bin, envoy_bin, free_port, openssl, openssl_ca, openssl_issue, wait_until};
+pub use procs::{
+    Proc, bin, envoy_bin, free_port, openssl, openssl_ca, openssl_csr, openssl_issue,
+    openssl_self_signed, wait_until,
+};
 pub use standalone::{Flavor, Standalone};

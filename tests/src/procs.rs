@@ -171,29 +171,41 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// The arguments of `openssl req` that make a new EC P-256 key without a passphrase.
+const NEW_EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+/// A self-signed certificate with a new EC P-256 key in `dir`: the key in `key`, the
+/// certificate in `cert`, with `subject`, valid two days; `extra`: more `openssl req` arguments
+/// (`-addext subjectAltName=...`).
+pub fn openssl_self_signed(dir: &Path, key: &str, cert: &str, subject: &str, extra: &[&str]) {
+    std::fs::create_dir_all(dir).expect("certificate dir");
+    let args = [
+        &["req", "-x509"][..],
+        &NEW_EC_KEY,
+        &["-keyout", key, "-out", cert],
+    ]
+    .concat();
+    let args = [&args[..], &["-days", "2", "-subj", subject], extra].concat();
+    openssl(dir, &args);
+}
+
 /// A self-signed EC P-256 CA with `subject` in `dir`: `ca.key` and `ca.pem`, valid two days.
 pub fn openssl_ca(dir: &Path, subject: &str) {
-    std::fs::create_dir_all(dir).expect("certificate dir");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            subject,
-        ],
-    );
+    openssl_self_signed(dir, "ca.key", "ca.pem", subject, &[]);
+}
+
+/// A certificate request with a new EC P-256 key in `dir`: the key in `key`, the request in
+/// `csr`, with `subject`; `extra`: more `openssl req` arguments.
+pub fn openssl_csr(dir: &Path, key: &str, csr: &str, subject: &str, extra: &[&str]) {
+    let args = [&["req"][..], &NEW_EC_KEY, &["-keyout", key, "-out", csr]].concat();
+    let args = [&args[..], &["-subj", subject], extra].concat();
+    openssl(dir, &args);
 }
 
 /// A certificate from `dir`'s CA (see [`openssl_ca`]): a new EC P-256 key in `key`, the
@@ -202,23 +214,7 @@ pub fn openssl_ca(dir: &Path, subject: &str) {
 pub fn openssl_issue(dir: &Path, key: &str, cert: &str, subject: &str, ext: &str) {
     let csr = format!("{cert}.csr");
     let ext_file = format!("{cert}.ext");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
+    openssl_csr(dir, key, &csr, subject, &[]);
     std::fs::write(dir.join(&ext_file), ext).expect("extension file");
     openssl(
         dir,

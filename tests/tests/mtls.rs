@@ -305,21 +305,12 @@ fn the_ca_refuses_with_precise_errors() {
     // An openssl CSR for the right identity: signed (interop with a CSR weft did not make).
     let dir = q.log_dir.join("openssl-csr");
     std::fs::create_dir_all(&dir).unwrap();
-    weft_e2e::openssl(
+    weft_e2e::openssl_csr(
         &dir,
+        "key.pem",
+        "req.csr",
+        "/",
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "req.csr",
-            "-subj",
-            "/",
             "-addext",
             "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/hello",
         ],
