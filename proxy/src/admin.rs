@@ -612,6 +612,21 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                     ("no_route", s.no_route.get() as i64, true),
                     ("no_cluster", s.no_cluster.get() as i64, true),
                     ("rbac_denied", s.rbac_denied.get() as i64, true),
+                    (
+                        "downstream_rq_idle_timeout",
+                        s.downstream_rq_idle_timeout.get() as i64,
+                        true,
+                    ),
+                    (
+                        "downstream_rq_timeout",
+                        s.downstream_rq_timeout.get() as i64,
+                        true,
+                    ),
+                    (
+                        "downstream_rq_header_timeout",
+                        s.downstream_rq_header_timeout.get() as i64,
+                        true,
+                    ),
                 ] {
                     v.push(Stat {
                         prom_name: prom_http(stat),
@@ -742,6 +757,9 @@ prom_names!(
         "no_route",
         "no_cluster",
         "rbac_denied",
+        "downstream_rq_idle_timeout",
+        "downstream_rq_timeout",
+        "downstream_rq_header_timeout",
     ]
 );
 prom_names!(

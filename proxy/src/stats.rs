@@ -80,6 +80,10 @@ pub struct HttpStats {
     pub no_cluster: Counter,
     /// Requests an RBAC filter refused (Envoy's `http.<prefix>.rbac.denied`).
     pub rbac_denied: Counter,
+    /// Requests ended by `stream_idle_timeout`, `request_timeout`, `request_headers_timeout`.
+    pub downstream_rq_idle_timeout: Counter,
+    pub downstream_rq_timeout: Counter,
+    pub downstream_rq_header_timeout: Counter,
 }
 
 /// Stats of one TCP proxy (`tcp.<stat_prefix>.*`).

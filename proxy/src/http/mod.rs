@@ -14,6 +14,7 @@ pub mod retry;
 pub mod rewrite;
 pub mod router;
 mod server;
+pub mod timeouts;
 pub mod upgrade;
 
 use std::borrow::Cow;
@@ -80,6 +81,8 @@ pub struct ConnectionManager {
     pub forwarding: forwarded::Forwarding,
     /// `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`.
     pub paths: normalize::PathNormalization,
+    /// Idle, duration and request limits of connections; stream and request timeouts.
+    pub timeouts: Arc<timeouts::Timeouts>,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -342,9 +345,11 @@ impl ConnectionManager {
         let server_header = ServerHeader::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
+        let timeouts = Arc::new(timeouts::Timeouts::from_xds(hcm).map_err(|(f, r)| reject(&f, r))?);
         Ok(ConnectionManager {
             forwarding,
             paths,
+            timeouts,
             server_header,
             envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
@@ -391,13 +396,14 @@ pub async fn serve_connection<S>(
     let logged = hcm.access_logs.is_some();
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
-    let refused = refused_logger(hcm.access_logs.clone(), peer, local);
+    let refused = refused_logger(hcm.access_logs.clone(), hcm.stats.clone(), peer, local);
     // This hop's `x-forwarded-client-cert` element: one per connection (one client
     // certificate).
     let element = down
         .tls_peer
         .as_ref()
         .and_then(|p| hcm.forwarding.client_cert_element(p));
+    let limits = hcm.timeouts.clone();
     // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
@@ -412,10 +418,11 @@ pub async fn serve_connection<S>(
             normalize_path(&hcm.paths, &mut req);
         }
         async move {
+            let idle = hcm.timeouts.stream_idle;
             let Some(loggers) = hcm.access_logs.clone() else {
                 let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
                 let deadline = resp.extensions_mut().remove::<BodyDeadline>();
-                return resp.map(|b| LoggedBody::new(b, None, deadline));
+                return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
@@ -431,27 +438,36 @@ pub async fn serve_connection<S>(
             // An upgraded connection's line is written when its session ends.
             if let Some(session) = resp.extensions_mut().remove::<upgrade::SessionLog>() {
                 session.hand_over(entry, loggers);
-                return resp.map(|b| LoggedBody::new(b, None, deadline));
+                return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
             }
-            resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline))
+            resp.map(|b| LoggedBody::new(b, Some((entry, loggers)), deadline, idle))
         }
     };
     // Plain HTTP/1.1 requests are served by weft-proxy's own loop; HTTP/2, upgrades and
     // streamed request bodies by hyper, from the first request that needs it.
-    let stream = match server::serve(stream, accept_http_10, &handle, refused).await {
+    let stream = match server::serve(stream, limits.clone(), accept_http_10, &handle, refused).await
+    {
         server::End::Closed => return,
         server::End::Handoff(stream) => stream,
     };
     // With access logs, streamed request bodies are counted (`%BYTES_RECEIVED%`).
     let counted = logged;
+    // What is in flight, for the connection's idle and request limits.
+    let streams = timeouts::Streams::new();
+    let in_flight = streams.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let guard = in_flight.open();
         // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
         // among others); moving a pointer is cheap, moving the request path's state is not.
         let resp =
             Box::pin(handle(req.map(|b| {
                 Either::Left(crate::cluster::CountedBody::new(b, counted))
             })));
-        async move { Ok::<_, std::convert::Infallible>(resp.await) }
+        async move {
+            let mut resp = resp.await;
+            resp.body_mut().stream = Some(guard);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     if stream.is_http2() {
         // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
@@ -462,7 +478,8 @@ pub async fn serve_connection<S>(
             .max_concurrent_streams(1024)
             .max_header_list_size(96 * 1024);
         let conn = builder.serve_connection(TokioIo::new(io), service);
-        if let Err(e) = coalesce::drive(conn, drain).await {
+        let conn = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits);
+        if let Some(Err(e)) = coalesce::drive(conn, drain).await {
             tracing::debug!("downstream connection ended: {e}");
         }
         return;
@@ -471,16 +488,21 @@ pub async fn serve_connection<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(60))
+        // A head begun must arrive within the request's deadlines (hyper ends the connection
+        // without an answer).
+        .header_read_timeout(
+            [limits.request_headers, limits.request, limits.stream_idle]
+                .into_iter()
+                .flatten()
+                .min(),
+        )
         .max_buf_size(96 * 1024);
     builder
         .http2()
         .max_concurrent_streams(1024)
         .max_header_list_size(96 * 1024);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Some(Err(e)) = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits).await {
         tracing::debug!("downstream connection ended: {e}");
     }
 }
@@ -496,7 +518,23 @@ pub async fn proxy_request(
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
     let grpc = is_grpc(req.headers());
-    let mut resp = route_and_forward(proxy, hcm, down, origin, req).await;
+    let forward = route_and_forward(proxy, hcm, down, origin, req);
+    let mut resp = match hcm.timeouts.stream_idle {
+        // No byte moves either way until the answer's head: the stream's idle timeout runs
+        // from the request's end (Envoy's 504 once the request is whole).
+        Some(idle) => tokio::time::timeout(idle, forward)
+            .await
+            .unwrap_or_else(|_| {
+                hcm.stats.downstream_rq_idle_timeout.inc();
+                local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "stream timeout",
+                    "SI",
+                    "stream_idle_timeout",
+                )
+            }),
+        None => forward.await,
+    };
     if grpc {
         resp = grpc_local_reply(resp);
     }
@@ -1035,10 +1073,57 @@ impl BodyDeadline {
     }
 }
 
-/// A [`BodyDeadline`] running under a response body.
+/// The deadlines running under a response body: the route's ([`BodyDeadline`]) and the
+/// stream's idle timeout (from the last frame), the timer set for the nearer.
 struct BodyTimer {
     sleep: Pin<Box<tokio::time::Sleep>>,
-    deadline: BodyDeadline,
+    deadline: Option<BodyDeadline>,
+    idle: Option<(Duration, tokio::time::Instant)>,
+}
+
+impl BodyTimer {
+    fn new(deadline: Option<BodyDeadline>, idle: Option<Duration>) -> Box<BodyTimer> {
+        let now = tokio::time::Instant::now();
+        let idle = idle.map(|d| (d, now));
+        let mut t = Box::new(BodyTimer {
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+            deadline,
+            idle,
+        });
+        let at = t.next();
+        t.sleep.as_mut().reset(at);
+        t
+    }
+
+    fn next(&self) -> tokio::time::Instant {
+        let idle = self.idle.map(|(d, last)| last + d);
+        match (&self.deadline, idle) {
+            (Some(d), Some(i)) => d.at.min(i),
+            (Some(d), None) => d.at,
+            (None, Some(i)) => i,
+            // Not made without one of them.
+            (None, None) => tokio::time::Instant::now() + Duration::from_secs(86_400),
+        }
+    }
+
+    /// What has run out, if anything has.
+    fn expired(&self) -> Option<Cut> {
+        let now = tokio::time::Instant::now();
+        if self.deadline.as_ref().is_some_and(|d| now >= d.at) {
+            return Some(Cut::Deadline);
+        }
+        if self.idle.is_some_and(|(d, last)| now >= last + d) {
+            return Some(Cut::Idle);
+        }
+        None
+    }
+}
+
+/// Why a response body was cut short.
+#[derive(Clone, Copy)]
+enum Cut {
+    Deadline,
+    Idle,
 }
 
 /// Sends the request, retrying per the route's policy: each attempt on an endpoint the load
@@ -1798,25 +1883,30 @@ fn request_entry(
 /// answer body of `sent` bytes).
 fn refused_logger(
     loggers: Option<access_log::Loggers>,
+    stats: Arc<HttpStats>,
     peer: Option<std::net::SocketAddr>,
     local: Option<std::net::SocketAddr>,
-) -> impl Fn(StatusCode, usize) {
-    move |status, sent| {
+) -> impl Fn(server::Refusal, usize, Option<tokio::time::Instant>) {
+    move |refusal, sent, began| {
+        match refusal.details {
+            "stream_idle_timeout" => stats.downstream_rq_idle_timeout.inc(),
+            "request_overall_timeout" => stats.downstream_rq_timeout.inc(),
+            "request_header_timeout" => stats.downstream_rq_header_timeout.inc(),
+            _ => {}
+        }
         let Some(loggers) = &loggers else {
             return;
         };
+        let started = began.map(tokio::time::Instant::into_std);
         let entry = access_log::Entry {
-            start: Some(std::time::SystemTime::now()),
-            started: Some(std::time::Instant::now()),
+            start: Some(
+                std::time::SystemTime::now() - started.map(|s| s.elapsed()).unwrap_or_default(),
+            ),
+            started: Some(started.unwrap_or_else(std::time::Instant::now)),
             protocol: "HTTP/1.1",
-            status: status.as_u16(),
-            flags: "DPE".to_string(),
-            // As Envoy's HTTP/1.1 codec names them.
-            details: Cow::Borrowed(match status {
-                StatusCode::UPGRADE_REQUIRED => "low_version",
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "http1.headers_too_large",
-                _ => "http1.codec_error",
-            }),
+            status: refusal.status.as_u16(),
+            flags: refusal.flags.to_string(),
+            details: Cow::Borrowed(refusal.details),
             bytes_sent: sent as u64,
             downstream_remote: peer,
             downstream_local: local,
@@ -1861,16 +1951,10 @@ pub struct LoggedBody {
     sent: u64,
     /// Boxed: most answers have none, and every response carries this body.
     timer: Option<Box<BodyTimer>>,
-}
-
-impl BodyTimer {
-    #[cold]
-    fn start(deadline: BodyDeadline) -> Box<BodyTimer> {
-        Box::new(BodyTimer {
-            sleep: Box::pin(tokio::time::sleep_until(deadline.at)),
-            deadline,
-        })
-    }
+    /// `stream_idle_timeout`: a body that waits this long for its next frame is cut.
+    idle: Option<Duration>,
+    /// Counts the stream as in flight on its connection until the answer is sent.
+    stream: Option<timeouts::StreamGuard>,
 }
 
 impl LoggedBody {
@@ -1879,35 +1963,51 @@ impl LoggedBody {
         inner: ProxyBody,
         log: Option<(Box<access_log::Entry>, access_log::Loggers)>,
         deadline: Option<BodyDeadline>,
+        idle: Option<Duration>,
     ) -> LoggedBody {
         LoggedBody {
             inner,
             log,
             sent: 0,
-            timer: deadline.map(BodyTimer::start),
+            timer: deadline.map(|d| BodyTimer::new(Some(d), idle)),
+            idle,
+            stream: None,
         }
     }
 
-    /// `poll_frame` of a body with a deadline (rare: only routes with a timeout set one).
+    /// `poll_frame` of a body with a timer: one with a route deadline, or one that had to
+    /// wait for a frame (the stream's idle timeout runs from then).
     #[cold]
     #[inline(never)]
     fn poll_timed(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        // A body that never waits is cut too once the timer has fired.
-        if self.timer.as_ref().is_some_and(|t| t.sleep.is_elapsed()) {
-            return self.cut();
+        // A body that never waits is cut too once its deadline has passed.
+        if let Some(Cut::Deadline) = self.timer.as_ref().and_then(|t| t.expired()) {
+            return self.cut(Cut::Deadline);
         }
         let polled = self.poll_counted(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(timer) = &mut self.timer
+                    && let Some((_, last)) = &mut timer.idle
+                {
+                    *last = tokio::time::Instant::now();
+                }
+            }
             Poll::Ready(_) => self.timer = None,
             Poll::Pending => {
-                if let Some(timer) = &mut self.timer
-                    && timer.sleep.as_mut().poll(cx).is_ready()
-                {
-                    return self.cut();
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| BodyTimer::new(None, self.idle));
+                while timer.sleep.as_mut().poll(cx).is_ready() {
+                    if let Some(cut) = timer.expired() {
+                        return self.cut(cut);
+                    }
+                    // Frames came since it was set: set for the nearer deadline now.
+                    let at = timer.next();
+                    timer.sleep.as_mut().reset(at);
                 }
             }
         }
@@ -1928,19 +2028,26 @@ impl LoggedBody {
         polled
     }
 
-    /// The deadline passed before the body's end: the upstream side is dropped (its connection
+    /// A deadline passed before the body's end: the upstream side is dropped (its connection
     /// closed), the timeout counted and logged, and the client's stream ends with an error
     /// (its connection closed, or the HTTP/2 stream reset).
-    fn cut(&mut self) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        if let Some(timer) = self.timer.take() {
-            timer.deadline.cluster.stats.upstream_rq_timeout.inc();
-        }
+    fn cut(&mut self, why: Cut) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let timer = self.timer.take();
         self.inner = Either::Right(Full::new(Bytes::new()));
+        let (flags, details, error) = match why {
+            Cut::Deadline => {
+                if let Some(d) = timer.as_ref().and_then(|t| t.deadline.as_ref()) {
+                    d.cluster.stats.upstream_rq_timeout.inc();
+                }
+                ("UT", "response_timeout", "upstream request timeout")
+            }
+            Cut::Idle => ("SI", "stream_idle_timeout", "stream idle timeout"),
+        };
         if let Some((entry, _)) = &mut self.log {
-            entry.flags = "UT".to_string();
-            entry.details = Cow::Borrowed("response_timeout");
+            entry.flags = flags.to_string();
+            entry.details = Cow::Borrowed(details);
         }
-        Poll::Ready(Some(Err("upstream request timeout".into())))
+        Poll::Ready(Some(Err(error.into())))
     }
 }
 
@@ -1959,7 +2066,11 @@ impl hyper::body::Body for LoggedBody {
         if this.timer.is_some() {
             return this.poll_timed(cx);
         }
-        this.poll_counted(cx)
+        let polled = this.poll_counted(cx);
+        if polled.is_pending() && this.idle.is_some() {
+            return this.poll_timed(cx);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

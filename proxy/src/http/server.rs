@@ -10,8 +10,8 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cluster::DownstreamBody;
 use crate::cluster::h1::{self, BodyEnd, BodyFraming, push_header};
+use crate::http::timeouts::{Clock, Expired, Timeouts};
 
 /// Most header lines in a request head (Envoy's default `max_headers_count`).
 const MAX_HEADERS: usize = 100;
@@ -28,8 +29,6 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 96 * 1024;
 /// Largest body this loop reads itself; larger ones stream through hyper.
 const MAX_BODY: u64 = 64 * 1024;
-/// How long a started request head (or its body) may take to arrive.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the loop ended.
 pub enum End<S> {
@@ -124,12 +123,52 @@ enum Parsed {
     Invalid(StatusCode, &'static str),
 }
 
-/// Serves requests on `io` until it closes or a request needs hyper.
+/// An answer the loop gives itself when a request cannot be read (or not in time): the
+/// connection closes after it. As Envoy's: its status, plain-text body, response flag and
+/// response code details (for the access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub body: &'static str,
+    pub flags: &'static str,
+    pub details: &'static str,
+}
+
+impl Refusal {
+    /// A request the HTTP/1.1 codec refuses: the reason phrase as its body, `DPE`.
+    fn codec(status: StatusCode) -> Refusal {
+        Refusal {
+            status,
+            body: status.canonical_reason().unwrap_or(""),
+            flags: "DPE",
+            // As Envoy's HTTP/1.1 codec names them.
+            details: match status {
+                StatusCode::UPGRADE_REQUIRED => "low_version",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "http1.headers_too_large",
+                _ => "http1.codec_error",
+            },
+        }
+    }
+
+    fn expired(what: Expired) -> Refusal {
+        let (status, body, flags, details) = what.reply();
+        Refusal {
+            status,
+            body,
+            flags,
+            details,
+        }
+    }
+}
+
+/// Serves requests on `io` until it closes or a request needs hyper. `refused` logs what the
+/// loop answered itself (with when the request began, when it had).
 pub async fn serve<S, F, Fut, B>(
     mut io: S,
+    timeouts: Arc<Timeouts>,
     accept_http_10: bool,
     handle: F,
-    refused: impl Fn(StatusCode, usize),
+    refused: impl Fn(Refusal, usize, Option<tokio::time::Instant>),
 ) -> End<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -140,19 +179,29 @@ where
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(4 * 1024);
+    let mut clock = Clock::new(timeouts);
+    // Refuses the request being read and ends the connection.
+    macro_rules! refuse {
+        ($refusal:expr) => {{
+            let refusal = $refusal;
+            let sent = reply_error(&mut io, &refusal).await;
+            refused(refusal, sent, clock.began());
+            return End::Closed;
+        }};
+    }
     loop {
-        // 1. A whole head. Waiting for a request on an idle connection has no deadline here
-        //    (as Envoy, idle connections are the listener's business); once a head has begun,
-        //    it must arrive within HEAD_TIMEOUT.
+        // 1. A whole head, within the connection's idle deadline while none has begun, and
+        //    the request's deadlines (`Clock`) once one has.
         let head = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, accept_http_10) {
-                    Parsed::Complete(head) => break head,
+                    Parsed::Complete(head) => {
+                        clock.head_done();
+                        break head;
+                    }
                     Parsed::Partial if buf.len() >= MAX_HEAD => {
-                        let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
                         tracing::debug!("refused a request: its head is over {MAX_HEAD} bytes");
-                        refused(status, reply_error(&mut io, status).await);
-                        return End::Closed;
+                        refuse!(Refusal::codec(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
                     }
                     Parsed::Partial => {}
                     Parsed::Handoff => {
@@ -163,22 +212,26 @@ where
                     }
                     Parsed::Invalid(status, why) => {
                         tracing::debug!("refused a request: {why}");
-                        refused(status, reply_error(&mut io, status).await);
-                        return End::Closed;
+                        refuse!(Refusal::codec(status));
                     }
                 }
             }
-            let started = !buf.is_empty();
-            match read_more(&mut io, &mut buf, started).await {
+            match read_more(&mut io, &mut buf, &mut clock).await {
                 Ok(true) => {}
-                Ok(false) | Err(_) => return End::Closed,
+                Ok(false) | Err(Read::Failed) | Err(Read::Expired(Expired::Connection)) => {
+                    return End::Closed;
+                }
+                Err(Read::Expired(what)) => refuse!(Refusal::expired(what)),
             }
         };
         // 2. Its body, when it has one.
         while (buf.len() as u64) < head.body_len {
-            match read_more(&mut io, &mut buf, true).await {
+            match read_more(&mut io, &mut buf, &mut clock).await {
                 Ok(true) => {}
-                Ok(false) | Err(_) => return End::Closed,
+                Ok(false) | Err(Read::Failed) | Err(Read::Expired(Expired::Connection)) => {
+                    return End::Closed;
+                }
+                Err(Read::Expired(what)) => refuse!(Refusal::expired(what)),
             }
         }
         let body = if head.body_len == 0 {
@@ -188,7 +241,7 @@ where
         };
         let head_method = head.method == Method::HEAD;
         let version = head.version;
-        let mut close = head.close;
+        clock.serving();
         let mut req = Request::new(http_body_util::Either::Right(Full::new(body)));
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
@@ -199,8 +252,10 @@ where
         // for the request's future twice in this loop's own (~6 KB each) and copy it from
         // one to the other on every request.
         let resp = std::pin::pin!(handle(req)).await;
+        // The client's wish, or the connection's limits (draining, requests served, age).
+        let mut close = head.close || clock.must_close();
         match write_response(&mut io, &mut out, resp, version, head_method, &mut close).await {
-            Ok(()) if !close => {}
+            Ok(()) if !close => clock.answered(),
             _ => {
                 let _ = io.shutdown().await;
                 return End::Closed;
@@ -209,21 +264,28 @@ where
     }
 }
 
-/// Reads once more into `buf`: `Ok(false)` at the end of the stream. Within a request the read
-/// is bounded by HEAD_TIMEOUT.
+/// Why a read brought nothing.
+enum Read {
+    Failed,
+    Expired(Expired),
+}
+
+/// Reads once more into `buf`, within the deadline that applies: `Ok(false)` at the end of
+/// the stream.
 async fn read_more<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
-    started: bool,
-) -> io::Result<bool> {
+    clock: &mut Clock,
+) -> Result<bool, Read> {
     buf.reserve(8 * 1024);
-    let n = if started {
-        tokio::time::timeout(HEAD_TIMEOUT, io.read_buf(buf))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head timeout"))??
-    } else {
-        io.read_buf(buf).await?
-    };
+    let n = clock
+        .race(io.read_buf(buf))
+        .await
+        .map_err(Read::Expired)?
+        .map_err(|_| Read::Failed)?;
+    if n > 0 {
+        clock.read(tokio::time::Instant::now());
+    }
     Ok(n > 0)
 }
 
@@ -313,20 +375,22 @@ fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
     })
 }
 
-/// The request could not be read: a plain answer, its body the status's reason phrase as
-/// Envoy's (`Bad Request`), then the connection closes. Returns the body's length (for the
-/// access log), whether or not the client took it.
-async fn reply_error<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode) -> usize {
-    let reason = status.canonical_reason().unwrap_or("");
+/// The request could not be read (or not in time): a plain answer, then the connection
+/// closes. Returns the body's length (for the access log), whether or not the client took it.
+async fn reply_error<S: AsyncWrite + Unpin>(io: &mut S, refusal: &Refusal) -> usize {
+    let status = refusal.status;
+    let body = refusal.body;
     let text = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{reason}",
+        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\ndate: {}\r\nconnection: close\r\n\r\n{body}",
         status.as_u16(),
-        reason.len()
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        String::from_utf8_lossy(&http_date()),
     );
     if io.write_all(text.as_bytes()).await.is_ok() {
         let _ = io.flush().await;
     }
-    reason.len()
+    body.len()
 }
 
 /// Writes the answer: head and body in as few writes as the body's pace allows. Sets `close`
@@ -527,6 +591,7 @@ mod tests {
         let task = tokio::spawn(async move {
             serve(
                 server,
+                Arc::new(Timeouts::default()),
                 true,
                 |req| {
                     let resp = answer(&req);
@@ -542,7 +607,7 @@ mod tests {
                         resp
                     }
                 },
-                |_, _| {},
+                |_, _, _| {},
             )
             .await
         });

@@ -1,0 +1,571 @@
+//! The connection manager's timeouts and connection limits, as Envoy's: how long a connection
+//! may sit idle (`common_http_protocol_options.idle_timeout`, 1 hour by default), live
+//! (`max_connection_duration`) or serve (`max_requests_per_connection`), and how long a request
+//! may take to arrive (`request_headers_timeout`, `request_timeout`) or sit without a byte
+//! moving either way (`stream_idle_timeout`, 5 minutes by default).
+//!
+//! weft-proxy's own HTTP/1.1 loop keeps one timer per connection ([`Clock`]) that is only moved
+//! when a deadline comes closer, so a keep-alive request costs a clock read, not a timer;
+//! connections served by hyper (HTTP/2, streamed bodies) are watched by [`watch`], which counts
+//! their streams and shuts them down gracefully (HTTP/2 `GOAWAY`, HTTP/1.1 `connection: close`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+
+use crate::duration;
+
+/// Envoy's defaults.
+const IDLE: Duration = Duration::from_secs(3600);
+const STREAM_IDLE: Duration = Duration::from_secs(300);
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The connection manager's timeouts; `None` is disabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A connection without requests in flight is closed after this long.
+    pub idle: Option<Duration>,
+    /// A connection is drained (no further requests) after this long.
+    pub max_connection_duration: Option<Duration>,
+    /// A connection is drained after serving this many requests.
+    pub max_requests: Option<u32>,
+    /// A request with no bytes moving either way for this long is ended.
+    pub stream_idle: Option<Duration>,
+    /// A request must be received whole within this long of its first byte.
+    pub request: Option<Duration>,
+    /// A request's head must be received within this long of its first byte.
+    pub request_headers: Option<Duration>,
+    /// How long an HTTP/2 connection told to go away has to finish its streams.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            idle: Some(IDLE),
+            max_connection_duration: None,
+            max_requests: None,
+            stream_idle: Some(STREAM_IDLE),
+            request: None,
+            request_headers: None,
+            drain: DRAIN,
+        }
+    }
+}
+
+/// A duration field: unset is `default`, zero is disabled.
+fn field(d: Option<&weft_xds_proto::wkt::Duration>, default: Option<Duration>) -> Option<Duration> {
+    match d {
+        None => default,
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    }
+}
+
+impl Timeouts {
+    /// The connection manager's timeouts; a field that would change the answers and is not
+    /// implemented is refused, named.
+    pub fn from_xds(hcm: &HttpConnectionManager) -> Result<Timeouts, (String, String)> {
+        let unsupported = |f: &str| {
+            Err((
+                f.to_string(),
+                "not supported by this weft-proxy version".to_string(),
+            ))
+        };
+        if hcm.stream_flush_timeout.is_some() {
+            return unsupported("stream_flush_timeout");
+        }
+        if hcm.http1_safe_max_connection_duration {
+            return unsupported("http1_safe_max_connection_duration");
+        }
+        let mut t = Timeouts {
+            stream_idle: field(hcm.stream_idle_timeout.as_ref(), Some(STREAM_IDLE)),
+            request: field(hcm.request_timeout.as_ref(), None),
+            request_headers: field(hcm.request_headers_timeout.as_ref(), None),
+            drain: hcm.drain_timeout.as_ref().map(duration).unwrap_or(DRAIN),
+            ..Timeouts::default()
+        };
+        if let Some(common) = &hcm.common_http_protocol_options {
+            for (f, set) in [
+                (
+                    "max_connection_duration_jitter",
+                    common.max_connection_duration_jitter.is_some(),
+                ),
+                // weft-proxy reads at most 100 header lines, Envoy's default.
+                (
+                    "max_headers_count",
+                    common.max_headers_count.is_some_and(|c| c.value != 100),
+                ),
+                (
+                    "max_response_headers_kb",
+                    common.max_response_headers_kb.is_some(),
+                ),
+                ("max_stream_duration", common.max_stream_duration.is_some()),
+                (
+                    "headers_with_underscores_action",
+                    common.headers_with_underscores_action != 0,
+                ),
+            ] {
+                if set {
+                    return unsupported(&format!("common_http_protocol_options.{f}"));
+                }
+            }
+            t.idle = field(common.idle_timeout.as_ref(), Some(IDLE));
+            t.max_connection_duration = field(common.max_connection_duration.as_ref(), None);
+            t.max_requests = common
+                .max_requests_per_connection
+                .map(|v| v.value)
+                .filter(|v| *v > 0);
+        }
+        Ok(t)
+    }
+}
+
+/// What ran out, and how the request (if one had begun) is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// Between requests: the connection closes.
+    Connection,
+    /// The connection was idle, or reached its maximum duration, between requests: it drains
+    /// (as Envoy's: a request that still comes within `drain_timeout` is answered with
+    /// `connection: close`, then the connection closes).
+    Drain,
+    /// No byte of the request arrived for `stream_idle_timeout`.
+    StreamIdle,
+    /// The head did not arrive within `request_headers_timeout`.
+    RequestHeaders,
+    /// The request did not arrive whole within `request_timeout`.
+    Request,
+}
+
+impl Expired {
+    /// Envoy's answer: status, body, response flag, response code details.
+    pub fn reply(self) -> (http::StatusCode, &'static str, &'static str, &'static str) {
+        let timeout = http::StatusCode::REQUEST_TIMEOUT;
+        match self {
+            Expired::StreamIdle => (timeout, "stream timeout", "SI", "stream_idle_timeout"),
+            Expired::RequestHeaders => (
+                timeout,
+                "request header timeout",
+                "-",
+                "request_header_timeout",
+            ),
+            Expired::Request | Expired::Connection | Expired::Drain => {
+                (timeout, "request timeout", "-", "request_overall_timeout")
+            }
+        }
+    }
+}
+
+/// One connection's timer for weft-proxy's own HTTP/1.1 loop. It sleeps until a deadline no
+/// later than the one that applies, and is only moved when the applicable one comes closer
+/// than where it sleeps: between keep-alive requests (the idle deadline moving later) it is
+/// left alone and, when it wakes early, set to the deadline that applies then.
+pub struct Clock {
+    t: Arc<Timeouts>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    opened: Instant,
+    /// When the connection last had no request in flight.
+    idle_since: Instant,
+    /// The request being read: when its first byte came, when its last did.
+    began: Option<Instant>,
+    last_read: Instant,
+    head_done: bool,
+    served: u32,
+    /// Since when the connection drains (idle or old enough): no request after this one.
+    draining: Option<Instant>,
+}
+
+impl Clock {
+    pub fn new(t: Arc<Timeouts>) -> Clock {
+        let now = Instant::now();
+        Clock {
+            t,
+            sleep: None,
+            opened: now,
+            idle_since: now,
+            began: None,
+            last_read: now,
+            head_done: false,
+            served: 0,
+            draining: None,
+        }
+    }
+
+    /// Bytes of a request arrived.
+    pub fn read(&mut self, now: Instant) {
+        if self.began.is_none() {
+            self.began = Some(now);
+            self.head_done = false;
+        }
+        self.last_read = now;
+    }
+
+    /// The request's head is whole: `request_headers_timeout` no longer applies.
+    pub fn head_done(&mut self) {
+        self.head_done = true;
+    }
+
+    /// The request was read whole and is being served: the read deadlines no longer apply.
+    pub fn serving(&mut self) {
+        self.began = None;
+        self.served = self.served.saturating_add(1);
+    }
+
+    /// Whether the connection must close after the answer being written: it drains, or it
+    /// reached its request count or its age.
+    pub fn must_close(&self) -> bool {
+        self.draining.is_some()
+            || self.t.max_requests.is_some_and(|n| self.served >= n)
+            || self
+                .t
+                .max_connection_duration
+                .is_some_and(|d| self.opened.elapsed() >= d)
+    }
+
+    /// The answer is written: the connection is idle from now.
+    pub fn answered(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    /// When the request began (for its log line).
+    pub fn began(&self) -> Option<Instant> {
+        self.began
+    }
+
+    /// The deadline that applies now, and what it means.
+    fn deadline(&self) -> Option<(Instant, Expired)> {
+        let mut best: Option<(Instant, Expired)> = None;
+        let mut consider = |at: Option<Instant>, what| {
+            if let Some(at) = at
+                && best.is_none_or(|(b, _)| at < b)
+            {
+                best = Some((at, what));
+            }
+        };
+        match self.began {
+            None if self.draining.is_some() => {
+                consider(
+                    self.draining.map(|at| at + self.t.drain),
+                    Expired::Connection,
+                );
+            }
+            None => {
+                // A connection that never carried a request just closes.
+                let what = if self.served == 0 {
+                    Expired::Connection
+                } else {
+                    Expired::Drain
+                };
+                consider(self.t.idle.map(|d| self.idle_since + d), what);
+                consider(
+                    self.t.max_connection_duration.map(|d| self.opened + d),
+                    what,
+                );
+            }
+            Some(began) => {
+                consider(
+                    self.t.stream_idle.map(|d| self.last_read + d),
+                    Expired::StreamIdle,
+                );
+                if !self.head_done {
+                    consider(
+                        self.t.request_headers.map(|d| began + d),
+                        Expired::RequestHeaders,
+                    );
+                }
+                consider(self.t.request.map(|d| began + d), Expired::Request);
+            }
+        }
+        best
+    }
+
+    /// Runs `fut` (a read) against the deadline that applies; a connection that drains
+    /// (`Expired::Drain`) goes on waiting, for its drain period.
+    pub async fn race<F: Future>(&mut self, fut: F) -> Result<F::Output, Expired> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let Some((at, what)) = self.deadline() else {
+                return Ok(fut.await);
+            };
+            // Moved only when the deadline is closer than where the timer sleeps.
+            match &mut self.sleep {
+                Some(s) if s.deadline() <= at => {}
+                Some(s) => s.as_mut().reset(at),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            let sleep = self.sleep.as_mut().expect("set above");
+            let out = std::future::poll_fn(|cx| {
+                if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(out));
+                }
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= at {
+                        return Poll::Ready(Err(what));
+                    }
+                    // Woken early (set for an earlier deadline that no longer applies).
+                    sleep.as_mut().reset(at);
+                }
+                Poll::Pending
+            })
+            .await;
+            match out {
+                Err(Expired::Drain) => self.draining = Some(Instant::now()),
+                out => return out,
+            }
+        }
+    }
+}
+
+/// What a connection served by hyper has in flight, shared by its requests' answers.
+pub struct Streams {
+    active: AtomicU32,
+    total: AtomicU32,
+    /// When the last stream ended, in milliseconds since the connection opened.
+    idle_since_ms: AtomicU64,
+    opened: Instant,
+}
+
+/// A stream in flight, until its answer is sent (or dropped).
+pub struct StreamGuard(Arc<Streams>);
+
+impl Streams {
+    pub fn new() -> Arc<Streams> {
+        Arc::new(Streams {
+            active: AtomicU32::new(0),
+            total: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        })
+    }
+
+    pub fn open(self: &Arc<Streams>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.idle_since_ms
+            .store(s.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `conn` (whose requests open streams on `streams`) under the connection timeouts: told
+/// to wind down once idle for `idle`, older than `max_connection_duration`, or past
+/// `max_requests` (`graceful`: hyper's graceful shutdown: HTTP/2 `GOAWAY`, HTTP/1.1 keep-alive
+/// off); closed if it has not ended within `drain` after that.
+pub async fn watch<C: Future>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    streams: Arc<Streams>,
+    t: Arc<Timeouts>,
+) -> Option<C::Output> {
+    let opened = streams.opened;
+    let mut conn = std::pin::pin!(conn);
+    let mut sleep = Box::pin(tokio::time::sleep_until(opened + Duration::from_secs(3600)));
+    // When the connection was told to go, and so must be closed by.
+    let mut told: Option<Instant> = None;
+    let next = |told: Option<Instant>| -> Option<Instant> {
+        if let Some(at) = told {
+            return Some(at + t.drain);
+        }
+        let mut best: Option<Instant> = t.max_connection_duration.map(|d| opened + d);
+        if let Some(idle) = t.idle {
+            let at = if streams.active.load(Ordering::Relaxed) == 0 {
+                opened + Duration::from_millis(streams.idle_since_ms.load(Ordering::Relaxed)) + idle
+            } else {
+                // Busy: looked at again one idle period from now.
+                Instant::now() + idle
+            };
+            best = Some(best.map_or(at, |b| b.min(at)));
+        }
+        best
+    };
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            let done = t
+                .max_requests
+                .is_some_and(|n| streams.total.load(Ordering::Relaxed) >= n);
+            let now = Instant::now();
+            match told {
+                Some(at) if now >= at + t.drain => return Poll::Ready(None),
+                None if done || next(None).is_some_and(|at| now >= at) => {
+                    told = Some(now);
+                    graceful(conn.as_mut());
+                    // Polled again: the shutdown may end it at once.
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(at) = next(told) else {
+                return Poll::Pending;
+            };
+            // Moved only when the deadline is closer, or the timer has gone off (it then
+            // wakes at most once per idle period while streams are in flight).
+            if sleep.is_elapsed() || sleep.deadline() > at {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_xds_proto::wkt;
+
+    fn secs(s: i64) -> Option<wkt::Duration> {
+        Some(wkt::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    }
+
+    #[test]
+    fn envoy_defaults_zero_disables_and_unsupported_fields_are_named() {
+        let hcm = HttpConnectionManager::default();
+        assert_eq!(Timeouts::from_xds(&hcm).unwrap(), Timeouts::default());
+        let t = Timeouts::default();
+        assert_eq!(t.idle, Some(Duration::from_secs(3600)));
+        assert_eq!(t.stream_idle, Some(Duration::from_secs(300)));
+        let mut hcm = HttpConnectionManager {
+            stream_idle_timeout: secs(0),
+            request_timeout: secs(3),
+            ..Default::default()
+        };
+        hcm.common_http_protocol_options = Some(Default::default());
+        let opts = hcm.common_http_protocol_options.as_mut().unwrap();
+        opts.idle_timeout = secs(0);
+        opts.max_requests_per_connection = Some(wkt::UInt32Value { value: 7 });
+        let t = Timeouts::from_xds(&hcm).unwrap();
+        assert_eq!(t.stream_idle, None);
+        assert_eq!(t.idle, None);
+        assert_eq!(t.request, Some(Duration::from_secs(3)));
+        assert_eq!(t.max_requests, Some(7));
+        hcm.common_http_protocol_options
+            .as_mut()
+            .unwrap()
+            .max_stream_duration = secs(1);
+        assert_eq!(
+            Timeouts::from_xds(&hcm).unwrap_err().0,
+            "common_http_protocol_options.max_stream_duration"
+        );
+        let hcm = HttpConnectionManager {
+            stream_flush_timeout: secs(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            Timeouts::from_xds(&hcm).unwrap_err().0,
+            "stream_flush_timeout"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_answers_for_the_deadline_that_applies() {
+        let t = Arc::new(Timeouts {
+            request_headers: Some(Duration::from_secs(2)),
+            stream_idle: Some(Duration::from_secs(5)),
+            idle: Some(Duration::from_secs(60)),
+            ..Timeouts::default()
+        });
+        let mut clock = Clock::new(t);
+        let never = std::future::pending::<()>;
+        // A connection that never carried a request closes when idle.
+        let start = Instant::now();
+        assert_eq!(clock.race(never()).await, Err(Expired::Connection));
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        // A head begun and not finished: its own deadline, although the timer slept later.
+        clock.answered();
+        clock.read(Instant::now());
+        let start = Instant::now();
+        assert_eq!(clock.race(never()).await, Err(Expired::RequestHeaders));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // The head is whole, the body stalls: the stream's idle deadline from the last read.
+        clock.head_done();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        clock.read(Instant::now());
+        let start = Instant::now();
+        assert_eq!(clock.race(never()).await, Err(Expired::StreamIdle));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Served: the idle deadline again, from the answer; a read that comes in time wins.
+        clock.serving();
+        assert!(!clock.must_close());
+        clock.answered();
+        let ok = clock
+            .race(tokio::time::sleep(Duration::from_secs(59)))
+            .await;
+        assert_eq!(ok, Ok(()));
+        // Idle past its deadline after a request: it drains for `drain`, then closes; a
+        // request in the drain period is the last.
+        let start = Instant::now();
+        assert_eq!(clock.race(never()).await, Err(Expired::Connection));
+        assert_eq!(start.elapsed(), Duration::from_secs(1 + 5));
+        assert!(clock.must_close());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_and_age_drain_the_connection() {
+        let mut clock = Clock::new(Arc::new(Timeouts {
+            max_requests: Some(2),
+            ..Timeouts::default()
+        }));
+        clock.serving();
+        assert!(!clock.must_close());
+        clock.serving();
+        assert!(clock.must_close(), "the second of two closes");
+        let mut clock = Clock::new(Arc::new(Timeouts {
+            max_connection_duration: Some(Duration::from_secs(10)),
+            ..Timeouts::default()
+        }));
+        clock.serving();
+        assert!(!clock.must_close());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(clock.must_close(), "old enough");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_connection_is_told_to_go_when_idle_and_closed_after_its_drain() {
+        let t = Arc::new(Timeouts {
+            idle: Some(Duration::from_secs(10)),
+            drain: Duration::from_secs(3),
+            ..Timeouts::default()
+        });
+        let streams = Streams::new();
+        let told = std::cell::Cell::new(None);
+        let start = Instant::now();
+        let guard = streams.open();
+        let conn = async {
+            // A stream in flight for 20 s: not idle meanwhile.
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            drop(guard);
+            std::future::pending::<()>().await
+        };
+        let out = watch(
+            conn,
+            |_| told.set(Some(start.elapsed())),
+            streams.clone(),
+            t,
+        )
+        .await;
+        assert!(out.is_none(), "closed by the watch");
+        assert_eq!(told.get(), Some(Duration::from_secs(30)));
+        assert_eq!(start.elapsed(), Duration::from_secs(33));
+    }
+}
