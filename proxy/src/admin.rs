@@ -668,6 +668,7 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                         s.downstream_cx_tx_bytes_total.get() as i64,
                         true,
                     ),
+                    ("idle_timeout", s.idle_timeout.get() as i64, true),
                 ] {
                     v.push(Stat {
                         prom_name: prom_tcp(stat),
@@ -770,6 +771,7 @@ prom_names!(
         "downstream_cx_active",
         "downstream_cx_rx_bytes_total",
         "downstream_cx_tx_bytes_total",
+        "idle_timeout",
     ]
 );
 

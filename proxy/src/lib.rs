@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod http;
 pub mod identity;
+pub mod idle;
 pub mod iptables;
 pub mod listener;
 pub mod rbac;

@@ -93,6 +93,8 @@ pub struct TcpStats {
     pub downstream_cx_active: Gauge,
     pub downstream_cx_rx_bytes_total: Counter,
     pub downstream_cx_tx_bytes_total: Counter,
+    /// Connections closed by the TCP proxy's `idle_timeout`.
+    pub idle_timeout: Counter,
 }
 
 /// Escapes a Prometheus label value.

@@ -14,6 +14,8 @@ use crate::stats::{GaugeGuard, TcpStats};
 
 #[derive(Debug)]
 pub struct TcpProxy {
+    /// `idle_timeout`: the connection is closed after this long without a byte either way.
+    pub idle_timeout: Option<std::time::Duration>,
     pub stat_prefix: String,
     pub cluster: ClusterChoice,
     pub stats: Arc<TcpStats>,
@@ -44,7 +46,6 @@ impl TcpProxy {
             None => return Err(reject("cluster_specifier", "a cluster is required")),
         };
         for (field, set) in [
-            ("idle_timeout", t.idle_timeout.is_some()),
             ("tunneling_config", t.tunneling_config.is_some()),
             ("metadata_match", t.metadata_match.is_some()),
             ("max_connect_attempts", t.max_connect_attempts.is_some()),
@@ -55,6 +56,11 @@ impl TcpProxy {
             }
         }
         Ok(TcpProxy {
+            // Envoy's default: an hour without a byte either way; zero is never.
+            idle_timeout: match &t.idle_timeout {
+                None => Some(std::time::Duration::from_secs(3600)),
+                Some(d) => Some(crate::duration(d)).filter(|d| !d.is_zero()),
+            },
             stat_prefix: t.stat_prefix.clone(),
             cluster,
             stats: Arc::new(TcpStats::default()),
@@ -94,9 +100,11 @@ impl TcpProxy {
             }
         };
         let _cx = GaugeGuard::new(&endpoint.pool.stats.cx_active);
-        if let Ok((rx, tx)) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-            self.stats.downstream_cx_rx_bytes_total.add(rx);
-            self.stats.downstream_cx_tx_bytes_total.add(tx);
+        let spliced = crate::idle::splice(&mut downstream, &mut upstream, self.idle_timeout).await;
+        self.stats.downstream_cx_rx_bytes_total.add(spliced.a_read);
+        self.stats.downstream_cx_tx_bytes_total.add(spliced.b_read);
+        if spliced.idle {
+            self.stats.idle_timeout.inc();
         }
     }
 }

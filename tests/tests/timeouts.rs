@@ -24,7 +24,7 @@ use weft_e2e::wait_until;
 const BASE: u16 = 18600;
 
 /// (listener, HCM fields at 10 spaces)
-const LISTENERS: [(&str, &str); 7] = [
+const LISTENERS: [(&str, &str); 8] = [
     ("stream-idle", "          stream_idle_timeout: 1s\n"),
     ("request", "          request_timeout: 1s\n"),
     ("headers", "          request_headers_timeout: 1s\n"),
@@ -41,10 +41,18 @@ const LISTENERS: [(&str, &str); 7] = [
         "          common_http_protocol_options: { max_connection_duration: 1s }\n",
     ),
     ("defaults", ""),
+    (
+        "websocket",
+        "          stream_idle_timeout: 1s\n          upgrade_configs: [{ upgrade_type: websocket }]\n",
+    ),
 ];
 
+/// TCP proxies (after the HTTP listeners' ports): with a 1 s idle timeout, and Envoy's default.
+const TCP: [(&str, &str); 2] = [("tcp-idle", "idle_timeout: 1s, "), ("tcp-defaults", "")];
+
 fn port(listener: &str) -> u16 {
-    BASE + LISTENERS.iter().position(|(n, _)| *n == listener).unwrap() as u16
+    let names = LISTENERS.iter().chain(TCP.iter()).map(|(n, _)| *n);
+    BASE + names.take_while(|n| *n != listener).count() as u16
 }
 
 const ROUTES: &str = r#"          route_config:
@@ -71,6 +79,18 @@ fn resources(ip: &str, backend: SocketAddr, logs: &std::path::Path) -> String {
             "",
         ));
     }
+    for (name, fields) in TCP {
+        out.push_str(&format!(
+            r#"  - name: {name}
+    address: {{ socket_address: {{ address: {ip}, port_value: {} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, {fields}stat_prefix: {name}, cluster: echo }}
+"#,
+            port(name)
+        ));
+    }
     out.push_str(&format!(
         "  clusters:\n  - name: echo\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {}\n",
         Standalone::load_assignment("echo", &[backend])
@@ -88,6 +108,12 @@ type Pieces = Vec<(String, u64)>;
 /// (case, listener, what the client sends)
 fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
     let partial = |path: &str| (format!("GET {path} HTTP/1.1\r\nhost: svc\r\n"), 0);
+    let chunked = |path: &str| {
+        format!(
+            "POST {path}?echo_body=1 HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+    };
+    let chunk = |text: &str, pause| (format!("{:x}\r\n{text}\r\n", text.len()), pause);
     vec![
         ("stalled head", "stream-idle", vec![partial("/a")]),
         (
@@ -105,7 +131,39 @@ fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
             "stream-idle",
             vec![(get("/d1"), 2000), (get("/d2"), 0)],
         ),
+        (
+            "stalled small body",
+            "stream-idle",
+            vec![(
+                "POST /m1?echo_body=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 10\r\n\r\n12345"
+                    .to_string(),
+                0,
+            )],
+        ),
+        (
+            "stalled streamed body",
+            "stream-idle",
+            vec![(chunked("/m2"), 0), chunk("hello", 0)],
+        ),
+        (
+            // Never a second without a byte, for longer than the timeout.
+            "slow steady body",
+            "stream-idle",
+            vec![
+                (chunked("/m3"), 400),
+                chunk("a", 400),
+                chunk("b", 400),
+                chunk("c", 400),
+                chunk("d", 400),
+                ("0\r\n\r\n".to_string(), 0),
+            ],
+        ),
         ("stalled head", "request", vec![partial("/e")]),
+        (
+            "stalled streamed body",
+            "request",
+            vec![(chunked("/m4"), 0), chunk("hello", 0)],
+        ),
         (
             "slow upstream",
             "request",
@@ -130,6 +188,16 @@ fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
             vec![(get("/k?delay_ms=1500"), 0)],
         ),
         (
+            "quiet session",
+            "websocket",
+            vec![(
+                "GET /ws HTTP/1.1\r\nhost: svc\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nhi".to_string(),
+                0,
+            )],
+        ),
+        ("quiet connection", "tcp-idle", vec![(get("/n1"), 0)]),
+        ("quiet connection", "tcp-defaults", vec![(get("/n2"), 0)]),
+        (
             "keep-alive",
             "defaults",
             vec![(get("/l1"), 1200), (get("/l2"), 0)],
@@ -141,8 +209,12 @@ fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
 /// whether a body ended; then whether the proxy closed the connection within 9 s.
 fn exchange(addr: SocketAddr, pieces: &[(String, u64)]) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
+    let mut out = Vec::new();
     for (bytes, pause) in pieces {
-        s.write_all(bytes.as_bytes()).expect("send");
+        if s.write_all(bytes.as_bytes()).is_err() {
+            out.push("(send refused)".to_string());
+            break;
+        }
         std::thread::sleep(Duration::from_millis(*pause));
     }
     s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -160,12 +232,13 @@ fn exchange(addr: SocketAddr, pieces: &[(String, u64)]) -> String {
         }
     };
     let text = String::from_utf8_lossy(&got).into_owned();
-    let mut out = Vec::new();
     for answer in text.split("HTTP/1.1 ").skip(1) {
         let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
         let status = &head[..3];
         let close = head.contains("\r\nconnection: close");
-        let body = if head.contains("x-echo-name") {
+        let body = if status == "101" {
+            format!("{body:?}")
+        } else if head.contains("x-echo-name") {
             // The backend's echo names the request id: only whether it ended.
             if head.contains("transfer-encoding: chunked") && !body.ends_with("0\r\n\r\n") {
                 "(echo, cut short)".to_string()
@@ -313,6 +386,14 @@ fn timeouts_and_connection_limits_behave_as_envoys() {
     assert_eq!(
         case("max-requests pipelined:"),
         "max-requests pipelined: 200 (echo), 200 close (echo), closed"
+    );
+    assert_eq!(
+        case("stream-idle stalled streamed body:"),
+        "stream-idle stalled streamed body: 408 close \"stream timeout\", closed"
+    );
+    assert!(
+        case("stream-idle slow steady body:").contains("200 (echo)"),
+        "{weft:?}"
     );
     assert!(case("idle HTTP/2:").contains("goaway"), "{weft:?}");
     assert!(!case("defaults HTTP/2:").contains("goaway"), "{weft:?}");

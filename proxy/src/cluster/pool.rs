@@ -35,14 +35,22 @@ pub type DownstreamBody = http_body_util::Either<CountedBody, http_body_util::Fu
 pub struct CountedBody {
     inner: Incoming,
     count: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Notes each frame for the request's timeouts (a body that streams).
+    progress: Option<Arc<crate::http::timeouts::BodyProgress>>,
 }
 
 impl CountedBody {
-    /// `counted`: keep a count (see [`CountedBody::counter`]).
-    pub fn new(inner: Incoming, counted: bool) -> CountedBody {
+    /// `counted`: keep a count (see [`CountedBody::counter`]); `progress`: note each frame
+    /// there.
+    pub fn new(
+        inner: Incoming,
+        counted: bool,
+        progress: Option<Arc<crate::http::timeouts::BodyProgress>>,
+    ) -> CountedBody {
         CountedBody {
             inner,
             count: counted.then(Default::default),
+            progress,
         }
     }
 
@@ -66,6 +74,10 @@ impl http_body::Body for CountedBody {
             && let Some(data) = frame.data_ref()
         {
             count.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let (Some(progress), std::task::Poll::Ready(frame)) = (&this.progress, &polled) {
+            let end = !matches!(frame, Some(Ok(f)) if f.is_data()) || this.inner.is_end_stream();
+            progress.frame(end);
         }
         polled
     }

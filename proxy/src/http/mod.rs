@@ -396,7 +396,7 @@ pub async fn serve_connection<S>(
     let logged = hcm.access_logs.is_some();
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
-    let refused = refused_logger(hcm.access_logs.clone(), hcm.stats.clone(), peer, local);
+    let refused = refused_logger(hcm.access_logs.clone(), hcm.stats.clone(), down.clone());
     // This hop's `x-forwarded-client-cert` element: one per connection (one client
     // certificate).
     let element = down
@@ -455,14 +455,25 @@ pub async fn serve_connection<S>(
     // What is in flight, for the connection's idle and request limits.
     let streams = timeouts::Streams::new();
     let in_flight = streams.clone();
+    let timed = limits.stream_idle.is_some() || limits.request.is_some();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let guard = in_flight.open();
+        // A body still to come is timed by its progress (see `timeouts::answer_within`).
+        let progress = (timed && !hyper::body::Body::is_end_stream(req.body()))
+            .then(timeouts::BodyProgress::new);
+        let mut req = req.map(|b| {
+            Either::Left(crate::cluster::CountedBody::new(
+                b,
+                counted,
+                progress.clone(),
+            ))
+        });
+        if let Some(p) = progress {
+            req.extensions_mut().insert(p);
+        }
         // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
         // among others); moving a pointer is cheap, moving the request path's state is not.
-        let resp =
-            Box::pin(handle(req.map(|b| {
-                Either::Left(crate::cluster::CountedBody::new(b, counted))
-            })));
+        let resp = Box::pin(handle(req));
         async move {
             let mut resp = resp.await;
             resp.body_mut().stream = Some(guard);
@@ -488,14 +499,10 @@ pub async fn serve_connection<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // A head begun must arrive within the request's deadlines (hyper ends the connection
-        // without an answer).
-        .header_read_timeout(
-            [limits.request_headers, limits.request, limits.stream_idle]
-                .into_iter()
-                .flatten()
-                .min(),
-        )
+        // hyper times every wait for a head with this, idle keep-alive ones too (and ends the
+        // connection without an answer): only `request_headers_timeout` is that strict; a head
+        // that stalls otherwise is bounded by the connection's idle timeout (`watch`).
+        .header_read_timeout(limits.request_headers)
         .max_buf_size(96 * 1024);
     builder
         .http2()
@@ -518,22 +525,29 @@ pub async fn proxy_request(
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
     let grpc = is_grpc(req.headers());
+    let progress = req
+        .extensions()
+        .get::<Arc<timeouts::BodyProgress>>()
+        .cloned();
+    let h1 = req.version() != Version::HTTP_2;
     let forward = route_and_forward(proxy, hcm, down, origin, req);
-    let mut resp = match hcm.timeouts.stream_idle {
-        // No byte moves either way until the answer's head: the stream's idle timeout runs
-        // from the request's end (Envoy's 504 once the request is whole).
-        Some(idle) => tokio::time::timeout(idle, forward)
-            .await
-            .unwrap_or_else(|_| {
-                hcm.stats.downstream_rq_idle_timeout.inc();
-                local_reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "stream timeout",
-                    "SI",
-                    "stream_idle_timeout",
-                )
-            }),
-        None => forward.await,
+    let mut resp = match timeouts::answer_within(&hcm.timeouts, progress.as_deref(), forward).await
+    {
+        Ok(resp) => resp,
+        Err(late) => {
+            match late {
+                timeouts::Expired::Request => hcm.stats.downstream_rq_timeout.inc(),
+                _ => hcm.stats.downstream_rq_idle_timeout.inc(),
+            }
+            let (status, body, flag, details) = late.reply();
+            let mut resp = local_reply(status, body, flag, details);
+            // The rest of the request will not be read: its HTTP/1.1 connection ends.
+            if late != timeouts::Expired::Answer && progress.is_some() && h1 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     };
     if grpc {
         resp = grpc_local_reply(resp);
@@ -905,7 +919,7 @@ async fn route_rest(
                 on_upgrade,
                 action.timeout,
                 original,
-                hcm.envoy_headers,
+                hcm,
             ))
             .await;
             route.response_headers.apply(resp.headers_mut());
@@ -1884,10 +1898,10 @@ fn request_entry(
 fn refused_logger(
     loggers: Option<access_log::Loggers>,
     stats: Arc<HttpStats>,
-    peer: Option<std::net::SocketAddr>,
-    local: Option<std::net::SocketAddr>,
-) -> impl Fn(server::Refusal, usize, Option<tokio::time::Instant>) {
-    move |refusal, sent, began| {
+    down: Arc<crate::listener::Downstream>,
+) -> impl Fn(server::Refusal, usize, Option<tokio::time::Instant>, Option<Request<DownstreamBody>>)
+{
+    move |refusal, sent, began, req| {
         match refusal.details {
             "stream_idle_timeout" => stats.downstream_rq_idle_timeout.inc(),
             "request_overall_timeout" => stats.downstream_rq_timeout.inc(),
@@ -1897,21 +1911,22 @@ fn refused_logger(
         let Some(loggers) = &loggers else {
             return;
         };
-        let started = began.map(tokio::time::Instant::into_std);
-        let entry = access_log::Entry {
-            start: Some(
-                std::time::SystemTime::now() - started.map(|s| s.elapsed()).unwrap_or_default(),
-            ),
-            started: Some(started.unwrap_or_else(std::time::Instant::now)),
-            protocol: "HTTP/1.1",
-            status: refusal.status.as_u16(),
-            flags: refusal.flags.to_string(),
-            details: Cow::Borrowed(refusal.details),
-            bytes_sent: sent as u64,
-            downstream_remote: peer,
-            downstream_local: local,
-            ..Default::default()
+        let mut entry = match &req {
+            Some(req) => request_entry(req, down.peer, down.local, &down),
+            None => access_log::Entry {
+                protocol: "HTTP/1.1",
+                downstream_remote: down.peer,
+                downstream_local: down.local,
+                ..Default::default()
+            },
         };
+        let started = began.map_or_else(std::time::Instant::now, |b| b.into_std());
+        entry.start = Some(std::time::SystemTime::now() - started.elapsed());
+        entry.started = Some(started);
+        entry.status = refusal.status.as_u16();
+        entry.flags = refusal.flags.to_string();
+        entry.details = Cow::Borrowed(refusal.details);
+        entry.bytes_sent = sent as u64;
         for l in loggers.iter() {
             l.write(&entry);
         }

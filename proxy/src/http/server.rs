@@ -111,6 +111,17 @@ struct Head {
     close: bool,
 }
 
+impl Head {
+    fn into_request(self, body: Full<Bytes>) -> Request<DownstreamBody> {
+        let mut req = Request::new(http_body_util::Either::Right(body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
 // Returned once per request and matched at once: boxing the head would cost an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
@@ -162,13 +173,14 @@ impl Refusal {
 }
 
 /// Serves requests on `io` until it closes or a request needs hyper. `refused` logs what the
-/// loop answered itself (with when the request began, when it had).
+/// loop answered itself (with when the request began, and the request when its head was read,
+/// its body as far as it came).
 pub async fn serve<S, F, Fut, B>(
     mut io: S,
     timeouts: Arc<Timeouts>,
     accept_http_10: bool,
     handle: F,
-    refused: impl Fn(Refusal, usize, Option<tokio::time::Instant>),
+    refused: impl Fn(Refusal, usize, Option<tokio::time::Instant>, Option<Request<DownstreamBody>>),
 ) -> End<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -182,10 +194,13 @@ where
     let mut clock = Clock::new(timeouts);
     // Refuses the request being read and ends the connection.
     macro_rules! refuse {
-        ($refusal:expr) => {{
+        ($refusal:expr) => {
+            refuse!($refusal, None)
+        };
+        ($refusal:expr, $req:expr) => {{
             let refusal = $refusal;
             let sent = reply_error(&mut io, &refusal).await;
-            refused(refusal, sent, clock.began());
+            refused(refusal, sent, clock.began(), $req);
             return End::Closed;
         }};
     }
@@ -231,7 +246,11 @@ where
                 Ok(false) | Err(Read::Failed) | Err(Read::Expired(Expired::Connection)) => {
                     return End::Closed;
                 }
-                Err(Read::Expired(what)) => refuse!(Refusal::expired(what)),
+                Err(Read::Expired(what)) => {
+                    // Logged with the request, and the part of its body that came.
+                    let partial = Full::new(buf.split().freeze());
+                    refuse!(Refusal::expired(what), Some(head.into_request(partial)))
+                }
             }
         }
         let body = if head.body_len == 0 {
@@ -242,18 +261,15 @@ where
         let head_method = head.method == Method::HEAD;
         let version = head.version;
         clock.serving();
-        let mut req = Request::new(http_body_util::Either::Right(Full::new(body)));
-        *req.method_mut() = head.method;
-        *req.uri_mut() = head.uri;
-        *req.version_mut() = head.version;
-        *req.headers_mut() = head.headers;
+        let close = head.close;
+        let req = head.into_request(Full::new(body));
         // 3. The request path, then the answer as it streams.
         // Pinned in place and awaited through the pin: `handle(req).await` would keep room
         // for the request's future twice in this loop's own (~6 KB each) and copy it from
         // one to the other on every request.
         let resp = std::pin::pin!(handle(req)).await;
         // The client's wish, or the connection's limits (draining, requests served, age).
-        let mut close = head.close || clock.must_close();
+        let mut close = close || clock.must_close();
         match write_response(&mut io, &mut out, resp, version, head_method, &mut close).await {
             Ok(()) if !close => clock.answered(),
             _ => {
@@ -607,7 +623,7 @@ mod tests {
                         resp
                     }
                 },
-                |_, _, _| {},
+                |_, _, _, _| {},
             )
             .await
         });

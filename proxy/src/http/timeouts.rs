@@ -141,6 +141,8 @@ pub enum Expired {
     RequestHeaders,
     /// The request did not arrive whole within `request_timeout`.
     Request,
+    /// The request arrived whole, and no byte of its answer for `stream_idle_timeout`.
+    Answer,
 }
 
 impl Expired {
@@ -149,6 +151,12 @@ impl Expired {
         let timeout = http::StatusCode::REQUEST_TIMEOUT;
         match self {
             Expired::StreamIdle => (timeout, "stream timeout", "SI", "stream_idle_timeout"),
+            Expired::Answer => (
+                http::StatusCode::GATEWAY_TIMEOUT,
+                "stream timeout",
+                "SI",
+                "stream_idle_timeout",
+            ),
             Expired::RequestHeaders => (
                 timeout,
                 "request header timeout",
@@ -320,6 +328,90 @@ impl Clock {
             }
         }
     }
+}
+
+/// How a streamed request body is coming along (shared by the body, which notes each frame, and
+/// the request path, which times the request by it).
+#[derive(Debug)]
+pub struct BodyProgress {
+    opened: Instant,
+    /// When the last frame came (or the body ended), in milliseconds since `opened`.
+    last_ms: AtomicU64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl BodyProgress {
+    pub fn new() -> Arc<BodyProgress> {
+        Arc::new(BodyProgress {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A frame came; `end`: it was the last.
+    pub fn frame(&self, end: bool) {
+        self.last_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if end {
+            self.done.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn last(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs the request path `fut` within the stream's timeouts: until the request has arrived
+/// whole (a streamed body, `progress`), `request_timeout` from its start and
+/// `stream_idle_timeout` from its last frame; then `stream_idle_timeout` from its end (no byte
+/// moves until the answer's head). The timer is moved only when woken early.
+pub async fn answer_within<F: Future>(
+    t: &Timeouts,
+    progress: Option<&BodyProgress>,
+    fut: F,
+) -> Result<F::Output, Expired> {
+    if t.stream_idle.is_none() && (t.request.is_none() || progress.is_none()) {
+        return Ok(fut.await);
+    }
+    let whole = Instant::now();
+    let deadline = || -> Option<(Instant, Expired)> {
+        match progress {
+            Some(p) if !p.done.load(Ordering::Relaxed) => {
+                let idle = t.stream_idle.map(|d| (p.last() + d, Expired::StreamIdle));
+                let request = t.request.map(|d| (p.opened + d, Expired::Request));
+                match (idle, request) {
+                    (Some(i), Some(r)) => Some(if r.0 < i.0 { r } else { i }),
+                    (i, r) => i.or(r),
+                }
+            }
+            Some(p) => t.stream_idle.map(|d| (p.last() + d, Expired::Answer)),
+            None => t.stream_idle.map(|d| (whole + d, Expired::Answer)),
+        }
+    };
+    let mut fut = std::pin::pin!(fut);
+    let Some((first, _)) = deadline() else {
+        return Ok(fut.await);
+    };
+    let mut sleep = Box::pin(tokio::time::sleep_until(first));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            let Some((at, what)) = deadline() else {
+                return Poll::Pending;
+            };
+            if Instant::now() >= at {
+                return Poll::Ready(Err(what));
+            }
+            // The body moved since: later.
+            sleep.as_mut().reset(at);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// What a connection served by hyper has in flight, shared by its requests' answers.

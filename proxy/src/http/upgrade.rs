@@ -38,20 +38,36 @@ impl SessionLog {
     }
 
     /// Writes the line: `received` and `sent` are the session's bytes from the client and to it.
-    fn write(&self, received: u64, sent: u64, client_ended: bool) {
+    fn write(&self, received: u64, sent: u64, end: SessionEnd) {
         let Some((mut entry, loggers)) = self.0.lock().ok().and_then(|mut s| s.take()) else {
             return;
         };
         entry.bytes_received += received;
         entry.bytes_sent += sent;
-        if client_ended {
-            entry.flags = "DC".into();
-            entry.details = "downstream_remote_disconnect".into();
+        match end {
+            SessionEnd::Client => {
+                entry.flags = "DC".into();
+                entry.details = "downstream_remote_disconnect".into();
+            }
+            SessionEnd::Idle => {
+                entry.flags = "SI".into();
+                entry.details = "stream_idle_timeout".into();
+            }
+            SessionEnd::Upstream => {}
         }
         for l in loggers.iter() {
             l.write(&entry);
         }
     }
+}
+
+/// How an upgraded session ended, for its log line.
+#[derive(Clone, Copy)]
+enum SessionEnd {
+    Client,
+    Upstream,
+    /// No byte either way for the stream's idle timeout.
+    Idle,
 }
 
 /// Which side of a splice ended first (read its end or failed): 0 none yet.
@@ -141,8 +157,10 @@ pub(crate) async fn forward(
     downstream: hyper::upgrade::OnUpgrade,
     timeout: Option<Duration>,
     original: Option<std::net::SocketAddr>,
-    timed: bool,
+    hcm: &super::ConnectionManager,
 ) -> Response<ProxyBody> {
+    let timed = hcm.envoy_headers;
+    let idle = hcm.timeouts.stream_idle;
     // As on other requests (unless `suppress_envoy_headers`): the upstream is told its time,
     // the answer says how long the upstream took.
     let since = timed.then(std::time::Instant::now);
@@ -235,7 +253,7 @@ pub(crate) async fn forward(
     let session = log.clone();
     tokio::spawn(async move {
         let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
-            session.write(0, 0, false);
+            session.write(0, 0, SessionEnd::Upstream);
             return;
         };
         let first_end = Arc::new(AtomicU8::new(0));
@@ -246,13 +264,16 @@ pub(crate) async fn forward(
             first_end: first_end.clone(),
         };
         let (mut down, mut up) = (watched(down, CLIENT), watched(up, UPSTREAM));
-        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        let spliced = crate::idle::splice(&mut down, &mut up, idle).await;
         // What came from the upstream went to the client (all of it, unless the client left).
-        session.write(
-            down.read,
-            up.read,
-            first_end.load(Ordering::Relaxed) == CLIENT,
-        );
+        let end = if spliced.idle {
+            SessionEnd::Idle
+        } else if first_end.load(Ordering::Relaxed) == CLIENT {
+            SessionEnd::Client
+        } else {
+            SessionEnd::Upstream
+        };
+        session.write(down.read, up.read, end);
     });
     let (parts, _) = resp.into_parts();
     let mut resp = mark(
