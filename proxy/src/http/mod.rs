@@ -530,7 +530,9 @@ pub async fn proxy_request(
         .get::<Arc<timeouts::BodyProgress>>()
         .cloned();
     let h1 = req.version() != Version::HTTP_2;
-    let forward = route_and_forward(proxy, hcm, down, origin, req);
+    // Pinned where it is made: moving the request path's future (several KB) into the timer's
+    // would copy it on every request.
+    let forward = std::pin::pin!(route_and_forward(proxy, hcm, down, origin, req));
     let mut resp = match timeouts::answer_within(&hcm.timeouts, progress.as_deref(), forward).await
     {
         Ok(resp) => resp,

@@ -394,12 +394,12 @@ pub async fn answer_within<F: Future>(
     let Some((first, _)) = deadline() else {
         return Ok(fut.await);
     };
-    let mut sleep = Box::pin(tokio::time::sleep_until(first));
+    let mut timer = Timer::new(first, whole);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        while sleep.as_mut().poll(cx).is_ready() {
+        while timer.poll(cx).is_ready() {
             let Some((at, what)) = deadline() else {
                 return Poll::Pending;
             };
@@ -407,11 +407,163 @@ pub async fn answer_within<F: Future>(
                 return Poll::Ready(Err(what));
             }
             // The body moved since: later.
-            sleep.as_mut().reset(at);
+            timer.reset(at);
         }
         Poll::Pending
     })
     .await
+}
+
+/// Deadlines at least this far off are kept on the coarse list.
+const COARSE_MIN: Duration = Duration::from_secs(10);
+/// How often the coarse list is looked at (how late its deadlines may fire).
+const COARSE_TICK: Duration = Duration::from_millis(500);
+
+/// A request's deadline. Far ones (the stream idle timeout's 5 minutes, for requests that take
+/// microseconds) go on this thread's coarse list, looked at twice a second by one task while
+/// it has entries: a request then costs a slot and a waker, not a timer of its own (a tokio
+/// timer is an allocation and two trips through the timer wheel's lock). Near ones are tokio
+/// timers.
+enum Timer {
+    Coarse { slot: usize, id: u64 },
+    Precise(Pin<Box<Sleep>>),
+}
+
+struct Slot {
+    /// 0: free.
+    id: u64,
+    at: Instant,
+    fired: bool,
+    waker: Option<std::task::Waker>,
+}
+
+#[derive(Default)]
+struct Coarse {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    last_id: u64,
+    ticking: bool,
+}
+
+std::thread_local! {
+    static COARSE: std::cell::RefCell<Coarse> = std::cell::RefCell::default();
+}
+
+impl Timer {
+    fn new(at: Instant, now: Instant) -> Timer {
+        if at.saturating_duration_since(now) < COARSE_MIN {
+            return Timer::Precise(Box::pin(tokio::time::sleep_until(at)));
+        }
+        COARSE.with(|c| {
+            let mut c = c.borrow_mut();
+            c.last_id += 1;
+            let id = c.last_id;
+            let entry = Slot {
+                id,
+                at,
+                fired: false,
+                waker: None,
+            };
+            let slot = match c.free.pop() {
+                Some(i) => {
+                    c.slots[i] = entry;
+                    i
+                }
+                None => {
+                    c.slots.push(entry);
+                    c.slots.len() - 1
+                }
+            };
+            if !c.ticking {
+                c.ticking = true;
+                tokio::spawn(tick());
+            }
+            Timer::Coarse { slot, id }
+        })
+    }
+
+    /// Ready once the deadline has passed (a coarse one up to a tick late).
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match self {
+            Timer::Precise(sleep) => sleep.as_mut().poll(cx),
+            Timer::Coarse { slot, id } => COARSE.with(|c| {
+                let mut c = c.borrow_mut();
+                match c.slots.get_mut(*slot) {
+                    Some(s) if s.id == *id && !s.fired => {
+                        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            s.waker = Some(cx.waker().clone());
+                        }
+                        Poll::Pending
+                    }
+                    _ => Poll::Ready(()),
+                }
+            }),
+        }
+    }
+
+    fn reset(&mut self, at: Instant) {
+        match self {
+            Timer::Precise(sleep) => sleep.as_mut().reset(at),
+            Timer::Coarse { slot, id } => COARSE.with(|c| {
+                if let Some(s) = c.borrow_mut().slots.get_mut(*slot)
+                    && s.id == *id
+                {
+                    s.at = at;
+                    s.fired = false;
+                }
+            }),
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let Timer::Coarse { slot, id } = *self {
+            // `try_with`: a request dropped while its thread ends has nothing to clean up.
+            let _ = COARSE.try_with(|c| {
+                let mut c = c.borrow_mut();
+                if let Some(s) = c.slots.get_mut(slot)
+                    && s.id == id
+                {
+                    s.id = 0;
+                    s.waker = None;
+                    c.free.push(slot);
+                }
+            });
+        }
+    }
+}
+
+/// Wakes the requests on this thread's coarse list whose deadline has passed; ends when the
+/// list is empty.
+async fn tick() {
+    let mut due = Vec::new();
+    loop {
+        tokio::time::sleep(COARSE_TICK).await;
+        let now = Instant::now();
+        let live = COARSE.with(|c| {
+            let mut c = c.borrow_mut();
+            let mut live = 0;
+            for s in c.slots.iter_mut().filter(|s| s.id != 0) {
+                live += 1;
+                if !s.fired && now >= s.at {
+                    s.fired = true;
+                    due.extend(s.waker.take());
+                }
+            }
+            if live == 0 {
+                c.ticking = false;
+            }
+            live
+        });
+        // Woken outside the borrow: a waker may run code that looks at the list.
+        for w in due.drain(..) {
+            w.wake();
+        }
+        if live == 0 {
+            return;
+        }
+    }
 }
 
 /// What a connection served by hyper has in flight, shared by its requests' answers.
@@ -610,6 +762,45 @@ mod tests {
         assert_eq!(clock.race(never()).await, Err(Expired::Connection));
         assert_eq!(start.elapsed(), Duration::from_secs(1 + 5));
         assert!(clock.must_close());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn far_deadlines_fire_from_the_coarse_list_and_leave_it_clean() {
+        let t = Timeouts {
+            stream_idle: Some(Duration::from_secs(20)),
+            ..Timeouts::default()
+        };
+        // A request answered in time takes its slot and gives it back.
+        let ok = answer_within(&t, None, tokio::time::sleep(Duration::from_secs(19))).await;
+        assert_eq!(ok, Ok(()));
+        // One that is not: its stream's idle timeout, at most a tick late.
+        let start = Instant::now();
+        let late = answer_within(&t, None, std::future::pending::<()>()).await;
+        assert_eq!(late, Err(Expired::Answer));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(20) && waited <= Duration::from_secs(20) + COARSE_TICK,
+            "{waited:?}"
+        );
+        // A streamed body that keeps coming is not cut by the idle timeout.
+        let progress = BodyProgress::new();
+        let p = progress.clone();
+        let body = async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                p.frame(false);
+            }
+            p.frame(true);
+        };
+        let whole = answer_within(&t, Some(&progress), body).await;
+        assert_eq!(whole, Ok(()), "90 s of body, a frame every 15 s");
+        // Nothing left on the list; the ticking task stops once it sees that.
+        tokio::time::sleep(COARSE_TICK * 2).await;
+        COARSE.with(|c| {
+            let c = c.borrow();
+            assert!(c.slots.iter().all(|s| s.id == 0));
+            assert!(!c.ticking);
+        });
     }
 
     #[tokio::test(start_paused = true)]
