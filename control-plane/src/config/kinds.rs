@@ -605,6 +605,9 @@ pub struct TcpSettings {
     pub max_connections: Option<i64>,
     #[serde(default)]
     pub connect_timeout: Option<String>,
+    /// The TCP proxy's idle timeout towards this destination (Istio's default: 1 hour).
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

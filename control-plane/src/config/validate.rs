@@ -436,6 +436,9 @@ fn policy_parts(
             if let Some(d) = &t.connect_timeout {
                 duration_at_least_1ms(&format!("{at}.connectionPool.tcp.connectTimeout"), d)?;
             }
+            if let Some(d) = &t.idle_timeout {
+                duration_at_least_1ms(&format!("{at}.connectionPool.tcp.idleTimeout"), d)?;
+            }
         }
         if let Some(h) = &p.http {
             non_negative(

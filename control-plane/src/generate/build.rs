@@ -437,7 +437,12 @@ fn ported_egress(
                     svc.hostname
                 ));
             }
-            tcp_proxy_filter(&stat_prefix, tcp_route(mesh, scope, svc, port.number))
+            let idle = super::policy::tcp_idle_timeout(
+                destination_rule_for(mesh, scope.proxy.namespace.as_str(), svc)
+                    .map(|(_, dr)| &dr.spec),
+                port.number,
+            );
+            tcp_proxy_filter_idle(&stat_prefix, tcp_route(mesh, scope, svc, port.number), idle)
         };
         let mut egress = listener(&listener_name, &bind, port.number, network_filter);
         if !protocol.is_http() {
@@ -1058,9 +1063,19 @@ pub(super) fn tls_routes(
 
 /// A TCP proxy to one cluster or weighted clusters.
 pub(super) fn tcp_proxy_filter(stat_prefix: &str, to: tcp_proxy::ClusterSpecifier) -> Filter {
+    tcp_proxy_filter_idle(stat_prefix, to, None)
+}
+
+/// A TCP proxy with the destination rule's idle timeout (`connectionPool.tcp.idleTimeout`).
+pub(super) fn tcp_proxy_filter_idle(
+    stat_prefix: &str,
+    to: tcp_proxy::ClusterSpecifier,
+    idle_timeout: Option<weft_xds_proto::wkt::Duration>,
+) -> Filter {
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(to),
+        idle_timeout,
         ..Default::default()
     };
     Filter {

@@ -98,6 +98,13 @@ fn dur(s: Option<&String>) -> Option<Duration> {
     })
 }
 
+/// The TCP proxy's idle timeout towards a destination (`connectionPool.tcp.idleTimeout`, the
+/// rule's policy for `port`); None leaves Envoy's default (1 hour).
+pub fn tcp_idle_timeout(dr: Option<&DestinationRuleSpec>, port: u32) -> Option<Duration> {
+    let e = Effective::of(dr, "", port);
+    dur(e.pool?.tcp.as_ref()?.idle_timeout.as_ref())
+}
+
 /// The route hash policy for a destination whose effective policy hashes consistently.
 pub fn hash_policy(dr: Option<&DestinationRuleSpec>, subset: &str, port: u32) -> Vec<HashPolicy> {
     let e = Effective::of(dr, subset, port);

@@ -434,3 +434,74 @@ fn inbound_listeners_answer_as_istio_envoy_outbound_as_envoy() {
     // Envoy's default ("envoy"), as Istio leaves it on outbound listeners.
     assert_eq!(server_name(&g, &outbound), "");
 }
+
+#[test]
+fn a_destination_rules_tcp_idle_timeout_reaches_the_tcp_proxy() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: default }
+spec:
+  selector: { app: db }
+  ports: [{ name: tcp, port: 5432 }]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: db }
+spec: { address: 127.0.0.21, labels: { app: db } }
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: { name: client }
+spec: { address: 127.0.0.10, labels: { app: client } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db }
+spec:
+  host: db
+  trafficPolicy:
+    connectionPool: { tcp: { idleTimeout: 90s } }
+    portLevelSettings:
+    - port: { number: 5433 }
+      connectionPool: { tcp: { idleTimeout: 5s } }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: client }
+spec:
+  workloadSelector: { labels: { app: client } }
+  egress:
+  - port: { number: 5432, protocol: TCP, name: egress-tcp }
+    bind: 127.0.0.1
+    captureMode: NONE
+    hosts: ["./*"]
+"#;
+    use weft_xds_proto::envoy::config::listener::v3::{Listener, filter};
+    use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    let mesh = Mesh::build(&config(yaml));
+    let proxy = ProxyNode::identify(
+        &node("sidecar~127.0.0.10~client.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    let g = generate(&mesh, &proxy);
+    let l: Listener =
+        unpack(&g.of_type(type_url::LISTENER).unwrap()["127.0.0.1_5432"].any).unwrap();
+    let Some(filter::ConfigType::TypedConfig(any)) = &l.filter_chains[0].filters[0].config_type
+    else {
+        panic!("no typed config");
+    };
+    let tcp: TcpProxy = unpack(any).unwrap();
+    assert_eq!(tcp.idle_timeout.map(|d| d.seconds), Some(90));
+    // An idle timeout that is not a duration is refused with its field.
+    let bad = yaml.replace("idleTimeout: 90s", "idleTimeout: soon");
+    let mut set = ConfigSet::default();
+    let errors = set.add_file(std::path::Path::new("bad.yaml"), &bad);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.to_string().contains("connectionPool.tcp.idleTimeout")),
+        "{errors:?}"
+    );
+}
