@@ -24,7 +24,7 @@ use weft_e2e::wait_until;
 const BASE: u16 = 18600;
 
 /// (listener, HCM fields at 10 spaces)
-const LISTENERS: [(&str, &str); 8] = [
+const LISTENERS: [(&str, &str); 9] = [
     ("stream-idle", "          stream_idle_timeout: 1s\n"),
     ("request", "          request_timeout: 1s\n"),
     ("headers", "          request_headers_timeout: 1s\n"),
@@ -45,7 +45,20 @@ const LISTENERS: [(&str, &str); 8] = [
         "websocket",
         "          stream_idle_timeout: 1s\n          upgrade_configs: [{ upgrade_type: websocket }]\n",
     ),
+    // Routes with their own `idle_timeout` (ROUTE_IDLE).
+    ("route-idle", "          stream_idle_timeout: 1s\n"),
 ];
+
+/// The `route-idle` listener's routes: a longer idle timeout, none, and the listener's.
+const ROUTE_IDLE: &str = r#"          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - { match: { prefix: /longer }, route: { cluster: echo, timeout: 0s, idle_timeout: 4s } }
+              - { match: { prefix: /never }, route: { cluster: echo, timeout: 0s, idle_timeout: 0s } }
+              - { match: { prefix: / }, route: { cluster: echo, timeout: 0s } }
+"#;
 
 /// TCP proxies (after the HTTP listeners' ports): with a 1 s idle timeout, and Envoy's default.
 const TCP: [(&str, &str); 2] = [("tcp-idle", "idle_timeout: 1s, "), ("tcp-defaults", "")];
@@ -70,11 +83,16 @@ fn resources(ip: &str, backend: SocketAddr, logs: &std::path::Path) -> String {
             &logs.join(format!("access-{name}.log")),
             "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_SENT%",
         );
+        let routes = if name == "route-idle" {
+            ROUTE_IDLE
+        } else {
+            ROUTES
+        };
         out.push_str(&Standalone::hcm_listener(
             name,
             ip,
             port(name),
-            &format!("{hcm}{log}{ROUTES}"),
+            &format!("{hcm}{log}{routes}"),
             "",
             "",
         ));
@@ -194,6 +212,21 @@ fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
                 "GET /ws HTTP/1.1\r\nhost: svc\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nhi".to_string(),
                 0,
             )],
+        ),
+        (
+            "longer route timeout",
+            "route-idle",
+            vec![(get("/longer?delay_ms=2500"), 0)],
+        ),
+        (
+            "route timeout off",
+            "route-idle",
+            vec![(get("/never?delay_ms=2500"), 0)],
+        ),
+        (
+            "listener's timeout",
+            "route-idle",
+            vec![(get("/default?delay_ms=2500"), 0)],
         ),
         ("quiet connection", "tcp-idle", vec![(get("/n1"), 0)]),
         ("quiet connection", "tcp-defaults", vec![(get("/n2"), 0)]),
@@ -395,6 +428,11 @@ fn timeouts_and_connection_limits_behave_as_envoys() {
         case("stream-idle slow steady body:").contains("200 (echo)"),
         "{weft:?}"
     );
+    assert!(
+        case("route-idle longer route timeout:")
+            .starts_with("route-idle longer route timeout: 200")
+    );
+    assert!(case("route-idle listener's timeout:").contains("504"));
     assert!(case("idle HTTP/2:").contains("goaway"), "{weft:?}");
     assert!(!case("defaults HTTP/2:").contains("goaway"), "{weft:?}");
 }

@@ -418,10 +418,10 @@ pub async fn serve_connection<S>(
             normalize_path(&hcm.paths, &mut req);
         }
         async move {
-            let idle = hcm.timeouts.stream_idle;
             let Some(loggers) = hcm.access_logs.clone() else {
                 let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
                 let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+                let idle = body_idle(&hcm, &mut resp);
                 return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
@@ -435,6 +435,7 @@ pub async fn serve_connection<S>(
             let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
             response_entry(&mut entry, &resp);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+            let idle = body_idle(&hcm, &mut resp);
             // An upgraded connection's line is written when its session ends.
             if let Some(session) = resp.extensions_mut().remove::<upgrade::SessionLog>() {
                 session.hand_over(entry, loggers);
@@ -514,6 +515,15 @@ pub async fn serve_connection<S>(
     }
 }
 
+/// The stream idle timeout of an answer's body: its route's, else the connection manager's.
+#[inline]
+fn body_idle(hcm: &ConnectionManager, resp: &mut Response<ProxyBody>) -> Option<Duration> {
+    match resp.extensions_mut().remove::<StreamIdle>() {
+        Some(StreamIdle(idle)) => idle,
+        None => hcm.timeouts.stream_idle,
+    }
+}
+
 /// The request path: route, pick a cluster and endpoint, send upstream, count.
 pub async fn proxy_request(
     proxy: &Proxy,
@@ -532,9 +542,17 @@ pub async fn proxy_request(
     let h1 = req.version() != Version::HTTP_2;
     // Pinned where it is made: moving the request path's future (several KB) into the timer's
     // would copy it on every request.
-    let forward = std::pin::pin!(route_and_forward(proxy, hcm, down, origin, req));
-    let mut resp = match timeouts::answer_within(&hcm.timeouts, progress.as_deref(), forward).await
-    {
+    let route_idle = timeouts::RouteIdle::default();
+    let forward = std::pin::pin!(route_and_forward(
+        proxy,
+        hcm,
+        down,
+        origin,
+        req,
+        &route_idle
+    ));
+    let timed = timeouts::answer_within(&hcm.timeouts, progress.as_deref(), &route_idle, forward);
+    let mut resp = match timed.await {
         Ok(resp) => resp,
         Err(late) => {
             match late {
@@ -551,6 +569,11 @@ pub async fn proxy_request(
             resp
         }
     };
+    // The answer's body is timed by the route's idle timeout too.
+    if route_idle.is_set() {
+        resp.extensions_mut()
+            .insert(StreamIdle(route_idle.apply(hcm.timeouts.stream_idle)));
+    }
     if grpc {
         resp = grpc_local_reply(resp);
     }
@@ -565,6 +588,7 @@ async fn route_and_forward(
     down: &crate::listener::Downstream,
     origin: &forwarded::Origin,
     mut req: Request<DownstreamBody>,
+    route_idle: &timeouts::RouteIdle,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 0. A path the connection manager refused (see `normalize_path`).
@@ -635,6 +659,11 @@ async fn route_and_forward(
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR", "route_not_found");
     };
+    if let Action::Forward(a) = &route.action
+        && let Some(idle) = a.idle_timeout
+    {
+        route_idle.set(idle);
+    }
     // 1b. Local rate limit, when the chain has the filter: the route's (or its virtual host's)
     //     config, else the filter's.
     if let Some(filter) = &hcm.local_rate_limit {
@@ -915,13 +944,7 @@ async fn route_rest(
             // Boxed: upgrades are rare, and the splice's state would otherwise make every
             // request's future larger.
             let mut resp = Box::pin(upgrade::forward(
-                &cluster,
-                head,
-                u,
-                on_upgrade,
-                action.timeout,
-                original,
-                hcm,
+                &cluster, head, u, on_upgrade, action, original, hcm,
             ))
             .await;
             route.response_headers.apply(resp.headers_mut());
@@ -1088,6 +1111,10 @@ impl BodyDeadline {
         resp
     }
 }
+
+/// A route's `idle_timeout` for the answer's body, when it replaces the connection manager's.
+#[derive(Clone, Copy)]
+struct StreamIdle(Option<Duration>);
 
 /// The deadlines running under a response body: the route's ([`BodyDeadline`]) and the
 /// stream's idle timeout (from the last frame), the timer set for the nearer.

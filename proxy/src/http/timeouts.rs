@@ -363,42 +363,84 @@ impl BodyProgress {
     }
 }
 
+/// The matched route's `idle_timeout`, once the request path has found it: it replaces the
+/// connection manager's `stream_idle_timeout` for the rest of the stream.
+#[derive(Debug)]
+pub struct RouteIdle(AtomicU64);
+
+/// Nothing said: the connection manager's timeout applies.
+const ROUTE_IDLE_UNSET: u64 = u64::MAX;
+
+impl Default for RouteIdle {
+    fn default() -> RouteIdle {
+        RouteIdle(AtomicU64::new(ROUTE_IDLE_UNSET))
+    }
+}
+
+impl RouteIdle {
+    /// The route's timeout (`None`: none at all).
+    pub fn set(&self, idle: Option<Duration>) {
+        let ms = idle.map_or(0, |d| (d.as_millis() as u64).clamp(1, ROUTE_IDLE_UNSET - 1));
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
+    /// What the stream's idle timeout is, given the connection manager's.
+    pub fn apply(&self, hcm: Option<Duration>) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            ROUTE_IDLE_UNSET => hcm,
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Whether a route said anything.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != ROUTE_IDLE_UNSET
+    }
+}
+
 /// Runs the request path `fut` within the stream's timeouts: until the request has arrived
 /// whole (a streamed body, `progress`), `request_timeout` from its start and
 /// `stream_idle_timeout` from its last frame; then `stream_idle_timeout` from its end (no byte
 /// moves until the answer's head). The timer is moved only when woken early.
+/// A route's own `idle_timeout` (`route`, set by the request path once it has matched one)
+/// takes over from the connection manager's.
 pub async fn answer_within<F: Future>(
     t: &Timeouts,
     progress: Option<&BodyProgress>,
+    route: &RouteIdle,
     fut: F,
 ) -> Result<F::Output, Expired> {
-    if t.stream_idle.is_none() && (t.request.is_none() || progress.is_none()) {
-        return Ok(fut.await);
-    }
     let whole = Instant::now();
     let deadline = || -> Option<(Instant, Expired)> {
+        let stream_idle = route.apply(t.stream_idle);
         match progress {
             Some(p) if !p.done.load(Ordering::Relaxed) => {
-                let idle = t.stream_idle.map(|d| (p.last() + d, Expired::StreamIdle));
+                let idle = stream_idle.map(|d| (p.last() + d, Expired::StreamIdle));
                 let request = t.request.map(|d| (p.opened + d, Expired::Request));
                 match (idle, request) {
                     (Some(i), Some(r)) => Some(if r.0 < i.0 { r } else { i }),
                     (i, r) => i.or(r),
                 }
             }
-            Some(p) => t.stream_idle.map(|d| (p.last() + d, Expired::Answer)),
-            None => t.stream_idle.map(|d| (whole + d, Expired::Answer)),
+            Some(p) => stream_idle.map(|d| (p.last() + d, Expired::Answer)),
+            None => stream_idle.map(|d| (whole + d, Expired::Answer)),
         }
     };
     let mut fut = std::pin::pin!(fut);
-    let Some((first, _)) = deadline() else {
-        return Ok(fut.await);
-    };
-    let mut timer = Timer::new(first, whole);
+    // Without a deadline yet, one may come with the route: looked for on every poll until then.
+    let mut timer = deadline().map(|(first, _)| Timer::new(first, whole));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
+        let timer = match &mut timer {
+            Some(timer) => timer,
+            None => match deadline() {
+                Some((at, _)) => timer.insert(Timer::new(at, Instant::now())),
+                None => return Poll::Pending,
+            },
+        };
         while timer.poll(cx).is_ready() {
             let Some((at, what)) = deadline() else {
                 return Poll::Pending;
@@ -771,11 +813,23 @@ mod tests {
             ..Timeouts::default()
         };
         // A request answered in time takes its slot and gives it back.
-        let ok = answer_within(&t, None, tokio::time::sleep(Duration::from_secs(19))).await;
+        let ok = answer_within(
+            &t,
+            None,
+            &RouteIdle::default(),
+            tokio::time::sleep(Duration::from_secs(19)),
+        )
+        .await;
         assert_eq!(ok, Ok(()));
         // One that is not: its stream's idle timeout, at most a tick late.
         let start = Instant::now();
-        let late = answer_within(&t, None, std::future::pending::<()>()).await;
+        let late = answer_within(
+            &t,
+            None,
+            &RouteIdle::default(),
+            std::future::pending::<()>(),
+        )
+        .await;
         assert_eq!(late, Err(Expired::Answer));
         let waited = start.elapsed();
         assert!(
@@ -792,7 +846,7 @@ mod tests {
             }
             p.frame(true);
         };
-        let whole = answer_within(&t, Some(&progress), body).await;
+        let whole = answer_within(&t, Some(&progress), &RouteIdle::default(), body).await;
         assert_eq!(whole, Ok(()), "90 s of body, a frame every 15 s");
         // Nothing left on the list; the ticking task stops once it sees that.
         tokio::time::sleep(COARSE_TICK * 2).await;

@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -155,12 +154,14 @@ pub(crate) async fn forward(
     mut head: UpstreamHead,
     upgrade_header: HeaderValue,
     downstream: hyper::upgrade::OnUpgrade,
-    timeout: Option<Duration>,
+    action: &super::router::RouteAction,
     original: Option<std::net::SocketAddr>,
     hcm: &super::ConnectionManager,
 ) -> Response<ProxyBody> {
     let timed = hcm.envoy_headers;
-    let idle = hcm.timeouts.stream_idle;
+    let timeout = action.timeout;
+    // The route's idle timeout, else the connection manager's.
+    let idle = action.idle_timeout.unwrap_or(hcm.timeouts.stream_idle);
     // As on other requests (unless `suppress_envoy_headers`): the upstream is told its time,
     // the answer says how long the upstream took.
     let since = timed.then(std::time::Instant::now);

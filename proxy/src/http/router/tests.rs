@@ -184,26 +184,61 @@ fn weighted_clusters_split_proportionally() {
 
 #[test]
 fn unsupported_route_features_are_rejected_by_field() {
-    let mut r = rt(prefix("/"), "c");
-    if let Some(route::Action::Route(a)) = &mut r.action {
-        a.cluster_not_found_response_code = 1;
-        a.hash_policy = vec![Default::default()];
-    }
-    let rc = RouteConfiguration {
-        name: "80".into(),
-        virtual_hosts: vec![XdsVirtualHost {
-            name: "vh".into(),
-            domains: vec!["*".into()],
-            routes: vec![r],
+    let table_of = |edit: &dyn Fn(&mut XdsRouteAction)| {
+        let mut r = rt(prefix("/"), "c");
+        if let Some(route::Action::Route(a)) = &mut r.action {
+            edit(a);
+        }
+        RouteTable::from_xds(&RouteConfiguration {
+            name: "80".into(),
+            virtual_hosts: vec![XdsVirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes: vec![r],
+                ..Default::default()
+            }],
             ..Default::default()
-        }],
-        ..Default::default()
+        })
     };
-    let err = RouteTable::from_xds(&rc).unwrap_err().to_string();
-    assert!(
-        err.contains("virtual_hosts[0].routes[0].route.hash_policy"),
-        "{err}"
-    );
+    let secs = |s| {
+        Some(weft_xds_proto::wkt::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    type Edit<'a> = &'a dyn Fn(&mut XdsRouteAction);
+    let cases: [(&str, Edit<'_>); 5] = [
+        ("hash_policy", &|a| a.hash_policy = vec![Default::default()]),
+        ("cluster_not_found_response_code", &|a| {
+            a.cluster_not_found_response_code = 1
+        }),
+        ("max_stream_duration", &|a| {
+            a.max_stream_duration = Some(Default::default())
+        }),
+        ("upgrade_configs", &|a| {
+            a.upgrade_configs = vec![Default::default()]
+        }),
+        ("internal_redirect_policy", &|a| {
+            a.internal_redirect_policy = Some(Default::default())
+        }),
+    ];
+    for (field, edit) in cases {
+        let err = table_of(edit).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("virtual_hosts[0].routes[0].route.{field}")),
+            "{err}"
+        );
+    }
+    // A route's idle timeout is read: set, and zero (none at all).
+    let idle = |t: &RouteTable| match &t.virtual_hosts[0].routes[0].action {
+        Action::Forward(a) => a.idle_timeout,
+        _ => panic!("a route"),
+    };
+    let t = table_of(&|a| a.idle_timeout = secs(7)).unwrap();
+    assert_eq!(idle(&t), Some(Some(Duration::from_secs(7))));
+    let t = table_of(&|a| a.idle_timeout = secs(0)).unwrap();
+    assert_eq!(idle(&t), Some(None));
+    assert_eq!(idle(&table_of(&|_| {}).unwrap()), None);
 }
 
 #[test]
