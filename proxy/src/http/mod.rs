@@ -83,6 +83,8 @@ pub struct ConnectionManager {
     pub paths: normalize::PathNormalization,
     /// Idle, duration and request limits of connections; stream and request timeouts.
     pub timeouts: Arc<timeouts::Timeouts>,
+    /// `max_request_headers_kb` (60 KiB by default): a larger request head is answered 431.
+    pub max_request_head: usize,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -346,10 +348,22 @@ impl ConnectionManager {
         let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let timeouts = Arc::new(timeouts::Timeouts::from_xds(hcm).map_err(|(f, r)| reject(&f, r))?);
+        let max_request_head = match &hcm.max_request_headers_kb {
+            None => 60 * 1024,
+            // Envoy's bounds: 1 KiB to 8 MiB.
+            Some(kb) if (1..=8192).contains(&kb.value) => kb.value as usize * 1024,
+            Some(kb) => {
+                return Err(reject(
+                    "max_request_headers_kb",
+                    format!("{} is not between 1 and 8192", kb.value),
+                ));
+            }
+        };
         Ok(ConnectionManager {
             forwarding,
             paths,
             timeouts,
+            max_request_head,
             server_header,
             envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
@@ -404,6 +418,7 @@ pub async fn serve_connection<S>(
         .as_ref()
         .and_then(|p| hcm.forwarding.client_cert_element(p));
     let limits = hcm.timeouts.clone();
+    let max_head = hcm.max_request_head;
     // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
@@ -446,7 +461,15 @@ pub async fn serve_connection<S>(
     };
     // Plain HTTP/1.1 requests are served by weft-proxy's own loop; HTTP/2, upgrades and
     // streamed request bodies by hyper, from the first request that needs it.
-    let stream = match server::serve(stream, limits.clone(), accept_http_10, &handle, refused).await
+    let stream = match server::serve(
+        stream,
+        limits.clone(),
+        max_head,
+        accept_http_10,
+        &handle,
+        refused,
+    )
+    .await
     {
         server::End::Closed => return,
         server::End::Handoff(stream) => stream,
@@ -488,7 +511,7 @@ pub async fn serve_connection<S>(
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
-            .max_header_list_size(96 * 1024);
+            .max_header_list_size(max_head as u32);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits);
         if let Some(Err(e)) = coalesce::drive(conn, drain).await {
@@ -504,11 +527,12 @@ pub async fn serve_connection<S>(
         // connection without an answer): only `request_headers_timeout` is that strict; a head
         // that stalls otherwise is bounded by the connection's idle timeout (`watch`).
         .header_read_timeout(limits.request_headers)
-        .max_buf_size(96 * 1024);
+        // hyper's smallest read buffer is 8 KiB.
+        .max_buf_size(max_head.max(8192));
     builder
         .http2()
         .max_concurrent_streams(1024)
-        .max_header_list_size(96 * 1024);
+        .max_header_list_size(max_head as u32);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Some(Err(e)) = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits).await {
         tracing::debug!("downstream connection ended: {e}");

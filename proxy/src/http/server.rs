@@ -25,8 +25,6 @@ use crate::http::timeouts::{Clock, Expired, Timeouts};
 
 /// Most header lines in a request head (Envoy's default `max_headers_count`).
 const MAX_HEADERS: usize = 100;
-/// Largest request head; larger is answered 431.
-const MAX_HEAD: usize = 96 * 1024;
 /// Largest body this loop reads itself; larger ones stream through hyper.
 const MAX_BODY: u64 = 64 * 1024;
 
@@ -178,6 +176,7 @@ impl Refusal {
 pub async fn serve<S, F, Fut, B>(
     mut io: S,
     timeouts: Arc<Timeouts>,
+    max_head: usize,
     accept_http_10: bool,
     handle: F,
     refused: impl Fn(Refusal, usize, Option<tokio::time::Instant>, Option<Request<DownstreamBody>>),
@@ -209,13 +208,13 @@ where
         //    the request's deadlines (`Clock`) once one has.
         let head = loop {
             if !buf.is_empty() {
-                match parse(&mut buf, accept_http_10) {
+                match parse(&mut buf, accept_http_10, max_head) {
                     Parsed::Complete(head) => {
                         clock.head_done();
                         break head;
                     }
-                    Parsed::Partial if buf.len() >= MAX_HEAD => {
-                        tracing::debug!("refused a request: its head is over {MAX_HEAD} bytes");
+                    Parsed::Partial if buf.len() >= max_head => {
+                        tracing::debug!("refused a request: its head is over {max_head} bytes");
                         refuse!(Refusal::codec(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
                     }
                     Parsed::Partial => {}
@@ -305,13 +304,20 @@ async fn read_more<S: AsyncRead + Unpin>(
     Ok(n > 0)
 }
 
-/// Parses the request head at the start of `buf`, taking it out when this loop serves it.
-fn parse(buf: &mut BytesMut, accept_http_10: bool) -> Parsed {
+/// Parses the request head at the start of `buf`, taking it out when this loop serves it; a
+/// head over `max_head` bytes is refused (431).
+fn parse(buf: &mut BytesMut, accept_http_10: bool, max_head: usize) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
         .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
     {
+        Ok(httparse::Status::Complete(len)) if len > max_head => {
+            return Parsed::Invalid(
+                StatusCode::from_u16(431).unwrap_or(StatusCode::BAD_REQUEST),
+                "head too large",
+            );
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         // HTTP/2's preface reads as a request line with version 2.0.
@@ -528,13 +534,13 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     fn head(raw: &[u8]) -> Parsed {
-        parse(&mut BytesMut::from(raw), true)
+        parse(&mut BytesMut::from(raw), true, 60 * 1024)
     }
 
     #[test]
     fn heads_this_loop_serves_and_those_it_hands_to_hyper() {
         let mut buf = BytesMut::from(&b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\nrest"[..]);
-        let Parsed::Complete(h) = parse(&mut buf, true) else {
+        let Parsed::Complete(h) = parse(&mut buf, true, 60 * 1024) else {
             panic!("complete");
         };
         assert_eq!(
@@ -560,11 +566,21 @@ mod tests {
         assert!(h.close, "HTTP/1.0 closes by default");
         assert!(
             matches!(
-                parse(&mut BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]), false),
+                parse(
+                    &mut BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]),
+                    false,
+                    60 * 1024
+                ),
                 Parsed::Invalid(StatusCode::UPGRADE_REQUIRED, _)
             ),
             "HTTP/1.0 refused unless accept_http_10, as Envoy"
         );
+        // A whole head over the limit is refused too, not only one still arriving.
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(2048));
+        assert!(matches!(
+            parse(&mut BytesMut::from(big.as_bytes()), true, 2048),
+            Parsed::Invalid(s, _) if s.as_u16() == 431
+        ));
         assert!(matches!(
             head(b"GET / HTTP/1.1\r\nHost: x\r\n"),
             Parsed::Partial
@@ -608,6 +624,7 @@ mod tests {
             serve(
                 server,
                 Arc::new(Timeouts::default()),
+                60 * 1024,
                 true,
                 |req| {
                     let resp = answer(&req);
