@@ -11,10 +11,19 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When bytes last moved, in milliseconds since the splice began.
+/// When bytes last moved, in milliseconds since the splice began; which side ended first.
 struct Activity {
     opened: Instant,
     last_ms: AtomicU64,
+    /// 0: neither yet; else the `Side` as a number.
+    first_end: std::sync::atomic::AtomicU8,
+}
+
+/// A side of a splice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A = 1,
+    B = 2,
 }
 
 impl Activity {
@@ -26,12 +35,20 @@ impl Activity {
     fn last(&self) -> Instant {
         self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
+
+    fn ended(&self, side: Side) {
+        let _ =
+            self.first_end
+                .compare_exchange(0, side as u8, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
-/// One side, noting what moves through it.
+/// One side, noting what moves through it and whether it ended (its end of stream read, or a
+/// failure).
 struct Noted<'a, T> {
     io: &'a mut T,
     activity: &'a Activity,
+    side: Side,
     read: u64,
 }
 
@@ -48,6 +65,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Noted<'_, T> {
             self.read += n as u64;
             self.activity.note();
         }
+        match &r {
+            Poll::Ready(Ok(())) if n == 0 => self.activity.ended(self.side),
+            Poll::Ready(Err(_)) => self.activity.ended(self.side),
+            _ => {}
+        }
         r
     }
 }
@@ -59,10 +81,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Noted<'_, T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut *self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r
-            && n > 0
-        {
-            self.activity.note();
+        match &r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.note(),
+            Poll::Ready(Err(_)) => self.activity.ended(self.side),
+            _ => {}
         }
         r
     }
@@ -85,6 +107,8 @@ pub struct Spliced {
     pub idle: bool,
     /// One side failed (reset, or a write to a closed peer).
     pub failed: bool,
+    /// The side that ended first (read its end of stream, or failed).
+    pub first_end: Option<Side>,
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions end (each side's end of stream is
@@ -97,15 +121,18 @@ where
     let activity = Activity {
         opened: Instant::now(),
         last_ms: AtomicU64::new(0),
+        first_end: std::sync::atomic::AtomicU8::new(0),
     };
     let mut a = Noted {
         io: a,
         activity: &activity,
+        side: Side::A,
         read: 0,
     };
     let mut b = Noted {
         io: b,
         activity: &activity,
+        side: Side::B,
         read: 0,
     };
     let outcome = {
@@ -138,6 +165,11 @@ where
         b_read: b.read,
         idle: outcome.is_none(),
         failed: outcome == Some(false),
+        first_end: match activity.first_end.load(Ordering::Relaxed) {
+            1 => Some(Side::A),
+            2 => Some(Side::B),
+            _ => None,
+        },
     }
 }
 
@@ -173,7 +205,8 @@ mod tests {
                 a_read: 5,
                 b_read: 10,
                 idle: true,
-                failed: false
+                failed: false,
+                first_end: None,
             }
         );
         // Both sides were dropped: the client sees the end.
@@ -196,5 +229,6 @@ mod tests {
         server.shutdown().await.unwrap();
         let done = task.await.unwrap();
         assert!(!done.idle && !done.failed && done.a_read == 4);
+        assert_eq!(done.first_end, Some(Side::A), "the client ended first");
     }
 }

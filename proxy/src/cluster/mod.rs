@@ -397,28 +397,17 @@ impl Cluster {
                 ));
             }
             if let Some(common) = &opts.common_http_protocol_options {
-                for (f, set) in [
-                    (
-                        "max_connection_duration",
-                        common.max_connection_duration.is_some(),
-                    ),
-                    ("max_headers_count", common.max_headers_count.is_some()),
-                    (
-                        "max_response_headers_kb",
-                        common.max_response_headers_kb.is_some(),
-                    ),
-                    ("max_stream_duration", common.max_stream_duration.is_some()),
-                    (
-                        "headers_with_underscores_action",
-                        common.headers_with_underscores_action != 0,
-                    ),
-                ] {
-                    if set {
-                        return Err(reject(
-                            &field(&format!("common_http_protocol_options.{f}")),
-                            "not supported by this weft-proxy version".into(),
-                        ));
-                    }
+                // Upstream connections have no maximum duration yet.
+                let unsupported = if common.max_connection_duration.is_some() {
+                    Some("max_connection_duration")
+                } else {
+                    crate::http::timeouts::unsupported_common(common)
+                };
+                if let Some(f) = unsupported {
+                    return Err(reject(
+                        &field(&format!("common_http_protocol_options.{f}")),
+                        "not supported by this weft-proxy version".into(),
+                    ));
                 }
                 limits.max_requests = common
                     .max_requests_per_connection

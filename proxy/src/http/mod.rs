@@ -1150,21 +1150,25 @@ struct BodyTimer {
 
 impl BodyTimer {
     fn new(deadline: Option<BodyDeadline>, idle: Option<Duration>) -> Box<BodyTimer> {
-        let now = tokio::time::Instant::now();
-        let idle = idle.map(|d| (d, now));
-        let mut t = Box::new(BodyTimer {
-            sleep: Box::pin(tokio::time::sleep_until(now)),
+        let idle = idle.map(|d| (d, tokio::time::Instant::now()));
+        let at = BodyTimer::nearer(deadline.as_ref(), idle);
+        Box::new(BodyTimer {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
             deadline,
             idle,
-        });
-        let at = t.next();
-        t.sleep.as_mut().reset(at);
-        t
+        })
     }
 
     fn next(&self) -> tokio::time::Instant {
-        let idle = self.idle.map(|(d, last)| last + d);
-        match (&self.deadline, idle) {
+        BodyTimer::nearer(self.deadline.as_ref(), self.idle)
+    }
+
+    fn nearer(
+        deadline: Option<&BodyDeadline>,
+        idle: Option<(Duration, tokio::time::Instant)>,
+    ) -> tokio::time::Instant {
+        let idle = idle.map(|(d, last)| last + d);
+        match (deadline, idle) {
             (Some(d), Some(i)) => d.at.min(i),
             (Some(d), None) => d.at,
             (None, Some(i)) => i,

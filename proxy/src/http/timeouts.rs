@@ -17,6 +17,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
+use weft_xds_proto::envoy::config::core::v3::HttpProtocolOptions;
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 
 use crate::duration;
@@ -91,29 +92,8 @@ impl Timeouts {
             ..Timeouts::default()
         };
         if let Some(common) = &hcm.common_http_protocol_options {
-            for (f, set) in [
-                (
-                    "max_connection_duration_jitter",
-                    common.max_connection_duration_jitter.is_some(),
-                ),
-                // weft-proxy reads at most 100 header lines, Envoy's default.
-                (
-                    "max_headers_count",
-                    common.max_headers_count.is_some_and(|c| c.value != 100),
-                ),
-                (
-                    "max_response_headers_kb",
-                    common.max_response_headers_kb.is_some(),
-                ),
-                ("max_stream_duration", common.max_stream_duration.is_some()),
-                (
-                    "headers_with_underscores_action",
-                    common.headers_with_underscores_action != 0,
-                ),
-            ] {
-                if set {
-                    return unsupported(&format!("common_http_protocol_options.{f}"));
-                }
+            if let Some(f) = unsupported_common(common) {
+                return unsupported(&format!("common_http_protocol_options.{f}"));
             }
             t.idle = field(common.idle_timeout.as_ref(), Some(IDLE));
             t.max_connection_duration = field(common.max_connection_duration.as_ref(), None);
@@ -124,6 +104,33 @@ impl Timeouts {
         }
         Ok(t)
     }
+}
+
+/// The first field of a `common_http_protocol_options` (a connection manager's or a cluster's)
+/// that would change what weft-proxy does and is not implemented.
+pub(crate) fn unsupported_common(c: &HttpProtocolOptions) -> Option<&'static str> {
+    [
+        (
+            "max_connection_duration_jitter",
+            c.max_connection_duration_jitter.is_some(),
+        ),
+        // weft-proxy reads at most 100 header lines each way, Envoy's default.
+        (
+            "max_headers_count",
+            c.max_headers_count.is_some_and(|n| n.value != 100),
+        ),
+        (
+            "max_response_headers_kb",
+            c.max_response_headers_kb.is_some(),
+        ),
+        ("max_stream_duration", c.max_stream_duration.is_some()),
+        (
+            "headers_with_underscores_action",
+            c.headers_with_underscores_action != 0,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(f, set)| set.then_some(f))
 }
 
 /// What ran out, and how the request (if one had begun) is answered.

@@ -3,14 +3,10 @@
 //! upstream answers `101 Switching Protocols` both sides are spliced byte for byte until either
 //! closes. Any other answer is passed back as a normal response. As Envoy's, the access log line
 //! of an upgraded connection is written when the session ends: the bytes each way, and `DC`
-//! (`downstream_remote_disconnect`) when the client ended it first.
+//! (`downstream_remote_disconnect`) when the client ended it first, `SI`
+//! (`stream_idle_timeout`) when no byte moved either way for the stream's idle timeout.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Empty, Full};
@@ -67,72 +63,6 @@ enum SessionEnd {
     Upstream,
     /// No byte either way for the stream's idle timeout.
     Idle,
-}
-
-/// Which side of a splice ended first (read its end or failed): 0 none yet.
-const CLIENT: u8 = 1;
-const UPSTREAM: u8 = 2;
-
-/// One side of a splice: counts what is read from it and notes whether it ended first.
-struct Watched<T> {
-    io: T,
-    side: u8,
-    read: u64,
-    first_end: Arc<AtomicU8>,
-}
-
-impl<T> Watched<T> {
-    fn ended(&self) {
-        let _ = self
-            .first_end
-            .compare_exchange(0, self.side, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    fn note<R>(&self, r: &Poll<std::io::Result<R>>) {
-        if let Poll::Ready(Err(_)) = r {
-            self.ended();
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let n = buf.filled().len() - before;
-            if n == 0 {
-                self.ended();
-            }
-            self.read += n as u64;
-        }
-        self.note(&r);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.note(&r);
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// Is this an HTTP/1.1 WebSocket upgrade request?
@@ -257,24 +187,17 @@ pub(crate) async fn forward(
             session.write(0, 0, SessionEnd::Upstream);
             return;
         };
-        let first_end = Arc::new(AtomicU8::new(0));
-        let watched = |io, side| Watched {
-            io: TokioIo::new(io),
-            side,
-            read: 0,
-            first_end: first_end.clone(),
-        };
-        let (mut down, mut up) = (watched(down, CLIENT), watched(up, UPSTREAM));
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
         let spliced = crate::idle::splice(&mut down, &mut up, idle).await;
         // What came from the upstream went to the client (all of it, unless the client left).
         let end = if spliced.idle {
             SessionEnd::Idle
-        } else if first_end.load(Ordering::Relaxed) == CLIENT {
+        } else if spliced.first_end == Some(crate::idle::Side::A) {
             SessionEnd::Client
         } else {
             SessionEnd::Upstream
         };
-        session.write(down.read, up.read, end);
+        session.write(spliced.a_read, spliced.b_read, end);
     });
     let (parts, _) = resp.into_parts();
     let mut resp = mark(
