@@ -635,6 +635,12 @@ async fn route_and_forward(
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
     };
     if origin.envoy_headers {
+        // An internal request's own retry and timeout settings, for the route to apply.
+        if origin.internal
+            && let Some(c) = retry::Controls::read(req.headers())
+        {
+            req.extensions_mut().insert(c);
+        }
         strip_envoy_controls(req.headers_mut(), origin.internal);
     }
     if !origin.internal
@@ -790,8 +796,7 @@ fn normalize_path(paths: &normalize::PathNormalization, req: &mut Request<Downst
 
 /// Removes the `x-envoy-*` headers that steer a proxy from a request. The router's own
 /// (retries, timeouts) go from every request: Envoy's router reads them on internal requests
-/// and removes them before forwarding, and weft-proxy does not honour them (written down in
-/// docs/envoy-differences.md). Tracing and IP tags go from requests that are not internal
+/// (as weft-proxy does, `retry::Controls`) and removes them before forwarding. Tracing and IP tags go from requests that are not internal
 /// (one whose `x-forwarded-for` holds a single internal address, see `forwarded`), as Envoy's
 /// connection manager does, so an outside client cannot set them. Called only for requests
 /// with `x-envoy-*` names (most have none: `forwarded` notes it in its one pass over the names).
@@ -844,7 +849,7 @@ fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<Pr
 async fn route_rest(
     hcm: &ConnectionManager,
     route: &router::Route,
-    req: Request<DownstreamBody>,
+    mut req: Request<DownstreamBody>,
     authority: &str,
     snapshot: arc_swap::Guard<Arc<crate::state::Snapshot>>,
     down: &crate::listener::Downstream,
@@ -901,6 +906,16 @@ async fn route_rest(
             return resp;
         }
         Action::Forward(a) => a,
+    };
+    // Settings an internal request carries itself (`x-envoy-*` router headers). Boxed: the
+    // request path's future keeps room for it across its awaits, for every request.
+    let controlled: Box<router::RouteAction>;
+    let action = match req.extensions_mut().remove::<retry::Controls>() {
+        Some(c) => {
+            controlled = Box::new(c.apply(action));
+            &*controlled
+        }
+        None => action,
     };
     let Some(cluster) = snapshot.clusters.get(action.cluster.pick()).cloned() else {
         hcm.stats.no_cluster.inc();

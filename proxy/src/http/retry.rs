@@ -64,6 +64,92 @@ impl RetryOn {
     pub fn has(self, bit: u32) -> bool {
         self.0 & bit != 0
     }
+
+    /// A request header's conditions, as Envoy's router reads them: tokens it does not know
+    /// are skipped; `grpc`: only the gRPC conditions count (`x-envoy-retry-grpc-on`).
+    fn parse_header(s: &str, grpc: bool) -> RetryOn {
+        let bits = s
+            .split(',')
+            .filter_map(|t| RetryOn::parse(t.trim()).ok())
+            .fold(0, |bits, on| bits | on.0);
+        RetryOn(if grpc {
+            bits & Self::GRPC_CONDITIONS
+        } else {
+            bits & !Self::GRPC_CONDITIONS
+        })
+    }
+}
+
+/// A request's own retry and timeout settings: Envoy's router headers
+/// (`x-envoy-upstream-rq-timeout-ms`, `x-envoy-upstream-rq-per-try-timeout-ms`,
+/// `x-envoy-retry-on`, `x-envoy-retry-grpc-on`, `x-envoy-max-retries`), which its router honours
+/// on requests the connection manager counts as internal (and removes from every request).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Zero: no timeout.
+    timeout: Option<Duration>,
+    per_try: Option<Duration>,
+    on: RetryOn,
+    max_retries: Option<u32>,
+}
+
+impl Controls {
+    /// The settings a request carries; None when it carries none (or none that parse).
+    pub fn read(headers: &HeaderMap) -> Option<Controls> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let ms = |name: &str| {
+            text(name)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+        };
+        let c = Controls {
+            timeout: ms("x-envoy-upstream-rq-timeout-ms"),
+            per_try: ms("x-envoy-upstream-rq-per-try-timeout-ms"),
+            on: RetryOn(
+                text("x-envoy-retry-on").map_or(0, |v| RetryOn::parse_header(v, false).0)
+                    | text("x-envoy-retry-grpc-on").map_or(0, |v| RetryOn::parse_header(v, true).0),
+            ),
+            max_retries: text("x-envoy-max-retries").and_then(|v| v.trim().parse().ok()),
+        };
+        (c != Controls::default()).then_some(c)
+    }
+
+    /// The route's action with these settings applied, as Envoy's router applies them: the
+    /// timeout replaces the route's; the conditions add to the route policy's (a route without
+    /// one retries once); `x-envoy-max-retries` counts only where some condition retries; a
+    /// per-try timeout not below the request's timeout is ignored.
+    pub fn apply(&self, action: &super::router::RouteAction) -> super::router::RouteAction {
+        let mut a = action.clone();
+        if let Some(t) = self.timeout {
+            a.timeout = (!t.is_zero()).then_some(t);
+        }
+        let per_try = self
+            .per_try
+            .filter(|p| !p.is_zero() && a.timeout.is_none_or(|t| *p < t));
+        if self.on.0 != 0 || per_try.is_some() || a.retry.is_some() {
+            let mut r = match a.retry.take() {
+                Some(r) => r,
+                None => {
+                    let mut r = RetryPolicy::from_xds(&XdsRetryPolicy::default())
+                        .expect("the default retry policy is valid");
+                    // Only the headers' conditions retry.
+                    r.num_retries = u32::from(self.on.0 != 0);
+                    r
+                }
+            };
+            r.on = RetryOn(r.on.0 | self.on.0);
+            if let Some(n) = self.max_retries
+                && r.on.0 != 0
+            {
+                r.num_retries = n;
+            }
+            if per_try.is_some() {
+                r.per_try_timeout = per_try;
+            }
+            a.retry = Some(r);
+        }
+        a
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -275,9 +361,12 @@ impl RetryPolicy {
         }
     }
 
-    /// Per-try timeouts are retried by 5xx and gateway-error (as Envoy).
+    /// Per-try timeouts are retried by 5xx, gateway-error and reset (as Envoy's router, which
+    /// counts an upstream that did not answer in time as reset).
     pub fn retries_timeout(&self) -> bool {
-        self.on.has(RetryOn::FIVE_XX) || self.on.has(RetryOn::GATEWAY_ERROR)
+        self.on.has(RetryOn::FIVE_XX)
+            || self.on.has(RetryOn::GATEWAY_ERROR)
+            || self.on.has(RetryOn::RESET)
     }
 
     /// The wait before retry `n` (1-based): exponential from base_interval, capped, full jitter.
@@ -364,5 +453,65 @@ mod tests {
         .unwrap();
         let err = RetryPolicy::from_xds(&bad).unwrap_err();
         assert_eq!(err.0, "retry_policy.retriable_headers[0].name");
+    }
+
+    #[test]
+    fn router_headers_read_and_applied_as_envoys_router() {
+        use super::super::router::{ClusterChoice, RouteAction};
+        let mut h = HeaderMap::new();
+        assert_eq!(Controls::read(&h), None);
+        h.insert("x-envoy-upstream-rq-timeout-ms", "soon".parse().unwrap());
+        assert_eq!(
+            Controls::read(&h),
+            None,
+            "a value that is not a number is ignored"
+        );
+        h.insert("x-envoy-upstream-rq-timeout-ms", "250".parse().unwrap());
+        h.insert("x-envoy-retry-on", "5xx, bogus".parse().unwrap());
+        h.insert("x-envoy-retry-grpc-on", "unavailable,5xx".parse().unwrap());
+        h.insert("x-envoy-max-retries", "4".parse().unwrap());
+        let c = Controls::read(&h).unwrap();
+        let route = RouteAction {
+            cluster: ClusterChoice::Single("c".into()),
+            timeout: Some(Duration::from_secs(15)),
+            retry: None,
+            path_rewrite: None,
+            host_rewrite: None,
+            mirrors: Vec::new(),
+            hash_policy: Vec::new(),
+            attempt_header: false,
+            attempts_in_response: false,
+            idle_timeout: None,
+        };
+        let a = c.apply(&route);
+        assert_eq!(a.timeout, Some(Duration::from_millis(250)));
+        let r = a.retry.unwrap();
+        assert_eq!(r.num_retries, 4);
+        assert!(r.on.has(RetryOn::FIVE_XX) && r.on.has(RetryOn::GRPC_UNAVAILABLE));
+        // `5xx` in the gRPC header does not count as an HTTP condition there, and vice versa.
+        assert_eq!(
+            RetryOn::parse_header("unavailable,5xx", true),
+            RetryOn(RetryOn::GRPC_UNAVAILABLE)
+        );
+        // A per-try timeout alone: no retries, each attempt timed; ignored when not below the
+        // request's timeout.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-envoy-upstream-rq-per-try-timeout-ms",
+            "300".parse().unwrap(),
+        );
+        let a = Controls::read(&h).unwrap().apply(&route);
+        let r = a.retry.unwrap();
+        assert_eq!(
+            (r.num_retries, r.per_try_timeout),
+            (0, Some(Duration::from_millis(300)))
+        );
+        h.insert("x-envoy-upstream-rq-timeout-ms", "200".parse().unwrap());
+        let a = Controls::read(&h).unwrap().apply(&route);
+        assert!(a.retry.is_none_or(|r| r.per_try_timeout.is_none()));
+        // Zero is no timeout at all.
+        let mut h = HeaderMap::new();
+        h.insert("x-envoy-upstream-rq-timeout-ms", "0".parse().unwrap());
+        assert_eq!(Controls::read(&h).unwrap().apply(&route).timeout, None);
     }
 }
