@@ -70,6 +70,9 @@ pub struct ListenerConfig {
     /// `bind_to_port` (default true): false makes a listener that only takes connections
     /// handed to it by a `use_original_dst` listener.
     pub bind_to_port: bool,
+    /// `per_connection_buffer_limit_bytes`: the most of a request body kept for retries
+    /// (None: Envoy's default, 1 MiB).
+    pub buffer_limit: Option<u32>,
     pub source: XdsListener,
 }
 
@@ -175,6 +178,7 @@ impl ListenerConfig {
             original_dst,
             use_original_dst,
             bind_to_port: l.bind_to_port.is_none_or(|b| b.value),
+            buffer_limit: l.per_connection_buffer_limit_bytes.map(|v| v.value),
             source: l.clone(),
         })
     }
@@ -700,6 +704,8 @@ pub struct Downstream {
     pub sni: Option<Arc<str>>,
     /// The certificates of an mTLS connection (None without a client certificate).
     pub tls_peer: Option<Arc<TlsPeer>>,
+    /// The listener's `per_connection_buffer_limit_bytes` (None: Envoy's default, 1 MiB).
+    pub buffer_limit: Option<u32>,
 }
 
 /// What an mTLS handshake showed: the client's chain and our own certificate, for
@@ -751,6 +757,7 @@ async fn serve(proxy: Arc<Proxy>, config: Arc<ListenerConfig>, stream: tokio::ne
     let down = Downstream {
         peer: stream.peer_addr().ok(),
         local,
+        buffer_limit: config.buffer_limit,
         ..Default::default()
     };
     // The chain may depend on the SNI: read it from the ClientHello without consuming it, so

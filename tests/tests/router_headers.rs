@@ -198,3 +198,89 @@ fn router_headers_steer_internal_requests_as_in_envoy() {
         "{weft:?}"
     );
 }
+
+/// What a retried POST got through a listener whose `per_connection_buffer_limit_bytes` is
+/// 1 KiB: (case, status, attempt), then the log lines. Bodies over the limit are not kept, so
+/// not retried (Envoy's `retry_or_shadow_abandoned`); smaller ones are.
+fn run_buffered(flavor: Flavor, net: u8) -> Vec<String> {
+    let mut s = Standalone::new("buffer-limit", net, flavor);
+    let backend = s.backend("echo");
+    let dir = s.dir.clone();
+    let log = Standalone::access_log(
+        &dir.join("access.log"),
+        "%REQ(X-CASE)% %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED%",
+    );
+    let routes = r#"          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - { match: { prefix: / }, route: { cluster: echo, timeout: 0s, retry_policy: { retry_on: 5xx, num_retries: 1 } } }
+"#;
+    let listener = Standalone::http_listener(&s.ip(), BASE + 10, &format!("{log}{routes}"), "")
+        .replacen(
+            "    filter_chains:",
+            "    per_connection_buffer_limit_bytes: 1024\n    filter_chains:",
+            1,
+        );
+    s.start(&format!(
+        "{listener}  clusters:\n  - name: echo\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {}\n",
+        Standalone::load_assignment("echo", &[backend])
+    ));
+    let addr: SocketAddr = format!("{}:{}", s.ip(), BASE + 10).parse().unwrap();
+    let mut seen = Vec::new();
+    for (case, chunked, n) in [
+        ("small", false, 512),
+        ("at the limit", false, 1024),
+        ("over the limit", false, 1500),
+        ("large", false, 70_000),
+        ("streamed small", true, 600),
+        ("streamed over the limit", true, 4096),
+    ] {
+        let id = format!("{case}-{}", flavor.name());
+        let body = "b".repeat(n);
+        let framing = if chunked {
+            format!("transfer-encoding: chunked\r\n\r\n{n:x}\r\n{body}\r\n0\r\n\r\n")
+        } else {
+            format!("content-length: {n}\r\n\r\n{body}")
+        };
+        let raw = format!(
+            "POST /retry?fail=1&echo_body=1 HTTP/1.1\r\nhost: svc\r\nx-request-id: {id}\r\nx-case: {case}\r\nconnection: close\r\n{framing}"
+        );
+        let r = Client::new(addr)
+            .send_raw(raw.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {case}: {e}", flavor.name()));
+        seen.push(format!(
+            "{case}: {} attempt {}",
+            r.status,
+            r.header("x-echo-attempt").unwrap_or("-")
+        ));
+    }
+    let mut logged = wait_until(std::time::Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(dir.join("access.log")).ok()?;
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= 6).then_some(lines)
+    })
+    .unwrap_or_else(|| panic!("{}: access log lines\n{}", flavor.name(), s.logs()));
+    logged.sort();
+    seen.extend(logged.into_iter().map(|l| format!("log {l}")));
+    seen
+}
+
+#[test]
+fn the_listeners_buffer_limit_bounds_what_is_retried_as_in_envoy() {
+    let weft = run_buffered(Flavor::Weft, 116);
+    let envoy = run_buffered(Flavor::Envoy, 117);
+    for (w, e) in weft.iter().zip(&envoy) {
+        println!("{} {w}", if w == e { " " } else { "!" });
+    }
+    assert_eq!(weft, envoy, "weft-proxy and Envoy differ (see above)");
+    assert!(
+        weft.contains(&"small: 200 attempt 2".to_string()),
+        "{weft:?}"
+    );
+    assert!(
+        weft.contains(&"over the limit: 503 attempt 1".to_string()),
+        "{weft:?}"
+    );
+}

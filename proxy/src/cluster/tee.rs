@@ -1,7 +1,7 @@
 //! A streamed request body kept for the attempts after the first, as Envoy's router keeps it:
 //! the first attempt streams the client's body upstream as it arrives (nothing waits for the
 //! whole body, so a gRPC stream or a long upload starts at once) while a copy of what passed is
-//! kept, up to [`KEEP_LIMIT`]. A retry sends the kept part again, then goes on reading the
+//! kept, up to the listener's buffer limit ([`KEEP_LIMIT`] by default). A retry sends the kept part again, then goes on reading the
 //! client. A body larger than the limit is not kept: its request is not retried (Envoy's
 //! `retry_or_shadow_abandoned`), and its upstream answer is passed on.
 //!
@@ -41,6 +41,8 @@ struct State {
     /// Every frame read from the client so far, while `keeping`.
     kept: Vec<Kept>,
     kept_bytes: usize,
+    /// The most kept (the listener's `per_connection_buffer_limit_bytes`).
+    limit: usize,
     /// Frames read from the client so far.
     read: usize,
     /// Frames are still kept: not past the limit, and another attempt may follow. Once a frame
@@ -58,12 +60,14 @@ pub struct Tee {
 }
 
 impl Tee {
-    pub fn new(source: DownstreamBody) -> Tee {
+    /// Keeps at most `limit` bytes.
+    pub fn new(source: DownstreamBody, limit: usize) -> Tee {
         Tee {
             state: Arc::new(Mutex::new(State {
                 source,
                 kept: Vec::new(),
                 kept_bytes: 0,
+                limit,
                 read: 0,
                 keeping: true,
                 end: End::Open,
@@ -150,7 +154,7 @@ impl Body for TeeBody {
                 s.read += 1;
                 this.at = s.read;
                 let size = frame.data_ref().map_or(0, Bytes::len);
-                if s.keeping && s.kept_bytes + size <= KEEP_LIMIT {
+                if s.keeping && s.kept_bytes + size <= s.limit {
                     s.kept_bytes += size;
                     let kept = match frame.data_ref() {
                         Some(d) => Some(Kept::Data(d.clone())),
@@ -201,7 +205,7 @@ mod tests {
     /// The first attempt streams the body; a retry sends the same bytes again.
     #[tokio::test]
     async fn a_retry_sends_the_body_again() {
-        let tee = Tee::new(full(b"hello"));
+        let tee = Tee::new(full(b"hello"), KEEP_LIMIT);
         let mut first = tee.attempt();
         assert_eq!(read(&mut first).await.unwrap(), b"hello");
         assert!(tee.replayable());
@@ -214,7 +218,7 @@ mod tests {
     /// A retry that starts before the first attempt read anything reads the client itself.
     #[tokio::test]
     async fn a_retry_before_anything_was_read_reads_the_client() {
-        let tee = Tee::new(full(b"abc"));
+        let tee = Tee::new(full(b"abc"), KEEP_LIMIT);
         let _first = tee.attempt();
         let mut second = tee.attempt();
         assert_eq!(read(&mut second).await.unwrap(), b"abc");
@@ -223,7 +227,7 @@ mod tests {
     /// Once a retry has started, the earlier attempt's body fails instead of taking frames.
     #[tokio::test]
     async fn an_earlier_attempt_reads_nothing_more() {
-        let tee = Tee::new(full(b"abc"));
+        let tee = Tee::new(full(b"abc"), KEEP_LIMIT);
         let mut first = tee.attempt();
         let _second = tee.attempt();
         let err = read(&mut first).await.unwrap_err();
@@ -234,7 +238,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_past_the_limit_is_not_kept() {
         let big: &'static [u8] = Box::leak(vec![b'x'; KEEP_LIMIT + 1].into_boxed_slice());
-        let tee = Tee::new(full(big));
+        let tee = Tee::new(full(big), KEEP_LIMIT);
         let mut first = tee.attempt();
         assert_eq!(read(&mut first).await.unwrap().len(), KEEP_LIMIT + 1);
         assert!(!tee.replayable());
@@ -246,7 +250,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_at_the_limit_is_kept() {
         let exact: &'static [u8] = Box::leak(vec![b'y'; KEEP_LIMIT].into_boxed_slice());
-        let tee = Tee::new(full(exact));
+        let tee = Tee::new(full(exact), KEEP_LIMIT);
         let mut first = tee.attempt();
         read(&mut first).await.unwrap();
         assert!(tee.replayable());

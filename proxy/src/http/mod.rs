@@ -1006,6 +1006,9 @@ async fn route_rest(
             since: None,
             attempt_header: action.attempt_header,
             attempts_in_response: action.attempts_in_response,
+            keep_limit: down
+                .buffer_limit
+                .map_or(crate::cluster::tee::KEEP_LIMIT, |l| l as usize),
         },
     )
     .await;
@@ -1065,7 +1068,7 @@ async fn forward(
         Err(resp) => return resp,
     };
     let replay = retry.is_some_and(|r| r.num_retries > 0) || !mirrors.is_empty();
-    let mut body = match AttemptBody::new(body, &head.headers, replay).await {
+    let mut body = match AttemptBody::new(body, &head.headers, replay, pick.keep_limit).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -1762,10 +1765,12 @@ enum AttemptBody {
 }
 
 impl AttemptBody {
+    /// `limit`: the most of the body kept for retries (a larger one is sent once).
     async fn new(
         body: DownstreamBody,
         headers: &HeaderMap,
         replay: bool,
+        limit: usize,
     ) -> Result<AttemptBody, Response<ProxyBody>> {
         use http_body::Body as _;
         use http_body_util::BodyExt as _;
@@ -1785,12 +1790,10 @@ impl AttemptBody {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         match length {
-            Some(n) if n <= RETRY_BUFFER_LIMIT => {}
             // Could never be kept whole: sent once, as Envoy does past its buffer limit.
-            Some(n) if n > crate::cluster::tee::KEEP_LIMIT as u64 => {
-                return Ok(AttemptBody::Once(Some(body)));
-            }
-            _ => return Ok(AttemptBody::Tee(crate::cluster::tee::Tee::new(body))),
+            Some(n) if n > limit as u64 => return Ok(AttemptBody::Once(Some(body))),
+            Some(n) if n <= RETRY_BUFFER_LIMIT => {}
+            _ => return Ok(AttemptBody::Tee(crate::cluster::tee::Tee::new(body, limit))),
         }
         match body.collect().await {
             Ok(b) => Ok(AttemptBody::Replay(b.to_bytes())),
@@ -1895,6 +1898,8 @@ struct Pick {
     /// Each attempt carries `x-envoy-attempt-count` upstream; the answer carries the count.
     attempt_header: bool,
     attempts_in_response: bool,
+    /// The most of a request body kept for retries (the listener's buffer limit).
+    keep_limit: usize,
 }
 
 /// The upstream host and cluster that answered (or failed), and the local address of the
