@@ -225,3 +225,31 @@ impl Standalone {
         self.procs.last().map(|p| p.logs()).unwrap_or_default()
     }
 }
+
+/// Prints what weft-proxy and Envoy gave, line by line (`!` and both lines where they differ),
+/// and returns how many lines differ (a missing line counts).
+pub fn differing_lines(weft: &[String], envoy: &[String]) -> usize {
+    let mut differ = 0;
+    for i in 0..weft.len().max(envoy.len()) {
+        let (w, e) = (
+            weft.get(i).map(String::as_str).unwrap_or("(none)"),
+            envoy.get(i).map(String::as_str).unwrap_or("(none)"),
+        );
+        if w == e {
+            println!("  {w}");
+        } else {
+            differ += 1;
+            println!("! weft  {w}\n! envoy {e}");
+        }
+    }
+    differ
+}
+
+/// The first of `lines` that starts with `prefix`; empty when none does.
+pub fn line_starting(lines: &[String], prefix: &str) -> String {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .cloned()
+        .unwrap_or_default()
+}

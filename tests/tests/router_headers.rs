@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use weft_e2e::standalone::{Flavor, Standalone};
+use weft_e2e::standalone::{Flavor, Standalone, differing_lines, line_starting};
 use weft_e2e::{Client, wait_until};
 
 const BASE: u16 = 18700;
@@ -166,26 +166,9 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
 fn router_headers_steer_internal_requests_as_in_envoy() {
     let weft = run(Flavor::Weft, 114);
     let envoy = run(Flavor::Envoy, 115);
-    let mut differ = 0;
-    for i in 0..weft.len().max(envoy.len()) {
-        let (w, e) = (
-            weft.get(i).map(String::as_str).unwrap_or("(none)"),
-            envoy.get(i).map(String::as_str).unwrap_or("(none)"),
-        );
-        if w == e {
-            println!("  {w}");
-        } else {
-            differ += 1;
-            println!("! weft  {w}\n! envoy {e}");
-        }
-    }
+    let differ = differing_lines(&weft, &envoy);
     assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
-    let case = |prefix: &str| {
-        weft.iter()
-            .find(|l| l.starts_with(prefix))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let case = |prefix: &str| line_starting(&weft, prefix);
     // Honoured on the internal listener, not on the plain one.
     assert!(case("internal timeout:").contains("504"), "{weft:?}");
     assert!(case("plain timeout:").contains("200"), "{weft:?}");

@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_e2e::standalone::{Flavor, Standalone};
+use weft_e2e::standalone::{Flavor, Standalone, differing_lines, line_starting};
 use weft_e2e::wait_until;
 
 const BASE: u16 = 18600;
@@ -443,28 +443,10 @@ fn timeouts_and_connection_limits_behave_as_envoys() {
         .partition(|l| !l.starts_with("differs: "));
     assert_eq!(weft_known, ["differs: small-heads HTTP/2 3000 B: 431"]);
     assert_eq!(envoy_known, ["differs: small-heads HTTP/2 3000 B: 000"]);
-    let mut differ = 0;
-    let n = weft.len().max(envoy.len());
-    for i in 0..n {
-        let (w, e) = (
-            weft.get(i).map(String::as_str).unwrap_or("(none)"),
-            envoy.get(i).map(String::as_str).unwrap_or("(none)"),
-        );
-        if w == e {
-            println!("  {w}");
-        } else {
-            differ += 1;
-            println!("! weft  {w}\n! envoy {e}");
-        }
-    }
+    let differ = differing_lines(&weft, &envoy);
     assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
     // And what the cases are there to show, spelled out.
-    let case = |prefix: &str| {
-        weft.iter()
-            .find(|l| l.starts_with(prefix))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let case = |prefix: &str| line_starting(&weft, prefix);
     assert_eq!(
         case("stream-idle stalled head:"),
         "stream-idle stalled head: 408 close \"stream timeout\", closed"
