@@ -7,6 +7,7 @@
 //! - `delay_ms=N`: wait before answering;
 //! - `echo_body`: read the request's body and add it to the answer (`body (N bytes): ...`, the
 //!   text only up to 1 KiB);
+//! - `bytes=N`: add N bytes (`x`, at most 64 MiB) after the echo (a large answer);
 //! - `body_delay_ms=N`: send the head and the echo at once, then, N ms later, a last chunk
 //!   `tail` (the body is chunked);
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
@@ -472,7 +473,19 @@ async fn scripted<B>(
     } else {
         query_param(&query, "status").and_then(|v| v.parse::<u16>().ok())
     };
+    let padding = query_param(&query, "bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|n| n.min(64 << 20));
     let mut resp = echo(name, req);
+    if let Some(n) = padding {
+        let (parts, body) = resp.into_parts();
+        let mut text = match http_body_util::BodyExt::collect(body).await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(never) => match never {},
+        };
+        text.resize(text.len() + n, b'x');
+        resp = Response::from_parts(parts, Full::new(Bytes::from(text)));
+    }
     if let Some(code) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {
         *resp.status_mut() = code;
     }

@@ -24,7 +24,7 @@ use weft_e2e::wait_until;
 const BASE: u16 = 18600;
 
 /// (listener, HCM fields at 10 spaces)
-const LISTENERS: [(&str, &str); 10] = [
+const LISTENERS: [(&str, &str); 11] = [
     ("stream-idle", "          stream_idle_timeout: 1s\n"),
     ("request", "          request_timeout: 1s\n"),
     ("headers", "          request_headers_timeout: 1s\n"),
@@ -48,6 +48,9 @@ const LISTENERS: [(&str, &str); 10] = [
     // Routes with their own `idle_timeout` (ROUTE_IDLE).
     ("route-idle", "          stream_idle_timeout: 1s\n"),
     ("small-heads", "          max_request_headers_kb: 2\n"),
+    // Answers to a client that stops reading (logged without the bytes sent, which depend on
+    // socket buffers).
+    ("slow-reader", "          stream_idle_timeout: 1s\n"),
 ];
 
 /// The `route-idle` listener's routes: a longer idle timeout, none, and the listener's.
@@ -80,10 +83,12 @@ const ROUTES: &str = r#"          route_config:
 fn resources(ip: &str, backend: SocketAddr, logs: &std::path::Path) -> String {
     let mut out = String::from("  listeners:\n");
     for (name, hcm) in LISTENERS {
-        let log = Standalone::access_log(
-            &logs.join(format!("access-{name}.log")),
-            "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_SENT%",
-        );
+        let format = if name == "slow-reader" {
+            "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"
+        } else {
+            "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_SENT%"
+        };
+        let log = Standalone::access_log(&logs.join(format!("access-{name}.log")), format);
         let routes = if name == "route-idle" {
             ROUTE_IDLE
         } else {
@@ -253,6 +258,16 @@ fn cases() -> Vec<(&'static str, &'static str, Pieces)> {
             "defaults",
             vec![big_head("/o3", 62 * 1024)],
         ),
+        (
+            "client stops reading",
+            "slow-reader",
+            vec![(get("/big?bytes=50000000"), 3000)],
+        ),
+        (
+            "a large answer read at once",
+            "defaults",
+            vec![(get("/big?bytes=2000000"), 0)],
+        ),
         ("quiet connection", "tcp-idle", vec![(get("/n1"), 0)]),
         ("quiet connection", "tcp-defaults", vec![(get("/n2"), 0)]),
         (
@@ -298,7 +313,15 @@ fn exchange(addr: SocketAddr, pieces: &[(String, u64)]) -> String {
             format!("{body:?}")
         } else if head.contains("x-echo-name") {
             // The backend's echo names the request id: only whether it ended.
-            if head.contains("transfer-encoding: chunked") && !body.ends_with("0\r\n\r\n") {
+            let declared = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            let short = match declared {
+                Some(n) => body.len() < n,
+                None => head.contains("transfer-encoding: chunked") && !body.ends_with("0\r\n\r\n"),
+            };
+            if short {
                 "(echo, cut short)".to_string()
             } else {
                 "(echo)".to_string()

@@ -2174,6 +2174,19 @@ impl hyper::body::Body for LoggedBody {
     }
 }
 
+impl server::Answer for LoggedBody {
+    fn stream_idle(&self) -> Option<Duration> {
+        self.idle
+    }
+
+    fn cut_idle(&mut self) {
+        if let Some((entry, _)) = &mut self.log {
+            entry.flags = "SI".to_string();
+            entry.details = Cow::Borrowed("stream_idle_timeout");
+        }
+    }
+}
+
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some((mut entry, loggers)) = self.log.take() {

@@ -132,6 +132,103 @@ enum Parsed {
     Invalid(StatusCode, &'static str),
 }
 
+/// An answer's body as this loop writes it: it may name the stream's idle timeout, which also
+/// bounds how long the client may take to read it, and is told when that cut it short.
+pub trait Answer: http_body::Body<Data = Bytes> + Unpin {
+    /// The stream's idle timeout (None: none).
+    fn stream_idle(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The client read nothing for the stream's idle timeout: the answer is cut short.
+    fn cut_idle(&mut self) {}
+}
+
+impl Answer for Full<Bytes> {}
+
+/// The connection while an answer is written: a write that waits longer than the stream's
+/// idle timeout for the client to take bytes fails (`TimedOut`). The timer is made only once a
+/// write has had to wait.
+struct Stalled<'a, S> {
+    io: &'a mut S,
+    idle: Option<std::time::Duration>,
+    timer: Option<(Pin<Box<tokio::time::Sleep>>, tokio::time::Instant)>,
+}
+
+impl<S: AsyncWrite + Unpin> Stalled<'_, S> {
+    /// Notes the outcome of a write or flush: progress moves the deadline, a wait arms it.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(idle) = self.idle else {
+            return polled;
+        };
+        match polled {
+            Poll::Pending => {
+                let (sleep, last) = self.timer.get_or_insert_with(|| {
+                    let now = tokio::time::Instant::now();
+                    (Box::pin(tokio::time::sleep_until(now + idle)), now)
+                });
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if last.elapsed() >= idle {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client read nothing for the stream idle timeout",
+                        )));
+                    }
+                    let at = *last + idle;
+                    sleep.as_mut().reset(at);
+                }
+                Poll::Pending
+            }
+            ready => {
+                if let Some((_, last)) = &mut self.timer {
+                    *last = tokio::time::Instant::now();
+                }
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stalled<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
+        this.timed(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        this.timed(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_flush(cx);
+        this.timed(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// An answer the loop gives itself when a request cannot be read (or not in time): the
 /// connection closes after it. As Envoy's: its status, plain-text body, response flag and
 /// response code details (for the access log).
@@ -185,7 +282,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<DownstreamBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<h1::BoxError>,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -427,10 +524,17 @@ async fn write_response<S, B>(
 ) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
-    B: http_body::Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<h1::BoxError>,
 {
     let (parts, mut body) = resp.into_parts();
+    // A client that takes nothing for the stream's idle timeout has the answer cut short.
+    let mut io = Stalled {
+        io,
+        idle: body.stream_idle(),
+        timer: None,
+    };
+    let io = &mut io;
     let status = parts.status;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -494,7 +598,13 @@ where
         drop(body);
         return io.write_all(out).await;
     };
-    match h1::write_body(io, out, &mut body, framing).await? {
+    let written = h1::write_body(io, out, &mut body, framing).await;
+    if let Err(e) = &written
+        && e.kind() == io::ErrorKind::TimedOut
+    {
+        body.cut_idle();
+    }
+    match written? {
         BodyEnd::Complete => {}
         // The upstream failed mid-body, or sent more or less than it declared: what was sent
         // stands, the connection ends so that the client sees the answer incomplete.
