@@ -910,7 +910,12 @@ async fn route_rest(
     // Settings an internal request carries itself (`x-envoy-*` router headers). Boxed: the
     // request path's future keeps room for it across its awaits, for every request.
     let controlled: Box<router::RouteAction>;
-    let action = match req.extensions_mut().remove::<retry::Controls>() {
+    let controls = if req.extensions().is_empty() {
+        None
+    } else {
+        req.extensions_mut().remove::<retry::Controls>()
+    };
+    let action = match controls {
         Some(c) => {
             controlled = Box::new(c.apply(action));
             &*controlled
