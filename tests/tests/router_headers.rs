@@ -48,8 +48,10 @@ fn resources(ip: &str, backend: SocketAddr, logs: &std::path::Path) -> String {
             "",
         ));
     }
+    // The cases run at once: room for all their retries, so that the retry circuit breaker
+    // (3 in flight by default) never decides an outcome.
     out.push_str(&format!(
-        "  clusters:\n  - name: echo\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {}\n",
+        "  clusters:\n  - name: echo\n    type: STATIC\n    connect_timeout: 1s\n    circuit_breakers: {{ thresholds: [{{ max_retries: 100 }}] }}\n    load_assignment: {}\n",
         Standalone::load_assignment("echo", &[backend])
     ));
     out
