@@ -514,3 +514,51 @@ fn timeouts_and_connection_limits_behave_as_envoys() {
     assert!(case("idle HTTP/2:").contains("goaway"), "{weft:?}");
     assert!(!case("defaults HTTP/2:").contains("goaway"), "{weft:?}");
 }
+
+/// How many upstream connections a cluster with `max_connection_duration: 1s` opened for a
+/// request, another 1.5 s later, and three more at once after it (`upstream_cx_total`), and
+/// the statuses.
+fn run_aged(flavor: Flavor, net: u8) -> (u64, Vec<u16>) {
+    let mut s = Standalone::new("upstream-age", net, flavor);
+    let backend = s.backend("echo");
+    let listener = Standalone::http_listener(&s.ip(), BASE + 30, ROUTES, "");
+    s.start(&format!(
+        r#"{listener}  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http_protocol_options: {{}} }}
+        common_http_protocol_options: {{ max_connection_duration: 1s }}
+    load_assignment: {}
+"#,
+        Standalone::load_assignment("echo", &[backend])
+    ));
+    let addr: SocketAddr = format!("{}:{}", s.ip(), BASE + 30).parse().unwrap();
+    let mut client = weft_e2e::Client::new(addr);
+    let mut statuses = Vec::new();
+    let mut get = |path: &str| {
+        statuses.push(
+            client
+                .request("GET", "svc", path, &[])
+                .map(|r| r.status)
+                .unwrap_or(0),
+        )
+    };
+    get("/first");
+    std::thread::sleep(Duration::from_millis(1500));
+    for path in ["/second", "/third", "/fourth", "/fifth"] {
+        get(path);
+    }
+    (s.stat("cluster.echo.upstream_cx_total"), statuses)
+}
+
+#[test]
+fn upstream_connections_are_not_reused_past_their_maximum_duration() {
+    let weft = run_aged(Flavor::Weft, 118);
+    let envoy = run_aged(Flavor::Envoy, 119);
+    assert_eq!(weft, envoy, "weft-proxy, then Envoy");
+    assert_eq!(weft, (2, vec![200; 5]), "a second connection, reused after");
+}

@@ -608,6 +608,9 @@ pub struct TcpSettings {
     /// The TCP proxy's idle timeout towards this destination (Istio's default: 1 hour).
     #[serde(default)]
     pub idle_timeout: Option<String>,
+    /// Upstream connections carry no new request past this age.
+    #[serde(default)]
+    pub max_connection_duration: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

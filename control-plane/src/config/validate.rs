@@ -439,6 +439,12 @@ fn policy_parts(
             if let Some(d) = &t.idle_timeout {
                 duration_at_least_1ms(&format!("{at}.connectionPool.tcp.idleTimeout"), d)?;
             }
+            if let Some(d) = &t.max_connection_duration {
+                duration_at_least_1ms(
+                    &format!("{at}.connectionPool.tcp.maxConnectionDuration"),
+                    d,
+                )?;
+            }
         }
         if let Some(h) = &p.http {
             non_negative(

@@ -261,22 +261,25 @@ pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
         }
     }
     if let Some(pool) = e.pool {
+        let mut max_duration = None;
         if let Some(tcp) = &pool.tcp {
             thresholds.max_connections = uint(tcp.max_connections).or(thresholds.max_connections);
             if let Some(t) = dur(tcp.connect_timeout.as_ref()) {
                 c.connect_timeout = Some(t);
             }
+            max_duration = dur(tcp.max_connection_duration.as_ref());
         }
+        let (mut per_connection, mut idle) = (None, None);
         if let Some(http) = &pool.http {
             thresholds.max_pending_requests =
                 uint(http.http1_max_pending_requests).or(thresholds.max_pending_requests);
             thresholds.max_requests = uint(http.http2_max_requests).or(thresholds.max_requests);
             thresholds.max_retries = uint(http.max_retries).or(thresholds.max_retries);
-            let per_connection = uint(http.max_requests_per_connection);
-            let idle = dur(http.idle_timeout.as_ref());
-            if per_connection.is_some() || idle.is_some() {
-                set_connection_limits(c, per_connection, idle);
-            }
+            per_connection = uint(http.max_requests_per_connection);
+            idle = dur(http.idle_timeout.as_ref());
+        }
+        if per_connection.is_some() || idle.is_some() || max_duration.is_some() {
+            set_connection_limits(c, per_connection, idle, max_duration);
         }
     }
     c.circuit_breakers = Some(CircuitBreakers {
@@ -324,6 +327,7 @@ fn set_connection_limits(
     c: &mut Cluster,
     max_requests: Option<UInt32Value>,
     idle: Option<Duration>,
+    max_duration: Option<Duration>,
 ) {
     let mut opts: HttpProtocolOptions = c
         .typed_extension_protocol_options
@@ -338,6 +342,7 @@ fn set_connection_limits(
     opts.common_http_protocol_options = Some(CommonHttpOptions {
         max_requests_per_connection: max_requests,
         idle_timeout: idle,
+        max_connection_duration: max_duration,
         ..Default::default()
     });
     c.typed_extension_protocol_options

@@ -461,7 +461,7 @@ metadata: { name: db }
 spec:
   host: db
   trafficPolicy:
-    connectionPool: { tcp: { idleTimeout: 90s } }
+    connectionPool: { tcp: { idleTimeout: 90s, maxConnectionDuration: 30s } }
     portLevelSettings:
     - port: { number: 5433 }
       connectionPool: { tcp: { idleTimeout: 5s } }
@@ -494,6 +494,20 @@ spec:
     };
     let tcp: TcpProxy = unpack(any).unwrap();
     assert_eq!(tcp.idle_timeout.map(|d| d.seconds), Some(90));
+    // `maxConnectionDuration` ages the cluster's upstream connections, as istiod writes it.
+    use weft_xds_proto::envoy::config::cluster::v3::Cluster;
+    use weft_xds_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let c: Cluster = unpack(
+        &g.of_type(type_url::CLUSTER).unwrap()["outbound|5432||db.default.svc.cluster.local"].any,
+    )
+    .unwrap();
+    let opts: HttpProtocolOptions = unpack(
+        &c.typed_extension_protocol_options
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"],
+    )
+    .unwrap();
+    let common = opts.common_http_protocol_options.unwrap();
+    assert_eq!(common.max_connection_duration.map(|d| d.seconds), Some(30));
     // An idle timeout that is not a duration is refused with its field.
     let bad = yaml.replace("idleTimeout: 90s", "idleTimeout: soon");
     let mut set = ConfigSet::default();

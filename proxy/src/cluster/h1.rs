@@ -44,6 +44,8 @@ pub struct Conn {
     pub local: Option<std::net::SocketAddr>,
     /// Requests this connection has carried.
     pub uses: u32,
+    /// When it was opened (for the cluster's `max_connection_duration`).
+    pub opened: std::time::Instant,
     _active: Active,
 }
 
@@ -63,6 +65,7 @@ impl Conn {
             io,
             read: BytesMut::new(),
             uses: 0,
+            opened: std::time::Instant::now(),
             _active: Active(active),
         }
     }

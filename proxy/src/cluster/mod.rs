@@ -397,13 +397,7 @@ impl Cluster {
                 ));
             }
             if let Some(common) = &opts.common_http_protocol_options {
-                // Upstream connections have no maximum duration yet.
-                let unsupported = if common.max_connection_duration.is_some() {
-                    Some("max_connection_duration")
-                } else {
-                    crate::http::timeouts::unsupported_common(common)
-                };
-                if let Some(f) = unsupported {
+                if let Some(f) = crate::http::timeouts::unsupported_common(common) {
                     return Err(reject(
                         &field(&format!("common_http_protocol_options.{f}")),
                         "not supported by this weft-proxy version".into(),
@@ -415,6 +409,11 @@ impl Cluster {
                     .filter(|v| *v > 0);
                 limits.idle_timeout = common
                     .idle_timeout
+                    .as_ref()
+                    .map(duration)
+                    .filter(|d| !d.is_zero());
+                limits.max_duration = common
+                    .max_connection_duration
                     .as_ref()
                     .map(duration)
                     .filter(|d| !d.is_zero());

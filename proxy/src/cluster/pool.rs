@@ -413,7 +413,8 @@ impl WorkerConnections {
             let expired = self
                 .limits
                 .idle_timeout
-                .is_some_and(|t| entry.since.elapsed() >= t);
+                .is_some_and(|t| entry.since.elapsed() >= t)
+                || !self.limits.reusable(0, entry.conn.opened);
             if !expired && entry.conn.idle_ok() {
                 return Some(entry.conn);
             }
@@ -431,7 +432,7 @@ impl h1::Home for WorkerConnections {
         let mut pool = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         pool.roll(now);
         if let Some(conn) = conn
-            && self.limits.max_requests.is_none_or(|m| conn.uses < m)
+            && self.limits.reusable(conn.uses, conn.opened)
             && pool.queue.len() + pool.busy <= pool.keep()
         {
             // `busy` still counts this connection.
@@ -455,6 +456,7 @@ struct H2Conn {
     sender: http2::SendRequest<UpstreamBody>,
     /// Streams it has carried.
     uses: u32,
+    opened: std::time::Instant,
     local: Option<SocketAddr>,
 }
 
@@ -465,6 +467,17 @@ pub struct ConnectionLimits {
     pub max_requests: Option<u32>,
     /// Close a pooled connection idle this long.
     pub idle_timeout: Option<Duration>,
+    /// Send no new request on a connection older than this (`max_connection_duration`): it is
+    /// closed once its requests are done.
+    pub max_duration: Option<Duration>,
+}
+
+impl ConnectionLimits {
+    /// Whether a connection opened at `opened` that carried `uses` requests may carry another.
+    fn reusable(&self, uses: u32, opened: std::time::Instant) -> bool {
+        self.max_requests.is_none_or(|m| uses < m)
+            && self.max_duration.is_none_or(|d| opened.elapsed() < d)
+    }
 }
 
 /// Connections are kept per worker (see `worker`): a worker only uses connections its own
@@ -639,6 +652,7 @@ impl Pool {
         *self.mine().h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Conn {
             sender: sender.clone(),
             uses: 1,
+            opened: std::time::Instant::now(),
             local,
         });
         Ok((sender, local))
@@ -670,9 +684,9 @@ impl Pool {
         // max_requests_per_connection streams the next request opens a fresh connection.
         let existing = {
             let mut h2 = self.mine().h2.lock().unwrap_or_else(|p| p.into_inner());
-            let usable = h2.as_ref().is_some_and(|c| {
-                !c.sender.is_closed() && self.limits.max_requests.is_none_or(|m| c.uses < m)
-            });
+            let usable = h2
+                .as_ref()
+                .is_some_and(|c| !c.sender.is_closed() && self.limits.reusable(c.uses, c.opened));
             if usable {
                 h2.as_mut().map(|c| {
                     c.uses += 1;
