@@ -146,15 +146,9 @@ where
                     if let Poll::Ready(r) = copy.as_mut().poll(cx) {
                         return Poll::Ready(Some(r.is_ok()));
                     }
-                    while sleep.as_mut().poll(cx).is_ready() {
-                        let at = activity.last() + idle;
-                        if Instant::now() >= at {
-                            return Poll::Ready(None);
-                        }
-                        // Bytes moved since it was set.
-                        sleep.as_mut().reset(at);
-                    }
-                    Poll::Pending
+                    // Set again when bytes moved since it was set.
+                    crate::http::timeouts::poll_deadline(&mut sleep, cx, || activity.last() + idle)
+                        .map(|()| None)
                 })
                 .await
             }

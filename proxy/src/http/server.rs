@@ -171,17 +171,13 @@ impl<S: AsyncWrite + Unpin> Stalled<'_, S> {
                     let now = tokio::time::Instant::now();
                     (Box::pin(tokio::time::sleep_until(now + idle)), now)
                 });
-                while sleep.as_mut().poll(cx).is_ready() {
-                    if last.elapsed() >= idle {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the client read nothing for the stream idle timeout",
-                        )));
-                    }
-                    let at = *last + idle;
-                    sleep.as_mut().reset(at);
-                }
-                Poll::Pending
+                let last = *last;
+                crate::http::timeouts::poll_deadline(sleep, cx, || last + idle).map(|()| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client read nothing for the stream idle timeout",
+                    ))
+                })
             }
             ready => {
                 if let Some((_, last)) = &mut self.timer {

@@ -133,6 +133,25 @@ pub(crate) fn unsupported_common(c: &HttpProtocolOptions) -> Option<&'static str
     .find_map(|(f, set)| set.then_some(f))
 }
 
+/// Polls `sleep` against a deadline that may have moved later since it was set (`deadline`,
+/// read each time the timer goes off): ready once that deadline has passed; a timer woken early
+/// is set again for it. The timers here are set lazily, for a deadline no later than the one
+/// that applies, so that bytes moving cost no timer operation.
+pub(crate) fn poll_deadline(
+    sleep: &mut Pin<Box<Sleep>>,
+    cx: &mut std::task::Context<'_>,
+    deadline: impl Fn() -> Instant,
+) -> Poll<()> {
+    while sleep.as_mut().poll(cx).is_ready() {
+        let at = deadline();
+        if Instant::now() >= at {
+            return Poll::Ready(());
+        }
+        sleep.as_mut().reset(at);
+    }
+    Poll::Pending
+}
+
 /// What ran out, and how the request (if one had begun) is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
@@ -319,14 +338,8 @@ impl Clock {
                 if let Poll::Ready(out) = fut.as_mut().poll(cx) {
                     return Poll::Ready(Ok(out));
                 }
-                while sleep.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= at {
-                        return Poll::Ready(Err(what));
-                    }
-                    // Woken early (set for an earlier deadline that no longer applies).
-                    sleep.as_mut().reset(at);
-                }
-                Poll::Pending
+                // Woken early: set for an earlier deadline that no longer applies.
+                poll_deadline(sleep, cx, || at).map(|()| Err(what))
             })
             .await;
             match out {
