@@ -7,7 +7,8 @@
 //! - `delay_ms=N`: wait before answering;
 //! - `echo_body`: read the request's body and add it to the answer (`body (N bytes): ...`, the
 //!   text only up to 1 KiB);
-//! - `bytes=N`: add N bytes (`x`, at most 64 MiB) after the echo (a large answer);
+//! - `bytes=N`: add N bytes (`x`, at most 64 MiB) after the echo (a large answer); with
+//!   `fill=TEXT`, the N bytes repeat TEXT instead (a check of the answer's order and origin);
 //! - `body_delay_ms=N`: send the head and the echo at once, then, N ms later, a last chunk
 //!   `tail` (the body is chunked);
 //! - `fail=N`: answer 503 to the first N attempts of each `x-request-id` (proxies keep the id
@@ -483,7 +484,10 @@ async fn scripted<B>(
             Ok(b) => b.to_bytes().to_vec(),
             Err(never) => match never {},
         };
-        text.resize(text.len() + n, b'x');
+        match query_param(&query, "fill").filter(|f| !f.is_empty()) {
+            Some(fill) => text.extend(fill.bytes().cycle().take(n)),
+            None => text.resize(text.len() + n, b'x'),
+        }
         resp = Response::from_parts(parts, Full::new(Bytes::from(text)));
     }
     if let Some(code) = status.and_then(|s| hyper::StatusCode::from_u16(s).ok()) {

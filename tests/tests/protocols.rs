@@ -107,4 +107,69 @@ spec:
         text.contains("name: hello-v2") && text.contains("version: HTTP/1.1"),
         "{text}"
     );
+
+    // Many large answers at once on one HTTP/2 connection (their body chunks are written from
+    // the upstream's buffers, several streams' frames in one write): each arrives whole, in
+    // order and on its own stream. Each answer ends in its own repeated pattern.
+    let answers: Vec<(usize, String)> = (0..24)
+        .map(|i| {
+            let size = [2_048, 3_001, 10_240, 16_385, 70_000, 250_000][i % 6] + i;
+            (
+                size,
+                format!("s{i}-{}", "0123456789abc".get(..i % 13 + 1).unwrap()),
+            )
+        })
+        .collect();
+    let paths: Vec<String> = answers
+        .iter()
+        .map(|(size, fill)| format!("/big?bytes={size}&fill={fill}"))
+        .collect();
+    let bodies = h2c_answers(q.egress(), "hello", &paths);
+    for (i, ((size, fill), body)) in answers.iter().zip(&bodies).enumerate() {
+        let want: Vec<u8> = fill.bytes().cycle().take(*size).collect();
+        assert!(
+            body.len() > *size && body.ends_with(&want) && body.starts_with(b"name: hello-v"),
+            "answer {i} ({size} bytes of {fill:?}): {} bytes arrived",
+            body.len()
+        );
+    }
+}
+
+/// GETs every path at once over one h2c connection (prior knowledge) to `addr`; the bodies, in
+/// the order of `paths`.
+fn h2c_answers(addr: std::net::SocketAddr, host: &str, paths: &[String]) -> Vec<bytes::Bytes> {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let streams: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                let req = hyper::Request::get(format!("http://{host}{path}"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let mut send = send.clone();
+                tokio::spawn(async move {
+                    let resp = send.send_request(req).await.unwrap();
+                    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+                    resp.into_body().collect().await.unwrap().to_bytes()
+                })
+            })
+            .collect();
+        let mut bodies = Vec::new();
+        for stream in streams {
+            bodies.push(stream.await.unwrap());
+        }
+        bodies
+    })
 }

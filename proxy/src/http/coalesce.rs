@@ -8,13 +8,22 @@
 //! is owed, and [`drive`] polls the connection and then writes what was gathered. No byte
 //! waits longer than the poll that produced it; a full buffer is written at once, and a socket
 //! that cannot take more holds the connection back as before.
+//!
+//! Large body chunks are not copied into the gathering buffer: an answer's body [`lend`]s its
+//! chunks as it hands them to hyper, and when the codec writes a slice that lies inside a lent
+//! chunk, the chunk itself is kept and written from where it is (a vectored write). The codec
+//! only ever shows its writer slices; the lent chunks are how the writer finds the memory they
+//! belong to (and keeps it alive until written).
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Gathered bytes written before more are accepted.
@@ -23,13 +32,20 @@ const HIGH_WATER: usize = 64 * 1024;
 const BUFFER: usize = HIGH_WATER + 16 * 1024 + 9;
 /// Written-out buffers each worker thread keeps for the next connection that gathers.
 const SPARES: usize = 4;
+/// Body chunks at least this large are lent to the writer rather than copied into its buffer.
+pub const LEND_MIN: usize = 2048;
+/// Lent chunks a connection remembers: the oldest is forgotten (and its bytes copied, if they
+/// are written after all) once more are lent before the codec writes them.
+const LENT: usize = 32;
+/// Slices given to one vectored write.
+const SLICES: usize = 64;
 
 std::thread_local! {
     /// A connection holds a buffer only while it has bytes to write: one that has written
     /// everything gives it back here. Taking and freeing an 80 KiB block per batch instead
     /// made glibc grow and shrink the thread's heap (`mprotect`, `madvise` and page faults
     /// on every few batches), and a buffer kept per connection would be held by idle ones.
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 fn take_buffer() -> Vec<u8> {
@@ -51,9 +67,49 @@ fn give_back(mut buffer: Vec<u8>) {
     });
 }
 
+/// Where the answers of one connection lend their large body chunks to its writer.
+#[derive(Clone, Default)]
+pub struct Lender(Arc<Mutex<VecDeque<Bytes>>>);
+
+impl Lender {
+    /// A body chunk about to be handed to the connection: if its writer is given a slice of
+    /// it, it keeps the chunk instead of copying the bytes.
+    pub fn lend(&self, chunk: &Bytes) {
+        let mut lent = crate::lock_own(&self.0);
+        if lent.len() == LENT {
+            lent.pop_front();
+        }
+        lent.push_back(chunk.clone());
+    }
+
+    /// The lent chunk `slice` lies in, cut to `slice`. A chunk is forgotten once a slice
+    /// reaching its end was found (the codec writes a frame's payload once, front to back).
+    fn borrow(&self, slice: &[u8]) -> Option<Bytes> {
+        let start = slice.as_ptr() as usize;
+        let end = start + slice.len();
+        let mut lent = crate::lock_own(&self.0);
+        let i = lent.iter().position(|chunk| {
+            let from = chunk.as_ptr() as usize;
+            from <= start && end <= from + chunk.len()
+        })?;
+        let chunk = &lent[i];
+        let found = chunk.slice_ref(slice);
+        if end == chunk.as_ptr() as usize + chunk.len() {
+            lent.remove(i);
+        }
+        Some(found)
+    }
+}
+
 struct State<S> {
     io: S,
+    lender: Lender,
+    /// Gathered bytes that were copied.
     pending: Vec<u8>,
+    /// Lent chunks to write, each before the copied bytes from its offset in `pending` on.
+    lent: VecDeque<(usize, Bytes)>,
+    /// Bytes gathered since everything was last written, lent ones included.
+    gathered: usize,
     /// How much of `pending` is written.
     written: usize,
     /// A write of gathered bytes failed: the connection's next write or flush reports it.
@@ -66,6 +122,18 @@ impl<S: AsyncWrite + Unpin> State<S> {
         if let Some(kind) = self.failed {
             return Poll::Ready(Err(kind.into()));
         }
+        while !self.lent.is_empty() {
+            let n = {
+                let mut out = [IoSlice::new(&[]); SLICES];
+                let count = slices(&self.pending, self.written, &self.lent, &mut out);
+                match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &out[..count])) {
+                    Ok(0) => return self.fail(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) => return self.fail(e),
+                }
+            };
+            self.advance(n);
+        }
         while self.written < self.pending.len() {
             match ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.written..])) {
                 Ok(0) => return self.fail(io::ErrorKind::WriteZero.into()),
@@ -75,6 +143,7 @@ impl<S: AsyncWrite + Unpin> State<S> {
         }
         if self.pending.capacity() > 0 {
             self.written = 0;
+            self.gathered = 0;
             give_back(std::mem::take(&mut self.pending));
         }
         match ready!(Pin::new(&mut self.io).poll_flush(cx)) {
@@ -83,12 +152,83 @@ impl<S: AsyncWrite + Unpin> State<S> {
         }
     }
 
+    /// `n` more bytes are written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.lent.front_mut() {
+                Some((offset, _)) if self.written < *offset => {
+                    let step = n.min(*offset - self.written);
+                    self.written += step;
+                    n -= step;
+                }
+                Some((_, chunk)) => {
+                    let step = n.min(chunk.len());
+                    chunk.advance(step);
+                    n -= step;
+                    if chunk.is_empty() {
+                        self.lent.pop_front();
+                    }
+                }
+                None => {
+                    self.written += n;
+                    n = 0;
+                }
+            }
+        }
+        // A chunk written to its end the write before (or an empty one) leaves no slice behind.
+        while self.lent.front().is_some_and(|(_, chunk)| chunk.is_empty()) {
+            self.lent.pop_front();
+        }
+    }
+
+    /// Gathers `buf`: a slice of a lent chunk is kept as that chunk, other bytes are copied.
+    fn gather(&mut self, buf: &[u8]) {
+        self.gathered += buf.len();
+        if buf.len() >= LEND_MIN
+            && let Some(chunk) = self.lender.borrow(buf)
+        {
+            self.lent.push_back((self.pending.len(), chunk));
+        } else {
+            self.pending.extend_from_slice(buf);
+        }
+    }
+
     fn fail(&mut self, e: io::Error) -> Poll<io::Result<()>> {
         self.failed = Some(e.kind());
         self.pending = Vec::new();
+        self.lent = VecDeque::new();
+        self.gathered = 0;
         self.written = 0;
         Poll::Ready(Err(e))
     }
+}
+
+/// What is left to write, in order, as slices (as many as fit); how many.
+fn slices<'a>(
+    pending: &'a [u8],
+    written: usize,
+    lent: &'a VecDeque<(usize, Bytes)>,
+    slices: &mut [IoSlice<'a>; SLICES],
+) -> usize {
+    let mut count = 0;
+    let mut at = written;
+    for (offset, chunk) in lent {
+        if count + 2 > SLICES {
+            return count;
+        }
+        if at < *offset {
+            slices[count] = IoSlice::new(&pending[at..*offset]);
+            count += 1;
+            at = *offset;
+        }
+        slices[count] = IoSlice::new(chunk);
+        count += 1;
+    }
+    if at < pending.len() {
+        slices[count] = IoSlice::new(&pending[at..]);
+        count += 1;
+    }
+    count
 }
 
 /// The connection's I/O as hyper sees it: reads pass through, writes are gathered.
@@ -101,11 +241,15 @@ pub struct Drain<S> {
     state: Arc<Mutex<State<S>>>,
 }
 
-/// Wraps `io`: the stream to hand to the connection, and what [`drive`] writes its bytes with.
-pub fn coalesce<S>(io: S) -> (Coalesced<S>, Drain<S>) {
+/// Wraps `io`: the stream to hand to the connection, and what [`drive`] writes its bytes with;
+/// the connection's answers lend their body chunks to `lender`.
+pub fn coalesce<S>(io: S, lender: Lender) -> (Coalesced<S>, Drain<S>) {
     let state = Arc::new(Mutex::new(State {
         io,
+        lender,
         pending: Vec::new(),
+        lent: VecDeque::new(),
+        gathered: 0,
         written: 0,
         failed: None,
     }));
@@ -180,7 +324,7 @@ impl<S: AsyncWrite + Unpin> Coalesced<S> {
         if let Some(kind) = state.failed {
             return Poll::Ready(Err(kind.into()));
         }
-        if state.pending.len() >= HIGH_WATER {
+        if state.gathered >= HIGH_WATER {
             ready!(state.poll_drain(cx))?;
         }
         if state.pending.capacity() == 0 {
@@ -198,7 +342,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     ) -> Poll<io::Result<usize>> {
         let mut state = lock(&self.state);
         ready!(Self::poll_room(&mut state, cx))?;
-        state.pending.extend_from_slice(buf);
+        state.gather(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -211,7 +355,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
         ready!(Self::poll_room(&mut state, cx))?;
         let mut n = 0;
         for buf in bufs {
-            state.pending.extend_from_slice(buf);
+            state.gather(buf);
             n += buf.len();
         }
         Poll::Ready(Ok(n))
@@ -257,7 +401,7 @@ mod tests {
     #[tokio::test]
     async fn writes_of_one_poll_leave_together_before_the_connection_waits() {
         let (near, mut far) = tokio::io::duplex(1024);
-        let (io, drain) = coalesce(near);
+        let (io, drain) = coalesce(near, Lender::default());
         let conn = tokio::spawn(drive(two_writes_then_read(io), drain));
         // Both writes arrive although the connection never returned to a flush of its own
         // before it began waiting to read.
@@ -279,7 +423,7 @@ mod tests {
     async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
         // The pipe holds 4 KiB: 1 MiB has to wait for the reader, in order.
         let (near, mut far) = tokio::io::duplex(4096);
-        let (mut io, drain) = coalesce(near);
+        let (mut io, drain) = coalesce(near, Lender::default());
         let data: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(drive(
@@ -301,11 +445,133 @@ mod tests {
         assert!(got == data, "{} bytes arrived of {}", got.len(), data.len());
     }
 
+    /// A connection that writes, per frame, a small head and a payload through one vectored
+    /// write (as hyper's HTTP/2 codec does), lending every payload first.
+    async fn frames_of_lent_chunks<S: AsyncWrite + Unpin>(
+        mut io: S,
+        lender: Lender,
+        chunks: Vec<Bytes>,
+    ) {
+        for (i, chunk) in chunks.iter().enumerate() {
+            lender.lend(chunk);
+            let head = [i as u8; 9];
+            let mut bufs = [IoSlice::new(&head), IoSlice::new(chunk)];
+            let mut bufs = &mut bufs[..];
+            while !bufs.is_empty() {
+                let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write_vectored(cx, bufs))
+                    .await
+                    .unwrap();
+                IoSlice::advance_slices(&mut bufs, n);
+            }
+            if i % 3 == 2 {
+                io.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }
+        io.shutdown().await.unwrap();
+    }
+
+    fn expected(chunks: &[Bytes]) -> Vec<u8> {
+        let mut all = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            all.extend_from_slice(&[i as u8; 9]);
+            all.extend_from_slice(chunk);
+        }
+        all
+    }
+
+    fn chunks(sizes: &[usize]) -> Vec<Bytes> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (0..n)
+                    .map(|j| (i * 7 + j % 13) as u8)
+                    .collect::<Vec<u8>>()
+                    .into()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lent_chunk_is_kept_not_copied() {
+        let (near, _far) = tokio::io::duplex(1 << 20);
+        let lender = Lender::default();
+        let (mut io, drain) = coalesce(near, lender.clone());
+        let chunk = chunks(&[10_240]).remove(0);
+        lender.lend(&chunk);
+        let head = [0u8; 9];
+        // A slice inside the chunk (the codec put the payload's first bytes in its own buffer).
+        let bufs = [IoSlice::new(&head), IoSlice::new(&chunk[100..])];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write_vectored(cx, &bufs))
+            .await
+            .unwrap();
+        assert_eq!(n, 9 + 10_140);
+        {
+            let state = lock(&drain.state);
+            assert_eq!(state.pending.len(), 9, "only the frame head is copied");
+            assert_eq!(state.lent.len(), 1);
+            assert_eq!(state.lent[0].1.as_ptr(), chunk[100..].as_ptr());
+            assert_eq!(state.gathered, 9 + 10_140);
+        }
+        // The slice reached the chunk's end: the chunk is no longer lent.
+        assert!(lender.borrow(&chunk[..]).is_none());
+        // Bytes that were never lent are copied.
+        let other = vec![5u8; 4096];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &other))
+            .await
+            .unwrap();
+        assert_eq!(n, 4096);
+        assert_eq!(lock(&drain.state).pending.len(), 9 + 4096);
+    }
+
+    #[tokio::test]
+    async fn lent_chunks_arrive_in_order_through_partial_writes() {
+        // The pipe takes 1,000 bytes at a time: writes end inside heads and inside chunks.
+        let (near, mut far) = tokio::io::duplex(1000);
+        let lender = Lender::default();
+        let (io, drain) = coalesce(near, lender.clone());
+        let sent = chunks(&[
+            10_240, 2_048, 100, 16_384, 3_000, 2_047, 40_000, 9_999, 70_000,
+        ]);
+        let want = expected(&sent);
+        let writer = tokio::spawn(drive(frames_of_lent_chunks(io, lender, sent), drain));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), far.read_to_end(&mut got))
+            .await
+            .expect("the writer stalled")
+            .unwrap();
+        writer.await.unwrap();
+        assert!(got == want, "{} bytes arrived of {}", got.len(), want.len());
+    }
+
+    #[tokio::test]
+    async fn chunks_forgotten_before_their_write_are_copied() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let lender = Lender::default();
+        let (mut io, drain) = coalesce(near, lender.clone());
+        let first = chunks(&[4096]).remove(0);
+        lender.lend(&first);
+        // More chunks are lent than are remembered before `first` is written.
+        let others = chunks(&vec![LEND_MIN; LENT]);
+        for chunk in &others {
+            lender.lend(chunk);
+        }
+        io.write_all(&first).await.unwrap();
+        assert_eq!(lock(&drain.state).pending.len(), 4096, "copied");
+        io.shutdown().await.unwrap();
+        drop(io);
+        drive(std::future::ready(()), drain).await;
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, first);
+    }
+
     #[tokio::test]
     async fn a_failed_write_reaches_the_connection() {
         let (near, far) = tokio::io::duplex(64);
         drop(far);
-        let (mut io, drain) = coalesce(near);
+        let (mut io, drain) = coalesce(near, Lender::default());
         let result = drive(
             async move {
                 io.write_all(b"into a closed pipe").await?;

@@ -480,6 +480,8 @@ pub async fn serve_connection<S>(
     let streams = timeouts::Streams::new();
     let in_flight = streams.clone();
     let timed = limits.stream_idle.is_some() || limits.request.is_some();
+    let lender = stream.is_http2().then(coalesce::Lender::default);
+    let lend = lender.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let guard = in_flight.open();
         // A body still to come is timed by its progress (see `timeouts::answer_within`).
@@ -498,15 +500,18 @@ pub async fn serve_connection<S>(
         // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
         // among others); moving a pointer is cheap, moving the request path's state is not.
         let resp = Box::pin(handle(req));
+        let lend = lend.clone();
         async move {
             let mut resp = resp.await;
-            resp.body_mut().stream = Some(guard);
+            let body = resp.body_mut();
+            body.stream = Some(guard);
+            body.lend = lend;
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
     if stream.is_http2() {
         // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
-        let (io, drain) = coalesce::coalesce(stream);
+        let (io, drain) = coalesce::coalesce(stream, lender.unwrap_or_default());
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -2052,6 +2057,9 @@ pub struct LoggedBody {
     idle: Option<Duration>,
     /// Counts the stream as in flight on its connection until the answer is sent.
     stream: Option<timeouts::StreamGuard>,
+    /// Served on an HTTP/2 connection whose writes are gathered: large chunks are lent to its
+    /// writer rather than copied (see `coalesce`).
+    lend: Option<coalesce::Lender>,
 }
 
 impl LoggedBody {
@@ -2069,6 +2077,7 @@ impl LoggedBody {
             timer: deadline.map(|d| BodyTimer::new(Some(d), idle)),
             idle,
             stream: None,
+            lend: None,
         }
     }
 
@@ -2121,6 +2130,11 @@ impl LoggedBody {
             && let Some(d) = frame.data_ref()
         {
             self.sent += d.len() as u64;
+            if let Some(lender) = &self.lend
+                && d.len() >= coalesce::LEND_MIN
+            {
+                lender.lend(d);
+            }
         }
         polled
     }
