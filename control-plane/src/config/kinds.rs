@@ -611,6 +611,23 @@ pub struct TcpSettings {
     /// Upstream connections carry no new request past this age.
     #[serde(default)]
     pub max_connection_duration: Option<String>,
+    /// `SO_KEEPALIVE` on upstream connections; unset parts keep the kernel's defaults.
+    #[serde(default)]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    /// Unanswered probes before the connection is dead (0: the kernel's default).
+    #[serde(default)]
+    pub probes: Option<i64>,
+    /// Idle time before the first probe.
+    #[serde(default)]
+    pub time: Option<String>,
+    /// Time between probes.
+    #[serde(default)]
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -445,6 +445,9 @@ fn policy_parts(
                     d,
                 )?;
             }
+            if let Some(k) = &t.tcp_keepalive {
+                keepalive(&format!("{at}.connectionPool.tcp.tcpKeepalive"), k)?;
+            }
         }
         if let Some(h) = &p.http {
             non_negative(
@@ -972,6 +975,34 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is not a valid duration"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Linux's limits on `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (seconds) and `TCP_KEEPCNT`: a proxy
+/// asked for more cannot set the option (Envoy then fails every upstream connection: 503 `UF`).
+const KEEPALIVE_MAX_SECONDS: u64 = 32767;
+const KEEPALIVE_MAX_PROBES: i64 = 127;
+
+fn keepalive(at: &str, k: &TcpKeepalive) -> Check {
+    if let Some(n) = k.probes
+        && !(0..=KEEPALIVE_MAX_PROBES).contains(&n)
+    {
+        return bad(
+            format!("{at}.probes"),
+            format!("{n} is outside 0-{KEEPALIVE_MAX_PROBES} (Linux's limit)"),
+        );
+    }
+    for (name, value) in [("time", &k.time), ("interval", &k.interval)] {
+        let Some(s) = value else { continue };
+        let field = format!("{at}.{name}");
+        duration_at_least_1ms(&field, s)?;
+        if parse_duration(s).is_ok_and(|d| d.as_secs() > KEEPALIVE_MAX_SECONDS) {
+            return bad(
+                field,
+                format!("{s:?} is longer than {KEEPALIVE_MAX_SECONDS}s (Linux's limit)"),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn duration_at_least_1ms(field: &str, s: &str) -> Check {

@@ -5,11 +5,12 @@
 //! open, so that only what a rule says limits traffic.
 
 use weft_xds_proto::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlier, circuit_breakers, cluster,
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlier, UpstreamConnectionOptions,
+    circuit_breakers, cluster,
 };
 use weft_xds_proto::envoy::config::core::v3::{
-    DataSource, Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions, TransportSocket,
-    data_source, transport_socket,
+    DataSource, Http1ProtocolOptions, HttpProtocolOptions as CommonHttpOptions, TcpKeepalive,
+    TransportSocket, data_source, transport_socket,
 };
 use weft_xds_proto::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
 use weft_xds_proto::envoy::extensions::upstreams::http::v3::{
@@ -268,6 +269,12 @@ pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
                 c.connect_timeout = Some(t);
             }
             max_duration = dur(tcp.max_connection_duration.as_ref());
+            if let Some(k) = &tcp.tcp_keepalive {
+                c.upstream_connection_options = Some(UpstreamConnectionOptions {
+                    tcp_keepalive: Some(keepalive(k)),
+                    ..Default::default()
+                });
+            }
         }
         let (mut per_connection, mut idle) = (None, None);
         if let Some(http) = &pool.http {
@@ -318,6 +325,24 @@ pub fn apply(c: &mut Cluster, e: &Effective<'_>) {
                 ..Default::default()
             });
         }
+    }
+}
+
+/// `tcpKeepalive` as istiod writes it: `SO_KEEPALIVE` with the kernel's defaults, each field
+/// given replacing its default (probes when above 0; times in whole seconds). A time under a
+/// second becomes one second: istiod's 0 would leave the kernel's default (2 hours for the
+/// first probe), far from what was asked.
+fn keepalive(k: &crate::config::TcpKeepalive) -> TcpKeepalive {
+    let seconds = |s: Option<&String>| {
+        let d = parse_duration(s?).ok()?;
+        Some(UInt32Value {
+            value: d.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+        })
+    };
+    TcpKeepalive {
+        keepalive_probes: uint(k.probes),
+        keepalive_time: seconds(k.time.as_ref()),
+        keepalive_interval: seconds(k.interval.as_ref()),
     }
 }
 

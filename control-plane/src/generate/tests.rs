@@ -436,7 +436,7 @@ fn inbound_listeners_answer_as_istio_envoy_outbound_as_envoy() {
 }
 
 #[test]
-fn a_destination_rules_tcp_idle_timeout_reaches_the_tcp_proxy() {
+fn a_destination_rules_tcp_settings_reach_the_tcp_proxy_and_the_cluster() {
     let yaml = r#"
 apiVersion: v1
 kind: Service
@@ -461,7 +461,11 @@ metadata: { name: db }
 spec:
   host: db
   trafficPolicy:
-    connectionPool: { tcp: { idleTimeout: 90s, maxConnectionDuration: 30s } }
+    connectionPool:
+      tcp:
+        idleTimeout: 90s
+        maxConnectionDuration: 30s
+        tcpKeepalive: { time: 7s, interval: 1500ms, probes: 4 }
     portLevelSettings:
     - port: { number: 5433 }
       connectionPool: { tcp: { idleTimeout: 5s } }
@@ -508,6 +512,30 @@ spec:
     .unwrap();
     let common = opts.common_http_protocol_options.unwrap();
     assert_eq!(common.max_connection_duration.map(|d| d.seconds), Some(30));
+    // `tcpKeepalive` becomes the cluster's upstream socket keepalive, in whole seconds.
+    let k = c
+        .upstream_connection_options
+        .unwrap()
+        .tcp_keepalive
+        .unwrap();
+    assert_eq!(k.keepalive_time.map(|v| v.value), Some(7));
+    assert_eq!(k.keepalive_interval.map(|v| v.value), Some(1));
+    assert_eq!(k.keepalive_probes.map(|v| v.value), Some(4));
+    // Keepalive values the kernel cannot take are refused with their field.
+    for (from, to, field) in [
+        ("probes: 4", "probes: 200", "tcpKeepalive.probes"),
+        ("time: 7s", "time: 10h", "tcpKeepalive.time"),
+        ("interval: 1500ms", "interval: 0s", "tcpKeepalive.interval"),
+        ("probes: 4", "probs: 4", "tcpKeepalive"),
+    ] {
+        let bad = yaml.replace(from, to);
+        let mut set = ConfigSet::default();
+        let errors = set.add_file(std::path::Path::new("bad.yaml"), &bad);
+        assert!(
+            errors.iter().any(|e| e.to_string().contains(field)),
+            "{to}: {errors:?}"
+        );
+    }
     // An idle timeout that is not a duration is refused with its field.
     let bad = yaml.replace("idleTimeout: 90s", "idleTimeout: soon");
     let mut set = ConfigSet::default();

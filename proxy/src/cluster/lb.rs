@@ -325,7 +325,6 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::cluster::{EndpointStats, Pool, UpstreamProtocol};
-    use std::time::Duration;
 
     fn ep(port: u16, weight: u32) -> Arc<Endpoint> {
         let address = ([127, 0, 0, 1], port).into();
@@ -335,7 +334,7 @@ mod tests {
             pool: Pool::new(
                 address,
                 UpstreamProtocol::Http1,
-                Duration::from_secs(1),
+                Default::default(),
                 Default::default(),
                 None,
             ),

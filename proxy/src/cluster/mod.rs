@@ -91,7 +91,8 @@ pub struct Cluster {
     pub name: String,
     pub discovery: Discovery,
     pub protocol: UpstreamProtocol,
-    pub connect_timeout: Duration,
+    /// How its connections are opened (`connect_timeout`, `upstream_connection_options`).
+    pub dial: pool::Dial,
     pub lb: lb::Balancer,
     pub endpoints: ArcSwap<lb::EndpointSet>,
     pub stats: ClusterStats,
@@ -359,8 +360,16 @@ impl Cluster {
             ("lb_subset_config", c.lb_subset_config.is_some()),
             ("load_balancing_policy", c.load_balancing_policy.is_some()),
             (
-                "upstream_connection_options",
-                c.upstream_connection_options.is_some(),
+                "upstream_connection_options.set_local_interface_name_on_upstream_connections",
+                c.upstream_connection_options
+                    .as_ref()
+                    .is_some_and(|o| o.set_local_interface_name_on_upstream_connections),
+            ),
+            (
+                "upstream_connection_options.happy_eyeballs_config",
+                c.upstream_connection_options
+                    .as_ref()
+                    .is_some_and(|o| o.happy_eyeballs_config.is_some()),
             ),
         ] {
             if set {
@@ -469,16 +478,28 @@ impl Cluster {
                 "the cluster must support HTTP/2 for gRPC health checking (explicit_http_config with http2_protocol_options)".into(),
             ));
         }
-        let connect_timeout = c
-            .connect_timeout
+        let keepalive = c
+            .upstream_connection_options
             .as_ref()
-            .map(duration)
-            .unwrap_or(Duration::from_secs(5));
+            .and_then(|o| o.tcp_keepalive.as_ref())
+            .map(pool::Keepalive::from_xds)
+            .transpose()
+            .map_err(|(f, r)| {
+                reject(&format!("upstream_connection_options.tcp_keepalive.{f}"), r)
+            })?;
+        let dial = pool::Dial {
+            timeout: c
+                .connect_timeout
+                .as_ref()
+                .map(duration)
+                .unwrap_or(pool::Dial::default().timeout),
+            keepalive,
+        };
         let cluster = Cluster {
             name: c.name.clone(),
             discovery,
             protocol,
-            connect_timeout,
+            dial,
             lb: lb::Balancer::new(lb),
             endpoints: ArcSwap::from_pointee(lb::EndpointSet::default()),
             stats: ClusterStats::default(),
@@ -522,7 +543,7 @@ impl Cluster {
             _ => Arc::new(Endpoint {
                 address: addr,
                 weight,
-                pool: Pool::new(addr, self.protocol, self.connect_timeout, self.limits, tls),
+                pool: Pool::new(addr, self.protocol, self.dial, self.limits, tls),
                 stats: EndpointStats::default(),
                 health: outlier::HostHealth::new(self.health_check.is_some()),
             }),
@@ -795,6 +816,50 @@ mod tests {
         let mut hosts: Vec<SocketAddr> = c.hosts().iter().map(|e| e.address).collect();
         hosts.sort();
         assert_eq!(hosts, [a, b]);
+    }
+
+    /// `tcp_keepalive` reaches the endpoints' pools; its neighbours weft does not implement,
+    /// and values the kernel refuses, are refused by field.
+    #[test]
+    fn upstream_connection_options_are_checked_by_field() {
+        use weft_xds_proto::envoy::config::cluster::v3::{
+            UpstreamConnectionOptions, upstream_connection_options::HappyEyeballsConfig,
+        };
+        use weft_xds_proto::envoy::config::core::v3::TcpKeepalive;
+        let with = |o: UpstreamConnectionOptions| XdsCluster {
+            upstream_connection_options: Some(o),
+            ..original_dst(XdsLb::ClusterProvided)
+        };
+        let keepalive = |probes| UpstreamConnectionOptions {
+            tcp_keepalive: Some(TcpKeepalive {
+                keepalive_probes: Some(weft_xds_proto::wkt::UInt32Value { value: probes }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = Cluster::from_xds(&with(keepalive(5))).unwrap();
+        assert_eq!(c.dial.keepalive.and_then(|k| k.probes), Some(5));
+        assert_eq!(c.dial.timeout, Duration::from_secs(5));
+        let e = Cluster::from_xds(&with(keepalive(1000))).unwrap_err();
+        assert_eq!(
+            e.field,
+            "upstream_connection_options.tcp_keepalive.keepalive_probes"
+        );
+        let e = Cluster::from_xds(&with(UpstreamConnectionOptions {
+            happy_eyeballs_config: Some(HappyEyeballsConfig::default()),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(e.field, "upstream_connection_options.happy_eyeballs_config");
+        let e = Cluster::from_xds(&with(UpstreamConnectionOptions {
+            set_local_interface_name_on_upstream_connections: true,
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(
+            e.field,
+            "upstream_connection_options.set_local_interface_name_on_upstream_connections"
+        );
     }
 
     /// As Envoy: CLUSTER_PROVIDED only, no endpoints of its own; the variants weft does not

@@ -480,13 +480,98 @@ impl ConnectionLimits {
     }
 }
 
+/// How connections to an endpoint are opened: the cluster's `connect_timeout` and
+/// `upstream_connection_options`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dial {
+    pub timeout: Duration,
+    /// `tcp_keepalive`: `SO_KEEPALIVE` on, the parts given replacing the kernel's defaults.
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for Dial {
+    /// Envoy's: a connect timeout of 5 s, no keepalive.
+    fn default() -> Dial {
+        Dial {
+            timeout: Duration::from_secs(5),
+            keepalive: None,
+        }
+    }
+}
+
+/// Linux's largest `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (seconds) and `TCP_KEEPCNT`.
+const KEEPALIVE_MAX_SECONDS: u32 = 32767;
+const KEEPALIVE_MAX_PROBES: u32 = 127;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keepalive {
+    pub time: Option<u32>,
+    pub interval: Option<u32>,
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    /// An Envoy `TcpKeepalive`, or the field the kernel would refuse and why (Envoy accepts
+    /// such a value and then fails every connection it opens: 503 `UF`).
+    pub fn from_xds(
+        k: &weft_xds_proto::envoy::config::core::v3::TcpKeepalive,
+    ) -> Result<Keepalive, (&'static str, String)> {
+        // 0 leaves the kernel's default, as in Envoy.
+        let within = |field: &'static str, v: Option<u32>, max: u32, unit: &str| match v {
+            Some(n) if n > max => Err((field, format!("{n} is over {max}{unit} (Linux's limit)"))),
+            _ => Ok(v.filter(|n| *n > 0)),
+        };
+        Ok(Keepalive {
+            time: within(
+                "keepalive_time",
+                k.keepalive_time.as_ref().map(|v| v.value),
+                KEEPALIVE_MAX_SECONDS,
+                " seconds",
+            )?,
+            interval: within(
+                "keepalive_interval",
+                k.keepalive_interval.as_ref().map(|v| v.value),
+                KEEPALIVE_MAX_SECONDS,
+                " seconds",
+            )?,
+            probes: within(
+                "keepalive_probes",
+                k.keepalive_probes.as_ref().map(|v| v.value),
+                KEEPALIVE_MAX_PROBES,
+                "",
+            )?,
+        })
+    }
+}
+
+impl Dial {
+    /// The socket options of a new connection.
+    fn configure(&self, stream: TcpStream) -> std::io::Result<TcpStream> {
+        let _ = stream.set_nodelay(true);
+        if let Some(k) = &self.keepalive {
+            let mut params = socket2::TcpKeepalive::new();
+            if let Some(t) = k.time {
+                params = params.with_time(Duration::from_secs(t.into()));
+            }
+            if let Some(i) = k.interval {
+                params = params.with_interval(Duration::from_secs(i.into()));
+            }
+            if let Some(p) = k.probes {
+                params = params.with_retries(p);
+            }
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&params)?;
+        }
+        Ok(stream)
+    }
+}
+
 /// Connections are kept per worker (see `worker`): a worker only uses connections its own
 /// runtime drives, so a request never wakes another thread. The mutexes are uncontended.
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
-    connect_timeout: Duration,
+    dial: Dial,
     limits: ConnectionLimits,
     /// TLS towards this endpoint (the cluster's transport socket, or the transport socket
     /// match the endpoint's metadata selects).
@@ -499,14 +584,14 @@ impl Pool {
     pub fn new(
         addr: SocketAddr,
         protocol: UpstreamProtocol,
-        connect_timeout: Duration,
+        dial: Dial,
         limits: ConnectionLimits,
         tls: Option<Arc<crate::tls::UpstreamTls>>,
     ) -> Pool {
         Pool {
             addr,
             protocol,
-            connect_timeout,
+            dial,
             limits,
             tls,
             workers: (0..=crate::worker::count())
@@ -602,26 +687,25 @@ impl Pool {
 
     /// As `connect`, to another port of the host (health checks' `alt_port`).
     pub async fn connect_to(&self, addr: SocketAddr) -> Result<UpstreamStream, UpstreamError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => {
-                    self.stats.cx_connect_fail.inc();
-                    return Err(UpstreamError::Connect { addr, source });
-                }
-                Err(_) => {
-                    self.stats.cx_connect_fail.inc();
-                    return Err(UpstreamError::ConnectTimeout(addr));
-                }
-            };
-        let _ = stream.set_nodelay(true);
+        let connected = tokio::time::timeout(self.dial.timeout, TcpStream::connect(addr)).await;
+        let stream = match connected.map(|c| c.and_then(|s| self.dial.configure(s))) {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                self.stats.cx_connect_fail.inc();
+                return Err(UpstreamError::Connect { addr, source });
+            }
+            Err(_) => {
+                self.stats.cx_connect_fail.inc();
+                return Err(UpstreamError::ConnectTimeout(addr));
+            }
+        };
         self.stats.cx_total.inc();
         let Some(tls) = &self.tls else {
             return Ok(UpstreamStream::Plain(stream));
         };
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         let handshake = connector.connect(tls.server_name.clone(), stream);
-        match tokio::time::timeout(self.connect_timeout, handshake).await {
+        match tokio::time::timeout(self.dial.timeout, handshake).await {
             Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
             Ok(Err(source)) => {
                 self.stats.cx_connect_fail.inc();
@@ -718,6 +802,84 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn new_connections_get_the_clusters_keepalive() {
+        use weft_xds_proto::envoy::config::core::v3::TcpKeepalive;
+        use weft_xds_proto::wkt::UInt32Value;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let value = |value| Some(UInt32Value { value });
+        let open = |keepalive| {
+            let dial = Dial {
+                keepalive,
+                ..Dial::default()
+            };
+            async move {
+                let pool = Pool::new(
+                    addr,
+                    UpstreamProtocol::Http1,
+                    dial,
+                    Default::default(),
+                    None,
+                );
+                match pool.connect().await.unwrap() {
+                    UpstreamStream::Plain(s) => s,
+                    _ => unreachable!("no TLS asked"),
+                }
+            }
+        };
+        // Each field given replaces the kernel's default; 0 leaves it, as in Envoy.
+        let given = Keepalive::from_xds(&TcpKeepalive {
+            keepalive_time: value(7),
+            keepalive_interval: value(3),
+            keepalive_probes: value(4),
+        })
+        .unwrap();
+        let s = open(Some(given)).await;
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        let defaults = socket2::SockRef::from(&open(None).await)
+            .tcp_keepalive_time()
+            .unwrap();
+        let partial = Keepalive::from_xds(&TcpKeepalive {
+            keepalive_time: value(0),
+            keepalive_probes: value(2),
+            ..Default::default()
+        })
+        .unwrap();
+        let s = open(Some(partial)).await;
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), defaults);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 2);
+        // Without it, no keepalive.
+        assert!(
+            !socket2::SockRef::from(&open(None).await)
+                .keepalive()
+                .unwrap()
+        );
+        // What the kernel would refuse is refused with its field.
+        let err = Keepalive::from_xds(&TcpKeepalive {
+            keepalive_probes: value(128),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.0, "keepalive_probes");
+        assert!(err.1.contains("over 127"), "{}", err.1);
+        let err = Keepalive::from_xds(&TcpKeepalive {
+            keepalive_interval: value(40_000),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.0, "keepalive_interval");
+    }
 
     /// After a burst, the pool keeps what the recent traffic used: the burst's peak for the
     /// rest of its window and the next one, then the new peak plus a few spare connections.
