@@ -15,6 +15,7 @@ pub mod rewrite;
 pub mod router;
 mod server;
 pub mod timeouts;
+pub mod trace;
 pub mod upgrade;
 
 use std::borrow::Cow;
@@ -85,6 +86,8 @@ pub struct ConnectionManager {
     pub timeouts: Arc<timeouts::Timeouts>,
     /// `max_request_headers_kb` (60 KiB by default): a larger request head is answered 431.
     pub max_request_head: usize,
+    /// `tracing` (without a provider): the trace decision written into `x-request-id`.
+    pub tracing: Option<trace::Tracing>,
 }
 
 /// What the connection manager does with a response's `server` header, as Envoy.
@@ -348,6 +351,7 @@ impl ConnectionManager {
         let forwarding = forwarded::Forwarding::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let timeouts = Arc::new(timeouts::Timeouts::from_xds(hcm).map_err(|(f, r)| reject(&f, r))?);
+        let tracing = trace::Tracing::from_hcm(hcm).map_err(|(f, r)| reject(f, r))?;
         let max_request_head = match &hcm.max_request_headers_kb {
             None => 60 * 1024,
             // Envoy's bounds: 1 KiB to 8 MiB.
@@ -364,6 +368,7 @@ impl ConnectionManager {
             paths,
             timeouts,
             max_request_head,
+            tracing,
             server_header,
             envoy_headers,
             stat_prefix: hcm.stat_prefix.clone(),
@@ -660,6 +665,24 @@ async fn route_and_forward(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    // The route is found first: the trace decision takes its `tracing` (as Envoy's connection
+    // manager decides before its filters run).
+    let route = table.as_deref().and_then(|t| {
+        t.route(&router::RequestView {
+            method: req.method().as_str(),
+            authority: &authority,
+            path_and_query: path,
+            headers: req.headers(),
+        })
+    });
+    if let Some(tracing) = &hcm.tracing {
+        tracing.decide(req.headers_mut(), route.and_then(|r| r.tracing.as_ref()));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     // 0. Authorization (RBAC filters, in order), before anything else looks at the request.
     if !hcm.rbac.is_empty() {
         let view = router::RequestView {
@@ -683,14 +706,7 @@ async fn route_and_forward(
             );
         }
     }
-    let Some(route) = table.as_deref().and_then(|t| {
-        t.route(&router::RequestView {
-            method: req.method().as_str(),
-            authority: &authority,
-            path_and_query: path,
-            headers: req.headers(),
-        })
-    }) else {
+    let Some(route) = route else {
         hcm.stats.no_route.inc();
         return local_reply(StatusCode::NOT_FOUND, "", "NR", "route_not_found");
     };

@@ -59,6 +59,8 @@ pub struct Route {
     pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    /// `tracing`: the percentages of the trace decision for this route (see `trace`).
+    pub tracing: Option<super::trace::Sampling>,
 }
 
 /// What a matched route does.
@@ -657,6 +659,12 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
         fault,
         cors,
         local_rate_limit,
+        tracing: r
+            .tracing
+            .as_ref()
+            .map(super::trace::Sampling::of_route)
+            .transpose()
+            .map_err(|(f, e)| (format!("tracing.{f}"), e))?,
         request_headers: HeaderEdits::from_xds(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,

@@ -1,0 +1,368 @@
+//! Envoy's trace sampling decision, carried in `x-request-id`. A connection manager with a
+//! `tracing` config decides per request whether it is traced (`x-client-trace-id` with
+//! `client_sampling`, an internal request's `x-envoy-force-trace`, else `random_sampling` of the
+//! request id, all under `overall_sampling`; a route's own `tracing` replaces the percentages)
+//! and writes the decision into the request id's version digit, so that every proxy after it
+//! (and the tracer) agrees: `9` sampled, `a` forced, `b` client-requested, `4` not traced. A
+//! decision already in the id is kept. weft-proxy has no tracer: a `tracing.provider` is NACKed,
+//! and the decision is all that a `tracing` config changes, as in Envoy without a provider.
+
+use http::{HeaderMap, HeaderValue};
+use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use weft_xds_proto::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig;
+use weft_xds_proto::envoy::r#type::v3::{FractionalPercent, Percent, fractional_percent};
+
+use super::names::X_REQUEST_ID;
+
+/// Where a UUID request id holds the decision.
+const REASON_AT: usize = 14;
+const UUID_LENGTH: usize = 36;
+
+const UUID_REQUEST_ID: &str =
+    "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
+
+/// `num` in `den`: admits a value when `value % den < num`, as Envoy's fractional percents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fraction {
+    num: u64,
+    den: u64,
+}
+
+impl Fraction {
+    const ALL: Fraction = Fraction { num: 1, den: 1 };
+
+    fn admits(self, value: u64) -> bool {
+        value % self.den < self.num
+    }
+
+    /// A `Percent` of the connection manager in ten-thousandths (rounded), as Envoy reads
+    /// `random_sampling` and `overall_sampling`.
+    fn ten_thousandths(p: Option<&Percent>) -> Result<Fraction, String> {
+        match p {
+            None => Ok(Fraction::ALL),
+            Some(p) if (0.0..=100.0).contains(&p.value) => Ok(Fraction {
+                num: (p.value * 100.0).round() as u64,
+                den: 10_000,
+            }),
+            Some(p) => Err(format!("{} is outside 0-100", p.value)),
+        }
+    }
+
+    /// `client_sampling`: Envoy keeps only the whole percent.
+    fn hundredths(p: Option<&Percent>) -> Result<Fraction, String> {
+        match p {
+            None => Ok(Fraction::ALL),
+            Some(p) if (0.0..=100.0).contains(&p.value) => Ok(Fraction {
+                num: p.value as u64,
+                den: 100,
+            }),
+            Some(p) => Err(format!("{} is outside 0-100", p.value)),
+        }
+    }
+
+    /// A route's `FractionalPercent`; unset, 100%.
+    fn of(f: Option<&FractionalPercent>) -> Result<Fraction, String> {
+        use fractional_percent::DenominatorType as D;
+        let Some(f) = f else {
+            return Ok(Fraction::ALL);
+        };
+        let den = match D::try_from(f.denominator) {
+            Ok(D::Hundred) => 100,
+            Ok(D::TenThousand) => 10_000,
+            Ok(D::Million) => 1_000_000,
+            Err(_) => return Err(format!("unknown denominator {}", f.denominator)),
+        };
+        Ok(Fraction {
+            num: u64::from(f.numerator),
+            den,
+        })
+    }
+}
+
+/// The three percentages of a connection manager's or a route's `tracing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampling {
+    client: Fraction,
+    random: Fraction,
+    overall: Fraction,
+}
+
+impl Sampling {
+    /// A route's `tracing`: its percentages replace the connection manager's, each unset one
+    /// as 100%.
+    pub fn of_route(
+        t: &weft_xds_proto::envoy::config::route::v3::Tracing,
+    ) -> Result<Sampling, (&'static str, String)> {
+        // `custom_tags` go on spans; there are none, as in Envoy without a tracer.
+        Ok(Sampling {
+            client: Fraction::of(t.client_sampling.as_ref()).map_err(|e| ("client_sampling", e))?,
+            random: Fraction::of(t.random_sampling.as_ref()).map_err(|e| ("random_sampling", e))?,
+            overall: Fraction::of(t.overall_sampling.as_ref())
+                .map_err(|e| ("overall_sampling", e))?,
+        })
+    }
+}
+
+/// The trace decisions of a connection manager with a `tracing` config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tracing {
+    sampling: Sampling,
+}
+
+/// What the request id says of the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    NotTraced,
+    Sampled,
+    Forced,
+    Client,
+}
+
+impl Reason {
+    fn of(id: &[u8]) -> Reason {
+        if id.len() != UUID_LENGTH {
+            return Reason::NotTraced;
+        }
+        match id[REASON_AT] {
+            b'9' => Reason::Sampled,
+            b'a' => Reason::Forced,
+            b'b' => Reason::Client,
+            _ => Reason::NotTraced,
+        }
+    }
+
+    fn digit(self) -> u8 {
+        match self {
+            Reason::NotTraced => b'4',
+            Reason::Sampled => b'9',
+            Reason::Forced => b'a',
+            Reason::Client => b'b',
+        }
+    }
+}
+
+impl Tracing {
+    /// The connection manager's `tracing` and `request_id_extension`: None when requests are
+    /// not traced (no `tracing`, or a request id extension that neither packs the decision nor
+    /// samples by the id).
+    pub fn from_hcm(
+        hcm: &HttpConnectionManager,
+    ) -> Result<Option<Tracing>, (&'static str, String)> {
+        let mut decides = true;
+        if let Some(ext) = &hcm.request_id_extension {
+            let Some(any) = &ext.typed_config else {
+                return Err(("request_id_extension", "typed_config is required".into()));
+            };
+            if any.type_url != UUID_REQUEST_ID {
+                return Err((
+                    "request_id_extension",
+                    format!(
+                        "{} is not supported by this weft-proxy version (UuidRequestIdConfig is)",
+                        any.type_url
+                    ),
+                ));
+            }
+            let uuid: UuidRequestIdConfig =
+                weft_xds_proto::unpack(any).map_err(|e| ("request_id_extension", e.to_string()))?;
+            let on = |b: Option<bool>| b.unwrap_or(true);
+            decides = on(uuid.pack_trace_reason.map(|b| b.value))
+                && on(uuid.use_request_id_for_trace_sampling.map(|b| b.value));
+        }
+        let Some(t) = &hcm.tracing else {
+            return Ok(None);
+        };
+        if t.provider.is_some() {
+            return Err((
+                "tracing.provider",
+                "reporting spans is not supported by this weft-proxy version (tracing without a provider decides sampling in x-request-id, as Envoy)".into(),
+            ));
+        }
+        let sampling = Sampling {
+            client: Fraction::hundredths(t.client_sampling.as_ref())
+                .map_err(|e| ("tracing.client_sampling", e))?,
+            random: Fraction::ten_thousandths(t.random_sampling.as_ref())
+                .map_err(|e| ("tracing.random_sampling", e))?,
+            overall: Fraction::ten_thousandths(t.overall_sampling.as_ref())
+                .map_err(|e| ("tracing.overall_sampling", e))?,
+        };
+        Ok(decides.then_some(Tracing { sampling }))
+    }
+
+    /// Decides the request's trace and writes it into its `x-request-id` (after routing, with
+    /// the route's `tracing` if it has one; `x-envoy-force-trace` is only still there on an
+    /// internal request). A request id that does not start with 8 hex digits is left alone.
+    pub fn decide(&self, headers: &mut HeaderMap, route: Option<&Sampling>) {
+        let s = route.unwrap_or(&self.sampling);
+        let Some(id) = headers.get(X_REQUEST_ID) else {
+            return;
+        };
+        let id = id.as_bytes();
+        let Some(number) = id
+            .get(..8)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        else {
+            return;
+        };
+        let result = number % 10_000;
+        let mut reason = None;
+        if Reason::of(id) == Reason::NotTraced {
+            if headers.contains_key("x-client-trace-id") && s.client.admits(fastrand::u64(..)) {
+                reason = Some(Reason::Client);
+            } else if headers.contains_key("x-envoy-force-trace") {
+                reason = Some(Reason::Forced);
+            } else if s.random.admits(result) {
+                reason = Some(Reason::Sampled);
+            }
+        }
+        if !s.overall.admits(result) {
+            reason = Some(Reason::NotTraced);
+        }
+        let Some(reason) = reason else { return };
+        if id.len() != UUID_LENGTH || id[REASON_AT] == reason.digit() {
+            return;
+        }
+        let mut marked = id.to_vec();
+        marked[REASON_AT] = reason.digit();
+        if let Ok(v) = HeaderValue::from_bytes(&marked) {
+            headers.insert(X_REQUEST_ID, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+        RequestIdExtension, http_connection_manager,
+    };
+    use weft_xds_proto::wkt::BoolValue;
+
+    fn hcm(tracing: Option<http_connection_manager::Tracing>) -> HttpConnectionManager {
+        HttpConnectionManager {
+            tracing,
+            ..Default::default()
+        }
+    }
+
+    fn percent(value: f64) -> Option<Percent> {
+        Some(Percent { value })
+    }
+
+    fn decided(
+        t: &Tracing,
+        id: &str,
+        extra: &[(&'static str, &str)],
+        route: Option<&Sampling>,
+    ) -> String {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_str(id).unwrap());
+        for (k, v) in extra {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        t.decide(&mut h, route);
+        h[X_REQUEST_ID].to_str().unwrap().to_string()
+    }
+
+    const UNDER: &str = "00001387-0000-4000-8000-000000000000"; // 4999 of 10,000
+    const AT: &str = "00001388-0000-4000-8000-000000000000"; // 5000
+
+    #[test]
+    fn the_decision_goes_into_the_request_id() {
+        assert_eq!(Tracing::from_hcm(&hcm(None)).unwrap(), None);
+        let half = Tracing::from_hcm(&hcm(Some(http_connection_manager::Tracing {
+            random_sampling: percent(50.0),
+            ..Default::default()
+        })))
+        .unwrap()
+        .unwrap();
+        // Random sampling by the id's first 8 hex digits modulo 10,000.
+        assert_eq!(&decided(&half, UNDER, &[], None)[14..15], "9");
+        assert_eq!(decided(&half, AT, &[], None), AT);
+        // Forced, asked by the client, already decided.
+        assert_eq!(
+            &decided(&half, AT, &[("x-envoy-force-trace", "1")], None)[14..15],
+            "a"
+        );
+        assert_eq!(
+            &decided(&half, AT, &[("x-client-trace-id", "c")], None)[14..15],
+            "b"
+        );
+        let sampled = AT.replacen('4', "9", 1);
+        assert_eq!(decided(&half, &sampled, &[], None), sampled);
+        // Not a UUID: left alone (too short, not hex, not 36 long).
+        for id in [
+            "abc",
+            "zzzzzzzz-0000-4000-8000-000000000000",
+            "00001387-rest",
+        ] {
+            assert_eq!(decided(&half, id, &[], None), id);
+        }
+        // A route's own percentages replace the connection manager's.
+        let none = Sampling::of_route(&weft_xds_proto::envoy::config::route::v3::Tracing {
+            random_sampling: Some(FractionalPercent {
+                numerator: 0,
+                denominator: 0,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(decided(&half, UNDER, &[], Some(&none)), UNDER);
+        // Overall sampling undoes any decision past it.
+        let overall = Tracing::from_hcm(&hcm(Some(http_connection_manager::Tracing {
+            overall_sampling: percent(10.0),
+            ..Default::default()
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(decided(&overall, &sampled, &[], None), AT);
+        assert_eq!(
+            &decided(&overall, "000003e7-0000-4000-8000-000000000000", &[], None)[14..15],
+            "9"
+        );
+    }
+
+    #[test]
+    fn providers_and_other_request_ids_are_refused_by_field() {
+        use weft_xds_proto::envoy::config::trace::v3::tracing::Http;
+        let with_provider = hcm(Some(http_connection_manager::Tracing {
+            provider: Some(Http {
+                name: "envoy.tracers.zipkin".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+        assert_eq!(
+            Tracing::from_hcm(&with_provider).unwrap_err().0,
+            "tracing.provider"
+        );
+        let bad = hcm(Some(http_connection_manager::Tracing {
+            random_sampling: percent(120.0),
+            ..Default::default()
+        }));
+        assert_eq!(
+            Tracing::from_hcm(&bad).unwrap_err().0,
+            "tracing.random_sampling"
+        );
+        let mut other = hcm(Some(Default::default()));
+        other.request_id_extension = Some(RequestIdExtension {
+            typed_config: Some(weft_xds_proto::wkt::Any {
+                type_url: "type.googleapis.com/example.Other".into(),
+                value: vec![],
+            }),
+        });
+        assert_eq!(
+            Tracing::from_hcm(&other).unwrap_err().0,
+            "request_id_extension"
+        );
+        // A UUID extension that does not pack the reason: no decision is written.
+        let mut unpacked = hcm(Some(Default::default()));
+        unpacked.request_id_extension = Some(RequestIdExtension {
+            typed_config: Some(weft_xds_proto::pack(&UuidRequestIdConfig {
+                pack_trace_reason: Some(BoolValue { value: false }),
+                ..Default::default()
+            })),
+        });
+        assert_eq!(Tracing::from_hcm(&unpacked).unwrap(), None);
+    }
+}
