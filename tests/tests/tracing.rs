@@ -2,8 +2,9 @@
 //! request whether it is traced and writes the decision into `x-request-id` (its version digit:
 //! `9` sampled, `a` forced, `b` asked by the client, `4` not traced), for every proxy after it.
 //! One bootstrap (random sampling at 50% with a route that samples nothing, overall sampling at
-//! 30%, no tracing), run by Envoy and by weft-proxy; the request ids the backend receives for
-//! the same requests must be the same.
+//! 30%, no tracing, `always_set_request_id_in_response`), run by Envoy and by weft-proxy; the
+//! request ids the backend receives for the same requests, the ids on the answers (a forced
+//! trace returns it) and in the access logs must be the same.
 
 use std::net::SocketAddr;
 
@@ -13,7 +14,7 @@ use weft_e2e::standalone::{Flavor, Standalone};
 const BASE: u16 = 18760;
 
 /// (listener, HCM fields at 10 spaces)
-const LISTENERS: [(&str, &str); 3] = [
+const LISTENERS: [(&str, &str); 4] = [
     (
         "half",
         "          tracing: { random_sampling: { value: 50 } }\n          internal_address_config: { cidr_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] }\n",
@@ -22,7 +23,14 @@ const LISTENERS: [(&str, &str); 3] = [
         "overall",
         "          tracing: { overall_sampling: { value: 30 } }\n",
     ),
-    ("none", ""),
+    (
+        "none",
+        "          internal_address_config: { cidr_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] }\n",
+    ),
+    (
+        "answer-id",
+        "          always_set_request_id_in_response: true\n",
+    ),
 ];
 
 const ROUTES: &str = r#"          route_config:
@@ -49,13 +57,15 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     let mut s = Standalone::new("tracing", net, flavor);
     let backend = s.backend("echo");
     let ip = s.ip();
+    let log = s.dir.join("access.log");
+    let logger = Standalone::access_log(&log, "%REQ(X-REQUEST-ID)% %RESP(X-REQUEST-ID)%");
     let mut resources = String::from("  listeners:\n");
     for (i, (name, hcm)) in LISTENERS.iter().enumerate() {
         resources.push_str(&Standalone::hcm_listener(
             name,
             &ip,
             BASE + i as u16,
-            &format!("{hcm}{ROUTES}"),
+            &format!("{hcm}{logger}{ROUTES}"),
             "",
             "",
         ));
@@ -89,8 +99,11 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         (1, "/never", vec![("x-request-id", LOW)]),
         (2, "/", vec![("x-request-id", UNDER)]),
         (2, "/", vec![("x-request-id", AT), force, internal]),
+        (2, "/", vec![("x-request-id", AT), force]),
+        (3, "/", vec![("x-request-id", AT)]),
+        (3, "/", vec![("x-request-id", "client-chosen")]),
     ];
-    cases
+    let mut seen: Vec<String> = cases
         .iter()
         .map(|(listener, path, headers)| {
             let addr: SocketAddr = format!("{ip}:{}", BASE + *listener as u16).parse().unwrap();
@@ -102,12 +115,25 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("x-request-id: "))
                 .unwrap_or("(none)");
+            let answered = r.header("x-request-id").unwrap_or("(none)");
             format!(
-                "{} {path} {headers:?}: {} {seen}",
+                "{} {path} {headers:?}: {} upstream {seen} answer {answered}",
                 LISTENERS[*listener].0, r.status
             )
         })
-        .collect()
+        .collect();
+    // Each request's line is written once its answer is sent.
+    weft_e2e::wait_until(std::time::Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.lines().count() == cases.len()).then_some(())
+    });
+    seen.extend(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| format!("logged {l}")),
+    );
+    seen
 }
 
 #[test]
@@ -120,11 +146,24 @@ fn the_trace_decision_in_the_request_id_is_envoys() {
     assert_eq!(weft.len(), envoy.len());
     // The decisions themselves, as Envoy made them.
     let digit = |i: usize| {
-        let id = weft[i].rsplit(' ').next().unwrap();
+        let id = weft[i].split(" upstream ").nth(1).unwrap();
         id.chars().nth(14).unwrap()
     };
     assert_eq!(digit(0), '9', "{}", weft[0]);
     assert_eq!(digit(1), '4', "{}", weft[1]);
     assert_eq!(digit(3), 'a', "{}", weft[3]);
     assert_eq!(digit(5), 'b', "{}", weft[5]);
+    // A forced trace and `always_set_request_id_in_response` return the id; others do not.
+    assert!(
+        weft[3].ends_with("answer 00001388-0000-a000-8000-000000000002"),
+        "{}",
+        weft[3]
+    );
+    assert!(weft[0].ends_with("answer (none)"), "{}", weft[0]);
+    assert!(weft[18].ends_with("answer client-chosen"), "{}", weft[18]);
+    assert!(
+        weft[19].starts_with("logged 00001387-0000-9000"),
+        "{}",
+        weft[19]
+    );
 }

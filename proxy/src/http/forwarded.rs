@@ -66,6 +66,8 @@ pub struct Forwarding {
     details: Details,
     generate_request_id: bool,
     preserve_external_request_id: bool,
+    /// `always_set_request_id_in_response`: every answer carries the request's id.
+    pub always_set_request_id: bool,
 }
 
 impl Default for Forwarding {
@@ -79,6 +81,7 @@ impl Default for Forwarding {
             details: Details::default(),
             generate_request_id: true,
             preserve_external_request_id: false,
+            always_set_request_id: false,
         }
     }
 }
@@ -133,12 +136,6 @@ impl Forwarding {
         if hcm.add_user_agent.as_ref().is_some_and(|b| b.value) {
             return refuse("add_user_agent", "x-envoy-downstream-service-cluster");
         }
-        if hcm.always_set_request_id_in_response {
-            return refuse(
-                "always_set_request_id_in_response",
-                "x-request-id on every response",
-            );
-        }
         let client_cert = match F::try_from(hcm.forward_client_cert_details) {
             Ok(F::Sanitize) => ClientCert::Sanitize,
             Ok(F::ForwardOnly) => ClientCert::ForwardOnly,
@@ -189,6 +186,7 @@ impl Forwarding {
             details,
             generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
             preserve_external_request_id: hcm.preserve_external_request_id,
+            always_set_request_id: hcm.always_set_request_id_in_response,
         })
     }
 

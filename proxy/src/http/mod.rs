@@ -454,6 +454,9 @@ pub async fn serve_connection<S>(
             let mut entry = Box::new(request_entry(&req, remote, local, &down));
             let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
             response_entry(&mut entry, &resp);
+            if let Some(MarkedRequestId(id)) = resp.extensions_mut().remove() {
+                entry.request_headers.insert(names::X_REQUEST_ID, id);
+            }
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
             let idle = body_idle(&hcm, &mut resp);
             // An upgraded connection's line is written when its session ends.
@@ -574,16 +577,24 @@ pub async fn proxy_request(
         .get::<Arc<timeouts::BodyProgress>>()
         .cloned();
     let h1 = req.version() != Version::HTTP_2;
+    // As Envoy's connection manager: the request's id goes back on the answer when the
+    // connection manager says so or an internal request forces a trace.
+    let answer_id = (hcm.forwarding.always_set_request_id
+        || (origin.internal && req.headers().contains_key(names::X_ENVOY_FORCE_TRACE)))
+    .then(|| req.headers().get(names::X_REQUEST_ID).cloned())
+    .flatten();
     // Pinned where it is made: moving the request path's future (several KB) into the timer's
     // would copy it on every request.
     let route_idle = timeouts::RouteIdle::default();
+    let marked = std::sync::OnceLock::new();
     let forward = std::pin::pin!(route_and_forward(
         proxy,
         hcm,
         down,
         origin,
         req,
-        &route_idle
+        &route_idle,
+        &marked
     ));
     let timed = timeouts::answer_within(&hcm.timeouts, progress.as_deref(), &route_idle, forward);
     let mut resp = match timed.await {
@@ -612,9 +623,23 @@ pub async fn proxy_request(
         resp = grpc_local_reply(resp);
     }
     hcm.server_header.apply(resp.headers_mut());
+    if let Some(id) = answer_id {
+        let id = marked.get().cloned().unwrap_or(id);
+        resp.headers_mut().insert(names::X_REQUEST_ID, id);
+    }
+    // The access log shows the request's id as the trace decision left it.
+    if let Some(id) = marked.get()
+        && hcm.access_logs.is_some()
+    {
+        resp.extensions_mut().insert(MarkedRequestId(id.clone()));
+    }
     hcm.stats.downstream_rq_xx.record(resp.status().as_u16());
     resp
 }
+
+/// The request's `x-request-id` after the trace decision changed it (for the access log).
+#[derive(Clone)]
+struct MarkedRequestId(HeaderValue);
 
 async fn route_and_forward(
     proxy: &Proxy,
@@ -623,6 +648,7 @@ async fn route_and_forward(
     origin: &forwarded::Origin,
     mut req: Request<DownstreamBody>,
     route_idle: &timeouts::RouteIdle,
+    marked: &std::sync::OnceLock<HeaderValue>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 0. A path the connection manager refused (see `normalize_path`).
@@ -675,8 +701,10 @@ async fn route_and_forward(
             headers: req.headers(),
         })
     });
-    if let Some(tracing) = &hcm.tracing {
-        tracing.decide(req.headers_mut(), route.and_then(|r| r.tracing.as_ref()));
+    if let Some(tracing) = &hcm.tracing
+        && let Some(id) = tracing.decide(req.headers_mut(), route.and_then(|r| r.tracing.as_ref()))
+    {
+        let _ = marked.set(id);
     }
     let path = req
         .uri()
@@ -1607,6 +1635,7 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
 pub(crate) mod names {
     use http::HeaderName;
     pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_ENVOY_FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
     pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     pub const X_WEFT_RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-weft-response-flags");
     pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");

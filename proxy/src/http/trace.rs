@@ -191,25 +191,21 @@ impl Tracing {
     /// Decides the request's trace and writes it into its `x-request-id` (after routing, with
     /// the route's `tracing` if it has one; `x-envoy-force-trace` is only still there on an
     /// internal request). A request id that does not start with 8 hex digits is left alone.
-    pub fn decide(&self, headers: &mut HeaderMap, route: Option<&Sampling>) {
+    /// The id as marked, when the decision changed it.
+    pub fn decide(&self, headers: &mut HeaderMap, route: Option<&Sampling>) -> Option<HeaderValue> {
         let s = route.unwrap_or(&self.sampling);
-        let Some(id) = headers.get(X_REQUEST_ID) else {
-            return;
-        };
+        let id = headers.get(X_REQUEST_ID)?;
         let id = id.as_bytes();
-        let Some(number) = id
+        let number = id
             .get(..8)
             .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-        else {
-            return;
-        };
+            .and_then(|h| u64::from_str_radix(h, 16).ok())?;
         let result = number % 10_000;
         let mut reason = None;
         if Reason::of(id) == Reason::NotTraced {
             if headers.contains_key("x-client-trace-id") && s.client.admits(fastrand::u64(..)) {
                 reason = Some(Reason::Client);
-            } else if headers.contains_key("x-envoy-force-trace") {
+            } else if headers.contains_key(super::names::X_ENVOY_FORCE_TRACE) {
                 reason = Some(Reason::Forced);
             } else if s.random.admits(result) {
                 reason = Some(Reason::Sampled);
@@ -218,15 +214,15 @@ impl Tracing {
         if !s.overall.admits(result) {
             reason = Some(Reason::NotTraced);
         }
-        let Some(reason) = reason else { return };
+        let reason = reason?;
         if id.len() != UUID_LENGTH || id[REASON_AT] == reason.digit() {
-            return;
+            return None;
         }
         let mut marked = id.to_vec();
         marked[REASON_AT] = reason.digit();
-        if let Ok(v) = HeaderValue::from_bytes(&marked) {
-            headers.insert(X_REQUEST_ID, v);
-        }
+        let marked = HeaderValue::from_bytes(&marked).ok()?;
+        headers.insert(X_REQUEST_ID, marked.clone());
+        Some(marked)
     }
 }
 
