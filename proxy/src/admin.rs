@@ -627,12 +627,40 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                         s.downstream_rq_header_timeout.get() as i64,
                         true,
                     ),
+                    (
+                        "tracing_random_sampling",
+                        s.tracing_random_sampling.get() as i64,
+                        true,
+                    ),
+                    (
+                        "tracing_service_forced",
+                        s.tracing_service_forced.get() as i64,
+                        true,
+                    ),
+                    (
+                        "tracing_client_enabled",
+                        s.tracing_client_enabled.get() as i64,
+                        true,
+                    ),
+                    (
+                        "tracing_not_traceable",
+                        s.tracing_not_traceable.get() as i64,
+                        true,
+                    ),
+                    (
+                        "tracing_health_check",
+                        s.tracing_health_check.get() as i64,
+                        true,
+                    ),
                 ] {
+                    let plain = stat
+                        .replacen("rbac_", "rbac.", 1)
+                        .replacen("tracing_", "tracing.", 1);
                     v.push(Stat {
                         prom_name: prom_http(stat),
                         labels: lb(),
                         value,
-                        plain: format!("http.{p}.{}", stat.replacen("rbac_", "rbac.", 1)),
+                        plain: format!("http.{p}.{plain}"),
                         counter,
                     });
                 }
@@ -761,6 +789,11 @@ prom_names!(
         "downstream_rq_idle_timeout",
         "downstream_rq_timeout",
         "downstream_rq_header_timeout",
+        "tracing_random_sampling",
+        "tracing_service_forced",
+        "tracing_client_enabled",
+        "tracing_not_traceable",
+        "tracing_health_check",
     ]
 );
 prom_names!(

@@ -84,6 +84,13 @@ pub struct HttpStats {
     pub downstream_rq_idle_timeout: Counter,
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_header_timeout: Counter,
+    /// The trace decisions of a connection manager with `tracing` (`http.<prefix>.tracing.*`);
+    /// `health_check` stays 0: weft-proxy has no health check filter.
+    pub tracing_random_sampling: Counter,
+    pub tracing_service_forced: Counter,
+    pub tracing_client_enabled: Counter,
+    pub tracing_not_traceable: Counter,
+    pub tracing_health_check: Counter,
 }
 
 /// Stats of one TCP proxy (`tcp.<stat_prefix>.*`).

@@ -4,7 +4,8 @@
 //! One bootstrap (random sampling at 50% with a route that samples nothing, overall sampling at
 //! 30%, no tracing, `always_set_request_id_in_response`), run by Envoy and by weft-proxy; the
 //! request ids the backend receives for the same requests, the ids on the answers (a forced
-//! trace returns it) and in the access logs must be the same.
+//! trace returns it) and in the access logs, and the decisions counted in the stats must be the
+//! same.
 
 use std::net::SocketAddr;
 
@@ -75,6 +76,7 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         Standalone::load_assignment("echo", &[backend])
     ));
     s.start(&resources);
+    let before: Vec<u64> = stat_names().iter().map(|n| s.stat(n)).collect();
     let internal = ("x-forwarded-for", "10.1.2.3");
     let force = ("x-envoy-force-trace", "yes");
     let client = ("x-client-trace-id", "client-1");
@@ -133,7 +135,27 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             .lines()
             .map(|l| format!("logged {l}")),
     );
+    // The decisions counted (`http.<prefix>.tracing.*`) for the cases (the harness's own
+    // readiness requests, with random ids, are counted before).
+    for (name, before) in stat_names().into_iter().zip(before) {
+        seen.push(format!("{name}: {}", s.stat(&name) - before));
+    }
     seen
+}
+
+fn stat_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for (listener, _) in LISTENERS {
+        for stat in [
+            "random_sampling",
+            "service_forced",
+            "client_enabled",
+            "not_traceable",
+        ] {
+            names.push(format!("http.{listener}.tracing.{stat}"));
+        }
+    }
+    names
 }
 
 #[test]
@@ -165,5 +187,9 @@ fn the_trace_decision_in_the_request_id_is_envoys() {
         weft[19].starts_with("logged 00001387-0000-9000"),
         "{}",
         weft[19]
+    );
+    assert!(
+        weft.contains(&"http.half.tracing.random_sampling: 3".to_string()),
+        "{weft:#?}"
     );
 }

@@ -702,7 +702,11 @@ async fn route_and_forward(
         })
     });
     if let Some(tracing) = &hcm.tracing
-        && let Some(id) = tracing.decide(req.headers_mut(), route.and_then(|r| r.tracing.as_ref()))
+        && let Some(id) = tracing.decide_counted(
+            req.headers_mut(),
+            route.and_then(|r| r.tracing.as_ref()),
+            &hcm.stats,
+        )
     {
         let _ = marked.set(id);
     }

@@ -191,38 +191,71 @@ impl Tracing {
     /// Decides the request's trace and writes it into its `x-request-id` (after routing, with
     /// the route's `tracing` if it has one; `x-envoy-force-trace` is only still there on an
     /// internal request). A request id that does not start with 8 hex digits is left alone.
-    /// The id as marked, when the decision changed it.
-    pub fn decide(&self, headers: &mut HeaderMap, route: Option<&Sampling>) -> Option<HeaderValue> {
+    /// Decides, and counts the decision in the connection manager's `tracing.*` stats; the id
+    /// as marked, when the decision changed it.
+    pub fn decide_counted(
+        &self,
+        headers: &mut HeaderMap,
+        route: Option<&Sampling>,
+        stats: &crate::stats::HttpStats,
+    ) -> Option<HeaderValue> {
+        let (marked, reason) = self.decide(headers, route);
+        match reason {
+            Reason::Sampled => stats.tracing_random_sampling.inc(),
+            Reason::Forced => stats.tracing_service_forced.inc(),
+            Reason::Client => stats.tracing_client_enabled.inc(),
+            Reason::NotTraced => stats.tracing_not_traceable.inc(),
+        }
+        marked
+    }
+
+    /// The id as marked (when the decision changed it) and the decision. A decision is made
+    /// for an id that starts with 8 hex digits; it is written only into a UUID-long one (as
+    /// Envoy, which counts it all the same).
+    fn decide(
+        &self,
+        headers: &mut HeaderMap,
+        route: Option<&Sampling>,
+    ) -> (Option<HeaderValue>, Reason) {
         let s = route.unwrap_or(&self.sampling);
-        let id = headers.get(X_REQUEST_ID)?;
-        let id = id.as_bytes();
-        let number = id
+        let Some(id) = headers.get(X_REQUEST_ID).map(|v| v.as_bytes()) else {
+            return (None, Reason::NotTraced);
+        };
+        let current = Reason::of(id);
+        let Some(number) = id
             .get(..8)
             .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u64::from_str_radix(h, 16).ok())?;
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        else {
+            return (None, current);
+        };
         let result = number % 10_000;
-        let mut reason = None;
-        if Reason::of(id) == Reason::NotTraced {
+        let mut decided = None;
+        if current == Reason::NotTraced {
             if headers.contains_key("x-client-trace-id") && s.client.admits(fastrand::u64(..)) {
-                reason = Some(Reason::Client);
+                decided = Some(Reason::Client);
             } else if headers.contains_key(super::names::X_ENVOY_FORCE_TRACE) {
-                reason = Some(Reason::Forced);
+                decided = Some(Reason::Forced);
             } else if s.random.admits(result) {
-                reason = Some(Reason::Sampled);
+                decided = Some(Reason::Sampled);
             }
         }
         if !s.overall.admits(result) {
-            reason = Some(Reason::NotTraced);
+            decided = Some(Reason::NotTraced);
         }
-        let reason = reason?;
+        let Some(reason) = decided else {
+            return (None, current);
+        };
         if id.len() != UUID_LENGTH || id[REASON_AT] == reason.digit() {
-            return None;
+            return (None, reason);
         }
         let mut marked = id.to_vec();
         marked[REASON_AT] = reason.digit();
-        let marked = HeaderValue::from_bytes(&marked).ok()?;
+        let Ok(marked) = HeaderValue::from_bytes(&marked) else {
+            return (None, reason);
+        };
         headers.insert(X_REQUEST_ID, marked.clone());
-        Some(marked)
+        (Some(marked), reason)
     }
 }
 
@@ -256,7 +289,7 @@ mod tests {
         for (k, v) in extra {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
-        t.decide(&mut h, route);
+        let _ = t.decide(&mut h, route);
         h[X_REQUEST_ID].to_str().unwrap().to_string()
     }
 
@@ -286,6 +319,9 @@ mod tests {
         );
         let sampled = AT.replacen('4', "9", 1);
         assert_eq!(decided(&half, &sampled, &[], None), sampled);
+        // An unknown digit in the id's place stays when nothing is decided.
+        let other = AT.replacen('4', "c", 1);
+        assert_eq!(decided(&half, &other, &[], None), other);
         // Not a UUID: left alone (too short, not hex, not 36 long).
         for id in [
             "abc",
