@@ -395,7 +395,12 @@ fn filter_chain(
         type_url::HTTP_CONNECTION_MANAGER => {
             let hcm: HttpConnectionManager =
                 weft_xds_proto::unpack(any).map_err(|e| reject(at(&last), e.to_string()))?;
-            NetworkFilter::Http(Arc::new(ConnectionManager::from_xds(&l.name, &hcm)?))
+            let mut cm = ConnectionManager::from_xds(&l.name, &hcm)?;
+            if let Some(t) = &mut cm.tracing {
+                t.egress = l.traffic_direction
+                    == weft_xds_proto::envoy::config::core::v3::TrafficDirection::Outbound as i32;
+            }
+            NetworkFilter::Http(Arc::new(cm))
         }
         type_url::TCP_PROXY => {
             let tcp: XdsTcpProxy =

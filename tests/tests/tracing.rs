@@ -2,10 +2,11 @@
 //! request whether it is traced and writes the decision into `x-request-id` (its version digit:
 //! `9` sampled, `a` forced, `b` asked by the client, `4` not traced), for every proxy after it.
 //! One bootstrap (random sampling at 50% with a route that samples nothing, overall sampling at
-//! 30%, no tracing, `always_set_request_id_in_response`), run by Envoy and by weft-proxy; the
+//! 30%, no tracing, `always_set_request_id_in_response`, egress and ingress listeners with routes'
+//! decorators), run by Envoy and by weft-proxy; the
 //! request ids the backend receives for the same requests, the ids on the answers (a forced
-//! trace returns it) and in the access logs, and the decisions counted in the stats must be the
-//! same.
+//! trace returns it) and in the access logs, the `x-envoy-decorator-operation` sent upstream and
+//! answered, and the decisions counted in the stats must be the same.
 
 use std::net::SocketAddr;
 
@@ -15,7 +16,7 @@ use weft_e2e::standalone::{Flavor, Standalone};
 const BASE: u16 = 18760;
 
 /// (listener, HCM fields at 10 spaces)
-const LISTENERS: [(&str, &str); 4] = [
+const LISTENERS: [(&str, &str); 6] = [
     (
         "half",
         "          tracing: { random_sampling: { value: 50 } }\n          internal_address_config: { cidr_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] }\n",
@@ -32,6 +33,9 @@ const LISTENERS: [(&str, &str); 4] = [
         "answer-id",
         "          always_set_request_id_in_response: true\n",
     ),
+    // `traffic_direction` OUTBOUND and INBOUND (see `run`).
+    ("egress", "          tracing: {}\n"),
+    ("ingress", "          tracing: {}\n"),
 ];
 
 const ROUTES: &str = r#"          route_config:
@@ -42,6 +46,12 @@ const ROUTES: &str = r#"          route_config:
               - match: { prefix: /never }
                 route: { cluster: echo }
                 tracing: { random_sampling: { numerator: 0 } }
+              - match: { prefix: /decorated }
+                route: { cluster: echo }
+                decorator: { operation: svc-op }
+              - match: { prefix: /quiet }
+                route: { cluster: echo }
+                decorator: { operation: quiet-op, propagate: false }
               - { match: { prefix: / }, route: { cluster: echo } }
 "#;
 
@@ -62,13 +72,23 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     let logger = Standalone::access_log(&log, "%REQ(X-REQUEST-ID)% %RESP(X-REQUEST-ID)%");
     let mut resources = String::from("  listeners:\n");
     for (i, (name, hcm)) in LISTENERS.iter().enumerate() {
-        resources.push_str(&Standalone::hcm_listener(
+        let listener = Standalone::hcm_listener(
             name,
             &ip,
             BASE + i as u16,
             &format!("{hcm}{logger}{ROUTES}"),
             "",
             "",
+        );
+        let direction = match *name {
+            "egress" => "OUTBOUND",
+            "ingress" => "INBOUND",
+            _ => "UNSPECIFIED",
+        };
+        resources.push_str(&listener.replacen(
+            "\n",
+            &format!("\n    traffic_direction: {direction}\n"),
+            1,
         ));
     }
     resources.push_str(&format!(
@@ -80,6 +100,8 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     let internal = ("x-forwarded-for", "10.1.2.3");
     let force = ("x-envoy-force-trace", "yes");
     let client = ("x-client-trace-id", "client-1");
+    let op = ("x-envoy-decorator-operation", "client-op");
+    let id = ("x-request-id", UNDER);
     let cases: Vec<Case> = vec![
         (0, "/", vec![("x-request-id", UNDER)]),
         (0, "/", vec![("x-request-id", AT)]),
@@ -104,6 +126,15 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         (2, "/", vec![("x-request-id", AT), force]),
         (3, "/", vec![("x-request-id", AT)]),
         (3, "/", vec![("x-request-id", "client-chosen")]),
+        (4, "/decorated", vec![id]),
+        (4, "/decorated", vec![id, op]),
+        (4, "/", vec![id, op]),
+        (4, "/quiet", vec![id]),
+        (5, "/decorated", vec![id]),
+        (5, "/decorated", vec![id, op]),
+        (5, "/", vec![id, op]),
+        (5, "/quiet", vec![id]),
+        (2, "/decorated", vec![id, op]),
     ];
     let mut seen: Vec<String> = cases
         .iter()
@@ -118,8 +149,14 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
                 .find_map(|l| l.trim().strip_prefix("x-request-id: "))
                 .unwrap_or("(none)");
             let answered = r.header("x-request-id").unwrap_or("(none)");
+            let op_seen = r
+                .body
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("x-envoy-decorator-operation: "))
+                .unwrap_or("-");
+            let op_answered = r.header("x-envoy-decorator-operation").unwrap_or("-");
             format!(
-                "{} {path} {headers:?}: {} upstream {seen} answer {answered}",
+                "{} {path} {headers:?}: {} upstream {seen} answer {answered} operation {op_seen} {op_answered}",
                 LISTENERS[*listener].0, r.status
             )
         })
@@ -171,22 +208,28 @@ fn the_trace_decision_in_the_request_id_is_envoys() {
         let id = weft[i].split(" upstream ").nth(1).unwrap();
         id.chars().nth(14).unwrap()
     };
+    let line = |start: &str| weft.iter().find(|l| l.starts_with(start)).unwrap().as_str();
     assert_eq!(digit(0), '9', "{}", weft[0]);
     assert_eq!(digit(1), '4', "{}", weft[1]);
     assert_eq!(digit(3), 'a', "{}", weft[3]);
     assert_eq!(digit(5), 'b', "{}", weft[5]);
     // A forced trace and `always_set_request_id_in_response` return the id; others do not.
     assert!(
-        weft[3].ends_with("answer 00001388-0000-a000-8000-000000000002"),
+        weft[3].contains("answer 00001388-0000-a000-8000-000000000002 "),
         "{}",
         weft[3]
     );
-    assert!(weft[0].ends_with("answer (none)"), "{}", weft[0]);
-    assert!(weft[18].ends_with("answer client-chosen"), "{}", weft[18]);
+    assert!(weft[0].contains("answer (none) "), "{}", weft[0]);
+    assert!(weft[18].contains("answer client-chosen "), "{}", weft[18]);
+    let logged = line("logged ");
+    assert!(logged.starts_with("logged 00001387-0000-9000"), "{logged}");
+    // Decorator operations: upstream from the egress listener, back to the client from the
+    // ingress one (unless the client sent its own, which is removed).
+    let decorated = format!("/decorated [(\"x-request-id\", \"{UNDER}\")]");
+    assert!(line(&format!("egress {decorated}")).ends_with("operation svc-op -"));
+    assert!(line(&format!("ingress {decorated}")).ends_with("operation - svc-op"));
     assert!(
-        weft[19].starts_with("logged 00001387-0000-9000"),
-        "{}",
-        weft[19]
+        line(&format!("ingress {}, (", decorated.trim_end_matches(']'))).ends_with("operation - -")
     );
     assert!(
         weft.contains(&"http.half.tracing.random_sampling: 3".to_string()),

@@ -586,7 +586,7 @@ pub async fn proxy_request(
     // Pinned where it is made: moving the request path's future (several KB) into the timer's
     // would copy it on every request.
     let route_idle = timeouts::RouteIdle::default();
-    let marked = std::sync::OnceLock::new();
+    let notes = Notes::default();
     let forward = std::pin::pin!(route_and_forward(
         proxy,
         hcm,
@@ -594,7 +594,7 @@ pub async fn proxy_request(
         origin,
         req,
         &route_idle,
-        &marked
+        &notes
     ));
     let timed = timeouts::answer_within(&hcm.timeouts, progress.as_deref(), &route_idle, forward);
     let mut resp = match timed.await {
@@ -624,11 +624,15 @@ pub async fn proxy_request(
     }
     hcm.server_header.apply(resp.headers_mut());
     if let Some(id) = answer_id {
-        let id = marked.get().cloned().unwrap_or(id);
+        let id = notes.marked_id.get().cloned().unwrap_or(id);
         resp.headers_mut().insert(names::X_REQUEST_ID, id);
     }
+    if let Some(op) = notes.operation.get() {
+        resp.headers_mut()
+            .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
+    }
     // The access log shows the request's id as the trace decision left it.
-    if let Some(id) = marked.get()
+    if let Some(id) = notes.marked_id.get()
         && hcm.access_logs.is_some()
     {
         resp.extensions_mut().insert(MarkedRequestId(id.clone()));
@@ -641,6 +645,15 @@ pub async fn proxy_request(
 #[derive(Clone)]
 struct MarkedRequestId(HeaderValue);
 
+/// What the request path learns for the answer and the access log, each set at most once.
+#[derive(Default)]
+struct Notes {
+    /// The request id as the trace decision marked it.
+    marked_id: std::sync::OnceLock<HeaderValue>,
+    /// The route's decorator operation, for the answer (ingress listeners with `tracing`).
+    operation: std::sync::OnceLock<HeaderValue>,
+}
+
 async fn route_and_forward(
     proxy: &Proxy,
     hcm: &ConnectionManager,
@@ -648,7 +661,7 @@ async fn route_and_forward(
     origin: &forwarded::Origin,
     mut req: Request<DownstreamBody>,
     route_idle: &timeouts::RouteIdle,
-    marked: &std::sync::OnceLock<HeaderValue>,
+    notes: &Notes,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 0. A path the connection manager refused (see `normalize_path`).
@@ -701,14 +714,30 @@ async fn route_and_forward(
             headers: req.headers(),
         })
     });
-    if let Some(tracing) = &hcm.tracing
-        && let Some(id) = tracing.decide_counted(
+    if let Some(tracing) = &hcm.tracing {
+        if let Some(id) = tracing.decide_counted(
             req.headers_mut(),
             route.and_then(|r| r.tracing.as_ref()),
             &hcm.stats,
-        )
-    {
-        let _ = marked.set(id);
+        ) {
+            let _ = notes.marked_id.set(id);
+        }
+        // The route's operation goes upstream from an egress listener; an ingress listener
+        // takes a client's own out of the request and answers with the route's otherwise.
+        let operation = route.and_then(|r| r.operation.as_ref());
+        if tracing.egress {
+            if let Some(op) = operation {
+                req.headers_mut()
+                    .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
+            }
+        } else if req
+            .headers_mut()
+            .remove(names::X_ENVOY_DECORATOR_OPERATION)
+            .is_none()
+            && let Some(op) = operation
+        {
+            let _ = notes.operation.set(op.clone());
+        }
     }
     let path = req
         .uri()
@@ -1640,6 +1669,8 @@ pub(crate) mod names {
     use http::HeaderName;
     pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     pub const X_ENVOY_FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
+    pub const X_ENVOY_DECORATOR_OPERATION: HeaderName =
+        HeaderName::from_static("x-envoy-decorator-operation");
     pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     pub const X_WEFT_RESPONSE_FLAGS: HeaderName = HeaderName::from_static("x-weft-response-flags");
     pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");

@@ -61,6 +61,9 @@ pub struct Route {
     pub response_headers: HeaderEdits,
     /// `tracing`: the percentages of the trace decision for this route (see `trace`).
     pub tracing: Option<super::trace::Sampling>,
+    /// `decorator`: the operation, when it is propagated (`x-envoy-decorator-operation`, with
+    /// `tracing` on the connection manager; see `trace`).
+    pub operation: Option<http::HeaderValue>,
 }
 
 /// What a matched route does.
@@ -665,6 +668,8 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
             .map(super::trace::Sampling::of_route)
             .transpose()
             .map_err(|(f, e)| (format!("tracing.{f}"), e))?,
+        operation: super::trace::operation(r.decorator.as_ref())
+            .map_err(|e| ("decorator.operation".to_string(), e))?,
         request_headers: HeaderEdits::from_xds(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,

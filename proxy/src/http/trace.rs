@@ -103,10 +103,34 @@ impl Sampling {
     }
 }
 
+/// A route's `decorator` operation when it is propagated: Envoy's connection manager with
+/// `tracing` sends it upstream (egress listeners) or back on the answer (ingress ones) as
+/// `x-envoy-decorator-operation`.
+pub fn operation(
+    d: Option<&weft_xds_proto::envoy::config::route::v3::Decorator>,
+) -> Result<Option<HeaderValue>, String> {
+    let Some(d) = d else { return Ok(None) };
+    if d.operation.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if !d.propagate.as_ref().is_none_or(|p| p.value) {
+        return Ok(None);
+    }
+    HeaderValue::from_str(&d.operation)
+        .map(Some)
+        .map_err(|_| format!("{:?} is not a valid header value", d.operation))
+}
+
 /// The trace decisions of a connection manager with a `tracing` config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tracing {
     sampling: Sampling,
+    /// The request id extension packs the decision into the id and samples by it (the UUID
+    /// extension's defaults); else no decision is made.
+    decides: bool,
+    /// The listener's `traffic_direction` is OUTBOUND: decorator operations go upstream (else
+    /// back to the client, and a client's own is removed).
+    pub egress: bool,
 }
 
 /// What the request id says of the trace.
@@ -142,9 +166,7 @@ impl Reason {
 }
 
 impl Tracing {
-    /// The connection manager's `tracing` and `request_id_extension`: None when requests are
-    /// not traced (no `tracing`, or a request id extension that neither packs the decision nor
-    /// samples by the id).
+    /// The connection manager's `tracing` and `request_id_extension`: None without `tracing`.
     pub fn from_hcm(
         hcm: &HttpConnectionManager,
     ) -> Result<Option<Tracing>, (&'static str, String)> {
@@ -185,7 +207,11 @@ impl Tracing {
             overall: Fraction::ten_thousandths(t.overall_sampling.as_ref())
                 .map_err(|e| ("tracing.overall_sampling", e))?,
         };
-        Ok(decides.then_some(Tracing { sampling }))
+        Ok(Some(Tracing {
+            sampling,
+            decides,
+            egress: false,
+        }))
     }
 
     /// Decides the request's trace and writes it into its `x-request-id` (after routing, with
@@ -221,6 +247,9 @@ impl Tracing {
         let Some(id) = headers.get(X_REQUEST_ID).map(|v| v.as_bytes()) else {
             return (None, Reason::NotTraced);
         };
+        if !self.decides {
+            return (None, Reason::NotTraced);
+        }
         let current = Reason::of(id);
         let Some(number) = id
             .get(..8)
@@ -355,6 +384,23 @@ mod tests {
     }
 
     #[test]
+    fn decorators_give_their_operation_when_propagated() {
+        use weft_xds_proto::envoy::config::route::v3::Decorator;
+        let d = |operation: &str, propagate: Option<bool>| Decorator {
+            operation: operation.into(),
+            propagate: propagate.map(|value| BoolValue { value }),
+        };
+        assert_eq!(operation(None), Ok(None));
+        assert_eq!(
+            operation(Some(&d("svc-op", None))),
+            Ok(Some(HeaderValue::from_static("svc-op")))
+        );
+        assert_eq!(operation(Some(&d("svc-op", Some(false)))), Ok(None));
+        assert!(operation(Some(&d("", None))).is_err());
+        assert!(operation(Some(&d("bad\nop", None))).is_err());
+    }
+
+    #[test]
     fn providers_and_other_request_ids_are_refused_by_field() {
         use weft_xds_proto::envoy::config::trace::v3::tracing::Http;
         let with_provider = hcm(Some(http_connection_manager::Tracing {
@@ -395,6 +441,10 @@ mod tests {
                 ..Default::default()
             })),
         });
-        assert_eq!(Tracing::from_hcm(&unpacked).unwrap(), None);
+        let unpacked = Tracing::from_hcm(&unpacked).unwrap().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static(UNDER));
+        assert_eq!(unpacked.decide(&mut h, None), (None, Reason::NotTraced));
+        assert_eq!(h[X_REQUEST_ID], UNDER);
     }
 }
