@@ -577,16 +577,22 @@ pub async fn proxy_request(
         .get::<Arc<timeouts::BodyProgress>>()
         .cloned();
     let h1 = req.version() != Version::HTTP_2;
-    // As Envoy's connection manager: the request's id goes back on the answer when the
-    // connection manager says so or an internal request forces a trace.
-    let answer_id = (hcm.forwarding.always_set_request_id
-        || (origin.internal && req.headers().contains_key(names::X_ENVOY_FORCE_TRACE)))
-    .then(|| req.headers().get(names::X_REQUEST_ID).cloned())
-    .flatten();
     // Pinned where it is made: moving the request path's future (several KB) into the timer's
     // would copy it on every request.
     let route_idle = timeouts::RouteIdle::default();
-    let notes = Notes::default();
+    // Filled only by what needs it (tracing, the request id on the answer): a pointer's room
+    // in the request path's future otherwise.
+    let notes: std::sync::OnceLock<Box<Notes>> = std::sync::OnceLock::new();
+    // As Envoy's connection manager: the request's id goes back on the answer when the
+    // connection manager says so or an internal request forces a trace.
+    if hcm.forwarding.always_set_request_id
+        || (origin.internal && req.headers().contains_key(names::X_ENVOY_FORCE_TRACE))
+    {
+        let _ = notes.set(Box::new(Notes {
+            answer_id: req.headers().get(names::X_REQUEST_ID).cloned(),
+            ..Notes::default()
+        }));
+    }
     let forward = std::pin::pin!(route_and_forward(
         proxy,
         hcm,
@@ -623,19 +629,8 @@ pub async fn proxy_request(
         resp = grpc_local_reply(resp);
     }
     hcm.server_header.apply(resp.headers_mut());
-    if let Some(id) = answer_id {
-        let id = notes.marked_id.get().cloned().unwrap_or(id);
-        resp.headers_mut().insert(names::X_REQUEST_ID, id);
-    }
-    if let Some(op) = notes.operation.get() {
-        resp.headers_mut()
-            .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
-    }
-    // The access log shows the request's id as the trace decision left it.
-    if let Some(id) = notes.marked_id.get()
-        && hcm.access_logs.is_some()
-    {
-        resp.extensions_mut().insert(MarkedRequestId(id.clone()));
+    if let Some(notes) = notes.get() {
+        notes.answer(hcm, &mut resp);
     }
     hcm.stats.downstream_rq_xx.record(resp.status().as_u16());
     resp
@@ -645,13 +640,34 @@ pub async fn proxy_request(
 #[derive(Clone)]
 struct MarkedRequestId(HeaderValue);
 
-/// What the request path learns for the answer and the access log, each set at most once.
+/// What the request path learns for the answer and the access log.
 #[derive(Default)]
 struct Notes {
+    /// The request's id as it came, for the answer.
+    answer_id: Option<HeaderValue>,
     /// The request id as the trace decision marked it.
     marked_id: std::sync::OnceLock<HeaderValue>,
     /// The route's decorator operation, for the answer (ingress listeners with `tracing`).
     operation: std::sync::OnceLock<HeaderValue>,
+}
+
+impl Notes {
+    fn answer(&self, hcm: &ConnectionManager, resp: &mut Response<ProxyBody>) {
+        if let Some(id) = &self.answer_id {
+            let id = self.marked_id.get().unwrap_or(id).clone();
+            resp.headers_mut().insert(names::X_REQUEST_ID, id);
+        }
+        if let Some(op) = self.operation.get() {
+            resp.headers_mut()
+                .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
+        }
+        // The access log shows the request's id as the trace decision left it.
+        if let Some(id) = self.marked_id.get()
+            && hcm.access_logs.is_some()
+        {
+            resp.extensions_mut().insert(MarkedRequestId(id.clone()));
+        }
+    }
 }
 
 async fn route_and_forward(
@@ -661,7 +677,7 @@ async fn route_and_forward(
     origin: &forwarded::Origin,
     mut req: Request<DownstreamBody>,
     route_idle: &timeouts::RouteIdle,
-    notes: &Notes,
+    notes: &std::sync::OnceLock<Box<Notes>>,
 ) -> Response<ProxyBody> {
     let snapshot = proxy.snapshot();
     // 0. A path the connection manager refused (see `normalize_path`).
@@ -715,6 +731,7 @@ async fn route_and_forward(
         })
     });
     if let Some(tracing) = &hcm.tracing {
+        let notes = notes.get_or_init(Box::default);
         if let Some(id) = tracing.decide_counted(
             req.headers_mut(),
             route.and_then(|r| r.tracing.as_ref()),
