@@ -143,17 +143,17 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             let r = Client::new(addr)
                 .request("GET", "svc", path, headers)
                 .expect("the proxy answers");
-            let seen = r
-                .body
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("x-request-id: "))
-                .unwrap_or("(none)");
+            // The echo backend lists the request's headers in its answer.
+            let echoed = |name: &str| {
+                let prefix = format!("{name}: ");
+                r.body
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+                    .map(str::to_string)
+            };
+            let seen = echoed("x-request-id").unwrap_or_else(|| "(none)".into());
             let answered = r.header("x-request-id").unwrap_or("(none)");
-            let op_seen = r
-                .body
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("x-envoy-decorator-operation: "))
-                .unwrap_or("-");
+            let op_seen = echoed("x-envoy-decorator-operation").unwrap_or_else(|| "-".into());
             let op_answered = r.header("x-envoy-decorator-operation").unwrap_or("-");
             format!(
                 "{} {path} {headers:?}: {} upstream {seen} answer {answered} operation {op_seen} {op_answered}",

@@ -419,6 +419,16 @@ mod tests {
         assert!(rest.is_empty());
     }
 
+    /// Everything the writer sends until it shuts down (within 10 s).
+    async fn read_all<R: AsyncRead + Unpin>(far: &mut R) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), far.read_to_end(&mut got))
+            .await
+            .expect("the writer stalled")
+            .unwrap();
+        got
+    }
+
     #[tokio::test]
     async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
         // The pipe holds 4 KiB: 1 MiB has to wait for the reader, in order.
@@ -436,11 +446,7 @@ mod tests {
             },
             drain,
         ));
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), far.read_to_end(&mut got))
-            .await
-            .expect("the writer stalled")
-            .unwrap();
+        let got = read_all(&mut far).await;
         writer.await.unwrap();
         assert!(got == data, "{} bytes arrived of {}", got.len(), data.len());
     }
@@ -536,11 +542,7 @@ mod tests {
         ]);
         let want = expected(&sent);
         let writer = tokio::spawn(drive(frames_of_lent_chunks(io, lender, sent), drain));
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), far.read_to_end(&mut got))
-            .await
-            .expect("the writer stalled")
-            .unwrap();
+        let got = read_all(&mut far).await;
         writer.await.unwrap();
         assert!(got == want, "{} bytes arrived of {}", got.len(), want.len());
     }

@@ -756,6 +756,7 @@ async fn route_and_forward(
             let _ = notes.operation.set(op.clone());
         }
     }
+    // Borrowed again: the trace decision wrote to the headers.
     let path = req
         .uri()
         .path_and_query()
