@@ -69,17 +69,25 @@ fn give_back(mut buffer: Vec<u8>) {
 
 /// Where the answers of one connection lend their large body chunks to its writer.
 #[derive(Clone, Default)]
-pub struct Lender(Arc<Mutex<VecDeque<Bytes>>>);
+pub struct Lender(Arc<Mutex<Lent>>);
+
+#[derive(Default)]
+struct Lent {
+    /// Chunks, oldest first, each with the count of completed writes when it was lent.
+    chunks: VecDeque<(u32, Bytes)>,
+    writes: u32,
+}
 
 impl Lender {
     /// A body chunk about to be handed to the connection: if its writer is given a slice of
     /// it, it keeps the chunk instead of copying the bytes.
     pub fn lend(&self, chunk: &Bytes) {
         let mut lent = crate::lock_own(&self.0);
-        if lent.len() == LENT {
-            lent.pop_front();
+        if lent.chunks.len() == LENT {
+            lent.chunks.pop_front();
         }
-        lent.push_back(chunk.clone());
+        let writes = lent.writes;
+        lent.chunks.push_back((writes, chunk.clone()));
     }
 
     /// The lent chunk `slice` lies in, cut to `slice`. A chunk is forgotten once a slice
@@ -88,16 +96,32 @@ impl Lender {
         let start = slice.as_ptr() as usize;
         let end = start + slice.len();
         let mut lent = crate::lock_own(&self.0);
-        let i = lent.iter().position(|chunk| {
+        let i = lent.chunks.iter().position(|(_, chunk)| {
             let from = chunk.as_ptr() as usize;
             from <= start && end <= from + chunk.len()
         })?;
-        let chunk = &lent[i];
+        let chunk = &lent.chunks[i].1;
         let found = chunk.slice_ref(slice);
         if end == chunk.as_ptr() as usize + chunk.len() {
-            lent.remove(i);
+            lent.chunks.remove(i);
         }
         Some(found)
+    }
+
+    /// Everything gathered was written: chunks that no longer need remembering are let go, so
+    /// that a connection (an idle one too) holds no memory for answers that went away. That is
+    /// a chunk nothing else holds (its stream was reset: the codec dropped the frame) and one
+    /// lent before the write before this one (it waits for flow-control window, or its stream
+    /// went away while others still hold the buffer; it is copied if it is written after all).
+    fn written(&self) {
+        let mut lent = crate::lock_own(&self.0);
+        if lent.chunks.is_empty() {
+            return;
+        }
+        lent.writes = lent.writes.wrapping_add(1);
+        let now = lent.writes;
+        lent.chunks
+            .retain(|(at, chunk)| now.wrapping_sub(*at) < 2 && !chunk.is_unique());
     }
 }
 
@@ -145,6 +169,7 @@ impl<S: AsyncWrite + Unpin> State<S> {
             self.written = 0;
             self.gathered = 0;
             give_back(std::mem::take(&mut self.pending));
+            self.lender.written();
         }
         match ready!(Pin::new(&mut self.io).poll_flush(cx)) {
             Ok(()) => Poll::Ready(Ok(())),
@@ -567,6 +592,39 @@ mod tests {
         let mut got = Vec::new();
         far.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, first);
+    }
+
+    #[tokio::test]
+    async fn chunks_that_are_not_written_are_let_go() {
+        let (near, _far) = tokio::io::duplex(1 << 20);
+        let lender = Lender::default();
+        let (mut io, drain) = coalesce(near, lender.clone());
+        let chunk = chunks(&[4096]).remove(0);
+        let held = chunk.clone();
+        lender.lend(&chunk);
+        // Its stream went away: nothing but the lender holds it. Let go at the next write.
+        drop(chunk);
+        let waiting = chunks(&[4096]).remove(0);
+        lender.lend(&waiting);
+        drop(held);
+        // A byte written, and everything gathered written out.
+        async fn write<S: AsyncWrite + Unpin>(io: &mut Coalesced<S>, drain: &Drain<S>) {
+            io.write_all(b"x").await.unwrap();
+            let drain = Drain {
+                state: drain.state.clone(),
+            };
+            drive(std::future::ready(()), drain).await;
+        }
+        write(&mut io, &drain).await;
+        assert_eq!(
+            crate::lock_own(&lender.0).chunks.len(),
+            1,
+            "the held one stays"
+        );
+        // Still held elsewhere (waiting for window), but lent two writes ago: let go too.
+        write(&mut io, &drain).await;
+        assert!(crate::lock_own(&lender.0).chunks.is_empty());
+        assert!(lender.borrow(&waiting[..]).is_none());
     }
 
     #[tokio::test]
