@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 
 use weft_e2e::Client;
-use weft_e2e::standalone::{Flavor, Standalone};
+use weft_e2e::standalone::{Flavor, Standalone, differing_lines, line_starting};
 
 const BASE: u16 = 18760;
 
@@ -199,16 +199,14 @@ fn stat_names() -> Vec<String> {
 fn the_trace_decision_in_the_request_id_is_envoys() {
     let weft = run(Flavor::Weft, 122);
     let envoy = run(Flavor::Envoy, 123);
-    for (w, e) in weft.iter().zip(&envoy) {
-        assert_eq!(w, e, "weft-proxy, then Envoy");
-    }
-    assert_eq!(weft.len(), envoy.len());
+    let differ = differing_lines(&weft, &envoy);
+    assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
     // The decisions themselves, as Envoy made them.
     let digit = |i: usize| {
         let id = weft[i].split(" upstream ").nth(1).unwrap();
         id.chars().nth(14).unwrap()
     };
-    let line = |start: &str| weft.iter().find(|l| l.starts_with(start)).unwrap().as_str();
+    let line = |start: &str| line_starting(&weft, start);
     assert_eq!(digit(0), '9', "{}", weft[0]);
     assert_eq!(digit(1), '4', "{}", weft[1]);
     assert_eq!(digit(3), 'a', "{}", weft[3]);

@@ -35,26 +35,19 @@ impl Fraction {
         value % self.den < self.num
     }
 
-    /// A `Percent` of the connection manager in ten-thousandths (rounded), as Envoy reads
-    /// `random_sampling` and `overall_sampling`.
-    fn ten_thousandths(p: Option<&Percent>) -> Result<Fraction, String> {
+    /// A `Percent` of the connection manager as a fraction of `den`, its numerator taken by
+    /// `whole` as Envoy takes it: `random_sampling` and `overall_sampling` rounded in
+    /// ten-thousandths, `client_sampling` truncated to whole percents. Unset, 100%.
+    fn of_percent(
+        p: Option<&Percent>,
+        den: u64,
+        whole: fn(f64) -> f64,
+    ) -> Result<Fraction, String> {
         match p {
             None => Ok(Fraction::ALL),
             Some(p) if (0.0..=100.0).contains(&p.value) => Ok(Fraction {
-                num: (p.value * 100.0).round() as u64,
-                den: 10_000,
-            }),
-            Some(p) => Err(format!("{} is outside 0-100", p.value)),
-        }
-    }
-
-    /// `client_sampling`: Envoy keeps only the whole percent.
-    fn hundredths(p: Option<&Percent>) -> Result<Fraction, String> {
-        match p {
-            None => Ok(Fraction::ALL),
-            Some(p) if (0.0..=100.0).contains(&p.value) => Ok(Fraction {
-                num: p.value as u64,
-                den: 100,
+                num: whole(p.value * den as f64 / 100.0) as u64,
+                den,
             }),
             Some(p) => Err(format!("{} is outside 0-100", p.value)),
         }
@@ -200,11 +193,11 @@ impl Tracing {
             ));
         }
         let sampling = Sampling {
-            client: Fraction::hundredths(t.client_sampling.as_ref())
+            client: Fraction::of_percent(t.client_sampling.as_ref(), 100, f64::trunc)
                 .map_err(|e| ("tracing.client_sampling", e))?,
-            random: Fraction::ten_thousandths(t.random_sampling.as_ref())
+            random: Fraction::of_percent(t.random_sampling.as_ref(), 10_000, f64::round)
                 .map_err(|e| ("tracing.random_sampling", e))?,
-            overall: Fraction::ten_thousandths(t.overall_sampling.as_ref())
+            overall: Fraction::of_percent(t.overall_sampling.as_ref(), 10_000, f64::round)
                 .map_err(|e| ("tracing.overall_sampling", e))?,
         };
         Ok(Some(Tracing {
