@@ -80,6 +80,18 @@ fn serve(conn: TcpStream) {
             return;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        if path.starts_with("/early") {
+            // An answer before the body, which is never read (a server refusing an upload):
+            // `/early` closes at once (the proxy's next bytes bring back a reset), `/early-open`
+            // keeps the connection and reads nothing more for a while.
+            let stream = reader.get_mut();
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
+            if path == "/early-open" {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            return;
+        }
         // The head, then the body (by content-length, or chunked) read and dropped: what is
         // left of a body would read as the next request on this connection.
         let mut length = 0usize;
@@ -190,6 +202,43 @@ fn raw_exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Posts a body of `len` bytes from another thread while the answer is read here: the status
+/// and body that came back (0 when none did).
+fn upload(proxy: SocketAddr, path: &str, len: usize) -> (u16, String) {
+    use std::io::Read;
+    let mut s = TcpStream::connect(proxy).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: raw\r\nContent-Length: {len}\r\n\r\n");
+    let writer = std::thread::spawn(move || {
+        // The proxy may stop reading once the answer is out: the rest fails to go, as it may.
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(&vec![b'x'; len]);
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n")
+            && head.to_ascii_lowercase().contains("content-length: 8")
+            && body.len() >= 8
+        {
+            break;
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    let text = String::from_utf8_lossy(&got);
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
 /// What the client saw for each path, and the access log's flags.
 #[derive(Debug, PartialEq)]
 struct Outcomes {
@@ -239,6 +288,12 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
             r.status,
             String::new(),
         ));
+    }
+    // Answers that come before the upstream took the request's body are passed on: one that
+    // fits the proxy's buffer and one streamed past the socket buffers.
+    for (path, len) in [("/early", 1 << 20), ("/early-open", 16 << 20)] {
+        let (status, body) = upload(proxy, path, len);
+        answers.push((format!("{path}: {len} bytes"), status, body));
     }
     // Pooled connections the backend closed after answering: every request still succeeds.
     let mut c = Client::new(proxy);
@@ -348,6 +403,8 @@ fn upstream_http1_framing_and_failures_match_envoy() {
         ("/http10", 200, "old!"),
         ("/interim", 201, "ok"),
         ("/no-content", 204, ""),
+        ("/early: 1048576 bytes", 413, "too big!"),
+        ("/early-open: 16777216 bytes", 413, "too big!"),
     ];
     for (path, status, body) in expected {
         assert!(

@@ -337,23 +337,30 @@ pub(crate) enum BodyEnd {
     Failed(BoxError),
     /// The body was longer or shorter than its declared length; what fitted was written.
     WrongLength,
+    /// The peer answered before the whole body went out (`answered`): the rest is not sent.
+    Answered,
 }
 
 /// Writes `body` in `framing` after what `out` already holds (a head): frames that are ready
 /// are gathered and written together, what is gathered is written before waiting for more,
-/// and a chunked body ends with its trailers. `out` is left empty.
-pub(crate) async fn write_body<W, B>(
+/// and a chunked body ends with its trailers. `out` is left empty. While it waits for the
+/// body, `answered` is polled too: once it is ready the peer has answered and nothing more is
+/// sent.
+pub(crate) async fn write_body<W, B, A>(
     io: &mut W,
     out: &mut Vec<u8>,
     body: &mut B,
     framing: BodyFraming,
+    mut answered: A,
 ) -> io::Result<BodyEnd>
 where
     W: tokio::io::AsyncWrite + Unpin,
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    A: FnMut(&mut W, &mut Context<'_>) -> Poll<()>,
 {
     use futures::FutureExt as _;
+    use futures::future::Either;
     use http_body_util::BodyExt as _;
     let mut sent = 0u64;
     // A large chunk waiting to be written after `out`.
@@ -364,7 +371,11 @@ where
             Some(f) => f,
             None => {
                 write_gathered(io, out, held.take()).await?;
-                body.frame().await
+                let answer = std::future::poll_fn(|cx| answered(io, cx));
+                match futures::future::select(body.frame(), answer).await {
+                    Either::Left((frame, _)) => frame,
+                    Either::Right(_) => break BodyEnd::Answered,
+                }
             }
         };
         match frame {
@@ -416,6 +427,11 @@ where
     out.clear();
     written?;
     Ok(end)
+}
+
+/// For `write_body` where no answer can come while the body goes out (a response's).
+pub(crate) fn unanswered<W>(_: &mut W, _: &mut Context<'_>) -> Poll<()> {
+    Poll::Pending
 }
 
 /// Writes `out`, then `held` (a large chunk that was not copied into it), and empties `out`.
@@ -505,29 +521,169 @@ pub struct ResponseHead {
     keep_alive: bool,
 }
 
-/// Writes the request (head and body) and reads the response head.
+/// Writes the request (head and body) and reads the response head. An upstream may answer
+/// before it has the whole request (an early 413, a server that does not read bodies it has no
+/// use for): its answer is passed on, and the rest of the request is not sent. Such an upstream
+/// often closes at once, and the next bytes written bring back a reset: what it sent before is
+/// still readable then, and is read before the write's failure is believed.
 pub async fn exchange(
     conn: &mut Conn,
     head: &RequestHead,
     body: &mut Outgoing,
 ) -> Result<ResponseHead, ExchangeError> {
-    write_request(conn, head, body).await?;
-    loop {
-        let parsed = read_head(conn, head.head_method).await?;
-        // Interim answers (100 Continue, 103 Early Hints) are not passed on.
-        if parsed.status.is_informational() && parsed.status != StatusCode::SWITCHING_PROTOCOLS {
-            continue;
+    let mut sending = Sending {
+        io: &mut conn.io,
+        read: &mut conn.read,
+        head_method: head.head_method,
+        answer: None,
+        ended: false,
+    };
+    let sent = write_request(&mut sending, head, body).await;
+    if let Err(Unsent::Connection(e)) = &sent
+        && matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
+    {
+        // The connection is gone: what came before its end reads at once, then its end.
+        std::future::poll_fn(|cx| match sending.poll_answer(cx) {
+            Poll::Pending if !sending.ended => Poll::Pending,
+            _ => Poll::Ready(()),
+        })
+        .await;
+    }
+    if let Some(answer) = sending.answer.take() {
+        // The request is not whole on the wire: the connection carries nothing after it.
+        return answer.map(|mut h| {
+            h.keep_alive = false;
+            h
+        });
+    }
+    match sent {
+        Ok(()) => read_head(conn, head.head_method).await,
+        Err(Unsent::Connection(e)) => Err(failure(true, true, e)),
+        Err(Unsent::Request(e)) => Err(e),
+    }
+}
+
+/// Why a request did not go out whole.
+enum Unsent {
+    /// Writing to the upstream failed.
+    Connection(io::Error),
+    /// The request's body failed or did not match its length.
+    Request(ExchangeError),
+}
+
+/// The upstream connection while a request goes out. Writes go through; when one has to wait
+/// (the upstream reads no more) or the request's body is not ready yet, what the upstream sends
+/// is read, so that an answer that comes before the whole request is seen, not waited out. The
+/// request's own path pays nothing for it: nothing is read while writes go through at once.
+struct Sending<'a> {
+    io: &'a mut UpstreamStream,
+    read: &'a mut BytesMut,
+    head_method: bool,
+    /// The final answer's head, or why what came is not one, once the upstream sent it.
+    answer: Option<Result<ResponseHead, ExchangeError>>,
+    /// The upstream closed or failed: nothing more will come to watch.
+    ended: bool,
+}
+
+/// A write refused because the upstream has answered (`Sending::answer` holds it).
+#[derive(Debug)]
+struct Answered;
+
+impl std::fmt::Display for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream answered before the whole request was sent")
+    }
+}
+
+impl std::error::Error for Answered {}
+
+impl Sending<'_> {
+    /// Ready once a final answer's head (interim ones skipped) or an invalid one has come.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::future::Future as _;
+        while self.answer.is_none() && !self.ended {
+            match take_final(self.read, self.head_method) {
+                Ok(None) => {}
+                found => {
+                    self.answer = found.transpose();
+                    break;
+                }
+            }
+            if self.read.len() >= MAX_HEAD {
+                self.answer = Some(Err(protocol_error("response head too large")));
+                break;
+            }
+            self.read.reserve(READ_CHUNK);
+            match std::pin::pin!(self.io.read_buf(self.read)).poll(cx) {
+                Poll::Ready(Ok(n)) => self.ended = n == 0,
+                // What the failure means is the write's or the read's after it to say.
+                Poll::Ready(Err(_)) => self.ended = true,
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        return Ok(parsed);
+        if self.answer.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// A write that has to wait fails instead once the upstream has answered.
+    fn waiting<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match write {
+            Poll::Pending if self.poll_answer(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::other(Answered)))
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Sending<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let write = Pin::new(&mut *self.io).poll_write(cx, buf);
+        self.waiting(cx, write)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let write = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
+        self.waiting(cx, write)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flush = Pin::new(&mut *self.io).poll_flush(cx);
+        self.waiting(cx, flush)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
 async fn write_request(
-    conn: &mut Conn,
+    io: &mut Sending<'_>,
     head: &RequestHead,
     body: &mut Outgoing,
-) -> Result<(), ExchangeError> {
-    let err = |e| failure(true, true, e);
+) -> Result<(), Unsent> {
     // The head and as much of the body as is at hand go out together. Sized to what is
     // copied: a bodiless request's buffer stays small enough for the allocator's per-thread
     // cache (a fixed kilobyte of room made every request take and free a larger block, ~1,000
@@ -539,37 +695,57 @@ async fn write_request(
     };
     let mut out = Vec::with_capacity(head.bytes.len() + room);
     out.extend_from_slice(&head.bytes);
-    let io = &mut conn.io;
+    let answered = Sending::poll_answer;
     let end = match body {
         Outgoing::Bytes(b) => {
-            write_body(io, &mut out, &mut Full::new(b.clone()), head.framing).await
+            let mut full = Full::new(b.clone());
+            write_body(io, &mut out, &mut full, head.framing, answered).await
         }
         Outgoing::Stream(stream) => match stream.take() {
-            Some(mut stream) => write_body(io, &mut out, &mut stream, head.framing).await,
+            Some(mut stream) => write_body(io, &mut out, &mut stream, head.framing, answered).await,
             // Already sent once (a stream is never replayed): nothing more to send.
-            None => write_body(io, &mut out, &mut Full::new(Bytes::new()), head.framing).await,
+            None => {
+                let mut none = Full::new(Bytes::new());
+                write_body(io, &mut out, &mut none, head.framing, answered).await
+            }
         },
     }
-    .map_err(err)?;
+    .map_err(Unsent::Connection)?;
     match end {
         BodyEnd::Complete => {}
-        BodyEnd::Failed(e) => return Err(failure(true, true, e)),
+        // `io.answer` holds the answer.
+        BodyEnd::Answered => return Ok(()),
+        BodyEnd::Failed(e) => return Err(Unsent::Request(failure(true, true, e))),
         BodyEnd::WrongLength => {
-            return Err(failure(
+            return Err(Unsent::Request(failure(
                 true,
                 true,
                 "request body does not match its content-length",
-            ));
+            )));
         }
     }
-    conn.io.flush().await.map_err(err)
+    io.flush().await.map_err(Unsent::Connection)
 }
 
-/// Reads until a whole response head is buffered, then parses it.
+/// Takes the final response head at the start of `buf` out of it, interim answers (100
+/// Continue, 103 Early Hints: not passed on) before it skipped: `None` while incomplete.
+fn take_final(
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<Option<ResponseHead>, ExchangeError> {
+    while let Some(parsed) = parse_head(buf, head_method)? {
+        if !parsed.status.is_informational() || parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Some(parsed));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads until a whole final response head is buffered, then parses it.
 async fn read_head(conn: &mut Conn, head_method: bool) -> Result<ResponseHead, ExchangeError> {
     loop {
         if !conn.read.is_empty() {
-            if let Some(parsed) = parse_head(&mut conn.read, head_method)? {
+            if let Some(parsed) = take_final(&mut conn.read, head_method)? {
                 return Ok(parsed);
             }
             if conn.read.len() >= MAX_HEAD {
@@ -1301,7 +1477,7 @@ mod tests {
             let mut io = Trickle::new(max, vectored);
             let mut out = b"HEAD\r\n\r\n".to_vec();
             let framing = BodyFraming::Length(all.len() as u64);
-            let end = write_body(&mut io, &mut out, &mut body, framing)
+            let end = write_body(&mut io, &mut out, &mut body, framing, unanswered)
                 .await
                 .unwrap();
             assert!(matches!(end, BodyEnd::Complete));
@@ -1313,9 +1489,15 @@ mod tests {
             let (all, body) = frames(&sizes);
             let mut body = std::pin::pin!(body);
             let mut io = Trickle::new(max, vectored);
-            write_body(&mut io, &mut Vec::new(), &mut body, BodyFraming::Chunked)
-                .await
-                .unwrap();
+            write_body(
+                &mut io,
+                &mut Vec::new(),
+                &mut body,
+                BodyFraming::Chunked,
+                unanswered,
+            )
+            .await
+            .unwrap();
             let (data, trailers) = dechunk(&io.got, 13).unwrap();
             assert!(
                 data == all && trailers.is_none(),
@@ -1331,11 +1513,172 @@ mod tests {
             &mut Vec::new(),
             &mut body,
             BodyFraming::Length(4000),
+            unanswered,
         )
         .await
         .unwrap();
         assert!(matches!(end, BodyEnd::WrongLength));
         assert_eq!(io.got, vec![b'a'; 100]);
+    }
+
+    /// A connection to a loopback upstream played by `serve`.
+    async fn upstream<F, Fut>(serve: F) -> Conn
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            serve(s).await;
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Conn::new(UpstreamStream::Plain(s), Arc::new(Gauge::default()))
+    }
+
+    /// Reads up to the end of the request head (and perhaps some body after it).
+    async fn read_request_head(s: &mut tokio::net::TcpStream) {
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request head did not come");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn post(len: usize) -> (RequestHead, Outgoing) {
+        let (parts, ()) = http::Request::post("/upload")
+            .header("host", "a")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let body = Outgoing::Bytes(Bytes::from(vec![b'x'; len]));
+        let head = RequestHead::encode(
+            &super::super::UpstreamHead {
+                method: parts.method,
+                uri: parts.uri,
+                version: http::Version::HTTP_11,
+                headers: parts.headers,
+                attempt: None,
+            },
+            &body,
+        );
+        (head, body)
+    }
+
+    /// Bounds a test that would otherwise hang when the behaviour it checks is broken.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(20), f)
+            .await
+            .expect("the exchange hung")
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_request_is_passed_on() {
+        const BIG: usize = 8 << 20;
+        // The upstream answers after the head and closes: the body's next bytes bring back a
+        // reset, and the answer that came before it is still read.
+        let mut conn = upstream(|mut s| async move {
+            read_request_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+                .await
+                .unwrap();
+        })
+        .await;
+        let (head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!got.keep_alive, "the request is not whole on the wire");
+        assert_eq!(conn.read[..], b"big!"[..]);
+
+        // It answers and reads no more, the connection open: the answer is not waited out.
+        let mut conn = upstream(|mut s| async move {
+            read_request_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let (head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+        assert!(!got.keep_alive);
+
+        // An interim answer while the body goes out is skipped, and the body is sent whole.
+        let mut conn = upstream(|mut s| async move {
+            read_request_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+            let mut rest = vec![0; 1 << 16];
+            let mut n = 0;
+            // What came with the head is at most a few reads' worth: read to the end.
+            while n < BIG - (1 << 16) {
+                match s.read(&mut rest).await.unwrap() {
+                    0 => break,
+                    m => n += m,
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let (head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert!(got.keep_alive);
+
+        // A stale pooled connection still fails as one: nothing was answered.
+        let mut conn = upstream(|s| async move { drop(s) }).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (head, mut body) = post(BIG);
+        let e = within(exchange(&mut conn, &head, &mut body))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.nothing_received && e.unsent && !e.protocol, "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_while_the_body_is_awaited_ends_the_sending() {
+        // The client's body has one chunk and then nothing yet; the upstream answers.
+        let mut conn = upstream(|mut s| async move {
+            read_request_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let first = futures::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from("abc")))]);
+        let body = http_body_util::StreamBody::new(futures::StreamExt::chain(
+            first,
+            futures::stream::pending(),
+        ));
+        let mut body = std::pin::pin!(body);
+        let mut sending = Sending {
+            io: &mut conn.io,
+            read: &mut conn.read,
+            head_method: false,
+            answer: None,
+            ended: false,
+        };
+        let mut out = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let end = within(write_body(
+            &mut sending,
+            &mut out,
+            &mut body,
+            BodyFraming::Chunked,
+            Sending::poll_answer,
+        ))
+        .await
+        .unwrap();
+        assert!(matches!(end, BodyEnd::Answered));
+        let answer = sending.answer.take().unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::FORBIDDEN);
     }
 
     #[test]

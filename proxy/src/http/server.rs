@@ -594,7 +594,7 @@ where
         drop(body);
         return io.write_all(out).await;
     };
-    let written = h1::write_body(io, out, &mut body, framing).await;
+    let written = h1::write_body(io, out, &mut body, framing, h1::unanswered).await;
     if let Err(e) = &written
         && e.kind() == io::ErrorKind::TimedOut
     {
@@ -604,7 +604,8 @@ where
         BodyEnd::Complete => {}
         // The upstream failed mid-body, or sent more or less than it declared: what was sent
         // stands, the connection ends so that the client sees the answer incomplete.
-        BodyEnd::Failed(_) | BodyEnd::WrongLength => *close = true,
+        // (`Answered` does not come: `unanswered` never is.)
+        BodyEnd::Failed(_) | BodyEnd::WrongLength | BodyEnd::Answered => *close = true,
     }
     Ok(())
 }
