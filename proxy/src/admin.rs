@@ -456,6 +456,9 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
     names.sort();
     for name in names {
         let c = &snapshot.clusters[name];
+        // Clusters that share an `alt_stat_name` share their stats (summed below), as they
+        // share Envoy's stats scope.
+        let name = &c.stat_name;
         let s = &c.stats;
         let eps = c.endpoints.load();
         let hosts = c.hosts();

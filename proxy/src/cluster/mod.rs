@@ -89,6 +89,9 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
+    /// The name its stats are kept under, and `%UPSTREAM_CLUSTER%` logs: `alt_stat_name` when
+    /// given, else `name` (`%UPSTREAM_CLUSTER_RAW%` is always `name`).
+    pub stat_name: String,
     pub discovery: Discovery,
     pub protocol: UpstreamProtocol,
     /// How its connections are opened (`connect_timeout`, `upstream_connection_options`).
@@ -497,6 +500,11 @@ impl Cluster {
         };
         let cluster = Cluster {
             name: c.name.clone(),
+            stat_name: if c.alt_stat_name.is_empty() {
+                c.name.clone()
+            } else {
+                c.alt_stat_name.clone()
+            },
             discovery,
             protocol,
             dial,

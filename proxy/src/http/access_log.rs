@@ -33,6 +33,7 @@ enum Op {
     Duration,
     UpstreamHost,
     UpstreamCluster,
+    UpstreamClusterRaw,
     UpstreamLocalAddress,
     UpstreamTransportFailureReason,
     ResponseCodeDetails,
@@ -78,7 +79,10 @@ pub struct Entry {
     pub received: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
+    /// The cluster's `alt_stat_name` when it has one, else its name.
     pub upstream_cluster: Option<String>,
+    /// The cluster's name, when `upstream_cluster` is its `alt_stat_name`.
+    pub upstream_cluster_raw: Option<String>,
     /// The local address of the upstream connection that carried the answer.
     pub upstream_local: Option<SocketAddr>,
     /// Why the connection to the upstream failed, as Envoy words it ("delayed connect error:
@@ -131,8 +135,8 @@ fn parse_op(name: &str) -> Result<Op, String> {
         "BYTES_SENT" => Op::BytesSent,
         "DURATION" => Op::Duration,
         "UPSTREAM_HOST" => Op::UpstreamHost,
-        // weft-proxy has no `alt_stat_name`: the raw name is the name.
-        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Op::UpstreamCluster,
+        "UPSTREAM_CLUSTER" => Op::UpstreamCluster,
+        "UPSTREAM_CLUSTER_RAW" => Op::UpstreamClusterRaw,
         "UPSTREAM_LOCAL_ADDRESS" => Op::UpstreamLocalAddress,
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => Op::UpstreamTransportFailureReason,
         "RESPONSE_CODE_DETAILS" => Op::ResponseCodeDetails,
@@ -288,6 +292,10 @@ impl AccessLog {
             Op::Duration => e.started.map(|s| s.elapsed().as_millis().to_string()),
             Op::UpstreamHost => e.upstream_host.map(|a| a.to_string()),
             Op::UpstreamCluster => e.upstream_cluster.clone(),
+            Op::UpstreamClusterRaw => e
+                .upstream_cluster_raw
+                .clone()
+                .or_else(|| e.upstream_cluster.clone()),
             Op::UpstreamLocalAddress => e.upstream_local.map(|a| a.to_string()),
             // Envoy writes these two with their spaces as underscores.
             Op::UpstreamTransportFailureReason => e.transport_failure.as_deref().map(no_spaces),

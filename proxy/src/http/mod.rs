@@ -813,7 +813,7 @@ async fn route_and_forward(
                 let mut resp =
                     local_reply(status, "local_rate_limited", "RL", "local_rate_limited");
                 limit.response_headers.apply(resp.headers_mut());
-                routed(hcm, route, &mut resp);
+                routed(proxy, hcm, route, &mut resp);
                 return resp;
             }
         }
@@ -828,11 +828,11 @@ async fn route_and_forward(
         let mut resp = local_reply(StatusCode::OK, "", "-", "cors_response");
         resp.headers_mut().remove(names::X_WEFT_RESPONSE_FLAGS);
         policy.preflight_headers(origin.clone(), resp.headers_mut());
-        routed(hcm, route, &mut resp);
+        routed(proxy, hcm, route, &mut resp);
         return resp;
     }
     let mut resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
-    routed(hcm, route, &mut resp);
+    routed(proxy, hcm, route, &mut resp);
     if let (Some(policy), Some(origin)) = (cors, cors_origin) {
         policy.response_headers(origin, resp.headers_mut());
     }
@@ -927,7 +927,12 @@ fn strip_envoy_controls(headers: &mut HeaderMap, internal: bool) {
 
 /// For access logs: the route that matched, and its cluster when the answer is the proxy's own
 /// (Envoy knows the cluster from the moment the route is chosen).
-fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<ProxyBody>) {
+fn routed(
+    proxy: &Proxy,
+    hcm: &ConnectionManager,
+    route: &router::Route,
+    resp: &mut Response<ProxyBody>,
+) {
     if hcm.access_logs.is_none() {
         return;
     }
@@ -938,8 +943,9 @@ fn routed(hcm: &ConnectionManager, route: &router::Route, resp: &mut Response<Pr
             .get::<LocalReply>()
             .is_some_and(|l| l.details != "cluster_not_found")
         && resp.extensions().get::<Upstream>().is_none()
+        && let Some(cluster) = proxy.snapshot().clusters.get(a.cluster.pick())
     {
-        Upstream::mark(resp, None, a.cluster.pick(), None);
+        Upstream::mark(resp, None, cluster, None);
     }
     resp.extensions_mut().insert(RouteName(route.name.clone()));
 }
@@ -1219,7 +1225,7 @@ async fn forward(
                     );
                     if let Some(s) = &seen {
                         let tried = crate::lock_own(s);
-                        Upstream::mark(&mut resp, tried.host, &cluster.name, tried.local);
+                        Upstream::mark(&mut resp, tried.host, cluster, tried.local);
                     }
                     resp
                 }
@@ -1350,7 +1356,7 @@ async fn attempt_until_done(
                 host: Option<std::net::SocketAddr>,
                 local: Option<std::net::SocketAddr>| {
         if log {
-            Upstream::mark(&mut resp, host, &cluster.name, local);
+            Upstream::mark(&mut resp, host, cluster, local);
         }
         resp
     };
@@ -2016,6 +2022,8 @@ struct Pick {
 struct Upstream {
     host: Option<std::net::SocketAddr>,
     cluster: String,
+    /// The cluster's `alt_stat_name`, when it has one.
+    stat_name: Option<String>,
     local: Option<std::net::SocketAddr>,
 }
 
@@ -2025,12 +2033,13 @@ impl Upstream {
     fn mark(
         resp: &mut Response<ProxyBody>,
         host: Option<std::net::SocketAddr>,
-        cluster: &str,
+        cluster: &crate::cluster::Cluster,
         local: Option<std::net::SocketAddr>,
     ) {
         resp.extensions_mut().insert(Upstream {
             host,
-            cluster: cluster.to_string(),
+            cluster: cluster.name.clone(),
+            stat_name: (cluster.stat_name != cluster.name).then(|| cluster.stat_name.clone()),
             local,
         });
     }
@@ -2130,7 +2139,8 @@ fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {
     e.response_headers = resp.headers().clone();
     if let Some(u) = resp.extensions().get::<Upstream>() {
         e.upstream_host = u.host;
-        e.upstream_cluster = Some(u.cluster.clone());
+        e.upstream_cluster_raw = u.stat_name.as_ref().map(|_| u.cluster.clone());
+        e.upstream_cluster = Some(u.stat_name.clone().unwrap_or_else(|| u.cluster.clone()));
         e.upstream_local = u.local;
     }
     match resp.extensions().get::<LocalReply>() {

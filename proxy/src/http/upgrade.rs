@@ -109,7 +109,7 @@ pub(crate) async fn forward(
     head.version = http::Version::HTTP_11;
     // For access logs: the host and connection every answer from here on came through.
     let mark = |mut resp: Response<ProxyBody>, local: Option<std::net::SocketAddr>| {
-        super::Upstream::mark(&mut resp, Some(endpoint.address), &cluster.name, local);
+        super::Upstream::mark(&mut resp, Some(endpoint.address), cluster, local);
         resp
     };
     let stream = match endpoint.pool.connect().await {
