@@ -202,41 +202,67 @@ fn raw_exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// Posts a body of `len` bytes from another thread while the answer is read here: the status
-/// and body that came back (0 when none did).
-fn upload(proxy: SocketAddr, path: &str, len: usize) -> (u16, String) {
+/// Sends `head` and a body of `len` bytes from another thread while the answer is read here:
+/// the status and body that came back (0 when none did), and, with `to_the_end`, how the
+/// connection ended after it and whether all was sent (else reading stops at the answer).
+fn upload(proxy: SocketAddr, head: String, len: usize, to_the_end: bool) -> (u16, String, String) {
     use std::io::Read;
     let mut s = TcpStream::connect(proxy).expect("connect to the proxy");
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let mut w = s.try_clone().expect("clone");
-    let head = format!("POST {path} HTTP/1.1\r\nHost: raw\r\nContent-Length: {len}\r\n\r\n");
+    w.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let writer = std::thread::spawn(move || {
         // The proxy may stop reading once the answer is out: the rest fails to go, as it may.
-        let _ = w.write_all(head.as_bytes());
-        let _ = w.write_all(&vec![b'x'; len]);
+        w.write_all(head.as_bytes())
+            .and_then(|()| w.write_all(&vec![b'x'; len]))
+            .is_ok()
     });
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
-    while let Ok(n) = s.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
+    let mut end = String::from("answer");
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) => {
+                end = "closed".into();
+                break;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                end = format!("{:?}", e.kind());
+                break;
+            }
+        };
         got.extend_from_slice(&chunk[..n]);
         let text = String::from_utf8_lossy(&got);
-        if let Some((head, body)) = text.split_once("\r\n\r\n")
-            && head.to_ascii_lowercase().contains("content-length: 8")
-            && body.len() >= 8
+        let length = |head: &str| {
+            head.to_ascii_lowercase()
+                .split("content-length: ")
+                .nth(1)
+                .and_then(|v| v.split("\r\n").next()?.parse::<usize>().ok())
+        };
+        if !to_the_end
+            && let Some((head, body)) = text.split_once("\r\n\r\n")
+            && length(head).is_some_and(|n| body.len() >= n)
         {
             break;
         }
     }
-    let _ = s.shutdown(std::net::Shutdown::Both);
-    let _ = writer.join();
+    if !to_the_end {
+        // The proxy may wait for the rest of the body: it is not coming.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let sent = writer.join().unwrap_or(false);
     let text = String::from_utf8_lossy(&got);
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    (status, body.unwrap_or_default())
+    let end = if to_the_end {
+        format!("{end}, all sent: {sent}")
+    } else {
+        end
+    };
+    (status, body.unwrap_or_default(), end)
 }
 
 /// What the client saw for each path, and the access log's flags.
@@ -244,6 +270,9 @@ fn upload(proxy: SocketAddr, path: &str, len: usize) -> (u16, String) {
 struct Outcomes {
     answers: Vec<(String, u16, String)>,
     flags: Vec<String>,
+    /// Where weft-proxy is held to more than Envoy does (docs/envoy-differences.md): checked
+    /// for weft-proxy, shown for Envoy.
+    beyond_envoy: Vec<(String, u16, String)>,
 }
 
 fn scenario(flavor: Flavor, net: u8) -> Outcomes {
@@ -291,10 +320,29 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
     }
     // Answers that come before the upstream took the request's body are passed on: one that
     // fits the proxy's buffer and one streamed past the socket buffers.
+    let mut beyond_envoy = Vec::new();
     for (path, len) in [("/early", 1 << 20), ("/early-open", 16 << 20)] {
-        let (status, body) = upload(proxy, path, len);
-        answers.push((format!("{path}: {len} bytes"), status, body));
+        let head = format!("POST {path} HTTP/1.1\r\nHost: raw\r\nContent-Length: {len}\r\n\r\n");
+        let (status, body, _) = upload(proxy, head, len, false);
+        // An upstream that closes at once: Envoy answers 503 `UC` when its next write meets
+        // the reset before it read the answer (seen in one run of four).
+        let to = if path == "/early" {
+            &mut beyond_envoy
+        } else {
+            &mut answers
+        };
+        to.push((format!("{path}: {len} bytes"), status, body));
     }
+    // A head too large, refused while the client still sends it: the refusal reaches it (the
+    // proxy reads what still comes before it closes, or the close would be a reset).
+    let big = format!(
+        "GET /length HTTP/1.1\r\nHost: raw\r\nx-big: {}\r\n\r\n",
+        "a".repeat(8 << 20)
+    );
+    let (status, _, end) = upload(proxy, big, 0, true);
+    // Envoy resets the connection (the client's sending fails): the answer reaches a Linux
+    // client all the same.
+    beyond_envoy.push((format!("an 8 MiB head, then: {end}"), status, String::new()));
     // Pooled connections the backend closed after answering: every request still succeeds.
     let mut c = Client::new(proxy);
     for i in 0..6 {
@@ -358,7 +406,10 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
         let lines: Vec<String> = text
             .lines()
             .filter(|l| {
-                l.starts_with("/") && !l.starts_with("/then-close") && !l.starts_with("/length")
+                l.starts_with("/")
+                    && !l.starts_with("/then-close")
+                    && !l.starts_with("/length")
+                    && !l.starts_with("/early ")
             })
             .map(str::to_string)
             .collect();
@@ -372,7 +423,11 @@ fn scenario(flavor: Flavor, net: u8) -> Outcomes {
             s.logs()
         )
     });
-    Outcomes { answers, flags }
+    Outcomes {
+        answers,
+        flags,
+        beyond_envoy,
+    }
 }
 
 #[test]
@@ -403,17 +458,27 @@ fn upstream_http1_framing_and_failures_match_envoy() {
         ("/http10", 200, "old!"),
         ("/interim", 201, "ok"),
         ("/no-content", 204, ""),
-        ("/early: 1048576 bytes", 413, "too big!"),
         ("/early-open: 16777216 bytes", 413, "too big!"),
+        ("/early: 1048576 bytes", 413, "too big!"),
+        ("an 8 MiB head, then: closed, all sent: true", 431, ""),
     ];
     for (path, status, body) in expected {
         assert!(
             weft.answers
                 .iter()
+                .chain(&weft.beyond_envoy)
                 .any(|(p, s, b)| p == path && *s == status && b == body),
             "{path}: {weft:#?}"
         );
     }
     let envoy = scenario(Flavor::Envoy, 78);
-    assert_eq!(weft, envoy, "weft-proxy (left) and Envoy (right) differ");
+    println!(
+        "Envoy, where weft-proxy is held to more: {:#?}",
+        envoy.beyond_envoy
+    );
+    assert_eq!(
+        (weft.answers, weft.flags),
+        (envoy.answers, envoy.flags),
+        "weft-proxy (left) and Envoy (right) differ"
+    );
 }

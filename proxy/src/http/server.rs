@@ -283,6 +283,7 @@ where
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(4 * 1024);
+    let delayed_close = timeouts.delayed_close;
     let mut clock = Clock::new(timeouts);
     // Refuses the request being read and ends the connection.
     macro_rules! refuse {
@@ -293,6 +294,7 @@ where
             let refusal = $refusal;
             let sent = reply_error(&mut io, &refusal).await;
             refused(refusal, sent, clock.began(), $req);
+            Box::pin(linger_close(&mut io, delayed_close)).await;
             return End::Closed;
         }};
     }
@@ -365,11 +367,31 @@ where
         match write_response(&mut io, &mut out, resp, version, head_method, &mut close).await {
             Ok(()) if !close => clock.answered(),
             _ => {
-                let _ = io.shutdown().await;
+                Box::pin(linger_close(&mut io, delayed_close)).await;
                 return End::Closed;
             }
         }
     }
+}
+
+/// Ends a connection this side closes, as Envoy's `delayed_close_timeout` does: the answer is
+/// out and the close (FIN) sent, then what the client still sends is read and dropped until it
+/// closes too or the delay passes. A socket closed with bytes unread resets the connection, and
+/// a reset can destroy the answer at the client before it is read (a client still sending a
+/// refused request's head or body, pipelined requests after a `connection: close`).
+async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    delay: Option<std::time::Duration>,
+) {
+    let _ = io.shutdown().await;
+    let Some(delay) = delay else {
+        return;
+    };
+    let mut sink = vec![0; 16 * 1024];
+    let _ = tokio::time::timeout(delay, async {
+        while io.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
 }
 
 /// Why a read brought nothing.

@@ -26,6 +26,7 @@ use crate::duration;
 const IDLE: Duration = Duration::from_secs(3600);
 const STREAM_IDLE: Duration = Duration::from_secs(300);
 const DRAIN: Duration = Duration::from_secs(5);
+const DELAYED_CLOSE: Duration = Duration::from_secs(1);
 
 /// The connection manager's timeouts; `None` is disabled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,9 @@ pub struct Timeouts {
     pub request_headers: Option<Duration>,
     /// How long an HTTP/2 connection told to go away has to finish its streams.
     pub drain: Duration,
+    /// How long an HTTP/1.1 connection this side closes waits for the client to close too
+    /// (`delayed_close_timeout`), reading what it still sends.
+    pub delayed_close: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -56,6 +60,7 @@ impl Default for Timeouts {
             request: None,
             request_headers: None,
             drain: DRAIN,
+            delayed_close: Some(DELAYED_CLOSE),
         }
     }
 }
@@ -89,6 +94,7 @@ impl Timeouts {
             request: field(hcm.request_timeout.as_ref(), None),
             request_headers: field(hcm.request_headers_timeout.as_ref(), None),
             drain: hcm.drain_timeout.as_ref().map(duration).unwrap_or(DRAIN),
+            delayed_close: field(hcm.delayed_close_timeout.as_ref(), Some(DELAYED_CLOSE)),
             ..Timeouts::default()
         };
         if let Some(common) = &hcm.common_http_protocol_options {
@@ -751,9 +757,11 @@ mod tests {
         let t = Timeouts::default();
         assert_eq!(t.idle, Some(Duration::from_secs(3600)));
         assert_eq!(t.stream_idle, Some(Duration::from_secs(300)));
+        assert_eq!(t.delayed_close, Some(Duration::from_secs(1)));
         let mut hcm = HttpConnectionManager {
             stream_idle_timeout: secs(0),
             request_timeout: secs(3),
+            delayed_close_timeout: secs(0),
             ..Default::default()
         };
         hcm.common_http_protocol_options = Some(Default::default());
@@ -765,6 +773,7 @@ mod tests {
         assert_eq!(t.idle, None);
         assert_eq!(t.request, Some(Duration::from_secs(3)));
         assert_eq!(t.max_requests, Some(7));
+        assert_eq!(t.delayed_close, None);
         hcm.common_http_protocol_options
             .as_mut()
             .unwrap()
