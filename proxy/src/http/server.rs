@@ -39,6 +39,17 @@ pub enum End<S> {
 pub struct Prefixed<S> {
     prefix: Bytes,
     inner: S,
+    /// `delayed_close_timeout`, for when hyper ends the connection.
+    linger: Linger,
+}
+
+/// A connection's close as [`linger_close`] does it, for connections hyper ends (it shuts the
+/// connection down, then lets it go).
+struct Linger {
+    delay: Option<std::time::Duration>,
+    /// The close (FIN) is sent.
+    shut: bool,
+    until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How HTTP/2's connection preface begins (it reads as a request line with version 2.0).
@@ -68,7 +79,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -94,7 +105,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let linger = &mut this.linger;
+        if !linger.shut {
+            let shut = std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx));
+            linger.shut = true;
+            if shut.is_err() {
+                return Poll::Ready(shut);
+            }
+        }
+        let Some(delay) = linger.delay else {
+            return Poll::Ready(Ok(()));
+        };
+        let until = linger
+            .until
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+        let mut sink = [0; 2048];
+        loop {
+            if until.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut sink);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                // The client closed too, or its connection failed: nothing more to wait for.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -317,6 +355,11 @@ where
                         return End::Handoff(Prefixed {
                             prefix: buf.freeze(),
                             inner: io,
+                            linger: Linger {
+                                delay: delayed_close,
+                                shut: false,
+                                until: None,
+                            },
                         });
                     }
                     Parsed::Invalid(status, why) => {
