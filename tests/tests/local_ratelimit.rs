@@ -1,7 +1,8 @@
 //! The local rate limit filter, run by weft-proxy and by a stock Envoy on one static bootstrap:
 //! the filter's own bucket, a route's replacing it (with another status), a virtual host's
-//! shared by its routes, and a route where the limit is enabled but not enforced. Status codes,
-//! headers, bodies and counters must be the same.
+//! shared by its routes, a route where the limit is enabled but not enforced, and descriptors
+//! (buckets per request header value, per a virtual host's generic key) made by routes' and
+//! virtual hosts' `rate_limits`. Status codes, headers, bodies and counters must be the same.
 
 use std::net::SocketAddr;
 
@@ -37,6 +38,14 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
+    // One default bucket of 10; `client: alpha` has 2 tokens, the virtual host's key 3.
+    let descriptors = limit(
+        "desc_rl",
+        10,
+        None,
+        100,
+        ", descriptors: [{ entries: [{ key: client, value: alpha }], token_bucket: { max_tokens: 2, tokens_per_fill: 1, fill_interval: 60s } }, { entries: [{ key: generic_key, value: vh }], token_bucket: { max_tokens: 3, tokens_per_fill: 1, fill_interval: 60s } }]",
+    );
     let assignment = Standalone::load_assignment("backend", &[backend]);
     let listener = Standalone::http_listener(
         ip,
@@ -52,6 +61,22 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
               - match: {{ prefix: /a }}
                 route: {{ cluster: backend }}
               - match: {{ prefix: /b }}
+                route: {{ cluster: backend }}
+            - name: descriptors
+              domains: [desc.local]
+              rate_limits: [{{ actions: [{{ generic_key: {{ descriptor_value: vh }} }}] }}]
+              typed_per_filter_config:
+                envoy.filters.http.local_ratelimit: {descriptors}
+              routes:
+              - match: {{ prefix: /hdr }}
+                route:
+                  cluster: backend
+                  rate_limits: [{{ actions: [{{ request_headers: {{ header_name: x-client, descriptor_key: client }} }}] }}]
+              - match: {{ prefix: /match }}
+                route:
+                  cluster: backend
+                  rate_limits: [{{ actions: [{{ header_value_match: {{ descriptor_value: post, headers: [{{ name: ":method", string_match: {{ exact: POST }} }}] }} }}] }}]
+              - match: {{ prefix: /vh }}
                 route: {{ cluster: backend }}
             - name: all
               domains: ["*"]
@@ -97,10 +122,16 @@ struct Answer {
 }
 
 fn burst(c: &mut Client, host: &str, paths: &[&str]) -> Vec<Answer> {
-    paths
+    let requests: Vec<(&str, &[(&str, &str)])> = paths.iter().map(|p| (*p, &[][..])).collect();
+    burst_with(c, host, &requests)
+}
+
+/// As `burst`, each request with its own headers.
+fn burst_with(c: &mut Client, host: &str, requests: &[(&str, &[(&str, &str)])]) -> Vec<Answer> {
+    requests
         .iter()
-        .map(|p| {
-            let r = c.get(host, p).unwrap();
+        .map(|(p, headers)| {
+            let r = c.request("GET", host, p, headers).unwrap();
             let from_backend = r.header("x-echo-name").is_some();
             Answer {
                 status: r.status,
@@ -123,6 +154,7 @@ struct Outcomes {
     route: Vec<Answer>,
     shadow: Vec<Answer>,
     vhost: Vec<Answer>,
+    descriptors: Vec<Answer>,
     stats: Vec<(String, u64)>,
 }
 
@@ -136,8 +168,35 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
     let route = burst(&mut c, "svc", &["/route"; 4]);
     let shadow = burst(&mut c, "svc", &["/shadow"; 3]);
     let vhost = burst(&mut c, "shared.local", &["/a", "/b", "/a", "/b"]);
+    let alpha: &[(&str, &str)] = &[("x-client", "alpha")];
+    let beta: &[(&str, &str)] = &[("x-client", "beta")];
+    let descriptors = burst_with(
+        &mut c,
+        "desc.local",
+        &[
+            ("/hdr", alpha),
+            ("/hdr", alpha),
+            ("/hdr", alpha),
+            ("/hdr", beta),
+            ("/vh", &[]),
+            ("/vh", &[]),
+            ("/vh", &[]),
+            ("/vh", &[]),
+            ("/match", &[]),
+            ("/match", &[]),
+            ("/match", &[]),
+            ("/match", &[]),
+            ("/match", &[]),
+        ],
+    );
     let mut stats = Vec::new();
-    for prefix in ["listener_rl", "route_rl", "shadow_rl", "vhost_rl"] {
+    for prefix in [
+        "listener_rl",
+        "route_rl",
+        "shadow_rl",
+        "vhost_rl",
+        "desc_rl",
+    ] {
         for stat in ["enabled", "enforced", "rate_limited", "ok"] {
             let name = format!("{prefix}.http_local_rate_limit.{stat}");
             stats.push((name.clone(), s.stat(&name)));
@@ -148,6 +207,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         route,
         shadow,
         vhost,
+        descriptors,
         stats,
     };
     eprintln!("{}: {out:#?}", flavor.name());
@@ -170,6 +230,16 @@ fn weft_proxy_and_envoy_rate_limit_alike() {
         "requests over a limit that is not enforced pass with the extra header"
     );
     assert_eq!(statuses(&weft.vhost), [200, 200, 200, 429]);
+    // `client: alpha` runs out after 2, `beta` has no descriptor of its own; the virtual host's
+    // key (its `rate_limits`, for a route without its own) after 3; a GET makes no `post`
+    // descriptor. Every request that passed took from the default bucket of 10: 4 of the 5
+    // last pass.
+    assert_eq!(
+        statuses(&weft.descriptors),
+        [
+            200, 200, 429, 200, 200, 200, 200, 429, 200, 200, 200, 200, 429
+        ]
+    );
     let limited = &weft.listener[4];
     assert_eq!(limited.body, "local_rate_limited");
     assert_eq!(

@@ -7,13 +7,17 @@
 //! `filter_enforced` default to 0% of requests, and the bucket starts full and refills
 //! continuously at `tokens_per_fill` per `fill_interval`.
 
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use http::HeaderName;
+use weft_xds_proto::envoy::config::route::v3::RateLimit as XdsRateLimit;
 use weft_xds_proto::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit as XdsLocalRateLimit;
 
 use super::fault::Fraction;
 use super::rewrite::HeaderEdits;
+use super::router::{HeaderMatch, RequestView};
 use crate::duration;
 use crate::stats::Counter;
 
@@ -27,6 +31,17 @@ pub struct LocalRateLimit {
     pub stat_prefix: String,
     pub status: u16,
     bucket: Option<TokenBucket>,
+    /// `descriptors`: buckets of their own for requests whose descriptors (made by the
+    /// `rate_limits` that apply) equal theirs; slowest refill first, as Envoy checks them.
+    descriptors: Vec<DescriptorLimit>,
+    /// `always_consume_default_token_bucket` (true unless set false): a request a descriptor
+    /// matched takes a token from the default bucket too.
+    always_consume_default: bool,
+    /// Only `rate_limits` of this `stage` make descriptors.
+    stage: u32,
+    /// `rate_limits` of the filter's own: used instead of the route's and virtual host's.
+    own_rules: Option<Vec<RateLimitRule>>,
+    vh_rate_limits: VhRateLimits,
     enabled: Fraction,
     enforced: Fraction,
     pub request_headers_when_not_enforced: HeaderEdits,
@@ -87,14 +102,236 @@ impl TokenBucket {
 
 type Rejected = (String, String);
 
+/// A rate limit descriptor: its entries (key, value), in order.
+pub type Descriptor = Vec<(String, String)>;
+
+#[derive(Debug)]
+struct DescriptorLimit {
+    entries: Descriptor,
+    bucket: TokenBucket,
+}
+
+/// How a virtual host's `rate_limits` join a route's (`vh_rate_limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VhRateLimits {
+    /// The virtual host's, unless the route has its own.
+    Override,
+    /// Both.
+    Include,
+    /// The route's only.
+    Ignore,
+}
+
+/// One of a route's or virtual host's `rate_limits`: the descriptor its actions make for a
+/// request (none when an action cannot make its entry).
+#[derive(Debug)]
+pub struct RateLimitRule {
+    stage: u32,
+    actions: Vec<RuleAction>,
+}
+
+#[derive(Debug)]
+enum RuleAction {
+    /// `generic_key`: a fixed entry.
+    Fixed(String, String),
+    /// `request_headers`: the header's (first) value under `key`.
+    Header {
+        name: HeaderSource,
+        key: String,
+        skip_if_absent: bool,
+    },
+    /// `remote_address`: the trusted client address.
+    RemoteAddress,
+    /// `header_value_match`: a fixed entry when the headers match (or, `expect_match: false`,
+    /// when they do not).
+    HeaderValueMatch {
+        entry: (String, String),
+        expect_match: bool,
+        headers: Vec<HeaderMatch>,
+    },
+}
+
+/// Where a `request_headers` action reads its value: a pseudo-header (read off the request) or
+/// a header.
+#[derive(Debug)]
+enum HeaderSource {
+    Authority,
+    Path,
+    Method,
+    Regular(HeaderName),
+}
+
+impl RateLimitRule {
+    pub fn from_xds(r: &XdsRateLimit) -> Result<RateLimitRule, Rejected> {
+        use weft_xds_proto::envoy::config::route::v3::rate_limit::action::ActionSpecifier as A;
+        let unsupported = |f: &str| {
+            Err((
+                f.to_string(),
+                "not supported by this weft-proxy version".to_string(),
+            ))
+        };
+        if r.limit.is_some() {
+            return unsupported("limit");
+        }
+        if r.hits_addend.is_some() {
+            return unsupported("hits_addend");
+        }
+        if r.apply_on_stream_done {
+            return unsupported("apply_on_stream_done");
+        }
+        if r.actions.is_empty() {
+            return Err(("actions".into(), "at least one action is required".into()));
+        }
+        let mut actions = Vec::with_capacity(r.actions.len());
+        for (i, a) in r.actions.iter().enumerate() {
+            let field = |f: &str| format!("actions[{i}].{f}");
+            let action = match &a.action_specifier {
+                Some(A::GenericKey(g)) => {
+                    if !g.default_value.is_empty() {
+                        return unsupported(&field("generic_key.default_value"));
+                    }
+                    if g.descriptor_value.is_empty() {
+                        return Err((
+                            field("generic_key.descriptor_value"),
+                            "a value is required".into(),
+                        ));
+                    }
+                    let key = if g.descriptor_key.is_empty() {
+                        "generic_key"
+                    } else {
+                        &g.descriptor_key
+                    };
+                    RuleAction::Fixed(key.to_string(), g.descriptor_value.clone())
+                }
+                Some(A::RequestHeaders(h)) => {
+                    let name = match h.header_name.as_str() {
+                        ":authority" | "host" => Some(HeaderSource::Authority),
+                        ":path" => Some(HeaderSource::Path),
+                        ":method" => Some(HeaderSource::Method),
+                        other => HeaderName::from_bytes(other.as_bytes())
+                            .ok()
+                            .map(HeaderSource::Regular),
+                    };
+                    let (Some(name), false) = (name, h.descriptor_key.is_empty()) else {
+                        return Err((
+                            field("request_headers"),
+                            "a valid header_name and a descriptor_key are required".into(),
+                        ));
+                    };
+                    RuleAction::Header {
+                        name,
+                        key: h.descriptor_key.clone(),
+                        skip_if_absent: h.skip_if_absent,
+                    }
+                }
+                Some(A::RemoteAddress(_)) => RuleAction::RemoteAddress,
+                Some(A::HeaderValueMatch(m)) => {
+                    if !m.default_value.is_empty() {
+                        return unsupported(&field("header_value_match.default_value"));
+                    }
+                    let headers = m
+                        .headers
+                        .iter()
+                        .enumerate()
+                        .map(|(j, h)| {
+                            super::router::header_match(h).map_err(|e| {
+                                (field(&format!("header_value_match.headers[{j}]")), e)
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let key = if m.descriptor_key.is_empty() {
+                        "header_match"
+                    } else {
+                        &m.descriptor_key
+                    };
+                    RuleAction::HeaderValueMatch {
+                        entry: (key.to_string(), m.descriptor_value.clone()),
+                        expect_match: m.expect_match.map(|b| b.value).unwrap_or(true),
+                        headers,
+                    }
+                }
+                Some(other) => {
+                    let name = format!("{other:?}");
+                    let name = name.split('(').next().unwrap_or("");
+                    return unsupported(&field(&snake(name)));
+                }
+                None => return Err((field("action_specifier"), "an action is required".into())),
+            };
+            actions.push(action);
+        }
+        Ok(RateLimitRule {
+            stage: r.stage.map(|s| s.value).unwrap_or(0),
+            actions,
+        })
+    }
+
+    /// The descriptor this rule makes for the request, if every action makes its entry (an
+    /// absent header with `skip_if_absent` adds none).
+    fn descriptor(&self, req: &RequestView<'_>, remote: Option<IpAddr>) -> Option<Descriptor> {
+        let mut entries = Vec::with_capacity(self.actions.len());
+        for action in &self.actions {
+            match action {
+                RuleAction::Fixed(k, v) => entries.push((k.clone(), v.clone())),
+                RuleAction::Header {
+                    name,
+                    key,
+                    skip_if_absent,
+                } => {
+                    let value = match name {
+                        HeaderSource::Authority => Some(req.authority),
+                        HeaderSource::Path => Some(req.path_and_query),
+                        HeaderSource::Method => Some(req.method),
+                        HeaderSource::Regular(n) => {
+                            req.headers.get(n).and_then(|v| v.to_str().ok())
+                        }
+                    };
+                    match value {
+                        Some(v) => entries.push((key.clone(), v.to_string())),
+                        None if *skip_if_absent => {}
+                        None => return None,
+                    }
+                }
+                RuleAction::RemoteAddress => {
+                    entries.push(("remote_address".into(), remote?.to_string()));
+                }
+                RuleAction::HeaderValueMatch {
+                    entry,
+                    expect_match,
+                    headers,
+                } => {
+                    if headers.iter().all(|h| h.matches(req)) != *expect_match {
+                        return None;
+                    }
+                    entries.push(entry.clone());
+                }
+            }
+        }
+        Some(entries)
+    }
+}
+
+/// `RemoteAddress` -> `remote_address`, for error messages.
+fn snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl LocalRateLimit {
     pub fn from_xds(c: &XdsLocalRateLimit) -> Result<LocalRateLimit, Rejected> {
         if c.stat_prefix.is_empty() {
             return Err(("stat_prefix".into(), "a stat_prefix is required".into()));
         }
         for (field, set) in [
-            ("descriptors", !c.descriptors.is_empty()),
-            ("stage", c.stage != 0),
             (
                 "local_rate_limit_per_downstream_connection",
                 c.local_rate_limit_per_downstream_connection,
@@ -107,16 +344,10 @@ impl LocalRateLimit {
                 "enable_x_ratelimit_headers",
                 c.enable_x_ratelimit_headers != 0,
             ),
-            ("vh_rate_limits", c.vh_rate_limits != 0),
-            (
-                "always_consume_default_token_bucket",
-                c.always_consume_default_token_bucket.is_some(),
-            ),
             (
                 "rate_limited_as_resource_exhausted",
                 c.rate_limited_as_resource_exhausted,
             ),
-            ("rate_limits", !c.rate_limits.is_empty()),
             (
                 "max_dynamic_descriptors",
                 c.max_dynamic_descriptors.is_some(),
@@ -126,35 +357,85 @@ impl LocalRateLimit {
             if set {
                 return Err((
                     field.into(),
-                    "not supported by this weft-proxy version (one token bucket per config is)"
-                        .into(),
+                    "not supported by this weft-proxy version".into(),
                 ));
             }
         }
-        let bucket = match &c.token_bucket {
-            None => None,
-            Some(b) => {
-                let interval = b.fill_interval.as_ref().map(duration).unwrap_or_default();
-                if interval < Duration::from_millis(50) {
-                    return Err((
-                        "token_bucket.fill_interval".into(),
-                        "a fill interval of at least 50ms is required".into(),
-                    ));
-                }
-                if b.max_tokens == 0 {
-                    return Err((
-                        "token_bucket.max_tokens".into(),
-                        "max_tokens must be above 0".into(),
-                    ));
-                }
-                let per_fill = b.tokens_per_fill.map(|v| v.value).unwrap_or(1);
-                if per_fill == 0 {
-                    return Err((
-                        "token_bucket.tokens_per_fill".into(),
-                        "tokens_per_fill must be above 0".into(),
-                    ));
-                }
-                Some(TokenBucket::new(b.max_tokens, per_fill, interval))
+        let bucket = c
+            .token_bucket
+            .as_ref()
+            .map(|b| TokenBucket::from_xds(b, "token_bucket"))
+            .transpose()?;
+        let mut descriptors: Vec<(DescriptorLimit, u64)> = Vec::new();
+        for (i, d) in c.descriptors.iter().enumerate() {
+            let field = |f: &str| format!("descriptors[{i}].{f}");
+            if bucket.is_none() {
+                return Err((
+                    "token_bucket".into(),
+                    "descriptors need the filter's own token_bucket too".into(),
+                ));
+            }
+            if d.shadow_mode {
+                return Err((
+                    field("shadow_mode"),
+                    "not supported by this weft-proxy version".into(),
+                ));
+            }
+            if d.entries.is_empty() {
+                return Err((field("entries"), "at least one entry is required".into()));
+            }
+            if let Some(j) = d.entries.iter().position(|e| e.value.is_empty()) {
+                return Err((
+                    field(&format!("entries[{j}].value")),
+                    "an entry without a value (a dynamic descriptor) is not supported by this weft-proxy version".into(),
+                ));
+            }
+            let entries: Descriptor = d
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            if descriptors
+                .iter()
+                .any(|(other, _)| other.entries == entries)
+            {
+                return Err((field("entries"), "a duplicate descriptor".into()));
+            }
+            let Some(b) = &d.token_bucket else {
+                return Err((field("token_bucket"), "a token bucket is required".into()));
+            };
+            let fill = b.fill_interval.as_ref().map(duration).unwrap_or_default();
+            // Envoy's order: tokens per whole second of fill interval (at least 1 s).
+            let per_second =
+                u64::from(b.tokens_per_fill.map(|v| v.value).unwrap_or(1)) / fill.as_secs().max(1);
+            let bucket = TokenBucket::from_xds(b, &field("token_bucket"))?;
+            descriptors.push((DescriptorLimit { entries, bucket }, per_second));
+        }
+        // The strictest first, so that a request one limits takes no token from the others.
+        descriptors.sort_by_key(|(_, per_second)| *per_second);
+        let own_rules = if c.rate_limits.is_empty() {
+            None
+        } else {
+            Some(
+                c.rate_limits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        RateLimitRule::from_xds(r)
+                            .map_err(|(f, e)| (format!("rate_limits[{i}].{f}"), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let vh_rate_limits = match c.vh_rate_limits {
+            0 => VhRateLimits::Override,
+            1 => VhRateLimits::Include,
+            2 => VhRateLimits::Ignore,
+            other => {
+                return Err((
+                    "vh_rate_limits".into(),
+                    format!("{other} is not a VhRateLimitsOptions value"),
+                ));
             }
         };
         let status = match c.status.as_ref().map(|s| s.code) {
@@ -175,6 +456,13 @@ impl LocalRateLimit {
             stat_prefix: c.stat_prefix.clone(),
             status,
             bucket,
+            descriptors: descriptors.into_iter().map(|(d, _)| d).collect(),
+            always_consume_default: c
+                .always_consume_default_token_bucket
+                .is_none_or(|b| b.value),
+            stage: c.stage,
+            own_rules,
+            vh_rate_limits,
             enabled: fraction(&c.filter_enabled),
             enforced: fraction(&c.filter_enforced),
             request_headers_when_not_enforced: HeaderEdits::from_xds(
@@ -188,12 +476,39 @@ impl LocalRateLimit {
         })
     }
 
-    /// Decides one request (takes a token when there is one).
-    pub fn check(&self) -> Verdict {
-        self.check_at(Instant::now())
+    /// The descriptors the request makes, when this config has descriptors to match: from the
+    /// filter's own `rate_limits`, else the route's and its virtual host's (`vh_rate_limits`),
+    /// those of this config's `stage`. Routes that do not forward make none.
+    pub fn descriptors_for(
+        &self,
+        route: &super::router::RouteAction,
+        req: &RequestView<'_>,
+        remote: Option<IpAddr>,
+    ) -> Vec<Descriptor> {
+        if self.descriptors.is_empty() {
+            return Vec::new();
+        }
+        let vh: &[RateLimitRule] = match (&self.own_rules, self.vh_rate_limits) {
+            (Some(_), _) => &[],
+            _ if route.include_vh_rate_limits => &route.vh_rate_limits,
+            (None, VhRateLimits::Include) => &route.vh_rate_limits,
+            (None, VhRateLimits::Override) if route.rate_limits.is_empty() => &route.vh_rate_limits,
+            (None, _) => &[],
+        };
+        let own = self.own_rules.as_deref().unwrap_or(&route.rate_limits);
+        own.iter()
+            .chain(vh)
+            .filter(|r| r.stage == self.stage)
+            .filter_map(|r| r.descriptor(req, remote))
+            .collect()
     }
 
-    fn check_at(&self, now: Instant) -> Verdict {
+    /// Decides one request (takes a token when there is one), given the descriptors it made.
+    pub fn check(&self, descriptors: &[Descriptor]) -> Verdict {
+        self.check_at(Instant::now(), descriptors)
+    }
+
+    fn check_at(&self, now: Instant, request: &[Descriptor]) -> Verdict {
         let Some(bucket) = &self.bucket else {
             return Verdict::Pass;
         };
@@ -201,7 +516,7 @@ impl LocalRateLimit {
             return Verdict::Pass;
         }
         self.stats.enabled.inc();
-        if bucket.take_at(now) {
+        if self.allowed(bucket, now, request) {
             self.stats.ok.inc();
             return Verdict::Pass;
         }
@@ -212,6 +527,56 @@ impl LocalRateLimit {
         } else {
             Verdict::PassNotEnforced
         }
+    }
+}
+
+impl LocalRateLimit {
+    /// Every descriptor limit the request's descriptors match must have a token (the strictest
+    /// is asked first; the first without one refuses), then the default bucket, unless a
+    /// descriptor matched and `always_consume_default_token_bucket` is false.
+    fn allowed(&self, bucket: &TokenBucket, now: Instant, request: &[Descriptor]) -> bool {
+        let mut matched = false;
+        for d in &self.descriptors {
+            if request.contains(&d.entries) {
+                matched = true;
+                if !d.bucket.take_at(now) {
+                    return false;
+                }
+            }
+        }
+        if matched && !self.always_consume_default {
+            return true;
+        }
+        bucket.take_at(now)
+    }
+}
+
+impl TokenBucket {
+    fn from_xds(
+        b: &weft_xds_proto::envoy::r#type::v3::TokenBucket,
+        field: &str,
+    ) -> Result<TokenBucket, Rejected> {
+        let interval = b.fill_interval.as_ref().map(duration).unwrap_or_default();
+        if interval < Duration::from_millis(50) {
+            return Err((
+                format!("{field}.fill_interval"),
+                "a fill interval of at least 50ms is required".into(),
+            ));
+        }
+        if b.max_tokens == 0 {
+            return Err((
+                format!("{field}.max_tokens"),
+                "max_tokens must be above 0".into(),
+            ));
+        }
+        let per_fill = b.tokens_per_fill.map(|v| v.value).unwrap_or(1);
+        if per_fill == 0 {
+            return Err((
+                format!("{field}.tokens_per_fill"),
+                "tokens_per_fill must be above 0".into(),
+            ));
+        }
+        Ok(TokenBucket::new(b.max_tokens, per_fill, interval))
     }
 }
 
@@ -232,19 +597,22 @@ mod tests {
         ))
         .unwrap();
         let t0 = Instant::now();
-        let verdicts: Vec<Verdict> = (0..5).map(|_| l.check_at(t0)).collect();
+        let verdicts: Vec<Verdict> = (0..5).map(|_| l.check_at(t0, &[])).collect();
         assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Pass).count(), 3);
         assert_eq!(verdicts[4], Verdict::Limited);
         assert_eq!(
-            l.check_at(t0 + Duration::from_millis(500)),
+            l.check_at(t0 + Duration::from_millis(500), &[]),
             Verdict::Limited
         );
-        assert_eq!(l.check_at(t0 + Duration::from_millis(1000)), Verdict::Pass);
+        assert_eq!(
+            l.check_at(t0 + Duration::from_millis(1000), &[]),
+            Verdict::Pass
+        );
         // Never more than max_tokens, however long the wait.
         let later = t0 + Duration::from_secs(3600);
         assert_eq!(
             (0..10)
-                .filter(|_| l.check_at(later) == Verdict::Pass)
+                .filter(|_| l.check_at(later, &[]) == Verdict::Pass)
                 .count(),
             3
         );
@@ -257,7 +625,7 @@ mod tests {
         let off = parse("{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 60s } }")
             .unwrap();
         assert!(
-            (0..5).all(|_| off.check() == Verdict::Pass),
+            (0..5).all(|_| off.check(&[]) == Verdict::Pass),
             "0% enabled by default"
         );
         assert_eq!(off.stats.enabled.get(), 0);
@@ -265,10 +633,113 @@ mod tests {
             "{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 60s }, filter_enabled: { default_value: { numerator: 100 } } }",
         )
         .unwrap();
-        assert_eq!(shadow.check(), Verdict::Pass);
-        assert_eq!(shadow.check(), Verdict::PassNotEnforced);
+        assert_eq!(shadow.check(&[]), Verdict::Pass);
+        assert_eq!(shadow.check(&[]), Verdict::PassNotEnforced);
         assert_eq!(shadow.stats.rate_limited.get(), 1);
         assert_eq!(shadow.stats.enforced.get(), 0);
+    }
+
+    fn descriptor(pairs: &[(&str, &str)]) -> Descriptor {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn descriptors_take_their_own_tokens_and_the_default_buckets() {
+        let config = |always: &str| {
+            parse(&format!(
+                "{{ stat_prefix: p, {ON}, {always} token_bucket: {{ max_tokens: 4, fill_interval: 60s }},
+                   descriptors: [
+                     {{ entries: [{{ key: client, value: b }}], token_bucket: {{ max_tokens: 3, tokens_per_fill: 3, fill_interval: 1s }} }},
+                     {{ entries: [{{ key: client, value: a }}], token_bucket: {{ max_tokens: 1, fill_interval: 60s }} }},
+                     {{ entries: [{{ key: client, value: a }}, {{ key: path, value: /x }}], token_bucket: {{ max_tokens: 2, fill_interval: 60s }} }} ] }}"
+            ))
+            .unwrap()
+        };
+        let t0 = Instant::now();
+        let a = [descriptor(&[("client", "a")])];
+        let b = [descriptor(&[("client", "b")])];
+        let other = [descriptor(&[("client", "c")])];
+        // `client: a` has one token; the default bucket is taken from too.
+        let l = config("");
+        assert_eq!(l.check_at(t0, &a), Verdict::Pass);
+        assert_eq!(l.check_at(t0, &a), Verdict::Limited);
+        // A descriptor no limit has: the default bucket (3 of 4 left).
+        let passed = (0..5).filter(|_| l.check_at(t0, &other) == Verdict::Pass);
+        assert_eq!(passed.count(), 3);
+        // Without `always_consume_default_token_bucket`, a matched request spares it.
+        let l = config("always_consume_default_token_bucket: false,");
+        let passed = (0..5).filter(|_| l.check_at(t0, &b) == Verdict::Pass);
+        assert_eq!(passed.count(), 3);
+        let passed = (0..5).filter(|_| l.check_at(t0, &other) == Verdict::Pass);
+        assert_eq!(passed.count(), 4);
+        // Two matched limits: the strictest (`client: a`, fewest tokens a second) is asked
+        // first, and when it refuses the other keeps its tokens.
+        let l = config("always_consume_default_token_bucket: false,");
+        let both = [
+            descriptor(&[("client", "a"), ("path", "/x")]),
+            descriptor(&[("client", "a")]),
+        ];
+        assert_eq!(l.check_at(t0, &both), Verdict::Pass);
+        assert_eq!(l.check_at(t0, &both), Verdict::Limited);
+        let ax = [descriptor(&[("client", "a"), ("path", "/x")])];
+        assert_eq!(l.check_at(t0, &ax), Verdict::Pass);
+        assert_eq!(l.check_at(t0, &ax), Verdict::Limited);
+    }
+
+    #[test]
+    fn rate_limit_actions_make_descriptors_as_envoy_does() {
+        let rule = |yaml: &str| {
+            RateLimitRule::from_xds(&weft_xds_proto::from_yaml(yaml).unwrap()).unwrap()
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-client", "alpha".parse().unwrap());
+        let req = RequestView {
+            method: "GET",
+            authority: "svc",
+            path_and_query: "/p?q=1",
+            headers: &headers,
+        };
+        let ip: Option<IpAddr> = "10.1.2.3".parse().ok();
+        let r = rule(
+            "{ actions: [{ generic_key: { descriptor_value: g } }, { request_headers: { header_name: x-client, descriptor_key: client } }, { request_headers: { header_name: ':path', descriptor_key: path } }, { remote_address: {} }] }",
+        );
+        assert_eq!(
+            r.descriptor(&req, ip),
+            Some(descriptor(&[
+                ("generic_key", "g"),
+                ("client", "alpha"),
+                ("path", "/p?q=1"),
+                ("remote_address", "10.1.2.3")
+            ]))
+        );
+        // An absent header: no descriptor, or, with `skip_if_absent`, one without its entry.
+        let r =
+            rule("{ actions: [{ request_headers: { header_name: x-none, descriptor_key: n } }] }");
+        assert_eq!(r.descriptor(&req, ip), None);
+        let r = rule(
+            "{ actions: [{ request_headers: { header_name: x-none, descriptor_key: n, skip_if_absent: true } }, { generic_key: { descriptor_key: k, descriptor_value: v } }] }",
+        );
+        assert_eq!(r.descriptor(&req, ip), Some(descriptor(&[("k", "v")])));
+        // Header value matches, and their inverse.
+        let matches = "headers: [{ name: x-client, string_match: { exact: alpha } }]";
+        let r = rule(&format!(
+            "{{ actions: [{{ header_value_match: {{ descriptor_value: m, {matches} }} }}] }}"
+        ));
+        assert_eq!(
+            r.descriptor(&req, ip),
+            Some(descriptor(&[("header_match", "m")]))
+        );
+        let r = rule(&format!(
+            "{{ actions: [{{ header_value_match: {{ descriptor_value: m, expect_match: false, {matches} }} }}] }}"
+        ));
+        assert_eq!(r.descriptor(&req, ip), None);
+        // No address, no descriptor.
+        let r = rule("{ actions: [{ remote_address: {} }] }");
+        assert_eq!(r.descriptor(&req, None), None);
+        assert_eq!(r.stage, 0);
     }
 
     #[test]
@@ -289,7 +760,27 @@ mod tests {
             ("{ stat_prefix: p, status: { code: 700 } }", "status.code"),
             (
                 "{ stat_prefix: p, descriptors: [{ entries: [{ key: a, value: b }], token_bucket: { max_tokens: 1, fill_interval: 1s } }] }",
-                "descriptors",
+                "token_bucket",
+            ),
+            (
+                "{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 1s }, descriptors: [{ entries: [{ key: a }], token_bucket: { max_tokens: 1, fill_interval: 1s } }] }",
+                "descriptors[0].entries[0].value",
+            ),
+            (
+                "{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 1s }, descriptors: [{ entries: [{ key: a, value: b }], token_bucket: { max_tokens: 1, fill_interval: 1s } }, { entries: [{ key: a, value: b }], token_bucket: { max_tokens: 2, fill_interval: 1s } }] }",
+                "descriptors[1].entries",
+            ),
+            (
+                "{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 1s }, descriptors: [{ entries: [{ key: a, value: b }] }] }",
+                "descriptors[0].token_bucket",
+            ),
+            (
+                "{ stat_prefix: p, rate_limits: [{ actions: [{ masked_remote_address: {} }] }] }",
+                "rate_limits[0].actions[0].masked_remote_address",
+            ),
+            (
+                "{ stat_prefix: p, rate_limits: [{ actions: [{ request_headers: { header_name: x } }] }] }",
+                "rate_limits[0].actions[0].request_headers",
             ),
             (
                 "{ stat_prefix: p, local_rate_limit_per_downstream_connection: true }",

@@ -798,7 +798,19 @@ async fn route_and_forward(
     //     config, else the filter's.
     if let Some(filter) = &hcm.local_rate_limit {
         let limit = route.local_rate_limit.as_ref().unwrap_or(filter);
-        match limit.check() {
+        let descriptors = match &route.action {
+            Action::Forward(a) => {
+                let view = router::RequestView {
+                    method: req.method().as_str(),
+                    authority: &authority,
+                    path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                    headers: req.headers(),
+                };
+                limit.descriptors_for(a, &view, origin.remote)
+            }
+            _ => Vec::new(),
+        };
+        match limit.check(&descriptors) {
             local_ratelimit::Verdict::Pass => {}
             local_ratelimit::Verdict::PassNotEnforced => {
                 limit

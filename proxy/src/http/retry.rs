@@ -482,6 +482,9 @@ mod tests {
             attempt_header: false,
             attempts_in_response: false,
             idle_timeout: None,
+            rate_limits: Default::default(),
+            vh_rate_limits: Default::default(),
+            include_vh_rate_limits: false,
         };
         let a = c.apply(&route);
         assert_eq!(a.timeout, Some(Duration::from_millis(250)));

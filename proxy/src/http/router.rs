@@ -163,6 +163,13 @@ pub struct RouteAction {
     /// Each attempt tells the upstream its number (`x-envoy-attempt-count`; the virtual host's
     /// `include_request_attempt_count`, which Istio sets everywhere).
     pub attempt_header: bool,
+    /// `rate_limits`: the descriptors a local rate limit with descriptors matches against.
+    pub rate_limits: std::sync::Arc<Vec<super::local_ratelimit::RateLimitRule>>,
+    /// The virtual host's `rate_limits`.
+    pub vh_rate_limits: std::sync::Arc<Vec<super::local_ratelimit::RateLimitRule>>,
+    /// `include_vh_rate_limits` (deprecated in Envoy, still honoured): the virtual host's
+    /// `rate_limits` apply too.
+    pub include_vh_rate_limits: bool,
     /// The answer tells the client how many attempts were made (the virtual host's
     /// `include_attempt_count_in_response`).
     pub attempts_in_response: bool,
@@ -339,7 +346,6 @@ fn route_action(
     let bad = |f: &str, r: &str| Err((format!("route.{f}"), r.to_string()));
     for (field, set) in [
         ("cors", a.cors.is_some()),
-        ("rate_limits", !a.rate_limits.is_empty()),
         ("hedge_policy", a.hedge_policy.is_some()),
         ("metadata_match", a.metadata_match.is_some()),
         // Fields that change what a request gets, not implemented: refused, not ignored.
@@ -484,12 +490,30 @@ fn route_action(
             .map_err(|(f, r)| (format!("route.{f}"), r))?,
         // The virtual host's, set by `virtual_host`.
         attempt_header: false,
+        rate_limits: std::sync::Arc::new(
+            rate_limits(&a.rate_limits).map_err(|(f, e)| (format!("route.{f}"), e))?,
+        ),
+        vh_rate_limits: Default::default(),
+        include_vh_rate_limits: a.include_vh_rate_limits.is_some_and(|b| b.value),
         attempts_in_response: false,
         idle_timeout,
     })
 }
 
 type RateLimitConfig = Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>;
+
+/// A route's or virtual host's `rate_limits` (descriptors for local rate limits).
+fn rate_limits(
+    xds: &[weft_xds_proto::envoy::config::route::v3::RateLimit],
+) -> Result<Vec<super::local_ratelimit::RateLimitRule>, (String, String)> {
+    xds.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            super::local_ratelimit::RateLimitRule::from_xds(r)
+                .map_err(|(f, e)| (format!("rate_limits[{i}].{f}"), e))
+        })
+        .collect()
+}
 
 /// The local rate limit filter's per-route or per-virtual-host config, if it has one.
 fn local_rate_limit(
@@ -737,7 +761,6 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
             "request_mirror_policies",
             !vh.request_mirror_policies.is_empty(),
         ),
-        ("rate_limits", !vh.rate_limits.is_empty()),
         (
             "typed_per_filter_config",
             vh.typed_per_filter_config
@@ -759,6 +782,7 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
         ));
     }
     let vh_rate_limit = local_rate_limit(&vh.typed_per_filter_config)?;
+    let vh_rate_limits = std::sync::Arc::new(rate_limits(&vh.rate_limits)?);
     let mut routes = vh
         .routes
         .iter()
@@ -768,6 +792,7 @@ fn virtual_host(vh: &XdsVirtualHost) -> Result<VirtualHost, (String, String)> {
     for r in &mut routes {
         if let Action::Forward(a) = &mut r.action {
             a.attempt_header = vh.include_request_attempt_count;
+            a.vh_rate_limits = vh_rate_limits.clone();
             a.attempts_in_response = vh.include_attempt_count_in_response;
         }
     }
