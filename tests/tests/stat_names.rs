@@ -84,12 +84,11 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     })
     .unwrap_or_else(|| panic!("{}: no access log\n{}", flavor.name(), s.logs()));
     lines.extend(logged);
-    let stats: Vec<String> = weft_e2e::get(s.admin(), "/stats")
-        .expect("stats")
-        .body
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let admin = |path: &str| -> Vec<String> {
+        let body = weft_e2e::get(s.admin(), path).expect("admin").body;
+        body.lines().map(str::to_string).collect()
+    };
+    let stats = admin("/stats");
     for stat in [
         "cluster.backend-stats.upstream_rq_total:",
         "cluster.backend-stats.upstream_rq_2xx:",
@@ -99,12 +98,7 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     ] {
         lines.push(format!("{stat} {}", line_starting(&stats, stat)));
     }
-    let prometheus: Vec<String> = weft_e2e::get(s.admin(), "/stats/prometheus")
-        .expect("prometheus")
-        .body
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let prometheus = admin("/stats/prometheus");
     for sample in [
         "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"backend-stats\"}",
         "envoy_cluster_upstream_rq_total{envoy_cluster_name=\"named\"}",
@@ -112,11 +106,9 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
         lines.push(format!("{sample} {}", line_starting(&prometheus, sample)));
     }
     // `/clusters` lists clusters by their own names.
-    let clusters = weft_e2e::get(s.admin(), "/clusters")
-        .expect("clusters")
-        .body;
+    let clusters = admin("/clusters");
     for prefix in ["named::", "backend-stats::"] {
-        let listed = clusters.lines().any(|l| l.starts_with(prefix));
+        let listed = clusters.iter().any(|l| l.starts_with(prefix));
         lines.push(format!("/clusters {prefix} {listed}"));
     }
     lines

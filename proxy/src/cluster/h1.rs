@@ -1548,24 +1548,38 @@ mod tests {
         }
     }
 
-    fn post(len: usize) -> (RequestHead, Outgoing) {
-        let (parts, ()) = http::Request::post("/upload")
-            .header("host", "a")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let body = Outgoing::Bytes(Bytes::from(vec![b'x'; len]));
-        let head = RequestHead::encode(
+    /// An upstream that answers `answer` once it has the request's head, reading nothing more,
+    /// and then closes or (`keep_open`) holds the connection.
+    async fn answer_after_head(
+        mut s: tokio::net::TcpStream,
+        answer: &'static [u8],
+        keep_open: bool,
+    ) {
+        read_request_head(&mut s).await;
+        s.write_all(answer).await.unwrap();
+        if keep_open {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// `req`'s head as the exchange writes it, with `body`.
+    fn encode(req: http::request::Builder, attempt: Option<u32>, body: &Outgoing) -> RequestHead {
+        let (parts, ()) = req.header("host", "a").body(()).unwrap().into_parts();
+        RequestHead::encode(
             &super::super::UpstreamHead {
                 method: parts.method,
                 uri: parts.uri,
                 version: http::Version::HTTP_11,
                 headers: parts.headers,
-                attempt: None,
+                attempt,
             },
-            &body,
-        );
-        (head, body)
+            body,
+        )
+    }
+
+    fn post(len: usize) -> (RequestHead, Outgoing) {
+        let body = Outgoing::Bytes(Bytes::from(vec![b'x'; len]));
+        (encode(http::Request::post("/upload"), None, &body), body)
     }
 
     /// Bounds a test that would otherwise hang when the behaviour it checks is broken.
@@ -1580,13 +1594,8 @@ mod tests {
         const BIG: usize = 8 << 20;
         // The upstream answers after the head and closes: the body's next bytes bring back a
         // reset, and the answer that came before it is still read.
-        let mut conn = upstream(|mut s| async move {
-            read_request_head(&mut s).await;
-            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
-                .await
-                .unwrap();
-        })
-        .await;
+        let too_large = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!";
+        let mut conn = upstream(|s| answer_after_head(s, too_large, false)).await;
         let (head, mut body) = post(BIG);
         let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
         assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -1594,14 +1603,8 @@ mod tests {
         assert_eq!(conn.read[..], b"big!"[..]);
 
         // It answers and reads no more, the connection open: the answer is not waited out.
-        let mut conn = upstream(|mut s| async move {
-            read_request_head(&mut s).await;
-            s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
-            std::future::pending::<()>().await;
-        })
-        .await;
+        let unauthorized = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+        let mut conn = upstream(|s| answer_after_head(s, unauthorized, true)).await;
         let (head, mut body) = post(BIG);
         let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
         assert_eq!(got.status, StatusCode::UNAUTHORIZED);
@@ -1645,14 +1648,8 @@ mod tests {
     #[tokio::test]
     async fn an_answer_while_the_body_is_awaited_ends_the_sending() {
         // The client's body has one chunk and then nothing yet; the upstream answers.
-        let mut conn = upstream(|mut s| async move {
-            read_request_head(&mut s).await;
-            s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
-            std::future::pending::<()>().await;
-        })
-        .await;
+        let forbidden = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n";
+        let mut conn = upstream(|s| answer_after_head(s, forbidden, true)).await;
         let first = futures::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from("abc")))]);
         let body = http_body_util::StreamBody::new(futures::StreamExt::chain(
             first,
@@ -1683,21 +1680,8 @@ mod tests {
 
     #[test]
     fn request_heads_carry_their_framing() {
-        let req = http::Request::post("/p?q=1")
-            .header("host", "a")
-            .body(())
-            .unwrap();
-        let (parts, ()) = req.into_parts();
-        let head = RequestHead::encode(
-            &super::super::UpstreamHead {
-                method: parts.method,
-                uri: parts.uri,
-                version: http::Version::HTTP_11,
-                headers: parts.headers,
-                attempt: Some(2),
-            },
-            &Outgoing::Bytes(Bytes::from_static(b"abc")),
-        );
+        let abc = Outgoing::Bytes(Bytes::from_static(b"abc"));
+        let head = encode(http::Request::post("/p?q=1"), Some(2), &abc);
         assert_eq!(
             String::from_utf8(head.bytes).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: a\r\nx-envoy-attempt-count: 2\r\ncontent-length: 3\r\n\r\n"
@@ -1705,19 +1689,9 @@ mod tests {
         assert_eq!(head.framing, BodyFraming::Length(3));
         assert!(!head.idempotent);
 
-        let req = http::Request::get("/")
-            .header("host", "a")
-            .body(())
-            .unwrap();
-        let (parts, ()) = req.into_parts();
-        let head = RequestHead::encode(
-            &super::super::UpstreamHead {
-                method: parts.method,
-                uri: parts.uri,
-                version: http::Version::HTTP_11,
-                headers: parts.headers,
-                attempt: None,
-            },
+        let head = encode(
+            http::Request::get("/"),
+            None,
             &Outgoing::Bytes(Bytes::new()),
         );
         assert_eq!(
