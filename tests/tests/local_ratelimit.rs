@@ -38,6 +38,15 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
+    // gRPC clients refused: UNAVAILABLE (429's), or RESOURCE_EXHAUSTED when asked.
+    let grpc = limit("grpc_rl", 1, None, 100, "");
+    let exhausted = limit(
+        "exhausted_rl",
+        1,
+        None,
+        100,
+        ", rate_limited_as_resource_exhausted: true",
+    );
     // One default bucket of 10; `client: alpha` has 2 tokens, the virtual host's key 3.
     let descriptors = limit(
         "desc_rl",
@@ -85,6 +94,14 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
                   envoy.filters.http.local_ratelimit: {per_route}
+              - match: {{ prefix: /grpc-exhausted }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {exhausted}
+              - match: {{ prefix: /grpc }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {grpc}
               - match: {{ prefix: /shadow }}
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
@@ -119,6 +136,8 @@ struct Answer {
     custom: Option<String>,
     /// Whether the backend saw the not-enforced header.
     shadow_header: bool,
+    /// A gRPC local reply's status and message.
+    grpc: Option<(String, String)>,
 }
 
 fn burst(c: &mut Client, host: &str, paths: &[&str]) -> Vec<Answer> {
@@ -143,6 +162,10 @@ fn burst_with(c: &mut Client, host: &str, requests: &[(&str, &[(&str, &str)])]) 
                 ratelimited: r.header("x-envoy-ratelimited").map(str::to_string),
                 custom: r.header("x-local-rate-limit").map(str::to_string),
                 shadow_header: from_backend && r.body.contains("x-rl-shadow: over"),
+                grpc: (!from_backend).then(|| {
+                    let h = |n| r.header(n).unwrap_or_default().to_string();
+                    (h("grpc-status"), h("grpc-message"))
+                }),
             }
         })
         .collect()
@@ -155,6 +178,7 @@ struct Outcomes {
     shadow: Vec<Answer>,
     vhost: Vec<Answer>,
     descriptors: Vec<Answer>,
+    grpc: Vec<Answer>,
     stats: Vec<(String, u64)>,
 }
 
@@ -189,6 +213,17 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
             ("/match", &[]),
         ],
     );
+    let as_grpc: &[(&str, &str)] = &[("content-type", "application/grpc")];
+    let grpc = burst_with(
+        &mut c,
+        "svc",
+        &[
+            ("/grpc/pkg.S/M", as_grpc),
+            ("/grpc/pkg.S/M", as_grpc),
+            ("/grpc-exhausted/pkg.S/M", as_grpc),
+            ("/grpc-exhausted/pkg.S/M", as_grpc),
+        ],
+    );
     let mut stats = Vec::new();
     for prefix in [
         "listener_rl",
@@ -208,6 +243,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         shadow,
         vhost,
         descriptors,
+        grpc,
         stats,
     };
     eprintln!("{}: {out:#?}", flavor.name());
@@ -247,6 +283,14 @@ fn weft_proxy_and_envoy_rate_limit_alike() {
         "Envoy 1.40 sends no x-envoy-ratelimited for local limits"
     );
     assert_eq!(limited.custom.as_deref(), Some("true"));
+    let grpc: Vec<_> = weft
+        .grpc
+        .iter()
+        .map(|a| (a.status, a.grpc.clone()))
+        .collect();
+    let refused = |code: &str| Some((code.to_string(), "local_rate_limited".to_string()));
+    assert_eq!(grpc[1], (200, refused("14")), "{grpc:?}");
+    assert_eq!(grpc[3], (200, refused("8")), "{grpc:?}");
     let envoy = run(Flavor::Envoy, 93);
     assert_eq!(weft, envoy);
 }

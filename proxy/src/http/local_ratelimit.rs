@@ -30,6 +30,8 @@ pub const TYPE_URL: &str =
 pub struct LocalRateLimit {
     pub stat_prefix: String,
     pub status: u16,
+    /// `rate_limited_as_resource_exhausted`: a gRPC client is refused RESOURCE_EXHAUSTED.
+    pub resource_exhausted: bool,
     bucket: Option<TokenBucket>,
     /// `descriptors`: buckets of their own for requests whose descriptors (made by the
     /// `rate_limits` that apply) equal theirs; slowest refill first, as Envoy checks them.
@@ -345,10 +347,6 @@ impl LocalRateLimit {
                 c.enable_x_ratelimit_headers != 0,
             ),
             (
-                "rate_limited_as_resource_exhausted",
-                c.rate_limited_as_resource_exhausted,
-            ),
-            (
                 "max_dynamic_descriptors",
                 c.max_dynamic_descriptors.is_some(),
             ),
@@ -455,6 +453,7 @@ impl LocalRateLimit {
         Ok(LocalRateLimit {
             stat_prefix: c.stat_prefix.clone(),
             status,
+            resource_exhausted: c.rate_limited_as_resource_exhausted,
             bucket,
             descriptors: descriptors.into_iter().map(|(d, _)| d).collect(),
             always_consume_default: c

@@ -824,6 +824,12 @@ async fn route_and_forward(
                 // said it did): the configured response headers only.
                 let mut resp =
                     local_reply(status, "local_rate_limited", "RL", "local_rate_limited");
+                if limit.resource_exhausted
+                    && let Some(l) = resp.extensions_mut().get_mut::<LocalReply>()
+                {
+                    // RESOURCE_EXHAUSTED, where the status's own would be UNAVAILABLE.
+                    l.grpc_status = Some(8);
+                }
                 limit.response_headers.apply(resp.headers_mut());
                 routed(proxy, hcm, route, &mut resp);
                 return resp;
@@ -1015,6 +1021,7 @@ async fn route_rest(
                 message: String::new(),
                 details: Cow::Borrowed("direct_response"),
                 transport: None,
+                grpc_status: None,
             });
             if !body.is_empty() {
                 resp.headers_mut()
@@ -2361,6 +2368,7 @@ pub fn local_reply(
         message: body.to_string(),
         details: details.into(),
         transport: None,
+        grpc_status: None,
     });
     resp
 }
@@ -2444,6 +2452,8 @@ struct LocalReply {
     details: Cow<'static, str>,
     /// Why the upstream connection failed, when that is the reason.
     transport: Option<String>,
+    /// The gRPC status a gRPC client gets, when not the HTTP status's (`grpc_status_of`).
+    grpc_status: Option<u32>,
 }
 
 /// Envoy's mapping of an HTTP status to a gRPC status, for local replies to gRPC requests.
@@ -2462,13 +2472,18 @@ fn grpc_status_of(status: StatusCode) -> u32 {
 /// `grpc-status` from the HTTP status, the message as `grpc-message`), so gRPC clients see a
 /// gRPC error rather than a bare HTTP one.
 fn grpc_local_reply(resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let Some(LocalReply { message, .. }) = resp.extensions().get::<LocalReply>().cloned() else {
+    let Some(LocalReply {
+        message,
+        grpc_status,
+        ..
+    }) = resp.extensions().get::<LocalReply>().cloned()
+    else {
         return resp;
     };
     if resp.headers().contains_key(names::GRPC_STATUS) {
         return resp;
     }
-    let grpc = grpc_status_of(resp.status());
+    let grpc = grpc_status.unwrap_or_else(|| grpc_status_of(resp.status()));
     let (mut parts, _) = resp.into_parts();
     parts.status = StatusCode::OK;
     parts.headers.remove(header::CONTENT_LENGTH);
