@@ -46,6 +46,11 @@ impl Fraction {
     pub fn hit(self) -> bool {
         self.0 >= 1_000_000 || fastrand::u32(..1_000_000) < self.0
     }
+
+    /// As `hit`, decided by a random value drawn elsewhere.
+    pub fn hit_with(self, random: u64) -> bool {
+        self.0 >= 1_000_000 || random % 1_000_000 < u64::from(self.0)
+    }
 }
 
 impl Fault {

@@ -571,7 +571,7 @@ pub async fn proxy_request(
 ) -> Response<ProxyBody> {
     hcm.stats.downstream_rq_total.inc();
     let _active = GaugeGuard::new(&hcm.stats.downstream_rq_active);
-    let grpc = is_grpc(req.headers());
+    let grpc = router::is_grpc(req.headers());
     let progress = req
         .extensions()
         .get::<Arc<timeouts::BodyProgress>>()
@@ -1018,7 +1018,8 @@ async fn route_rest(
             let mut resp = Response::new(Either::Right(Full::new(body.clone())));
             *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             resp.extensions_mut().insert(LocalReply {
-                message: String::new(),
+                // A gRPC client gets the body as `grpc-message`, as from Envoy.
+                message: String::from_utf8_lossy(body).into_owned(),
                 details: Cow::Borrowed("direct_response"),
                 transport: None,
                 grpc_status: None,
@@ -1810,7 +1811,7 @@ fn upstream_head(
     strip_hop_by_hop(&mut parts.headers);
     // `te: trailers` is the one TE value allowed end to end (gRPC needs it).
     parts.headers.remove(header::TE);
-    if parts.headers.contains_key(names::GRPC_TIMEOUT) || is_grpc(&parts.headers) {
+    if parts.headers.contains_key(names::GRPC_TIMEOUT) || router::is_grpc(&parts.headers) {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
@@ -1964,12 +1965,6 @@ impl AttemptBody {
             },
         }
     }
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// A random (version 4) UUID, as Envoy generates for `x-request-id`; formatted by hand into a

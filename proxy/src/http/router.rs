@@ -49,6 +49,11 @@ pub struct Route {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
+    /// `match.runtime_fraction`: the share of requests the route matches (its default value;
+    /// weft-proxy has no runtime).
+    runtime: Option<fault::Fraction>,
+    /// `match.grpc`: gRPC requests only.
+    grpc: bool,
     pub action: Action,
     /// The fault filter's per-route config (overrides the connection manager's).
     pub fault: Option<Fault>,
@@ -614,8 +619,6 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
             "request_body_buffer_limit",
             r.request_body_buffer_limit.is_some(),
         ),
-        ("match.runtime_fraction", m.runtime_fraction.is_some()),
-        ("match.grpc", m.grpc.is_some()),
         ("match.tls_context", m.tls_context.is_some()),
         ("match.dynamic_metadata", !m.dynamic_metadata.is_empty()),
     ] {
@@ -682,6 +685,11 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
         case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
         headers,
         query,
+        runtime: m
+            .runtime_fraction
+            .as_ref()
+            .map(|r| fault::Fraction::from_xds(r.default_value.as_ref())),
+        grpc: m.grpc.is_some(),
         action,
         fault,
         cors,
@@ -913,8 +921,26 @@ impl RouteTable {
     pub fn route(&self, req: &RequestView<'_>) -> Option<&Route> {
         let vh = self.virtual_host(req.authority)?;
         let path = req.path_and_query.split(['?', '#']).next().unwrap_or("");
-        vh.routes.iter().find(|r| r.matches(path, req))
+        // One random value per request serves every route's runtime fraction, as Envoy uses
+        // the stream's one: of two routes with the same share, a request matches both or
+        // neither.
+        let draw = std::cell::OnceCell::new();
+        vh.routes.iter().find(|r| {
+            r.matches(path, req)
+                && r.runtime
+                    .is_none_or(|f| f.hit_with(*draw.get_or_init(|| fastrand::u64(..))))
+        })
     }
+}
+
+/// A gRPC request, as Envoy tells one: `content-type` `application/grpc`, or that followed by
+/// `+` or `;`.
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
 /// The first value of a query parameter, percent-decoded (as Envoy matches it).
@@ -969,6 +995,7 @@ impl Route {
             }
         };
         path_ok
+            && (!self.grpc || is_grpc(req.headers))
             && self.headers.iter().all(|h| h.matches(req))
             && self.query.iter().all(|q| {
                 match (query_value(req.path_and_query, &q.name), &q.rule) {

@@ -487,3 +487,64 @@ fn pseudo_headers_and_query_parameters_match_as_in_envoy() {
         "an inverted value match does not match a missing header (Envoy)"
     );
 }
+
+#[test]
+fn runtime_fractions_share_one_draw_and_grpc_matches_grpc_only() {
+    use weft_xds_proto::envoy::config::core::v3::RuntimeFractionalPercent;
+    use weft_xds_proto::envoy::r#type::v3::FractionalPercent;
+    let share = |percent: u32| RouteMatch {
+        runtime_fraction: Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: percent,
+                denominator: 0,
+            }),
+            runtime_key: "routing.share".into(),
+        }),
+        ..prefix("/")
+    };
+    let grpc = RouteMatch {
+        grpc: Some(Default::default()),
+        ..prefix("/")
+    };
+    let t = RouteTable::from_xds(&RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![XdsVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![
+                rt(share(0), "never"),
+                rt(grpc, "grpc"),
+                rt(share(40), "first"),
+                rt(share(40), "second"),
+                rt(share(100), "rest"),
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..2000 {
+        let c = cluster_for(&t, "a", "/", &[]).unwrap();
+        *counts.entry(c).or_insert(0) += 1;
+    }
+    // Both 40% routes see the same draw: the second never gets what the first did not.
+    assert_eq!(counts.get("never"), None);
+    assert_eq!(counts.get("second"), None);
+    assert_eq!(counts.get("grpc"), None);
+    let first = counts["first"];
+    assert!((650..=950).contains(&first), "{counts:?}");
+    assert_eq!(first + counts["rest"], 2000);
+    for (content_type, cluster) in [
+        ("application/grpc", "grpc"),
+        ("application/grpc+proto", "grpc"),
+        ("application/grpc;charset=utf-8", "grpc"),
+        ("application/grpc-web", "rest"),
+        ("application/json", "rest"),
+    ] {
+        let got = (0..50)
+            .map(|_| cluster_for(&t, "a", "/", &[("content-type", content_type)]).unwrap())
+            .find(|c| c != "first");
+        assert_eq!(got.as_deref(), Some(cluster), "{content_type}");
+    }
+}
