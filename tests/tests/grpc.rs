@@ -141,6 +141,26 @@ fn run(name: &str, net: u8, envoy: bool) -> Vec<Outcome> {
             &format!("{name}-slow"),
             &[("x-delay-ms", "2000")],
         ),
+        // The client's deadline (`grpc-timeout`) is the route's timeout where the route has
+        // none, capped by it where it has one (istiod's `max_grpc_timeout`).
+        call(
+            &q,
+            "/pkg.NoRetry/Deadline",
+            &format!("{name}-deadline"),
+            &[("x-delay-ms", "2000"), ("grpc-timeout", "200m")],
+        ),
+        call(
+            &q,
+            "/pkg.NoRetry/Deadline",
+            &format!("{name}-in-time"),
+            &[("x-delay-ms", "100"), ("grpc-timeout", "3S")],
+        ),
+        call(
+            &q,
+            "/pkg.Slow/Call",
+            &format!("{name}-capped"),
+            &[("x-delay-ms", "2000"), ("grpc-timeout", "4S")],
+        ),
     ];
     eprintln!("{name}: {seen:?}");
     q.assert_client_nacked_nothing();
@@ -176,6 +196,21 @@ fn weft_proxy_and_envoy_carry_grpc_alike() {
         weft[5],
         o(200, "14", false, "-"),
         "a route timeout is a gRPC UNAVAILABLE (Envoy's local reply mapping)"
+    );
+    assert_eq!(
+        weft[6],
+        o(200, "14", false, "-"),
+        "the client's deadline cuts the call where the route has no timeout"
+    );
+    assert_eq!(
+        weft[7],
+        o(200, "0", true, "1"),
+        "a call within its deadline"
+    );
+    assert_eq!(
+        weft[8],
+        o(200, "14", false, "-"),
+        "the route's timeout caps a longer deadline"
     );
     let envoy = run("grpc-envoy", 67, true);
     assert_eq!(weft, envoy, "weft-proxy and Envoy differ");

@@ -1247,11 +1247,20 @@ fn prefix_match(prefix: &str) -> RouteMatch {
     }
 }
 
+// `max_grpc_timeout` is deprecated in Envoy's API, and still what istiod sets on its routes.
+#[allow(deprecated)]
 fn cluster_action(cluster: &str) -> RouteAction {
     RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
         // Istio disables Envoy's 15 s default route timeout unless a VirtualService sets one.
         timeout: Some(Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        // As istiod: a gRPC request's `grpc-timeout` is its timeout, capped by the route's
+        // (zero here: no cap). istiod's inbound routes say it with `max_stream_duration`'s
+        // `grpc_timeout_header_max`; weft uses this one field everywhere.
+        max_grpc_timeout: Some(Duration {
             seconds: 0,
             nanos: 0,
         }),
@@ -1500,6 +1509,10 @@ pub(super) fn http_routes(
     }
     if let Some(t) = r.timeout.as_deref().and_then(|t| parse_duration(t).ok()) {
         action.timeout = Some(pb_duration(t));
+        #[allow(deprecated)] // As in `cluster_action`.
+        {
+            action.max_grpc_timeout = Some(pb_duration(t));
+        }
     }
     action.retry_policy = match &r.retries {
         Some(HttpRetry {

@@ -1041,12 +1041,31 @@ async fn route_rest(
     } else {
         req.extensions_mut().remove::<retry::Controls>()
     };
-    let action = match controls {
-        Some(c) => {
-            controlled = Box::new(c.apply(action));
+    // A gRPC request's `grpc-timeout` sets the route's timeout (`max_grpc_timeout`); the
+    // control headers come after it, as in Envoy's router.
+    let grpc_timeout = action
+        .grpc_timeout
+        .filter(|_| router::is_grpc(req.headers()))
+        .map(|g| g.of(req.headers()));
+    let action = match (controls, grpc_timeout) {
+        (None, None) => action,
+        (c, g) => {
+            let mut a = action.clone();
+            if let Some(t) = g {
+                a.timeout = t;
+                // A per-try timeout as long as the whole is none (Envoy's router).
+                if let (Some(t), Some(r)) = (t, a.retry.as_mut())
+                    && r.per_try_timeout.is_some_and(|p| p >= t)
+                {
+                    r.per_try_timeout = None;
+                }
+            }
+            if let Some(c) = c {
+                a = c.apply(&a);
+            }
+            controlled = Box::new(a);
             &*controlled
         }
-        None => action,
     };
     let Some(cluster) = snapshot.clusters.get(action.cluster.pick()).cloned() else {
         hcm.stats.no_cluster.inc();
@@ -1184,15 +1203,23 @@ async fn forward(
         })
     });
     // The per-try timeout when the route has one, else the route's.
+    let expected = action
+        .retry
+        .as_ref()
+        .and_then(|r| r.per_try_timeout)
+        .or(action.timeout)
+        .filter(|t| !t.is_zero());
     if pick.timed {
-        tell_timeout(
-            &mut parts.headers,
-            action
-                .retry
-                .as_ref()
-                .and_then(|r| r.per_try_timeout)
-                .or(action.timeout),
-        );
+        tell_timeout(&mut parts.headers, expected);
+    }
+    // With `max_grpc_timeout`, the upstream learns the time it has in `grpc-timeout` too.
+    if let Some(t) = expected
+        && action.grpc_timeout.is_some()
+        && router::is_grpc(&parts.headers)
+    {
+        parts
+            .headers
+            .insert("grpc-timeout", router::grpc_timeout_value(t));
     }
     let head = match upstream_head(parts, authority, cluster.protocol) {
         Ok(h) => h,

@@ -482,6 +482,7 @@ mod tests {
             attempt_header: false,
             attempts_in_response: false,
             idle_timeout: None,
+            grpc_timeout: None,
             rate_limits: Default::default(),
             vh_rate_limits: Default::default(),
             include_vh_rate_limits: false,

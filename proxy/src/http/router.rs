@@ -181,6 +181,75 @@ pub struct RouteAction {
     /// `idle_timeout`: replaces the connection manager's `stream_idle_timeout` for requests
     /// on this route (`Some(None)`: none at all).
     pub idle_timeout: Option<Option<Duration>>,
+    /// `max_grpc_timeout` (zero: no cap) and `grpc_timeout_offset`: a gRPC request's timeout is
+    /// its `grpc-timeout` (less the offset), at most the cap.
+    pub grpc_timeout: Option<GrpcTimeout>,
+}
+
+/// How a gRPC request's `grpc-timeout` sets the route's timeout (Envoy's `max_grpc_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcTimeout {
+    pub max: Option<Duration>,
+    pub offset: Option<Duration>,
+}
+
+impl GrpcTimeout {
+    /// The route's timeout for a gRPC request with these headers, as Envoy's router decides it:
+    /// the `grpc-timeout` header (none: no timeout), less the offset when that leaves some
+    /// time, capped at `max`; `None` is no timeout.
+    pub fn of(&self, headers: &http::HeaderMap) -> Option<Duration> {
+        let mut t = headers
+            .get("grpc-timeout")
+            .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+            .unwrap_or(Duration::ZERO);
+        if let Some(offset) = self.offset
+            && offset < t
+        {
+            t -= offset;
+        }
+        if let Some(max) = self.max
+            && (t.is_zero() || t > max)
+        {
+            t = max;
+        }
+        (!t.is_zero()).then_some(t)
+    }
+}
+
+/// A `grpc-timeout` value: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`), in whole
+/// milliseconds, rounded up.
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    let nanos: u128 = match unit {
+        b'H' => u128::from(n) * 3_600_000_000_000,
+        b'M' => u128::from(n) * 60_000_000_000,
+        b'S' => u128::from(n) * 1_000_000_000,
+        b'm' => u128::from(n) * 1_000_000,
+        b'u' => u128::from(n) * 1_000,
+        b'n' => u128::from(n),
+        _ => return None,
+    };
+    let ms = nanos.div_ceil(1_000_000);
+    Some(Duration::from_millis(u64::try_from(ms).ok()?))
+}
+
+/// A timeout as `grpc-timeout` writes it: milliseconds, in a larger unit when over 8 digits.
+pub fn grpc_timeout_value(t: Duration) -> http::HeaderValue {
+    let mut n = t.as_millis();
+    let mut unit = 'm';
+    for (next, per) in [('S', 1000), ('M', 60), ('H', 60)] {
+        if n <= 99_999_999 {
+            break;
+        }
+        n /= per;
+        unit = next;
+    }
+    http::HeaderValue::from_str(&format!("{n}{unit}"))
+        .unwrap_or(http::HeaderValue::from_static("1m"))
 }
 
 #[derive(Debug, Clone)]
@@ -355,8 +424,6 @@ fn route_action(
         ("metadata_match", a.metadata_match.is_some()),
         // Fields that change what a request gets, not implemented: refused, not ignored.
         ("max_stream_duration", a.max_stream_duration.is_some()),
-        ("max_grpc_timeout", a.max_grpc_timeout.is_some()),
-        ("grpc_timeout_offset", a.grpc_timeout_offset.is_some()),
         ("upgrade_configs", !a.upgrade_configs.is_empty()),
         (
             "internal_redirect_policy",
@@ -502,6 +569,14 @@ fn route_action(
         include_vh_rate_limits: a.include_vh_rate_limits.is_some_and(|b| b.value),
         attempts_in_response: false,
         idle_timeout,
+        grpc_timeout: a.max_grpc_timeout.as_ref().map(|max| GrpcTimeout {
+            max: Some(crate::duration(max)).filter(|d| !d.is_zero()),
+            offset: a
+                .grpc_timeout_offset
+                .as_ref()
+                .map(crate::duration)
+                .filter(|d| !d.is_zero()),
+        }),
     })
 }
 

@@ -548,3 +548,40 @@ fn runtime_fractions_share_one_draw_and_grpc_matches_grpc_only() {
         assert_eq!(got.as_deref(), Some(cluster), "{content_type}");
     }
 }
+
+#[test]
+fn grpc_timeouts_are_read_capped_and_written_as_envoy_does() {
+    let ms = Duration::from_millis;
+    assert_eq!(parse_grpc_timeout(b"250m"), Some(ms(250)));
+    assert_eq!(parse_grpc_timeout(b"2S"), Some(ms(2000)));
+    assert_eq!(parse_grpc_timeout(b"1M"), Some(ms(60_000)));
+    assert_eq!(parse_grpc_timeout(b"1H"), Some(ms(3_600_000)));
+    // Sub-millisecond units round up.
+    assert_eq!(parse_grpc_timeout(b"1500u"), Some(ms(2)));
+    assert_eq!(parse_grpc_timeout(b"1n"), Some(ms(1)));
+    for bad in [&b""[..], b"m", b"123456789m", b"12x", b"-1m", b"1.5S"] {
+        assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+    }
+    assert_eq!(grpc_timeout_value(ms(1500)), "1500m");
+    assert_eq!(grpc_timeout_value(ms(100_000_000)), "100000S");
+    let mut h = HeaderMap::new();
+    let capped = GrpcTimeout {
+        max: Some(ms(1000)),
+        offset: None,
+    };
+    let uncapped = GrpcTimeout {
+        max: None,
+        offset: Some(ms(50)),
+    };
+    // No header: the cap, or no timeout at all.
+    assert_eq!(capped.of(&h), Some(ms(1000)));
+    assert_eq!(uncapped.of(&h), None);
+    h.insert("grpc-timeout", "300m".parse().unwrap());
+    assert_eq!(capped.of(&h), Some(ms(300)));
+    assert_eq!(uncapped.of(&h), Some(ms(250)));
+    h.insert("grpc-timeout", "5S".parse().unwrap());
+    assert_eq!(capped.of(&h), Some(ms(1000)));
+    // An offset that would leave nothing is not taken.
+    h.insert("grpc-timeout", "40m".parse().unwrap());
+    assert_eq!(uncapped.of(&h), Some(ms(40)));
+}
