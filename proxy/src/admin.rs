@@ -631,6 +631,11 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                         true,
                     ),
                     (
+                        "downstream_rq_max_duration_reached",
+                        s.downstream_rq_max_duration_reached.get() as i64,
+                        true,
+                    ),
+                    (
                         "tracing_random_sampling",
                         s.tracing_random_sampling.get() as i64,
                         true,
@@ -792,6 +797,7 @@ prom_names!(
         "downstream_rq_idle_timeout",
         "downstream_rq_timeout",
         "downstream_rq_header_timeout",
+        "downstream_rq_max_duration_reached",
         "tracing_random_sampling",
         "tracing_service_forced",
         "tracing_client_enabled",

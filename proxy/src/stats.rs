@@ -84,6 +84,8 @@ pub struct HttpStats {
     pub downstream_rq_idle_timeout: Counter,
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_header_timeout: Counter,
+    /// Requests ended by their route's `max_stream_duration`.
+    pub downstream_rq_max_duration_reached: Counter,
     /// The trace decisions of a connection manager with `tracing` (`http.<prefix>.tracing.*`);
     /// `health_check` stays 0: weft-proxy has no health check filter.
     pub tracing_random_sampling: Counter,

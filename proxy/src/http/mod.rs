@@ -849,7 +849,26 @@ async fn route_and_forward(
         routed(proxy, hcm, route, &mut resp);
         return resp;
     }
-    let mut resp = route_rest(hcm, route, req, &authority, snapshot, down).await;
+    // The route's `max_stream_duration` runs from here to the answer's last byte.
+    let duration = match &route.action {
+        Action::Forward(a) => a.stream_duration.and_then(|d| d.of(req.headers())),
+        _ => None,
+    };
+    let mut resp = match duration {
+        None => route_rest(hcm, route, req, &authority, snapshot, down).await,
+        Some(d) => {
+            let at = tokio::time::Instant::now() + d;
+            let complete = http_body::Body::is_end_stream(req.body());
+            let rest = route_rest(hcm, route, req, &authority, snapshot, down);
+            match tokio::time::timeout_at(at, rest).await {
+                Ok(resp) => BodyDeadline::arm_stream(resp, at, &hcm.stats),
+                Err(_) => {
+                    hcm.stats.downstream_rq_max_duration_reached.inc();
+                    duration_reached(complete)
+                }
+            }
+        }
+    };
     routed(proxy, hcm, route, &mut resp);
     if let (Some(policy), Some(origin)) = (cors, cors_origin) {
         policy.response_headers(origin, resp.headers_mut());
@@ -1292,7 +1311,17 @@ async fn forward(
 #[derive(Clone)]
 struct BodyDeadline {
     at: tokio::time::Instant,
-    cluster: Arc<crate::cluster::Cluster>,
+    /// Whose deadline it is, for its counter.
+    of: DeadlineOf,
+}
+
+#[derive(Clone)]
+enum DeadlineOf {
+    /// The route's timeout: the cluster's `upstream_rq_timeout`, `UT`.
+    Route(Arc<crate::cluster::Cluster>),
+    /// The route's `max_stream_duration`: the connection manager's
+    /// `downstream_rq_max_duration_reached`.
+    Stream(Arc<crate::stats::HttpStats>),
 }
 
 impl BodyDeadline {
@@ -1305,11 +1334,53 @@ impl BodyDeadline {
         if matches!(resp.body(), Either::Left(_)) {
             resp.extensions_mut().insert(BodyDeadline {
                 at,
-                cluster: cluster.clone(),
+                of: DeadlineOf::Route(cluster.clone()),
             });
         }
         resp
     }
+
+    /// Gives an answer the route's `max_stream_duration`, ending at `at`, unless its route
+    /// timeout ends sooner (the nearer deadline wins).
+    fn arm_stream(
+        mut resp: Response<ProxyBody>,
+        at: tokio::time::Instant,
+        stats: &Arc<crate::stats::HttpStats>,
+    ) -> Response<ProxyBody> {
+        if matches!(resp.body(), Either::Left(_))
+            && resp
+                .extensions()
+                .get::<BodyDeadline>()
+                .is_none_or(|d| d.at > at)
+        {
+            resp.extensions_mut().insert(BodyDeadline {
+                at,
+                of: DeadlineOf::Stream(stats.clone()),
+            });
+        }
+        resp
+    }
+}
+
+/// The answer when a route's `max_stream_duration` runs out before the upstream's head, as
+/// Envoy's connection manager gives it: 504 once the request was whole, else 408; a gRPC
+/// client gets DEADLINE_EXCEEDED.
+fn duration_reached(complete: bool) -> Response<ProxyBody> {
+    let status = if complete {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::REQUEST_TIMEOUT
+    };
+    let mut resp = local_reply(
+        status,
+        "downstream duration timeout",
+        "-",
+        "max_duration_timeout",
+    );
+    if let Some(l) = resp.extensions_mut().get_mut::<LocalReply>() {
+        l.grpc_status = Some(4);
+    }
+    resp
 }
 
 /// A route's `idle_timeout` for the answer's body, when it replaces the connection manager's.
@@ -2295,12 +2366,25 @@ impl LoggedBody {
         let timer = self.timer.take();
         self.inner = Either::Right(Full::new(Bytes::new()));
         let (flags, details, error) = match why {
-            Cut::Deadline => {
-                if let Some(d) = timer.as_ref().and_then(|t| t.deadline.as_ref()) {
-                    d.cluster.stats.upstream_rq_timeout.inc();
+            Cut::Deadline => match timer.as_ref().and_then(|t| t.deadline.as_ref()) {
+                Some(BodyDeadline {
+                    of: DeadlineOf::Stream(stats),
+                    ..
+                }) => {
+                    stats.downstream_rq_max_duration_reached.inc();
+                    ("-", "max_duration_timeout", "downstream duration timeout")
                 }
-                ("UT", "response_timeout", "upstream request timeout")
-            }
+                d => {
+                    if let Some(BodyDeadline {
+                        of: DeadlineOf::Route(c),
+                        ..
+                    }) = d
+                    {
+                        c.stats.upstream_rq_timeout.inc();
+                    }
+                    ("UT", "response_timeout", "upstream request timeout")
+                }
+            },
             Cut::Idle => ("SI", "stream_idle_timeout", "stream idle timeout"),
         };
         if let Some((entry, _)) = &mut self.log {

@@ -483,6 +483,7 @@ mod tests {
             attempts_in_response: false,
             idle_timeout: None,
             grpc_timeout: None,
+            stream_duration: None,
             rate_limits: Default::default(),
             vh_rate_limits: Default::default(),
             include_vh_rate_limits: false,

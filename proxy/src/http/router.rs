@@ -184,6 +184,44 @@ pub struct RouteAction {
     /// `max_grpc_timeout` (zero: no cap) and `grpc_timeout_offset`: a gRPC request's timeout is
     /// its `grpc-timeout` (less the offset), at most the cap.
     pub grpc_timeout: Option<GrpcTimeout>,
+    /// `max_stream_duration`: the stream's own time limit. Set, it replaces `timeout` and
+    /// `max_grpc_timeout` (Envoy's "new timeouts": the route's timeout is then none).
+    pub stream_duration: Option<StreamDuration>,
+}
+
+/// A route's `max_stream_duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamDuration {
+    /// `max_stream_duration` (zero: none).
+    pub max: Option<Duration>,
+    /// `grpc_timeout_header_max`: a request's `grpc-timeout` is its limit, at most this (zero:
+    /// no cap).
+    pub grpc_header_max: Option<Duration>,
+    /// `grpc_timeout_header_offset`, taken off the `grpc-timeout`.
+    pub grpc_header_offset: Option<Duration>,
+}
+
+impl StreamDuration {
+    /// The request's time limit from its start, as Envoy's connection manager sets it: its
+    /// `grpc-timeout` (capped, less the offset) when the route reads the header and it has one,
+    /// else `max_stream_duration`; `None` is no limit.
+    pub fn of(&self, headers: &http::HeaderMap) -> Option<Duration> {
+        let header = headers
+            .get("grpc-timeout")
+            .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let (Some(mut t), Some(max)) = (header, self.grpc_header_max) else {
+            return self.max;
+        };
+        if !max.is_zero() && t > max {
+            t = max;
+        }
+        if !t.is_zero()
+            && let Some(offset) = self.grpc_header_offset
+        {
+            t = t.saturating_sub(offset);
+        }
+        Some(t)
+    }
 }
 
 /// How a gRPC request's `grpc-timeout` sets the route's timeout (Envoy's `max_grpc_timeout`).
@@ -423,7 +461,6 @@ fn route_action(
         ("hedge_policy", a.hedge_policy.is_some()),
         ("metadata_match", a.metadata_match.is_some()),
         // Fields that change what a request gets, not implemented: refused, not ignored.
-        ("max_stream_duration", a.max_stream_duration.is_some()),
         ("upgrade_configs", !a.upgrade_configs.is_empty()),
         (
             "internal_redirect_policy",
@@ -551,9 +588,22 @@ fn route_action(
             shadow_suffix: !m.disable_shadow_host_suffix_append,
         });
     }
+    let stream_duration = a.max_stream_duration.as_ref().map(|d| {
+        let of = |d: &Option<weft_xds_proto::wkt::Duration>| d.as_ref().map(crate::duration);
+        StreamDuration {
+            max: of(&d.max_stream_duration).filter(|d| !d.is_zero()),
+            grpc_header_max: of(&d.grpc_timeout_header_max),
+            grpc_header_offset: of(&d.grpc_timeout_header_offset).filter(|d| !d.is_zero()),
+        }
+    });
     Ok(RouteAction {
         cluster,
-        timeout,
+        // With `max_stream_duration` the route's own timeout is none, as in Envoy.
+        timeout: if stream_duration.is_some() {
+            None
+        } else {
+            timeout
+        },
         retry,
         path_rewrite,
         host_rewrite,
@@ -569,14 +619,19 @@ fn route_action(
         include_vh_rate_limits: a.include_vh_rate_limits.is_some_and(|b| b.value),
         attempts_in_response: false,
         idle_timeout,
-        grpc_timeout: a.max_grpc_timeout.as_ref().map(|max| GrpcTimeout {
-            max: Some(crate::duration(max)).filter(|d| !d.is_zero()),
-            offset: a
-                .grpc_timeout_offset
-                .as_ref()
-                .map(crate::duration)
-                .filter(|d| !d.is_zero()),
-        }),
+        stream_duration,
+        grpc_timeout: a
+            .max_grpc_timeout
+            .as_ref()
+            .filter(|_| stream_duration.is_none())
+            .map(|max| GrpcTimeout {
+                max: Some(crate::duration(max)).filter(|d| !d.is_zero()),
+                offset: a
+                    .grpc_timeout_offset
+                    .as_ref()
+                    .map(crate::duration)
+                    .filter(|d| !d.is_zero()),
+            }),
     })
 }
 

@@ -207,13 +207,10 @@ fn unsupported_route_features_are_rejected_by_field() {
         })
     };
     type Edit<'a> = &'a dyn Fn(&mut XdsRouteAction);
-    let cases: [(&str, Edit<'_>); 5] = [
+    let cases: [(&str, Edit<'_>); 4] = [
         ("hash_policy", &|a| a.hash_policy = vec![Default::default()]),
         ("cluster_not_found_response_code", &|a| {
             a.cluster_not_found_response_code = 1
-        }),
-        ("max_stream_duration", &|a| {
-            a.max_stream_duration = Some(Default::default())
         }),
         ("upgrade_configs", &|a| {
             a.upgrade_configs = vec![Default::default()]
@@ -584,4 +581,37 @@ fn grpc_timeouts_are_read_capped_and_written_as_envoy_does() {
     // An offset that would leave nothing is not taken.
     h.insert("grpc-timeout", "40m".parse().unwrap());
     assert_eq!(uncapped.of(&h), Some(ms(40)));
+}
+
+#[test]
+fn a_stream_duration_takes_the_grpc_timeout_when_told_to() {
+    let ms = Duration::from_millis;
+    let mut h = HeaderMap::new();
+    let plain = StreamDuration {
+        max: Some(ms(500)),
+        grpc_header_max: None,
+        grpc_header_offset: None,
+    };
+    let header = StreamDuration {
+        max: None,
+        grpc_header_max: Some(ms(300)),
+        grpc_header_offset: Some(ms(20)),
+    };
+    assert_eq!(plain.of(&h), Some(ms(500)));
+    assert_eq!(header.of(&h), None, "no header, no max: no limit");
+    h.insert("grpc-timeout", "100m".parse().unwrap());
+    assert_eq!(
+        plain.of(&h),
+        Some(ms(500)),
+        "the header is read only when asked"
+    );
+    assert_eq!(header.of(&h), Some(ms(80)));
+    h.insert("grpc-timeout", "9S".parse().unwrap());
+    assert_eq!(header.of(&h), Some(ms(280)), "capped, then the offset");
+    h.insert("grpc-timeout", "10m".parse().unwrap());
+    assert_eq!(
+        header.of(&h),
+        Some(ms(0)),
+        "an offset over the time leaves none"
+    );
 }
