@@ -638,7 +638,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     routes: vec![Route {
                         name: "default".into(),
                         r#match: Some(prefix_match("/")),
-                        action: Some(route::Action::Route(cluster_action(&cluster_name))),
+                        action: Some(route::Action::Route(inbound_action(&cluster_name))),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -1247,6 +1247,25 @@ fn prefix_match(prefix: &str) -> RouteMatch {
     }
 }
 
+/// An inbound route's action, as istiod's: no timeout, and a gRPC client's `grpc-timeout` as
+/// the stream's limit (`max_stream_duration` with `grpc_timeout_header_max` zero, no cap).
+#[allow(deprecated)] // `max_grpc_timeout`, see `cluster_action`.
+fn inbound_action(cluster: &str) -> RouteAction {
+    let zero = Duration {
+        seconds: 0,
+        nanos: 0,
+    };
+    RouteAction {
+        max_grpc_timeout: None,
+        max_stream_duration: Some(route_action::MaxStreamDuration {
+            max_stream_duration: Some(zero),
+            grpc_timeout_header_max: Some(zero),
+            grpc_timeout_header_offset: None,
+        }),
+        ..cluster_action(cluster)
+    }
+}
+
 // `max_grpc_timeout` is deprecated in Envoy's API, and still what istiod sets on its routes.
 #[allow(deprecated)]
 fn cluster_action(cluster: &str) -> RouteAction {
@@ -1258,8 +1277,7 @@ fn cluster_action(cluster: &str) -> RouteAction {
             nanos: 0,
         }),
         // As istiod: a gRPC request's `grpc-timeout` is its timeout, capped by the route's
-        // (zero here: no cap). istiod's inbound routes say it with `max_stream_duration`'s
-        // `grpc_timeout_header_max`; weft uses this one field everywhere.
+        // (zero here: no cap). Inbound routes say it with `max_stream_duration` instead.
         max_grpc_timeout: Some(Duration {
             seconds: 0,
             nanos: 0,
