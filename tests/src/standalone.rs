@@ -204,6 +204,26 @@ impl Standalone {
         )
     }
 
+    /// A STATIC cluster named `name` with these hosts (a YAML list item for
+    /// `static_resources.clusters`), with `extra` (YAML at 4 spaces) among its fields.
+    pub fn static_cluster(name: &str, hosts: &[SocketAddr], extra: &str) -> String {
+        format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{extra}    load_assignment: {}\n",
+            Standalone::load_assignment(name, hosts)
+        )
+    }
+
+    /// The lines of the access log at `log`, once it has at least `n` (Envoy writes its log
+    /// every second); panics with the proxy's log when they do not come.
+    pub fn log_lines(&self, log: &std::path::Path, n: usize) -> Vec<String> {
+        wait_until(Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(log).ok()?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            (lines.len() >= n).then_some(lines)
+        })
+        .unwrap_or_else(|| panic!("{}: no access log\n{}", self.flavor.name(), self.logs()))
+    }
+
     /// A STATIC cluster's `load_assignment` for these hosts (YAML flow style).
     pub fn load_assignment(cluster: &str, hosts: &[SocketAddr]) -> String {
         let eps = hosts

@@ -3,8 +3,6 @@
 //! it, `%UPSTREAM_CLUSTER_RAW%` the cluster's own name, for answers from upstream and for local
 //! replies on the cluster's routes alike.
 
-use std::time::Duration;
-
 use weft_e2e::standalone::{differing_lines, line_starting};
 use weft_e2e::{Client, Flavor, Standalone};
 
@@ -43,12 +41,7 @@ fn resources(s: &mut Standalone, log: &std::path::Path) -> String {
             typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault }
 "#,
     );
-    let cluster = |name: &str, alt: &str| {
-        format!(
-            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{alt}    load_assignment: {}\n",
-            Standalone::load_assignment(name, &[a])
-        )
-    };
+    let cluster = |name: &str, alt: &str| Standalone::static_cluster(name, &[a], alt);
     format!(
         "{listener}  clusters:\n{}{}{}",
         cluster("named", "    alt_stat_name: backend-stats\n"),
@@ -77,13 +70,7 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
         assert_eq!(r.status, status, "{}: {path}", flavor.name());
     }
     // Envoy writes its access log every second.
-    let logged = weft_e2e::wait_until(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let got: Vec<String> = text.lines().map(str::to_string).collect();
-        (got.len() >= 5).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("{}: no access log\n{}", flavor.name(), s.logs()));
-    lines.extend(logged);
+    lines.extend(s.log_lines(&log, 5));
     let admin = |path: &str| -> Vec<String> {
         let body = weft_e2e::get(s.admin(), path).expect("admin").body;
         body.lines().map(str::to_string).collect()

@@ -4,8 +4,6 @@
 //! takes the client's `grpc-timeout` as the limit (capped). Statuses, gRPC statuses, access log
 //! lines and the connection manager's counter must be the same.
 
-use std::time::Duration;
-
 use weft_e2e::standalone::differing_lines;
 use weft_e2e::{Client, Flavor, Standalone};
 
@@ -37,8 +35,8 @@ fn resources(s: &mut Standalone, log: &std::path::Path) -> String {
         "",
     );
     format!(
-        "{listener}  clusters:\n  - name: a\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {}\n",
-        Standalone::load_assignment("a", &[a])
+        "{listener}  clusters:\n{}",
+        Standalone::static_cluster("a", &[a], "")
     )
 }
 
@@ -82,13 +80,7 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     // The head in time, the body late: the answer is cut.
     let cut = Client::new(proxy).request("GET", "svc", "/cut?body_delay_ms=2000", &[]);
     lines.push(format!("/cut: cut {}", cut.is_err()));
-    let logged = weft_e2e::wait_until(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let got: Vec<String> = text.lines().map(str::to_string).collect();
-        (got.len() >= 8).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("{}: no access log\n{}", flavor.name(), s.logs()));
-    lines.extend(logged);
+    lines.extend(s.log_lines(&log, 8));
     lines.push(format!(
         "downstream_rq_max_duration_reached {}",
         s.stat("http.http.downstream_rq_max_duration_reached")
