@@ -1037,8 +1037,13 @@ async fn route_rest(
             let mut resp = Response::new(Either::Right(Full::new(body.clone())));
             *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             resp.extensions_mut().insert(LocalReply {
-                // A gRPC client gets the body as `grpc-message`, as from Envoy.
-                message: String::from_utf8_lossy(body).into_owned(),
+                // A gRPC client gets the body as `grpc-message`, as from Envoy (copied for
+                // gRPC requests only).
+                message: if router::is_grpc(req.headers()) {
+                    String::from_utf8_lossy(body).into_owned()
+                } else {
+                    String::new()
+                },
                 details: Cow::Borrowed("direct_response"),
                 transport: None,
                 grpc_status: None,
