@@ -1,8 +1,9 @@
 //! A route's `max_stream_duration`, through Envoy 1.40 and weft-proxy on one bootstrap: it
 //! replaces the route's `timeout` (which is then none), ends a request that takes longer with
 //! Envoy's local reply, cuts an answer whose body is late, and, with `grpc_timeout_header_max`,
-//! takes the client's `grpc-timeout` as the limit (capped). Statuses, gRPC statuses, access log
-//! lines and the connection manager's counter must be the same.
+//! takes the client's `grpc-timeout` as the limit (capped); the connection manager's own limit
+//! serves routes that set none. Statuses, gRPC statuses, access log lines and the connection
+//! manager's counter must be the same.
 
 use weft_e2e::standalone::differing_lines;
 use weft_e2e::{Client, Flavor, Standalone};
@@ -19,7 +20,8 @@ fn resources(s: &mut Standalone, log: &std::path::Path) -> String {
         &s.ip(),
         PORT,
         &format!(
-            r#"{access_log}          route_config:
+            r#"{access_log}          common_http_protocol_options: {{ max_stream_duration: 0.4s }}
+          route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
@@ -28,6 +30,8 @@ fn resources(s: &mut Standalone, log: &std::path::Path) -> String {
                 route: {{ cluster: a, max_stream_duration: {{ grpc_timeout_header_max: 0.3s }} }}
               - match: {{ prefix: /grpc }}
                 route: {{ cluster: a, max_stream_duration: {{ grpc_timeout_header_max: 0s }} }}
+              - match: {{ prefix: /hcm }}
+                route: {{ cluster: a }}
               - match: {{ prefix: / }}
                 route: {{ cluster: a, timeout: 0.1s, max_stream_duration: {{ max_stream_duration: 0.5s }} }}
 "#
@@ -47,7 +51,11 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     s.start(&resources);
     let proxy = format!("{}:{PORT}", s.ip()).parse().expect("addr");
     let grpc = [("content-type", "application/grpc")];
-    let cases: [(&str, &[(&str, &str)]); 7] = [
+    let cases: [(&str, &[(&str, &str)]); 10] = [
+        // The connection manager's limit (400 ms), for routes that set none of their own.
+        ("/hcm?delay_ms=100", &[]),
+        ("/hcm?delay_ms=1000", &[]),
+        ("/grpc/e?delay_ms=700", &[]),
         // The route's 100 ms timeout does not apply next to a stream duration of 500 ms.
         ("/slow?delay_ms=250", &[]),
         ("/slow?delay_ms=2000", &[]),
@@ -80,7 +88,7 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     // The head in time, the body late: the answer is cut.
     let cut = Client::new(proxy).request("GET", "svc", "/cut?body_delay_ms=2000", &[]);
     lines.push(format!("/cut: cut {}", cut.is_err()));
-    lines.extend(s.log_lines(&log, 8));
+    lines.extend(s.log_lines(&log, 11));
     lines.push(format!(
         "downstream_rq_max_duration_reached {}",
         s.stat("http.http.downstream_rq_max_duration_reached")

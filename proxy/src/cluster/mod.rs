@@ -409,7 +409,15 @@ impl Cluster {
                 ));
             }
             if let Some(common) = &opts.common_http_protocol_options {
-                if let Some(f) = crate::http::timeouts::unsupported_common(common) {
+                // A cluster's `max_stream_duration` limits each upstream request (`UMSDR`):
+                // not implemented, where the connection manager's is.
+                let cluster_only = common
+                    .max_stream_duration
+                    .is_some()
+                    .then_some("max_stream_duration");
+                if let Some(f) =
+                    cluster_only.or_else(|| crate::http::timeouts::unsupported_common(common))
+                {
                     return Err(reject(
                         &field(&format!("common_http_protocol_options.{f}")),
                         "not supported by this weft-proxy version".into(),

@@ -849,9 +849,14 @@ async fn route_and_forward(
         routed(proxy, hcm, route, &mut resp);
         return resp;
     }
-    // The route's `max_stream_duration` runs from here to the answer's last byte.
+    // The route's `max_stream_duration` (else the connection manager's) runs from here to the
+    // answer's last byte.
+    let fallback = hcm.timeouts.max_stream_duration;
     let duration = match &route.action {
-        Action::Forward(a) => a.stream_duration.and_then(|d| d.of(req.headers())),
+        Action::Forward(a) => match a.stream_duration {
+            Some(d) => d.of(req.headers(), fallback),
+            None => fallback,
+        },
         _ => None,
     };
     let mut resp = match duration {

@@ -192,7 +192,7 @@ pub struct RouteAction {
 /// A route's `max_stream_duration`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamDuration {
-    /// `max_stream_duration` (zero: none).
+    /// `max_stream_duration` (zero: none; unset: the connection manager's).
     pub max: Option<Duration>,
     /// `grpc_timeout_header_max`: a request's `grpc-timeout` is its limit, at most this (zero:
     /// no cap).
@@ -204,13 +204,17 @@ pub struct StreamDuration {
 impl StreamDuration {
     /// The request's time limit from its start, as Envoy's connection manager sets it: its
     /// `grpc-timeout` (capped, less the offset) when the route reads the header and it has one,
-    /// else `max_stream_duration`; `None` is no limit.
-    pub fn of(&self, headers: &http::HeaderMap) -> Option<Duration> {
+    /// else `max_stream_duration`, else the connection manager's (`fallback`); `None` is no
+    /// limit.
+    pub fn of(&self, headers: &http::HeaderMap, fallback: Option<Duration>) -> Option<Duration> {
         let header = headers
             .get("grpc-timeout")
             .and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let (Some(mut t), Some(max)) = (header, self.grpc_header_max) else {
-            return self.max;
+            return match self.max {
+                Some(d) => (!d.is_zero()).then_some(d),
+                None => fallback,
+            };
         };
         if !max.is_zero() && t > max {
             t = max;
@@ -591,7 +595,7 @@ fn route_action(
     let stream_duration = a.max_stream_duration.as_ref().map(|d| {
         let of = |d: &Option<weft_xds_proto::wkt::Duration>| d.as_ref().map(crate::duration);
         StreamDuration {
-            max: of(&d.max_stream_duration).filter(|d| !d.is_zero()),
+            max: of(&d.max_stream_duration),
             grpc_header_max: of(&d.grpc_timeout_header_max),
             grpc_header_offset: of(&d.grpc_timeout_header_offset).filter(|d| !d.is_zero()),
         }

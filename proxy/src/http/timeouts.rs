@@ -45,6 +45,9 @@ pub struct Timeouts {
     pub request_headers: Option<Duration>,
     /// How long an HTTP/2 connection told to go away has to finish its streams.
     pub drain: Duration,
+    /// `common_http_protocol_options.max_stream_duration`: the limit of requests whose route
+    /// sets none.
+    pub max_stream_duration: Option<Duration>,
     /// How long an HTTP/1.1 connection this side closes waits for the client to close too
     /// (`delayed_close_timeout`), reading what it still sends.
     pub delayed_close: Option<Duration>,
@@ -60,6 +63,7 @@ impl Default for Timeouts {
             request: None,
             request_headers: None,
             drain: DRAIN,
+            max_stream_duration: None,
             delayed_close: Some(DELAYED_CLOSE),
         }
     }
@@ -103,6 +107,7 @@ impl Timeouts {
             }
             t.idle = field(common.idle_timeout.as_ref(), Some(IDLE));
             t.max_connection_duration = field(common.max_connection_duration.as_ref(), None);
+            t.max_stream_duration = field(common.max_stream_duration.as_ref(), None);
             t.max_requests = common
                 .max_requests_per_connection
                 .map(|v| v.value)
@@ -129,7 +134,6 @@ pub(crate) fn unsupported_common(c: &HttpProtocolOptions) -> Option<&'static str
             "max_response_headers_kb",
             c.max_response_headers_kb.is_some(),
         ),
-        ("max_stream_duration", c.max_stream_duration.is_some()),
         (
             "headers_with_underscores_action",
             c.headers_with_underscores_action != 0,
@@ -779,8 +783,16 @@ mod tests {
             .unwrap()
             .max_stream_duration = secs(1);
         assert_eq!(
+            Timeouts::from_xds(&hcm).unwrap().max_stream_duration,
+            Some(Duration::from_secs(1))
+        );
+        hcm.common_http_protocol_options
+            .as_mut()
+            .unwrap()
+            .max_connection_duration_jitter = Some(Default::default());
+        assert_eq!(
             Timeouts::from_xds(&hcm).unwrap_err().0,
-            "common_http_protocol_options.max_stream_duration"
+            "common_http_protocol_options.max_connection_duration_jitter"
         );
         let hcm = HttpConnectionManager {
             stream_flush_timeout: secs(1),

@@ -597,20 +597,31 @@ fn a_stream_duration_takes_the_grpc_timeout_when_told_to() {
         grpc_header_max: Some(ms(300)),
         grpc_header_offset: Some(ms(20)),
     };
-    assert_eq!(plain.of(&h), Some(ms(500)));
-    assert_eq!(header.of(&h), None, "no header, no max: no limit");
+    let hcm = Some(ms(900));
+    assert_eq!(plain.of(&h, hcm), Some(ms(500)));
+    assert_eq!(header.of(&h, None), None, "no header, no max: no limit");
+    assert_eq!(header.of(&h, hcm), hcm, "no max: the connection manager's");
+    let zero = StreamDuration {
+        max: Some(Duration::ZERO),
+        ..plain
+    };
+    assert_eq!(
+        zero.of(&h, hcm),
+        None,
+        "zero: none, nor the connection manager's"
+    );
     h.insert("grpc-timeout", "100m".parse().unwrap());
     assert_eq!(
-        plain.of(&h),
+        plain.of(&h, hcm),
         Some(ms(500)),
         "the header is read only when asked"
     );
-    assert_eq!(header.of(&h), Some(ms(80)));
+    assert_eq!(header.of(&h, hcm), Some(ms(80)));
     h.insert("grpc-timeout", "9S".parse().unwrap());
-    assert_eq!(header.of(&h), Some(ms(280)), "capped, then the offset");
+    assert_eq!(header.of(&h, hcm), Some(ms(280)), "capped, then the offset");
     h.insert("grpc-timeout", "10m".parse().unwrap());
     assert_eq!(
-        header.of(&h),
+        header.of(&h, hcm),
         Some(ms(0)),
         "an offset over the time leaves none"
     );
