@@ -9,9 +9,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use weft_e2e::{Client, Flavor, Standalone, wait_until};
+use weft_e2e::{Client, Flavor, Standalone};
 
 const PORT: u16 = 8080;
 
@@ -150,12 +149,7 @@ fn run(flavor: Flavor, net: u8) -> (Vec<Case>, Vec<(String, u64)>) {
         ids.push(id);
     }
     // Envoy flushes its access log every second.
-    let lines = wait_until(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        (lines.len() >= ids.len()).then_some(lines)
-    })
-    .unwrap_or_else(|| panic!("{tag}: access log lines\n{}", s.logs()));
+    let lines = s.log_lines(&log, ids.len());
     for (case, id) in out.iter_mut().zip(&ids) {
         let line = lines
             .iter()

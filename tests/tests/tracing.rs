@@ -162,14 +162,9 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         })
         .collect();
     // Each request's line is written once its answer is sent.
-    weft_e2e::wait_until(std::time::Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        (text.lines().count() == cases.len()).then_some(())
-    });
     seen.extend(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
+        s.log_lines(&log, cases.len())
+            .into_iter()
             .map(|l| format!("logged {l}")),
     );
     // The decisions counted (`http.<prefix>.tracing.*`) for the cases (the harness's own
