@@ -52,6 +52,16 @@ struct Linger {
     until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+impl Linger {
+    fn new(delay: Option<std::time::Duration>) -> Linger {
+        Linger {
+            delay,
+            shut: false,
+            until: None,
+        }
+    }
+}
+
 /// How HTTP/2's connection preface begins (it reads as a request line with version 2.0).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -355,11 +365,7 @@ where
                         return End::Handoff(Prefixed {
                             prefix: buf.freeze(),
                             inner: io,
-                            linger: Linger {
-                                delay: delayed_close,
-                                shut: false,
-                                until: None,
-                            },
+                            linger: Linger::new(delayed_close),
                         });
                     }
                     Parsed::Invalid(status, why) => {
@@ -426,15 +432,13 @@ async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     delay: Option<std::time::Duration>,
 ) {
-    let _ = io.shutdown().await;
-    let Some(delay) = delay else {
-        return;
+    // The same close as hyper's connections get (`Prefixed::poll_shutdown`).
+    let mut closing = Prefixed {
+        prefix: Bytes::new(),
+        inner: io,
+        linger: Linger::new(delay),
     };
-    let mut sink = vec![0; 16 * 1024];
-    let _ = tokio::time::timeout(delay, async {
-        while io.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-    })
-    .await;
+    let _ = closing.shutdown().await;
 }
 
 /// Why a read brought nothing.
