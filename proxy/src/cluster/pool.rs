@@ -614,15 +614,22 @@ impl Pool {
     /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head. HTTP/1.1
     /// writes a borrowed head as it is; HTTP/2 (hyper) needs a request of its own. `seen`
     /// (access logs) learns the local address of the connection as soon as the request has one.
-    pub async fn send(
+    /// (An `async move` block, not an `async fn`, which would keep `head` twice in its future.)
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         &self,
         head: std::borrow::Cow<'_, UpstreamHead>,
         body: UpstreamBody,
         seen: Option<&Mutex<Attempted>>,
-    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
-        match self.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(&head, body, seen).await,
-            UpstreamProtocol::Http2 => self.send_h2(UpstreamHead::request(head, body), seen).await,
+    ) -> impl std::future::Future<Output = Result<Response<UpstreamResponseBody>, UpstreamError>>
+    {
+        async move {
+            match self.protocol {
+                UpstreamProtocol::Http1 => self.send_h1(&head, body, seen).await,
+                UpstreamProtocol::Http2 => {
+                    self.send_h2(UpstreamHead::request(head, body), seen).await
+                }
+            }
         }
     }
 
