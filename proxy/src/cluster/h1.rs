@@ -124,8 +124,8 @@ pub(crate) enum BodyFraming {
     Close,
 }
 
-/// The request head in wire form, written again as is when a stale pooled connection makes
-/// the exchange start over.
+/// The request head in wire form. Its buffer becomes the exchange's write buffer (the head is
+/// not copied again): a stale pooled connection's retry encodes the head anew.
 pub struct RequestHead {
     bytes: Vec<u8>,
     framing: BodyFraming,
@@ -139,7 +139,16 @@ impl RequestHead {
     /// the body's framing when the client's headers do not give it.
     pub fn encode(head: &super::UpstreamHead, body: &Outgoing) -> RequestHead {
         let (method, uri, headers) = (&head.method, &head.uri, &head.headers);
-        let mut out = Vec::with_capacity(256);
+        // Room for what the exchange copies after the head: as much of the body as is at hand.
+        // Sized to that, a bodiless request's buffer stays small enough for the allocator's
+        // per-thread cache (a fixed kilobyte of room made every request take and free a larger
+        // block, ~1,000 instructions).
+        let room = match body {
+            Outgoing::Bytes(b) if b.len() < COPY_LIMIT => b.len(),
+            Outgoing::Bytes(_) => 0,
+            Outgoing::Stream(_) => 1024,
+        };
+        let mut out = Vec::with_capacity(256 + room);
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -236,28 +245,46 @@ pub(crate) fn fold_content_length(
 /// Where each header line of a parsed head sits in its buffer, so that the header map can
 /// hold slices of the head's bytes instead of copies.
 pub(crate) struct HeaderSpans {
-    /// Name start and length, value start and length. A vector sized to the head: a fixed
-    /// array for MAX_HEADERS lines cost more to clear and move than the allocation.
-    at: Vec<(u32, u32, u32, u32)>,
+    /// The first `FEW_LINES` lines' spans: most heads have no more, and a vector for every
+    /// head was an allocation per message (a fixed array for MAX_HEADERS lines cost more to
+    /// clear and move than that).
+    few: [Span; FEW_LINES],
+    len: usize,
+    /// The lines after the first `FEW_LINES`.
+    more: Vec<Span>,
 }
+
+/// A header line's name start and length, value start and length.
+type Span = (u32, u32, u32, u32);
+const FEW_LINES: usize = 16;
 
 impl HeaderSpans {
     /// `headers` as parsed from `buf`.
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderSpans {
         let base = buf.as_ptr() as usize;
         let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        let at = headers
-            .iter()
-            .map(|h| {
-                (
-                    offset(h.name.as_bytes()),
-                    h.name.len() as u32,
-                    offset(h.value),
-                    h.value.len() as u32,
-                )
-            })
-            .collect();
-        HeaderSpans { at }
+        let mut spans = HeaderSpans {
+            few: [(0, 0, 0, 0); FEW_LINES],
+            len: headers.len(),
+            more: Vec::new(),
+        };
+        for (i, h) in headers.iter().enumerate() {
+            let span = (
+                offset(h.name.as_bytes()),
+                h.name.len() as u32,
+                offset(h.value),
+                h.value.len() as u32,
+            );
+            match spans.few.get_mut(i) {
+                Some(slot) => *slot = span,
+                None => spans.more.push(span),
+            }
+        }
+        spans
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Span> {
+        self.few[..self.len.min(FEW_LINES)].iter().chain(&self.more)
     }
 
     /// The header map, its values sharing `head` (the buffer's bytes, taken out of it), with
@@ -276,8 +303,8 @@ impl HeaderSpans {
         added: usize,
         mut keep: impl FnMut(&HeaderName, &'h [u8]) -> bool,
     ) -> Result<HeaderMap, &'static str> {
-        let mut headers = HeaderMap::with_capacity(self.at.len() + added);
-        for &(ns, nl, vs, vl) in &self.at {
+        let mut headers = HeaderMap::with_capacity(self.len + added);
+        for &(ns, nl, vs, vl) in self.iter() {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
             let raw = &head[ns..ns + nl];
             let name = match common_name(raw) {
@@ -528,7 +555,7 @@ pub struct ResponseHead {
 /// still readable then, and is read before the write's failure is believed.
 pub async fn exchange(
     conn: &mut Conn,
-    head: &RequestHead,
+    head: &mut RequestHead,
     body: &mut Outgoing,
 ) -> Result<ResponseHead, ExchangeError> {
     let mut sending = Sending {
@@ -681,20 +708,12 @@ impl tokio::io::AsyncWrite for Sending<'_> {
 
 async fn write_request(
     io: &mut Sending<'_>,
-    head: &RequestHead,
+    head: &mut RequestHead,
     body: &mut Outgoing,
 ) -> Result<(), Unsent> {
-    // The head and as much of the body as is at hand go out together. Sized to what is
-    // copied: a bodiless request's buffer stays small enough for the allocator's per-thread
-    // cache (a fixed kilobyte of room made every request take and free a larger block, ~1,000
-    // instructions).
-    let room = match body {
-        Outgoing::Bytes(b) if b.len() < COPY_LIMIT => b.len(),
-        Outgoing::Bytes(_) => 0,
-        Outgoing::Stream(_) => 1024,
-    };
-    let mut out = Vec::with_capacity(head.bytes.len() + room);
-    out.extend_from_slice(&head.bytes);
+    // The head and as much of the body as is at hand go out together, gathered after the head
+    // in its own buffer.
+    let mut out = std::mem::take(&mut head.bytes);
     let answered = Sending::poll_answer;
     let end = match body {
         Outgoing::Bytes(b) => {
@@ -1337,6 +1356,33 @@ mod tests {
     }
 
     #[test]
+    fn heads_with_more_lines_than_kept_on_the_stack_keep_every_line_in_order() {
+        for lines in [FEW_LINES - 1, FEW_LINES, FEW_LINES + 1, 3 * FEW_LINES] {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..lines {
+                // Repeated names too: a map keeps their values in order.
+                raw.extend_from_slice(format!("x-line-{}: value-{i}\r\n", i % 5).as_bytes());
+            }
+            raw.extend_from_slice(b"content-length: 0\r\n\r\n");
+            let head = parse(&raw, false).unwrap().unwrap();
+            assert_eq!(head.headers.len(), lines + 1, "{lines} lines");
+            for name in 0..5.min(lines) {
+                let values: Vec<&str> = head
+                    .headers
+                    .get_all(format!("x-line-{name}"))
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                let expected: Vec<String> = (name..lines)
+                    .step_by(5)
+                    .map(|i| format!("value-{i}"))
+                    .collect();
+                assert_eq!(values, expected, "{lines} lines");
+            }
+        }
+    }
+
+    #[test]
     fn ambiguous_or_invalid_framing_is_refused_or_made_safe() {
         let head = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1596,8 +1642,10 @@ mod tests {
         // reset, and the answer that came before it is still read.
         let too_large = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!";
         let mut conn = upstream(|s| answer_after_head(s, too_large, false)).await;
-        let (head, mut body) = post(BIG);
-        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        let (mut head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &mut head, &mut body))
+            .await
+            .unwrap();
         assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(!got.keep_alive, "the request is not whole on the wire");
         assert_eq!(conn.read[..], b"big!"[..]);
@@ -1605,8 +1653,10 @@ mod tests {
         // It answers and reads no more, the connection open: the answer is not waited out.
         let unauthorized = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
         let mut conn = upstream(|s| answer_after_head(s, unauthorized, true)).await;
-        let (head, mut body) = post(BIG);
-        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        let (mut head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &mut head, &mut body))
+            .await
+            .unwrap();
         assert_eq!(got.status, StatusCode::UNAUTHORIZED);
         assert!(!got.keep_alive);
 
@@ -1629,16 +1679,18 @@ mod tests {
             std::future::pending::<()>().await;
         })
         .await;
-        let (head, mut body) = post(BIG);
-        let got = within(exchange(&mut conn, &head, &mut body)).await.unwrap();
+        let (mut head, mut body) = post(BIG);
+        let got = within(exchange(&mut conn, &mut head, &mut body))
+            .await
+            .unwrap();
         assert_eq!(got.status, StatusCode::OK);
         assert!(got.keep_alive);
 
         // A stale pooled connection still fails as one: nothing was answered.
         let mut conn = upstream(|s| async move { drop(s) }).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let (head, mut body) = post(BIG);
-        let e = within(exchange(&mut conn, &head, &mut body))
+        let (mut head, mut body) = post(BIG);
+        let e = within(exchange(&mut conn, &mut head, &mut body))
             .await
             .err()
             .unwrap();

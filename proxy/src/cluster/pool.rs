@@ -642,7 +642,7 @@ impl Pool {
         let worker = self.mine();
         let busy = Busy::start(worker.clone());
         let mut body = h1::Outgoing::of(body);
-        let head = h1::RequestHead::encode(head, &body);
+        let mut wire = h1::RequestHead::encode(head, &body);
         // A pooled connection the upstream closed just now fails before any answer; the
         // request starts over on the next connection when it safely can (`stale`).
         loop {
@@ -654,7 +654,7 @@ impl Pool {
             if let Some(s) = seen {
                 crate::lock_own(s).local = conn.local;
             }
-            match h1::exchange(&mut conn, &head, &mut body).await {
+            match h1::exchange(&mut conn, &mut wire, &mut body).await {
                 Ok(resp) => {
                     let home: Arc<dyn h1::Home> = busy.hand_over();
                     let body = h1::ResponseBody::new(conn, &resp, home);
@@ -664,7 +664,9 @@ impl Pool {
                     *out.headers_mut() = resp.headers;
                     return Ok(out);
                 }
-                Err(e) if reused && e.stale(&head, &body) => continue,
+                Err(e) if reused && e.stale(&wire, &body) => {
+                    wire = h1::RequestHead::encode(head, &body);
+                }
                 Err(e) if e.protocol => {
                     return Err(UpstreamError::Protocol {
                         addr: self.addr,

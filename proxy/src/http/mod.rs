@@ -702,7 +702,7 @@ fn route_and_forward(
             return refused.reply();
         }
         // 1. Route: virtual host by authority, then the first matching route.
-        let Some(authority) = authority_of(&req) else {
+        let Some(authority) = Authority::of(&req) else {
             return local_reply(
                 StatusCode::BAD_REQUEST,
                 "missing host header",
@@ -740,7 +740,7 @@ fn route_and_forward(
         let route = table.as_deref().and_then(|t| {
             t.route(&router::RequestView {
                 method: req.method().as_str(),
-                authority: &authority,
+                authority: authority.as_str(),
                 path_and_query: path,
                 headers: req.headers(),
             })
@@ -781,7 +781,7 @@ fn route_and_forward(
         if !hcm.rbac.is_empty() {
             let view = router::RequestView {
                 method: req.method().as_str(),
-                authority: &authority,
+                authority: authority.as_str(),
                 path_and_query: path,
                 headers: req.headers(),
             };
@@ -817,7 +817,7 @@ fn route_and_forward(
                 Action::Forward(a) => {
                     let view = router::RequestView {
                         method: req.method().as_str(),
-                        authority: &authority,
+                        authority: authority.as_str(),
                         path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
                         headers: req.headers(),
                     };
@@ -875,11 +875,11 @@ fn route_and_forward(
             _ => None,
         };
         let mut resp = match duration {
-            None => route_rest(hcm, route, req, &authority, snapshot, down).await,
+            None => route_rest(hcm, route, req, authority.as_str(), snapshot, down).await,
             Some(d) => {
                 let at = tokio::time::Instant::now() + d;
                 let complete = http_body::Body::is_end_stream(req.body());
-                let rest = route_rest(hcm, route, req, &authority, snapshot, down);
+                let rest = route_rest(hcm, route, req, authority.as_str(), snapshot, down);
                 match tokio::time::timeout_at(at, rest).await {
                     Ok(resp) => BodyDeadline::arm_stream(resp, at, &hcm.stats),
                     Err(_) => {
@@ -1520,7 +1520,10 @@ fn attempt_until_done(
         } else {
             0
         };
+        // Kept only for `previous_hosts` (retries on another host), and filled only when a
+        // retry comes: the vector allocates.
         let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+        let mut last_host = None;
         let mut attempt = 0u32;
         let mut _retry_slot = None;
         let mut head = Some(head);
@@ -1532,6 +1535,7 @@ fn attempt_until_done(
             h.headers.remove(names::X_ENVOY_ATTEMPT_COUNT);
         }
         loop {
+            tried.extend(last_host.take());
             let may_retry = attempt < max_retries;
             let other_host = retry.filter(|r| r.other_host && attempt > 0);
             let avoid = if other_host.is_some() {
@@ -1554,9 +1558,8 @@ fn attempt_until_done(
                     local: None,
                 };
             }
-            // Kept only for `previous_hosts` (retries on another host): the vector allocates.
             if max_retries > 0 && retry.is_some_and(|r| r.other_host) {
-                tried.push(endpoint.address);
+                last_host = Some(endpoint.address);
             }
             // HTTP/1.1 carries one request per connection: wait for a connection slot as a pending
             // request, or overflow when the pending queue is full too.
@@ -1834,14 +1837,31 @@ fn fault_abort(abort: fault::Abort) -> Response<ProxyBody> {
     }
 }
 
-fn authority_of<B>(req: &Request<B>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The request's authority (its URI's, else its `Host`), sharing the request's bytes: the
+/// request path keeps it after the request has moved on, and a `String` copy of it was an
+/// allocation on every request.
+enum Authority {
+    Uri(http::uri::Authority),
+    /// A `Host` value known to be visible ASCII.
+    Host(HeaderValue),
+}
+
+impl Authority {
+    fn of<B>(req: &Request<B>) -> Option<Authority> {
+        if let Some(a) = req.uri().authority() {
+            return Some(Authority::Uri(a.clone()));
+        }
+        let host = req.headers().get(header::HOST)?;
+        host.to_str().ok()?;
+        Some(Authority::Host(host.clone()))
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
+
+    fn as_str(&self) -> &str {
+        match self {
+            Authority::Uri(a) => a.as_str(),
+            Authority::Host(h) => h.to_str().unwrap_or_default(),
+        }
+    }
 }
 
 /// Header names the request path looks up on every request, built at compile time (a name
@@ -2216,7 +2236,9 @@ fn request_entry(
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into()),
-        authority: authority_of(req).unwrap_or_default(),
+        authority: Authority::of(req)
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default(),
         protocol: match req.version() {
             Version::HTTP_2 => "HTTP/2",
             Version::HTTP_10 => "HTTP/1.0",
