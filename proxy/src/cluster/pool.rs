@@ -97,7 +97,7 @@ pub type UpstreamResponseBody = http_body_util::Either<Incoming, h1::ResponseBod
 
 /// The upstream request's head, in the upstream's HTTP version with the client's authority;
 /// built once per request and sent by each attempt.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct UpstreamHead {
     pub method: http::Method,
     pub uri: http::Uri,
@@ -119,12 +119,17 @@ pub fn attempt_count(n: u32) -> http::HeaderValue {
 }
 
 impl UpstreamHead {
-    /// A request with this head: copied when borrowed, taken when owned.
+    /// A request with this head: taken when `give`, else copied.
     pub fn request(
-        head: std::borrow::Cow<'_, UpstreamHead>,
+        head: &mut UpstreamHead,
+        give: bool,
         body: UpstreamBody,
     ) -> Request<UpstreamBody> {
-        let head = head.into_owned();
+        let head = if give {
+            std::mem::take(head)
+        } else {
+            head.clone()
+        };
         let mut req = Request::new(body);
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
@@ -612,23 +617,21 @@ impl Pool {
 
     /// Sends a request (its head already in the upstream's form: origin-form URI and Host
     /// header for HTTP/1.1, absolute URI for HTTP/2) and returns the response head. HTTP/1.1
-    /// writes a borrowed head as it is; HTTP/2 (hyper) needs a request of its own. `seen`
+    /// writes the head from where it is; HTTP/2 (hyper) needs a request of its own, which takes
+    /// the head when `give` (the request's last attempt) and copies it otherwise. `seen`
     /// (access logs) learns the local address of the connection as soon as the request has one.
-    /// (An `async move` block, not an `async fn`, which would keep `head` twice in its future.)
-    #[allow(clippy::manual_async_fn)]
-    pub fn send(
+    pub async fn send(
         &self,
-        head: std::borrow::Cow<'_, UpstreamHead>,
+        head: &mut UpstreamHead,
+        give: bool,
         body: UpstreamBody,
         seen: Option<&Mutex<Attempted>>,
-    ) -> impl std::future::Future<Output = Result<Response<UpstreamResponseBody>, UpstreamError>>
-    {
-        async move {
-            match self.protocol {
-                UpstreamProtocol::Http1 => self.send_h1(&head, body, seen).await,
-                UpstreamProtocol::Http2 => {
-                    self.send_h2(UpstreamHead::request(head, body), seen).await
-                }
+    ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(head, body, seen).await,
+            UpstreamProtocol::Http2 => {
+                self.send_h2(UpstreamHead::request(head, give, body), seen)
+                    .await
             }
         }
     }

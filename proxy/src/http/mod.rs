@@ -439,7 +439,7 @@ pub async fn serve_connection<S>(
         }
         async move {
             let Some(loggers) = hcm.access_logs.clone() else {
-                let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
+                let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
                 let deadline = resp.extensions_mut().remove::<BodyDeadline>();
                 let idle = body_idle(&hcm, &mut resp);
                 return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
@@ -452,7 +452,7 @@ pub async fn serve_connection<S>(
                 _ => peer,
             };
             let mut entry = Box::new(request_entry(&req, remote, local, &down));
-            let mut resp = proxy_request(&proxy, &hcm, &down, &origin, req).await;
+            let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
             response_entry(&mut entry, &resp);
             if let Some(MarkedRequestId(id)) = resp.extensions_mut().remove() {
                 entry.request_headers.insert(names::X_REQUEST_ID, id);
@@ -565,16 +565,17 @@ fn body_idle(hcm: &ConnectionManager, resp: &mut Response<ProxyBody>) -> Option<
 ///
 /// The request path's steps are functions returning an `async move` block, not `async fn`s:
 /// an `async fn`'s future keeps each argument passed by value twice (as received, and as the
-/// body's local it is moved into), and the request (280 bytes) went down four levels that way.
-/// Every HTTP/2 stream's future is one allocation of this state, copied whole when it is made:
-/// the blocks made it 1.6 KB (21%) smaller.
+/// body's local it is moved into). The request itself is lent down (`&mut`) until the step
+/// that takes it apart: a future keeps what it was given by value even after handing it on,
+/// and the request (280 bytes) went down four levels. Every HTTP/2 stream's future is one
+/// allocation of this state, copied whole when it is made: both made it 3 KB (40%) smaller.
 #[allow(clippy::manual_async_fn)]
 pub fn proxy_request(
     proxy: &Proxy,
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
     origin: &forwarded::Origin,
-    req: Request<DownstreamBody>,
+    req: &mut Request<DownstreamBody>,
 ) -> impl std::future::Future<Output = Response<ProxyBody>> {
     async move {
         hcm.stats.downstream_rq_total.inc();
@@ -689,7 +690,7 @@ fn route_and_forward(
     hcm: &ConnectionManager,
     down: &crate::listener::Downstream,
     origin: &forwarded::Origin,
-    mut req: Request<DownstreamBody>,
+    req: &mut Request<DownstreamBody>,
     route_idle: &timeouts::RouteIdle,
     notes: &std::sync::OnceLock<Box<Notes>>,
 ) -> impl std::future::Future<Output = Response<ProxyBody>> {
@@ -702,7 +703,7 @@ fn route_and_forward(
             return refused.reply();
         }
         // 1. Route: virtual host by authority, then the first matching route.
-        let Some(authority) = Authority::of(&req) else {
+        let Some(authority) = Authority::of(req) else {
             return local_reply(
                 StatusCode::BAD_REQUEST,
                 "missing host header",
@@ -1015,7 +1016,7 @@ fn routed(
 fn route_rest(
     hcm: &ConnectionManager,
     route: &router::Route,
-    mut req: Request<DownstreamBody>,
+    req: &mut Request<DownstreamBody>,
     authority: &str,
     snapshot: arc_swap::Guard<Arc<crate::state::Snapshot>>,
     down: &crate::listener::Downstream,
@@ -1136,7 +1137,10 @@ fn route_rest(
             })
             .collect();
         drop(snapshot);
-        let (mut parts, body) = req.into_parts();
+        // The request is taken from its owner (`serve_connection`'s request future) only here;
+        // see `proxy_request`.
+        let (mut parts, body) =
+            std::mem::replace(req, Request::new(Either::Right(Full::default()))).into_parts();
         route.request_headers.apply(&mut parts.headers);
         if let Some(rewrite) = &action.path_rewrite {
             let original = parts
@@ -1490,7 +1494,7 @@ enum Cut {
 fn attempt_until_done(
     cluster: &crate::cluster::Cluster,
     retry: Option<&retry::RetryPolicy>,
-    head: UpstreamHead,
+    mut head: UpstreamHead,
     body: &mut AttemptBody,
     pick: Pick,
     seen: Option<&std::sync::Mutex<crate::cluster::Attempted>>,
@@ -1526,13 +1530,14 @@ fn attempt_until_done(
         let mut last_host = None;
         let mut attempt = 0u32;
         let mut _retry_slot = None;
-        let mut head = Some(head);
         // The client's own count goes (a scan of the names: most requests have none to remove).
         if attempt_header
-            && let Some(h) = head.as_mut()
-            && h.headers.keys().any(|k| k == names::X_ENVOY_ATTEMPT_COUNT)
+            && head
+                .headers
+                .keys()
+                .any(|k| k == names::X_ENVOY_ATTEMPT_COUNT)
         {
-            h.headers.remove(names::X_ENVOY_ATTEMPT_COUNT);
+            head.headers.remove(names::X_ENVOY_ATTEMPT_COUNT);
         }
         loop {
             tried.extend(last_host.take());
@@ -1576,25 +1581,15 @@ fn attempt_until_done(
             endpoint.stats.rq_total.inc();
             let _ep_active = GaugeGuard::new(&endpoint.stats.rq_active);
             // Envoy numbers the attempts from 1, over whatever the client sent.
-            if attempt_header && let Some(h) = head.as_mut() {
-                h.attempt = Some(attempt + 1);
+            if attempt_header {
+                head.attempt = Some(attempt + 1);
             }
-            // Attempts that may be retried lend the head; the last one gives it away.
-            let req = if may_retry {
-                head.as_ref().map(std::borrow::Cow::Borrowed)
-            } else {
-                head.take().map(std::borrow::Cow::Owned)
-            };
-            let Some(req) = req else {
-                // Unreachable: the head is taken only by the last attempt, after which we return.
-                return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "", "-", "internal_error");
-            };
+            // Attempts that may be retried lend the head; the last one may give it away.
+            let send = endpoint.pool.send(&mut head, !may_retry, body.next(), seen);
             let per_try = retry.and_then(|r| r.per_try_timeout);
             let outcome = match per_try {
-                Some(t) => tokio::time::timeout(t, endpoint.pool.send(req, body.next(), seen))
-                    .await
-                    .ok(),
-                None => Some(endpoint.pool.send(req, body.next(), seen).await),
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
             };
             let again = |why: &str| {
                 tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
@@ -1772,6 +1767,7 @@ fn shadow(
     };
     tokio::spawn(async move {
         use http_body_util::BodyExt as _;
+        let mut head = head;
         let Some(endpoint) = m.cluster.pick(None, &[], 1, None) else {
             return;
         };
@@ -1780,11 +1776,7 @@ fn shadow(
         let send = async {
             if let Ok(resp) = endpoint
                 .pool
-                .send(
-                    std::borrow::Cow::Borrowed(&head),
-                    Either::Right(Full::new(body)),
-                    None,
-                )
+                .send(&mut head, true, Either::Right(Full::new(body)), None)
                 .await
             {
                 m.cluster
