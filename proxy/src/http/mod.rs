@@ -750,7 +750,7 @@ fn route_and_forward(
             let notes = notes.get_or_init(Box::default);
             if let Some(id) = tracing.decide_counted(
                 req.headers_mut(),
-                route.and_then(|r| r.tracing.as_ref()),
+                route.and_then(|r| r.tracing.as_deref()),
                 &hcm.stats,
             ) {
                 let _ = notes.marked_id.set(id);

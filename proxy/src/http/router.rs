@@ -58,14 +58,15 @@ pub struct Route {
     /// The fault filter's per-route config (overrides the connection manager's).
     pub fault: Option<Fault>,
     /// The CORS filter's per-route policy.
-    pub cors: Option<CorsPolicy>,
+    /// Boxed, as `tracing`: rare, and a mesh's sidecar holds thousands of routes.
+    pub cors: Option<Box<CorsPolicy>>,
     /// The local rate limit filter's config for this route (its own, else its virtual host's;
     /// shared, bucket and all, by the routes it comes from).
     pub local_rate_limit: Option<std::sync::Arc<super::local_ratelimit::LocalRateLimit>>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
     /// `tracing`: the percentages of the trace decision for this route (see `trace`).
-    pub tracing: Option<super::trace::Sampling>,
+    pub tracing: Option<Box<super::trace::Sampling>>,
     /// `decorator`: the operation, when it is propagated (`x-envoy-decorator-operation`, with
     /// `tracing` on the connection manager; see `trace`).
     pub operation: Option<http::HeaderValue>,
@@ -674,7 +675,9 @@ fn local_rate_limit(
 
 /// Per-route filter configs: the fault filter's, the CORS filter's and the local rate limit
 /// filter's are understood.
-fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (String, String)> {
+type RouteFilters = (Option<Fault>, Option<Box<CorsPolicy>>);
+
+fn route_filters(r: &XdsRoute) -> Result<RouteFilters, (String, String)> {
     let (mut fault, mut cors) = (None, None);
     for (name, any) in &r.typed_per_filter_config {
         let field = format!("typed_per_filter_config[{name}]");
@@ -685,7 +688,9 @@ fn route_filters(r: &XdsRoute) -> Result<(Option<Fault>, Option<CorsPolicy>), (S
             fault = Some(Fault::from_xds(&f).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
         } else if name == cors::FILTER_NAME && any.type_url == cors::POLICY_TYPE_URL {
             let p = weft_xds_proto::unpack(any).map_err(|e| (field.clone(), e.to_string()))?;
-            cors = Some(CorsPolicy::from_xds(&p).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?);
+            cors = Some(Box::new(
+                CorsPolicy::from_xds(&p).map_err(|(f2, r)| (format!("{field}.{f2}"), r))?,
+            ));
         } else {
             return Err((
                 field,
@@ -831,7 +836,7 @@ fn route(r: &XdsRoute, vh_rate_limit: &RateLimitConfig) -> Result<Route, (String
         tracing: r
             .tracing
             .as_ref()
-            .map(super::trace::Sampling::of_route)
+            .map(|t| super::trace::Sampling::of_route(t).map(Box::new))
             .transpose()
             .map_err(|(f, e)| (format!("tracing.{f}"), e))?,
         operation: super::trace::operation(r.decorator.as_ref())
