@@ -820,6 +820,81 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_request_on_a_connection_the_upstream_closes_starts_over_whole_on_a_new_one() {
+        use http_body_util::BodyExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Every request head the upstream reads, with the number of its connection.
+        let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let heads_tx = heads_tx.clone();
+                tokio::spawn(async move {
+                    // The first connection answers one request and closes as the next comes
+                    // (a keep-alive timeout running out as the proxy reuses the connection).
+                    for answered in 0.. {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(byte[0]);
+                        }
+                        let _ = heads_tx.send((n, String::from_utf8_lossy(&head).into_owned()));
+                        if n == 0 && answered == 1 {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        s.write_all(ok).await.unwrap();
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(
+            addr,
+            UpstreamProtocol::Http1,
+            Dial::default(),
+            Default::default(),
+            None,
+        );
+        for path in ["/first", "/second"] {
+            let mut head = UpstreamHead {
+                uri: path.parse().unwrap(),
+                ..Default::default()
+            };
+            head.headers
+                .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+            let body = http_body_util::Either::Right(http_body_util::Full::new(Default::default()));
+            let send = pool.send(&mut head, false, body, None);
+            let resp = tokio::time::timeout(Duration::from_secs(10), send)
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&got[..], b"ok", "{path}");
+        }
+        let second = "GET /second HTTP/1.1\r\nhost: up\r\n\r\n";
+        let mut seen = Vec::new();
+        while let Ok(h) = heads.try_recv() {
+            seen.push(h);
+        }
+        assert_eq!(
+            seen,
+            [
+                (0, "GET /first HTTP/1.1\r\nhost: up\r\n\r\n".to_string()),
+                (0, second.to_string()),
+                (1, second.to_string())
+            ],
+            "the request went out again, whole, on a new connection"
+        );
+        assert_eq!(pool.stats.cx_total.get(), 2);
+    }
+
+    #[tokio::test]
     async fn new_connections_get_the_clusters_keepalive() {
         use weft_xds_proto::envoy::config::core::v3::TcpKeepalive;
         use weft_xds_proto::wkt::UInt32Value;
