@@ -819,6 +819,23 @@ impl Pool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_workers_connections_to_an_endpoint_are_made_when_it_first_uses_it() {
+        // A large mesh's sidecar knows thousands of endpoints and sends to few of them.
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let pool = Pool::new(
+            addr,
+            UpstreamProtocol::Http1,
+            Dial::default(),
+            Default::default(),
+            None,
+        );
+        assert!(pool.workers.iter().all(|w| w.get().is_none()));
+        let first = Arc::as_ptr(pool.mine());
+        assert_eq!(pool.workers.iter().filter(|w| w.get().is_some()).count(), 1);
+        assert_eq!(Arc::as_ptr(pool.mine()), first, "made once, then kept");
+    }
+
     #[tokio::test]
     async fn a_request_on_a_connection_the_upstream_closes_starts_over_whole_on_a_new_one() {
         use http_body_util::BodyExt as _;
