@@ -819,17 +819,22 @@ impl Pool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_workers_connections_to_an_endpoint_are_made_when_it_first_uses_it() {
-        // A large mesh's sidecar knows thousands of endpoints and sends to few of them.
-        let addr = "127.0.0.1:9".parse().unwrap();
-        let pool = Pool::new(
+    /// A pool of plain HTTP/1.1 connections with the defaults.
+    fn plain_http1(addr: SocketAddr) -> Pool {
+        Pool::new(
             addr,
             UpstreamProtocol::Http1,
             Dial::default(),
             Default::default(),
             None,
-        );
+        )
+    }
+
+    #[test]
+    fn a_workers_connections_to_an_endpoint_are_made_when_it_first_uses_it() {
+        // A large mesh's sidecar knows thousands of endpoints and sends to few of them.
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let pool = plain_http1(addr);
         assert!(pool.workers.iter().all(|w| w.get().is_none()));
         let first = Arc::as_ptr(pool.mine());
         assert_eq!(pool.workers.iter().filter(|w| w.get().is_some()).count(), 1);
@@ -870,13 +875,7 @@ mod tests {
                 });
             }
         });
-        let pool = Pool::new(
-            addr,
-            UpstreamProtocol::Http1,
-            Dial::default(),
-            Default::default(),
-            None,
-        );
+        let pool = plain_http1(addr);
         for path in ["/first", "/second"] {
             let mut head = UpstreamHead {
                 uri: path.parse().unwrap(),
