@@ -703,7 +703,7 @@ fn route_and_forward(
             return refused.reply();
         }
         // 1. Route: virtual host by authority, then the first matching route.
-        let Some(authority) = Authority::of(req) else {
+        let Some(owner) = Authority::of(req) else {
             return local_reply(
                 StatusCode::BAD_REQUEST,
                 "missing host header",
@@ -711,6 +711,8 @@ fn route_and_forward(
                 "missing_host_header",
             );
         };
+        // Read once: a `Host` value is checked again on each read.
+        let authority = owner.as_str();
         let table = match &hcm.routes {
             RouteSource::Static(t) => Some(t.clone()),
             RouteSource::Rds(name) => snapshot.routes.get(name).cloned(),
@@ -741,7 +743,7 @@ fn route_and_forward(
         let route = table.as_deref().and_then(|t| {
             t.route(&router::RequestView {
                 method: req.method().as_str(),
-                authority: authority.as_str(),
+                authority,
                 path_and_query: path,
                 headers: req.headers(),
             })
@@ -782,7 +784,7 @@ fn route_and_forward(
         if !hcm.rbac.is_empty() {
             let view = router::RequestView {
                 method: req.method().as_str(),
-                authority: authority.as_str(),
+                authority,
                 path_and_query: path,
                 headers: req.headers(),
             };
@@ -818,7 +820,7 @@ fn route_and_forward(
                 Action::Forward(a) => {
                     let view = router::RequestView {
                         method: req.method().as_str(),
-                        authority: authority.as_str(),
+                        authority,
                         path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
                         headers: req.headers(),
                     };
@@ -876,11 +878,11 @@ fn route_and_forward(
             _ => None,
         };
         let mut resp = match duration {
-            None => route_rest(hcm, route, req, authority.as_str(), snapshot, down).await,
+            None => route_rest(hcm, route, req, authority, snapshot, down).await,
             Some(d) => {
                 let at = tokio::time::Instant::now() + d;
                 let complete = http_body::Body::is_end_stream(req.body());
-                let rest = route_rest(hcm, route, req, authority.as_str(), snapshot, down);
+                let rest = route_rest(hcm, route, req, authority, snapshot, down);
                 match tokio::time::timeout_at(at, rest).await {
                     Ok(resp) => BodyDeadline::arm_stream(resp, at, &hcm.stats),
                     Err(_) => {
