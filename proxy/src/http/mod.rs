@@ -14,6 +14,7 @@ pub mod retry;
 pub mod rewrite;
 pub mod router;
 mod server;
+mod streams;
 pub mod timeouts;
 pub mod trace;
 pub mod upgrade;
@@ -520,14 +521,16 @@ pub async fn serve_connection<S>(
     if stream.is_http2() {
         // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
         let (io, drain) = coalesce::coalesce(stream, lender.unwrap_or_default());
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // Its streams run in this task (see `streams`).
+        let inline = streams::Inline::default();
+        let mut builder = hyper::server::conn::http2::Builder::new(inline.clone());
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
             .max_header_list_size(max_head as u32);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits);
-        if let Some(Err(e)) = coalesce::drive(conn, drain).await {
+        if let Some(Err(e)) = coalesce::drive(streams::run(conn, inline), drain).await {
             tracing::debug!("downstream connection ended: {e}");
         }
         return;
