@@ -711,6 +711,9 @@ pub struct Downstream {
     pub tls_peer: Option<Arc<TlsPeer>>,
     /// The listener's `per_connection_buffer_limit_bytes` (None: Envoy's default, 1 MiB).
     pub buffer_limit: Option<u32>,
+    /// The connection's own local rate limit buckets
+    /// (`local_rate_limit_per_downstream_connection`).
+    pub rate_limit: crate::http::local_ratelimit::ConnectionBuckets,
 }
 
 /// What an mTLS handshake showed: the client's chain and our own certificate, for

@@ -2,7 +2,9 @@
 //! the filter's own bucket, a route's replacing it (with another status), a virtual host's
 //! shared by its routes, a route where the limit is enabled but not enforced, and descriptors
 //! (buckets per request header value, per a virtual host's generic key) made by routes' and
-//! virtual hosts' `rate_limits`. Status codes, headers, bodies and counters must be the same.
+//! virtual hosts' `rate_limits`, and buckets per downstream connection
+//! (`local_rate_limit_per_downstream_connection`). Status codes, headers, bodies and counters
+//! must be the same.
 
 use std::net::SocketAddr;
 
@@ -38,6 +40,14 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
+    // Two tokens for each downstream connection.
+    let per_connection = limit(
+        "conn_rl",
+        2,
+        None,
+        100,
+        ", local_rate_limit_per_downstream_connection: true",
+    );
     // gRPC clients refused: UNAVAILABLE (429's), or RESOURCE_EXHAUSTED when asked.
     let grpc = limit("grpc_rl", 1, None, 100, "");
     let exhausted = limit(
@@ -106,6 +116,10 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
                   envoy.filters.http.local_ratelimit: {shadow}
+              - match: {{ prefix: /conn }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {per_connection}
               - match: {{ prefix: / }}
                 route: {{ cluster: backend }}
 "#
@@ -179,6 +193,8 @@ struct Outcomes {
     vhost: Vec<Answer>,
     descriptors: Vec<Answer>,
     grpc: Vec<Answer>,
+    /// Three requests on the first connection, three on a second, one more on the first.
+    per_connection: Vec<Answer>,
     stats: Vec<(String, u64)>,
 }
 
@@ -224,6 +240,10 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
             ("/grpc-exhausted/pkg.S/M", as_grpc),
         ],
     );
+    let mut per_connection = burst(&mut c, "svc", &["/conn"; 3]);
+    let mut second = Client::new(format!("{}:{PORT}", s.ip()).parse().unwrap());
+    per_connection.extend(burst(&mut second, "svc", &["/conn"; 3]));
+    per_connection.extend(burst(&mut c, "svc", &["/conn"]));
     let mut stats = Vec::new();
     for prefix in [
         "listener_rl",
@@ -231,6 +251,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         "shadow_rl",
         "vhost_rl",
         "desc_rl",
+        "conn_rl",
     ] {
         for stat in ["enabled", "enforced", "rate_limited", "ok"] {
             let name = format!("{prefix}.http_local_rate_limit.{stat}");
@@ -244,6 +265,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         vhost,
         descriptors,
         grpc,
+        per_connection,
         stats,
     };
     eprintln!("{}: {out:#?}", flavor.name());
@@ -275,6 +297,11 @@ fn weft_proxy_and_envoy_rate_limit_alike() {
         [
             200, 200, 429, 200, 200, 200, 200, 429, 200, 200, 200, 200, 429
         ]
+    );
+    assert_eq!(
+        statuses(&weft.per_connection),
+        [200, 200, 429, 200, 200, 429, 429],
+        "each connection has two tokens of its own"
     );
     let limited = &weft.listener[4];
     assert_eq!(limited.body, "local_rate_limited");

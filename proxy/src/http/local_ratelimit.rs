@@ -5,7 +5,9 @@
 //! `RL` response flag, when the filter is enforced for it; when it is only enabled, the request
 //! passes with `request_headers_to_add_when_not_enforced`. As in Envoy, `filter_enabled` and
 //! `filter_enforced` default to 0% of requests, and the bucket starts full and refills
-//! continuously at `tokens_per_fill` per `fill_interval`.
+//! continuously at `tokens_per_fill` per `fill_interval`. With
+//! `local_rate_limit_per_downstream_connection`, each downstream connection has buckets of its
+//! own instead (see [`ConnectionBuckets`]).
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -33,6 +35,9 @@ pub struct LocalRateLimit {
     /// `rate_limited_as_resource_exhausted`: a gRPC client is refused RESOURCE_EXHAUSTED.
     pub resource_exhausted: bool,
     bucket: Option<TokenBucket>,
+    /// `local_rate_limit_per_downstream_connection`: these buckets are only the model of each
+    /// connection's own (see [`ConnectionBuckets`]).
+    per_connection: bool,
     /// `descriptors`: buckets of their own for requests whose descriptors (made by the
     /// `rate_limits` that apply) equal theirs; slowest refill first, as Envoy checks them.
     descriptors: Vec<DescriptorLimit>,
@@ -79,12 +84,36 @@ struct TokenBucket {
     state: Mutex<(f64, Instant)>,
 }
 
+/// One downstream connection's buckets, for configs with
+/// `local_rate_limit_per_downstream_connection`: made full from the config when a request of
+/// the connection first needs them. As in Envoy (one per-connection limiter in the
+/// connection's filter state), a connection has one set, made from the first such config its
+/// requests use.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionBuckets(std::sync::OnceLock<std::sync::Arc<Buckets>>);
+
+/// A default bucket and the descriptors' buckets.
+#[derive(Debug)]
+pub struct Buckets {
+    bucket: TokenBucket,
+    descriptors: Vec<DescriptorLimit>,
+}
+
 impl TokenBucket {
     fn new(max: u32, per_fill: u32, interval: Duration) -> TokenBucket {
         TokenBucket {
             max: f64::from(max),
             rate: f64::from(per_fill) / interval.as_secs_f64(),
             state: Mutex::new((f64::from(max), Instant::now())),
+        }
+    }
+
+    /// A bucket of the same size and rate, full.
+    fn fresh(&self) -> TokenBucket {
+        TokenBucket {
+            max: self.max,
+            rate: self.rate,
+            state: Mutex::new((self.max, Instant::now())),
         }
     }
 
@@ -332,10 +361,6 @@ impl LocalRateLimit {
         }
         for (field, set) in [
             (
-                "local_rate_limit_per_downstream_connection",
-                c.local_rate_limit_per_downstream_connection,
-            ),
-            (
                 "local_cluster_rate_limit",
                 c.local_cluster_rate_limit.is_some(),
             ),
@@ -452,6 +477,7 @@ impl LocalRateLimit {
             status,
             resource_exhausted: c.rate_limited_as_resource_exhausted,
             bucket,
+            per_connection: c.local_rate_limit_per_downstream_connection,
             descriptors: descriptors.into_iter().map(|(d, _)| d).collect(),
             always_consume_default: c
                 .always_consume_default_token_bucket
@@ -499,12 +525,18 @@ impl LocalRateLimit {
             .collect()
     }
 
-    /// Decides one request (takes a token when there is one), given the descriptors it made.
-    pub fn check(&self, descriptors: &[Descriptor]) -> Verdict {
-        self.check_at(Instant::now(), descriptors)
+    /// Decides one request of the downstream connection whose buckets `conn` holds (takes a
+    /// token when there is one), given the descriptors it made.
+    pub fn check(&self, descriptors: &[Descriptor], conn: &ConnectionBuckets) -> Verdict {
+        self.check_on(Instant::now(), descriptors, conn)
     }
 
+    #[cfg(test)]
     fn check_at(&self, now: Instant, request: &[Descriptor]) -> Verdict {
+        self.check_on(now, request, &ConnectionBuckets::default())
+    }
+
+    fn check_on(&self, now: Instant, request: &[Descriptor], conn: &ConnectionBuckets) -> Verdict {
         let Some(bucket) = &self.bucket else {
             return Verdict::Pass;
         };
@@ -512,7 +544,25 @@ impl LocalRateLimit {
             return Verdict::Pass;
         }
         self.stats.enabled.inc();
-        if self.allowed(bucket, now, request) {
+        let allowed = if self.per_connection {
+            let own = conn.0.get_or_init(|| {
+                std::sync::Arc::new(Buckets {
+                    bucket: bucket.fresh(),
+                    descriptors: self
+                        .descriptors
+                        .iter()
+                        .map(|d| DescriptorLimit {
+                            entries: d.entries.clone(),
+                            bucket: d.bucket.fresh(),
+                        })
+                        .collect(),
+                })
+            });
+            self.allowed(&own.bucket, &own.descriptors, now, request)
+        } else {
+            self.allowed(bucket, &self.descriptors, now, request)
+        };
+        if allowed {
             self.stats.ok.inc();
             return Verdict::Pass;
         }
@@ -530,9 +580,15 @@ impl LocalRateLimit {
     /// Every descriptor limit the request's descriptors match must have a token (the strictest
     /// is asked first; the first without one refuses), then the default bucket, unless a
     /// descriptor matched and `always_consume_default_token_bucket` is false.
-    fn allowed(&self, bucket: &TokenBucket, now: Instant, request: &[Descriptor]) -> bool {
+    fn allowed(
+        &self,
+        bucket: &TokenBucket,
+        descriptors: &[DescriptorLimit],
+        now: Instant,
+        request: &[Descriptor],
+    ) -> bool {
         let mut matched = false;
-        for d in &self.descriptors {
+        for d in descriptors {
             if request.contains(&d.entries) {
                 matched = true;
                 if !d.bucket.take_at(now) {
@@ -586,6 +642,58 @@ mod tests {
 
     const ON: &str = "filter_enabled: { default_value: { numerator: 100 } }, filter_enforced: { default_value: { numerator: 100 } }";
 
+    /// `local_rate_limit_per_downstream_connection`: every connection has full buckets of its
+    /// own (descriptors' too); the config's own are not drawn from. As in Envoy, a connection's
+    /// buckets are made from the first such config it uses.
+    #[test]
+    fn per_connection_buckets_are_each_connections_own() {
+        let config = |max: u32| {
+            parse(&format!(
+                "{{ stat_prefix: p, {ON}, local_rate_limit_per_downstream_connection: true,
+                   token_bucket: {{ max_tokens: {max}, fill_interval: 60s }},
+                   descriptors: [ {{ entries: [{{ key: client, value: a }}], token_bucket: {{ max_tokens: 1, fill_interval: 60s }} }} ] }}"
+            ))
+            .unwrap()
+        };
+        let l = config(2);
+        let (one, two) = (ConnectionBuckets::default(), ConnectionBuckets::default());
+        let t0 = Instant::now();
+        let passed = |conn: &ConnectionBuckets, request: &[Descriptor]| {
+            (0..4)
+                .filter(|_| l.check_on(t0, request, conn) == Verdict::Pass)
+                .count()
+        };
+        assert_eq!(passed(&one, &[]), 2);
+        assert_eq!(
+            passed(&two, &[]),
+            2,
+            "another connection has its own bucket"
+        );
+        let a = vec![vec![("client".to_string(), "a".to_string())]];
+        let three = ConnectionBuckets::default();
+        assert_eq!(
+            passed(&three, &a),
+            1,
+            "a descriptor's bucket per connection too"
+        );
+        assert_eq!(l.stats.rate_limited.get(), 2 + 2 + 3);
+        // The config's own buckets were never drawn from.
+        assert_eq!(
+            l.bucket.as_ref().unwrap().state.lock().unwrap().0,
+            2.0,
+            "the shared bucket is untouched"
+        );
+        // A second per-connection config on a connection that has buckets uses those.
+        let other = config(5);
+        assert_eq!(
+            (0..6)
+                .filter(|_| other.check_on(t0, &[], &one) == Verdict::Pass)
+                .count(),
+            0,
+            "connection one's bucket (from the first config) is empty"
+        );
+    }
+
     #[test]
     fn a_full_bucket_passes_max_tokens_then_refills_continuously() {
         let l = parse(&format!(
@@ -621,7 +729,7 @@ mod tests {
         let off = parse("{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 60s } }")
             .unwrap();
         assert!(
-            (0..5).all(|_| off.check(&[]) == Verdict::Pass),
+            (0..5).all(|_| off.check(&[], &ConnectionBuckets::default()) == Verdict::Pass),
             "0% enabled by default"
         );
         assert_eq!(off.stats.enabled.get(), 0);
@@ -629,8 +737,11 @@ mod tests {
             "{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 60s }, filter_enabled: { default_value: { numerator: 100 } } }",
         )
         .unwrap();
-        assert_eq!(shadow.check(&[]), Verdict::Pass);
-        assert_eq!(shadow.check(&[]), Verdict::PassNotEnforced);
+        assert_eq!(shadow.check_at(Instant::now(), &[]), Verdict::Pass);
+        assert_eq!(
+            shadow.check_at(Instant::now(), &[]),
+            Verdict::PassNotEnforced
+        );
         assert_eq!(shadow.stats.rate_limited.get(), 1);
         assert_eq!(shadow.stats.enforced.get(), 0);
     }
@@ -779,8 +890,8 @@ mod tests {
                 "rate_limits[0].actions[0].request_headers",
             ),
             (
-                "{ stat_prefix: p, local_rate_limit_per_downstream_connection: true }",
-                "local_rate_limit_per_downstream_connection",
+                "{ stat_prefix: p, enable_x_ratelimit_headers: DRAFT_VERSION_03 }",
+                "enable_x_ratelimit_headers",
             ),
         ] {
             let err = parse(yaml).unwrap_err();

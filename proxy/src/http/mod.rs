@@ -831,7 +831,7 @@ fn route_and_forward(
                 }
                 _ => Vec::new(),
             };
-            match limit.check(&descriptors) {
+            match limit.check(&descriptors, &down.rate_limit) {
                 local_ratelimit::Verdict::Pass => {}
                 local_ratelimit::Verdict::PassNotEnforced => {
                     limit

@@ -34,7 +34,7 @@ fn down(principal: Option<&str>, peer: &str, local: &str) -> Downstream {
         principal: principal.map(Into::into),
         sni: None,
         tls_peer: None,
-        buffer_limit: None,
+        ..Default::default()
     }
 }
 
