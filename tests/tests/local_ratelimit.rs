@@ -3,8 +3,8 @@
 //! shared by its routes, a route where the limit is enabled but not enforced, and descriptors
 //! (buckets per request header value, per a virtual host's generic key) made by routes' and
 //! virtual hosts' `rate_limits`, and buckets per downstream connection
-//! (`local_rate_limit_per_downstream_connection`). Status codes, headers, bodies and counters
-//! must be the same.
+//! (`local_rate_limit_per_downstream_connection`), and `x-ratelimit-*` headers
+//! (`enable_x_ratelimit_headers`). Status codes, headers, bodies and counters must be the same.
 
 use std::net::SocketAddr;
 
@@ -40,6 +40,14 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ", request_headers_to_add_when_not_enforced: [{ header: { key: x-rl-shadow, value: 'over' } }]",
     );
     let vhost = limit("vhost_rl", 3, None, 100, "");
+    // The answers tell of the bucket (a token a minute: the next is 60 s away).
+    let told = limit(
+        "xrl_rl",
+        2,
+        None,
+        100,
+        ", enable_x_ratelimit_headers: DRAFT_VERSION_03",
+    );
     // Two tokens for each downstream connection.
     let per_connection = limit(
         "conn_rl",
@@ -116,6 +124,10 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
                   envoy.filters.http.local_ratelimit: {shadow}
+              - match: {{ prefix: /told }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {told}
               - match: {{ prefix: /conn }}
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
@@ -152,6 +164,8 @@ struct Answer {
     shadow_header: bool,
     /// A gRPC local reply's status and message.
     grpc: Option<(String, String)>,
+    /// `x-ratelimit-limit`, `-remaining` and `-reset`.
+    told: Option<(String, String, String)>,
 }
 
 fn burst(c: &mut Client, host: &str, paths: &[&str]) -> Vec<Answer> {
@@ -180,6 +194,14 @@ fn burst_with(c: &mut Client, host: &str, requests: &[(&str, &[(&str, &str)])]) 
                     let h = |n| r.header(n).unwrap_or_default().to_string();
                     (h("grpc-status"), h("grpc-message"))
                 }),
+                told: r.header("x-ratelimit-limit").map(|limit| {
+                    let h = |n| r.header(n).unwrap_or_default().to_string();
+                    (
+                        limit.to_string(),
+                        h("x-ratelimit-remaining"),
+                        h("x-ratelimit-reset"),
+                    )
+                }),
             }
         })
         .collect()
@@ -195,6 +217,7 @@ struct Outcomes {
     grpc: Vec<Answer>,
     /// Three requests on the first connection, three on a second, one more on the first.
     per_connection: Vec<Answer>,
+    told: Vec<Answer>,
     stats: Vec<(String, u64)>,
 }
 
@@ -240,6 +263,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
             ("/grpc-exhausted/pkg.S/M", as_grpc),
         ],
     );
+    let told = burst(&mut c, "svc", &["/told"; 3]);
     let mut per_connection = burst(&mut c, "svc", &["/conn"; 3]);
     let mut second = Client::new(format!("{}:{PORT}", s.ip()).parse().unwrap());
     per_connection.extend(burst(&mut second, "svc", &["/conn"; 3]));
@@ -252,6 +276,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         "vhost_rl",
         "desc_rl",
         "conn_rl",
+        "xrl_rl",
     ] {
         for stat in ["enabled", "enforced", "rate_limited", "ok"] {
             let name = format!("{prefix}.http_local_rate_limit.{stat}");
@@ -266,6 +291,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         descriptors,
         grpc,
         per_connection,
+        told,
         stats,
     };
     eprintln!("{}: {out:#?}", flavor.name());
@@ -302,6 +328,17 @@ fn weft_proxy_and_envoy_rate_limit_alike() {
         statuses(&weft.per_connection),
         [200, 200, 429, 200, 200, 429, 429],
         "each connection has two tokens of its own"
+    );
+    let told: Vec<_> = weft
+        .told
+        .iter()
+        .map(|a| (a.status, a.told.clone()))
+        .collect();
+    let t = |r: &str, s: &str| Some(("2".to_string(), r.to_string(), s.to_string()));
+    assert_eq!(
+        told,
+        [(200, t("1", "0")), (200, t("0", "60")), (429, t("0", "60"))],
+        "the bucket's size, whole tokens left, seconds to the next one"
     );
     let limited = &weft.listener[4];
     assert_eq!(limited.body, "local_rate_limited");

@@ -7,7 +7,8 @@
 //! `filter_enforced` default to 0% of requests, and the bucket starts full and refills
 //! continuously at `tokens_per_fill` per `fill_interval`. With
 //! `local_rate_limit_per_downstream_connection`, each downstream connection has buckets of its
-//! own instead (see [`ConnectionBuckets`]).
+//! own instead (see [`ConnectionBuckets`]). With `enable_x_ratelimit_headers`, every answer
+//! tells the client of the bucket that decided (see [`XRateLimit`]).
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -38,6 +39,8 @@ pub struct LocalRateLimit {
     /// `local_rate_limit_per_downstream_connection`: these buckets are only the model of each
     /// connection's own (see [`ConnectionBuckets`]).
     per_connection: bool,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`.
+    x_ratelimit_headers: bool,
     /// `descriptors`: buckets of their own for requests whose descriptors (made by the
     /// `rate_limits` that apply) equal theirs; slowest refill first, as Envoy checks them.
     descriptors: Vec<DescriptorLimit>,
@@ -63,6 +66,39 @@ pub struct RateLimitStats {
     pub enforced: Counter,
     pub rate_limited: Counter,
     pub ok: Counter,
+}
+
+/// `enable_x_ratelimit_headers` (`DRAFT_VERSION_03`): what every answer to a request the filter
+/// decided tells of the bucket that decided, as Envoy 1.40 fills them: `x-ratelimit-limit` its
+/// `max_tokens`, `x-ratelimit-remaining` its whole tokens left, `x-ratelimit-reset` 0 while one
+/// is left, else the seconds (rounded up) until the next one. The bucket is the descriptor's
+/// that refused, else the default's that refused, else the strictest matched descriptor's,
+/// else the default's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XRateLimit {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: u64,
+}
+
+impl XRateLimit {
+    /// The three headers, in Envoy's order.
+    pub fn headers(&self) -> [(HeaderName, http::HeaderValue); 3] {
+        [
+            (
+                HeaderName::from_static("x-ratelimit-limit"),
+                http::HeaderValue::from(self.limit),
+            ),
+            (
+                HeaderName::from_static("x-ratelimit-remaining"),
+                http::HeaderValue::from(self.remaining),
+            ),
+            (
+                HeaderName::from_static("x-ratelimit-reset"),
+                http::HeaderValue::from(self.reset),
+            ),
+        ]
+    }
 }
 
 /// What the filter decides for a request.
@@ -117,16 +153,32 @@ impl TokenBucket {
         }
     }
 
-    fn take_at(&self, now: Instant) -> bool {
+    /// Takes a token if there is one; the tokens left either way.
+    fn take_at(&self, now: Instant) -> (bool, f64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
         s.0 = (s.0 + elapsed * self.rate).min(self.max);
         s.1 = now;
         if s.0 >= 1.0 {
             s.0 -= 1.0;
-            true
+            (true, s.0)
         } else {
-            false
+            (false, s.0)
+        }
+    }
+
+    /// What `enable_x_ratelimit_headers` tells of this bucket with `left` tokens.
+    fn tell(&self, left: f64) -> XRateLimit {
+        XRateLimit {
+            limit: self.max as u32,
+            remaining: left.max(0.0).floor() as u32,
+            // Rounded up, less the floating-point error of the refill (0.7 tokens at 0.1 a
+            // second is 7 s, not 8).
+            reset: if left >= 1.0 {
+                0
+            } else {
+                ((1.0 - left) / self.rate - 1e-6).ceil().max(0.0) as u64
+            },
         }
     }
 }
@@ -365,10 +417,6 @@ impl LocalRateLimit {
                 c.local_cluster_rate_limit.is_some(),
             ),
             (
-                "enable_x_ratelimit_headers",
-                c.enable_x_ratelimit_headers != 0,
-            ),
-            (
                 "max_dynamic_descriptors",
                 c.max_dynamic_descriptors.is_some(),
             ),
@@ -381,6 +429,17 @@ impl LocalRateLimit {
                 ));
             }
         }
+        // XRateLimitHeadersRFCVersion: OFF (0) or DRAFT_VERSION_03 (1).
+        let x_ratelimit_headers = match c.enable_x_ratelimit_headers {
+            0 => false,
+            1 => true,
+            other => {
+                return Err((
+                    "enable_x_ratelimit_headers".into(),
+                    format!("{other} is not an XRateLimitHeadersRFCVersion value"),
+                ));
+            }
+        };
         let bucket = c
             .token_bucket
             .as_ref()
@@ -478,6 +537,7 @@ impl LocalRateLimit {
             resource_exhausted: c.rate_limited_as_resource_exhausted,
             bucket,
             per_connection: c.local_rate_limit_per_downstream_connection,
+            x_ratelimit_headers,
             descriptors: descriptors.into_iter().map(|(d, _)| d).collect(),
             always_consume_default: c
                 .always_consume_default_token_bucket
@@ -526,25 +586,35 @@ impl LocalRateLimit {
     }
 
     /// Decides one request of the downstream connection whose buckets `conn` holds (takes a
-    /// token when there is one), given the descriptors it made.
-    pub fn check(&self, descriptors: &[Descriptor], conn: &ConnectionBuckets) -> Verdict {
+    /// token when there is one), given the descriptors it made; with
+    /// `enable_x_ratelimit_headers`, also what its answer tells of the bucket that decided.
+    pub fn check(
+        &self,
+        descriptors: &[Descriptor],
+        conn: &ConnectionBuckets,
+    ) -> (Verdict, Option<XRateLimit>) {
         self.check_on(Instant::now(), descriptors, conn)
     }
 
     #[cfg(test)]
     fn check_at(&self, now: Instant, request: &[Descriptor]) -> Verdict {
-        self.check_on(now, request, &ConnectionBuckets::default())
+        self.check_on(now, request, &ConnectionBuckets::default()).0
     }
 
-    fn check_on(&self, now: Instant, request: &[Descriptor], conn: &ConnectionBuckets) -> Verdict {
+    fn check_on(
+        &self,
+        now: Instant,
+        request: &[Descriptor],
+        conn: &ConnectionBuckets,
+    ) -> (Verdict, Option<XRateLimit>) {
         let Some(bucket) = &self.bucket else {
-            return Verdict::Pass;
+            return (Verdict::Pass, None);
         };
         if !self.enabled.hit() {
-            return Verdict::Pass;
+            return (Verdict::Pass, None);
         }
         self.stats.enabled.inc();
-        let allowed = if self.per_connection {
+        let (allowed, decider, left) = if self.per_connection {
             let own = conn.0.get_or_init(|| {
                 std::sync::Arc::new(Buckets {
                     bucket: bucket.fresh(),
@@ -558,20 +628,21 @@ impl LocalRateLimit {
                         .collect(),
                 })
             });
-            self.allowed(&own.bucket, &own.descriptors, now, request)
+            self.decide(&own.bucket, &own.descriptors, now, request)
         } else {
-            self.allowed(bucket, &self.descriptors, now, request)
+            self.decide(bucket, &self.descriptors, now, request)
         };
+        let told = self.x_ratelimit_headers.then(|| decider.tell(left));
         if allowed {
             self.stats.ok.inc();
-            return Verdict::Pass;
+            return (Verdict::Pass, told);
         }
         self.stats.rate_limited.inc();
         if self.enforced.hit() {
             self.stats.enforced.inc();
-            Verdict::Limited
+            (Verdict::Limited, told)
         } else {
-            Verdict::PassNotEnforced
+            (Verdict::PassNotEnforced, told)
         }
     }
 }
@@ -579,27 +650,35 @@ impl LocalRateLimit {
 impl LocalRateLimit {
     /// Every descriptor limit the request's descriptors match must have a token (the strictest
     /// is asked first; the first without one refuses), then the default bucket, unless a
-    /// descriptor matched and `always_consume_default_token_bucket` is false.
-    fn allowed(
+    /// descriptor matched and `always_consume_default_token_bucket` is false. Also the bucket
+    /// that decided (see [`XRateLimit`]) and its tokens left.
+    fn decide<'b>(
         &self,
-        bucket: &TokenBucket,
-        descriptors: &[DescriptorLimit],
+        bucket: &'b TokenBucket,
+        descriptors: &'b [DescriptorLimit],
         now: Instant,
         request: &[Descriptor],
-    ) -> bool {
-        let mut matched = false;
+    ) -> (bool, &'b TokenBucket, f64) {
+        let mut strictest: Option<(&TokenBucket, f64)> = None;
         for d in descriptors {
             if request.contains(&d.entries) {
-                matched = true;
-                if !d.bucket.take_at(now) {
-                    return false;
+                let (taken, left) = d.bucket.take_at(now);
+                if !taken {
+                    return (false, &d.bucket, left);
                 }
+                strictest.get_or_insert((&d.bucket, left));
             }
         }
-        if matched && !self.always_consume_default {
-            return true;
+        if let Some((matched, left)) = strictest
+            && !self.always_consume_default
+        {
+            return (true, matched, left);
         }
-        bucket.take_at(now)
+        let (taken, left) = bucket.take_at(now);
+        match strictest {
+            Some((matched, matched_left)) if taken => (true, matched, matched_left),
+            _ => (taken, bucket, left),
+        }
     }
 }
 
@@ -642,6 +721,59 @@ mod tests {
 
     const ON: &str = "filter_enabled: { default_value: { numerator: 100 } }, filter_enforced: { default_value: { numerator: 100 } }";
 
+    /// `enable_x_ratelimit_headers`: the numbers Envoy 1.40 gave for the same requests (a
+    /// bucket of 3 refilled by 1 every 10 s, one request every 1.5 s; then a descriptor of 2
+    /// per 20 s).
+    #[test]
+    fn x_ratelimit_headers_tell_of_the_bucket_that_decided() {
+        let l = parse(&format!(
+            "{{ stat_prefix: p, {ON}, enable_x_ratelimit_headers: DRAFT_VERSION_03,
+               token_bucket: {{ max_tokens: 3, tokens_per_fill: 1, fill_interval: 10s }},
+               descriptors: [ {{ entries: [{{ key: client, value: a }}], token_bucket: {{ max_tokens: 2, tokens_per_fill: 2, fill_interval: 20s }} }} ] }}"
+        ))
+        .unwrap();
+        let conn = ConnectionBuckets::default();
+        let t0 = Instant::now();
+        let at = |ms: u64, request: &[Descriptor]| {
+            let (verdict, told) = l.check_on(t0 + Duration::from_millis(ms), request, &conn);
+            let told = told.unwrap();
+            (verdict, told.limit, told.remaining, told.reset)
+        };
+        assert_eq!(at(0, &[]), (Verdict::Pass, 3, 2, 0));
+        assert_eq!(at(1500, &[]), (Verdict::Pass, 3, 1, 0));
+        assert_eq!(at(3000, &[]), (Verdict::Pass, 3, 0, 7));
+        assert_eq!(at(4500, &[]), (Verdict::Limited, 3, 0, 6));
+        assert_eq!(at(6000, &[]), (Verdict::Limited, 3, 0, 4));
+        let a = vec![vec![("client".to_string(), "a".to_string())]];
+        // The descriptor has a token, the default bucket none: the default refuses.
+        assert_eq!(at(7500, &a), (Verdict::Limited, 3, 0, 3));
+        assert_eq!(at(7600, &a), (Verdict::Limited, 3, 0, 3));
+        // The descriptor's two are gone: it refuses.
+        assert_eq!(at(7700, &a), (Verdict::Limited, 2, 0, 10));
+        // Both have tokens: the matched descriptor's is told.
+        assert_eq!(at(40_000, &a), (Verdict::Pass, 2, 1, 0));
+        // Off: nothing told.
+        let off = parse(&format!(
+            "{{ stat_prefix: p, {ON}, token_bucket: {{ max_tokens: 3, fill_interval: 10s }} }}"
+        ))
+        .unwrap();
+        assert_eq!(off.check_on(t0, &[], &conn).1, None);
+        assert_eq!(
+            XRateLimit {
+                limit: 3,
+                remaining: 2,
+                reset: 0
+            }
+            .headers()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap())),
+            [
+                "x-ratelimit-limit: 3",
+                "x-ratelimit-remaining: 2",
+                "x-ratelimit-reset: 0"
+            ]
+        );
+    }
+
     /// `local_rate_limit_per_downstream_connection`: every connection has full buckets of its
     /// own (descriptors' too); the config's own are not drawn from. As in Envoy, a connection's
     /// buckets are made from the first such config it uses.
@@ -660,7 +792,7 @@ mod tests {
         let t0 = Instant::now();
         let passed = |conn: &ConnectionBuckets, request: &[Descriptor]| {
             (0..4)
-                .filter(|_| l.check_on(t0, request, conn) == Verdict::Pass)
+                .filter(|_| l.check_on(t0, request, conn).0 == Verdict::Pass)
                 .count()
         };
         assert_eq!(passed(&one, &[]), 2);
@@ -687,7 +819,7 @@ mod tests {
         let other = config(5);
         assert_eq!(
             (0..6)
-                .filter(|_| other.check_on(t0, &[], &one) == Verdict::Pass)
+                .filter(|_| other.check_on(t0, &[], &one).0 == Verdict::Pass)
                 .count(),
             0,
             "connection one's bucket (from the first config) is empty"
@@ -729,7 +861,7 @@ mod tests {
         let off = parse("{ stat_prefix: p, token_bucket: { max_tokens: 1, fill_interval: 60s } }")
             .unwrap();
         assert!(
-            (0..5).all(|_| off.check(&[], &ConnectionBuckets::default()) == Verdict::Pass),
+            (0..5).all(|_| off.check(&[], &ConnectionBuckets::default()).0 == Verdict::Pass),
             "0% enabled by default"
         );
         assert_eq!(off.stats.enabled.get(), 0);
@@ -890,7 +1022,7 @@ mod tests {
                 "rate_limits[0].actions[0].request_headers",
             ),
             (
-                "{ stat_prefix: p, enable_x_ratelimit_headers: DRAFT_VERSION_03 }",
+                "{ stat_prefix: p, enable_x_ratelimit_headers: 7 }",
                 "enable_x_ratelimit_headers",
             ),
         ] {

@@ -663,6 +663,8 @@ struct Notes {
     marked_id: std::sync::OnceLock<HeaderValue>,
     /// The route's decorator operation, for the answer (ingress listeners with `tracing`).
     operation: std::sync::OnceLock<HeaderValue>,
+    /// The local rate limit's `x-ratelimit-*` headers (`enable_x_ratelimit_headers`).
+    rate_limit: std::sync::OnceLock<local_ratelimit::XRateLimit>,
 }
 
 impl Notes {
@@ -674,6 +676,11 @@ impl Notes {
         if let Some(op) = self.operation.get() {
             resp.headers_mut()
                 .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
+        }
+        if let Some(told) = self.rate_limit.get() {
+            for (name, value) in told.headers() {
+                resp.headers_mut().append(name, value);
+            }
         }
         // The access log shows the request's id as the trace decision left it.
         if let Some(id) = self.marked_id.get()
@@ -831,7 +838,13 @@ fn route_and_forward(
                 }
                 _ => Vec::new(),
             };
-            match limit.check(&descriptors, &down.rate_limit) {
+            let (verdict, told) = limit.check(&descriptors, &down.rate_limit);
+            // Every answer to the request tells of the bucket that decided (Envoy's filter adds
+            // them as the answer's head passes through it, local replies included).
+            if let Some(told) = told {
+                let _ = notes.get_or_init(Box::default).rate_limit.set(told);
+            }
+            match verdict {
                 local_ratelimit::Verdict::Pass => {}
                 local_ratelimit::Verdict::PassNotEnforced => {
                     limit
