@@ -3,8 +3,8 @@
 //! shared by its routes, a route where the limit is enabled but not enforced, and descriptors
 //! (buckets per request header value, per a virtual host's generic key) made by routes' and
 //! virtual hosts' `rate_limits`, and buckets per downstream connection
-//! (`local_rate_limit_per_downstream_connection`), and `x-ratelimit-*` headers
-//! (`enable_x_ratelimit_headers`). Status codes, headers, bodies and counters must be the same.
+//! (`local_rate_limit_per_downstream_connection`), and `x-ratelimit-*` and `retry-after`
+//! headers (`enable_x_ratelimit_headers`, `enable_retry_after_header`). Status codes, headers, bodies and counters must be the same.
 
 use std::net::SocketAddr;
 
@@ -47,6 +47,14 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         None,
         100,
         ", enable_x_ratelimit_headers: DRAFT_VERSION_03",
+    );
+    // A refused request is told when to come back.
+    let retry_after = limit(
+        "retry_rl",
+        1,
+        None,
+        100,
+        ", enable_retry_after_header: true",
     );
     // Two tokens for each downstream connection.
     let per_connection = limit(
@@ -128,6 +136,10 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
                   envoy.filters.http.local_ratelimit: {told}
+              - match: {{ prefix: /retry-after }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit: {retry_after}
               - match: {{ prefix: /conn }}
                 route: {{ cluster: backend }}
                 typed_per_filter_config:
@@ -166,6 +178,7 @@ struct Answer {
     grpc: Option<(String, String)>,
     /// `x-ratelimit-limit`, `-remaining` and `-reset`.
     told: Option<(String, String, String)>,
+    retry_after: Option<String>,
 }
 
 fn burst(c: &mut Client, host: &str, paths: &[&str]) -> Vec<Answer> {
@@ -194,6 +207,7 @@ fn burst_with(c: &mut Client, host: &str, requests: &[(&str, &[(&str, &str)])]) 
                     let h = |n| r.header(n).unwrap_or_default().to_string();
                     (h("grpc-status"), h("grpc-message"))
                 }),
+                retry_after: r.header("retry-after").map(str::to_string),
                 told: r.header("x-ratelimit-limit").map(|limit| {
                     let h = |n| r.header(n).unwrap_or_default().to_string();
                     (
@@ -263,7 +277,8 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
             ("/grpc-exhausted/pkg.S/M", as_grpc),
         ],
     );
-    let told = burst(&mut c, "svc", &["/told"; 3]);
+    let mut told = burst(&mut c, "svc", &["/told"; 3]);
+    told.extend(burst(&mut c, "svc", &["/retry-after"; 2]));
     let mut per_connection = burst(&mut c, "svc", &["/conn"; 3]);
     let mut second = Client::new(format!("{}:{PORT}", s.ip()).parse().unwrap());
     per_connection.extend(burst(&mut second, "svc", &["/conn"; 3]));
@@ -277,6 +292,7 @@ fn run(flavor: Flavor, net: u8) -> Outcomes {
         "desc_rl",
         "conn_rl",
         "xrl_rl",
+        "retry_rl",
     ] {
         for stat in ["enabled", "enforced", "rate_limited", "ok"] {
             let name = format!("{prefix}.http_local_rate_limit.{stat}");
@@ -332,13 +348,19 @@ fn weft_proxy_and_envoy_rate_limit_alike() {
     let told: Vec<_> = weft
         .told
         .iter()
-        .map(|a| (a.status, a.told.clone()))
+        .map(|a| (a.status, a.told.clone(), a.retry_after.as_deref()))
         .collect();
     let t = |r: &str, s: &str| Some(("2".to_string(), r.to_string(), s.to_string()));
     assert_eq!(
         told,
-        [(200, t("1", "0")), (200, t("0", "60")), (429, t("0", "60"))],
-        "the bucket's size, whole tokens left, seconds to the next one"
+        [
+            (200, t("1", "0"), None),
+            (200, t("0", "60"), None),
+            (429, t("0", "60"), None),
+            (200, None, None),
+            (429, None, Some("60")),
+        ],
+        "the bucket's size, whole tokens left, seconds to the next one; when to come back"
     );
     let limited = &weft.listener[4];
     assert_eq!(limited.body, "local_rate_limited");

@@ -40,7 +40,9 @@ pub struct LocalRateLimit {
     /// connection's own (see [`ConnectionBuckets`]).
     per_connection: bool,
     /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`.
-    x_ratelimit_headers: bool,
+    pub x_ratelimit_headers: bool,
+    /// `enable_retry_after_header`: a refused request's answer says when to come back.
+    pub retry_after: bool,
     /// `descriptors`: buckets of their own for requests whose descriptors (made by the
     /// `rate_limits` that apply) equal theirs; slowest refill first, as Envoy checks them.
     descriptors: Vec<DescriptorLimit>,
@@ -420,7 +422,6 @@ impl LocalRateLimit {
                 "max_dynamic_descriptors",
                 c.max_dynamic_descriptors.is_some(),
             ),
-            ("enable_retry_after_header", c.enable_retry_after_header),
         ] {
             if set {
                 return Err((
@@ -538,6 +539,7 @@ impl LocalRateLimit {
             bucket,
             per_connection: c.local_rate_limit_per_downstream_connection,
             x_ratelimit_headers,
+            retry_after: c.enable_retry_after_header,
             descriptors: descriptors.into_iter().map(|(d, _)| d).collect(),
             always_consume_default: c
                 .always_consume_default_token_bucket
@@ -587,7 +589,8 @@ impl LocalRateLimit {
 
     /// Decides one request of the downstream connection whose buckets `conn` holds (takes a
     /// token when there is one), given the descriptors it made; with
-    /// `enable_x_ratelimit_headers`, also what its answer tells of the bucket that decided.
+    /// `enable_x_ratelimit_headers` or `enable_retry_after_header`, also what its answer tells
+    /// of the bucket that decided.
     pub fn check(
         &self,
         descriptors: &[Descriptor],
@@ -632,7 +635,7 @@ impl LocalRateLimit {
         } else {
             self.decide(bucket, &self.descriptors, now, request)
         };
-        let told = self.x_ratelimit_headers.then(|| decider.tell(left));
+        let told = (self.x_ratelimit_headers || self.retry_after).then(|| decider.tell(left));
         if allowed {
             self.stats.ok.inc();
             return (Verdict::Pass, told);

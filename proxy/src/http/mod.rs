@@ -841,7 +841,7 @@ fn route_and_forward(
             let (verdict, told) = limit.check(&descriptors, &down.rate_limit);
             // Every answer to the request tells of the bucket that decided (Envoy's filter adds
             // them as the answer's head passes through it, local replies included).
-            if let Some(told) = told {
+            if let Some(told) = told.filter(|_| limit.x_ratelimit_headers) {
                 let _ = notes.get_or_init(Box::default).rate_limit.set(told);
             }
             match verdict {
@@ -865,6 +865,11 @@ fn route_and_forward(
                         l.grpc_status = Some(8);
                     }
                     limit.response_headers.apply(resp.headers_mut());
+                    // `enable_retry_after_header`: the seconds until the bucket has a token.
+                    if let Some(told) = told.filter(|_| limit.retry_after) {
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from(told.reset));
+                    }
                     routed(proxy, hcm, route, &mut resp);
                     return resp;
                 }
