@@ -8,7 +8,9 @@
 //! [`Inline`] is the executor: it only keeps the futures hyper opens, and [`run`] polls them in
 //! the connection's task, right before and after the connection itself. What the streams
 //! answer is then written in the same poll of the connection (see `coalesce`), and a
-//! connection that ends drops its streams with it, as a reset stream already did.
+//! connection that ends drops its streams with it, as a reset stream already did. One thing
+//! is lost: a stream that panicked was its task's alone, and would now end its connection's
+//! other streams too (the request path answers errors, it does not panic).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
