@@ -482,6 +482,11 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
                 s.upstream_rq_per_try_timeout.get() as i64,
                 true,
             ),
+            (
+                "upstream_rq_max_duration_reached",
+                s.upstream_rq_max_duration_reached.get() as i64,
+                true,
+            ),
             ("upstream_rq_retry", s.upstream_rq_retry.get() as i64, true),
             (
                 "upstream_rq_pending_overflow",
@@ -769,6 +774,7 @@ prom_names!(
         "upstream_rq_active",
         "upstream_rq_timeout",
         "upstream_rq_per_try_timeout",
+        "upstream_rq_max_duration_reached",
         "upstream_rq_retry",
         "upstream_rq_pending_overflow",
         "upstream_rq_retry_overflow",

@@ -2,8 +2,9 @@
 //! replaces the route's `timeout` (which is then none), ends a request that takes longer with
 //! Envoy's local reply, cuts an answer whose body is late, and, with `grpc_timeout_header_max`,
 //! takes the client's `grpc-timeout` as the limit (capped); the connection manager's own limit
-//! serves routes that set none. Statuses, gRPC statuses, access log lines and the connection
-//! manager's counter must be the same.
+//! serves routes that set none. A cluster's own `max_stream_duration` limits each upstream
+//! request: a late head is answered 504 `UMSDR` (retried as a reset), a late body is cut.
+//! Statuses, gRPC statuses, access log lines and the counters must be the same.
 
 use weft_e2e::standalone::differing_lines;
 use weft_e2e::{Client, Flavor, Standalone};
@@ -32,15 +33,27 @@ fn resources(s: &mut Standalone, log: &std::path::Path) -> String {
                 route: {{ cluster: a, max_stream_duration: {{ grpc_timeout_header_max: 0s }} }}
               - match: {{ prefix: /hcm }}
                 route: {{ cluster: a }}
+              - match: {{ prefix: /upretry }}
+                route: {{ cluster: b, max_stream_duration: {{ max_stream_duration: 5s }}, retry_policy: {{ retry_on: reset, num_retries: 1 }} }}
+              - match: {{ prefix: /up }}
+                route: {{ cluster: b, max_stream_duration: {{ max_stream_duration: 5s }} }}
               - match: {{ prefix: / }}
                 route: {{ cluster: a, timeout: 0.1s, max_stream_duration: {{ max_stream_duration: 0.5s }} }}
 "#
         ),
         "",
     );
+    // The same backend, each upstream request limited to 300 ms by the cluster.
+    let limited = r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: { max_stream_duration: 0.3s }
+        explicit_http_config: { http_protocol_options: {} }
+"#;
     format!(
-        "{listener}  clusters:\n{}",
-        Standalone::static_cluster("a", &[a], "")
+        "{listener}  clusters:\n{}{}",
+        Standalone::static_cluster("a", &[a], ""),
+        Standalone::static_cluster("b", &[a], limited)
     )
 }
 
@@ -51,7 +64,7 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     s.start(&resources);
     let proxy = format!("{}:{PORT}", s.ip()).parse().expect("addr");
     let grpc = [("content-type", "application/grpc")];
-    let cases: [(&str, &[(&str, &str)]); 10] = [
+    let cases: [(&str, &[(&str, &str)]); 13] = [
         // The connection manager's limit (400 ms), for routes that set none of their own.
         ("/hcm?delay_ms=100", &[]),
         ("/hcm?delay_ms=1000", &[]),
@@ -67,6 +80,10 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
             "/grpc/d",
             &[("grpc-timeout", "200m"), ("x-delay-ms", "1000"), grpc[0]],
         ),
+        // The cluster's 300 ms per upstream request.
+        ("/up?delay_ms=100", &[]),
+        ("/up?delay_ms=1000", &[]),
+        ("/upretry?delay_ms=1000", &[]),
     ];
     let mut lines = Vec::new();
     for (path, headers) in cases {
@@ -88,10 +105,16 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
     // The head in time, the body late: the answer is cut.
     let cut = Client::new(proxy).request("GET", "svc", "/cut?body_delay_ms=2000", &[]);
     lines.push(format!("/cut: cut {}", cut.is_err()));
-    lines.extend(s.log_lines(&log, 11));
+    let cut = Client::new(proxy).request("GET", "svc", "/up/cut?body_delay_ms=2000", &[]);
+    lines.push(format!("/up/cut: cut {}", cut.is_err()));
+    lines.extend(s.log_lines(&log, 15));
     lines.push(format!(
         "downstream_rq_max_duration_reached {}",
         s.stat("http.http.downstream_rq_max_duration_reached")
+    ));
+    lines.push(format!(
+        "upstream_rq_max_duration_reached {}",
+        s.stat("cluster.b.upstream_rq_max_duration_reached")
     ));
     lines
 }
@@ -103,6 +126,9 @@ fn max_stream_duration_as_in_envoy() {
         "/slow?delay_ms=250: 200 grpc-status None \"from the backend\"",
         "/slow?delay_ms=2000: 504 grpc-status None \"downstream duration timeout\"",
         "/cut: cut true",
+        "/up?delay_ms=1000: 504 grpc-status None \"upstream max stream duration reached\"",
+        "/up/cut: cut true",
+        "upstream_rq_max_duration_reached 4",
     ] {
         assert!(weft.iter().any(|l| l == line), "{line}: {weft:#?}");
     }

@@ -75,6 +75,8 @@ pub struct ClusterStats {
     pub upstream_cx_connect_fail: Counter,
     pub upstream_rq_timeout: Counter,
     pub upstream_rq_per_try_timeout: Counter,
+    /// Upstream requests ended by the cluster's `max_stream_duration`.
+    pub upstream_rq_max_duration_reached: Counter,
     pub upstream_rq_retry: Counter,
     pub upstream_cx_none_healthy: Counter,
     pub update_success: Counter,
@@ -105,6 +107,9 @@ pub struct Cluster {
     pub health_check: Option<health::HealthCheck>,
     pub health_stats: health::HealthStats,
     pub limits: ConnectionLimits,
+    /// `common_http_protocol_options.max_stream_duration`: each upstream request's own limit,
+    /// from when it is sent to its answer's last byte (`UMSDR`).
+    pub max_stream_duration: Option<Duration>,
     /// Below this percentage of healthy hosts the load balancer ignores health (Envoy: 50).
     pub panic_threshold: f64,
     /// TLS towards the endpoints (transport_socket and transport_socket_matches).
@@ -384,6 +389,7 @@ impl Cluster {
         }
         let mut protocol = UpstreamProtocol::Http1;
         let mut limits = ConnectionLimits::default();
+        let mut max_stream_duration = None;
         for (name, any) in &c.typed_extension_protocol_options {
             if name != HTTP_PROTOCOL_OPTIONS {
                 return Err(reject(
@@ -409,15 +415,7 @@ impl Cluster {
                 ));
             }
             if let Some(common) = &opts.common_http_protocol_options {
-                // A cluster's `max_stream_duration` limits each upstream request (`UMSDR`):
-                // not implemented, where the connection manager's is.
-                let cluster_only = common
-                    .max_stream_duration
-                    .is_some()
-                    .then_some("max_stream_duration");
-                if let Some(f) =
-                    cluster_only.or_else(|| crate::http::timeouts::unsupported_common(common))
-                {
+                if let Some(f) = crate::http::timeouts::unsupported_common(common) {
                     return Err(reject(
                         &field(&format!("common_http_protocol_options.{f}")),
                         "not supported by this weft-proxy version".into(),
@@ -434,6 +432,11 @@ impl Cluster {
                     .filter(|d| !d.is_zero());
                 limits.max_duration = common
                     .max_connection_duration
+                    .as_ref()
+                    .map(duration)
+                    .filter(|d| !d.is_zero());
+                max_stream_duration = common
+                    .max_stream_duration
                     .as_ref()
                     .map(duration)
                     .filter(|d| !d.is_zero());
@@ -524,6 +527,7 @@ impl Cluster {
             health_check,
             health_stats: Default::default(),
             limits,
+            max_stream_duration,
             panic_threshold,
             transport,
             source: prost::Message::encode_to_vec(c),
@@ -876,6 +880,33 @@ mod tests {
             e.field,
             "upstream_connection_options.set_local_interface_name_on_upstream_connections"
         );
+    }
+
+    /// `common_http_protocol_options.max_stream_duration` limits each upstream request; zero
+    /// is no limit.
+    #[test]
+    fn a_clusters_max_stream_duration_is_each_upstream_requests() {
+        use weft_xds_proto::envoy::config::core::v3::HttpProtocolOptions as Common;
+        let with = |secs: i64| {
+            let opts = HttpProtocolOptions {
+                common_http_protocol_options: Some(Common {
+                    max_stream_duration: Some(weft_xds_proto::wkt::Duration {
+                        seconds: secs,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let mut c = original_dst(XdsLb::ClusterProvided);
+            c.typed_extension_protocol_options
+                .insert(HTTP_PROTOCOL_OPTIONS.into(), weft_xds_proto::pack(&opts));
+            Cluster::from_xds(&c).unwrap()
+        };
+        assert_eq!(with(3).max_stream_duration, Some(Duration::from_secs(3)));
+        assert_eq!(with(0).max_stream_duration, None);
+        let none = Cluster::from_xds(&original_dst(XdsLb::ClusterProvided)).unwrap();
+        assert_eq!(none.max_stream_duration, None);
     }
 
     /// As Envoy: CLUSTER_PROVIDED only, no endpoints of its own; the variants weft does not

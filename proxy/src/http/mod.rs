@@ -1383,16 +1383,25 @@ enum DeadlineOf {
     /// The route's `max_stream_duration`: the connection manager's
     /// `downstream_rq_max_duration_reached`.
     Stream(Arc<crate::stats::HttpStats>),
+    /// The cluster's `max_stream_duration`: the cluster's `upstream_rq_max_duration_reached`,
+    /// `UMSDR`.
+    Upstream(Arc<crate::cluster::Cluster>),
 }
 
 impl BodyDeadline {
-    /// Gives an answer from `cluster` the deadline `at`; local replies are complete already.
+    /// Gives an answer from `cluster` the deadline `at`, unless its upstream request's own
+    /// (the cluster's `max_stream_duration`) ends sooner; local replies are complete already.
     fn arm(
         mut resp: Response<ProxyBody>,
         at: tokio::time::Instant,
         cluster: &Arc<crate::cluster::Cluster>,
     ) -> Response<ProxyBody> {
-        if matches!(resp.body(), Either::Left(_)) {
+        if matches!(resp.body(), Either::Left(_))
+            && resp
+                .extensions()
+                .get::<BodyDeadline>()
+                .is_none_or(|d| d.at > at)
+        {
             resp.extensions_mut().insert(BodyDeadline {
                 at,
                 of: DeadlineOf::Route(cluster.clone()),
@@ -1515,7 +1524,7 @@ enum Cut {
 /// (An `async move` block, not an `async fn`: see `proxy_request`.)
 #[allow(clippy::manual_async_fn)]
 fn attempt_until_done(
-    cluster: &crate::cluster::Cluster,
+    cluster: &Arc<crate::cluster::Cluster>,
     retry: Option<&retry::RetryPolicy>,
     mut head: UpstreamHead,
     body: &mut AttemptBody,
@@ -1609,8 +1618,15 @@ fn attempt_until_done(
             }
             // Attempts that may be retried lend the head; the last one may give it away.
             let send = endpoint.pool.send(&mut head, !may_retry, body.next(), seen);
+            // The per-try timeout and the cluster's `max_stream_duration` both run from here;
+            // the sooner one cuts the wait for the answer's head.
             let per_try = retry.and_then(|r| r.per_try_timeout);
-            let outcome = match per_try {
+            let sent_at = tokio::time::Instant::now();
+            let (wait, duration_first) = match (per_try, cluster.max_stream_duration) {
+                (Some(p), Some(d)) => (Some(p.min(d)), d <= p),
+                (p, d) => (p.or(d), d.is_some()),
+            };
+            let outcome = match wait {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
                 None => Some(send.await),
             };
@@ -1685,7 +1701,15 @@ fn attempt_until_done(
                             );
                         }
                         let local = seen.and_then(|s| crate::lock_own(s).local);
-                        return mark(resp.map(Either::Left), Some(endpoint.address), local);
+                        let mut resp = resp.map(Either::Left);
+                        // The answer's body is this upstream request's too.
+                        if let Some(d) = cluster.max_stream_duration {
+                            resp.extensions_mut().insert(BodyDeadline {
+                                at: sent_at + d,
+                                of: DeadlineOf::Upstream(cluster.clone()),
+                            });
+                        }
+                        return mark(resp, Some(endpoint.address), local);
                     }
                 }
                 Some(Err(e)) => {
@@ -1709,6 +1733,30 @@ fn attempt_until_done(
                         return mark(resp, Some(endpoint.address), None);
                     }
                     again(&e.to_string());
+                }
+                None if duration_first => {
+                    // As Envoy's router: the upstream request is reset, which `reset` (and the
+                    // conditions that include it) retries.
+                    endpoint.stats.rq_error.inc();
+                    cluster.stats.upstream_rq_max_duration_reached.inc();
+                    if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
+                        cluster.stats.upstream_rq_xx.record(504);
+                        let mut resp = local_reply(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream max stream duration reached",
+                            "UMSDR",
+                            UPSTREAM_DURATION_DETAILS,
+                        );
+                        if let Some(flag) = refused {
+                            resp.headers_mut().insert(
+                                names::X_WEFT_RESPONSE_FLAGS,
+                                HeaderValue::from_static(with_retry_flag(flag, "UMSDR")),
+                            );
+                        }
+                        let local = seen.and_then(|s| crate::lock_own(s).local);
+                        return mark(resp, Some(endpoint.address), local);
+                    }
+                    again("max stream duration");
                 }
                 None => {
                     endpoint.stats.rq_error.inc();
@@ -1742,6 +1790,9 @@ fn attempt_until_done(
         }
     }
 }
+
+/// `%RESPONSE_CODE_DETAILS%` when a cluster's `max_stream_duration` ends an upstream request.
+const UPSTREAM_DURATION_DETAILS: &str = "upstream_max_stream_duration_reached";
 
 /// A mirror target resolved for one request.
 struct Mirror {
@@ -2450,6 +2501,17 @@ impl LoggedBody {
                     stats.downstream_rq_max_duration_reached.inc();
                     ("-", "max_duration_timeout", "downstream duration timeout")
                 }
+                Some(BodyDeadline {
+                    of: DeadlineOf::Upstream(c),
+                    ..
+                }) => {
+                    c.stats.upstream_rq_max_duration_reached.inc();
+                    (
+                        "UMSDR",
+                        UPSTREAM_DURATION_DETAILS,
+                        "upstream max stream duration reached",
+                    )
+                }
                 d => {
                     if let Some(BodyDeadline {
                         of: DeadlineOf::Route(c),
@@ -2576,6 +2638,8 @@ fn with_retry_flag(retry: &'static str, flag: &'static str) -> &'static str {
         ("URX", "UC") => "URX,UC",
         ("URX", "UPE") => "URX,UPE",
         ("URX", "UT") => "URX,UT",
+        ("URX", "UMSDR") => "URX,UMSDR",
+        ("UO", "UMSDR") => "UO,UMSDR",
         ("UO", "UF") => "UO,UF",
         ("UO", "UC") => "UO,UC",
         ("UO", "UPE") => "UO,UPE",
