@@ -1621,7 +1621,10 @@ fn attempt_until_done(
             // The per-try timeout and the cluster's `max_stream_duration` both run from here;
             // the sooner one cuts the wait for the answer's head.
             let per_try = retry.and_then(|r| r.per_try_timeout);
-            let sent_at = tokio::time::Instant::now();
+            // The clock is read only for clusters with the limit.
+            let ends = cluster
+                .max_stream_duration
+                .map(|d| tokio::time::Instant::now() + d);
             let (wait, duration_first) = match (per_try, cluster.max_stream_duration) {
                 (Some(p), Some(d)) => (Some(p.min(d)), d <= p),
                 (p, d) => (p.or(d), d.is_some()),
@@ -1703,9 +1706,9 @@ fn attempt_until_done(
                         let local = seen.and_then(|s| crate::lock_own(s).local);
                         let mut resp = resp.map(Either::Left);
                         // The answer's body is this upstream request's too.
-                        if let Some(d) = cluster.max_stream_duration {
+                        if let Some(at) = ends {
                             resp.extensions_mut().insert(BodyDeadline {
-                                at: sent_at + d,
+                                at,
                                 of: DeadlineOf::Upstream(cluster.clone()),
                             });
                         }
