@@ -1737,52 +1737,44 @@ fn attempt_until_done(
                     }
                     again(&e.to_string());
                 }
-                None if duration_first => {
-                    // As Envoy's router: the upstream request is reset, which `reset` (and the
-                    // conditions that include it) retries.
-                    endpoint.stats.rq_error.inc();
-                    cluster.stats.upstream_rq_max_duration_reached.inc();
-                    if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
-                        cluster.stats.upstream_rq_xx.record(504);
-                        let mut resp = local_reply(
-                            StatusCode::GATEWAY_TIMEOUT,
+                None => {
+                    // The per-try timeout, or the cluster's `max_stream_duration` when it came
+                    // first: to Envoy's router, that is the upstream request reset, which
+                    // `reset` (and the conditions that include it) retries.
+                    let (counter, text, flag, details, why) = if duration_first {
+                        (
+                            &cluster.stats.upstream_rq_max_duration_reached,
                             "upstream max stream duration reached",
                             "UMSDR",
                             UPSTREAM_DURATION_DETAILS,
-                        );
-                        if let Some(flag) = refused {
-                            resp.headers_mut().insert(
-                                names::X_WEFT_RESPONSE_FLAGS,
-                                HeaderValue::from_static(with_retry_flag(flag, "UMSDR")),
-                            );
-                        }
-                        let local = seen.and_then(|s| crate::lock_own(s).local);
-                        return mark(resp, Some(endpoint.address), local);
-                    }
-                    again("max stream duration");
-                }
-                None => {
-                    endpoint.stats.rq_error.inc();
-                    cluster.stats.upstream_rq_per_try_timeout.inc();
-                    cluster.observe(&endpoint, Outcome::LocalFailure);
-                    if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
-                        cluster.stats.upstream_rq_xx.record(504);
-                        let mut resp = local_reply(
-                            StatusCode::GATEWAY_TIMEOUT,
+                            "max stream duration",
+                        )
+                    } else {
+                        cluster.observe(&endpoint, Outcome::LocalFailure);
+                        (
+                            &cluster.stats.upstream_rq_per_try_timeout,
                             "upstream request timeout",
                             "UT",
                             "upstream_per_try_timeout",
-                        );
-                        if let Some(flag) = refused {
+                            "per-try timeout",
+                        )
+                    };
+                    endpoint.stats.rq_error.inc();
+                    counter.inc();
+                    if !retry_allowed(retry.is_some_and(|r| r.retries_timeout())) {
+                        cluster.stats.upstream_rq_xx.record(504);
+                        let mut resp =
+                            local_reply(StatusCode::GATEWAY_TIMEOUT, text, flag, details);
+                        if let Some(refused) = refused {
                             resp.headers_mut().insert(
                                 names::X_WEFT_RESPONSE_FLAGS,
-                                HeaderValue::from_static(with_retry_flag(flag, "UT")),
+                                HeaderValue::from_static(with_retry_flag(refused, flag)),
                             );
                         }
                         let local = seen.and_then(|s| crate::lock_own(s).local);
                         return mark(resp, Some(endpoint.address), local);
                     }
-                    again("per-try timeout");
+                    again(why);
                 }
             }
             cluster.stats.upstream_rq_retry.inc();
