@@ -905,7 +905,9 @@ fn route_and_forward(
                 let complete = http_body::Body::is_end_stream(req.body());
                 let rest = route_rest(hcm, route, req, authority, snapshot, down);
                 match tokio::time::timeout_at(at, rest).await {
-                    Ok(resp) => BodyDeadline::arm_stream(resp, at, &hcm.stats),
+                    Ok(resp) => {
+                        BodyDeadline::arm(resp, at, || DeadlineOf::Stream(hcm.stats.clone()))
+                    }
                     Err(_) => {
                         hcm.stats.downstream_rq_max_duration_reached.inc();
                         duration_reached(complete)
@@ -1339,7 +1341,7 @@ fn forward(
                 .await
                 {
                     // The route's timeout runs on until the body is complete, as Envoy's does.
-                    Ok(resp) => BodyDeadline::arm(resp, at, cluster),
+                    Ok(resp) => BodyDeadline::arm(resp, at, || DeadlineOf::Route(cluster.clone())),
                     Err(_) => {
                         cluster.stats.upstream_rq_timeout.inc();
                         cluster.stats.upstream_rq_xx.record(504);
@@ -1389,12 +1391,13 @@ enum DeadlineOf {
 }
 
 impl BodyDeadline {
-    /// Gives an answer from `cluster` the deadline `at`, unless its upstream request's own
-    /// (the cluster's `max_stream_duration`) ends sooner; local replies are complete already.
+    /// Gives an answer from upstream the deadline `at` (whose it is: `of`), unless one it has
+    /// already ends sooner: the nearest of the cluster's `max_stream_duration`, the route's
+    /// timeout and the route's `max_stream_duration` wins. Local replies are complete already.
     fn arm(
         mut resp: Response<ProxyBody>,
         at: tokio::time::Instant,
-        cluster: &Arc<crate::cluster::Cluster>,
+        of: impl FnOnce() -> DeadlineOf,
     ) -> Response<ProxyBody> {
         if matches!(resp.body(), Either::Left(_))
             && resp
@@ -1402,31 +1405,7 @@ impl BodyDeadline {
                 .get::<BodyDeadline>()
                 .is_none_or(|d| d.at > at)
         {
-            resp.extensions_mut().insert(BodyDeadline {
-                at,
-                of: DeadlineOf::Route(cluster.clone()),
-            });
-        }
-        resp
-    }
-
-    /// Gives an answer the route's `max_stream_duration`, ending at `at`, unless its route
-    /// timeout ends sooner (the nearer deadline wins).
-    fn arm_stream(
-        mut resp: Response<ProxyBody>,
-        at: tokio::time::Instant,
-        stats: &Arc<crate::stats::HttpStats>,
-    ) -> Response<ProxyBody> {
-        if matches!(resp.body(), Either::Left(_))
-            && resp
-                .extensions()
-                .get::<BodyDeadline>()
-                .is_none_or(|d| d.at > at)
-        {
-            resp.extensions_mut().insert(BodyDeadline {
-                at,
-                of: DeadlineOf::Stream(stats.clone()),
-            });
+            resp.extensions_mut().insert(BodyDeadline { at, of: of() });
         }
         resp
     }
@@ -1707,9 +1686,8 @@ fn attempt_until_done(
                         let mut resp = resp.map(Either::Left);
                         // The answer's body is this upstream request's too.
                         if let Some(at) = ends {
-                            resp.extensions_mut().insert(BodyDeadline {
-                                at,
-                                of: DeadlineOf::Upstream(cluster.clone()),
+                            resp = BodyDeadline::arm(resp, at, || {
+                                DeadlineOf::Upstream(cluster.clone())
                             });
                         }
                         return mark(resp, Some(endpoint.address), local);
