@@ -425,21 +425,11 @@ impl Cluster {
                     .max_requests_per_connection
                     .map(|v| v.value)
                     .filter(|v| *v > 0);
-                limits.idle_timeout = common
-                    .idle_timeout
-                    .as_ref()
-                    .map(duration)
-                    .filter(|d| !d.is_zero());
-                limits.max_duration = common
-                    .max_connection_duration
-                    .as_ref()
-                    .map(duration)
-                    .filter(|d| !d.is_zero());
-                max_stream_duration = common
-                    .max_stream_duration
-                    .as_ref()
-                    .map(duration)
-                    .filter(|d| !d.is_zero());
+                // Unset or zero: none.
+                let field = |d| crate::http::timeouts::field(d, None);
+                limits.idle_timeout = field(common.idle_timeout.as_ref());
+                limits.max_duration = field(common.max_connection_duration.as_ref());
+                max_stream_duration = field(common.max_stream_duration.as_ref());
             }
             protocol = match opts.upstream_protocol_options {
                 None => UpstreamProtocol::Http1,

@@ -70,7 +70,10 @@ impl Default for Timeouts {
 }
 
 /// A duration field: unset is `default`, zero is disabled.
-fn field(d: Option<&weft_xds_proto::wkt::Duration>, default: Option<Duration>) -> Option<Duration> {
+pub(crate) fn field(
+    d: Option<&weft_xds_proto::wkt::Duration>,
+    default: Option<Duration>,
+) -> Option<Duration> {
     match d {
         None => default,
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
