@@ -27,8 +27,9 @@ use crate::stats::{Counter, Gauge, StatusClasses};
 use crate::{Rejection, duration};
 pub use lb::LbPolicy;
 pub use pool::{
-    Attempted, ConnectionLimits, CountedBody, DownstreamBody, Pool, StreamedBody, UpstreamBody,
-    UpstreamError, UpstreamHead, UpstreamProtocol, UpstreamResponseBody, attempt_count,
+    Attempted, ConnectionLimits, CountedBody, DownstreamBody, Pool, RequestSource, StreamedBody,
+    UpstreamBody, UpstreamError, UpstreamHead, UpstreamProtocol, UpstreamResponseBody,
+    attempt_count,
 };
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -29,11 +29,61 @@ pub type StreamedBody = http_body_util::Either<DownstreamBody, super::tee::TeeBo
 /// bodies), or already read whole by weft-proxy's own HTTP/1.1 server (`Right`).
 pub type DownstreamBody = http_body_util::Either<CountedBody, http_body_util::Full<bytes::Bytes>>;
 
-/// A body hyper reads from the client, counting the bytes that came through when an access log
-/// wants them (`%BYTES_RECEIVED%`).
+/// A request body still coming from the client: read by hyper (HTTP/1.1 bodies it streams),
+/// or by weft-proxy's HTTP/2 server.
+#[derive(Debug)]
+pub enum RequestSource {
+    Hyper(Incoming),
+    H2(crate::http::H2RequestBody),
+}
+
+impl From<Incoming> for RequestSource {
+    fn from(b: Incoming) -> Self {
+        RequestSource::Hyper(b)
+    }
+}
+
+impl From<crate::http::H2RequestBody> for RequestSource {
+    fn from(b: crate::http::H2RequestBody) -> Self {
+        RequestSource::H2(b)
+    }
+}
+
+impl http_body::Body for RequestSource {
+    type Data = bytes::Bytes;
+    type Error = h1::BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, h1::BoxError>>> {
+        match self.get_mut() {
+            RequestSource::H2(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestSource::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestSource::H2(b) => b.is_end_stream(),
+            RequestSource::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RequestSource::H2(b) => b.size_hint(),
+            RequestSource::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A body read from the client as it comes, counting the bytes that came through when an
+/// access log wants them (`%BYTES_RECEIVED%`).
 #[derive(Debug)]
 pub struct CountedBody {
-    inner: Incoming,
+    inner: RequestSource,
     count: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Notes each frame for the request's timeouts (a body that streams).
     progress: Option<Arc<crate::http::timeouts::BodyProgress>>,
@@ -43,7 +93,7 @@ impl CountedBody {
     /// `counted`: keep a count (see [`CountedBody::counter`]); `progress`: note each frame
     /// there.
     pub fn new(
-        inner: Incoming,
+        inner: RequestSource,
         counted: bool,
         progress: Option<Arc<crate::http::timeouts::BodyProgress>>,
     ) -> CountedBody {
@@ -62,12 +112,12 @@ impl CountedBody {
 
 impl http_body::Body for CountedBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = h1::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, h1::BoxError>>> {
         let this = &mut *self;
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         if let (Some(count), std::task::Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled)

@@ -4,6 +4,8 @@
 
 pub mod access_log;
 mod coalesce;
+mod h2server;
+pub use h2server::RequestBody as H2RequestBody;
 pub mod cors;
 pub mod fault;
 pub mod forwarded;
@@ -14,7 +16,6 @@ pub mod retry;
 pub mod rewrite;
 pub mod router;
 mod server;
-mod streams;
 pub mod timeouts;
 pub mod trace;
 pub mod upgrade;
@@ -491,7 +492,8 @@ pub async fn serve_connection<S>(
     let timed = limits.stream_idle.is_some() || limits.request.is_some();
     let lender = stream.is_http2().then(coalesce::Lender::default);
     let lend = lender.clone();
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+    // A stream's request path, whichever server read the request (hyper, or `h2server`).
+    let open = move |req: Request<crate::cluster::RequestSource>| {
         let guard = in_flight.open();
         // A body still to come is timed by its progress (see `timeouts::answer_within`).
         let progress = (timed && !hyper::body::Body::is_end_stream(req.body()))
@@ -506,35 +508,35 @@ pub async fn serve_connection<S>(
         if let Some(p) = progress {
             req.extensions_mut().insert(p);
         }
-        // Boxed: hyper moves a stream's future several times (into the HTTP/2 stream task
-        // among others); moving a pointer is cheap, moving the request path's state is not.
+        // Boxed: moving a pointer is cheap, moving the request path's state is not.
         let resp = Box::pin(handle(req));
         let lend = lend.clone();
-        async move {
-            let mut resp = resp.await;
-            let body = resp.body_mut();
-            body.stream = Some(guard);
-            body.lend = lend;
-            Ok::<_, std::convert::Infallible>(resp)
+        AnswerOn {
+            resp,
+            stream: Some(guard),
+            lend,
         }
-    });
+    };
     if stream.is_http2() {
         // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
         let (io, drain) = coalesce::coalesce(stream, lender.unwrap_or_default());
-        // Its streams run in this task (see `streams`).
-        let inline = streams::Inline::default();
-        let mut builder = hyper::server::conn::http2::Builder::new(inline.clone());
-        builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(1024)
-            .max_header_list_size(max_head as u32);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
+        // Its streams run in this task (see `h2server`).
+        let builder = h2server::builder(1024, max_head as u32);
+        let conn = h2server::Connection::new(io, &builder, move |req: Request<h2::RecvStream>| {
+            let (parts, recv) = req.into_parts();
+            let body = h2server::RequestBody::new(recv, &parts.headers);
+            open(Request::from_parts(parts, body.into()))
+        });
         let conn = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits);
-        if let Some(Err(e)) = coalesce::drive(streams::run(conn, inline), drain).await {
+        if let Some(Err(e)) = coalesce::drive(conn, drain).await {
             tracing::debug!("downstream connection ended: {e}");
         }
         return;
     }
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let answer = open(req.map(Into::into));
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -552,6 +554,27 @@ pub async fn serve_connection<S>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Some(Err(e)) = timeouts::watch(conn, |c| c.graceful_shutdown(), streams, limits).await {
         tracing::debug!("downstream connection ended: {e}");
+    }
+}
+
+/// A stream's answer, with what its body keeps until it is sent: the stream's place among
+/// those in flight, and where the connection borrows its large chunks (HTTP/2).
+struct AnswerOn<F> {
+    resp: Pin<Box<F>>,
+    stream: Option<timeouts::StreamGuard>,
+    lend: Option<coalesce::Lender>,
+}
+
+impl<F: Future<Output = Response<LoggedBody>>> Future for AnswerOn<F> {
+    type Output = Response<LoggedBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let me = self.get_mut();
+        let mut resp = std::task::ready!(me.resp.as_mut().poll(cx));
+        let body = resp.body_mut();
+        body.stream = me.stream.take();
+        body.lend = me.lend.take();
+        Poll::Ready(resp)
     }
 }
 

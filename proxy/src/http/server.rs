@@ -680,7 +680,7 @@ where
 }
 
 /// The `date` header's value, formatted once a second per thread.
-fn http_date() -> [u8; 29] {
+pub(super) fn http_date() -> [u8; 29] {
     use std::cell::Cell;
     thread_local! {
         static CACHE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };

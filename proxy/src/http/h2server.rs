@@ -1,0 +1,610 @@
+//! Downstream HTTP/2, served with the `h2` crate directly.
+//!
+//! hyper's HTTP/2 server sits between `h2` and the request path. For every stream it parsed the
+//! request's content length, wrapped the body, boxed the stream's future and handed it to an
+//! executor, then looked up five connection headers and `date` in the answer by hash, and
+//! piped the body through a future of its own. Here one [`Connection`] accepts the streams and
+//! runs them in its own task, right before it drives the connection: what the streams answer
+//! is written in the same poll (see `coalesce`). A worker is one thread, so a stream never ran
+//! anywhere but beside its connection anyway. A connection that ends drops its streams, as a
+//! reset stream does.
+//!
+//! What hyper did that still has to be done is done here, in one pass over the answer's
+//! header names: the connection-specific headers HTTP/2 forbids are dropped, `date` is added
+//! when missing, and so is `content-length` when the body's length is known. A client's reset
+//! drops the stream's request path, whether it waits for the answer or sends its body.
+//!
+//! One thing is given up against a task per stream: a stream that panicked was its task's
+//! alone, and now ends its connection's other streams too (the request path answers errors,
+//! it does not panic).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use h2::server::{Handshake, SendResponse};
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::cluster::h1::BoxError;
+
+/// Rounds of "run the streams, drive the connection, take the streams it opened" in one poll
+/// of the task before it yields to the worker's other tasks.
+const ROUNDS: usize = 8;
+
+/// The connection's settings, as hyper's server had them besides the two given.
+pub fn builder(max_concurrent_streams: u32, max_header_list_size: u32) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .max_frame_size(16 << 10)
+        .max_send_buffer_size(400 << 10)
+        .max_local_error_reset_streams(Some(1024))
+        .max_concurrent_streams(max_concurrent_streams)
+        .max_header_list_size(max_header_list_size);
+    b
+}
+
+/// One downstream HTTP/2 connection and its streams. `open` starts a stream's request path;
+/// the connection ends with the first connection error, or when the client or a
+/// [`Connection::graceful_shutdown`] closed it and its streams are done.
+pub struct Connection<T, O, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = Response<B>> + Unpin,
+    B: Body,
+{
+    state: State<T>,
+    open: O,
+    running: FuturesUnordered<Stream<F, B>>,
+    /// Told to go (GOAWAY), not yet said to the client.
+    go: bool,
+}
+
+enum State<T: AsyncRead + AsyncWrite + Unpin> {
+    Handshaking(Handshake<T, Bytes>),
+    Serving(h2::server::Connection<T, Bytes>),
+}
+
+impl<T, O, F, B> Connection<T, O, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    O: FnMut(Request<RecvStream>) -> F + Unpin,
+    F: Future<Output = Response<B>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(io: T, builder: &h2::server::Builder, open: O) -> Self {
+        Connection {
+            state: State::Handshaking(builder.handshake(io)),
+            open,
+            running: FuturesUnordered::new(),
+            go: false,
+        }
+    }
+
+    /// Tells the client to open no more streams (GOAWAY); those open run to their end.
+    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+        let me = self.get_mut();
+        match &mut me.state {
+            // Said once the connection is up.
+            State::Handshaking(_) => me.go = true,
+            State::Serving(conn) => conn.graceful_shutdown(),
+        }
+    }
+}
+
+impl<T, O, F, B> Future for Connection<T, O, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    O: FnMut(Request<RecvStream>) -> F + Unpin,
+    F: Future<Output = Response<B>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.get_mut();
+        let conn = match &mut me.state {
+            State::Handshaking(hs) => {
+                let mut conn = ready!(Pin::new(hs).poll(cx))?;
+                if me.go {
+                    conn.graceful_shutdown();
+                }
+                me.state = State::Serving(conn);
+                let State::Serving(conn) = &mut me.state else {
+                    unreachable!("just set")
+                };
+                conn
+            }
+            State::Serving(conn) => conn,
+        };
+        for _ in 0..ROUNDS {
+            // Streams that were woken: what they answer, the connection writes below.
+            while let Poll::Ready(Some(())) = me.running.poll_next_unpin(cx) {}
+            let mut opened = false;
+            loop {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((req, reply)))) => {
+                        me.running.push(Stream::new((me.open)(req), reply));
+                        opened = true;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            // Streams opened in that poll start now, and the connection is driven again for
+            // what they answer at once (a local reply, an error).
+            if !opened {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// One stream: its request path until the answer's head, then the answer's body.
+struct Stream<F, B> {
+    phase: Phase<F, B>,
+}
+
+enum Phase<F, B> {
+    Answering {
+        path: F,
+        reply: SendResponse<Bytes>,
+    },
+    Sending {
+        body: B,
+        tx: SendStream<Bytes>,
+        /// A chunk taken from the body that waits for flow-control capacity.
+        held: Option<(Bytes, bool)>,
+    },
+    Done,
+}
+
+impl<F, B> Stream<F, B> {
+    fn new(path: F, reply: SendResponse<Bytes>) -> Self {
+        Stream {
+            phase: Phase::Answering { path, reply },
+        }
+    }
+}
+
+impl<F, B> Future for Stream<F, B>
+where
+    F: Future<Output = Response<B>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let me = self.get_mut();
+        loop {
+            match &mut me.phase {
+                Phase::Answering { path, reply } => {
+                    let Poll::Ready(resp) = Pin::new(path).poll(cx) else {
+                        // The client may reset the stream while it waits: the request path
+                        // is dropped then (its upstream request too).
+                        if reply.poll_reset(cx).is_ready() {
+                            me.phase = Phase::Done;
+                            return Poll::Ready(());
+                        }
+                        return Poll::Pending;
+                    };
+                    let (mut parts, body) = resp.into_parts();
+                    let end = body.is_end_stream();
+                    prepare(&mut parts.headers, (!end).then(|| body.size_hint()));
+                    let head = Response::from_parts(parts, ());
+                    match reply.send_response(head, end) {
+                        Ok(tx) if !end => {
+                            me.phase = Phase::Sending {
+                                body,
+                                tx,
+                                held: None,
+                            };
+                        }
+                        Ok(_) => {
+                            me.phase = Phase::Done;
+                            return Poll::Ready(());
+                        }
+                        Err(e) => {
+                            tracing::debug!("HTTP/2 answer's head not sent: {e}");
+                            reply.send_reset(Reason::INTERNAL_ERROR);
+                            me.phase = Phase::Done;
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+                Phase::Sending { body, tx, held } => {
+                    let sent = send_body(body, tx, held, cx);
+                    if sent.is_ready() {
+                        // The body (and its access log entry) goes now.
+                        me.phase = Phase::Done;
+                    }
+                    return sent;
+                }
+                Phase::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Sends `body` on `tx` until it ends, fails or the client resets the stream.
+fn send_body<B>(
+    body: &mut B,
+    tx: &mut SendStream<Bytes>,
+    held: &mut Option<(Bytes, bool)>,
+    cx: &mut Context<'_>,
+) -> Poll<()>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        // Woken by a reset while the body or the capacity is waited for.
+        if tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if let Some((chunk, end)) = held.take() {
+            while tx.capacity() == 0 {
+                match tx.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(0))) => {}
+                    Poll::Ready(Some(Ok(_))) => break,
+                    // Gone: reset, or the connection ended.
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    Poll::Pending => {
+                        *held = Some((chunk, end));
+                        return Poll::Pending;
+                    }
+                }
+            }
+            if tx.send_data(chunk, end).is_err() || end {
+                return Poll::Ready(());
+            }
+            continue;
+        }
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) => {
+                    let end = body.is_end_stream();
+                    if chunk.is_empty() {
+                        if tx.send_data(chunk, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                        continue;
+                    }
+                    // A claim of one byte, not the chunk's length: the whole chunk is queued
+                    // once any capacity comes, and h2 asks the client for the rest. A claim
+                    // on the connection's window for data not yet in hand could stall
+                    // another stream.
+                    tx.reserve_capacity(1);
+                    *held = Some((chunk, end));
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        tx.reserve_capacity(0);
+                        let _ = tx.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::debug!("HTTP/2 answer's body failed: {e}");
+                tx.send_reset(reset_reason(&*e));
+                return Poll::Ready(());
+            }
+            None => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
+/// The reset a failed body gives its stream: an HTTP/2 error's own reason (an upstream's
+/// reset passed on), else INTERNAL_ERROR.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        at = e.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
+/// The answer's head made fit for HTTP/2, in one pass over its names: the connection-specific
+/// headers HTTP/2 forbids go (`h2` refuses a head with any), `date` is added when missing, and
+/// so is the body's length when it is known (`sized`: a body still to send).
+fn prepare(headers: &mut HeaderMap, sized: Option<SizeHint>) {
+    let mut date = false;
+    let mut length = false;
+    let mut forbidden = false;
+    for name in headers.keys() {
+        match name.as_str().len() {
+            4 => date |= *name == header::DATE,
+            14 => length |= *name == header::CONTENT_LENGTH,
+            2 => forbidden |= *name == header::TE,
+            _ => forbidden |= super::is_hop_by_hop(name),
+        }
+    }
+    if forbidden {
+        strip_connection_specific(headers);
+    }
+    if !date && let Ok(v) = HeaderValue::from_bytes(&super::server::http_date()) {
+        headers.insert(header::DATE, v);
+    }
+    if !length && let Some(n) = sized.and_then(|s| s.exact()) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
+/// Drops the headers HTTP/2 forbids in an answer: the hop-by-hop ones, those `connection`
+/// names, and `te`.
+#[cold]
+fn strip_connection_specific(headers: &mut HeaderMap) {
+    super::strip_hop_by_hop(headers);
+    headers.remove(header::TE);
+}
+
+/// A request's body as the client streams it. Each chunk read gives its room in the flow
+/// control window back at once (the request path holds no more than it forwards). A reset
+/// with NO_ERROR, which a client sends when it needs no more of the stream, ends the body
+/// without an error.
+#[derive(Debug)]
+pub struct RequestBody {
+    recv: RecvStream,
+    length: Option<u64>,
+    data_done: bool,
+}
+
+impl RequestBody {
+    pub fn new(recv: RecvStream, headers: &HeaderMap) -> Self {
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        RequestBody {
+            recv,
+            length,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let me = &mut *self;
+        let quiet = |e: h2::Error| match e.reason() {
+            Some(Reason::NO_ERROR) => None,
+            _ => Some(Err(e)),
+        };
+        if !me.data_done {
+            match ready!(me.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    let _ = me.recv.flow_control().release_capacity(chunk.len());
+                    if let Some(left) = &mut me.length {
+                        *left = left.saturating_sub(chunk.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                Some(Err(e)) => return Poll::Ready(quiet(e)),
+                None => me.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(me.recv.poll_trailers(cx)) {
+            Ok(trailers) => trailers.map(|t| Ok(Frame::trailers(t))),
+            Err(e) => quiet(e),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The answer's head: forbidden headers dropped (with those `connection` names), `date`
+    /// and a known length added when missing, present ones kept.
+    #[test]
+    fn heads_are_made_fit_for_http2() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        prepare(&mut h, Some(SizeHint::with_exact(12)));
+        assert_eq!(names(&h), ["content-length", "date", "x-kept"]);
+        assert_eq!(h[header::CONTENT_LENGTH], "12");
+        assert_eq!(h[header::DATE].len(), 29);
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        prepare(&mut h, Some(SizeHint::with_exact(12)));
+        assert_eq!(h[header::DATE], "Mon, 01 Jan 2024 00:00:00 GMT");
+        assert_eq!(h[header::CONTENT_LENGTH], "3");
+
+        // A body of unknown length, or none to send: no length made up.
+        let mut h = HeaderMap::new();
+        prepare(&mut h, Some(SizeHint::default()));
+        prepare(&mut h, None);
+        assert_eq!(names(&h), ["date"]);
+    }
+
+    #[test]
+    fn resets_keep_an_http2_reason() {
+        let e: BoxError = Box::new(h2::Error::from(Reason::REFUSED_STREAM));
+        assert_eq!(reset_reason(&*e), Reason::REFUSED_STREAM);
+        let e: BoxError = "upstream cut".into();
+        assert_eq!(reset_reason(&*e), Reason::INTERNAL_ERROR);
+    }
+
+    /// A client and this server over an in-memory pipe: streams answer (body, trailers,
+    /// empty), a request body is read whole, a reset drops the stream's request path, and a
+    /// graceful shutdown lets the open streams finish.
+    #[tokio::test]
+    async fn serves_streams_over_h2() {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = dropped.clone();
+        struct Counted(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        type Answer = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+        let open = move |req: Request<RecvStream>| -> Pin<Box<dyn Future<Output = Response<Answer>> + Send>> {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let (parts, recv) = req.into_parts();
+                let path = parts.uri.path().to_string();
+                let body = RequestBody::new(recv, &parts.headers);
+                match path.as_str() {
+                    "/echo" => {
+                        let got = body.collect().await.unwrap().to_bytes();
+                        Response::new(Full::new(got).map_err(|e| match e {}).boxed())
+                    }
+                    "/trailers" => {
+                        let mut t = HeaderMap::new();
+                        t.insert("grpc-status", HeaderValue::from_static("0"));
+                        let frames = futures::stream::iter([
+                            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hi"))),
+                            Ok(Frame::trailers(t)),
+                        ]);
+                        Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+                    }
+                    "/hang" => {
+                        let _c = Counted(seen);
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                    _ => {
+                        let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+                        *r.status_mut() = http::StatusCode::NO_CONTENT;
+                        r
+                    }
+                }
+            })
+        };
+        let server = tokio::spawn(async move {
+            let b = builder(100, 16 << 10);
+            let mut conn = std::pin::pin!(Connection::new(far, &b, open));
+            let mut told = false;
+            std::future::poll_fn(|cx| {
+                if !told && SHUTDOWN.load(std::sync::atomic::Ordering::SeqCst) {
+                    told = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                conn.as_mut().poll(cx)
+            })
+            .await
+        });
+        static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let (mut client, driver) = h2::client::handshake(near).await.unwrap();
+        let driver = tokio::spawn(driver);
+        let request = |path: &str| {
+            Request::builder()
+                .uri(format!("http://test{path}"))
+                .body(())
+                .unwrap()
+        };
+
+        // A body sent and echoed, with its length added to the answer.
+        let (resp, mut send) = client.send_request(request("/echo"), false).unwrap();
+        send.send_data(Bytes::from_static(b"ping "), false).unwrap();
+        send.send_data(Bytes::from_static(b"pong"), true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "9");
+        assert!(resp.headers().contains_key(header::DATE));
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"ping pong");
+
+        // Data, then trailers.
+        let (resp, _) = client.send_request(request("/trailers"), true).unwrap();
+        let mut body = resp.await.unwrap().into_body();
+        assert_eq!(body.data().await.unwrap().unwrap(), "hi");
+        assert!(body.data().await.is_none());
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+
+        // An answer with no body ends the stream with its head.
+        let (resp, _) = client.send_request(request("/empty"), true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 204);
+        assert!(resp.into_body().is_end_stream());
+
+        // A reset while the answer is awaited drops the request path.
+        let (resp, mut send) = client.send_request(request("/hang"), true).unwrap();
+        tokio::task::yield_now().await;
+        send.send_reset(Reason::CANCEL);
+        drop(resp);
+        for _ in 0..100 {
+            if dropped.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // Told to go: a stream already open is still answered, then the connection ends.
+        let (resp, mut send) = client.send_request(request("/echo"), false).unwrap();
+        tokio::task::yield_now().await;
+        SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+        send.send_data(Bytes::from_static(b"last"), true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "4");
+        drop(client);
+        drop(resp);
+        assert!(server.await.unwrap().is_ok());
+        let _ = driver.await;
+    }
+}
