@@ -4,7 +4,8 @@
 //! `common_http_protocol_options`' `idle_timeout`, `max_requests_per_connection` and
 //! `max_connection_duration` (1 s or 2 requests each). Clients that stall mid-head, backends
 //! that stall before or during their answer, keep-alive connections left idle, pipelined and
-//! spaced requests: what each client receives (statuses, `connection: close`, the proxies' own
+//! spaced requests, clients that stop reading (an HTTP/1.1 socket left unread, an HTTP/2
+//! stream whose window is never given back): what each client receives (statuses, `connection: close`, the proxies' own
 //! answers, whether the body ended, whether the proxy closed), what `curl` sees of HTTP/2
 //! connections told to go away, and the access log lines must be the same.
 //!
@@ -375,6 +376,45 @@ fn h2_spaced(addr: SocketAddr) -> String {
         .join(" ")
 }
 
+/// An HTTP/2 client that stops reading: it never gives back flow-control window, so the
+/// answer stalls once its first 64 KiB are sent. The status, then how the stream ended: reset
+/// (with its reason), ended, or still open after 9 s.
+fn h2_stalled_reader(addr: SocketAddr) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get("http://svc/big?bytes=50000001")
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).expect("request");
+        let resp = match tokio::time::timeout(Duration::from_secs(9), resp).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return format!("no answer: {:?}", e.reason()),
+            Err(_) => return "no answer".to_string(),
+        };
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let end = tokio::time::timeout(Duration::from_secs(9), async {
+            loop {
+                match body.data().await {
+                    // Read, and the window not given back.
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("reset {:?}", e.reason()),
+                    None => break "ended".to_string(),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| "open".to_string());
+        format!("{status} {end}")
+    })
+}
+
 /// The status `curl` gets for an HTTP/2 request with `n` bytes of one header's value.
 fn h2_big_head(addr: SocketAddr, n: usize) -> String {
     let out = Command::new("curl")
@@ -427,10 +467,20 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             })
         })
         .collect();
+    let stalled = {
+        let addr: SocketAddr = format!("{ip}:{}", port("slow-reader")).parse().unwrap();
+        std::thread::spawn(move || {
+            format!(
+                "slow-reader HTTP/2 client stops reading: {}",
+                h2_stalled_reader(addr)
+            )
+        })
+    };
     let mut seen: Vec<String> = threads
         .into_iter()
         .chain(h2)
         .chain(heads)
+        .chain([stalled])
         .map(|t| t.join().expect("case thread"))
         .collect();
     seen.sort();
@@ -512,6 +562,16 @@ fn timeouts_and_connection_limits_behave_as_envoys() {
     );
     assert!(
         case("defaults head over the default limit:").contains("431"),
+        "{weft:?}"
+    );
+    assert!(
+        case("slow-reader HTTP/2 client stops reading:")
+            == "slow-reader HTTP/2 client stops reading: 200 reset Some(INTERNAL_ERROR)",
+        "{weft:?}"
+    );
+    assert!(
+        weft.iter()
+            .any(|l| l == "log slow-reader /big?bytes=50000001 200 SI stream_idle_timeout"),
         "{weft:?}"
     );
     assert!(case("idle HTTP/2:").contains("goaway"), "{weft:?}");

@@ -14,6 +14,11 @@
 //! when missing, and so is `content-length` when the body's length is known. A client's reset
 //! drops the stream's request path, whether it waits for the answer or sends its body.
 //!
+//! An answer's body is handed to `h2` no faster than the client's flow-control window takes
+//! it, so that a stream whose client stops reading is seen waiting here: after the stream's
+//! idle timeout (`stream_idle_timeout`, or the route's) it is cut as Envoy cuts it, `SI` in the
+//! access log and the stream reset.
+//!
 //! One thing is given up against a task per stream: a stream that panicked was its task's
 //! alone, and now ends its connection's other streams too (the request path answers errors,
 //! it does not panic).
@@ -32,6 +37,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::server::Answer;
 use crate::cluster::h1::BoxError;
 
 /// Rounds of "run the streams, drive the connection, take the streams it opened" in one poll
@@ -77,7 +83,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     O: FnMut(Request<RecvStream>) -> F + Unpin,
     F: Future<Output = Response<B>> + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<BoxError>,
 {
     pub fn new(io: T, builder: &h2::server::Builder, open: O) -> Self {
@@ -105,7 +111,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     O: FnMut(Request<RecvStream>) -> F + Unpin,
     F: Future<Output = Response<B>> + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<BoxError>,
 {
     type Output = Result<(), h2::Error>;
@@ -165,8 +171,8 @@ enum Phase<F, B> {
     Sending {
         body: B,
         tx: SendStream<Bytes>,
-        /// A chunk taken from the body that waits for flow-control capacity.
-        held: Option<(Bytes, bool)>,
+        /// What was taken from the body and waits for the client's window.
+        held: Option<Held>,
     },
     Done,
 }
@@ -182,7 +188,7 @@ impl<F, B> Stream<F, B> {
 impl<F, B> Future for Stream<F, B>
 where
     F: Future<Output = Response<B>> + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<BoxError>,
 {
     type Output = ();
@@ -239,37 +245,56 @@ where
     }
 }
 
-/// Sends `body` on `tx` until it ends, fails or the client resets the stream.
+/// A part of the answer's body that waits for the client's flow-control window, and since
+/// when it waits (timed by the stream's idle timeout).
+struct Held {
+    chunk: Bytes,
+    end: bool,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Sends `body` on `tx` until it ends, fails, stalls past its idle timeout, or the client
+/// resets the stream.
 fn send_body<B>(
     body: &mut B,
     tx: &mut SendStream<Bytes>,
-    held: &mut Option<(Bytes, bool)>,
+    held: &mut Option<Held>,
     cx: &mut Context<'_>,
 ) -> Poll<()>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Answer,
     B::Error: Into<BoxError>,
 {
     loop {
-        // Woken by a reset while the body or the capacity is waited for.
+        // Woken by a reset while the body or the window is waited for.
         if tx.poll_reset(cx).is_ready() {
             return Poll::Ready(());
         }
-        if let Some((chunk, end)) = held.take() {
-            while tx.capacity() == 0 {
+        if let Some(h) = held {
+            // As much as the window takes now; the rest waits for more.
+            let mut room = tx.capacity();
+            while room == 0 {
                 match tx.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(0))) => {}
-                    Poll::Ready(Some(Ok(_))) => break,
+                    Poll::Ready(Some(Ok(n))) => room = n,
                     // Gone: reset, or the connection ended.
                     Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                    Poll::Pending => {
-                        *held = Some((chunk, end));
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return stall(body, tx, h, cx),
                 }
             }
-            if tx.send_data(chunk, end).is_err() || end {
+            let part = if room < h.chunk.len() {
+                h.chunk.split_to(room)
+            } else {
+                std::mem::take(&mut h.chunk)
+            };
+            let end = h.end && h.chunk.is_empty();
+            if tx.send_data(part, end).is_err() || end {
                 return Poll::Ready(());
+            }
+            if h.chunk.is_empty() {
+                *held = None;
+            } else {
+                h.stalled = None;
+                tx.reserve_capacity(h.chunk.len());
             }
             continue;
         }
@@ -283,12 +308,14 @@ where
                         }
                         continue;
                     }
-                    // A claim of one byte, not the chunk's length: the whole chunk is queued
-                    // once any capacity comes, and h2 asks the client for the rest. A claim
-                    // on the connection's window for data not yet in hand could stall
-                    // another stream.
-                    tx.reserve_capacity(1);
-                    *held = Some((chunk, end));
+                    // The chunk is in hand: the window it needs is asked for, and what comes
+                    // is used at once (held by no stream that has nothing to send).
+                    tx.reserve_capacity(chunk.len());
+                    *held = Some(Held {
+                        chunk,
+                        end,
+                        stalled: None,
+                    });
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
@@ -311,6 +338,32 @@ where
         }
     }
 }
+
+/// The client's window is closed: past the stream's idle timeout, the answer is cut (`SI`) and
+/// the stream reset, as Envoy does.
+#[cold]
+fn stall<B: Answer>(
+    body: &mut B,
+    tx: &mut SendStream<Bytes>,
+    h: &mut Held,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let Some(idle) = body.stream_idle() else {
+        return Poll::Pending;
+    };
+    let timer = h
+        .stalled
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+    if timer.as_mut().poll(cx).is_pending() {
+        return Poll::Pending;
+    }
+    body.cut_idle();
+    tx.send_reset(STALLED);
+    Poll::Ready(())
+}
+
+/// The reset of a stream whose client stopped reading, as Envoy's.
+const STALLED: Reason = Reason::INTERNAL_ERROR;
 
 /// The reset a failed body gives its stream: an HTTP/2 error's own reason (an upstream's
 /// reset passed on), else INTERNAL_ERROR.
@@ -473,6 +526,85 @@ mod tests {
         prepare(&mut h, Some(SizeHint::default()));
         prepare(&mut h, None);
         assert_eq!(names(&h), ["date"]);
+    }
+
+    impl Answer for http_body_util::combinators::BoxBody<Bytes, BoxError> {}
+
+    /// An answer with a stream idle timeout, telling when it was cut.
+    struct Timed(Full<Bytes>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Body for Timed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_end_stream()
+        }
+    }
+
+    impl Answer for Timed {
+        fn stream_idle(&self) -> Option<std::time::Duration> {
+            Some(std::time::Duration::from_millis(100))
+        }
+        fn cut_idle(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A client that gives no window back gets the window's worth, in parts as the window
+    /// allows; the rest waits, and the stream is cut after its idle timeout. One that reads
+    /// on gets the whole answer through the same small window.
+    #[tokio::test]
+    async fn a_stalled_window_is_timed() {
+        for reads in [false, true] {
+            let (near, far) = tokio::io::duplex(1 << 16);
+            let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let was_cut = cut.clone();
+            let open = move |_req: Request<RecvStream>| {
+                std::future::ready(Response::new(Timed(
+                    Full::new(Bytes::from(vec![7u8; 10_000])),
+                    was_cut.clone(),
+                )))
+            };
+            tokio::spawn(async move {
+                let b = builder(100, 16 << 10);
+                Connection::new(far, &b, open).await
+            });
+            let (mut client, driver) = h2::client::Builder::new()
+                .initial_window_size(1000)
+                .handshake::<_, Bytes>(near)
+                .await
+                .unwrap();
+            tokio::spawn(driver);
+            let req = Request::builder().uri("http://test/").body(()).unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            let mut body = resp.await.unwrap().into_body();
+            let mut got = 0;
+            let end = loop {
+                match body.data().await {
+                    Some(Ok(chunk)) => {
+                        got += chunk.len();
+                        if reads {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                    }
+                    Some(Err(e)) => break e.reason(),
+                    None => break None,
+                }
+            };
+            if reads {
+                assert_eq!((got, end), (10_000, None));
+                assert!(!cut.load(std::sync::atomic::Ordering::SeqCst));
+            } else {
+                assert_eq!((got, end), (1000, Some(STALLED)));
+                assert!(cut.load(std::sync::atomic::Ordering::SeqCst));
+            }
+        }
     }
 
     #[test]
