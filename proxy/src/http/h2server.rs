@@ -44,17 +44,119 @@ use crate::cluster::h1::BoxError;
 /// of the task before it yields to the worker's other tasks.
 const ROUNDS: usize = 8;
 
-/// The connection's settings, as hyper's server had them besides the two given.
-pub fn builder(max_concurrent_streams: u32, max_header_list_size: u32) -> h2::server::Builder {
-    let mut b = h2::server::Builder::new();
-    b.initial_window_size(1 << 20)
-        .initial_connection_window_size(1 << 20)
-        .max_frame_size(16 << 10)
-        .max_send_buffer_size(400 << 10)
-        .max_local_error_reset_streams(Some(1024))
-        .max_concurrent_streams(max_concurrent_streams)
-        .max_header_list_size(max_header_list_size);
-    b
+/// The connection manager's `http2_protocol_options`: what a client is told in SETTINGS.
+///
+/// The defaults are weft-proxy's, not Envoy's (2^31-1 streams, 256 MiB windows): `h2` keeps what
+/// a client sends until the request path reads it, up to the window, where Envoy stops reading
+/// the socket once its buffers are full. Envoy's flood limits (`max_outbound_frames` and the
+/// like) are taken and left to `h2`'s own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+    /// HPACK's dynamic table for what the client sends (None: HTTP/2's 4,096 bytes).
+    pub hpack_table_size: Option<u32>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_concurrent_streams: 1024,
+            initial_stream_window_size: 1 << 20,
+            initial_connection_window_size: 1 << 20,
+            hpack_table_size: None,
+        }
+    }
+}
+
+/// HTTP/2's bounds for a flow-control window, as Envoy checks them.
+const WINDOW: std::ops::RangeInclusive<u32> = 65_535..=2_147_483_647;
+
+impl Settings {
+    /// The options, within Envoy's bounds; `Err` names the field and why.
+    pub fn from_xds(
+        o: Option<&weft_xds_proto::envoy::config::core::v3::Http2ProtocolOptions>,
+    ) -> Result<Settings, (&'static str, String)> {
+        let mut s = Settings::default();
+        let Some(o) = o else {
+            return Ok(s);
+        };
+        for (field, set, what) in [
+            (
+                "allow_connect",
+                o.allow_connect,
+                "extended CONNECT (RFC 8441)",
+            ),
+            ("allow_metadata", o.allow_metadata, "METADATA frames"),
+            (
+                "custom_settings_parameters",
+                !o.custom_settings_parameters.is_empty(),
+                "custom SETTINGS parameters",
+            ),
+            (
+                "connection_keepalive",
+                o.connection_keepalive.is_some(),
+                "PING keepalive",
+            ),
+        ] {
+            if set {
+                return Err((
+                    field,
+                    format!("{what} is not supported by this weft-proxy version"),
+                ));
+            }
+        }
+        if let Some(n) = &o.max_concurrent_streams {
+            if !(1..=2_147_483_647).contains(&n.value) {
+                return Err((
+                    "max_concurrent_streams",
+                    format!("{} is not between 1 and 2147483647", n.value),
+                ));
+            }
+            s.max_concurrent_streams = n.value;
+        }
+        for (field, value, into) in [
+            (
+                "initial_stream_window_size",
+                &o.initial_stream_window_size,
+                &mut s.initial_stream_window_size,
+            ),
+            (
+                "initial_connection_window_size",
+                &o.initial_connection_window_size,
+                &mut s.initial_connection_window_size,
+            ),
+        ] {
+            if let Some(n) = value {
+                if !WINDOW.contains(&n.value) {
+                    return Err((
+                        field,
+                        format!("{} is not between 65535 and 2147483647", n.value),
+                    ));
+                }
+                *into = n.value;
+            }
+        }
+        s.hpack_table_size = o.hpack_table_size.as_ref().map(|n| n.value);
+        Ok(s)
+    }
+
+    /// The server's builder: these settings, and what hyper's server had for the rest.
+    pub fn builder(&self, max_header_list_size: u32) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.initial_stream_window_size)
+            .initial_connection_window_size(self.initial_connection_window_size)
+            .max_frame_size(16 << 10)
+            .max_send_buffer_size(400 << 10)
+            .max_local_error_reset_streams(Some(1024))
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(max_header_list_size);
+        if let Some(n) = self.hpack_table_size {
+            b.header_table_size(n);
+        }
+        b
+    }
 }
 
 /// One downstream HTTP/2 connection and its streams. `open` starts a stream's request path;
@@ -81,10 +183,9 @@ enum State<T: AsyncRead + AsyncWrite + Unpin> {
 impl<T, O, F, B> Connection<T, O, F, B>
 where
     T: AsyncRead + AsyncWrite + Unpin,
-    O: FnMut(Request<RecvStream>) -> F + Unpin,
+    O: Unpin,
     F: Future<Output = Response<B>> + Unpin,
-    B: Answer,
-    B::Error: Into<BoxError>,
+    B: Body,
 {
     pub fn new(io: T, builder: &h2::server::Builder, open: O) -> Self {
         Connection {
@@ -572,7 +673,7 @@ mod tests {
                 )))
             };
             tokio::spawn(async move {
-                let b = builder(100, 16 << 10);
+                let b = Settings::default().builder(16 << 10);
                 Connection::new(far, &b, open).await
             });
             let (mut client, driver) = h2::client::Builder::new()
@@ -605,6 +706,60 @@ mod tests {
                 assert!(cut.load(std::sync::atomic::Ordering::SeqCst));
             }
         }
+    }
+
+    /// Envoy's fields and bounds; what is not built is refused by name.
+    #[test]
+    fn settings_from_http2_protocol_options() {
+        use weft_xds_proto::envoy::config::core::v3::Http2ProtocolOptions;
+        let n = |v| Some(weft_xds_proto::wkt::UInt32Value { value: v });
+        assert_eq!(Settings::from_xds(None), Ok(Settings::default()));
+        let o = Http2ProtocolOptions {
+            max_concurrent_streams: n(7),
+            initial_stream_window_size: n(70_000),
+            initial_connection_window_size: n(300_000),
+            hpack_table_size: n(0),
+            max_outbound_frames: n(5),
+            ..Default::default()
+        };
+        assert_eq!(
+            Settings::from_xds(Some(&o)),
+            Ok(Settings {
+                max_concurrent_streams: 7,
+                initial_stream_window_size: 70_000,
+                initial_connection_window_size: 300_000,
+                hpack_table_size: Some(0),
+            })
+        );
+        let refused = |o: Http2ProtocolOptions| Settings::from_xds(Some(&o)).unwrap_err();
+        let small = Http2ProtocolOptions {
+            initial_stream_window_size: n(1000),
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(small),
+            (
+                "initial_stream_window_size",
+                "1000 is not between 65535 and 2147483647".to_string()
+            )
+        );
+        let none = Http2ProtocolOptions {
+            max_concurrent_streams: n(0),
+            ..Default::default()
+        };
+        assert_eq!(refused(none).0, "max_concurrent_streams");
+        let connect = Http2ProtocolOptions {
+            allow_connect: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(connect),
+            (
+                "allow_connect",
+                "extended CONNECT (RFC 8441) is not supported by this weft-proxy version"
+                    .to_string()
+            )
+        );
     }
 
     #[test]
@@ -664,7 +819,7 @@ mod tests {
             })
         };
         let server = tokio::spawn(async move {
-            let b = builder(100, 16 << 10);
+            let b = Settings::default().builder(16 << 10);
             let mut conn = std::pin::pin!(Connection::new(far, &b, open));
             let mut told = false;
             std::future::poll_fn(|cx| {

@@ -88,6 +88,8 @@ pub struct ConnectionManager {
     pub timeouts: Arc<timeouts::Timeouts>,
     /// `max_request_headers_kb` (60 KiB by default): a larger request head is answered 431.
     pub max_request_head: usize,
+    /// `http2_protocol_options`: what HTTP/2 clients are told in SETTINGS.
+    pub http2: h2server::Settings,
     /// `tracing` (without a provider): the trace decision written into `x-request-id`.
     pub tracing: Option<trace::Tracing>,
 }
@@ -354,6 +356,8 @@ impl ConnectionManager {
         let paths = normalize::PathNormalization::from_xds(hcm).map_err(|(f, r)| reject(f, r))?;
         let timeouts = Arc::new(timeouts::Timeouts::from_xds(hcm).map_err(|(f, r)| reject(&f, r))?);
         let tracing = trace::Tracing::from_hcm(hcm).map_err(|(f, r)| reject(f, r))?;
+        let http2 = h2server::Settings::from_xds(hcm.http2_protocol_options.as_ref())
+            .map_err(|(f, r)| reject(&format!("http2_protocol_options.{f}"), r))?;
         let max_request_head = match &hcm.max_request_headers_kb {
             None => 60 * 1024,
             // Envoy's bounds: 1 KiB to 8 MiB.
@@ -370,6 +374,7 @@ impl ConnectionManager {
             paths,
             timeouts,
             max_request_head,
+            http2,
             tracing,
             server_header,
             envoy_headers,
@@ -426,6 +431,7 @@ pub async fn serve_connection<S>(
         .and_then(|p| hcm.forwarding.client_cert_element(p));
     let limits = hcm.timeouts.clone();
     let max_head = hcm.max_request_head;
+    let http2 = hcm.http2.clone();
     // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
@@ -521,7 +527,7 @@ pub async fn serve_connection<S>(
         // HTTP/2 alone, its writes gathered per poll of the connection (see `coalesce`).
         let (io, drain) = coalesce::coalesce(stream, lender.unwrap_or_default());
         // Its streams run in this task (see `h2server`).
-        let builder = h2server::builder(1024, max_head as u32);
+        let builder = http2.builder(max_head as u32);
         let conn = h2server::Connection::new(io, &builder, move |req: Request<h2::RecvStream>| {
             let (parts, recv) = req.into_parts();
             let body = h2server::RequestBody::new(recv, &parts.headers);
