@@ -36,10 +36,8 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
             "",
         ));
     }
-    out.push_str(&format!(
-        "  clusters:\n  - name: echo\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {}\n",
-        Standalone::load_assignment("echo", &[backend])
-    ));
+    out.push_str("  clusters:\n");
+    out.push_str(&Standalone::static_cluster("echo", &[backend], ""));
     out
 }
 
