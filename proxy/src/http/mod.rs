@@ -432,7 +432,8 @@ pub async fn serve_connection<S>(
     let limits = hcm.timeouts.clone();
     let max_head = hcm.max_request_head;
     let http2 = hcm.http2.clone();
-    // One request's handling, for weft-proxy's own HTTP/1.1 loop and for hyper alike.
+    // One request's handling, for weft-proxy's own HTTP/1.1 loop, its HTTP/2 server and hyper
+    // alike.
     let handle = move |mut req: Request<DownstreamBody>| {
         let proxy = proxy.clone();
         let hcm = hcm.clone();
