@@ -81,7 +81,23 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         100,
         ", descriptors: [{ entries: [{ key: client, value: alpha }], token_bucket: { max_tokens: 2, tokens_per_fill: 1, fill_interval: 60s } }, { entries: [{ key: generic_key, value: vh }], token_bucket: { max_tokens: 3, tokens_per_fill: 1, fill_interval: 60s } }]",
     );
-    let assignment = Standalone::load_assignment("backend", &[backend]);
+    // Routes with a limit of their own, in match order (`/grpc-exhausted` before `/grpc`).
+    let limited: String = [
+        ("/route", &per_route),
+        ("/grpc-exhausted", &exhausted),
+        ("/grpc", &grpc),
+        ("/shadow", &shadow),
+        ("/told", &told),
+        ("/retry-after", &retry_after),
+        ("/conn", &per_connection),
+    ]
+    .iter()
+    .map(|(prefix, rl)| {
+        format!(
+            "              - match: {{ prefix: {prefix} }}\n                route: {{ cluster: backend }}\n                typed_per_filter_config:\n                  envoy.filters.http.local_ratelimit: {rl}\n"
+        )
+    })
+    .collect();
     let listener = Standalone::http_listener(
         ip,
         PORT,
@@ -116,35 +132,7 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
             - name: all
               domains: ["*"]
               routes:
-              - match: {{ prefix: /route }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {per_route}
-              - match: {{ prefix: /grpc-exhausted }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {exhausted}
-              - match: {{ prefix: /grpc }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {grpc}
-              - match: {{ prefix: /shadow }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {shadow}
-              - match: {{ prefix: /told }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {told}
-              - match: {{ prefix: /retry-after }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {retry_after}
-              - match: {{ prefix: /conn }}
-                route: {{ cluster: backend }}
-                typed_per_filter_config:
-                  envoy.filters.http.local_ratelimit: {per_connection}
-              - match: {{ prefix: / }}
+{limited}              - match: {{ prefix: / }}
                 route: {{ cluster: backend }}
 "#
         ),
@@ -155,12 +143,8 @@ fn resources(ip: &str, backend: SocketAddr) -> String {
         ),
     );
     format!(
-        r#"{listener}  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {assignment}
-"#
+        "{listener}  clusters:\n{}",
+        Standalone::static_cluster("backend", &[backend], "")
     )
 }
 
