@@ -269,6 +269,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let handles = weft_proxy::worker::start(workers).context("starting worker threads")?;
+    // What Zipkin spans say of this proxy: its node, and the host's address (Envoy's local info).
+    weft_proxy::http::zipkin::set_local_node(weft_proxy::http::zipkin::LocalNode {
+        id: startup.node.id.clone(),
+        cluster: startup.node.cluster.clone(),
+        ipv4: weft_proxy::http::zipkin::host_ipv4(),
+    });
     rt.block_on(async move {
         let proxy = weft_proxy::state::Proxy::new(startup.bootstrap.clone(), handles);
         let admin = tokio::net::TcpListener::bind(admin_address)

@@ -95,6 +95,18 @@ pub struct Entry {
     pub route_name: Option<String>,
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
+    /// The request's sampled Zipkin span, finished with the entry.
+    pub span: Option<Box<super::zipkin::Span>>,
+}
+
+/// Writes the entry's lines and finishes its span: the request is done.
+pub fn write(entry: &mut Entry, loggers: &Loggers) {
+    for l in loggers.iter() {
+        l.write(entry);
+    }
+    if let Some(span) = entry.span.take() {
+        span.finish(entry);
+    }
 }
 
 #[derive(Debug)]

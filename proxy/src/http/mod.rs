@@ -19,6 +19,7 @@ mod server;
 pub mod timeouts;
 pub mod trace;
 pub mod upgrade;
+pub mod zipkin;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -447,11 +448,17 @@ pub async fn serve_connection<S>(
             normalize_path(&hcm.paths, &mut req);
         }
         async move {
-            let Some(loggers) = hcm.access_logs.clone() else {
-                let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
-                let deadline = resp.extensions_mut().remove::<BodyDeadline>();
-                let idle = body_idle(&hcm, &mut resp);
-                return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
+            // Spans are finished from the access log's entry, logs or not.
+            let spans = hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
+            let loggers = match hcm.access_logs.clone() {
+                Some(loggers) => loggers,
+                None if spans => access_log::Loggers::default(),
+                None => {
+                    let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
+                    let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+                    let idle = body_idle(&hcm, &mut resp);
+                    return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
+                }
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
@@ -466,8 +473,12 @@ pub async fn serve_connection<S>(
             if let Some(MarkedRequestId(id)) = resp.extensions_mut().remove() {
                 entry.request_headers.insert(names::X_REQUEST_ID, id);
             }
+            entry.span = resp.extensions_mut().remove::<Traced>().map(|t| t.0);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
             let idle = body_idle(&hcm, &mut resp);
+            if loggers.is_empty() && entry.span.is_none() {
+                return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
+            }
             // An upgraded connection's line is written when its session ends.
             if let Some(session) = resp.extensions_mut().remove::<upgrade::SessionLog>() {
                 session.hand_over(entry, loggers);
@@ -695,7 +706,13 @@ struct Notes {
     operation: std::sync::OnceLock<HeaderValue>,
     /// The local rate limit's `x-ratelimit-*` headers (`enable_x_ratelimit_headers`).
     rate_limit: std::sync::OnceLock<local_ratelimit::XRateLimit>,
+    /// The request's sampled Zipkin span, finished when the answer is sent.
+    span: std::sync::Mutex<Option<Box<zipkin::Span>>>,
 }
+
+/// A sampled span on its way from the request path to the answer's body.
+#[derive(Clone)]
+struct Traced(Box<zipkin::Span>);
 
 impl Notes {
     fn answer(&self, hcm: &ConnectionManager, resp: &mut Response<ProxyBody>) {
@@ -712,11 +729,15 @@ impl Notes {
                 resp.headers_mut().append(name, value);
             }
         }
-        // The access log shows the request's id as the trace decision left it.
+        let span = self.span.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The access log (and the span) show the request's id as the trace decision left it.
         if let Some(id) = self.marked_id.get()
-            && hcm.access_logs.is_some()
+            && (hcm.access_logs.is_some() || span.is_some())
         {
             resp.extensions_mut().insert(MarkedRequestId(id.clone()));
+        }
+        if let Some(span) = span {
+            resp.extensions_mut().insert(Traced(span));
         }
     }
 }
@@ -790,28 +811,63 @@ fn route_and_forward(
         });
         if let Some(tracing) = &hcm.tracing {
             let notes = notes.get_or_init(Box::default);
-            if let Some(id) = tracing.decide_counted(
+            // The path as the client sent it, for the span (the headers change below).
+            let span_path = tracing.zipkin.as_ref().map(|_| path.to_owned());
+            let (marked, traced) = tracing.decide_counted(
                 req.headers_mut(),
                 route.and_then(|r| r.tracing.as_deref()),
                 &hcm.stats,
-            ) {
+            );
+            if let Some(id) = marked {
                 let _ = notes.marked_id.set(id);
             }
             // The route's operation goes upstream from an egress listener; an ingress listener
             // takes a client's own out of the request and answers with the route's otherwise.
+            // Either names the span.
             let operation = route.and_then(|r| r.operation.as_ref());
+            let propagated = operation.filter(|op| op.propagate).map(|op| &op.value);
+            let mut client_operation = None;
             if tracing.egress {
-                if let Some(op) = operation {
+                if let Some(op) = propagated {
                     req.headers_mut()
                         .insert(names::X_ENVOY_DECORATOR_OPERATION, op.clone());
                 }
-            } else if req
-                .headers_mut()
-                .remove(names::X_ENVOY_DECORATOR_OPERATION)
-                .is_none()
-                && let Some(op) = operation
-            {
-                let _ = notes.operation.set(op.clone());
+            } else {
+                client_operation = req.headers_mut().remove(names::X_ENVOY_DECORATOR_OPERATION);
+                if client_operation.is_none()
+                    && let Some(op) = propagated
+                {
+                    let _ = notes.operation.set(op.clone());
+                }
+            }
+            if let (Some(z), Some(path)) = (&tracing.zipkin, span_path) {
+                // Owned: the span context is written into the headers these come from.
+                let name = operation
+                    .map(|op| &op.value)
+                    .or(client_operation.as_ref())
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(authority)
+                    .to_owned();
+                let scheme = req
+                    .headers()
+                    .get(names::X_FORWARDED_PROTO)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("http")
+                    .to_owned();
+                let authority = authority.to_owned();
+                let start = zipkin::Start {
+                    traced,
+                    egress: tracing.egress,
+                    name: &name,
+                    scheme: &scheme,
+                    authority: &authority,
+                    path: &path,
+                    peer: down.peer.map(|p| p.ip()),
+                    collector: snapshot.clusters.get(z.cluster()).cloned(),
+                };
+                if let Some(span) = z.start(req.headers_mut(), start) {
+                    *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
+                }
             }
         }
         // Borrowed again: the trace decision wrote to the headers.
@@ -1247,7 +1303,9 @@ fn route_rest(
                 return resp;
             }
         }
-        let log = hcm.access_logs.is_some();
+        // The upstream that answered, for the access log and the span.
+        let log =
+            hcm.access_logs.is_some() || hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
         let mut resp = forward(
             &cluster,
             action,
@@ -2587,9 +2645,7 @@ impl Drop for LoggedBody {
             if let Some(received) = &entry.received {
                 entry.bytes_received = received.load(std::sync::atomic::Ordering::Relaxed);
             }
-            for l in loggers.iter() {
-                l.write(&entry);
-            }
+            access_log::write(&mut entry, &loggers);
         }
     }
 }

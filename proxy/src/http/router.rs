@@ -67,9 +67,9 @@ pub struct Route {
     pub response_headers: HeaderEdits,
     /// `tracing`: the percentages of the trace decision for this route (see `trace`).
     pub tracing: Option<Box<super::trace::Sampling>>,
-    /// `decorator`: the operation, when it is propagated (`x-envoy-decorator-operation`, with
-    /// `tracing` on the connection manager; see `trace`).
-    pub operation: Option<http::HeaderValue>,
+    /// `decorator`: the operation, which names the route's spans and, when propagated, goes on
+    /// as `x-envoy-decorator-operation` (with `tracing` on the connection manager; see `trace`).
+    pub operation: Option<super::trace::Operation>,
 }
 
 /// What a matched route does.

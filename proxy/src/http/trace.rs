@@ -4,8 +4,9 @@
 //! request id, all under `overall_sampling`; a route's own `tracing` replaces the percentages)
 //! and writes the decision into the request id's version digit, so that every proxy after it
 //! (and the tracer) agrees: `9` sampled, `a` forced, `b` client-requested, `4` not traced. A
-//! decision already in the id is kept. weft-proxy has no tracer: a `tracing.provider` is NACKed,
-//! and the decision is all that a `tracing` config changes, as in Envoy without a provider.
+//! decision already in the id is kept. Without a `tracing.provider` the decision is all that a
+//! `tracing` config changes, as in Envoy; with Zipkin's (the one supported), the decision also
+//! samples the spans it reports (see `zipkin`).
 
 use http::{HeaderMap, HeaderValue};
 use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
@@ -96,22 +97,42 @@ impl Sampling {
     }
 }
 
-/// A route's `decorator` operation when it is propagated: Envoy's connection manager with
-/// `tracing` sends it upstream (egress listeners) or back on the answer (ingress ones) as
-/// `x-envoy-decorator-operation`.
+/// A route's `decorator`: its operation names the route's spans and, when propagated, Envoy's
+/// connection manager with `tracing` sends it upstream (egress listeners) or back on the answer
+/// (ingress ones) as `x-envoy-decorator-operation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    pub value: HeaderValue,
+    pub propagate: bool,
+}
+
 pub fn operation(
     d: Option<&weft_xds_proto::envoy::config::route::v3::Decorator>,
-) -> Result<Option<HeaderValue>, String> {
+) -> Result<Option<Operation>, String> {
     let Some(d) = d else { return Ok(None) };
     if d.operation.is_empty() {
         return Err("must not be empty".into());
     }
-    if !d.propagate.as_ref().is_none_or(|p| p.value) {
-        return Ok(None);
+    let value = HeaderValue::from_str(&d.operation)
+        .map_err(|_| format!("{:?} is not a valid header value", d.operation))?;
+    Ok(Some(Operation {
+        value,
+        propagate: d.propagate.as_ref().is_none_or(|p| p.value),
+    }))
+}
+
+/// `tracing.provider.typed_config` is Zipkin's whatever the provider's name.
+fn zipkin_typed(p: &weft_xds_proto::envoy::config::trace::v3::tracing::Http) -> bool {
+    use weft_xds_proto::envoy::config::trace::v3::tracing::http::ConfigType;
+    matches!(&p.config_type, Some(ConfigType::TypedConfig(a)) if a.type_url.ends_with(".ZipkinConfig"))
+}
+
+/// A Zipkin config field's place under the connection manager.
+fn tracing_field(f: &'static str) -> &'static str {
+    match f {
+        "custom_tags" => "tracing.custom_tags",
+        _ => "tracing.provider.typed_config",
     }
-    HeaderValue::from_str(&d.operation)
-        .map(Some)
-        .map_err(|_| format!("{:?} is not a valid header value", d.operation))
 }
 
 /// The trace decisions of a connection manager with a `tracing` config.
@@ -124,6 +145,8 @@ pub struct Tracing {
     /// The listener's `traffic_direction` is OUTBOUND: decorator operations go upstream (else
     /// back to the client, and a client's own is removed).
     pub egress: bool,
+    /// The Zipkin tracer (`provider`): every request gets a span context.
+    pub zipkin: Option<std::sync::Arc<super::zipkin::Zipkin>>,
 }
 
 /// What the request id says of the trace.
@@ -186,10 +209,44 @@ impl Tracing {
         let Some(t) = &hcm.tracing else {
             return Ok(None);
         };
-        if t.provider.is_some() {
+        let zipkin = match &t.provider {
+            None => None,
+            Some(p) if p.name == super::zipkin::PROVIDER || zipkin_typed(p) => Some(
+                super::zipkin::Zipkin::from_xds(
+                    p,
+                    &t.custom_tags,
+                    t.max_path_tag_length.as_ref().map(|m| m.value),
+                    t.no_context_propagation,
+                )
+                .map_err(|(f, e)| (tracing_field(f), e))?,
+            ),
+            Some(p) => {
+                return Err((
+                    "tracing.provider",
+                    format!(
+                        "{:?} is not supported by this weft-proxy version (envoy.tracers.zipkin is)",
+                        p.name
+                    ),
+                ));
+            }
+        };
+        if t.verbose {
             return Err((
-                "tracing.provider",
-                "reporting spans is not supported by this weft-proxy version (tracing without a provider decides sampling in x-request-id, as Envoy)".into(),
+                "tracing.verbose",
+                "span annotations of stream events are not supported by this weft-proxy version"
+                    .into(),
+            ));
+        }
+        if t.spawn_upstream_span.as_ref().is_some_and(|b| b.value) {
+            return Err((
+                "tracing.spawn_upstream_span",
+                "upstream spans are not supported by this weft-proxy version".into(),
+            ));
+        }
+        if !t.operation.is_empty() || !t.upstream_operation.is_empty() {
+            return Err((
+                "tracing.operation",
+                "formatted operation names are not supported by this weft-proxy version (route decorators are)".into(),
             ));
         }
         let sampling = Sampling {
@@ -204,6 +261,7 @@ impl Tracing {
             sampling,
             decides,
             egress: false,
+            zipkin: zipkin.map(std::sync::Arc::new),
         }))
     }
 
@@ -211,13 +269,13 @@ impl Tracing {
     /// the route's `tracing` if it has one; `x-envoy-force-trace` is only still there on an
     /// internal request). A request id that does not start with 8 hex digits is left alone.
     /// Decides, and counts the decision in the connection manager's `tracing.*` stats; the id
-    /// as marked, when the decision changed it.
+    /// as marked, when the decision changed it, and whether the request is traced.
     pub fn decide_counted(
         &self,
         headers: &mut HeaderMap,
         route: Option<&Sampling>,
         stats: &crate::stats::HttpStats,
-    ) -> Option<HeaderValue> {
+    ) -> (Option<HeaderValue>, bool) {
         let (marked, reason) = self.decide(headers, route);
         match reason {
             Reason::Sampled => stats.tracing_random_sampling.inc(),
@@ -225,7 +283,7 @@ impl Tracing {
             Reason::Client => stats.tracing_client_enabled.inc(),
             Reason::NotTraced => stats.tracing_not_traceable.inc(),
         }
-        marked
+        (marked, reason != Reason::NotTraced)
     }
 
     /// The id as marked (when the decision changed it) and the decision. A decision is made
@@ -384,11 +442,14 @@ mod tests {
             propagate: propagate.map(|value| BoolValue { value }),
         };
         assert_eq!(operation(None), Ok(None));
-        assert_eq!(
-            operation(Some(&d("svc-op", None))),
-            Ok(Some(HeaderValue::from_static("svc-op")))
-        );
-        assert_eq!(operation(Some(&d("svc-op", Some(false)))), Ok(None));
+        let op = |propagate| {
+            Ok(Some(Operation {
+                value: HeaderValue::from_static("svc-op"),
+                propagate,
+            }))
+        };
+        assert_eq!(operation(Some(&d("svc-op", None))), op(true));
+        assert_eq!(operation(Some(&d("svc-op", Some(false)))), op(false));
         assert!(operation(Some(&d("", None))).is_err());
         assert!(operation(Some(&d("bad\nop", None))).is_err());
     }
@@ -396,16 +457,35 @@ mod tests {
     #[test]
     fn providers_and_other_request_ids_are_refused_by_field() {
         use weft_xds_proto::envoy::config::trace::v3::tracing::Http;
-        let with_provider = hcm(Some(http_connection_manager::Tracing {
-            provider: Some(Http {
-                name: "envoy.tracers.zipkin".into(),
+        let with_provider = |name: &str| {
+            hcm(Some(http_connection_manager::Tracing {
+                provider: Some(Http {
+                    name: name.into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
+            }))
+        };
+        assert_eq!(
+            Tracing::from_hcm(&with_provider("envoy.tracers.datadog"))
+                .unwrap_err()
+                .0,
+            "tracing.provider"
+        );
+        // Zipkin's without its config.
+        assert_eq!(
+            Tracing::from_hcm(&with_provider("envoy.tracers.zipkin"))
+                .unwrap_err()
+                .0,
+            "tracing.provider.typed_config"
+        );
+        let verbose = hcm(Some(http_connection_manager::Tracing {
+            verbose: true,
             ..Default::default()
         }));
         assert_eq!(
-            Tracing::from_hcm(&with_provider).unwrap_err().0,
-            "tracing.provider"
+            Tracing::from_hcm(&verbose).unwrap_err().0,
+            "tracing.verbose"
         );
         let bad = hcm(Some(http_connection_manager::Tracing {
             random_sampling: percent(120.0),

@@ -50,9 +50,7 @@ impl SessionLog {
             }
             SessionEnd::Upstream => {}
         }
-        for l in loggers.iter() {
-            l.write(&entry);
-        }
+        super::access_log::write(&mut entry, &loggers);
     }
 }
 

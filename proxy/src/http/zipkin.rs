@@ -1,0 +1,968 @@
+//! Zipkin spans (`tracing.provider` `envoy.tracers.zipkin`), as Envoy's Zipkin tracer makes them.
+//!
+//! Every request of a connection manager with this provider gets a span context: the client's
+//! B3 one (`x-b3-traceid`, `x-b3-spanid`, `x-b3-parentspanid`, `x-b3-sampled`, `x-b3-flags`,
+//! or the single `b3` header) or a new root. The context goes upstream in the form it came in
+//! (multiple headers unless the client sent `b3`). An egress listener's span is a CLIENT child of
+//! the client's span; an ingress listener's is a SERVER span sharing the client's span id (with
+//! `shared_span_context`, the default). Whether it is sampled is the client's `sampled` flag
+//! (without one, `x-b3-flags: 1` samples), else the connection manager's trace decision. A context that does
+//! not parse (a trace id that is not 16 or 32 hex digits, a span id without a trace id) gets no
+//! span at all: nothing is added to the request, as Envoy's tracer gives up on it.
+//!
+//! Sampled spans are finished when the answer has been sent, with Envoy's tags, and reported in
+//! Zipkin's v2 JSON to `collector_endpoint` on `collector_cluster`: five at a time, or every five
+//! seconds, whichever comes first (Envoy's `min_flush_spans` and `flush_interval_ms`).
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use http_body_util::{Either, Full};
+use weft_xds_proto::envoy::config::trace::v3::ZipkinConfig;
+use weft_xds_proto::envoy::config::trace::v3::zipkin_config::{
+    CollectorEndpointVersion, TraceContextOption,
+};
+use weft_xds_proto::envoy::r#type::tracing::v3::CustomTag as XdsCustomTag;
+use weft_xds_proto::envoy::r#type::tracing::v3::custom_tag;
+
+use super::access_log::Entry;
+use super::names::X_REQUEST_ID;
+
+pub const PROVIDER: &str = "envoy.tracers.zipkin";
+const TYPE_URL: &str = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig";
+/// Spans gathered before they are sent (Envoy's `tracing.zipkin.min_flush_spans`).
+const FLUSH_SPANS: usize = 5;
+/// The longest spans wait to be sent (Envoy's `tracing.zipkin.flush_interval_ms`).
+const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a report may take (Envoy's `tracing.zipkin.request_timeout`).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default `max_path_tag_length`.
+pub const DEFAULT_MAX_PATH_TAG: usize = 256;
+
+const X_B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+const B3: HeaderName = HeaderName::from_static("b3");
+
+/// What this proxy is, for the spans' `localEndpoint` and `node_id` tag: set once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct LocalNode {
+    pub id: String,
+    /// The node's `cluster`: the spans' service name.
+    pub cluster: String,
+    pub ipv4: Option<std::net::Ipv4Addr>,
+}
+
+static LOCAL: OnceLock<LocalNode> = OnceLock::new();
+
+/// Records the node the spans name (weft-proxy's `main`, once).
+pub fn set_local_node(node: LocalNode) {
+    let _ = LOCAL.set(node);
+}
+
+/// This host's address as Envoy's local info has it: the one its route to elsewhere leaves
+/// from (a UDP socket's connect sends nothing), else none.
+pub fn host_ipv4() -> Option<std::net::Ipv4Addr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    match s.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        _ => None,
+    }
+}
+
+/// A custom tag of the connection manager's `tracing`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TagValue {
+    Literal(String),
+    /// An environment variable's value (read when the config is taken), else the default.
+    Environment(String),
+    RequestHeader(HeaderName, String),
+}
+
+/// A connection manager's Zipkin tracer and the spans it has yet to send.
+#[derive(Debug)]
+pub struct Zipkin {
+    cluster: String,
+    endpoint: String,
+    host: String,
+    trace_id_128bit: bool,
+    shared: bool,
+    tags: Vec<(String, TagValue)>,
+    max_path: usize,
+    /// The span context goes upstream (the connection manager's `no_context_propagation` is
+    /// off).
+    propagate: bool,
+    pending: Mutex<Pending>,
+}
+
+impl PartialEq for Zipkin {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.cluster,
+            &self.endpoint,
+            &self.host,
+            self.trace_id_128bit,
+            self.shared,
+            &self.tags,
+            self.max_path,
+            self.propagate,
+        ) == (
+            &o.cluster,
+            &o.endpoint,
+            &o.host,
+            o.trace_id_128bit,
+            o.shared,
+            &o.tags,
+            o.max_path,
+            o.propagate,
+        )
+    }
+}
+
+impl Eq for Zipkin {}
+
+#[derive(Debug, Default)]
+struct Pending {
+    spans: Vec<String>,
+    /// The collector cluster as the last span found it.
+    collector: Option<Arc<crate::cluster::Cluster>>,
+    /// A flush timer runs.
+    timer: bool,
+}
+
+impl Zipkin {
+    /// The provider's config with the connection manager's `custom_tags` and
+    /// `max_path_tag_length`. Errors name the field (under `tracing.`).
+    pub fn from_xds(
+        provider: &weft_xds_proto::envoy::config::trace::v3::tracing::Http,
+        custom_tags: &[XdsCustomTag],
+        max_path: Option<u32>,
+        no_context_propagation: bool,
+    ) -> Result<Zipkin, (&'static str, String)> {
+        use weft_xds_proto::envoy::config::trace::v3::tracing::http::ConfigType;
+        let unsupported = |what: &str| {
+            format!("{what} is not supported by this weft-proxy version (envoy.tracers.zipkin is)")
+        };
+        let any = match &provider.config_type {
+            Some(ConfigType::TypedConfig(any)) => any,
+            None => return Err(("provider.typed_config", "is required".into())),
+        };
+        if any.type_url != TYPE_URL {
+            return Err(("provider.typed_config", unsupported(&any.type_url)));
+        }
+        let z: ZipkinConfig =
+            weft_xds_proto::unpack(any).map_err(|e| ("provider.typed_config", e.to_string()))?;
+        let field = "provider.typed_config";
+        if z.collector_service.is_some() {
+            return Err((
+                field,
+                "collector_service is not supported by this weft-proxy version (collector_cluster and collector_endpoint are)".into(),
+            ));
+        }
+        if z.collector_cluster.is_empty() {
+            return Err((field, "collector_cluster is required".into()));
+        }
+        if !z.collector_endpoint.starts_with('/') {
+            return Err((
+                field,
+                format!(
+                    "collector_endpoint {:?} must be a path (\"/api/v2/spans\")",
+                    z.collector_endpoint
+                ),
+            ));
+        }
+        if http::uri::PathAndQuery::try_from(z.collector_endpoint.as_str()).is_err() {
+            return Err((
+                field,
+                format!(
+                    "collector_endpoint {:?} is not a valid path",
+                    z.collector_endpoint
+                ),
+            ));
+        }
+        match CollectorEndpointVersion::try_from(z.collector_endpoint_version) {
+            Ok(CollectorEndpointVersion::HttpJson) => {}
+            _ => {
+                return Err((
+                    field,
+                    "collector_endpoint_version: only HTTP_JSON is supported by this weft-proxy version".into(),
+                ));
+            }
+        }
+        if z.trace_context_option != TraceContextOption::UseB3 as i32 {
+            return Err((
+                field,
+                "trace_context_option: only USE_B3 is supported by this weft-proxy version".into(),
+            ));
+        }
+        #[allow(deprecated)]
+        if z.split_spans_for_request {
+            return Err((
+                field,
+                "split_spans_for_request is not supported by this weft-proxy version".into(),
+            ));
+        }
+        if z.timestamp_trace_ids {
+            return Err((
+                field,
+                "timestamp_trace_ids is not supported by this weft-proxy version".into(),
+            ));
+        }
+        let host = if z.collector_hostname.is_empty() {
+            z.collector_cluster.clone()
+        } else {
+            z.collector_hostname.clone()
+        };
+        if HeaderValue::from_str(&host).is_err() {
+            return Err((
+                field,
+                format!("collector_hostname {host:?} is not a valid host"),
+            ));
+        }
+        let mut tags = Vec::with_capacity(custom_tags.len());
+        for t in custom_tags {
+            if t.tag.is_empty() {
+                return Err(("custom_tags", "a tag needs a name".into()));
+            }
+            let value = match &t.r#type {
+                Some(custom_tag::Type::Literal(l)) => TagValue::Literal(l.value.clone()),
+                Some(custom_tag::Type::Environment(e)) => TagValue::Environment(
+                    std::env::var(&e.name).unwrap_or_else(|_| e.default_value.clone()),
+                ),
+                Some(custom_tag::Type::RequestHeader(h)) => TagValue::RequestHeader(
+                    HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).map_err(
+                        |_| ("custom_tags", format!("{:?} is not a header name", h.name)),
+                    )?,
+                    h.default_value.clone(),
+                ),
+                Some(custom_tag::Type::Metadata(_)) => {
+                    return Err((
+                        "custom_tags",
+                        format!(
+                            "{:?}: metadata tags are not supported by this weft-proxy version (literal, environment and request_header are)",
+                            t.tag
+                        ),
+                    ));
+                }
+                Some(_) | None => {
+                    return Err((
+                        "custom_tags",
+                        format!(
+                            "{:?}: only literal, environment and request_header tags are supported",
+                            t.tag
+                        ),
+                    ));
+                }
+            };
+            tags.push((t.tag.clone(), value));
+        }
+        Ok(Zipkin {
+            cluster: z.collector_cluster,
+            endpoint: z.collector_endpoint,
+            host,
+            trace_id_128bit: z.trace_id_128bit,
+            shared: z.shared_span_context.is_none_or(|b| b.value),
+            tags,
+            max_path: max_path.map_or(DEFAULT_MAX_PATH_TAG, |m| m as usize),
+            propagate: !no_context_propagation,
+            pending: Mutex::new(Pending::default()),
+        })
+    }
+
+    /// The collector cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+}
+
+/// A trace context read from the client's B3 headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Context {
+    trace_high: Option<u64>,
+    trace: u64,
+    span: u64,
+    parent: Option<u64>,
+}
+
+/// What the client's B3 headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extracted {
+    context: Option<Context>,
+    sampled: Option<bool>,
+    /// The client sent the single `b3` header.
+    single: bool,
+}
+
+fn hex_u64(s: &[u8]) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+}
+
+/// A 64- or 128-bit trace id.
+fn trace_id(s: &[u8]) -> Option<(Option<u64>, u64)> {
+    match s.len() {
+        16 => Some((None, hex_u64(s)?)),
+        32 => Some((Some(hex_u64(&s[..16])?), hex_u64(&s[16..])?)),
+        _ => None,
+    }
+}
+
+fn sampled_flag(v: &[u8]) -> Option<bool> {
+    match v {
+        b"1" | b"true" | b"d" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Reads the B3 context: Err when it is there but does not parse.
+fn extract(headers: &HeaderMap) -> Result<Extracted, ()> {
+    if let Some(b3) = headers.get(&B3) {
+        let v = b3.as_bytes();
+        // `b3: {sampled}` alone, or `{trace}-{span}[-{sampled}[-{parent}]]`.
+        if v.len() <= 1 {
+            return Ok(Extracted {
+                context: None,
+                sampled: Some(sampled_flag(v).ok_or(())?),
+                single: true,
+            });
+        }
+        let mut parts = v.split(|b| *b == b'-');
+        let (trace_high, trace) = trace_id(parts.next().ok_or(())?).ok_or(())?;
+        let span = hex_u64(parts.next().ok_or(())?).ok_or(())?;
+        let sampled = match parts.next() {
+            Some(s) => Some(sampled_flag(s).ok_or(())?),
+            None => None,
+        };
+        let parent = match parts.next() {
+            Some(p) => Some(hex_u64(p).ok_or(())?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return Err(());
+        }
+        return Ok(Extracted {
+            context: Some(Context {
+                trace_high,
+                trace,
+                span,
+                parent,
+            }),
+            sampled,
+            single: true,
+        });
+    }
+    // `x-b3-sampled` decides; without it, `x-b3-flags: 1` (debug) samples.
+    let sampled = match headers.get(&X_B3_SAMPLED) {
+        Some(s) => sampled_flag(s.as_bytes()),
+        None => headers
+            .get(&X_B3_FLAGS)
+            .is_some_and(|f| f.as_bytes() == b"1")
+            .then_some(true),
+    };
+    let trace = headers.get(&X_B3_TRACE_ID);
+    let span = headers.get(&X_B3_SPAN_ID);
+    let context = match (trace, span) {
+        (None, None) => None,
+        (Some(t), Some(s)) => {
+            let (trace_high, trace) = trace_id(t.as_bytes()).ok_or(())?;
+            let span = hex_u64(s.as_bytes()).ok_or(())?;
+            let parent = match headers.get(&X_B3_PARENT_SPAN_ID) {
+                Some(p) => Some(hex_u64(p.as_bytes()).ok_or(())?),
+                None => None,
+            };
+            Some(Context {
+                trace_high,
+                trace,
+                span,
+                parent,
+            })
+        }
+        _ => return Err(()),
+    };
+    Ok(Extracted {
+        context,
+        sampled,
+        single: false,
+    })
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// A span being timed: what its request said, for the report when its answer is done.
+#[derive(Debug, Clone)]
+pub struct Span {
+    tracer: Arc<Zipkin>,
+    collector: Option<Arc<crate::cluster::Cluster>>,
+    context: Context,
+    server: bool,
+    name: String,
+    start: SystemTime,
+    started: Instant,
+    url: String,
+    downstream_cluster: String,
+    client_trace_id: Option<String>,
+    peer: Option<std::net::IpAddr>,
+    tags: Vec<(String, String)>,
+}
+
+/// The request facts a span is started with.
+pub struct Start<'a> {
+    /// The trace decision of the connection manager (`x-request-id`'s).
+    pub traced: bool,
+    pub egress: bool,
+    /// The route's decorator operation, else the authority.
+    pub name: &'a str,
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub peer: Option<std::net::IpAddr>,
+    pub collector: Option<Arc<crate::cluster::Cluster>>,
+}
+
+impl Zipkin {
+    /// Gives the request its span context (the B3 headers upstream) and, when the span is
+    /// sampled, the span to report once the answer is done.
+    pub fn start(self: &Arc<Self>, headers: &mut HeaderMap, s: Start<'_>) -> Option<Box<Span>> {
+        let Ok(found) = extract(headers) else {
+            return None;
+        };
+        let sampled = found.sampled.unwrap_or(s.traced);
+        let server = !s.egress;
+        let context = match found.context {
+            None => {
+                let id = fastrand::u64(..);
+                Context {
+                    trace_high: self.trace_id_128bit.then(|| fastrand::u64(..)),
+                    trace: id,
+                    span: id,
+                    parent: None,
+                }
+            }
+            // An ingress span shares the client's span id.
+            Some(c) if server && self.shared => c,
+            Some(c) => Context {
+                span: fastrand::u64(..),
+                parent: Some(c.span),
+                ..c
+            },
+        };
+        let trace = match context.trace_high {
+            Some(high) => format!("{high:016x}{:016x}", context.trace),
+            None => hex(context.trace),
+        };
+        let sampled_text = if sampled { "1" } else { "0" };
+        let set = |h: &mut HeaderMap, name: HeaderName, v: String| {
+            if let Ok(v) = HeaderValue::try_from(v) {
+                h.insert(name, v);
+            }
+        };
+        if !self.propagate {
+            // `no_context_propagation`: the span is the proxy's own.
+        } else if found.single {
+            let mut b3 = format!("{trace}-{}-{sampled_text}", hex(context.span));
+            if let Some(p) = context.parent {
+                let _ = write!(b3, "-{}", hex(p));
+            }
+            set(headers, B3, b3);
+        } else {
+            set(headers, X_B3_TRACE_ID, trace);
+            set(headers, X_B3_SPAN_ID, hex(context.span));
+            if let Some(p) = context.parent {
+                set(headers, X_B3_PARENT_SPAN_ID, hex(p));
+            }
+            headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled_text));
+        }
+        if !sampled {
+            return None;
+        }
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let mut url = format!("{}://{}{}", s.scheme, s.authority, s.path);
+        if url.len() > self.max_path {
+            let mut end = self.max_path;
+            while !url.is_char_boundary(end) {
+                end -= 1;
+            }
+            url.truncate(end);
+        }
+        let tags = self
+            .tags
+            .iter()
+            .filter_map(|(tag, v)| {
+                let value = match v {
+                    TagValue::Literal(l) | TagValue::Environment(l) => l.clone(),
+                    TagValue::RequestHeader(h, default) => headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map_or_else(|| default.clone(), str::to_string),
+                };
+                (!value.is_empty()).then(|| (tag.clone(), value))
+            })
+            .collect();
+        Some(Box::new(Span {
+            tracer: self.clone(),
+            collector: s.collector,
+            context,
+            server,
+            name: s.name.to_string(),
+            start: SystemTime::now(),
+            started: Instant::now(),
+            url,
+            downstream_cluster: text("x-envoy-downstream-service-cluster")
+                .unwrap_or_else(|| "-".into()),
+            client_trace_id: text("x-client-trace-id"),
+            peer: s.peer,
+            tags,
+        }))
+    }
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Span {
+    /// The span in Zipkin's v2 JSON, finished with its answer as the access log entry has it.
+    fn json(&self, e: &Entry, local: &LocalNode) -> String {
+        use serde_json::{Map, Value};
+        let duration = self.started.elapsed();
+        let start = micros(self.start);
+        let end = start + duration.as_micros() as u64;
+        let c = &self.context;
+        let mut span = Map::new();
+        let trace = match c.trace_high {
+            Some(high) => format!("{high:016x}{:016x}", c.trace),
+            None => hex(c.trace),
+        };
+        span.insert("traceId".into(), trace.into());
+        span.insert("id".into(), hex(c.span).into());
+        if let Some(p) = c.parent {
+            span.insert("parentId".into(), hex(p).into());
+        }
+        span.insert("name".into(), self.name.clone().into());
+        span.insert(
+            "kind".into(),
+            if self.server { "SERVER" } else { "CLIENT" }.into(),
+        );
+        span.insert("timestamp".into(), start.into());
+        span.insert("duration".into(), (duration.as_micros() as u64).into());
+        let mut endpoint = Map::new();
+        endpoint.insert("serviceName".into(), local.cluster.clone().into());
+        if let Some(ip) = local.ipv4 {
+            endpoint.insert("ipv4".into(), ip.to_string().into());
+        }
+        endpoint.insert("port".into(), 0.into());
+        span.insert("localEndpoint".into(), Value::Object(endpoint));
+        let mut annotation = Map::new();
+        annotation.insert("value".into(), if self.server { "ss" } else { "cr" }.into());
+        annotation.insert("timestamp".into(), end.into());
+        span.insert(
+            "annotations".into(),
+            Value::Array(vec![Value::Object(annotation)]),
+        );
+        if self.server && self.tracer.shared {
+            span.insert("shared".into(), true.into());
+        }
+        let header = |name: &str| {
+            e.request_headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let mut tags = Map::new();
+        let mut tag = |k: &str, v: String| {
+            tags.insert(k.into(), Value::String(v));
+        };
+        tag("component", "proxy".into());
+        tag("node_id", local.id.clone());
+        tag("guid:x-request-id", header(X_REQUEST_ID.as_str()));
+        if let Some(id) = &self.client_trace_id {
+            tag("guid:x-client-trace-id", id.clone());
+        }
+        tag("http.url", self.url.clone());
+        tag("http.method", e.method.clone());
+        tag("http.protocol", e.protocol.into());
+        tag("downstream_cluster", self.downstream_cluster.clone());
+        tag("user_agent", header("user-agent"));
+        tag("request_size", e.bytes_received.to_string());
+        tag("response_size", e.bytes_sent.to_string());
+        tag("http.status_code", e.status.to_string());
+        tag("response_flags", e.flags.clone());
+        if let Some(peer) = self.peer {
+            tag("peer.address", peer.to_string());
+        }
+        if let Some(cluster) = &e.upstream_cluster {
+            tag("upstream_cluster", cluster.clone());
+            tag(
+                "upstream_cluster.name",
+                e.upstream_cluster_raw
+                    .clone()
+                    .unwrap_or_else(|| cluster.clone()),
+            );
+        }
+        if e.status >= 500 || e.status == 0 {
+            tag("error", "true".into());
+        }
+        for (k, v) in &self.tags {
+            tag(k, v.clone());
+        }
+        span.insert("tags".into(), Value::Object(tags));
+        Value::Object(span).to_string()
+    }
+
+    /// Ends the span with its answer (the request's access log entry) and queues it for the
+    /// collector.
+    pub fn finish(self: Box<Self>, e: &Entry) {
+        let local = LOCAL.get_or_init(LocalNode::default);
+        let json = self.json(e, local);
+        let tracer = self.tracer.clone();
+        let full = {
+            let mut p = tracer.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.spans.push(json);
+            if self.collector.is_some() {
+                p.collector = self.collector.clone();
+            }
+            if !p.timer {
+                p.timer = true;
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(flush_every(Arc::downgrade(&tracer)));
+                }
+            }
+            (p.spans.len() >= FLUSH_SPANS).then(|| take(&mut p))
+        };
+        if let Some((spans, collector)) = full {
+            tracer.send(spans, collector);
+        }
+    }
+}
+
+fn take(p: &mut Pending) -> (Vec<String>, Option<Arc<crate::cluster::Cluster>>) {
+    (std::mem::take(&mut p.spans), p.collector.clone())
+}
+
+/// Sends what is pending every flush interval, while the tracer's config is in use.
+async fn flush_every(tracer: Weak<Zipkin>) {
+    loop {
+        tokio::time::sleep(FLUSH_INTERVAL).await;
+        let Some(t) = tracer.upgrade() else { return };
+        let due = {
+            let mut p = t.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (!p.spans.is_empty()).then(|| take(&mut p))
+        };
+        if let Some((spans, collector)) = due {
+            t.send(spans, collector);
+        }
+    }
+}
+
+impl Zipkin {
+    /// POSTs `spans` (a JSON array of them) to the collector; a report that fails is dropped,
+    /// as Envoy drops it.
+    fn send(&self, spans: Vec<String>, collector: Option<Arc<crate::cluster::Cluster>>) {
+        let Some(cluster) = collector else {
+            tracing::debug!(cluster = %self.cluster, "zipkin collector cluster not found: spans dropped");
+            return;
+        };
+        let body = Bytes::from(format!("[{}]", spans.join(",")));
+        let mut req = Request::new(());
+        *req.method_mut() = http::Method::POST;
+        let Ok(uri) = http::Uri::try_from(self.endpoint.as_str()) else {
+            return;
+        };
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            HeaderName::from_static("x-envoy-internal"),
+            HeaderValue::from_static("true"),
+        );
+        let (parts, ()) = req.into_parts();
+        let Ok(mut head) = super::upstream_head(parts, &self.host, cluster.protocol) else {
+            return;
+        };
+        tokio::spawn(async move {
+            use http_body_util::BodyExt as _;
+            let Some(endpoint) = cluster.pick(None, &[], 1, None) else {
+                return;
+            };
+            cluster.stats.upstream_rq_total.inc();
+            endpoint.stats.rq_total.inc();
+            let send = async {
+                if let Ok(resp) = endpoint
+                    .pool
+                    .send(&mut head, true, Either::Right(Full::new(body)), None)
+                    .await
+                {
+                    cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
+                    let _ = resp.into_body().collect().await;
+                }
+            };
+            let _ = tokio::time::timeout(REPORT_TIMEOUT, send).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn tracer(shared: bool) -> Arc<Zipkin> {
+        Arc::new(Zipkin {
+            cluster: "zipkin".into(),
+            endpoint: "/api/v2/spans".into(),
+            host: "zipkin".into(),
+            trace_id_128bit: false,
+            shared,
+            tags: vec![("lit".into(), TagValue::Literal("v".into()))],
+            max_path: 20,
+            propagate: true,
+            pending: Mutex::default(),
+        })
+    }
+
+    fn start(egress: bool, traced: bool) -> Start<'static> {
+        Start {
+            traced,
+            egress,
+            name: "svc:80",
+            scheme: "http",
+            authority: "svc:80",
+            path: "/a/very/long/path/indeed",
+            peer: None,
+            collector: None,
+        }
+    }
+
+    #[test]
+    fn b3_contexts_are_read_in_both_forms() {
+        let multi = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-parentspanid", "0020000000000001"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let got = extract(&multi).unwrap();
+        assert_eq!(got.sampled, Some(false));
+        assert!(!got.single);
+        let c = got.context.unwrap();
+        assert_eq!(c.trace_high, Some(0x463ac35c9f6413ad));
+        assert_eq!(c.parent, Some(0x20000000000001));
+        let single = headers(&[("b3", "80f198ee56343ba8-e457b5a2e4d86bd1-d-05e3ac9a4f6e3b90")]);
+        let got = extract(&single).unwrap();
+        assert_eq!(got.sampled, Some(true));
+        assert!(got.single);
+        assert_eq!(got.context.unwrap().parent, Some(0x05e3ac9a4f6e3b90));
+        assert_eq!(
+            extract(&headers(&[("b3", "0")])).unwrap(),
+            Extracted {
+                context: None,
+                sampled: Some(false),
+                single: true
+            }
+        );
+        // Debug samples when `x-b3-sampled` does not say (as Envoy: it does not override it).
+        let debug = headers(&[("x-b3-flags", "1")]);
+        assert_eq!(extract(&debug).unwrap().sampled, Some(true));
+        let debug = headers(&[("x-b3-flags", "1"), ("x-b3-sampled", "0")]);
+        assert_eq!(extract(&debug).unwrap().sampled, Some(false));
+        // Contexts that do not parse.
+        for bad in [
+            headers(&[("x-b3-traceid", "zz"), ("x-b3-spanid", "a2fb4a1d1a96d312")]),
+            headers(&[("x-b3-spanid", "a2fb4a1d1a96d312")]),
+            headers(&[("x-b3-traceid", "a2fb4a1d1a96d312")]),
+            headers(&[("b3", "x")]),
+            headers(&[(
+                "b3",
+                "a2fb4a1d1a96d312-a2fb4a1d1a96d312-1-a2fb4a1d1a96d312-1",
+            )]),
+            headers(&[("b3", "a2fb4a1d1a96d312-12")]),
+        ] {
+            assert_eq!(extract(&bad), Err(()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn spans_are_children_on_egress_and_shared_on_ingress() {
+        let z = tracer(true);
+        let incoming = [
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ];
+        // Egress: a new span under the client's.
+        let mut h = headers(&incoming);
+        let span = z.start(&mut h, start(true, true)).unwrap();
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_ne!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(!span.server);
+        // Ingress: the client's span id, shared.
+        let mut h = headers(&incoming);
+        let span = z.start(&mut h, start(false, true)).unwrap();
+        assert_eq!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
+        assert!(h.get("x-b3-parentspanid").is_none());
+        assert!(span.server);
+        // Not shared: a child on ingress too.
+        let mut h = headers(&incoming);
+        tracer(false).start(&mut h, start(false, true)).unwrap();
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        // A root: trace id and span id the same; not sampled, no span to report.
+        let mut h = HeaderMap::new();
+        assert!(z.start(&mut h, start(true, false)).is_none());
+        assert_eq!(h["x-b3-traceid"], h["x-b3-spanid"]);
+        assert_eq!(h["x-b3-sampled"], "0");
+        // The client's `sampled` wins over the trace decision.
+        let mut h = headers(&[("x-b3-sampled", "1")]);
+        assert!(z.start(&mut h, start(true, false)).is_some());
+        // `b3` in, `b3` out.
+        let mut h = headers(&[("b3", "0")]);
+        assert!(z.start(&mut h, start(true, true)).is_none());
+        let b3 = h["b3"].to_str().unwrap().to_string();
+        assert!(b3.ends_with("-0") && b3.len() == 16 + 1 + 16 + 2, "{b3}");
+        assert!(h.get("x-b3-traceid").is_none());
+        // A broken context: nothing added.
+        let mut h = headers(&[("x-b3-traceid", "zz"), ("x-b3-spanid", "a2fb4a1d1a96d312")]);
+        assert!(z.start(&mut h, start(true, true)).is_none());
+        assert!(h.get("x-b3-sampled").is_none());
+    }
+
+    #[test]
+    fn a_finished_span_has_envoys_fields_and_tags() {
+        let z = tracer(true);
+        let mut h = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+            ("user-agent", "ua/1"),
+        ]);
+        let mut s = start(false, false);
+        s.peer = Some("10.0.0.9".parse().unwrap());
+        let span = z.start(&mut h, s).unwrap();
+        let e = Entry {
+            method: "GET".into(),
+            protocol: "HTTP/1.1",
+            request_headers: h,
+            status: 503,
+            flags: "UH".into(),
+            bytes_sent: 19,
+            upstream_cluster: Some("backend".into()),
+            ..Default::default()
+        };
+        let local = LocalNode {
+            id: "node-1".into(),
+            cluster: "svc.ns".into(),
+            ipv4: Some("10.1.2.3".parse().unwrap()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&span.json(&e, &local)).unwrap();
+        assert_eq!(v["traceId"], "463ac35c9f6413ad");
+        assert_eq!(v["id"], "a2fb4a1d1a96d312");
+        assert_eq!(v["kind"], "SERVER");
+        assert_eq!(v["shared"], true);
+        assert_eq!(v["name"], "svc:80");
+        assert_eq!(v["localEndpoint"]["serviceName"], "svc.ns");
+        assert_eq!(v["localEndpoint"]["ipv4"], "10.1.2.3");
+        assert_eq!(v["annotations"][0]["value"], "ss");
+        let t = &v["tags"];
+        assert_eq!(t["http.url"], "http://svc:80/a/very");
+        assert_eq!(t["http.status_code"], "503");
+        assert_eq!(t["error"], "true");
+        assert_eq!(t["response_flags"], "UH");
+        assert_eq!(t["upstream_cluster.name"], "backend");
+        assert_eq!(t["user_agent"], "ua/1");
+        assert_eq!(t["peer.address"], "10.0.0.9");
+        assert_eq!(t["node_id"], "node-1");
+        assert_eq!(t["lit"], "v");
+        assert!(v.get("parentId").is_none());
+    }
+
+    #[test]
+    fn configs_are_checked_by_field() {
+        use weft_xds_proto::envoy::config::trace::v3::tracing::{Http, http::ConfigType};
+        let provider = |z: ZipkinConfig| Http {
+            name: PROVIDER.into(),
+            config_type: Some(ConfigType::TypedConfig(weft_xds_proto::pack(&z))),
+        };
+        let good = ZipkinConfig {
+            collector_cluster: "zipkin".into(),
+            collector_endpoint: "/api/v2/spans".into(),
+            collector_endpoint_version: CollectorEndpointVersion::HttpJson as i32,
+            ..Default::default()
+        };
+        let z = Zipkin::from_xds(&provider(good.clone()), &[], None, false).unwrap();
+        assert_eq!(
+            (z.host.as_str(), z.shared, z.max_path),
+            ("zipkin", true, 256)
+        );
+        for (bad, why) in [
+            (
+                ZipkinConfig {
+                    collector_endpoint_version: CollectorEndpointVersion::HttpProto as i32,
+                    ..good.clone()
+                },
+                "HTTP_JSON",
+            ),
+            (
+                ZipkinConfig {
+                    collector_cluster: String::new(),
+                    ..good.clone()
+                },
+                "collector_cluster",
+            ),
+            (
+                ZipkinConfig {
+                    collector_endpoint: "api".into(),
+                    ..good.clone()
+                },
+                "collector_endpoint",
+            ),
+            (
+                ZipkinConfig {
+                    trace_context_option: TraceContextOption::UseB3WithW3cPropagation as i32,
+                    ..good.clone()
+                },
+                "USE_B3",
+            ),
+        ] {
+            let err = Zipkin::from_xds(&provider(bad), &[], None, false).unwrap_err();
+            assert!(err.1.contains(why), "{err:?}");
+        }
+        let metadata = XdsCustomTag {
+            tag: "m".into(),
+            r#type: Some(custom_tag::Type::Metadata(Default::default())),
+        };
+        assert_eq!(
+            Zipkin::from_xds(&provider(good), &[metadata], None, false)
+                .unwrap_err()
+                .0,
+            "custom_tags"
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! Zipkin spans (`tracing.provider` `envoy.tracers.zipkin`), differentially: one bootstrap with
+//! an egress (OUTBOUND) and an ingress (INBOUND) listener, both sampling every request and
+//! reporting to a collector this test runs, is run by Envoy and by weft-proxy. For the same
+//! requests (new traces, B3 contexts in multiple headers and in `b3`, one that does not parse,
+//! sampled or not by the client, a decorated route, a failing cluster), the B3 headers the
+//! backend receives (as relations: new, the client's, shared) and the spans the collector gets
+//! (kind, name, ids as relations, `shared`, the tags, the report's request) must be the same.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weft_e2e::Client;
+use weft_e2e::standalone::{Flavor, Standalone, differing_lines};
+
+const BASE: u16 = 18820;
+const TRACE: &str = "463ac35c9f6413ad48485a3953bb6124";
+const SPAN: &str = "a2fb4a1d1a96d312";
+const PARENT: &str = "1111111111111111";
+
+const ROUTES: &str = r#"          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: /dec }
+                route: { cluster: echo }
+                decorator: { operation: my-op }
+              - { match: { prefix: /fail }, route: { cluster: dead } }
+              - { match: { prefix: / }, route: { cluster: echo } }
+"#;
+
+const TRACING: &str = r#"          tracing:
+            random_sampling: { value: 100 }
+            custom_tags:
+            - { tag: lit, literal: { value: v1 } }
+            - { tag: hdr, request_header: { name: x-tag, default_value: none } }
+            provider:
+              name: envoy.tracers.zipkin
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig
+                collector_cluster: zipkin
+                collector_endpoint: /api/v2/spans
+                collector_endpoint_version: HTTP_JSON
+"#;
+
+/// Reports the collector received: the request's head lines that matter and its body.
+type Reports = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A Zipkin collector: answers every POST `202` and keeps its request.
+fn collector() -> (SocketAddr, Reports) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind collector");
+    let addr = listener.local_addr().expect("addr");
+    let reports: Reports = Arc::default();
+    let keep = reports.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut out = conn.try_clone().expect("clone");
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_string());
+                    }
+                    let header = |name: &str| {
+                        head.iter().find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                    };
+                    let mut body = Vec::new();
+                    if header("transfer-encoding").is_some_and(|t| t == "chunked") {
+                        loop {
+                            let mut size = String::new();
+                            r.read_line(&mut size).expect("chunk size");
+                            let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+                            let mut chunk = vec![0; n + 2];
+                            r.read_exact(&mut chunk).expect("chunk");
+                            if n == 0 {
+                                break;
+                            }
+                            body.extend_from_slice(&chunk[..n]);
+                        }
+                    } else {
+                        let n = header("content-length").map_or(0, |v| v.parse().unwrap());
+                        body.resize(n, 0);
+                        r.read_exact(&mut body).expect("body");
+                    }
+                    let what = format!(
+                        "{} host={} content-type={}",
+                        head[0],
+                        header("host").unwrap_or_default(),
+                        header("content-type").unwrap_or_default()
+                    );
+                    keep.lock()
+                        .unwrap()
+                        .push((what, String::from_utf8_lossy(&body).into()));
+                    let _ = out.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (addr, reports)
+}
+
+/// (listener: 0 egress, 1 ingress; path; headers), each request with its own id. Seven are
+/// sampled: not 6, 8 and 9, whose context says not, nor 10, whose context does not parse.
+type Case = (usize, &'static str, Vec<(&'static str, &'static str)>);
+
+fn cases() -> Vec<Case> {
+    let multi = vec![("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut h = multi.clone();
+        h.extend_from_slice(extra);
+        h
+    };
+    vec![
+        (0, "/a/b?q=1", vec![("x-tag", "t1")]),
+        (
+            1,
+            "/in",
+            with(&[("x-b3-parentspanid", PARENT), ("x-b3-sampled", "1")]),
+        ),
+        (0, "/out", with(&[("x-b3-sampled", "1")])),
+        (0, "/dec", vec![]),
+        (0, "/fail", vec![]),
+        (1, "/root", vec![]),
+        (0, "/b3", vec![("b3", "0")]),
+        (
+            1,
+            "/single",
+            vec![(
+                "b3",
+                "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+            )],
+        ),
+        (0, "/unsampled", vec![("x-b3-sampled", "0")]),
+        (
+            0,
+            "/debug",
+            with(&[("x-b3-flags", "1"), ("x-b3-sampled", "0")]),
+        ),
+        (
+            0,
+            "/bad",
+            vec![("x-b3-traceid", "zz"), ("x-b3-spanid", SPAN)],
+        ),
+    ]
+}
+
+/// An id as what it is to the request: the client's trace/span/parent, the request's new
+/// trace id, or new.
+fn relation(v: &str, names: &BTreeMap<String, String>) -> String {
+    names.get(v).cloned().unwrap_or_else(|| {
+        if v.len() == 32 || v.len() == 16 {
+            format!("new{}", v.len() * 4)
+        } else {
+            format!("odd {v}")
+        }
+    })
+}
+
+fn run(flavor: Flavor, net: u8) -> Vec<String> {
+    let mut s = Standalone::new("zipkin", net, flavor);
+    let echo = s.backend("echo");
+    let (zipkin, reports) = collector();
+    let ip = s.ip();
+    let mut resources = String::from("  listeners:\n");
+    for (i, direction) in ["OUTBOUND", "INBOUND"].into_iter().enumerate() {
+        let listener = Standalone::hcm_listener(
+            &format!("l{i}"),
+            &ip,
+            BASE + i as u16,
+            &format!("{TRACING}{ROUTES}"),
+            "",
+            "",
+        );
+        resources.push_str(&listener.replacen(
+            "\n",
+            &format!("\n    traffic_direction: {direction}\n"),
+            1,
+        ));
+    }
+    resources.push_str("  clusters:\n");
+    resources.push_str(&Standalone::static_cluster("echo", &[echo], ""));
+    resources.push_str(&Standalone::static_cluster("dead", &[], ""));
+    resources.push_str(&Standalone::static_cluster("zipkin", &[zipkin], ""));
+    s.start(&resources);
+    // The readiness checks are not traced (the admin port), but drop anything reported so far.
+    std::thread::sleep(Duration::from_millis(200));
+    reports.lock().unwrap().clear();
+    let mut seen = Vec::new();
+    let mut names_of: Vec<BTreeMap<String, String>> = Vec::new();
+    for (n, (listener, path, headers)) in cases().into_iter().enumerate() {
+        let id = format!("00000000-0000-4000-8000-0000000000{n:02}");
+        let mut headers = headers.clone();
+        headers.push(("x-request-id", Box::leak(id.into_boxed_str())));
+        let addr: SocketAddr = format!("{ip}:{}", BASE + listener as u16).parse().unwrap();
+        let r = Client::new(addr)
+            .request("GET", "svc:8080", path, &headers)
+            .expect("the proxy answers");
+        let echoed = |name: &str| {
+            let prefix = format!("{name}: ");
+            r.body
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+                .map(str::to_string)
+        };
+        let mut names = BTreeMap::from([
+            (TRACE.to_string(), "client-trace".to_string()),
+            (TRACE[16..].to_string(), "client-trace-low".to_string()),
+            (SPAN.to_string(), "client-span".to_string()),
+            (PARENT.to_string(), "client-parent".to_string()),
+            ("80f198ee56343ba864fe8b2a57d3eff7".into(), "b3-trace".into()),
+            ("e457b5a2e4d86bd1".into(), "b3-span".into()),
+            ("05e3ac9a4f6e3b90".into(), "b3-parent".into()),
+        ]);
+        // The new trace id of this request, once seen upstream.
+        let upstream_trace = echoed("x-b3-traceid")
+            .or_else(|| echoed("b3").and_then(|b| b.split('-').next().map(str::to_string)));
+        if let Some(t) =
+            upstream_trace.filter(|t| !names.contains_key(t) && (t.len() == 16 || t.len() == 32))
+        {
+            names.insert(t, "new-trace".into());
+        }
+        let mut line = format!("{n} {path}: {}", r.status);
+        for h in [
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            if let Some(v) = echoed(h) {
+                let v = if h == "x-b3-sampled" || h == "x-b3-flags" {
+                    v
+                } else {
+                    relation(&v, &names)
+                };
+                line.push_str(&format!(" {h}={v}"));
+            }
+        }
+        if let Some(b3) = echoed("b3") {
+            let parts: Vec<String> = b3
+                .split('-')
+                .map(|p| {
+                    if p.len() == 1 {
+                        p.to_string()
+                    } else {
+                        relation(p, &names)
+                    }
+                })
+                .collect();
+            line.push_str(&format!(" b3={}", parts.join("-")));
+        }
+        seen.push(line);
+        names_of.push(names);
+    }
+    // Seven requests are sampled: five are sent at once, the rest within the flush interval.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans: Vec<serde_json::Value> = reports
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, body)| {
+                serde_json::from_str::<Vec<serde_json::Value>>(body).expect("a JSON array")
+            })
+            .collect();
+        if spans.len() >= 7 || Instant::now() > deadline {
+            break spans;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut reported: Vec<String> = Vec::new();
+    for span in &spans {
+        let tags = span["tags"].as_object().expect("tags");
+        let id = tags["guid:x-request-id"].as_str().expect("request id");
+        let n: usize = id[id.len() - 2..].parse().expect("case number");
+        let names = &names_of[n];
+        let text = |k: &str| span[k].as_str().map(str::to_string);
+        let rel = |k: &str| text(k).map_or("-".into(), |v| relation(&v, names));
+        let mut line = format!(
+            "span {n}: {} {} trace={} id={} parent={} shared={}",
+            span["kind"],
+            span["name"],
+            rel("traceId"),
+            rel("id"),
+            rel("parentId"),
+            span["shared"]
+        );
+        let end = span["annotations"][0]["timestamp"].as_u64().unwrap_or(0);
+        let (start, duration) = (
+            span["timestamp"].as_u64().unwrap_or(0),
+            span["duration"].as_u64().unwrap_or(0),
+        );
+        line.push_str(&format!(
+            " timed={} annotation={} endpoint={}",
+            start > 0 && end >= start + duration.saturating_sub(1000),
+            span["annotations"][0]["value"],
+            span["localEndpoint"]["serviceName"]
+        ));
+        for (k, v) in tags {
+            let v = v.as_str().unwrap_or_default();
+            let v = match k.as_str() {
+                // Sizes of the echo's answer (which lists the headers each proxy adds).
+                "response_size" => if v.parse::<u64>().unwrap_or(0) > 0 {
+                    "n"
+                } else {
+                    "0"
+                }
+                .into(),
+                "guid:x-request-id" => v[v.len() - 4..].to_string(),
+                _ => v.to_string(),
+            };
+            line.push_str(&format!(" {k}={v}"));
+        }
+        reported.push(line);
+    }
+    reported.sort();
+    seen.extend(reported);
+    let mut requests: Vec<String> = reports
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(r, _)| r.clone())
+        .collect();
+    requests.dedup();
+    seen.extend(requests.into_iter().map(|r| format!("report {r}")));
+    seen
+}
+
+#[test]
+fn zipkin_spans_and_b3_headers_are_envoys() {
+    let weft = run(Flavor::Weft, 142);
+    let envoy = run(Flavor::Envoy, 143);
+    let differ = differing_lines(&weft, &envoy);
+    assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
+    let spans = weft.iter().filter(|l| l.starts_with("span ")).count();
+    assert_eq!(spans, 7, "{weft:#?}");
+    let line = |start: &str| {
+        weft.iter()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in {weft:#?}"))
+            .clone()
+    };
+    // An egress child of the client's span; an ingress span sharing the client's.
+    assert!(
+        line("2 /out").contains("x-b3-traceid=client-trace x-b3-spanid=new64 x-b3-parentspanid=client-span x-b3-sampled=1"),
+        "{weft:#?}"
+    );
+    assert!(line("span 1:").contains(
+        "\"SERVER\" \"svc:8080\" trace=client-trace id=client-span parent=client-parent shared=true"
+    ));
+    assert!(line("span 3:").contains("\"my-op\""));
+    assert!(
+        line("span 4:").contains(" error=true ") && line("span 4:").contains("response_flags=UH")
+    );
+    assert!(line("span 0:").contains(" hdr=t1 ") && line("span 0:").contains(" lit=v1 "));
+    // `x-b3-sampled: 0` wins over `x-b3-flags: 1`: not reported.
+    assert!(line("9 /debug").contains("x-b3-sampled=0"), "{weft:#?}");
+    assert!(!weft.iter().any(|l| l.starts_with("span 9:")));
+    // The broken context: passed on as it came, nothing added, nothing reported.
+    assert!(
+        line("10 /bad").ends_with(": 200 x-b3-traceid=odd zz x-b3-spanid=client-span"),
+        "{}",
+        line("10 /bad")
+    );
+    assert!(
+        line("report ")
+            .contains("POST /api/v2/spans HTTP/1.1 host=zipkin content-type=application/json")
+    );
+}
