@@ -44,6 +44,15 @@ struct Args {
     /// DECODE_AND_MERGE_SLASHES.
     #[arg(long, default_value = "BASE", value_parser = ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"])]
     path_normalization: String,
+    /// Have every proxy report Zipkin spans to this collector, HOST:PORT (Istio's
+    /// meshConfig.enableTracing with defaultConfig.tracing.zipkin.address, e.g.
+    /// zipkin.istio-system:9411); off by default.
+    #[arg(long)]
+    zipkin_address: Option<String>,
+    /// The percentage of requests traced when --zipkin-address is set (Istio's
+    /// defaultConfig.tracing.sampling).
+    #[arg(long, default_value_t = 1.0)]
+    trace_sampling: f64,
     /// Corefile for the DNS server (default: the Corefile Kubernetes ships for CoreDNS).
     #[arg(long, conflicts_with = "no_dns")]
     corefile: Option<PathBuf>,
@@ -95,6 +104,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let tracing = args
+        .zipkin_address
+        .as_deref()
+        .map(|a| weft_control_plane::model::TracingSettings::parse(a, args.trace_sampling))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     init_tracing(&args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -127,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                     &args.path_normalization,
                 )
                 .unwrap_or_default(),
+                tracing,
             },
             dns: dns.clone(),
             ca: (!args.no_ca).then(|| {

@@ -155,6 +155,48 @@ pub struct MeshSettings {
     pub trust_domain: String,
     /// How proxies normalize request paths (`meshConfig.pathNormalization`).
     pub path_normalization: PathNormalization,
+    /// Spans reported to a Zipkin collector (`meshConfig.enableTracing` with
+    /// `defaultConfig.tracing.zipkin`).
+    pub tracing: Option<TracingSettings>,
+}
+
+/// Istio's `meshConfig.defaultConfig.tracing` with a Zipkin collector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The collector's host (a name the proxies resolve, or an address) and port
+    /// (`tracing.zipkin.address`, e.g. `zipkin.istio-system:9411`).
+    pub host: String,
+    pub port: u32,
+    /// The percentage of requests sampled (`tracing.sampling`, Istio's default 1%).
+    pub sampling: f64,
+}
+
+impl TracingSettings {
+    /// From `host:port` and a percentage; why not, otherwise.
+    pub fn parse(address: &str, sampling: f64) -> Result<TracingSettings, String> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| format!("zipkin address {address:?}: expected HOST:PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u32 = port
+            .parse()
+            .ok()
+            .filter(|p| (1..=65535).contains(p))
+            .ok_or_else(|| format!("zipkin address {address:?}: {port:?} is not a port"))?;
+        if host.is_empty() {
+            return Err(format!("zipkin address {address:?}: the host is empty"));
+        }
+        if !(0.0..=100.0).contains(&sampling) {
+            return Err(format!(
+                "trace sampling {sampling}: must be a percentage, 0 to 100"
+            ));
+        }
+        Ok(TracingSettings {
+            host: host.to_string(),
+            port,
+            sampling,
+        })
+    }
 }
 
 /// Istio's `meshConfig.pathNormalization.normalization`: what every HTTP connection manager

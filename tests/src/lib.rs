@@ -3,6 +3,7 @@
 //! endpoints. Every process is killed when its handle drops, so a failing test leaves nothing
 //! behind.
 
+pub mod collector;
 pub mod envoy;
 pub mod http;
 pub mod mesh;

@@ -7,12 +7,11 @@
 //! (kind, name, ids as relations, `shared`, the tags, the report's request) must be the same.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use weft_e2e::Client;
+use weft_e2e::collector::zipkin as collector;
 use weft_e2e::standalone::{Flavor, Standalone, differing_lines};
 
 const BASE: u16 = 18820;
@@ -45,74 +44,6 @@ const TRACING: &str = r#"          tracing:
                 collector_endpoint: /api/v2/spans
                 collector_endpoint_version: HTTP_JSON
 "#;
-
-/// Reports the collector received: the request's head lines that matter and its body.
-type Reports = Arc<Mutex<Vec<(String, String)>>>;
-
-/// A Zipkin collector: answers every POST `202` and keeps its request.
-fn collector() -> (SocketAddr, Reports) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind collector");
-    let addr = listener.local_addr().expect("addr");
-    let reports: Reports = Arc::default();
-    let keep = reports.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let keep = keep.clone();
-            std::thread::spawn(move || {
-                let mut out = conn.try_clone().expect("clone");
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut head = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push(line.trim_end().to_string());
-                    }
-                    let header = |name: &str| {
-                        head.iter().find_map(|l| {
-                            let (n, v) = l.split_once(':')?;
-                            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                        })
-                    };
-                    let mut body = Vec::new();
-                    if header("transfer-encoding").is_some_and(|t| t == "chunked") {
-                        loop {
-                            let mut size = String::new();
-                            r.read_line(&mut size).expect("chunk size");
-                            let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
-                            let mut chunk = vec![0; n + 2];
-                            r.read_exact(&mut chunk).expect("chunk");
-                            if n == 0 {
-                                break;
-                            }
-                            body.extend_from_slice(&chunk[..n]);
-                        }
-                    } else {
-                        let n = header("content-length").map_or(0, |v| v.parse().unwrap());
-                        body.resize(n, 0);
-                        r.read_exact(&mut body).expect("body");
-                    }
-                    let what = format!(
-                        "{} host={} content-type={}",
-                        head[0],
-                        header("host").unwrap_or_default(),
-                        header("content-type").unwrap_or_default()
-                    );
-                    keep.lock()
-                        .unwrap()
-                        .push((what, String::from_utf8_lossy(&body).into()));
-                    let _ = out.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n");
-                }
-            });
-        }
-    });
-    (addr, reports)
-}
 
 /// (listener: 0 egress, 1 ingress; path; headers), each request with its own id. Seven are
 /// sampled: not 6, 8 and 9, whose context says not, nor 10, whose context does not parse.
@@ -268,21 +199,7 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         names_of.push(names);
     }
     // Seven requests are sampled: five are sent at once, the rest within the flush interval.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let spans = loop {
-        let spans: Vec<serde_json::Value> = reports
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|(_, body)| {
-                serde_json::from_str::<Vec<serde_json::Value>>(body).expect("a JSON array")
-            })
-            .collect();
-        if spans.len() >= 7 || Instant::now() > deadline {
-            break spans;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let spans = weft_e2e::collector::spans(&reports, 7, Duration::from_secs(20));
     let mut reported: Vec<String> = Vec::new();
     for span in &spans {
         let tags = span["tags"].as_object().expect("tags");

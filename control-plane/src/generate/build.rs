@@ -5,8 +5,8 @@ use weft_xds_proto::envoy::config::accesslog::v3::{AccessLog, access_log};
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use weft_xds_proto::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
-    Http2ProtocolOptions, RuntimeFractionalPercent, SocketAddress, address, config_source,
-    header_value_option, socket_address,
+    Http2ProtocolOptions, RuntimeFractionalPercent, SocketAddress, TrafficDirection, address,
+    config_source, header_value_option, socket_address,
 };
 use weft_xds_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -723,10 +723,13 @@ pub(super) fn inbound_listener_for(
     )
 }
 
+/// A listener for traffic leaving the workload (a sidecar's egress, a gateway's), marked
+/// OUTBOUND as Istio marks them: a tracer's spans there are the client side of their hop.
 pub(super) fn listener(name: &str, bind: &str, port: u32, network_filter: Filter) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket(bind, port)),
+        traffic_direction: TrafficDirection::Outbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![network_filter],
             ..Default::default()
@@ -908,6 +911,7 @@ pub(super) fn http_connection_manager(
         route_specifier: Some(routes),
         http_filters,
         access_log: mesh.settings.access_log.iter().map(access_log).collect(),
+        tracing: mesh.settings.tracing.as_ref().map(|t| tracing(mesh, t)),
         // WebSocket upgrades pass through, as on Istio's sidecars and gateways.
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".into(),
@@ -918,6 +922,70 @@ pub(super) fn http_connection_manager(
     Filter {
         name: "envoy.filters.network.http_connection_manager".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+    }
+}
+
+/// The cluster every connection manager's spans are reported to (Istio's bootstrap names it
+/// so).
+pub const ZIPKIN_CLUSTER: &str = "zipkin";
+
+/// Istio's tracing on a connection manager with a Zipkin collector: `sampling` percent of
+/// requests at random (a client's `x-client-trace-id` and an internal `x-envoy-force-trace`
+/// always), spans with 128-bit trace ids and a span of their own on each side (no shared
+/// context), tagged with the mesh id.
+fn tracing(mesh: &Mesh, t: &crate::model::TracingSettings) -> http_connection_manager::Tracing {
+    use weft_xds_proto::envoy::config::trace::v3::zipkin_config::CollectorEndpointVersion;
+    use weft_xds_proto::envoy::config::trace::v3::{ZipkinConfig, tracing::Http, tracing::http};
+    use weft_xds_proto::envoy::r#type::tracing::v3::{CustomTag, custom_tag};
+    use weft_xds_proto::envoy::r#type::v3::Percent;
+    let zipkin = ZipkinConfig {
+        collector_cluster: ZIPKIN_CLUSTER.into(),
+        collector_endpoint: "/api/v2/spans".into(),
+        collector_endpoint_version: CollectorEndpointVersion::HttpJson as i32,
+        trace_id_128bit: true,
+        shared_span_context: Some(BoolValue { value: false }),
+        ..Default::default()
+    };
+    http_connection_manager::Tracing {
+        client_sampling: Some(Percent { value: 100.0 }),
+        random_sampling: Some(Percent { value: t.sampling }),
+        overall_sampling: Some(Percent { value: 100.0 }),
+        max_path_tag_length: Some(UInt32Value { value: 256 }),
+        custom_tags: vec![CustomTag {
+            tag: "istio.mesh_id".into(),
+            r#type: Some(custom_tag::Type::Literal(custom_tag::Literal {
+                value: mesh.settings.trust_domain().to_string(),
+            })),
+        }],
+        provider: Some(Http {
+            name: "envoy.tracers.zipkin".into(),
+            config_type: Some(http::ConfigType::TypedConfig(pack(&zipkin))),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Zipkin collector's cluster: the proxies resolve its host themselves (STRICT_DNS), or it
+/// is an address (STATIC).
+pub fn zipkin_cluster(t: &crate::model::TracingSettings) -> Cluster {
+    let endpoints = vec![lb_endpoint(&t.host, t.port, 1)];
+    if t.host.parse::<std::net::IpAddr>().is_ok() {
+        Cluster {
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32,
+            )),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: ZIPKIN_CLUSTER.into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: endpoints,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..base_cluster(ZIPKIN_CLUSTER, Protocol::Http)
+        }
+    } else {
+        dns_cluster(ZIPKIN_CLUSTER, Protocol::Http, false, endpoints)
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
-use weft_xds_proto::envoy::config::core::v3::CidrRange;
+use weft_xds_proto::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use weft_xds_proto::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
 use weft_xds_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use weft_xds_proto::type_url;
@@ -208,7 +208,11 @@ pub fn virtual_inbound(
         chains.push(c);
     }
     chains.push(blackhole_chain("virtualInbound", VIRTUAL_INBOUND_PORT));
-    let mut l = bare_listener("virtualInbound", VIRTUAL_INBOUND_PORT);
+    let mut l = bare_listener(
+        "virtualInbound",
+        VIRTUAL_INBOUND_PORT,
+        TrafficDirection::Inbound,
+    );
     l.filter_chains = chains;
     l.listener_filters = vec![ListenerFilter {
         name: "envoy.filters.listener.original_dst".into(),
@@ -250,11 +254,12 @@ fn blackhole_chain(listener: &str, port: u32) -> FilterChain {
     }
 }
 
-/// A listener on 0.0.0.0:`port` without filter chains yet.
-fn bare_listener(name: &str, port: u32) -> Listener {
+/// A listener on 0.0.0.0:`port` without filter chains yet, for traffic in `direction`.
+fn bare_listener(name: &str, port: u32, direction: TrafficDirection) -> Listener {
     Listener {
         name: name.into(),
         address: Some(super::build::socket("0.0.0.0", port)),
+        traffic_direction: direction as i32,
         ..Default::default()
     }
 }
@@ -323,7 +328,7 @@ fn port_listener(
         // Nothing to tell apart: virtualOutbound's own fallback serves the port.
         return None;
     }
-    let mut l = bare_listener(&name, port);
+    let mut l = bare_listener(&name, port, TrafficDirection::Outbound);
     l.bind_to_port = Some(BoolValue { value: false });
     l.filter_chains = chains;
     if has_sni {

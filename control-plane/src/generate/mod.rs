@@ -199,6 +199,13 @@ pub fn generate(mesh: &Mesh, proxy: &ProxyNode) -> Generated {
     build::endpoints(mesh, &scope, &mut out);
     build::inbound(mesh, &scope, &mut out);
     gateway::listeners(mesh, &scope, &mut out);
+    if let Some(t) = &mesh.settings.tracing {
+        out.add(
+            type_url::CLUSTER,
+            build::ZIPKIN_CLUSTER.into(),
+            &build::zipkin_cluster(t),
+        );
+    }
     out
 }
 

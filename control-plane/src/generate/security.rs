@@ -331,6 +331,9 @@ pub fn inbound_listener(
     Listener {
         name: name.to_string(),
         address: Some(address),
+        // Istio's mark: a tracer's spans here are the server side of their hop.
+        traffic_direction: weft_xds_proto::envoy::config::core::v3::TrafficDirection::Inbound
+            as i32,
         filter_chains,
         listener_filters,
         ..Default::default()

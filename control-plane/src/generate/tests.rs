@@ -392,8 +392,16 @@ spec: { address: 127.0.0.50, labels: { app: a-client } }
 
 /// The `server_name` of the HTTP connection manager in a generated listener's first chain.
 fn server_name(g: &Generated, listener: &str) -> String {
+    hcm_of(g, listener).server_name
+}
+
+/// The HTTP connection manager of a listener's first filter chain.
+fn hcm_of(
+    g: &Generated,
+    listener: &str,
+) -> weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager
+{
     use weft_xds_proto::envoy::config::listener::v3::{Listener, filter};
-    use weft_xds_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
     let l: Listener = unpack(&g.of_type(type_url::LISTENER).unwrap()[listener].any).unwrap();
     let chain = l
         .filter_chains
@@ -403,7 +411,65 @@ fn server_name(g: &Generated, listener: &str) -> String {
     let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else {
         panic!("{listener}: no typed config");
     };
-    unpack::<HttpConnectionManager>(any).unwrap().server_name
+    unpack(any).unwrap()
+}
+
+#[test]
+fn tracing_reports_to_a_zipkin_cluster_as_istio_does() {
+    use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
+    use weft_xds_proto::envoy::config::trace::v3::{ZipkinConfig, tracing::http::ConfigType};
+    let mut mesh = mesh();
+    let server = ProxyNode::identify(
+        &node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"),
+        &mesh,
+    )
+    .unwrap();
+    // Off unless asked for.
+    let g = generate(&mesh, &server);
+    assert!(hcm_of(&g, "127.0.0.11_9080").tracing.is_none());
+    assert!(!g.of_type(type_url::CLUSTER).unwrap().contains_key("zipkin"));
+    mesh.settings.tracing =
+        Some(crate::model::TracingSettings::parse("zipkin.istio-system:9411", 2.5).unwrap());
+    let g = generate(&mesh, &server);
+    let t = hcm_of(&g, "127.0.0.11_9080").tracing.expect("tracing");
+    assert_eq!(t.random_sampling.unwrap().value, 2.5);
+    assert_eq!(t.custom_tags[0].tag, "istio.mesh_id");
+    let provider = t.provider.unwrap();
+    assert_eq!(provider.name, "envoy.tracers.zipkin");
+    let Some(ConfigType::TypedConfig(any)) = &provider.config_type else {
+        panic!("no typed config");
+    };
+    let z: ZipkinConfig = unpack(any).unwrap();
+    assert_eq!(
+        (z.collector_cluster.as_str(), z.collector_endpoint.as_str()),
+        ("zipkin", "/api/v2/spans")
+    );
+    assert!(z.trace_id_128bit);
+    assert_eq!(z.shared_span_context.map(|b| b.value), Some(false));
+    let c: Cluster = unpack(&g.of_type(type_url::CLUSTER).unwrap()["zipkin"].any).unwrap();
+    assert_eq!(
+        c.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::StrictDns as i32
+        ))
+    );
+    // Bad settings are refused with the reason.
+    for (address, sampling) in [
+        ("zipkin", 1.0),
+        ("zipkin:0", 1.0),
+        (":9411", 1.0),
+        ("z:9411", 101.0),
+    ] {
+        assert!(crate::model::TracingSettings::parse(address, sampling).is_err());
+    }
+    let ip = crate::model::TracingSettings::parse("127.0.0.1:9411", 1.0).unwrap();
+    let c = crate::generate::build::zipkin_cluster(&ip);
+    assert_eq!(
+        c.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32
+        ))
+    );
 }
 
 #[test]
