@@ -2,8 +2,8 @@
 //! collector): the client's weft-proxy sidecar and the two servers' sidecars (hello-v1 a
 //! weft-proxy, hello-v2 a stock Envoy), all fed by weftd, report their spans to one collector.
 //! Every request gives one trace: the client's CLIENT span and the serving sidecar's SERVER
-//! span, its child (Istio's spans share no context), with 128-bit trace ids and the mesh id tag,
-//! whichever proxy served it.
+//! span, its child (Istio's spans share no context), with 128-bit trace ids and Istio's tags
+//! (canonical service, namespace, mesh id), whichever proxy served it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,9 +74,12 @@ fn a_trace_crosses_weft_proxy_and_envoy_sidecars() {
         assert_eq!(server["parentId"], client["id"], "{spans:#?}");
         assert!(client.get("parentId").is_none(), "{client:#}");
         assert!(server.get("shared").is_none(), "{server:#}");
-        for s in [client, server] {
-            assert_eq!(s["tags"]["istio.mesh_id"], "cluster.local", "{s:#}");
-            assert_eq!(s["tags"]["http.status_code"], "200", "{s:#}");
+        for (s, service) in [(client, "client"), (server, "hello")] {
+            let tags = &s["tags"];
+            assert_eq!(tags["istio.mesh_id"], "cluster.local", "{s:#}");
+            assert_eq!(tags["istio.namespace"], "default", "{s:#}");
+            assert_eq!(tags["istio.canonical_service"], service, "{s:#}");
+            assert_eq!(tags["http.status_code"], "200", "{s:#}");
         }
         assert!(
             client["tags"]["node_id"]

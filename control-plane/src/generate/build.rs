@@ -473,6 +473,7 @@ pub(super) fn outbound_http(
     );
     http_connection_manager(
         mesh,
+        scope.proxy,
         stat_prefix,
         HcmRole::Outbound,
         http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -647,6 +648,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             };
             http_connection_manager(
                 mesh,
+                scope.proxy,
                 &stat_prefix,
                 HcmRole::Inbound,
                 http_connection_manager::RouteSpecifier::RouteConfig(rc),
@@ -845,6 +847,7 @@ pub(super) enum HcmRole {
 /// either way (Envoy's default transformation, which Istio keeps).
 pub(super) fn http_connection_manager(
     mesh: &Mesh,
+    proxy: &crate::generate::proxy::ProxyNode,
     stat_prefix: &str,
     role: HcmRole,
     routes: http_connection_manager::RouteSpecifier,
@@ -911,7 +914,11 @@ pub(super) fn http_connection_manager(
         route_specifier: Some(routes),
         http_filters,
         access_log: mesh.settings.access_log.iter().map(access_log).collect(),
-        tracing: mesh.settings.tracing.as_ref().map(|t| tracing(mesh, t)),
+        tracing: mesh
+            .settings
+            .tracing
+            .as_ref()
+            .map(|t| tracing(mesh, proxy, t)),
         // WebSocket upgrades pass through, as on Istio's sidecars and gateways.
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".into(),
@@ -932,8 +939,13 @@ pub const ZIPKIN_CLUSTER: &str = "zipkin";
 /// Istio's tracing on a connection manager with a Zipkin collector: `sampling` percent of
 /// requests at random (a client's `x-client-trace-id` and an internal `x-envoy-force-trace`
 /// always), spans with 128-bit trace ids and a span of their own on each side (no shared
-/// context), tagged with the mesh id.
-fn tracing(mesh: &Mesh, t: &crate::model::TracingSettings) -> http_connection_manager::Tracing {
+/// context), tagged with the proxy's canonical service and revision, its namespace and the mesh
+/// id, as Istio tags them.
+fn tracing(
+    mesh: &Mesh,
+    proxy: &crate::generate::proxy::ProxyNode,
+    t: &crate::model::TracingSettings,
+) -> http_connection_manager::Tracing {
     use weft_xds_proto::envoy::config::trace::v3::zipkin_config::CollectorEndpointVersion;
     use weft_xds_proto::envoy::config::trace::v3::{ZipkinConfig, tracing::Http, tracing::http};
     use weft_xds_proto::envoy::r#type::tracing::v3::{CustomTag, custom_tag};
@@ -951,18 +963,52 @@ fn tracing(mesh: &Mesh, t: &crate::model::TracingSettings) -> http_connection_ma
         random_sampling: Some(Percent { value: t.sampling }),
         overall_sampling: Some(Percent { value: 100.0 }),
         max_path_tag_length: Some(UInt32Value { value: 256 }),
-        custom_tags: vec![CustomTag {
-            tag: "istio.mesh_id".into(),
+        custom_tags: [
+            ("istio.canonical_revision", canonical_revision(proxy)),
+            ("istio.canonical_service", canonical_service(proxy)),
+            ("istio.mesh_id", mesh.settings.trust_domain()),
+            ("istio.namespace", proxy.namespace.as_str()),
+        ]
+        .into_iter()
+        .map(|(tag, value)| CustomTag {
+            tag: tag.into(),
             r#type: Some(custom_tag::Type::Literal(custom_tag::Literal {
-                value: mesh.settings.trust_domain().to_string(),
+                value: value.to_string(),
             })),
-        }],
+        })
+        .collect(),
         provider: Some(Http {
             name: "envoy.tracers.zipkin".into(),
             config_type: Some(http::ConfigType::TypedConfig(pack(&zipkin))),
         }),
         ..Default::default()
     }
+}
+
+/// Istio's canonical service of a workload: its `service.istio.io/canonical-name` label, else
+/// `app.kubernetes.io/name`, else `app`, else the workload's name.
+fn canonical_service(proxy: &crate::generate::proxy::ProxyNode) -> &str {
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|l| proxy.labels.get(*l))
+    .map_or(proxy.workload_name.as_str(), String::as_str)
+}
+
+/// Istio's canonical revision: `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version`, else `latest`.
+fn canonical_revision(proxy: &crate::generate::proxy::ProxyNode) -> &str {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|l| proxy.labels.get(*l))
+    .map_or("latest", String::as_str)
 }
 
 /// The Zipkin collector's cluster: the proxies resolve its host themselves (STRICT_DNS), or it

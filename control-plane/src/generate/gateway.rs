@@ -415,6 +415,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                     transport_socket: downstream_tls(srv, true),
                     filters: vec![http_connection_manager(
                         mesh,
+                        scope.proxy,
                         &stat_prefix,
                         HcmRole::Gateway,
                         http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -431,6 +432,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
                 port,
                 http_connection_manager(
                     mesh,
+                    scope.proxy,
                     &stat_prefix,
                     HcmRole::Gateway,
                     http_connection_manager::RouteSpecifier::Rds(Rds::default()),
@@ -463,6 +465,7 @@ pub fn listeners(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
         out.add(type_url::ROUTE_CONFIGURATION, route_name.clone(), &rc);
         let hcm = http_connection_manager(
             mesh,
+            scope.proxy,
             &stat_prefix,
             HcmRole::Gateway,
             http_connection_manager::RouteSpecifier::Rds(Rds {

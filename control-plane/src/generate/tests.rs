@@ -418,6 +418,7 @@ fn hcm_of(
 fn tracing_reports_to_a_zipkin_cluster_as_istio_does() {
     use weft_xds_proto::envoy::config::cluster::v3::{Cluster, cluster};
     use weft_xds_proto::envoy::config::trace::v3::{ZipkinConfig, tracing::http::ConfigType};
+    use weft_xds_proto::envoy::r#type::tracing::v3::custom_tag;
     let mut mesh = mesh();
     let server = ProxyNode::identify(
         &node("sidecar~127.0.0.11~hello-v1.default~default.svc.cluster.local"),
@@ -433,7 +434,26 @@ fn tracing_reports_to_a_zipkin_cluster_as_istio_does() {
     let g = generate(&mesh, &server);
     let t = hcm_of(&g, "127.0.0.11_9080").tracing.expect("tracing");
     assert_eq!(t.random_sampling.unwrap().value, 2.5);
-    assert_eq!(t.custom_tags[0].tag, "istio.mesh_id");
+    let tags: Vec<(String, String)> = t
+        .custom_tags
+        .iter()
+        .map(|c| {
+            let Some(custom_tag::Type::Literal(l)) = &c.r#type else {
+                panic!("{c:?}")
+            };
+            (c.tag.clone(), l.value.clone())
+        })
+        .collect();
+    let tag = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(
+        tags,
+        [
+            tag("istio.canonical_revision", "v1"),
+            tag("istio.canonical_service", "hello"),
+            tag("istio.mesh_id", "cluster.local"),
+            tag("istio.namespace", "default"),
+        ]
+    );
     let provider = t.provider.unwrap();
     assert_eq!(provider.name, "envoy.tracers.zipkin");
     let Some(ConfigType::TypedConfig(any)) = &provider.config_type else {
