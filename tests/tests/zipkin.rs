@@ -45,7 +45,7 @@ const TRACING: &str = r#"          tracing:
                 collector_endpoint_version: HTTP_JSON
 "#;
 
-/// (listener: 0 egress, 1 ingress; path; headers), each request with its own id. Seven are
+/// (listener: 0 egress, 1 ingress; path; headers), each request with its own id. Nine are
 /// sampled: not 6, 8 and 9, whose context says not, nor 10, whose context does not parse.
 type Case = (usize, &'static str, Vec<(&'static str, &'static str)>);
 
@@ -87,6 +87,9 @@ fn cases() -> Vec<Case> {
             "/bad",
             vec![("x-b3-traceid", "zz"), ("x-b3-spanid", SPAN)],
         ),
+        // Request bodies, their size in the span: one of known length, one streamed.
+        (0, "/post", vec![]),
+        (1, "/chunked", vec![]),
     ]
 }
 
@@ -138,9 +141,23 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         let mut headers = headers.clone();
         headers.push(("x-request-id", Box::leak(id.into_boxed_str())));
         let addr: SocketAddr = format!("{ip}:{}", BASE + listener as u16).parse().unwrap();
-        let r = Client::new(addr)
-            .request("GET", "svc:8080", path, &headers)
-            .expect("the proxy answers");
+        let mut client = Client::new(addr);
+        let r = match path {
+            "/post" | "/chunked" => {
+                let framing = if path == "/post" {
+                    "content-length: 11\r\n\r\nhello world"
+                } else {
+                    "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+                };
+                let raw = format!(
+                    "POST {path} HTTP/1.1\r\nhost: svc:8080\r\nx-request-id: {}\r\n{framing}",
+                    headers.last().expect("the id").1
+                );
+                client.send_raw(raw.as_bytes())
+            }
+            _ => client.request("GET", "svc:8080", path, &headers),
+        }
+        .expect("the proxy answers");
         let echoed = |name: &str| {
             let prefix = format!("{name}: ");
             r.body
@@ -198,8 +215,8 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         seen.push(line);
         names_of.push(names);
     }
-    // Seven requests are sampled: five are sent at once, the rest within the flush interval.
-    let spans = weft_e2e::collector::spans(&reports, 7, Duration::from_secs(20));
+    // Nine requests are sampled: five are sent at once, the rest within the flush interval.
+    let spans = weft_e2e::collector::spans(&reports, 9, Duration::from_secs(20));
     let mut reported: Vec<String> = Vec::new();
     for span in &spans {
         let tags = span["tags"].as_object().expect("tags");
@@ -265,7 +282,15 @@ fn zipkin_spans_and_b3_headers_are_envoys() {
     let differ = differing_lines(&weft, &envoy);
     assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
     let spans = weft.iter().filter(|l| l.starts_with("span ")).count();
-    assert_eq!(spans, 7, "{weft:#?}");
+    assert_eq!(spans, 9, "{weft:#?}");
+    for n in [11, 12] {
+        let body = format!("span {n}:");
+        assert!(
+            weft.iter()
+                .any(|l| l.starts_with(&body) && l.contains(" request_size=11 ")),
+            "{weft:#?}"
+        );
+    }
     let line = |start: &str| {
         weft.iter()
             .find(|l| l.starts_with(start))

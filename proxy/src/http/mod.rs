@@ -421,6 +421,7 @@ pub async fn serve_connection<S>(
     let down = Arc::new(down);
     let accept_http_10 = hcm.accept_http_10;
     let logged = hcm.access_logs.is_some();
+    let traced = hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
     let refused = refused_logger(hcm.access_logs.clone(), hcm.stats.clone(), down.clone());
@@ -448,17 +449,13 @@ pub async fn serve_connection<S>(
             normalize_path(&hcm.paths, &mut req);
         }
         async move {
-            // Spans are finished from the access log's entry, logs or not.
-            let spans = hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
-            let loggers = match hcm.access_logs.clone() {
-                Some(loggers) => loggers,
-                None if spans => access_log::Loggers::default(),
-                None => {
-                    let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
-                    let deadline = resp.extensions_mut().remove::<BodyDeadline>();
-                    let idle = body_idle(&hcm, &mut resp);
-                    return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
-                }
+            let Some(loggers) = hcm.access_logs.clone() else {
+                let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
+                let deadline = resp.extensions_mut().remove::<BodyDeadline>();
+                let idle = body_idle(&hcm, &mut resp);
+                // A sampled span is finished from an entry of the answer alone.
+                let log = traced_entry(&mut resp);
+                return resp.map(|b| LoggedBody::new(b, log, deadline, idle));
             };
             // Boxed, here and in the body: the entry is ~500 bytes, which every request's
             // future and response would otherwise carry (and move) with logs off too.
@@ -476,9 +473,6 @@ pub async fn serve_connection<S>(
             entry.span = resp.extensions_mut().remove::<Traced>().map(|t| t.0);
             let deadline = resp.extensions_mut().remove::<BodyDeadline>();
             let idle = body_idle(&hcm, &mut resp);
-            if loggers.is_empty() && entry.span.is_none() {
-                return resp.map(|b| LoggedBody::new(b, None, deadline, idle));
-            }
             // An upgraded connection's line is written when its session ends.
             if let Some(session) = resp.extensions_mut().remove::<upgrade::SessionLog>() {
                 session.hand_over(entry, loggers);
@@ -502,8 +496,9 @@ pub async fn serve_connection<S>(
         server::End::Closed => return,
         server::End::Handoff(stream) => stream,
     };
-    // With access logs, streamed request bodies are counted (`%BYTES_RECEIVED%`).
-    let counted = logged;
+    // With access logs or spans, streamed request bodies are counted (`%BYTES_RECEIVED%`, the
+    // span's `request_size`).
+    let counted = logged || traced;
     // What is in flight, for the connection's idle and request limits.
     let streams = timeouts::Streams::new();
     let in_flight = streams.clone();
@@ -729,14 +724,13 @@ impl Notes {
                 resp.headers_mut().append(name, value);
             }
         }
-        let span = self.span.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // The access log (and the span) show the request's id as the trace decision left it.
+        // The access log shows the request's id as the trace decision left it.
         if let Some(id) = self.marked_id.get()
-            && (hcm.access_logs.is_some() || span.is_some())
+            && hcm.access_logs.is_some()
         {
             resp.extensions_mut().insert(MarkedRequestId(id.clone()));
         }
-        if let Some(span) = span {
+        if let Some(span) = self.span.lock().unwrap_or_else(|p| p.into_inner()).take() {
             resp.extensions_mut().insert(Traced(span));
         }
     }
@@ -855,6 +849,7 @@ fn route_and_forward(
                     .unwrap_or("http")
                     .to_owned();
                 let authority = authority.to_owned();
+                let method = req.method().as_str().to_owned();
                 let start = zipkin::Start {
                     traced,
                     egress: tracing.egress,
@@ -864,6 +859,21 @@ fn route_and_forward(
                     path: &path,
                     peer: down.peer.map(|p| p.ip()),
                     collector: snapshot.clusters.get(z.cluster()).cloned(),
+                    method: &method,
+                    protocol: match req.version() {
+                        Version::HTTP_2 => "HTTP/2",
+                        Version::HTTP_10 => "HTTP/1.0",
+                        _ => "HTTP/1.1",
+                    },
+                    received: match req.body() {
+                        Either::Right(full) => zipkin::Received::Exact(
+                            http_body::Body::size_hint(full).exact().unwrap_or(0),
+                        ),
+                        Either::Left(streamed) => match streamed.counter() {
+                            Some(c) => zipkin::Received::Counted(c),
+                            None => zipkin::Received::Exact(0),
+                        },
+                    },
                 };
                 if let Some(span) = z.start(req.headers_mut(), start) {
                     *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
@@ -2425,6 +2435,19 @@ fn refused_logger(
             l.write(&entry);
         }
     }
+}
+
+/// The entry a sampled span of a connection manager without access logs is finished from: what
+/// the answer says (status, flags, upstream); the span keeps what its request said.
+#[inline]
+fn traced_entry(
+    resp: &mut Response<ProxyBody>,
+) -> Option<(Box<access_log::Entry>, access_log::Loggers)> {
+    let Traced(span) = resp.extensions_mut().remove::<Traced>()?;
+    let mut entry = Box::<access_log::Entry>::default();
+    response_entry(&mut entry, resp);
+    entry.span = Some(span);
+    Some((entry, access_log::Loggers::default()))
 }
 
 fn response_entry(e: &mut access_log::Entry, resp: &Response<ProxyBody>) {

@@ -414,6 +414,27 @@ pub struct Span {
     client_trace_id: Option<String>,
     peer: Option<std::net::IpAddr>,
     tags: Vec<(String, String)>,
+    method: String,
+    protocol: &'static str,
+    user_agent: String,
+    request_id: String,
+    received: Received,
+}
+
+/// How much of the request's body came: known from the start, or counted as it streams.
+#[derive(Debug, Clone)]
+pub enum Received {
+    Exact(u64),
+    Counted(Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Received {
+    fn bytes(&self) -> u64 {
+        match self {
+            Received::Exact(n) => *n,
+            Received::Counted(c) => c.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 /// The request facts a span is started with.
@@ -428,6 +449,10 @@ pub struct Start<'a> {
     pub path: &'a str,
     pub peer: Option<std::net::IpAddr>,
     pub collector: Option<Arc<crate::cluster::Cluster>>,
+    pub method: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`...
+    pub protocol: &'static str,
+    pub received: Received,
 }
 
 impl Zipkin {
@@ -528,8 +553,32 @@ impl Zipkin {
             client_trace_id: text("x-client-trace-id"),
             peer: s.peer,
             tags,
+            method: s.method.to_string(),
+            protocol: s.protocol,
+            user_agent: text("user-agent").unwrap_or_else(|| "-".into()),
+            request_id: text(X_REQUEST_ID.as_str()).unwrap_or_else(|| "-".into()),
+            received: s.received,
         }))
     }
+}
+
+/// `s` as a JSON string.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn micros(t: SystemTime) -> u64 {
@@ -538,93 +587,88 @@ fn micros(t: SystemTime) -> u64 {
 }
 
 impl Span {
-    /// The span in Zipkin's v2 JSON, finished with its answer as the access log entry has it.
+    /// The span in Zipkin's v2 JSON, finished with its answer (the access log entry's status,
+    /// flags, bytes sent and upstream cluster).
     fn json(&self, e: &Entry, local: &LocalNode) -> String {
-        use serde_json::{Map, Value};
-        let duration = self.started.elapsed();
+        let duration = self.started.elapsed().as_micros() as u64;
         let start = micros(self.start);
-        let end = start + duration.as_micros() as u64;
         let c = &self.context;
-        let mut span = Map::new();
-        let trace = match c.trace_high {
-            Some(high) => format!("{high:016x}{:016x}", c.trace),
-            None => hex(c.trace),
-        };
-        span.insert("traceId".into(), trace.into());
-        span.insert("id".into(), hex(c.span).into());
+        let mut out = String::with_capacity(1024);
+        out.push_str("{\"traceId\":\"");
+        if let Some(high) = c.trace_high {
+            let _ = write!(out, "{high:016x}");
+        }
+        let _ = write!(out, "{:016x}\",\"id\":\"{:016x}\"", c.trace, c.span);
         if let Some(p) = c.parent {
-            span.insert("parentId".into(), hex(p).into());
+            let _ = write!(out, ",\"parentId\":\"{p:016x}\"");
         }
-        span.insert("name".into(), self.name.clone().into());
-        span.insert(
-            "kind".into(),
-            if self.server { "SERVER" } else { "CLIENT" }.into(),
+        out.push_str(",\"name\":");
+        json_str(&mut out, &self.name);
+        let (kind, annotation) = if self.server {
+            ("SERVER", "ss")
+        } else {
+            ("CLIENT", "cr")
+        };
+        let _ = write!(
+            out,
+            ",\"kind\":\"{kind}\",\"timestamp\":{start},\"duration\":{duration},\"localEndpoint\":{{\"serviceName\":"
         );
-        span.insert("timestamp".into(), start.into());
-        span.insert("duration".into(), (duration.as_micros() as u64).into());
-        let mut endpoint = Map::new();
-        endpoint.insert("serviceName".into(), local.cluster.clone().into());
+        json_str(&mut out, &local.cluster);
         if let Some(ip) = local.ipv4 {
-            endpoint.insert("ipv4".into(), ip.to_string().into());
+            let _ = write!(out, ",\"ipv4\":\"{ip}\"");
         }
-        endpoint.insert("port".into(), 0.into());
-        span.insert("localEndpoint".into(), Value::Object(endpoint));
-        let mut annotation = Map::new();
-        annotation.insert("value".into(), if self.server { "ss" } else { "cr" }.into());
-        annotation.insert("timestamp".into(), end.into());
-        span.insert(
-            "annotations".into(),
-            Value::Array(vec![Value::Object(annotation)]),
+        let _ = write!(
+            out,
+            ",\"port\":0}},\"annotations\":[{{\"value\":\"{annotation}\",\"timestamp\":{}}}]",
+            start + duration
         );
         if self.server && self.tracer.shared {
-            span.insert("shared".into(), true.into());
+            out.push_str(",\"shared\":true");
         }
-        let header = |name: &str| {
-            e.request_headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string()
+        out.push_str(",\"tags\":{");
+        let mut first = true;
+        let mut tag = |k: &str, v: &str| {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            json_str(&mut out, k);
+            out.push(':');
+            json_str(&mut out, v);
         };
-        let mut tags = Map::new();
-        let mut tag = |k: &str, v: String| {
-            tags.insert(k.into(), Value::String(v));
-        };
-        tag("component", "proxy".into());
-        tag("node_id", local.id.clone());
-        tag("guid:x-request-id", header(X_REQUEST_ID.as_str()));
+        tag("component", "proxy");
+        tag("node_id", &local.id);
+        tag("guid:x-request-id", &self.request_id);
         if let Some(id) = &self.client_trace_id {
-            tag("guid:x-client-trace-id", id.clone());
+            tag("guid:x-client-trace-id", id);
         }
-        tag("http.url", self.url.clone());
-        tag("http.method", e.method.clone());
-        tag("http.protocol", e.protocol.into());
-        tag("downstream_cluster", self.downstream_cluster.clone());
-        tag("user_agent", header("user-agent"));
-        tag("request_size", e.bytes_received.to_string());
-        tag("response_size", e.bytes_sent.to_string());
-        tag("http.status_code", e.status.to_string());
-        tag("response_flags", e.flags.clone());
+        tag("http.url", &self.url);
+        tag("http.method", &self.method);
+        tag("http.protocol", self.protocol);
+        tag("downstream_cluster", &self.downstream_cluster);
+        tag("user_agent", &self.user_agent);
+        tag("request_size", &self.received.bytes().to_string());
+        tag("response_size", &e.bytes_sent.to_string());
+        tag("http.status_code", &e.status.to_string());
+        tag("response_flags", &e.flags);
         if let Some(peer) = self.peer {
-            tag("peer.address", peer.to_string());
+            tag("peer.address", &peer.to_string());
         }
         if let Some(cluster) = &e.upstream_cluster {
-            tag("upstream_cluster", cluster.clone());
+            tag("upstream_cluster", cluster);
             tag(
                 "upstream_cluster.name",
-                e.upstream_cluster_raw
-                    .clone()
-                    .unwrap_or_else(|| cluster.clone()),
+                e.upstream_cluster_raw.as_deref().unwrap_or(cluster),
             );
         }
         if e.status >= 500 || e.status == 0 {
-            tag("error", "true".into());
+            tag("error", "true");
         }
         for (k, v) in &self.tags {
-            tag(k, v.clone());
+            tag(k, v);
         }
-        span.insert("tags".into(), Value::Object(tags));
-        Value::Object(span).to_string()
+        out.push_str("}}");
+        out
     }
 
     /// Ends the span with its answer (the request's access log entry) and queues it for the
@@ -758,6 +802,9 @@ mod tests {
             path: "/a/very/long/path/indeed",
             peer: None,
             collector: None,
+            method: "GET",
+            protocol: "HTTP/1.1",
+            received: Received::Exact(0),
         }
     }
 
@@ -867,9 +914,6 @@ mod tests {
         s.peer = Some("10.0.0.9".parse().unwrap());
         let span = z.start(&mut h, s).unwrap();
         let e = Entry {
-            method: "GET".into(),
-            protocol: "HTTP/1.1",
-            request_headers: h,
             status: 503,
             flags: "UH".into(),
             bytes_sent: 19,
@@ -901,6 +945,15 @@ mod tests {
         assert_eq!(t["node_id"], "node-1");
         assert_eq!(t["lit"], "v");
         assert!(v.get("parentId").is_none());
+        // Names and tags that need escaping stay valid JSON.
+        let mut h = HeaderMap::new();
+        let mut s = start(true, true);
+        s.name = "a \"quoted\" \\ name\u{1}";
+        let span = z.start(&mut h, s).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&span.json(&e, &local)).unwrap();
+        assert_eq!(v["name"], "a \"quoted\" \\ name\u{1}");
+        assert_eq!(v["kind"], "CLIENT");
+        assert_eq!(v["traceId"], v["id"]);
     }
 
     #[test]
