@@ -26,6 +26,9 @@ struct Args {
     weft_proxy: Option<PathBuf>,
     /// Only load weft-proxy, then stop it cleanly: the training run of a profile-guided build.
     train: bool,
+    /// Zipkin tracing on both sidecars, this percentage of requests sampled (weftd
+    /// `--trace-sampling`); spans go to the backend.
+    trace_sampling: Option<f64>,
     work_dir: PathBuf,
 }
 
@@ -40,6 +43,7 @@ fn parse_args() -> anyhow::Result<Args> {
         bin_dir: exe.parent().context("exe dir")?.to_path_buf(),
         weft_proxy: None,
         train: false,
+        trace_sampling: None,
         work_dir: std::env::temp_dir().join(format!("weft-load-{}", std::process::id())),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--envoy" => a.envoy = PathBuf::from(val()?),
             "--weft-proxy" => a.weft_proxy = Some(PathBuf::from(val()?)),
             "--train" => a.train = true,
+            "--trace-sampling" => a.trace_sampling = Some(val()?.parse()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -65,7 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 const USAGE: &str = "usage: weft-load [--rounds N] [--duration SECS] [--h2-requests N] \
-[--body-bytes N] [--envoy PATH] [--weft-proxy PATH] [--train]\n\
+[--body-bytes N] [--envoy PATH] [--weft-proxy PATH] [--trace-sampling PCT] [--train]\n\
 Direct vs weft-proxy vs Envoy vs nginx as a reverse proxy, pinned, in rounds (defaults: 3 \
 rounds, 10 s, 200000 h2 requests, 100-byte bodies, envoy from WEFT_ENVOY or PATH, weft-proxy \
 next to weft-load). --train loads weft-proxy alone (HTTP/1.1, then h2c) and stops it with \
@@ -98,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         &weft_proxy,
         envoy,
         args.body_bytes,
+        args.trace_sampling,
     )?;
     if args.train {
         let t = "weft-proxy";
@@ -144,8 +150,15 @@ fn main() -> anyhow::Result<()> {
     env.stop();
 
     println!(
-        "\nweft-load: {} rounds, wrk -t1 -c50 -d{}s / h2load -n {} -c 50 -m 10, {}-byte body; medians",
-        args.rounds, args.duration_s, args.h2_requests, args.body_bytes
+        "\nweft-load: {} rounds, wrk -t1 -c50 -d{}s / h2load -n {} -c 50 -m 10, {}-byte body{}; medians",
+        args.rounds,
+        args.duration_s,
+        args.h2_requests,
+        args.body_bytes,
+        match args.trace_sampling {
+            Some(pct) => format!(", Zipkin spans of {pct}% of requests (weft-proxy and Envoy)"),
+            None => String::new(),
+        }
     );
     for proto in ["http1", "h2c"] {
         println!("\n{proto}:\n");

@@ -113,6 +113,7 @@ impl Environment {
         weft_proxy: &Path,
         envoy: Option<&Path>,
         body_bytes: usize,
+        trace_sampling: Option<f64>,
     ) -> anyhow::Result<Environment> {
         let nginx = PathBuf::from("nginx");
         let body: String = "x".repeat(body_bytes);
@@ -133,7 +134,7 @@ impl Environment {
             dir,
             "backend",
             &format!(
-                "  server {{ listen 127.0.0.1:{BACKEND_H1}; keepalive_requests 1000000; location / {{ {answer} }} }}\n  server {{ listen 127.0.0.1:{BACKEND_H2} http2; keepalive_requests 1000000; http2_max_requests 1000000; location / {{ {answer} }} }}"
+                "  server {{ listen 127.0.0.1:{BACKEND_H1}; keepalive_requests 1000000; location / {{ {answer} }} location = /api/v2/spans {{ return 202; }} }}\n  server {{ listen 127.0.0.1:{BACKEND_H2} http2; keepalive_requests 1000000; http2_max_requests 1000000; location / {{ {answer} }} }}"
             ),
         )?;
         let proxy = nginx_conf(
@@ -189,7 +190,16 @@ impl Environment {
                     DEBUG,
                     "--no-dns",
                     "--no-ca",
-                ]),
+                ])
+                // Both sidecars report their spans to the backend, which takes them (`202`).
+                .args(trace_sampling.into_iter().flat_map(|pct| {
+                    [
+                        "--zipkin-address".to_string(),
+                        format!("127.0.0.1:{BACKEND_H1}"),
+                        "--trace-sampling".to_string(),
+                        pct.to_string(),
+                    ]
+                })),
             dir,
         )?);
         wait_port(XDS, Duration::from_secs(10))?;
