@@ -19,6 +19,16 @@ impl Response {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// A request header as `weftctl echo` saw it: the echo backend lists the request's headers
+    /// in its answer, one `name: value` a line.
+    pub fn echoed(&self, name: &str) -> Option<String> {
+        let prefix = format!("{name}: ");
+        self.body
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .map(str::to_string)
+    }
 }
 
 /// One keep-alive connection, reopened when the server closes it.

@@ -33,14 +33,7 @@ fn a_trace_crosses_weft_proxy_and_envoy_sidecars() {
             .request("GET", "hello", &format!("/traced/{i}"), &[])
             .expect("request");
         assert_eq!(r.status, 200, "{}", r.body);
-        // The serving sidecar's context as its application saw it.
-        let echoed = |name: &str| {
-            let prefix = format!("{name}: ");
-            r.body
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-                .map(str::to_string)
-        };
+        let echoed = |name: &str| r.echoed(name);
         ids.push((
             echoed("x-b3-traceid").expect("a trace id reaches the application"),
             echoed("x-b3-sampled"),

@@ -143,14 +143,7 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             let r = Client::new(addr)
                 .request("GET", "svc", path, headers)
                 .expect("the proxy answers");
-            // The echo backend lists the request's headers in its answer.
-            let echoed = |name: &str| {
-                let prefix = format!("{name}: ");
-                r.body
-                    .lines()
-                    .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-                    .map(str::to_string)
-            };
+            let echoed = |name: &str| r.echoed(name);
             let seen = echoed("x-request-id").unwrap_or_else(|| "(none)".into());
             let answered = r.header("x-request-id").unwrap_or("(none)");
             let op_seen = echoed("x-envoy-decorator-operation").unwrap_or_else(|| "-".into());

@@ -158,13 +158,7 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             _ => client.request("GET", "svc:8080", path, &headers),
         }
         .expect("the proxy answers");
-        let echoed = |name: &str| {
-            let prefix = format!("{name}: ");
-            r.body
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-                .map(str::to_string)
-        };
+        let echoed = |name: &str| r.echoed(name);
         let mut names = BTreeMap::from([
             (TRACE.to_string(), "client-trace".to_string()),
             (TRACE[16..].to_string(), "client-trace-low".to_string()),

@@ -1910,13 +1910,28 @@ fn shadow(
     let Ok(head) = upstream_head(parts, &authority, m.cluster.protocol) else {
         return;
     };
+    send_and_forget(
+        m.cluster,
+        head,
+        body,
+        timeout.unwrap_or(Duration::from_secs(60)),
+    );
+}
+
+/// Sends a request to one of `cluster`'s hosts in a task of its own, reads the answer and drops
+/// it (mirrors, span reports): the outcome only shows in the cluster's stats.
+pub(crate) fn send_and_forget(
+    cluster: Arc<crate::cluster::Cluster>,
+    mut head: UpstreamHead,
+    body: Bytes,
+    within: Duration,
+) {
     tokio::spawn(async move {
         use http_body_util::BodyExt as _;
-        let mut head = head;
-        let Some(endpoint) = m.cluster.pick(None, &[], 1, None) else {
+        let Some(endpoint) = cluster.pick(None, &[], 1, None) else {
             return;
         };
-        m.cluster.stats.upstream_rq_total.inc();
+        cluster.stats.upstream_rq_total.inc();
         endpoint.stats.rq_total.inc();
         let send = async {
             if let Ok(resp) = endpoint
@@ -1924,14 +1939,11 @@ fn shadow(
                 .send(&mut head, true, Either::Right(Full::new(body)), None)
                 .await
             {
-                m.cluster
-                    .stats
-                    .upstream_rq_xx
-                    .record(resp.status().as_u16());
+                cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
                 let _ = resp.into_body().collect().await;
             }
         };
-        let _ = tokio::time::timeout(timeout.unwrap_or(Duration::from_secs(60)), send).await;
+        let _ = tokio::time::timeout(within, send).await;
     });
 }
 

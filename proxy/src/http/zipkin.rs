@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
-use http_body_util::{Either, Full};
 use weft_xds_proto::envoy::config::trace::v3::ZipkinConfig;
 use weft_xds_proto::envoy::config::trace::v3::zipkin_config::{
     CollectorEndpointVersion, TraceContextOption,
@@ -741,28 +740,10 @@ impl Zipkin {
             HeaderValue::from_static("true"),
         );
         let (parts, ()) = req.into_parts();
-        let Ok(mut head) = super::upstream_head(parts, &self.host, cluster.protocol) else {
+        let Ok(head) = super::upstream_head(parts, &self.host, cluster.protocol) else {
             return;
         };
-        tokio::spawn(async move {
-            use http_body_util::BodyExt as _;
-            let Some(endpoint) = cluster.pick(None, &[], 1, None) else {
-                return;
-            };
-            cluster.stats.upstream_rq_total.inc();
-            endpoint.stats.rq_total.inc();
-            let send = async {
-                if let Ok(resp) = endpoint
-                    .pool
-                    .send(&mut head, true, Either::Right(Full::new(body)), None)
-                    .await
-                {
-                    cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
-                    let _ = resp.into_body().collect().await;
-                }
-            };
-            let _ = tokio::time::timeout(REPORT_TIMEOUT, send).await;
-        });
+        super::send_and_forget(cluster, head, body, REPORT_TIMEOUT);
     }
 }
 
