@@ -155,6 +155,12 @@ const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v
 use weft_xds_proto::envoy::extensions::filters::http::router::v3::Router as RouterConfig;
 
 impl ConnectionManager {
+    /// Requests get Zipkin spans (`tracing.provider`): the answer's upstream and the request
+    /// body's size are kept for them.
+    fn reports_spans(&self) -> bool {
+        self.tracing.as_ref().is_some_and(|t| t.zipkin.is_some())
+    }
+
     pub fn from_xds(
         listener: &str,
         hcm: &HttpConnectionManager,
@@ -421,7 +427,7 @@ pub async fn serve_connection<S>(
     let down = Arc::new(down);
     let accept_http_10 = hcm.accept_http_10;
     let logged = hcm.access_logs.is_some();
-    let traced = hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
+    let traced = hcm.reports_spans();
     // A request refused before the request path starts (malformed, too large, HTTP/1.0 when not
     // accepted) is logged as Envoy logs a codec error: its status and `DPE`, no request fields.
     let refused = refused_logger(hcm.access_logs.clone(), hcm.stats.clone(), down.clone());
@@ -1314,8 +1320,7 @@ fn route_rest(
             }
         }
         // The upstream that answered, for the access log and the span.
-        let log =
-            hcm.access_logs.is_some() || hcm.tracing.as_ref().is_some_and(|t| t.zipkin.is_some());
+        let log = hcm.access_logs.is_some() || hcm.reports_spans();
         let mut resp = forward(
             &cluster,
             action,
