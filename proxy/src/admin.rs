@@ -734,6 +734,25 @@ fn collect(proxy: &Proxy) -> Vec<Stat> {
         }
     }
     let mut v = merged;
+    let z = &crate::http::zipkin::STATS;
+    if z.in_use.load(std::sync::atomic::Ordering::Relaxed) {
+        for (stat, counter) in [
+            ("spans_sent", &z.spans_sent),
+            ("timer_flushed", &z.timer_flushed),
+            ("reports_skipped_no_cluster", &z.reports_skipped_no_cluster),
+            ("reports_sent", &z.reports_sent),
+            ("reports_dropped", &z.reports_dropped),
+            ("reports_failed", &z.reports_failed),
+        ] {
+            v.push(Stat {
+                prom_name: prom_zipkin(stat),
+                labels: vec![],
+                value: counter.get() as i64,
+                plain: format!("tracing.zipkin.{stat}"),
+                counter: true,
+            });
+        }
+    }
     let live = i64::from(proxy.state() == ServerState::Live);
     v.push(Stat {
         prom_name: "envoy_server_live",
@@ -809,6 +828,18 @@ prom_names!(
         "tracing_client_enabled",
         "tracing_not_traceable",
         "tracing_health_check",
+    ]
+);
+prom_names!(
+    prom_zipkin,
+    "envoy_tracing_zipkin_",
+    [
+        "spans_sent",
+        "timer_flushed",
+        "reports_skipped_no_cluster",
+        "reports_sent",
+        "reports_dropped",
+        "reports_failed",
     ]
 );
 prom_names!(

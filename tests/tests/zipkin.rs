@@ -258,6 +258,19 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     }
     reported.sort();
     seen.extend(reported);
+    // Envoy's `tracing.zipkin.*` counters (the reports' own count depends on how spans are
+    // buffered, see docs/envoy-differences.md).
+    for stat in [
+        "spans_sent",
+        "reports_dropped",
+        "reports_failed",
+        "reports_skipped_no_cluster",
+    ] {
+        seen.push(format!(
+            "tracing.zipkin.{stat}: {}",
+            s.stat(&format!("tracing.zipkin.{stat}"))
+        ));
+    }
     let mut requests: Vec<String> = reports
         .lock()
         .unwrap()
@@ -277,6 +290,10 @@ fn zipkin_spans_and_b3_headers_are_envoys() {
     assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
     let spans = weft.iter().filter(|l| l.starts_with("span ")).count();
     assert_eq!(spans, 9, "{weft:#?}");
+    assert!(
+        weft.contains(&"tracing.zipkin.spans_sent: 9".to_string()),
+        "{weft:#?}"
+    );
     for n in [11, 12] {
         let body = format!("span {n}:");
         assert!(

@@ -1920,35 +1920,39 @@ fn shadow(
         head,
         body,
         timeout.unwrap_or(Duration::from_secs(60)),
+        |_| {},
     );
 }
 
 /// Sends a request to one of `cluster`'s hosts in a task of its own, reads the answer and drops
-/// it (mirrors, span reports): the outcome only shows in the cluster's stats.
+/// it (mirrors, span reports). The outcome shows in the cluster's stats and is told to `done`:
+/// the status, or none when there was no answer (no host, a failure, `within` ran out).
 pub(crate) fn send_and_forget(
     cluster: Arc<crate::cluster::Cluster>,
     mut head: UpstreamHead,
     body: Bytes,
     within: Duration,
+    done: impl FnOnce(Option<u16>) + Send + 'static,
 ) {
     tokio::spawn(async move {
         use http_body_util::BodyExt as _;
         let Some(endpoint) = cluster.pick(None, &[], 1, None) else {
-            return;
+            return done(None);
         };
         cluster.stats.upstream_rq_total.inc();
         endpoint.stats.rq_total.inc();
         let send = async {
-            if let Ok(resp) = endpoint
+            let resp = endpoint
                 .pool
                 .send(&mut head, true, Either::Right(Full::new(body)), None)
                 .await
-            {
-                cluster.stats.upstream_rq_xx.record(resp.status().as_u16());
-                let _ = resp.into_body().collect().await;
-            }
+                .ok()?;
+            let status = resp.status().as_u16();
+            cluster.stats.upstream_rq_xx.record(status);
+            resp.into_body().collect().await.ok()?;
+            Some(status)
         };
-        let _ = tokio::time::timeout(within, send).await;
+        done(tokio::time::timeout(within, send).await.ok().flatten());
     });
 }
 

@@ -59,6 +59,22 @@ pub struct LocalNode {
 
 static LOCAL: OnceLock<LocalNode> = OnceLock::new();
 
+/// Envoy's `tracing.zipkin.*` counters, for every Zipkin tracer of the process (as Envoy's share
+/// one scope).
+#[derive(Debug, Default)]
+pub struct ZipkinStats {
+    /// A tracer was configured: the counters are shown from then on.
+    pub in_use: std::sync::atomic::AtomicBool,
+    pub spans_sent: crate::stats::Counter,
+    pub timer_flushed: crate::stats::Counter,
+    pub reports_skipped_no_cluster: crate::stats::Counter,
+    pub reports_sent: crate::stats::Counter,
+    pub reports_dropped: crate::stats::Counter,
+    pub reports_failed: crate::stats::Counter,
+}
+
+pub static STATS: std::sync::LazyLock<ZipkinStats> = std::sync::LazyLock::new(ZipkinStats::default);
+
 /// Records the node the spans name (weft-proxy's `main`, once).
 pub fn set_local_node(node: LocalNode) {
     let _ = LOCAL.set(node);
@@ -261,6 +277,9 @@ impl Zipkin {
             };
             tags.push((t.tag.clone(), value));
         }
+        STATS
+            .in_use
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Zipkin {
             cluster: z.collector_cluster,
             endpoint: z.collector_endpoint,
@@ -705,6 +724,7 @@ async fn flush_every(tracer: Weak<Zipkin>) {
     loop {
         tokio::time::sleep(FLUSH_INTERVAL).await;
         let Some(t) = tracer.upgrade() else { return };
+        STATS.timer_flushed.inc();
         let due = {
             let mut p = t.pending.lock().unwrap_or_else(|p| p.into_inner());
             (!p.spans.is_empty()).then(|| take(&mut p))
@@ -721,8 +741,10 @@ impl Zipkin {
     fn send(&self, spans: Vec<String>, collector: Option<Arc<crate::cluster::Cluster>>) {
         let Some(cluster) = collector else {
             tracing::debug!(cluster = %self.cluster, "zipkin collector cluster not found: spans dropped");
+            STATS.reports_skipped_no_cluster.inc();
             return;
         };
+        STATS.spans_sent.add(spans.len() as u64);
         let body = Bytes::from(format!("[{}]", spans.join(",")));
         let mut req = Request::new(());
         *req.method_mut() = http::Method::POST;
@@ -743,7 +765,12 @@ impl Zipkin {
         let Ok(head) = super::upstream_head(parts, &self.host, cluster.protocol) else {
             return;
         };
-        super::send_and_forget(cluster, head, body, REPORT_TIMEOUT);
+        // The collector accepts a report with `202` (Envoy counts anything else dropped).
+        super::send_and_forget(cluster, head, body, REPORT_TIMEOUT, |status| match status {
+            Some(202) => STATS.reports_sent.inc(),
+            Some(_) => STATS.reports_dropped.inc(),
+            None => STATS.reports_failed.inc(),
+        });
     }
 }
 
