@@ -141,6 +141,24 @@ pub(super) fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     }
 }
 
+/// A cluster of fixed addresses.
+fn static_cluster(name: &str, protocol: Protocol, lb_endpoints: Vec<LbEndpoint>) -> Cluster {
+    Cluster {
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..base_cluster(name, protocol)
+    }
+}
+
 /// A cluster whose endpoints are DNS names the proxy resolves itself (ServiceEntry `DNS` and
 /// `DNS_ROUND_ROBIN`), IPv4 as Istio asks for by default.
 fn dns_cluster(
@@ -610,20 +628,7 @@ pub fn inbound(mesh: &Mesh, scope: &Scope<'_>, out: &mut Generated) {
             ..
         } = l;
         let cluster_name = inbound_cluster_name(l.port);
-        let cluster = Cluster {
-            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-                cluster::DiscoveryType::Static as i32,
-            )),
-            load_assignment: Some(ClusterLoadAssignment {
-                cluster_name: cluster_name.clone(),
-                endpoints: vec![LocalityLbEndpoints {
-                    lb_endpoints: vec![lb_endpoint(&ip, target, 1)],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..base_cluster(&cluster_name, protocol)
-        };
+        let cluster = static_cluster(&cluster_name, protocol, vec![lb_endpoint(&ip, target, 1)]);
         out.add(type_url::CLUSTER, cluster_name.clone(), &cluster);
         let bind = &l.bind;
         let listener_name = format!("{bind}_{}", l.port);
@@ -988,27 +993,40 @@ fn tracing(
 /// Istio's canonical service of a workload: its `service.istio.io/canonical-name` label, else
 /// `app.kubernetes.io/name`, else `app`, else the workload's name.
 fn canonical_service(proxy: &crate::generate::proxy::ProxyNode) -> &str {
-    [
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ]
-    .iter()
-    .find_map(|l| proxy.labels.get(*l))
-    .map_or(proxy.workload_name.as_str(), String::as_str)
+    first_label(
+        proxy,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(&proxy.workload_name)
 }
 
 /// Istio's canonical revision: `service.istio.io/canonical-revision`, else
 /// `app.kubernetes.io/version`, else `version`, else `latest`.
 fn canonical_revision(proxy: &crate::generate::proxy::ProxyNode) -> &str {
-    [
-        "service.istio.io/canonical-revision",
-        "app.kubernetes.io/version",
-        "version",
-    ]
-    .iter()
-    .find_map(|l| proxy.labels.get(*l))
-    .map_or("latest", String::as_str)
+    first_label(
+        proxy,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
+}
+
+/// The value of the first of `names` among the proxy's labels.
+fn first_label<'a>(
+    proxy: &'a crate::generate::proxy::ProxyNode,
+    names: &[&str],
+) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|l| proxy.labels.get(*l))
+        .map(String::as_str)
 }
 
 /// The Zipkin collector's cluster: the proxies resolve its host themselves (STRICT_DNS), or it
@@ -1016,20 +1034,7 @@ fn canonical_revision(proxy: &crate::generate::proxy::ProxyNode) -> &str {
 pub fn zipkin_cluster(t: &crate::model::TracingSettings) -> Cluster {
     let endpoints = vec![lb_endpoint(&t.host, t.port, 1)];
     if t.host.parse::<std::net::IpAddr>().is_ok() {
-        Cluster {
-            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-                cluster::DiscoveryType::Static as i32,
-            )),
-            load_assignment: Some(ClusterLoadAssignment {
-                cluster_name: ZIPKIN_CLUSTER.into(),
-                endpoints: vec![LocalityLbEndpoints {
-                    lb_endpoints: endpoints,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..base_cluster(ZIPKIN_CLUSTER, Protocol::Http)
-        }
+        static_cluster(ZIPKIN_CLUSTER, Protocol::Http, endpoints)
     } else {
         dns_cluster(ZIPKIN_CLUSTER, Protocol::Http, false, endpoints)
     }
