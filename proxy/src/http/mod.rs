@@ -811,8 +811,6 @@ fn route_and_forward(
         });
         if let Some(tracing) = &hcm.tracing {
             let notes = notes.get_or_init(Box::default);
-            // The path as the client sent it, for the span (the headers change below).
-            let span_path = tracing.zipkin.as_ref().map(|_| path.to_owned());
             let (marked, traced) = tracing.decide_counted(
                 req.headers_mut(),
                 route.and_then(|r| r.tracing.as_deref()),
@@ -840,50 +838,34 @@ fn route_and_forward(
                     let _ = notes.operation.set(op.clone());
                 }
             }
-            if let (Some(z), Some(path)) = (&tracing.zipkin, span_path) {
-                // Owned: the span context is written into the headers these come from.
-                let name = operation
-                    .map(|op| &op.value)
-                    .or(client_operation.as_ref())
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(authority)
-                    .to_owned();
-                let scheme = req
-                    .headers()
-                    .get(names::X_FORWARDED_PROTO)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("http")
-                    .to_owned();
-                let authority = authority.to_owned();
-                let method = req.method().as_str().to_owned();
+            if let Some(z) = &tracing.zipkin
+                && let Some(sampled) = z.decide(req.headers_mut(), traced, tracing.egress)
+            {
                 let start = zipkin::Start {
-                    traced,
-                    egress: tracing.egress,
-                    name: &name,
-                    scheme: &scheme,
-                    authority: &authority,
-                    path: &path,
+                    name: operation
+                        .map(|op| &op.value)
+                        .or(client_operation.as_ref())
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(authority),
+                    scheme: req
+                        .headers()
+                        .get(names::X_FORWARDED_PROTO)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("http"),
+                    authority,
+                    path: req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/"),
                     peer: down.peer.map(|p| p.ip()),
                     collector: snapshot.clusters.get(z.cluster()).cloned(),
-                    method: &method,
-                    protocol: match req.version() {
-                        Version::HTTP_2 => "HTTP/2",
-                        Version::HTTP_10 => "HTTP/1.0",
-                        _ => "HTTP/1.1",
-                    },
-                    received: match req.body() {
-                        Either::Right(full) => zipkin::Received::Exact(
-                            http_body::Body::size_hint(full).exact().unwrap_or(0),
-                        ),
-                        Either::Left(streamed) => match streamed.counter() {
-                            Some(c) => zipkin::Received::Counted(c),
-                            None => zipkin::Received::Exact(0),
-                        },
-                    },
+                    method: req.method().as_str(),
+                    protocol: protocol_name(req.version()),
+                    received: request_size(req),
                 };
-                if let Some(span) = z.start(req.headers_mut(), start) {
-                    *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
-                }
+                let span = z.span(sampled, req.headers(), start);
+                *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
             }
         }
         // Borrowed again: the trace decision wrote to the headers.
@@ -2378,12 +2360,35 @@ impl Upstream {
 #[derive(Debug, Clone)]
 struct RouteName(String);
 
+/// A request's protocol as access logs and spans name it.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// How much of a request's body came: a body read whole is its length; a streamed one is
+/// counted as it goes through (when the connection counts them).
+fn request_size(req: &Request<DownstreamBody>) -> zipkin::Received {
+    match req.body() {
+        Either::Right(full) => {
+            zipkin::Received::Exact(http_body::Body::size_hint(full).exact().unwrap_or(0))
+        }
+        Either::Left(streamed) => streamed
+            .counter()
+            .map_or(zipkin::Received::Exact(0), zipkin::Received::Counted),
+    }
+}
+
 fn request_entry(
     req: &Request<DownstreamBody>,
     peer: Option<std::net::SocketAddr>,
     local: Option<std::net::SocketAddr>,
     down: &crate::listener::Downstream,
 ) -> access_log::Entry {
+    let size = request_size(req);
     access_log::Entry {
         requested_server_name: down.sni.clone(),
         start: Some(std::time::SystemTime::now()),
@@ -2397,20 +2402,15 @@ fn request_entry(
         authority: Authority::of(req)
             .map(|a| a.as_str().to_string())
             .unwrap_or_default(),
-        protocol: match req.version() {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        },
+        protocol: protocol_name(req.version()),
         request_headers: req.headers().clone(),
-        // A body read whole is its length; a streamed one is counted as it goes through.
-        bytes_received: match req.body() {
-            Either::Right(full) => http_body::Body::size_hint(full).exact().unwrap_or(0),
-            Either::Left(_) => 0,
+        bytes_received: match &size {
+            zipkin::Received::Exact(n) => *n,
+            zipkin::Received::Counted(_) => 0,
         },
-        received: match req.body() {
-            Either::Left(streamed) => streamed.counter(),
-            Either::Right(_) => None,
+        received: match size {
+            zipkin::Received::Counted(c) => Some(c),
+            zipkin::Received::Exact(_) => None,
         },
         downstream_remote: peer,
         downstream_local: local,

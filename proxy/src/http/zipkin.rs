@@ -6,9 +6,10 @@
 //! (multiple headers unless the client sent `b3`). An egress listener's span is a CLIENT child of
 //! the client's span; an ingress listener's is a SERVER span sharing the client's span id (with
 //! `shared_span_context`, the default). Whether it is sampled is the client's `sampled` flag
-//! (without one, `x-b3-flags: 1` samples), else the connection manager's trace decision. A context that does
-//! not parse (a trace id that is not 16 or 32 hex digits, a span id without a trace id) gets no
-//! span at all: nothing is added to the request, as Envoy's tracer gives up on it.
+//! (without one, `x-b3-flags: 1` samples), else the connection manager's trace decision. A
+//! context that does not parse (a trace id that is not 16 or 32 hex digits, a span id without a
+//! trace id) gets no span at all: nothing is added to the request, as Envoy's tracer gives up on
+//! it.
 //!
 //! Sampled spans are finished when the answer has been sent, with Envoy's tags, and reported in
 //! Zipkin's v2 JSON to `collector_endpoint` on `collector_cluster`: five at a time, or every five
@@ -308,6 +309,16 @@ struct Context {
     parent: Option<u64>,
 }
 
+impl Context {
+    /// The trace id in hex: 16 digits, or 32 for a 128-bit one.
+    fn trace_id(&self) -> String {
+        match self.trace_high {
+            Some(high) => format!("{high:016x}{:016x}", self.trace),
+            None => hex(self.trace),
+        }
+    }
+}
+
 /// What the client's B3 headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Extracted {
@@ -455,11 +466,14 @@ impl Received {
     }
 }
 
-/// The request facts a span is started with.
+/// A request's span context once decided and sampled: its span is still to be made.
+pub struct Sampled {
+    context: Context,
+    server: bool,
+}
+
+/// The request facts a sampled span is made with.
 pub struct Start<'a> {
-    /// The trace decision of the connection manager (`x-request-id`'s).
-    pub traced: bool,
-    pub egress: bool,
     /// The route's decorator operation, else the authority.
     pub name: &'a str,
     pub scheme: &'a str,
@@ -474,14 +488,15 @@ pub struct Start<'a> {
 }
 
 impl Zipkin {
-    /// Gives the request its span context (the B3 headers upstream) and, when the span is
-    /// sampled, the span to report once the answer is done.
-    pub fn start(self: &Arc<Self>, headers: &mut HeaderMap, s: Start<'_>) -> Option<Box<Span>> {
+    /// Gives the request its span context (the B3 headers upstream), from the client's and
+    /// the connection manager's trace decision (`traced`) on an egress or ingress listener; the
+    /// span to make when it is sampled (see `span`).
+    pub fn decide(&self, headers: &mut HeaderMap, traced: bool, egress: bool) -> Option<Sampled> {
         let Ok(found) = extract(headers) else {
             return None;
         };
-        let sampled = found.sampled.unwrap_or(s.traced);
-        let server = !s.egress;
+        let sampled = found.sampled.unwrap_or(traced);
+        let server = !egress;
         let context = match found.context {
             None => {
                 let id = fastrand::u64(..);
@@ -500,10 +515,7 @@ impl Zipkin {
                 ..c
             },
         };
-        let trace = match context.trace_high {
-            Some(high) => format!("{high:016x}{:016x}", context.trace),
-            None => hex(context.trace),
-        };
+        let trace = context.trace_id();
         let sampled_text = if sampled { "1" } else { "0" };
         let set = |h: &mut HeaderMap, name: HeaderName, v: String| {
             if let Ok(v) = HeaderValue::try_from(v) {
@@ -526,9 +538,18 @@ impl Zipkin {
             }
             headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled_text));
         }
-        if !sampled {
-            return None;
-        }
+        sampled.then_some(Sampled { context, server })
+    }
+
+    /// The span of a sampled request, with what the request says (its `headers` as they go
+    /// upstream), to report once the answer is done.
+    pub fn span(
+        self: &Arc<Self>,
+        sampled: Sampled,
+        headers: &HeaderMap,
+        s: Start<'_>,
+    ) -> Box<Span> {
+        let Sampled { context, server } = sampled;
         let text = |name: &str| {
             headers
                 .get(name)
@@ -557,7 +578,7 @@ impl Zipkin {
                 (!value.is_empty()).then(|| (tag.clone(), value))
             })
             .collect();
-        Some(Box::new(Span {
+        Box::new(Span {
             tracer: self.clone(),
             collector: s.collector,
             context,
@@ -576,7 +597,7 @@ impl Zipkin {
             user_agent: text("user-agent").unwrap_or_else(|| "-".into()),
             request_id: text(X_REQUEST_ID.as_str()).unwrap_or_else(|| "-".into()),
             received: s.received,
-        }))
+        })
     }
 }
 
@@ -612,11 +633,12 @@ impl Span {
         let start = micros(self.start);
         let c = &self.context;
         let mut out = String::with_capacity(1024);
-        out.push_str("{\"traceId\":\"");
-        if let Some(high) = c.trace_high {
-            let _ = write!(out, "{high:016x}");
-        }
-        let _ = write!(out, "{:016x}\",\"id\":\"{:016x}\"", c.trace, c.span);
+        let _ = write!(
+            out,
+            "{{\"traceId\":\"{}\",\"id\":\"{:016x}\"",
+            c.trace_id(),
+            c.span
+        );
         if let Some(p) = c.parent {
             let _ = write!(out, ",\"parentId\":\"{p:016x}\"");
         }
@@ -800,10 +822,20 @@ mod tests {
         })
     }
 
-    fn start(egress: bool, traced: bool) -> Start<'static> {
-        Start {
-            traced,
-            egress,
+    impl Zipkin {
+        /// `decide`, then `span` when sampled.
+        fn start(
+            self: &Arc<Self>,
+            headers: &mut HeaderMap,
+            (egress, traced, s): (bool, bool, Start<'_>),
+        ) -> Option<Box<Span>> {
+            let sampled = self.decide(headers, traced, egress)?;
+            Some(self.span(sampled, headers, s))
+        }
+    }
+
+    fn start(egress: bool, traced: bool) -> (bool, bool, Start<'static>) {
+        let s = Start {
             name: "svc:80",
             scheme: "http",
             authority: "svc:80",
@@ -813,7 +845,8 @@ mod tests {
             method: "GET",
             protocol: "HTTP/1.1",
             received: Received::Exact(0),
-        }
+        };
+        (egress, traced, s)
     }
 
     #[test]
@@ -919,7 +952,7 @@ mod tests {
             ("user-agent", "ua/1"),
         ]);
         let mut s = start(false, false);
-        s.peer = Some("10.0.0.9".parse().unwrap());
+        s.2.peer = Some("10.0.0.9".parse().unwrap());
         let span = z.start(&mut h, s).unwrap();
         let e = Entry {
             status: 503,
@@ -956,7 +989,7 @@ mod tests {
         // Names and tags that need escaping stay valid JSON.
         let mut h = HeaderMap::new();
         let mut s = start(true, true);
-        s.name = "a \"quoted\" \\ name\u{1}";
+        s.2.name = "a \"quoted\" \\ name\u{1}";
         let span = z.start(&mut h, s).unwrap();
         let v: serde_json::Value = serde_json::from_str(&span.json(&e, &local)).unwrap();
         assert_eq!(v["name"], "a \"quoted\" \\ name\u{1}");
