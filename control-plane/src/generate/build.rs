@@ -175,15 +175,7 @@ fn dns_cluster(
     Cluster {
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
         dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
-        load_assignment: Some(ClusterLoadAssignment {
-            cluster_name: name.to_string(),
-            endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..base_cluster(name, protocol)
+        ..static_cluster(name, protocol, lb_endpoints)
     }
 }
 
