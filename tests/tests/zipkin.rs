@@ -90,6 +90,12 @@ fn cases() -> Vec<Case> {
         // Request bodies, their size in the span: one of known length, one streamed.
         (0, "/post", vec![]),
         (1, "/chunked", vec![]),
+        // A sign is not a hex digit.
+        (
+            0,
+            "/plus",
+            vec![("x-b3-traceid", "+23456789abcdef0"), ("x-b3-spanid", SPAN)],
+        ),
     ]
 }
 

@@ -25,6 +25,8 @@ enum Op {
     StartTime,
     Req(String, Option<String>, Option<usize>),
     Resp(String, Option<String>, Option<usize>),
+    Trailer(String, Option<String>, Option<usize>),
+    GrpcStatus(GrpcFormat),
     Protocol,
     ResponseCode,
     ResponseFlags,
@@ -43,6 +45,50 @@ enum Op {
     DownstreamRemoteAddress,
     DownstreamLocalAddress,
 }
+
+/// How `%GRPC_STATUS(...)%` writes a status.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GrpcFormat {
+    /// `Unavailable` (the default).
+    Camel,
+    /// `UNAVAILABLE`.
+    Snake,
+    /// `14`.
+    Number,
+}
+
+/// The gRPC status a map's `grpc-status` gives, as Envoy reads it: a value that is not a number
+/// is Envoy's invalid code (written as 2^64-1).
+pub(crate) fn grpc_status(map: &HeaderMap) -> Option<u64> {
+    let v = map.get("grpc-status")?;
+    Some(
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX),
+    )
+}
+
+/// gRPC's status names, as Envoy's `CAMEL_STRING` (`OK` too) and `SNAKE_STRING` write them.
+const GRPC_NAMES: [(&str, &str); 17] = [
+    ("OK", "OK"),
+    ("Canceled", "CANCELLED"),
+    ("Unknown", "UNKNOWN"),
+    ("InvalidArgument", "INVALID_ARGUMENT"),
+    ("DeadlineExceeded", "DEADLINE_EXCEEDED"),
+    ("NotFound", "NOT_FOUND"),
+    ("AlreadyExists", "ALREADY_EXISTS"),
+    ("PermissionDenied", "PERMISSION_DENIED"),
+    ("ResourceExhausted", "RESOURCE_EXHAUSTED"),
+    ("FailedPrecondition", "FAILED_PRECONDITION"),
+    ("Aborted", "ABORTED"),
+    ("OutOfRange", "OUT_OF_RANGE"),
+    ("Unimplemented", "UNIMPLEMENTED"),
+    ("Internal", "INTERNAL"),
+    ("Unavailable", "UNAVAILABLE"),
+    ("DataLoss", "DATA_LOSS"),
+    ("Unauthenticated", "UNAUTHENTICATED"),
+];
 
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
@@ -72,6 +118,8 @@ pub struct Entry {
     pub protocol: &'static str,
     pub request_headers: HeaderMap,
     pub response_headers: HeaderMap,
+    /// The answer's trailers, when it had some.
+    pub response_trailers: Option<HeaderMap>,
     pub status: u16,
     pub flags: String,
     pub bytes_received: u64,
@@ -138,8 +186,32 @@ fn parse_op(name: &str) -> Result<Op, String> {
         let (m, a) = header_args(args);
         return Ok(Op::Resp(m, a, max));
     }
+    if let Some(args) = head
+        .strip_prefix("TRAILER(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let (m, a) = header_args(args);
+        return Ok(Op::Trailer(m, a, max));
+    }
+    if let Some(args) = head
+        .strip_prefix("GRPC_STATUS(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        return Ok(Op::GrpcStatus(match args {
+            "CAMEL_STRING" => GrpcFormat::Camel,
+            "SNAKE_STRING" => GrpcFormat::Snake,
+            "NUMBER" => GrpcFormat::Number,
+            other => {
+                return Err(format!(
+                    "GRPC_STATUS format {other:?} is not one of CAMEL_STRING, SNAKE_STRING, NUMBER"
+                ));
+            }
+        }));
+    }
     Ok(match head {
         "START_TIME" => Op::StartTime,
+        "GRPC_STATUS" => Op::GrpcStatus(GrpcFormat::Camel),
+        "GRPC_STATUS_NUMBER" => Op::GrpcStatus(GrpcFormat::Number),
         "PROTOCOL" => Op::Protocol,
         "RESPONSE_CODE" => Op::ResponseCode,
         "RESPONSE_FLAGS" => Op::ResponseFlags,
@@ -292,6 +364,34 @@ impl AccessLog {
             }),
             Op::Req(m, a, max) => header(&e.request_headers, m, a, max),
             Op::Resp(m, a, max) => header(&e.response_headers, m, a, max),
+            Op::Trailer(m, a, max) => header(
+                e.response_trailers.as_ref().unwrap_or(&HeaderMap::new()),
+                m,
+                a,
+                max,
+            ),
+            Op::GrpcStatus(format) => {
+                // Only for gRPC requests; from the trailers, else a trailers-only answer's
+                // head, else what the HTTP status maps to.
+                if !super::router::is_grpc(&e.request_headers) {
+                    return None;
+                }
+                let status = e
+                    .response_trailers
+                    .as_ref()
+                    .and_then(grpc_status)
+                    .or_else(|| grpc_status(&e.response_headers))
+                    .or_else(|| {
+                        let http = http::StatusCode::from_u16(e.status).ok()?;
+                        Some(u64::from(super::grpc_status_of(http)))
+                    })?;
+                let named = usize::try_from(status).ok().and_then(|i| GRPC_NAMES.get(i));
+                Some(match (format, named) {
+                    (GrpcFormat::Camel, Some((camel, _))) => camel.to_string(),
+                    (GrpcFormat::Snake, Some((_, snake))) => snake.to_string(),
+                    _ => status.to_string(),
+                })
+            }
             Op::Protocol => Some(e.protocol.to_string()),
             Op::ResponseCode => Some(e.status.to_string()),
             Op::ResponseFlags => Some(if e.flags.is_empty() {
@@ -348,6 +448,7 @@ impl AccessLog {
                             Some(v) => match (op, v.parse::<u64>()) {
                                 (
                                     Op::ResponseCode
+                                    | Op::GrpcStatus(GrpcFormat::Number)
                                     | Op::BytesReceived
                                     | Op::BytesSent
                                     | Op::Duration,
@@ -458,6 +559,69 @@ mod tests {
         assert_eq!(
             AccessLog::render(&pieces, &Entry::default()),
             "0 - - - \"-\" - - -"
+        );
+    }
+
+    #[test]
+    fn grpc_status_and_trailers_render_like_envoy() {
+        let pieces = parse_text(
+            "%GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS(NUMBER)% \
+             %GRPC_STATUS_NUMBER% %TRAILER(GRPC-MESSAGE?x-other):4%",
+        )
+        .unwrap();
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let grpc = map(&[("content-type", "application/grpc+proto")]);
+        let entry = |status, head: &[_], trailers: Option<&[_]>| Entry {
+            request_headers: grpc.clone(),
+            status,
+            response_headers: map(head),
+            response_trailers: trailers.map(map),
+            ..Default::default()
+        };
+        let cases = [
+            // In the trailers, which win over the head.
+            (
+                entry(
+                    200,
+                    &[("grpc-status", "0")],
+                    Some(&[("grpc-status", "14"), ("grpc-message", "down now")]),
+                ),
+                "Unavailable UNAVAILABLE 14 14 down",
+            ),
+            // Trailers-only.
+            (
+                entry(200, &[("grpc-status", "5")], None),
+                "NotFound NOT_FOUND 5 5 -",
+            ),
+            // No status at all: what the HTTP status maps to.
+            (entry(404, &[], None), "Unimplemented UNIMPLEMENTED 12 12 -"),
+            (entry(200, &[], None), "Unknown UNKNOWN 2 2 -"),
+            // A code past the known ones, and one that is not a number.
+            (entry(200, &[("grpc-status", "99")], None), "99 99 99 99 -"),
+            (
+                entry(200, &[("grpc-status", "x")], None),
+                "18446744073709551615 18446744073709551615 18446744073709551615 \
+                 18446744073709551615 -",
+            ),
+            // Nothing answered.
+            (entry(0, &[], None), "- - - - -"),
+        ];
+        for (e, want) in cases {
+            assert_eq!(AccessLog::render(&pieces, &e), want, "{e:?}");
+        }
+        // Not a gRPC request: no status, even with one in the answer.
+        let mut plain = entry(200, &[("grpc-status", "0")], None);
+        plain.request_headers = map(&[("content-type", "application/grpc-web")]);
+        assert_eq!(AccessLog::render(&pieces, &plain), "- - - - -");
+        assert_eq!(
+            parse_text("%GRPC_STATUS(LOUD)%").unwrap_err(),
+            "GRPC_STATUS format \"LOUD\" is not one of CAMEL_STRING, SNAKE_STRING, NUMBER"
         );
     }
 }

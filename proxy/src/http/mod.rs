@@ -2578,14 +2578,19 @@ impl LoggedBody {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let polled = hyper::body::Body::poll_frame(Pin::new(&mut self.inner), cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            self.sent += d.len() as u64;
-            if let Some(lender) = &self.lend
-                && d.len() >= coalesce::LEND_MIN
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                self.sent += d.len() as u64;
+                if let Some(lender) = &self.lend
+                    && d.len() >= coalesce::LEND_MIN
+                {
+                    lender.lend(d);
+                }
+            } else if let Some(trailers) = frame.trailers_ref()
+                && let Some((entry, _)) = &mut self.log
             {
-                lender.lend(d);
+                // For `%TRAILER(...)%`, `%GRPC_STATUS%` and a span's gRPC tags.
+                entry.response_trailers = Some(trailers.clone());
             }
         }
         polled
@@ -2806,7 +2811,7 @@ struct LocalReply {
 }
 
 /// Envoy's mapping of an HTTP status to a gRPC status, for local replies to gRPC requests.
-fn grpc_status_of(status: StatusCode) -> u32 {
+pub(crate) fn grpc_status_of(status: StatusCode) -> u32 {
     match status.as_u16() {
         400 => 13,             // INTERNAL
         401 => 16,             // UNAUTHENTICATED

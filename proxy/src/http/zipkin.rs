@@ -328,8 +328,9 @@ struct Extracted {
     single: bool,
 }
 
+/// Sixteen hex digits, and nothing else (`from_str_radix` alone would take a sign).
 fn hex_u64(s: &[u8]) -> Option<u64> {
-    if s.len() != 16 {
+    if s.len() != 16 || !s.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     u64::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
@@ -443,6 +444,8 @@ pub struct Span {
     client_trace_id: Option<String>,
     peer: Option<std::net::IpAddr>,
     tags: Vec<(String, String)>,
+    /// A gRPC request's `grpc.*` tags (path, authority, content type, timeout).
+    grpc: Vec<(&'static str, String)>,
     method: String,
     protocol: &'static str,
     user_agent: String,
@@ -578,6 +581,19 @@ impl Zipkin {
                 (!value.is_empty()).then(|| (tag.clone(), value))
             })
             .collect();
+        let mut grpc = Vec::new();
+        if super::router::is_grpc(headers) {
+            grpc.push(("grpc.path", s.path.to_string()));
+            grpc.push(("grpc.authority", s.authority.to_string()));
+            for (tag, name) in [
+                ("grpc.content_type", "content-type"),
+                ("grpc.timeout", "grpc-timeout"),
+            ] {
+                if let Some(v) = text(name) {
+                    grpc.push((tag, v));
+                }
+            }
+        }
         Box::new(Span {
             tracer: self.clone(),
             collector: s.collector,
@@ -592,6 +608,7 @@ impl Zipkin {
             client_trace_id: text("x-client-trace-id"),
             peer: s.peer,
             tags,
+            grpc,
             method: s.method.to_string(),
             protocol: s.protocol,
             user_agent: text("user-agent").unwrap_or_else(|| "-".into()),
@@ -701,7 +718,30 @@ impl Span {
                 e.upstream_cluster_raw.as_deref().unwrap_or(cluster),
             );
         }
-        if e.status >= 500 || e.status == 0 {
+        for (k, v) in &self.grpc {
+            tag(k, v);
+        }
+        // The answer's gRPC status: a trailers-only answer's head, then its trailers (which
+        // win). A status that means the server failed marks the span as an error, as Envoy.
+        let mut grpc_error = false;
+        let mut status = None;
+        let mut message = None;
+        for map in [Some(&e.response_headers), e.response_trailers.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(code) = super::access_log::grpc_status(map) {
+                status = map.get("grpc-status");
+                message = map.get("grpc-message").or(message);
+                grpc_error |= matches!(code, 2 | 4 | 8 | 12 | 13 | 14 | 15);
+            }
+        }
+        for (k, v) in [("grpc.status_code", status), ("grpc.message", message)] {
+            if let Some(v) = v.and_then(|v| v.to_str().ok()) {
+                tag(k, v);
+            }
+        }
+        if e.status >= 500 || e.status == 0 || grpc_error {
             tag("error", "true");
         }
         for (k, v) in &self.tags {
@@ -892,6 +932,14 @@ mod tests {
                 "a2fb4a1d1a96d312-a2fb4a1d1a96d312-1-a2fb4a1d1a96d312-1",
             )]),
             headers(&[("b3", "a2fb4a1d1a96d312-12")]),
+            headers(&[
+                ("x-b3-traceid", "+2fb4a1d1a96d312"),
+                ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ]),
+            headers(&[
+                ("x-b3-traceid", "a2fb4a1d1a96d312"),
+                ("x-b3-spanid", "+2fb4a1d1a96d312"),
+            ]),
         ] {
             assert_eq!(extract(&bad), Err(()), "{bad:?}");
         }
@@ -995,6 +1043,63 @@ mod tests {
         assert_eq!(v["name"], "a \"quoted\" \\ name\u{1}");
         assert_eq!(v["kind"], "CLIENT");
         assert_eq!(v["traceId"], v["id"]);
+    }
+
+    #[test]
+    fn grpc_requests_get_envoys_grpc_tags() {
+        let z = tracer(true);
+        let local = LocalNode::default();
+        let tags = |request: &[(&'static str, &str)], head: &[(&'static str, &str)], trailers| {
+            let mut h = headers(request);
+            let span = z.start(&mut h, start(true, true)).unwrap();
+            let e = Entry {
+                status: 200,
+                response_headers: headers(head),
+                response_trailers: trailers,
+                ..Default::default()
+            };
+            let v: serde_json::Value = serde_json::from_str(&span.json(&e, &local)).unwrap();
+            v["tags"].clone()
+        };
+        let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "5S")];
+        // Status and message in the trailers; a client's error is not the span's.
+        let t = tags(
+            &grpc,
+            &[],
+            Some(headers(&[
+                ("grpc-status", "5"),
+                ("grpc-message", "no such"),
+            ])),
+        );
+        assert_eq!(t["grpc.path"], "/a/very/long/path/indeed");
+        assert_eq!(t["grpc.authority"], "svc:80");
+        assert_eq!(t["grpc.content_type"], "application/grpc");
+        assert_eq!(t["grpc.timeout"], "5S");
+        assert_eq!(t["grpc.status_code"], "5");
+        assert_eq!(t["grpc.message"], "no such");
+        assert!(t.get("error").is_none(), "{t}");
+        // Trailers-only: from the head; UNAVAILABLE is the server's error.
+        let t = tags(&grpc, &[("grpc-status", "14")], None);
+        assert_eq!(t["grpc.status_code"], "14");
+        assert!(t.get("grpc.message").is_none());
+        assert_eq!(t["error"], "true");
+        // The trailers win over the head, the head's message stays when they have none.
+        let t = tags(
+            &grpc,
+            &[("grpc-status", "14"), ("grpc-message", "first")],
+            Some(headers(&[("grpc-status", "0")])),
+        );
+        assert_eq!(t["grpc.status_code"], "0");
+        assert_eq!(t["grpc.message"], "first");
+        // Not a gRPC request: no request tags; an answer's status is tagged all the same.
+        let t = tags(
+            &[("content-type", "application/grpc-web")],
+            &[("grpc-status", "13")],
+            None,
+        );
+        assert!(t.get("grpc.path").is_none(), "{t}");
+        assert_eq!(t["grpc.status_code"], "13");
+        assert_eq!(t["error"], "true");
     }
 
     #[test]
