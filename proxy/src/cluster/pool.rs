@@ -503,6 +503,8 @@ impl h1::Home for WorkerConnections {
 pub struct Attempted {
     pub host: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    /// Which attempt it is, from 1.
+    pub number: u32,
 }
 
 /// A worker's HTTP/2 connection to the endpoint.

@@ -473,6 +473,11 @@ pub async fn serve_connection<S>(
             let mut entry = Box::new(request_entry(&req, remote, local, &down));
             let mut resp = proxy_request(&proxy, &hcm, &down, &origin, &mut req).await;
             response_entry(&mut entry, &resp);
+            if let Some(sent) = resp.extensions_mut().remove::<SentRequest>() {
+                entry.request_headers = sent.headers;
+                entry.path = sent.path;
+                entry.authority = sent.authority;
+            }
             if let Some(MarkedRequestId(id)) = resp.extensions_mut().remove() {
                 entry.request_headers.insert(names::X_REQUEST_ID, id);
             }
@@ -1291,6 +1296,10 @@ fn route_rest(
                         crate::cluster::attempt_count(1),
                     );
                 }
+                let sent = hcm
+                    .access_logs
+                    .is_some()
+                    .then(|| SentRequest::of(&head, authority));
                 // Boxed: upgrades are rare, and the splice's state would otherwise make every
                 // request's future larger.
                 let mut resp = Box::pin(upgrade::forward(
@@ -1298,11 +1307,12 @@ fn route_rest(
                 ))
                 .await;
                 route.response_headers.apply(resp.headers_mut());
-                return resp;
+                return SentRequest::attach(resp, sent, None);
             }
         }
         // The upstream that answered, for the access log and the span.
-        let log = hcm.access_logs.is_some() || hcm.reports_spans();
+        let logged = hcm.access_logs.is_some();
+        let log = logged || hcm.reports_spans();
         let mut resp = forward(
             &cluster,
             action,
@@ -1313,6 +1323,7 @@ fn route_rest(
             Pick {
                 hash,
                 log,
+                logged,
                 original,
                 timed: hcm.envoy_headers,
                 since: None,
@@ -1391,10 +1402,11 @@ fn forward(
             Ok(h) => h,
             Err(resp) => return resp,
         };
+        let sent = pick.logged.then(|| SentRequest::of(&head, authority));
         let replay = retry.is_some_and(|r| r.num_retries > 0) || !mirrors.is_empty();
         let mut body = match AttemptBody::new(body, &head.headers, replay, pick.keep_limit).await {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(resp) => return SentRequest::attach(resp, sent, None),
         };
         // Envoy times the upstream from the moment the router has the whole request.
         pick.since = pick.timed.then(std::time::Instant::now);
@@ -1407,7 +1419,7 @@ fn forward(
         cluster.stats.upstream_rq_total.inc();
         if cluster.stats.upstream_rq_active.get() >= i64::from(cluster.breakers.max_requests) {
             cluster.stats.upstream_rq_pending_overflow.inc();
-            return overflow();
+            return SentRequest::attach(overflow(), sent, None);
         }
         let _rq_active = GaugeGuard::new(&cluster.stats.upstream_rq_active);
         // Access logs name the host and connection that answered, or that a timeout cut short.
@@ -1416,7 +1428,8 @@ fn forward(
             .then(|| std::sync::Mutex::new(crate::cluster::Attempted::default()));
         // The attempts' future is built inside each arm, not bound first: a future held in a local
         // and then awaited through a wrapper takes room twice in this function's own future.
-        match action.timeout {
+        let attempt_header = pick.attempt_header;
+        let resp = match action.timeout {
             Some(t) => {
                 let at = tokio::time::Instant::now() + t;
                 match tokio::time::timeout_at(
@@ -1445,7 +1458,55 @@ fn forward(
                 }
             }
             None => attempt_until_done(cluster, retry, head, &mut body, pick, seen.as_ref()).await,
+        };
+        // The last attempt's number, as Envoy's router leaves it in the request.
+        let attempts = seen
+            .filter(|_| attempt_header)
+            .map(|s| crate::lock_own(&s).number)
+            .filter(|n| *n > 0);
+        SentRequest::attach(resp, sent, attempts)
+    }
+}
+
+/// The request as it went upstream, for access logs: Envoy's router changes the request it
+/// was given (the route's header changes, a rewritten path with `x-envoy-original-path`, a
+/// rewritten authority, `x-envoy-expected-rq-timeout-ms`, the attempt count), and its access
+/// log's `%REQ(...)%` reads that request.
+#[derive(Debug, Clone)]
+struct SentRequest {
+    headers: HeaderMap,
+    path: String,
+    authority: String,
+}
+
+impl SentRequest {
+    fn of(head: &UpstreamHead, authority: &str) -> SentRequest {
+        SentRequest {
+            headers: head.headers.clone(),
+            path: head
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            authority: authority.to_string(),
         }
+    }
+
+    /// `resp` with the request that got it, and the number of the attempt that did.
+    fn attach(
+        mut resp: Response<ProxyBody>,
+        sent: Option<SentRequest>,
+        attempts: Option<u32>,
+    ) -> Response<ProxyBody> {
+        if let Some(mut sent) = sent {
+            if let Some(n) = attempts {
+                sent.headers.insert(
+                    names::X_ENVOY_ATTEMPT_COUNT,
+                    crate::cluster::attempt_count(n),
+                );
+            }
+            resp.extensions_mut().insert(sent);
+        }
+        resp
     }
 }
 
@@ -1657,6 +1718,7 @@ fn attempt_until_done(
                 *crate::lock_own(s) = crate::cluster::Attempted {
                     host: Some(endpoint.address),
                     local: None,
+                    number: attempt + 1,
                 };
             }
             if max_retries > 0 && retry.is_some_and(|r| r.other_host) {
@@ -2313,7 +2375,10 @@ fn milliseconds(d: Duration) -> HeaderValue {
 #[derive(Debug, Clone, Copy)]
 struct Pick {
     hash: Option<u64>,
+    /// Access logs or spans want to know the upstream that answered.
     log: bool,
+    /// Access logs want the request as it went upstream (see `SentRequest`).
+    logged: bool,
     original: Option<std::net::SocketAddr>,
     /// Upstream answers carry `x-envoy-upstream-service-time` (the router does not suppress
     /// Envoy's headers).
