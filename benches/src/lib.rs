@@ -1,8 +1,15 @@
 //! Shared pieces of the load harnesses (`weft-load`, `weft-dnsload`).
 
-/// CPU time (user plus system) a process has used, in clock ticks (0 if it is gone): fields
-/// 14 and 15 of `/proc/PID/stat`, counted after the command name (which may hold spaces).
+/// CPU time (user plus system) a process has used, in clock ticks (0 if it is gone).
 pub fn cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = cpu_ticks_split(pid);
+    user + system
+}
+
+/// The user and the system (kernel) CPU time a process has used, in clock ticks (0 if it is
+/// gone): fields 14 and 15 of `/proc/PID/stat`, counted after the command name (which may hold
+/// spaces).
+pub fn cpu_ticks_split(pid: u32) -> (u64, u64) {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -11,9 +18,9 @@ pub fn cpu_ticks(pid: u32) -> u64 {
             let mut f = rest.split_whitespace().skip(11);
             let user: u64 = f.next()?.parse().ok()?;
             let system: u64 = f.next()?.parse().ok()?;
-            Some(user + system)
+            Some((user, system))
         })
-        .unwrap_or(0)
+        .unwrap_or((0, 0))
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 where it cannot be asked).

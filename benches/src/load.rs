@@ -15,6 +15,8 @@ pub struct Result {
     /// CPU time of the target's own processes per request, in microseconds (filled in by the
     /// caller, which knows the processes).
     pub cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel (system time).
+    pub sys_us: f64,
 }
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -86,6 +88,7 @@ pub fn wrk((url, authority): (String, Option<&str>), duration_s: u64) -> anyhow:
         p99_ms: pct("99%").unwrap_or(f64::NAN),
         requests,
         cpu_us: f64::NAN,
+        sys_us: f64::NAN,
     })
 }
 
@@ -124,6 +127,7 @@ pub fn h2load((url, authority): (String, Option<&str>), requests: u64) -> anyhow
         p99_ms: f64::NAN,
         requests: requests as f64,
         cpu_us: f64::NAN,
+        sys_us: f64::NAN,
     })
 }
 

@@ -116,9 +116,14 @@ fn main() -> anyhow::Result<()> {
     }
     let idle_rss = env.rss_by_target();
     let hz = weft_benches::clock_ticks_per_second();
-    // CPU microseconds per request of the target's own processes during a run.
-    let cpu_us = |before: u64, after: u64, requests: f64| {
-        after.saturating_sub(before) as f64 * 1e6 / hz / requests
+    // CPU microseconds per request of the target's own processes during a run: (all, system).
+    let cpu_us = |before: (u64, u64), after: (u64, u64), requests: f64| {
+        let us = |ticks: u64| ticks as f64 * 1e6 / hz / requests;
+        let system = after.1.saturating_sub(before.1);
+        (
+            us((after.0 + after.1).saturating_sub(before.0 + before.1)),
+            us(system),
+        )
     };
 
     // results[(protocol, target)] = per-round measurements
@@ -128,20 +133,20 @@ fn main() -> anyhow::Result<()> {
         for t in targets::TARGETS {
             let before = env.cpu_ticks(t);
             let mut r = load::wrk(env.http1_url(t), args.duration_s)?;
-            r.cpu_us = cpu_us(before, env.cpu_ticks(t), r.requests);
+            (r.cpu_us, r.sys_us) = cpu_us(before, env.cpu_ticks(t), r.requests);
             eprintln!(
-                "  http1 {:<14} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>6.1} us/req",
-                t, r.rps, r.p50_ms, r.p99_ms, r.cpu_us
+                "  http1 {:<14} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>6.1} us/req (sys {:.1})",
+                t, r.rps, r.p50_ms, r.p99_ms, r.cpu_us, r.sys_us
             );
             results.entry(("http1", t)).or_default().push(r);
         }
         for t in targets::TARGETS {
             let before = env.cpu_ticks(t);
             let mut r = load::h2load(env.h2_url(t), args.h2_requests)?;
-            r.cpu_us = cpu_us(before, env.cpu_ticks(t), r.requests);
+            (r.cpu_us, r.sys_us) = cpu_us(before, env.cpu_ticks(t), r.requests);
             eprintln!(
-                "  h2c   {:<14} {:>9.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req",
-                t, r.rps, r.p50_ms, r.cpu_us
+                "  h2c   {:<14} {:>9.0} req/s  mean {:>7.3} ms  cpu {:>6.1} us/req (sys {:.1})",
+                t, r.rps, r.p50_ms, r.cpu_us, r.sys_us
             );
             results.entry(("h2c", t)).or_default().push(r);
         }
@@ -164,14 +169,14 @@ fn main() -> anyhow::Result<()> {
         println!("\n{proto}:\n");
         if proto == "http1" {
             println!(
-                "| target | req/s | p50 ms | p99 ms | vs direct | CPU us/req | RSS idle MiB | RSS after load MiB |"
+                "| target | req/s | p50 ms | p99 ms | vs direct | CPU us/req | of it kernel | RSS idle MiB | RSS after load MiB |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         } else {
             println!(
-                "| target | req/s | mean latency ms | vs direct | CPU us/req | RSS idle MiB | RSS after load MiB |"
+                "| target | req/s | mean latency ms | vs direct | CPU us/req | of it kernel | RSS idle MiB | RSS after load MiB |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         }
         let direct = &results[&(proto, "direct")];
         for t in targets::TARGETS {
@@ -183,24 +188,27 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into())
             };
             let cpu = median(rs.iter().map(|r| r.cpu_us).collect());
+            let sys = median(rs.iter().map(|r| r.sys_us).collect());
             if proto == "http1" {
                 println!(
-                    "| {t} | {:.0} | {:.3} | {:.3} | {:.2} | {:.1} | {} | {} |",
+                    "| {t} | {:.0} | {:.3} | {:.3} | {:.2} | {:.1} | {:.1} | {} | {} |",
                     median(rs.iter().map(|r| r.rps).collect()),
                     median(rs.iter().map(|r| r.p50_ms).collect()),
                     median(rs.iter().map(|r| r.p99_ms).collect()),
                     vs_direct,
                     cpu,
+                    sys,
                     rss(&idle_rss),
                     rss(&loaded_rss)
                 );
             } else {
                 println!(
-                    "| {t} | {:.0} | {:.3} | {:.2} | {:.1} | {} | {} |",
+                    "| {t} | {:.0} | {:.3} | {:.2} | {:.1} | {:.1} | {} | {} |",
                     median(rs.iter().map(|r| r.rps).collect()),
                     median(rs.iter().map(|r| r.p50_ms).collect()),
                     vs_direct,
                     cpu,
+                    sys,
                     rss(&idle_rss),
                     rss(&loaded_rss)
                 );

@@ -278,11 +278,11 @@ impl Environment {
 
     /// CPU ticks used so far by a target's own processes (for `direct`, the backend; for a
     /// proxy, the proxy alone, not the backend behind it; nginx: master plus its worker).
-    pub fn cpu_ticks(&self, target: &str) -> u64 {
+    pub fn cpu_ticks(&self, target: &str) -> (u64, u64) {
         self.processes(target)
             .into_iter()
-            .map(weft_benches::cpu_ticks)
-            .sum()
+            .map(weft_benches::cpu_ticks_split)
+            .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps))
     }
 
     /// A target's own processes: the one started for it (taskset execs the program, so the pid
