@@ -18,6 +18,8 @@ const BASE: u16 = 18820;
 const TRACE: &str = "463ac35c9f6413ad48485a3953bb6124";
 const SPAN: &str = "a2fb4a1d1a96d312";
 const PARENT: &str = "1111111111111111";
+/// The client's trace on the listener with upstream spans.
+const TRACE2: &str = "5b8efff798038103d269b633813fc60c";
 
 const ROUTES: &str = r#"          route_config:
             virtual_hosts:
@@ -28,6 +30,9 @@ const ROUTES: &str = r#"          route_config:
                 route: { cluster: echo }
                 decorator: { operation: my-op }
               - { match: { prefix: /fail }, route: { cluster: dead } }
+              - { match: { prefix: /slow }, route: { cluster: echo, timeout: 0.2s } }
+              - match: { prefix: /retry }
+                route: { cluster: echo, retry_policy: { retry_on: 5xx, num_retries: 1, retry_back_off: { base_interval: 0.01s } } }
               - { match: { prefix: / }, route: { cluster: echo } }
 "#;
 
@@ -45,8 +50,9 @@ const TRACING: &str = r#"          tracing:
                 collector_endpoint_version: HTTP_JSON
 "#;
 
-/// (listener: 0 egress, 1 ingress; path; headers), each request with its own id. Nine are
-/// sampled: not 6, 8 and 9, whose context says not, nor 10, whose context does not parse.
+/// (listener: 0 egress, 1 ingress, 2 egress with `spawn_upstream_span`; path; headers), each
+/// request with its own id. Nine are sampled on listeners 0 and 1: not 6, 8 and 9, whose
+/// context says not, nor 10 and 13, whose contexts do not parse.
 type Case = (usize, &'static str, Vec<(&'static str, &'static str)>);
 
 fn cases() -> Vec<Case> {
@@ -96,6 +102,24 @@ fn cases() -> Vec<Case> {
             "/plus",
             vec![("x-b3-traceid", "+23456789abcdef0"), ("x-b3-spanid", SPAN)],
         ),
+        // Upstream spans: a new trace, a client's context, a retried attempt (two upstream
+        // spans), no endpoint (none), the single header, and unsampled (context passed on).
+        (2, "/spawn", vec![]),
+        (
+            2,
+            "/spawn-client",
+            vec![
+                ("x-b3-traceid", TRACE2),
+                ("x-b3-spanid", SPAN),
+                ("x-b3-sampled", "1"),
+            ],
+        ),
+        (2, "/retry?fail=1", vec![]),
+        (2, "/fail", vec![]),
+        (2, "/spawn-b3", vec![("b3", "1")]),
+        (2, "/spawn-unsampled", vec![("x-b3-sampled", "0")]),
+        // The route's timeout ends the attempt while it waits: canceled, no answer.
+        (2, "/slow?delay_ms=1000", vec![]),
     ]
 }
 
@@ -117,12 +141,21 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     let (zipkin, reports) = collector();
     let ip = s.ip();
     let mut resources = String::from("  listeners:\n");
-    for (i, direction) in ["OUTBOUND", "INBOUND"].into_iter().enumerate() {
+    for (i, direction) in ["OUTBOUND", "INBOUND", "OUTBOUND"].into_iter().enumerate() {
+        let tracing = if i == 2 {
+            TRACING.replacen(
+                "tracing:\n",
+                "tracing:\n            spawn_upstream_span: true\n",
+                1,
+            )
+        } else {
+            TRACING.to_string()
+        };
         let listener = Standalone::hcm_listener(
             &format!("l{i}"),
             &ip,
             BASE + i as u16,
-            &format!("{TRACING}{ROUTES}"),
+            &format!("{tracing}{ROUTES}"),
             "",
             "",
         );
@@ -142,6 +175,8 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     reports.lock().unwrap().clear();
     let mut seen = Vec::new();
     let mut names_of: Vec<BTreeMap<String, String>> = Vec::new();
+    // Upstream spans carry no request id: their trace tells their case.
+    let mut case_of_trace: BTreeMap<String, usize> = BTreeMap::new();
     for (n, (listener, path, headers)) in cases().into_iter().enumerate() {
         let id = format!("00000000-0000-4000-8000-0000000000{n:02}");
         let mut headers = headers.clone();
@@ -171,16 +206,23 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
             (SPAN.to_string(), "client-span".to_string()),
             (PARENT.to_string(), "client-parent".to_string()),
             ("80f198ee56343ba864fe8b2a57d3eff7".into(), "b3-trace".into()),
+            (TRACE2.into(), "client-trace2".into()),
             ("e457b5a2e4d86bd1".into(), "b3-span".into()),
             ("05e3ac9a4f6e3b90".into(), "b3-parent".into()),
         ]);
         // The new trace id of this request, once seen upstream.
         let upstream_trace = echoed("x-b3-traceid")
             .or_else(|| echoed("b3").and_then(|b| b.split('-').next().map(str::to_string)));
-        if let Some(t) =
-            upstream_trace.filter(|t| !names.contains_key(t) && (t.len() == 16 || t.len() == 32))
+        if let Some(t) = upstream_trace
+            .clone()
+            .filter(|t| !names.contains_key(t) && (t.len() == 16 || t.len() == 32))
         {
             names.insert(t, "new-trace".into());
+        }
+        if listener == 2
+            && let Some(t) = &upstream_trace
+        {
+            case_of_trace.insert(t.clone(), n);
         }
         let mut line = format!("{n} {path}: {}", r.status);
         for h in [
@@ -215,13 +257,33 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
         seen.push(line);
         names_of.push(names);
     }
-    // Nine requests are sampled: five are sent at once, the rest within the flush interval.
-    let spans = weft_e2e::collector::spans(&reports, 9, Duration::from_secs(20));
+    // Nine requests are sampled on listeners 0 and 1, six on listener 2 with six upstream
+    // spans: five are sent at once, the rest within the flush interval.
+    let spans = weft_e2e::collector::spans(&reports, 21, Duration::from_secs(20));
     let mut reported: Vec<String> = Vec::new();
+    // An answer the upstream never gave (the route's timeout) echoes no trace: the request's
+    // own span tells it.
+    for span in &spans {
+        if let (Some(id), Some(trace)) = (
+            span["tags"]["guid:x-request-id"].as_str(),
+            span["traceId"].as_str(),
+        ) && let Ok(n) = id[id.len() - 2..].parse::<usize>()
+            && cases()[n].0 == 2
+        {
+            case_of_trace.entry(trace.to_string()).or_insert(n);
+        }
+    }
     for span in &spans {
         let tags = span["tags"].as_object().expect("tags");
-        let id = tags["guid:x-request-id"].as_str().expect("request id");
-        let n: usize = id[id.len() - 2..].parse().expect("case number");
+        let n: usize = match tags.get("guid:x-request-id").and_then(|v| v.as_str()) {
+            Some(id) => id[id.len() - 2..].parse().expect("case number"),
+            None => {
+                let trace = span["traceId"].as_str().unwrap_or_default();
+                *case_of_trace
+                    .get(trace)
+                    .unwrap_or_else(|| panic!("a span of no case: {span}"))
+            }
+        };
         let names = &names_of[n];
         let text = |k: &str| span[k].as_str().map(str::to_string);
         let rel = |k: &str| text(k).map_or("-".into(), |v| relation(&v, names));
@@ -256,6 +318,10 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
                 }
                 .into(),
                 "guid:x-request-id" => v[v.len() - 4..].to_string(),
+                // The upstream's port differs from run to run.
+                "upstream_address" | "peer.address" => {
+                    v.rsplit_once(':').map_or(v, |(ip, _)| ip).to_string()
+                }
                 _ => v.to_string(),
             };
             line.push_str(&format!(" {k}={v}"));
@@ -295,9 +361,9 @@ fn zipkin_spans_and_b3_headers_are_envoys() {
     let differ = differing_lines(&weft, &envoy);
     assert_eq!(differ, 0, "weft-proxy and Envoy differ (see above)");
     let spans = weft.iter().filter(|l| l.starts_with("span ")).count();
-    assert_eq!(spans, 9, "{weft:#?}");
+    assert_eq!(spans, 21, "{weft:#?}");
     assert!(
-        weft.contains(&"tracing.zipkin.spans_sent: 9".to_string()),
+        weft.contains(&"tracing.zipkin.spans_sent: 21".to_string()),
         "{weft:#?}"
     );
     for n in [11, 12] {
@@ -339,5 +405,37 @@ fn zipkin_spans_and_b3_headers_are_envoys() {
     assert!(
         line("report ")
             .contains("POST /api/v2/spans HTTP/1.1 host=zipkin content-type=application/json")
+    );
+    // `spawn_upstream_span`: the upstream gets the attempt's span, a child of the request's
+    // SERVER span; a retried attempt is canceled, the next one counts the retry.
+    assert!(
+        line("14 /spawn:").contains("x-b3-spanid=new64 x-b3-parentspanid=new-trace"),
+        "{weft:#?}"
+    );
+    assert!(
+        line("span 14:").contains(
+            "\"CLIENT\" \"router echo egress\" trace=new-trace id=new64 parent=new-trace"
+        )
+    );
+    let retried: Vec<&String> = weft
+        .iter()
+        .filter(|l| l.starts_with("span 16: \"CLIENT\""))
+        .collect();
+    assert_eq!(retried.len(), 2, "{weft:#?}");
+    assert!(
+        retried
+            .iter()
+            .any(|l| l.contains(" canceled=true ") && l.contains("http.status_code=503"))
+    );
+    assert!(
+        retried
+            .iter()
+            .any(|l| l.contains(" retry.count=1 ") && l.contains("http.status_code=200"))
+    );
+    assert!(
+        weft.iter().any(|l| l.starts_with("span 20: \"CLIENT\"")
+            && l.contains(" canceled=true ")
+            && l.contains(" http.status_code=0 ")),
+        "{weft:#?}"
     );
 }

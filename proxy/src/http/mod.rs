@@ -844,33 +844,40 @@ fn route_and_forward(
                 }
             }
             if let Some(z) = &tracing.zipkin
-                && let Some(sampled) = z.decide(req.headers_mut(), traced, tracing.egress)
+                && let Some(decision) = z.decide(req.headers_mut(), traced, tracing.egress)
             {
-                let start = zipkin::Start {
-                    name: operation
-                        .map(|op| &op.value)
-                        .or(client_operation.as_ref())
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(authority),
-                    scheme: req
-                        .headers()
-                        .get(names::X_FORWARDED_PROTO)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("http"),
-                    authority,
-                    path: req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str())
-                        .unwrap_or("/"),
-                    peer: down.peer.map(|p| p.ip()),
-                    collector: snapshot.clusters.get(z.cluster()).cloned(),
-                    method: req.method().as_str(),
-                    protocol: protocol_name(req.version()),
-                    received: request_size(req),
-                };
-                let span = z.span(sampled, req.headers(), start);
-                *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
+                let collector = snapshot.clusters.get(z.cluster()).cloned();
+                // `spawn_upstream_span`: the upstream attempts make their own spans.
+                if let Some(spawner) = z.spawner(&decision, req.headers(), collector.clone()) {
+                    req.extensions_mut().insert(spawner);
+                }
+                if decision.sampled {
+                    let start = zipkin::Start {
+                        name: operation
+                            .map(|op| &op.value)
+                            .or(client_operation.as_ref())
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or(authority),
+                        scheme: req
+                            .headers()
+                            .get(names::X_FORWARDED_PROTO)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("http"),
+                        authority,
+                        path: req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/"),
+                        peer: down.peer.map(|p| p.ip()),
+                        collector,
+                        method: req.method().as_str(),
+                        protocol: protocol_name(req.version()),
+                        received: request_size(req),
+                    };
+                    let span = z.span(decision, req.headers(), start);
+                    *notes.span.lock().unwrap_or_else(|p| p.into_inner()) = Some(span);
+                }
             }
         }
         // Borrowed again: the trace decision wrote to the headers.
@@ -1398,6 +1405,8 @@ fn forward(
                 .headers
                 .insert("grpc-timeout", router::grpc_timeout_value(t));
         }
+        // `spawn_upstream_span`: each attempt's span, and its context upstream.
+        let spawn = parts.extensions.remove::<zipkin::Spawner>();
         let head = match upstream_head(parts, authority, cluster.protocol) {
             Ok(h) => h,
             Err(resp) => return resp,
@@ -1434,7 +1443,15 @@ fn forward(
                 let at = tokio::time::Instant::now() + t;
                 match tokio::time::timeout_at(
                     at,
-                    attempt_until_done(cluster, retry, head, &mut body, pick, seen.as_ref()),
+                    attempt_until_done(
+                        cluster,
+                        retry,
+                        head,
+                        &mut body,
+                        pick,
+                        seen.as_ref(),
+                        spawn.as_ref(),
+                    ),
                 )
                 .await
                 {
@@ -1457,7 +1474,18 @@ fn forward(
                     }
                 }
             }
-            None => attempt_until_done(cluster, retry, head, &mut body, pick, seen.as_ref()).await,
+            None => {
+                attempt_until_done(
+                    cluster,
+                    retry,
+                    head,
+                    &mut body,
+                    pick,
+                    seen.as_ref(),
+                    spawn.as_ref(),
+                )
+                .await
+            }
         };
         // The last attempt's number, as Envoy's router leaves it in the request.
         let attempts = seen
@@ -1655,6 +1683,7 @@ fn attempt_until_done(
     body: &mut AttemptBody,
     pick: Pick,
     seen: Option<&std::sync::Mutex<crate::cluster::Attempted>>,
+    spawn: Option<&zipkin::Spawner>,
 ) -> impl std::future::Future<Output = Response<ProxyBody>> {
     async move {
         use crate::cluster::outlier::Outcome;
@@ -1742,6 +1771,22 @@ fn attempt_until_done(
             if attempt_header {
                 head.attempt = Some(attempt + 1);
             }
+            let upstream_span = spawn.map(|s| {
+                s.attempt(
+                    &mut head.headers,
+                    attempt,
+                    &zipkin::Upstream {
+                        host: endpoint.address,
+                        protocol: match endpoint.pool.protocol() {
+                            UpstreamProtocol::Http1 => "HTTP/1.1",
+                            UpstreamProtocol::Http2 => "HTTP/2",
+                        },
+                        cluster: &cluster.name,
+                        stat_name: (cluster.stat_name != cluster.name)
+                            .then_some(cluster.stat_name.as_str()),
+                    },
+                )
+            });
             // Attempts that may be retried lend the head; the last one may give it away.
             let send = endpoint.pool.send(&mut head, !may_retry, body.next(), seen);
             // The per-try timeout and the cluster's `max_stream_duration` both run from here;
@@ -1759,6 +1804,17 @@ fn attempt_until_done(
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
                 None => Some(send.await),
             };
+            // The attempt's span ends with the answer's head, or the attempt's failure. As
+            // Envoy's router, an attempt given up on (timed out, or answered and retried) is
+            // `canceled`; an answered one is finished once that is known.
+            let mut answered_span = None;
+            if let Some(span) = upstream_span {
+                match &outcome {
+                    Some(Ok(resp)) => answered_span = Some((span, resp.status().as_u16())),
+                    Some(Err(_)) => span.finish(0, false),
+                    None => span.finish(0, true),
+                }
+            }
             let again = |why: &str| {
                 tracing::debug!(cluster = %cluster.name, upstream = %endpoint.address, attempt, "retrying: {why}");
             };
@@ -1837,6 +1893,9 @@ fn attempt_until_done(
                                 DeadlineOf::Upstream(cluster.clone())
                             });
                         }
+                        if let Some((span, status)) = answered_span.take() {
+                            span.finish(status, false);
+                        }
                         return mark(resp, Some(endpoint.address), local);
                     }
                 }
@@ -1901,6 +1960,10 @@ fn attempt_until_done(
                     }
                     again(why);
                 }
+            }
+            // Answered, and retried.
+            if let Some((span, status)) = answered_span.take() {
+                span.finish(status, true);
             }
             cluster.stats.upstream_rq_retry.inc();
             attempt += 1;

@@ -217,6 +217,7 @@ impl Tracing {
                     &t.custom_tags,
                     t.max_path_tag_length.as_ref().map(|m| m.value),
                     t.no_context_propagation,
+                    t.spawn_upstream_span.as_ref().is_some_and(|b| b.value),
                 )
                 .map_err(|(f, e)| (tracing_field(f), e))?,
             ),
@@ -235,12 +236,6 @@ impl Tracing {
                 "tracing.verbose",
                 "span annotations of stream events are not supported by this weft-proxy version"
                     .into(),
-            ));
-        }
-        if t.spawn_upstream_span.as_ref().is_some_and(|b| b.value) {
-            return Err((
-                "tracing.spawn_upstream_span",
-                "upstream spans are not supported by this weft-proxy version".into(),
             ));
         }
         if !t.operation.is_empty() || !t.upstream_operation.is_empty() {

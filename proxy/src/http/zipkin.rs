@@ -114,6 +114,10 @@ pub struct Zipkin {
     /// The span context goes upstream (the connection manager's `no_context_propagation` is
     /// off).
     propagate: bool,
+    /// `spawn_upstream_span`: the proxy is a hop of its own. Its span is a SERVER one whatever
+    /// the listener's direction, and each upstream attempt has a CLIENT child span, whose
+    /// context is what goes upstream.
+    spawn: bool,
     pending: Mutex<Pending>,
 }
 
@@ -128,6 +132,7 @@ impl PartialEq for Zipkin {
             &self.tags,
             self.max_path,
             self.propagate,
+            self.spawn,
         ) == (
             &o.cluster,
             &o.endpoint,
@@ -137,6 +142,7 @@ impl PartialEq for Zipkin {
             &o.tags,
             o.max_path,
             o.propagate,
+            o.spawn,
         )
     }
 }
@@ -160,6 +166,7 @@ impl Zipkin {
         custom_tags: &[XdsCustomTag],
         max_path: Option<u32>,
         no_context_propagation: bool,
+        spawn_upstream_span: bool,
     ) -> Result<Zipkin, (&'static str, String)> {
         use weft_xds_proto::envoy::config::trace::v3::tracing::http::ConfigType;
         let unsupported = |what: &str| {
@@ -290,6 +297,7 @@ impl Zipkin {
             tags,
             max_path: max_path.map_or(DEFAULT_MAX_PATH_TAG, |m| m as usize),
             propagate: !no_context_propagation,
+            spawn: spawn_upstream_span,
             pending: Mutex::new(Pending::default()),
         })
     }
@@ -429,6 +437,240 @@ fn hex(v: u64) -> String {
     format!("{v:016x}")
 }
 
+/// Writes a span context into the request's B3 headers: the single `b3` header when the client
+/// sent that form, else the multiple ones.
+fn inject(headers: &mut HeaderMap, context: &Context, sampled: bool, single: bool) {
+    let trace = context.trace_id();
+    let sampled_text = if sampled { "1" } else { "0" };
+    let set = |h: &mut HeaderMap, name: HeaderName, v: String| {
+        if let Ok(v) = HeaderValue::try_from(v) {
+            h.insert(name, v);
+        }
+    };
+    if single {
+        let mut b3 = format!("{trace}-{}-{sampled_text}", hex(context.span));
+        if let Some(p) = context.parent {
+            let _ = write!(b3, "-{}", hex(p));
+        }
+        set(headers, B3, b3);
+    } else {
+        set(headers, X_B3_TRACE_ID, trace);
+        set(headers, X_B3_SPAN_ID, hex(context.span));
+        if let Some(p) = context.parent {
+            set(headers, X_B3_PARENT_SPAN_ID, hex(p));
+        }
+        headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled_text));
+    }
+}
+
+/// What a request's upstream attempts make their spans from (`spawn_upstream_span`): each
+/// attempt is a CLIENT child of the request's span, and its context is what goes upstream.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    tracer: Arc<Zipkin>,
+    /// The request's own span.
+    parent: Context,
+    sampled: bool,
+    single: bool,
+    /// The connection manager's `custom_tags`, as the request's span has them.
+    tags: Vec<(String, String)>,
+    collector: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// An upstream attempt's span, from its start until it has the answer's head or has failed.
+/// One dropped unfinished (the route's timeout, or the client, ended the request while it
+/// waited) is reported as canceled, without an answer.
+#[derive(Debug)]
+pub struct UpstreamSpan {
+    attempt: Option<Attempt>,
+}
+
+/// Where an upstream attempt goes, for its span.
+pub struct Upstream<'a> {
+    pub host: std::net::SocketAddr,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    pub cluster: &'a str,
+    /// The cluster's `alt_stat_name`, when it has one.
+    pub stat_name: Option<&'a str>,
+}
+
+#[derive(Debug)]
+struct Attempt {
+    spawner: Spawner,
+    context: Context,
+    /// The attempts before this one.
+    retries: u32,
+    start: SystemTime,
+    started: Instant,
+    host: std::net::SocketAddr,
+    protocol: &'static str,
+    /// The cluster's name, and its `alt_stat_name` when it has one.
+    cluster: String,
+    stat_name: Option<String>,
+}
+
+impl Spawner {
+    /// Starts the span of an upstream attempt to `to` (`retries` attempts came before it) and
+    /// writes its context into the attempt's `headers`. Unsampled, only the context is made.
+    pub fn attempt(
+        &self,
+        headers: &mut HeaderMap,
+        retries: u32,
+        to: &Upstream<'_>,
+    ) -> UpstreamSpan {
+        let context = Context {
+            span: fastrand::u64(..),
+            parent: Some(self.parent.span),
+            ..self.parent
+        };
+        if self.tracer.propagate {
+            inject(headers, &context, self.sampled, self.single);
+        }
+        UpstreamSpan {
+            attempt: self.sampled.then(|| Attempt {
+                spawner: self.clone(),
+                context,
+                retries,
+                start: SystemTime::now(),
+                started: Instant::now(),
+                host: to.host,
+                protocol: to.protocol,
+                cluster: to.cluster.to_string(),
+                stat_name: to.stat_name.map(str::to_string),
+            }),
+        }
+    }
+}
+
+impl UpstreamSpan {
+    /// Ends the attempt's span with the answer's `status` (0: none) and, when sampled, queues
+    /// it for the collector. `canceled`: the proxy gave up on the attempt (it timed out, or its
+    /// answer was retried).
+    pub fn finish(mut self, status: u16, canceled: bool) {
+        if let Some(a) = self.attempt.take() {
+            a.report(status, canceled);
+        }
+    }
+}
+
+impl Drop for UpstreamSpan {
+    fn drop(&mut self) {
+        if let Some(a) = self.attempt.take() {
+            a.report(0, true);
+        }
+    }
+}
+
+impl Attempt {
+    /// The span, named `router <cluster> egress`, with Envoy's upstream tags.
+    fn report(self, status: u16, canceled: bool) {
+        let sp = &self.spawner;
+        let local = LOCAL.get_or_init(LocalNode::default);
+        let observed = self.stat_name.as_deref().unwrap_or(&self.cluster);
+        let mut out = String::with_capacity(768);
+        let mut tags = span_head(
+            &mut out,
+            &self.context,
+            &format!("router {observed} egress"),
+            false,
+            false,
+            (self.start, self.started),
+            local,
+        );
+        tags.add(&mut out, "http.protocol", self.protocol);
+        let host = self.host.to_string();
+        tags.add(&mut out, "upstream_address", &host);
+        tags.add(&mut out, "peer.address", &host);
+        tags.add(&mut out, "component", "proxy");
+        tags.add(&mut out, "upstream_cluster", observed);
+        tags.add(&mut out, "upstream_cluster.name", &self.cluster);
+        tags.add(&mut out, "http.status_code", &status.to_string());
+        // The attempt's own stream: the request's flags are not its.
+        tags.add(&mut out, "response_flags", "-");
+        if canceled {
+            tags.add(&mut out, "canceled", "true");
+        }
+        if self.retries > 0 {
+            tags.add(&mut out, "retry.count", &self.retries.to_string());
+        }
+        if status >= 500 || status == 0 {
+            tags.add(&mut out, "error", "true");
+        }
+        for (k, v) in &sp.tags {
+            tags.add(&mut out, k, v);
+        }
+        out.push_str("}}");
+        sp.tracer.queue(out, sp.collector.clone());
+    }
+}
+
+/// Writes a span's JSON up to its tags (ids, name, kind, times, endpoint, annotation) and opens
+/// the tags' object.
+fn span_head(
+    out: &mut String,
+    c: &Context,
+    name: &str,
+    server: bool,
+    shared: bool,
+    (start, started): (SystemTime, Instant),
+    local: &LocalNode,
+) -> Tags {
+    let duration = started.elapsed().as_micros() as u64;
+    let start = micros(start);
+    let _ = write!(
+        out,
+        "{{\"traceId\":\"{}\",\"id\":\"{:016x}\"",
+        c.trace_id(),
+        c.span
+    );
+    if let Some(p) = c.parent {
+        let _ = write!(out, ",\"parentId\":\"{p:016x}\"");
+    }
+    out.push_str(",\"name\":");
+    json_str(out, name);
+    let (kind, annotation) = if server {
+        ("SERVER", "ss")
+    } else {
+        ("CLIENT", "cr")
+    };
+    let _ = write!(
+        out,
+        ",\"kind\":\"{kind}\",\"timestamp\":{start},\"duration\":{duration},\"localEndpoint\":{{\"serviceName\":"
+    );
+    json_str(out, &local.cluster);
+    if let Some(ip) = local.ipv4 {
+        let _ = write!(out, ",\"ipv4\":\"{ip}\"");
+    }
+    let _ = write!(
+        out,
+        ",\"port\":0}},\"annotations\":[{{\"value\":\"{annotation}\",\"timestamp\":{}}}]",
+        start + duration
+    );
+    if shared {
+        out.push_str(",\"shared\":true");
+    }
+    out.push_str(",\"tags\":{");
+    Tags { first: true }
+}
+
+/// The tags of a span being written.
+struct Tags {
+    first: bool,
+}
+
+impl Tags {
+    fn add(&mut self, out: &mut String, k: &str, v: &str) {
+        if !self.first {
+            out.push(',');
+        }
+        self.first = false;
+        json_str(out, k);
+        out.push(':');
+        json_str(out, v);
+    }
+}
+
 /// A span being timed: what its request said, for the report when its answer is done.
 #[derive(Debug, Clone)]
 pub struct Span {
@@ -469,10 +711,13 @@ impl Received {
     }
 }
 
-/// A request's span context once decided and sampled: its span is still to be made.
-pub struct Sampled {
+/// A request's span context once decided: its span is still to be made when sampled.
+pub struct Decision {
     context: Context,
     server: bool,
+    pub sampled: bool,
+    /// The client sent the single `b3` header: the upstream gets that form too.
+    single: bool,
 }
 
 /// The request facts a sampled span is made with.
@@ -492,14 +737,15 @@ pub struct Start<'a> {
 
 impl Zipkin {
     /// Gives the request its span context (the B3 headers upstream), from the client's and
-    /// the connection manager's trace decision (`traced`) on an egress or ingress listener; the
-    /// span to make when it is sampled (see `span`).
-    pub fn decide(&self, headers: &mut HeaderMap, traced: bool, egress: bool) -> Option<Sampled> {
+    /// the connection manager's trace decision (`traced`) on an egress or ingress listener:
+    /// `None` when the client's context does not parse. The span is made when it is sampled
+    /// (see `span`); with `spawn_upstream_span`, the upstream attempts' spans by a `Spawner`.
+    pub fn decide(&self, headers: &mut HeaderMap, traced: bool, egress: bool) -> Option<Decision> {
         let Ok(found) = extract(headers) else {
             return None;
         };
         let sampled = found.sampled.unwrap_or(traced);
-        let server = !egress;
+        let server = !egress || self.spawn;
         let context = match found.context {
             None => {
                 let id = fastrand::u64(..);
@@ -518,41 +764,66 @@ impl Zipkin {
                 ..c
             },
         };
-        let trace = context.trace_id();
-        let sampled_text = if sampled { "1" } else { "0" };
-        let set = |h: &mut HeaderMap, name: HeaderName, v: String| {
-            if let Ok(v) = HeaderValue::try_from(v) {
-                h.insert(name, v);
-            }
-        };
-        if !self.propagate {
-            // `no_context_propagation`: the span is the proxy's own.
-        } else if found.single {
-            let mut b3 = format!("{trace}-{}-{sampled_text}", hex(context.span));
-            if let Some(p) = context.parent {
-                let _ = write!(b3, "-{}", hex(p));
-            }
-            set(headers, B3, b3);
-        } else {
-            set(headers, X_B3_TRACE_ID, trace);
-            set(headers, X_B3_SPAN_ID, hex(context.span));
-            if let Some(p) = context.parent {
-                set(headers, X_B3_PARENT_SPAN_ID, hex(p));
-            }
-            headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled_text));
+        if self.propagate {
+            inject(headers, &context, sampled, found.single);
         }
-        sampled.then_some(Sampled { context, server })
+        Some(Decision {
+            context,
+            server,
+            sampled,
+            single: found.single,
+        })
+    }
+
+    /// The connection manager's `custom_tags`, read from the request's `headers`.
+    fn custom_tags(&self, headers: &HeaderMap) -> Vec<(String, String)> {
+        self.tags
+            .iter()
+            .filter_map(|(tag, v)| {
+                let value = match v {
+                    TagValue::Literal(l) | TagValue::Environment(l) => l.clone(),
+                    TagValue::RequestHeader(h, default) => headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map_or_else(|| default.clone(), str::to_string),
+                };
+                (!value.is_empty()).then(|| (tag.clone(), value))
+            })
+            .collect()
+    }
+
+    /// With `spawn_upstream_span`, what the request's upstream attempts make their spans from.
+    pub fn spawner(
+        self: &Arc<Self>,
+        d: &Decision,
+        headers: &HeaderMap,
+        collector: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Option<Spawner> {
+        self.spawn.then(|| Spawner {
+            tracer: self.clone(),
+            parent: d.context,
+            sampled: d.sampled,
+            single: d.single,
+            tags: if d.sampled {
+                self.custom_tags(headers)
+            } else {
+                Vec::new()
+            },
+            collector,
+        })
     }
 
     /// The span of a sampled request, with what the request says (its `headers` as they go
     /// upstream), to report once the answer is done.
     pub fn span(
         self: &Arc<Self>,
-        sampled: Sampled,
+        decision: Decision,
         headers: &HeaderMap,
         s: Start<'_>,
     ) -> Box<Span> {
-        let Sampled { context, server } = sampled;
+        let Decision {
+            context, server, ..
+        } = decision;
         let text = |name: &str| {
             headers
                 .get(name)
@@ -567,20 +838,7 @@ impl Zipkin {
             }
             url.truncate(end);
         }
-        let tags = self
-            .tags
-            .iter()
-            .filter_map(|(tag, v)| {
-                let value = match v {
-                    TagValue::Literal(l) | TagValue::Environment(l) => l.clone(),
-                    TagValue::RequestHeader(h, default) => headers
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .map_or_else(|| default.clone(), str::to_string),
-                };
-                (!value.is_empty()).then(|| (tag.clone(), value))
-            })
-            .collect();
+        let tags = self.custom_tags(headers);
         let mut grpc = Vec::new();
         if super::router::is_grpc(headers) {
             grpc.push(("grpc.path", s.path.to_string()));
@@ -646,53 +904,17 @@ impl Span {
     /// The span in Zipkin's v2 JSON, finished with its answer (the access log entry's status,
     /// flags, bytes sent and upstream cluster).
     fn json(&self, e: &Entry, local: &LocalNode) -> String {
-        let duration = self.started.elapsed().as_micros() as u64;
-        let start = micros(self.start);
-        let c = &self.context;
         let mut out = String::with_capacity(1024);
-        let _ = write!(
-            out,
-            "{{\"traceId\":\"{}\",\"id\":\"{:016x}\"",
-            c.trace_id(),
-            c.span
+        let mut tags = span_head(
+            &mut out,
+            &self.context,
+            &self.name,
+            self.server,
+            self.server && self.tracer.shared,
+            (self.start, self.started),
+            local,
         );
-        if let Some(p) = c.parent {
-            let _ = write!(out, ",\"parentId\":\"{p:016x}\"");
-        }
-        out.push_str(",\"name\":");
-        json_str(&mut out, &self.name);
-        let (kind, annotation) = if self.server {
-            ("SERVER", "ss")
-        } else {
-            ("CLIENT", "cr")
-        };
-        let _ = write!(
-            out,
-            ",\"kind\":\"{kind}\",\"timestamp\":{start},\"duration\":{duration},\"localEndpoint\":{{\"serviceName\":"
-        );
-        json_str(&mut out, &local.cluster);
-        if let Some(ip) = local.ipv4 {
-            let _ = write!(out, ",\"ipv4\":\"{ip}\"");
-        }
-        let _ = write!(
-            out,
-            ",\"port\":0}},\"annotations\":[{{\"value\":\"{annotation}\",\"timestamp\":{}}}]",
-            start + duration
-        );
-        if self.server && self.tracer.shared {
-            out.push_str(",\"shared\":true");
-        }
-        out.push_str(",\"tags\":{");
-        let mut first = true;
-        let mut tag = |k: &str, v: &str| {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            json_str(&mut out, k);
-            out.push(':');
-            json_str(&mut out, v);
-        };
+        let mut tag = |k: &str, v: &str| tags.add(&mut out, k, v);
         tag("component", "proxy");
         tag("node_id", &local.id);
         tag("guid:x-request-id", &self.request_id);
@@ -756,23 +978,30 @@ impl Span {
     pub fn finish(self: Box<Self>, e: &Entry) {
         let local = LOCAL.get_or_init(LocalNode::default);
         let json = self.json(e, local);
-        let tracer = self.tracer.clone();
+        self.tracer.queue(json, self.collector.clone());
+    }
+}
+
+impl Zipkin {
+    /// Queues a finished span's JSON: sent with others once five are waiting, else by the flush
+    /// timer.
+    fn queue(self: &Arc<Self>, json: String, collector: Option<Arc<crate::cluster::Cluster>>) {
         let full = {
-            let mut p = tracer.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             p.spans.push(json);
-            if self.collector.is_some() {
-                p.collector = self.collector.clone();
+            if collector.is_some() {
+                p.collector = collector;
             }
             if !p.timer {
                 p.timer = true;
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(flush_every(Arc::downgrade(&tracer)));
+                    rt.spawn(flush_every(Arc::downgrade(self)));
                 }
             }
             (p.spans.len() >= FLUSH_SPANS).then(|| take(&mut p))
         };
         if let Some((spans, collector)) = full {
-            tracer.send(spans, collector);
+            self.send(spans, collector);
         }
     }
 }
@@ -858,6 +1087,7 @@ mod tests {
             tags: vec![("lit".into(), TagValue::Literal("v".into()))],
             max_path: 20,
             propagate: true,
+            spawn: false,
             pending: Mutex::default(),
         })
     }
@@ -869,8 +1099,8 @@ mod tests {
             headers: &mut HeaderMap,
             (egress, traced, s): (bool, bool, Start<'_>),
         ) -> Option<Box<Span>> {
-            let sampled = self.decide(headers, traced, egress)?;
-            Some(self.span(sampled, headers, s))
+            let decision = self.decide(headers, traced, egress)?;
+            decision.sampled.then(|| self.span(decision, headers, s))
         }
     }
 
@@ -1046,6 +1276,75 @@ mod tests {
     }
 
     #[test]
+    fn spawned_upstream_spans_are_children_with_their_own_context() {
+        let mut z = Arc::into_inner(tracer(true)).unwrap();
+        z.spawn = true;
+        let z = Arc::new(z);
+        // An egress listener's span is a SERVER one when the proxy spawns upstream spans.
+        let mut h = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let d = z.decide(&mut h, true, true).unwrap();
+        assert!(d.server && d.sampled);
+        let spawner = z.spawner(&d, &h, None).unwrap();
+        let to = Upstream {
+            host: "10.0.0.7:8080".parse().unwrap(),
+            protocol: "HTTP/2",
+            cluster: "outbound|80||svc",
+            stat_name: Some("svc"),
+        };
+        let first = spawner.attempt(&mut h, 0, &to);
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        let first_id = h["x-b3-spanid"].clone();
+        assert_ne!(first_id, "a2fb4a1d1a96d312");
+        // Each attempt has a span of its own.
+        let second = spawner.attempt(&mut h, 1, &to);
+        assert_ne!(h["x-b3-spanid"], first_id);
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad");
+        first.finish(503, true);
+        second.finish(200, false);
+        // One dropped unfinished (the request ended while it waited): canceled, no answer.
+        drop(spawner.attempt(&mut h, 2, &to));
+        let spans: Vec<serde_json::Value> = z
+            .pending
+            .lock()
+            .unwrap()
+            .spans
+            .iter()
+            .map(|j| serde_json::from_str(j).unwrap())
+            .collect();
+        assert_eq!(spans.len(), 3);
+        let (a, b, c) = (&spans[0], &spans[1], &spans[2]);
+        assert_eq!(a["kind"], "CLIENT");
+        assert_eq!(a["name"], "router svc egress");
+        assert_eq!(a["parentId"], "a2fb4a1d1a96d312");
+        assert_eq!(a["tags"]["canceled"], "true");
+        assert_eq!(a["tags"]["error"], "true");
+        assert_eq!(a["tags"]["upstream_address"], "10.0.0.7:8080");
+        assert_eq!(a["tags"]["upstream_cluster.name"], "outbound|80||svc");
+        assert_eq!(a["tags"]["lit"], "v");
+        assert!(a["tags"].get("retry.count").is_none());
+        assert_eq!(b["tags"]["retry.count"], "1");
+        assert!(b["tags"].get("canceled").is_none() && b["tags"].get("error").is_none());
+        assert_eq!(c["tags"]["canceled"], "true");
+        assert_eq!(c["tags"]["http.status_code"], "0");
+        assert_eq!(c["tags"]["retry.count"], "2");
+        // Not sampled: the context still goes upstream, nothing is reported.
+        let mut h = headers(&[("x-b3-sampled", "0")]);
+        let d = z.decide(&mut h, true, true).unwrap();
+        let spawner = z.spawner(&d, &h, None).unwrap();
+        spawner.attempt(&mut h, 0, &to).finish(200, false);
+        assert_eq!(h["x-b3-sampled"], "0");
+        assert_eq!(z.pending.lock().unwrap().spans.len(), 3);
+        // Without `spawn_upstream_span`, no spawner.
+        let plain = tracer(true);
+        let d = plain.decide(&mut HeaderMap::new(), true, true).unwrap();
+        assert!(!d.server && plain.spawner(&d, &HeaderMap::new(), None).is_none());
+    }
+
+    #[test]
     fn grpc_requests_get_envoys_grpc_tags() {
         let z = tracer(true);
         let local = LocalNode::default();
@@ -1115,7 +1414,7 @@ mod tests {
             collector_endpoint_version: CollectorEndpointVersion::HttpJson as i32,
             ..Default::default()
         };
-        let z = Zipkin::from_xds(&provider(good.clone()), &[], None, false).unwrap();
+        let z = Zipkin::from_xds(&provider(good.clone()), &[], None, false, false).unwrap();
         assert_eq!(
             (z.host.as_str(), z.shared, z.max_path),
             ("zipkin", true, 256)
@@ -1150,7 +1449,7 @@ mod tests {
                 "USE_B3",
             ),
         ] {
-            let err = Zipkin::from_xds(&provider(bad), &[], None, false).unwrap_err();
+            let err = Zipkin::from_xds(&provider(bad), &[], None, false, false).unwrap_err();
             assert!(err.1.contains(why), "{err:?}");
         }
         let metadata = XdsCustomTag {
@@ -1158,7 +1457,7 @@ mod tests {
             r#type: Some(custom_tag::Type::Metadata(Default::default())),
         };
         assert_eq!(
-            Zipkin::from_xds(&provider(good), &[metadata], None, false)
+            Zipkin::from_xds(&provider(good), &[metadata], None, false, false)
                 .unwrap_err()
                 .0,
             "custom_tags"
