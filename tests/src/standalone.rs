@@ -204,6 +204,13 @@ impl Standalone {
         )
     }
 
+    /// A cluster's HTTP/2 upstream (`extra` for [`Standalone::static_cluster`]).
+    pub const HTTP2_UPSTREAM: &str = r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+"#;
+
     /// A STATIC cluster named `name` with these hosts (a YAML list item for
     /// `static_resources.clusters`), with `extra` (YAML at 4 spaces) among its fields.
     pub fn static_cluster(name: &str, hosts: &[SocketAddr], extra: &str) -> String {

@@ -45,31 +45,19 @@ fn scenario(flavor: Flavor, net: u8) -> Vec<String> {
         &s.ip(),
         PORT,
         &format!(
-            r#"{access_log}          tracing:
-            random_sampling: {{ value: 100 }}
-            provider:
-              name: envoy.tracers.zipkin
-              typed_config:
-                "@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig
-                collector_cluster: zipkin
-                collector_endpoint: /api/v2/spans
-                collector_endpoint_version: HTTP_JSON
-          route_config:
+            r#"{access_log}{tracing}          route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
               - {{ match: {{ prefix: /dead }}, route: {{ cluster: dead }} }}
               - {{ match: {{ prefix: / }}, route: {{ cluster: grpc }} }}
-"#
+"#,
+            tracing = weft_e2e::collector::hcm_tracing("")
         ),
         "",
     );
-    let h2 = r#"    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: { http2_protocol_options: {} }
-"#;
+    let h2 = Standalone::HTTP2_UPSTREAM;
     s.start(&format!(
         "{listener}  clusters:\n{}{}{}",
         Standalone::static_cluster("grpc", &[echo], h2),

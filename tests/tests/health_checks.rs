@@ -65,11 +65,7 @@ fn resources(ip: &str, hosts: &[SocketAddr]) -> String {
 "#,
         "",
     );
-    let http2 = r#"    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: { http2_protocol_options: {} }
-"#;
+    let http2 = Standalone::HTTP2_UPSTREAM;
     let clusters = [
         checked(
             "http-checked",

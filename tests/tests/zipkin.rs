@@ -36,18 +36,10 @@ const ROUTES: &str = r#"          route_config:
               - { match: { prefix: / }, route: { cluster: echo } }
 "#;
 
-const TRACING: &str = r#"          tracing:
-            random_sampling: { value: 100 }
-            custom_tags:
+/// The listeners' custom tags (YAML at 12 spaces, under `tracing`).
+const TAGS: &str = r#"            custom_tags:
             - { tag: lit, literal: { value: v1 } }
             - { tag: hdr, request_header: { name: x-tag, default_value: none } }
-            provider:
-              name: envoy.tracers.zipkin
-              typed_config:
-                "@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig
-                collector_cluster: zipkin
-                collector_endpoint: /api/v2/spans
-                collector_endpoint_version: HTTP_JSON
 "#;
 
 /// (listener: 0 egress, 1 ingress, 2 egress with `spawn_upstream_span`; path; headers), each
@@ -143,13 +135,11 @@ fn run(flavor: Flavor, net: u8) -> Vec<String> {
     let mut resources = String::from("  listeners:\n");
     for (i, direction) in ["OUTBOUND", "INBOUND", "OUTBOUND"].into_iter().enumerate() {
         let tracing = if i == 2 {
-            TRACING.replacen(
-                "tracing:\n",
-                "tracing:\n            spawn_upstream_span: true\n",
-                1,
-            )
+            weft_e2e::collector::hcm_tracing(&format!(
+                "{TAGS}            spawn_upstream_span: true\n"
+            ))
         } else {
-            TRACING.to_string()
+            weft_e2e::collector::hcm_tracing(TAGS)
         };
         let listener = Standalone::hcm_listener(
             &format!("l{i}"),
