@@ -1438,23 +1438,21 @@ fn forward(
         // The attempts' future is built inside each arm, not bound first: a future held in a local
         // and then awaited through a wrapper takes room twice in this function's own future.
         let attempt_header = pick.attempt_header;
+        let attempts = || {
+            attempt_until_done(
+                cluster,
+                retry,
+                head,
+                &mut body,
+                pick,
+                seen.as_ref(),
+                spawn.as_ref(),
+            )
+        };
         let resp = match action.timeout {
             Some(t) => {
                 let at = tokio::time::Instant::now() + t;
-                match tokio::time::timeout_at(
-                    at,
-                    attempt_until_done(
-                        cluster,
-                        retry,
-                        head,
-                        &mut body,
-                        pick,
-                        seen.as_ref(),
-                        spawn.as_ref(),
-                    ),
-                )
-                .await
-                {
+                match tokio::time::timeout_at(at, attempts()).await {
                     // The route's timeout runs on until the body is complete, as Envoy's does.
                     Ok(resp) => BodyDeadline::arm(resp, at, || DeadlineOf::Route(cluster.clone())),
                     Err(_) => {
@@ -1474,18 +1472,7 @@ fn forward(
                     }
                 }
             }
-            None => {
-                attempt_until_done(
-                    cluster,
-                    retry,
-                    head,
-                    &mut body,
-                    pick,
-                    seen.as_ref(),
-                    spawn.as_ref(),
-                )
-                .await
-            }
+            None => attempts().await,
         };
         // The last attempt's number, as Envoy's router leaves it in the request.
         let attempts = seen
