@@ -36,10 +36,15 @@ const ROUTES: &str = r#"          route_config:
               - { match: { prefix: / }, route: { cluster: echo } }
 "#;
 
-/// The listeners' custom tags (YAML at 12 spaces, under `tracing`).
+/// The listeners' custom tags (YAML at 12 spaces, under `tracing`): with two of the request's
+/// metadata, as Istio's dry-run policy tags, which no filter here writes.
 const TAGS: &str = r#"            custom_tags:
             - { tag: lit, literal: { value: v1 } }
             - { tag: hdr, request_header: { name: x-tag, default_value: none } }
+            - tag: istio.authorization.dry_run.allow_policy.name
+              metadata: { kind: { request: {} }, metadata_key: { key: envoy.filters.http.rbac, path: [{ key: istio_dry_run_allow_shadow_effective_policy_id }] } }
+            - tag: meta
+              metadata: { kind: { request: {} }, metadata_key: { key: envoy.filters.http.rbac, path: [{ key: x }] }, default_value: dflt }
 "#;
 
 /// (listener: 0 egress, 1 ingress, 2 egress with `spawn_upstream_span`; path; headers), each
@@ -383,6 +388,7 @@ fn zipkin_spans_and_b3_headers_are_envoys() {
         line("span 4:").contains(" error=true ") && line("span 4:").contains("response_flags=UH")
     );
     assert!(line("span 0:").contains(" hdr=t1 ") && line("span 0:").contains(" lit=v1 "));
+    assert!(line("span 0:").contains(" meta=dflt ") && !line("span 0:").contains("dry_run"));
     // `x-b3-sampled: 0` wins over `x-b3-flags: 1`: not reported.
     assert!(line("9 /debug").contains("x-b3-sampled=0"), "{weft:#?}");
     assert!(!weft.iter().any(|l| l.starts_with("span 9:")));

@@ -937,7 +937,8 @@ pub const ZIPKIN_CLUSTER: &str = "zipkin";
 /// requests at random (a client's `x-client-trace-id` and an internal `x-envoy-force-trace`
 /// always), spans with 128-bit trace ids and a span of their own on each side (no shared
 /// context), tagged with the proxy's canonical service and revision, its namespace and the mesh
-/// id, as Istio tags them.
+/// id, and with Istio's dry-run authorization tags (the RBAC filter's shadow results in the
+/// request's metadata), as Istio tags them, in Istio's order (by name).
 fn tracing(
     mesh: &Mesh,
     proxy: &crate::generate::proxy::ProxyNode,
@@ -955,25 +956,62 @@ fn tracing(
         shared_span_context: Some(BoolValue { value: false }),
         ..Default::default()
     };
+    use weft_xds_proto::envoy::r#type::metadata::v3::{
+        MetadataKey, MetadataKind, metadata_key, metadata_kind,
+    };
+    let dry_run = [
+        (
+            "allow_policy.name",
+            "istio_dry_run_allow_shadow_effective_policy_id",
+        ),
+        (
+            "allow_policy.result",
+            "istio_dry_run_allow_shadow_engine_result",
+        ),
+        (
+            "deny_policy.name",
+            "istio_dry_run_deny_shadow_effective_policy_id",
+        ),
+        (
+            "deny_policy.result",
+            "istio_dry_run_deny_shadow_engine_result",
+        ),
+    ]
+    .into_iter()
+    .map(|(tag, key)| CustomTag {
+        tag: format!("istio.authorization.dry_run.{tag}"),
+        r#type: Some(custom_tag::Type::Metadata(custom_tag::Metadata {
+            kind: Some(MetadataKind {
+                kind: Some(metadata_kind::Kind::Request(Default::default())),
+            }),
+            metadata_key: Some(MetadataKey {
+                key: "envoy.filters.http.rbac".into(),
+                path: vec![metadata_key::PathSegment {
+                    segment: Some(metadata_key::path_segment::Segment::Key(key.into())),
+                }],
+            }),
+            default_value: String::new(),
+        })),
+    });
+    let literal = [
+        ("istio.canonical_revision", canonical_revision(proxy)),
+        ("istio.canonical_service", canonical_service(proxy)),
+        ("istio.mesh_id", mesh.settings.trust_domain()),
+        ("istio.namespace", proxy.namespace.as_str()),
+    ]
+    .into_iter()
+    .map(|(tag, value)| CustomTag {
+        tag: tag.into(),
+        r#type: Some(custom_tag::Type::Literal(custom_tag::Literal {
+            value: value.to_string(),
+        })),
+    });
     http_connection_manager::Tracing {
         client_sampling: Some(Percent { value: 100.0 }),
         random_sampling: Some(Percent { value: t.sampling }),
         overall_sampling: Some(Percent { value: 100.0 }),
         max_path_tag_length: Some(UInt32Value { value: 256 }),
-        custom_tags: [
-            ("istio.canonical_revision", canonical_revision(proxy)),
-            ("istio.canonical_service", canonical_service(proxy)),
-            ("istio.mesh_id", mesh.settings.trust_domain()),
-            ("istio.namespace", proxy.namespace.as_str()),
-        ]
-        .into_iter()
-        .map(|(tag, value)| CustomTag {
-            tag: tag.into(),
-            r#type: Some(custom_tag::Type::Literal(custom_tag::Literal {
-                value: value.to_string(),
-            })),
-        })
-        .collect(),
+        custom_tags: dry_run.chain(literal).collect(),
         provider: Some(Http {
             name: "envoy.tracers.zipkin".into(),
             config_type: Some(http::ConfigType::TypedConfig(pack(&zipkin))),

@@ -437,17 +437,46 @@ fn tracing_reports_to_a_zipkin_cluster_as_istio_does() {
     let tags: Vec<(String, String)> = t
         .custom_tags
         .iter()
-        .map(|c| {
-            let Some(custom_tag::Type::Literal(l)) = &c.r#type else {
-                panic!("{c:?}")
-            };
-            (c.tag.clone(), l.value.clone())
+        .map(|c| match &c.r#type {
+            Some(custom_tag::Type::Literal(l)) => (c.tag.clone(), l.value.clone()),
+            // Istio's dry-run tags: the RBAC filter's shadow results in the request's metadata.
+            Some(custom_tag::Type::Metadata(m)) => {
+                let key = m.metadata_key.as_ref().expect("key");
+                assert!(matches!(
+                    m.kind.as_ref().and_then(|k| k.kind.as_ref()),
+                    Some(weft_xds_proto::envoy::r#type::metadata::v3::metadata_kind::Kind::Request(_))
+                ));
+                let Some(weft_xds_proto::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment::Key(path)) =
+                    &key.path[0].segment
+                else {
+                    panic!("{key:?}")
+                };
+                (c.tag.clone(), format!("{}/{path}", key.key))
+            }
+            _ => panic!("{c:?}"),
         })
         .collect();
     let tag = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let rbac = "envoy.filters.http.rbac/istio_dry_run";
     assert_eq!(
         tags,
         [
+            tag(
+                "istio.authorization.dry_run.allow_policy.name",
+                &format!("{rbac}_allow_shadow_effective_policy_id")
+            ),
+            tag(
+                "istio.authorization.dry_run.allow_policy.result",
+                &format!("{rbac}_allow_shadow_engine_result")
+            ),
+            tag(
+                "istio.authorization.dry_run.deny_policy.name",
+                &format!("{rbac}_deny_shadow_effective_policy_id")
+            ),
+            tag(
+                "istio.authorization.dry_run.deny_policy.result",
+                &format!("{rbac}_deny_shadow_engine_result")
+            ),
             tag("istio.canonical_revision", "v1"),
             tag("istio.canonical_service", "hello"),
             tag("istio.mesh_id", "cluster.local"),

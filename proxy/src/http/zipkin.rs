@@ -264,14 +264,29 @@ impl Zipkin {
                     )?,
                     h.default_value.clone(),
                 ),
-                Some(custom_tag::Type::Metadata(_)) => {
-                    return Err((
-                        "custom_tags",
-                        format!(
-                            "{:?}: metadata tags are not supported by this weft-proxy version (literal, environment and request_header are)",
-                            t.tag
-                        ),
-                    ));
+                Some(custom_tag::Type::Metadata(m)) => {
+                    use weft_xds_proto::envoy::r#type::metadata::v3::metadata_kind::Kind;
+                    match m.kind.as_ref().and_then(|k| k.kind.as_ref()) {
+                        // The request's dynamic metadata. No filter weft-proxy runs writes any
+                        // (its RBAC has no shadow rules), so the tag is its default, as
+                        // Envoy's is without the metadata (Istio's dry-run policy tags).
+                        Some(Kind::Request(_)) => TagValue::Literal(m.default_value.clone()),
+                        Some(_) => {
+                            return Err((
+                                "custom_tags",
+                                format!(
+                                    "{:?}: route, cluster and host metadata tags are not supported by this weft-proxy version (request metadata tags are)",
+                                    t.tag
+                                ),
+                            ));
+                        }
+                        None => {
+                            return Err((
+                                "custom_tags",
+                                format!("{:?}: a metadata tag needs its kind", t.tag),
+                            ));
+                        }
+                    }
                 }
                 Some(_) | None => {
                     return Err((
@@ -1452,15 +1467,37 @@ mod tests {
             let err = Zipkin::from_xds(&provider(bad), &[], None, false, false).unwrap_err();
             assert!(err.1.contains(why), "{err:?}");
         }
-        let metadata = XdsCustomTag {
+        // Metadata tags: of the request's metadata (Istio's dry-run policy tags), which no
+        // filter of weft-proxy's writes, so their default; of other kinds, refused.
+        use weft_xds_proto::envoy::r#type::metadata::v3::{MetadataKind, metadata_kind};
+        let metadata = |kind: Option<metadata_kind::Kind>, default: &str| XdsCustomTag {
             tag: "m".into(),
-            r#type: Some(custom_tag::Type::Metadata(Default::default())),
+            r#type: Some(custom_tag::Type::Metadata(custom_tag::Metadata {
+                kind: Some(MetadataKind { kind }),
+                default_value: default.into(),
+                ..Default::default()
+            })),
         };
+        let request = || Some(metadata_kind::Kind::Request(Default::default()));
+        let z = Zipkin::from_xds(
+            &provider(good.clone()),
+            &[metadata(request(), ""), metadata(request(), "d")],
+            None,
+            false,
+            false,
+        )
+        .unwrap();
         assert_eq!(
-            Zipkin::from_xds(&provider(good), &[metadata], None, false, false)
-                .unwrap_err()
-                .0,
-            "custom_tags"
+            z.custom_tags(&HeaderMap::new()),
+            [("m".to_string(), "d".to_string())]
         );
+        for bad in [
+            metadata(None, ""),
+            metadata(Some(metadata_kind::Kind::Route(Default::default())), ""),
+        ] {
+            let err =
+                Zipkin::from_xds(&provider(good.clone()), &[bad], None, false, false).unwrap_err();
+            assert_eq!(err.0, "custom_tags", "{err:?}");
+        }
     }
 }
