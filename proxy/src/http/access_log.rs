@@ -60,7 +60,7 @@ enum GrpcFormat {
 /// The gRPC status a map's `grpc-status` gives, as Envoy reads it: a value that is not a number
 /// is Envoy's invalid code (written as 2^64-1).
 pub(crate) fn grpc_status(map: &HeaderMap) -> Option<u64> {
-    let v = map.get("grpc-status")?;
+    let v = map.get(super::names::GRPC_STATUS)?;
     Some(
         std::str::from_utf8(v.as_bytes())
             .ok()

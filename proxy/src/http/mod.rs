@@ -1762,15 +1762,10 @@ fn attempt_until_done(
                 s.attempt(
                     &mut head.headers,
                     attempt,
-                    &zipkin::Upstream {
+                    zipkin::Upstream {
+                        cluster: cluster.clone(),
                         host: endpoint.address,
-                        protocol: match endpoint.pool.protocol() {
-                            UpstreamProtocol::Http1 => "HTTP/1.1",
-                            UpstreamProtocol::Http2 => "HTTP/2",
-                        },
-                        cluster: &cluster.name,
-                        stat_name: (cluster.stat_name != cluster.name)
-                            .then_some(cluster.stat_name.as_str()),
+                        protocol: endpoint.pool.protocol(),
                     },
                 )
             });

@@ -501,13 +501,11 @@ pub struct UpstreamSpan {
 }
 
 /// Where an upstream attempt goes, for its span.
-pub struct Upstream<'a> {
+#[derive(Debug)]
+pub struct Upstream {
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub host: std::net::SocketAddr,
-    /// `HTTP/1.1` or `HTTP/2`.
-    pub protocol: &'static str,
-    pub cluster: &'a str,
-    /// The cluster's `alt_stat_name`, when it has one.
-    pub stat_name: Option<&'a str>,
+    pub protocol: crate::cluster::UpstreamProtocol,
 }
 
 #[derive(Debug)]
@@ -518,22 +516,13 @@ struct Attempt {
     retries: u32,
     start: SystemTime,
     started: Instant,
-    host: std::net::SocketAddr,
-    protocol: &'static str,
-    /// The cluster's name, and its `alt_stat_name` when it has one.
-    cluster: String,
-    stat_name: Option<String>,
+    to: Upstream,
 }
 
 impl Spawner {
     /// Starts the span of an upstream attempt to `to` (`retries` attempts came before it) and
     /// writes its context into the attempt's `headers`. Unsampled, only the context is made.
-    pub fn attempt(
-        &self,
-        headers: &mut HeaderMap,
-        retries: u32,
-        to: &Upstream<'_>,
-    ) -> UpstreamSpan {
+    pub fn attempt(&self, headers: &mut HeaderMap, retries: u32, to: Upstream) -> UpstreamSpan {
         let context = Context {
             span: fastrand::u64(..),
             parent: Some(self.parent.span),
@@ -549,10 +538,7 @@ impl Spawner {
                 retries,
                 start: SystemTime::now(),
                 started: Instant::now(),
-                host: to.host,
-                protocol: to.protocol,
-                cluster: to.cluster.to_string(),
-                stat_name: to.stat_name.map(str::to_string),
+                to,
             }),
         }
     }
@@ -582,7 +568,8 @@ impl Attempt {
     fn report(self, status: u16, canceled: bool) {
         let sp = &self.spawner;
         let local = LOCAL.get_or_init(LocalNode::default);
-        let observed = self.stat_name.as_deref().unwrap_or(&self.cluster);
+        // The cluster's `alt_stat_name` (its name when it has none), and its name.
+        let (observed, cluster) = (&self.to.cluster.stat_name, &self.to.cluster.name);
         let mut out = String::with_capacity(768);
         let mut tags = span_head(
             &mut out,
@@ -593,13 +580,17 @@ impl Attempt {
             (self.start, self.started),
             local,
         );
-        tags.add(&mut out, "http.protocol", self.protocol);
-        let host = self.host.to_string();
+        let protocol = match self.to.protocol {
+            crate::cluster::UpstreamProtocol::Http1 => "HTTP/1.1",
+            crate::cluster::UpstreamProtocol::Http2 => "HTTP/2",
+        };
+        tags.add(&mut out, "http.protocol", protocol);
+        let host = self.to.host.to_string();
         tags.add(&mut out, "upstream_address", &host);
         tags.add(&mut out, "peer.address", &host);
         tags.add(&mut out, "component", "proxy");
         tags.add(&mut out, "upstream_cluster", observed);
-        tags.add(&mut out, "upstream_cluster.name", &self.cluster);
+        tags.add(&mut out, "upstream_cluster.name", cluster);
         tags.add(&mut out, "http.status_code", &status.to_string());
         // The attempt's own stream: the request's flags are not its.
         tags.add(&mut out, "response_flags", "-");
@@ -968,8 +959,8 @@ impl Span {
             .flatten()
         {
             if let Some(code) = super::access_log::grpc_status(map) {
-                status = map.get("grpc-status");
-                message = map.get("grpc-message").or(message);
+                status = map.get(super::names::GRPC_STATUS);
+                message = map.get(super::names::GRPC_MESSAGE).or(message);
                 grpc_error |= matches!(code, 2 | 4 | 8 | 12 | 13 | 14 | 15);
             }
         }
@@ -1304,24 +1295,26 @@ mod tests {
         let d = z.decide(&mut h, true, true).unwrap();
         assert!(d.server && d.sampled);
         let spawner = z.spawner(&d, &h, None).unwrap();
-        let to = Upstream {
+        let xds: weft_xds_proto::envoy::config::cluster::v3::Cluster =
+            weft_xds_proto::from_yaml("name: outbound|80||svc\nalt_stat_name: svc").unwrap();
+        let cluster = Arc::new(crate::cluster::Cluster::from_xds(&xds).unwrap());
+        let to = || Upstream {
+            cluster: cluster.clone(),
             host: "10.0.0.7:8080".parse().unwrap(),
-            protocol: "HTTP/2",
-            cluster: "outbound|80||svc",
-            stat_name: Some("svc"),
+            protocol: crate::cluster::UpstreamProtocol::Http2,
         };
-        let first = spawner.attempt(&mut h, 0, &to);
+        let first = spawner.attempt(&mut h, 0, to());
         assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
         let first_id = h["x-b3-spanid"].clone();
         assert_ne!(first_id, "a2fb4a1d1a96d312");
         // Each attempt has a span of its own.
-        let second = spawner.attempt(&mut h, 1, &to);
+        let second = spawner.attempt(&mut h, 1, to());
         assert_ne!(h["x-b3-spanid"], first_id);
         assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad");
         first.finish(503, true);
         second.finish(200, false);
         // One dropped unfinished (the request ended while it waited): canceled, no answer.
-        drop(spawner.attempt(&mut h, 2, &to));
+        drop(spawner.attempt(&mut h, 2, to()));
         let spans: Vec<serde_json::Value> = z
             .pending
             .lock()
@@ -1339,6 +1332,8 @@ mod tests {
         assert_eq!(a["tags"]["error"], "true");
         assert_eq!(a["tags"]["upstream_address"], "10.0.0.7:8080");
         assert_eq!(a["tags"]["upstream_cluster.name"], "outbound|80||svc");
+        assert_eq!(a["tags"]["upstream_cluster"], "svc");
+        assert_eq!(a["tags"]["http.protocol"], "HTTP/2");
         assert_eq!(a["tags"]["lit"], "v");
         assert!(a["tags"].get("retry.count").is_none());
         assert_eq!(b["tags"]["retry.count"], "1");
@@ -1350,7 +1345,7 @@ mod tests {
         let mut h = headers(&[("x-b3-sampled", "0")]);
         let d = z.decide(&mut h, true, true).unwrap();
         let spawner = z.spawner(&d, &h, None).unwrap();
-        spawner.attempt(&mut h, 0, &to).finish(200, false);
+        spawner.attempt(&mut h, 0, to()).finish(200, false);
         assert_eq!(h["x-b3-sampled"], "0");
         assert_eq!(z.pending.lock().unwrap().spans.len(), 3);
         // Without `spawn_upstream_span`, no spawner.
